@@ -66,7 +66,7 @@ from functrain.core.state import TrainState, lend
 from functrain.errors import FunctrainError
 from functrain.layout import in_layouts_of
 from functrain.optim.averaging import EmaState, ListAverage
-from functrain.optim.planned import Chained
+from functrain.optim.planned import Chained, GatedBySelection
 from functrain.optim.rules.fused import FusedRunner
 from functrain.optim.wrappers import GuardedRunner, SkipNonfiniteState, host_guard
 from functrain.tree import ReadOnlyDict, plain_norm
@@ -299,10 +299,11 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
             result = (result[0], f"({', '.join(passed)}, {result[1]})", *result[2:])
     elif guarded:  # the guard's `_finite_run`: the inner update ungated
         holder = "inner"
-        constants["INNER"] = runner.inner
+        # (a runner gated by selection: its ungated run itself)
+        constants["INNER"] = inner.run if type(inner) is GatedBySelection else inner
         body = [
             "new_p, new_inner, rate_t, _, _, inner_norm, _ = INNER(",
-            f"    grads, params, inner, norm, {donate}, None",
+            f"    grads, params, inner, norm, {donate}",
             ")",
         ]
         result = ("new_p", "new_inner", "rate_t", "inner_norm")

@@ -27,7 +27,7 @@ __all__ = [
     "Passing",
     "Prelude",
     "Chained",
-    "gated_by_selection",
+    "GatedBySelection",
     "reads_norm",
     "selected",
 ]
@@ -153,14 +153,24 @@ def selected(
     return Ran(chosen, kept, lr_of(kept), None, None, ran.norm)
 
 
-def gated_by_selection(
-    run: Callable[[list[torch.Tensor], list[torch.Tensor], Tree, torch.Tensor | None, bool], Ran],
-    lr_of: Any,
-) -> Runner:
+class GatedBySelection:
     """The `Runner` of an update without a gate of its own (`run`: a runner less its `keep`): a
-    wrapper's gate taken by running on the state kept as it is, then `selected`."""
+    wrapper's gate taken by running on the state kept as it is, then `selected` (`lr_of` reads
+    the rate in the state selected). Ungated, `run` itself, which the straight-line step calls."""
 
-    def runner(
+    __slots__ = ("run", "lr_of", "reads_norm")
+
+    def __init__(
+        self,
+        run: Callable[
+            [list[torch.Tensor], list[torch.Tensor], Tree, torch.Tensor | None, bool], Ran
+        ],
+        lr_of: Any,
+    ) -> None:
+        self.run, self.lr_of, self.reads_norm = run, lr_of, reads_norm(run)
+
+    def __call__(
+        self,
         grads: list[torch.Tensor],
         params: list[torch.Tensor],
         state: Tree,
@@ -169,12 +179,10 @@ def gated_by_selection(
         keep: torch.Tensor | None = None,
     ) -> Ran:
         if keep is None:
-            return run(grads, params, state, norm, write)
+            return self.run(grads, params, state, norm, write)
         # a wrapper's gate, unread (an accelerator's): run, then select
-        return selected(run(grads, params, state, norm, False), keep, params, state, lr_of)
-
-    runner.reads_norm = reads_norm(run)  # type: ignore[attr-defined]
-    return runner
+        ran = self.run(grads, params, state, norm, False)
+        return selected(ran, keep, params, state, self.lr_of)
 
 
 class Planner(Protocol):

@@ -49,7 +49,7 @@ from functrain.optim.base import (
 )
 from functrain.optim.checks import check_learning_rate
 from functrain.optim.masks import resolve_mask, resolved_once
-from functrain.optim.planned import Ran, Runner, gated_by_selection
+from functrain.optim.planned import GatedBySelection, Ran, Runner
 from functrain.optim.rates import host_rate, value_at
 from functrain.optim.rules.arithmetic import divided, opmath
 from functrain.optim.updates import NewParams, flat_updates
@@ -1478,11 +1478,12 @@ def rule_transform(
             if differentiable
             else dict(fixed)
         )
-        position = schedule_position(state.count, shift)
-        if schedule is not None:
-            h["lr"] = scheduled_rate(schedule, position, t)
-        for k, at in scheduled.items():
-            h[k] = scheduled_rate(at, position, t)
+        if schedule is not None or scheduled:
+            position = schedule_position(state.count, shift)
+            if schedule is not None:
+                h["lr"] = scheduled_rate(schedule, position, t)
+            for k, at in scheduled.items():
+                h[k] = scheduled_rate(at, position, t)
         for scale in scales:  # a chain's reduce_on_plateau after it: the rate lowered in float64,
             # as ReduceLROnPlateau multiplies the group's rate (`ExtrasUpdate.folds_scales`)
             h["lr"] = combined(lambda lr, by: lr * by, h["lr"], held_scalar(scale, device))
@@ -1638,7 +1639,7 @@ def rule_transform(
             return Ran(new_p, new_state, new_state.lr, None, None)
 
         runner.reads_norm = False  # type: ignore[attr-defined]
-        return gated_by_selection(runner, lambda kept: kept.lr)
+        return GatedBySelection(runner, lambda kept: kept.lr)
 
     if differentiable:
         return Transform(init_fn, update_fn, name)
