@@ -268,8 +268,9 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
         call = f"{_RAN} = RUNNER(grads, params, state.opt_state, norm, False, None, True)"
     guarded = type(runner) is GuardedRunner
     inner = runner.inner if guarded else runner
-    # a chain's preludes (clipping) before the kernel: written out with it
-    preludes = inner.preludes if type(inner) is Chained else []
+    # a chain's prelude (clipping) before the kernel: written out with it (several measure the
+    # norm each is handed: the chain's runner)
+    preludes = inner.preludes if type(inner) is Chained and len(inner.preludes) == 1 else []
     fused = inner.last if preludes else inner
     if program.hooks or not on_cpu or window != 1:
         return f"        {call}\n", {}

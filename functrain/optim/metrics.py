@@ -15,7 +15,7 @@ from functrain.tree import (
     Tree,
 )
 
-__all__ = ["metric_nodes", "metric_reader", "transform_metrics", "walk_states"]
+__all__ = ["metric_fields", "metric_nodes", "metric_reader", "transform_metrics", "walk_states"]
 
 
 def transform_metrics(state: Tree) -> dict[str, torch.Tensor]:
@@ -97,6 +97,17 @@ def metric_nodes(state: Tree) -> Iterator[tuple[tuple[Any, ...], Any]]:
         )
 
 
+# by the state class that defines ``metrics``: the metrics that are its fields of their names
+_FIELD_METRICS: dict[type, tuple[str, ...]] = {}
+
+
+def metric_fields(cls: type, *names: str) -> None:
+    """Say that the metrics `names` of `cls`'s states are their fields of those names (as
+    `metrics` returns them, where they require no gradient): `metric_reader` then reads them as
+    attributes. For `cls`'s own ``metrics``, not a subclass's that defines its own."""
+    _FIELD_METRICS[cls] = names
+
+
 def metric_reader(state: Tree, name: str) -> Callable[[Tree], torch.Tensor] | None:
     """What reads the metric `name` of states shaped as `state`: `transform_metrics`' value.
 
@@ -122,9 +133,10 @@ def metric_reader(state: Tree, name: str) -> Callable[[Tree], torch.Tensor] | No
 
 def _field_path(state: Tree, path: tuple[Any, ...], node: Any, name: str) -> str | None:
     """The dotted attribute path of the metric `name` of `node` (at `path` in `state`), where
-    every step is a named tuple's field and the metric is the node's field of its name; else
-    None."""
-    if node.metrics()[name] is not getattr(node, name, None):
+    every step is a named tuple's field and the class that defines the node's ``metrics`` says
+    that the metric is its field of that name (`metric_fields`); else None."""
+    owner = next(c for c in type(node).__mro__ if "metrics" in c.__dict__)
+    if name not in _FIELD_METRICS.get(owner, ()):
         return None
     names = []
     for key in path:

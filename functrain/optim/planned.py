@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from functrain.tree import Tree, tree_select
+from functrain.tree import Tree, global_norm, tree_select
 
 __all__ = [
     "Ran",
@@ -114,12 +114,12 @@ class Chained:
     in a tuple as `functrain.chain` keeps them. The straight-line step
     (`functrain.core.straight`) writes a chain before a fused kernel out from these fields."""
 
-    __slots__ = ("preludes", "last", "reads_norm")
+    __slots__ = ("preludes", "last", "last_reads", "reads_norm")
 
     def __init__(self, preludes: list[Any], last: Runner) -> None:
         self.preludes = [prelude.run for prelude in preludes]
-        self.last = last
-        self.reads_norm = bool(preludes) or reads_norm(last)
+        self.last, self.last_reads = last, reads_norm(last)
+        self.reads_norm = bool(preludes) or self.last_reads
 
     def __call__(
         self,
@@ -133,7 +133,11 @@ class Chained:
         states: list[Any] = [None] * len(self.preludes)
         assert norm is not None or not self.preludes  # (clipping reads the step's norm)
         for i, (prelude, inner) in enumerate(zip(self.preludes, state)):
+            if i:  # (the norm of what the one before handed on, as `chain`'s update measures it)
+                norm = global_norm(grads)
             grads, states[i] = prelude(grads, inner, norm, write, keep)
+        if self.preludes and self.last_reads:  # (a chain inside: its clipping measures again)
+            norm = global_norm(grads)
         ran = self.last(grads, params, state[-1], norm, write, keep)
         return Ran(
             ran.params, (*states, ran.state), ran.lr, ran.skipped, ran.flag, ran.norm, ran.ended

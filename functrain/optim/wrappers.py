@@ -40,7 +40,7 @@ from functrain.optim.base import (
 )
 from functrain.optim.batching import under_vmap
 from functrain.optim.masks import resolve_mask, resolved_once
-from functrain.optim.metrics import metric_reader, transform_metrics, walk_states
+from functrain.optim.metrics import metric_fields, metric_reader, transform_metrics, walk_states
 from functrain.optim.naming import named
 from functrain.optim.planned import Prelude, Ran, Runner, reads_norm, selected
 from functrain.optim.porting import torch_object_hint
@@ -709,6 +709,9 @@ class SkipNonfiniteState(NamedTuple):
         return {"skipped": self.skipped, "total_skipped": self.total_skipped}
 
 
+metric_fields(SkipNonfiniteState, "skipped", "total_skipped")
+
+
 @named(added={"schedule_count": "updates"})
 def skip_nonfinite(
     inner: Transform,
@@ -1056,6 +1059,9 @@ class AccumulateState(NamedTuple):
 
     def metrics(self) -> dict[str, torch.Tensor]:
         return {"micro_step": self.micro_step}
+
+
+metric_fields(AccumulateState, "micro_step")
 
 
 def _unreported(arguments: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 import functrain as ft
 from functrain.optim import wrappers
 from functrain.optim.base import flag_value
+from functrain.optim.metrics import walk_states
 from functrain.optim.rules.arithmetic import host_number
 from functrain.optim.wrappers import SkipNonfiniteState
 from tests.comparisons import assert_trees_equal
@@ -580,6 +581,90 @@ def test_clip_grad_norm_clips_like_torch_and_reports_the_norm_before_clipping() 
         assert torch.equal(metrics["grad_norm"], total)
     for name, p in reference.named_parameters():
         assert torch.equal(state.params[name], p), name
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("route", ["straight", "body"])
+@pytest.mark.parametrize(
+    ("clips", "options"),
+    [((0.5, 0.2), {}), ((0.5,), {"clip_grad_norm": 0.3})],
+    ids=["two-in-a-chain", "option-and-chain"],
+)
+def test_clips_in_a_row_each_measure_what_they_are_handed(
+    clips: tuple[float, ...], options: dict[str, Any], route: str, donate: bool
+) -> None:
+    # as clip_grad_norm_ called once per clip: each measures the gradients the one before left
+    model = make_mlp()
+    reference = copy.deepcopy(model)
+    torch_opt = torch.optim.AdamW(reference.parameters(), lr=0.01, fused=True)
+    tx = ft.chain(*(ft.clip_by_global_norm(c) for c in clips), ft.adamw(0.01))
+    if route == "body":
+        options = {**options, "grad_stats": "param"}
+    state = ft.TrainState.create(model, tx, cross_entropy_loss_fn, **options)
+    in_order = ((options["clip_grad_norm"],) if "clip_grad_norm" in options else ()) + clips
+    for batch in batches(model, 4):
+        state, _ = ft.train_step(state, batch, donate=donate)
+        cross_entropy_loss_fn(reference, batch).backward()
+        for c in in_order:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), c)
+        torch_opt.step()
+        torch_opt.zero_grad()
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_the_reported_norm_is_the_steps_own_not_the_clipping_states(donate: bool) -> None:
+    # a caller may reduce a metric in place (across ranks): the state's record stays as it was
+    model = make_mlp()
+    state = ft.TrainState.create(model, ft.adamw(0.01), cross_entropy_loss_fn, clip_grad_norm=0.1)
+    state, metrics = ft.train_step(state, batches(model, 1)[0], donate=donate)
+    kept = [s.grad_norm.clone() for s in walk_states(state.opt_state) if hasattr(s, "grad_norm")]
+    metrics["grad_norm"].mul_(0.0)
+    now = [s.grad_norm for s in walk_states(state.opt_state) if hasattr(s, "grad_norm")]
+    assert kept and all(torch.equal(a, b) for a, b in zip(kept, now, strict=True))
+
+
+class _TwoRates(NamedTuple):
+    count: torch.Tensor
+    lr: torch.Tensor  # the first two updates' rate: a field of the metric's name, not its value
+    later: torch.Tensor
+
+    def metrics(self) -> dict[str, torch.Tensor]:  # the rate the next update takes
+        return {"lr": self.lr if int(self.count) < 2 else self.later}
+
+
+def _two_rate_sgd() -> ft.Transform:
+    def init(params: Any) -> _TwoRates:
+        rate = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        return _TwoRates(torch.zeros((), dtype=torch.long), rate(0.01), rate(0.1))
+
+    def update(grads: Any, state: _TwoRates, params: Any = None) -> Any:
+        rate = float(state.metrics()["lr"])
+        return {k: -rate * g for k, g in grads.items()}, state._replace(count=state.count + 1)
+
+    return ft.Transform(init, update, name="two_rate_sgd")
+
+
+@pytest.mark.parametrize("route", ["straight", "body"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["alone", "partition"])
+def test_a_transforms_rate_metric_is_what_its_metrics_say_at_each_step(
+    route: str, grouped: bool
+) -> None:
+    model = make_mlp()
+    tx = (
+        ft.partition(lambda n, p: "b" if p.ndim == 1 else "w", w=_two_rate_sgd(), b=ft.sgd(0.1))
+        if grouped
+        else _two_rate_sgd()
+    )
+    options = {"grad_stats": "param"} if route == "body" else {}
+    state = ft.TrainState.create(model, tx, cross_entropy_loss_fn, **options)
+    key = "lr/w" if grouped else "lr"
+    seen = []
+    for batch in batches(model, 4):
+        state, metrics = ft.train_step(state, batch)
+        seen.append(round(float(metrics[key]), 6))
+    assert seen == [0.01, 0.1, 0.1, 0.1]
 
 
 def _reporting_sgd(norm: float) -> ft.Transform:

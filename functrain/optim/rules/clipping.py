@@ -93,7 +93,8 @@ def clip_by_global_norm(max_norm: float) -> Transform:
         norm = extras.global_norm(g)
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         # gated: the updates only feed the next transform, which skips too; the metric stays put
-        kept = norm if keep is None else torch.where(keep, norm, state.grad_norm)
+        # (a copy of its own: the step reports the norm as a metric, which its caller may write)
+        kept = norm.clone() if keep is None else torch.where(keep, norm, state.grad_norm)
         if extras.may_write_updates() and not coef.ndim and len({t.dtype for t in g}) == 1:
             # a donated step's own gradients, scaled where they are (as clip_grad_norm_ does)
             torch._foreach_mul_(g, coef.to(g[0].dtype))
@@ -121,7 +122,7 @@ def clip_by_global_norm(max_norm: float) -> Transform:
             # ``max_norm / (norm + 1e-6)`` as torch computes it (`Tensor.__rdiv__`: the
             # reciprocal times the number), without its Python wrapper
             coef = torch.clamp((norm + 1e-6).reciprocal().mul_(max_norm), max=1.0)
-            kept = norm if keep is None else torch.where(keep, norm, state.grad_norm)
+            kept = norm.clone() if keep is None else torch.where(keep, norm, state.grad_norm)
             if write:
                 torch._foreach_mul_(grads, coef.to(grads[0].dtype) if cast else coef)
                 return grads, ClipByGlobalNormState(kept)

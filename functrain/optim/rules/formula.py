@@ -49,6 +49,7 @@ from functrain.optim.base import (
 )
 from functrain.optim.checks import check_learning_rate
 from functrain.optim.masks import resolve_mask, resolved_once
+from functrain.optim.metrics import metric_fields
 from functrain.optim.planned import GatedBySelection, Ran, Runner
 from functrain.optim.rates import host_rate, value_at
 from functrain.optim.rules.arithmetic import divided, opmath
@@ -1224,6 +1225,9 @@ FORMULAS: dict[str, Callable[[dict[str, Any]], Rule]] = {}
 # schedule-free optimizer's average): each ``(opt_state, params) -> point or None``, None where
 # `opt_state` holds no state of its own
 EVALUATION_POINTS: list[Callable[[Any, Tree], Tree | None]] = []
+
+
+metric_fields(RuleState, "lr")  # (its rate's metric is the field, but in a differentiable state)
 
 
 def evaluation_params(opt_state: Any, params: Tree) -> Tree | None:
