@@ -1328,8 +1328,9 @@ def run_matrix(
 
 
 # the most Python calls a donated step of a matrix row may make (cProfile, the forward and loss
-# included)
-CALLS_TARGET = 150
+# included), and the most functrain files it may enter
+CALLS_TARGET = 100
+FILES_TARGET = 6
 
 
 def count_matrix(
@@ -1343,8 +1344,8 @@ def count_matrix(
     hand-written loop make; return the rows over their targets.
 
     The Python calls (`cProfile`: every call it records, Python functions and builtins), with
-    the step's own and the functrain files it enters, against `CALLS_TARGET`; or with `ops` the
-    aten ops dispatched and the host reads (`_ops`), against the loop's ops.
+    the step's own and the functrain files it enters, against `CALLS_TARGET` and `FILES_TARGET`;
+    or with `ops` the aten ops dispatched and the host reads (`_ops`), against the loop's ops.
     """
     steps = 8 if ops else 40
     over = []
@@ -1375,6 +1376,8 @@ def count_matrix(
             print(f"| {name} | {calls:.0f} | {own:.0f} | {hand:.0f} | {', '.join(files)} |")
             if calls > CALLS_TARGET + 0.5:
                 over.append(f"{w}/{name}: {calls:.0f} calls > {CALLS_TARGET}")
+            if len(files) > FILES_TARGET:
+                over.append(f"{w}/{name}: {len(files)} files > {FILES_TARGET}")
     return over
 
 
@@ -1512,7 +1515,8 @@ def main() -> None:
         "--calls",
         action="store_true",
         help=f"with --matrix: instead of timing, the Python calls of each row's donated step and "
-        f"of its hand-written loop (cProfile), against the target of {CALLS_TARGET}",
+        f"of its hand-written loop (cProfile), against the targets of {CALLS_TARGET} calls and "
+        f"{FILES_TARGET} functrain files",
     )
     ap.add_argument(
         "--ops",
