@@ -45,7 +45,7 @@ from functrain.core.binding import (
     take_step_lock,
     unbind,
 )
-from functrain.core.body import finite_buffers
+from functrain.core.body import counters, finite_buffers
 from functrain.core.donation import DONATED, HELD, wait_until_unheld
 from functrain.core.failures import loss_failure
 from functrain.core.gradient import completed, reciprocal
@@ -191,10 +191,12 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
             text.append(_LENDS)
     if not program.averages:
         text.append(_NO_AVERAGE)
-    elif type(program.averaging) is ListAverage and program.averaging.weight is not None:
-        text.append(_LERPED.format(donate=donate, lerp=_LERP if donate else _LERP_PURE))
+    elif program.averaging is None:
+        text.append(_AVERAGED.format(donate=donate))
     else:
-        text.append((_AVERAGED if program.averaging is None else _AVERAGING).format(donate=donate))
+        lerped = type(program.averaging) is ListAverage and program.averaging.weight is not None
+        moved = (_LERPED if donate else _LERPED_PURE) if lerped else _MOVED.format(donate=donate)
+        text.append(_AVERAGING.format(moved=moved, donate=donate))
     # a fresh state's optimizer state has its storage now: its program decided again, once
     text.append(_KEPT.format(own=own, program="PROGRAM.again(new)" if program.fresh else "PROGRAM"))
     if donate:
@@ -268,10 +270,10 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
         call = f"{_RAN} = RUNNER(grads, params, state.opt_state, norm, False, None, True)"
     guarded = type(runner) is GuardedRunner
     inner = runner.inner if guarded else runner
-    # a chain's prelude (clipping) before the kernel: written out with it (several measure the
-    # norm each is handed: the chain's runner)
-    preludes = inner.preludes if type(inner) is Chained and len(inner.preludes) == 1 else []
-    fused = inner.last if preludes else inner
+    # a chain's one prelude (clipping) before the kernel: written out with it (several measure
+    # the norm each is handed: the chain's runner)
+    prelude = inner.preludes[0] if type(inner) is Chained and len(inner.preludes) == 1 else None
+    fused = inner.last if prelude is not None else inner
     if program.hooks or not on_cpu or window != 1:
         return f"        {call}\n", {}
     constants: dict[str, Any] = {
@@ -285,19 +287,12 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
         and fused.decay is None  # (a weight-decay schedule, read at each call: the runner's)
     ):
         body, result = _kernel_calls(program, fused, donate, constants)
-        holder = "chain" if preludes else "inner"  # (what the inner state is called in the text)
-        if preludes:  # each hands its updates on, its state kept for the chain's
-            passed = [f"passed{i}" for i in range(len(preludes))]
-            constants |= {f"PRELUDE{i}": prelude for i, prelude in enumerate(preludes)}
-            body = [
-                *(
-                    f"grads, passed{i} = PRELUDE{i}(grads, chain[{i}], norm, {donate}, None)"
-                    for i in range(len(preludes))
-                ),
-                "inner = chain[-1]",
-                *body,
-            ]
-            result = (result[0], f"({', '.join(passed)}, {result[1]})", *result[2:])
+        holder = "inner" if prelude is None else "chain"  # (the inner state's name in the text)
+        if prelude is not None:  # it hands its updates on, its state kept for the chain's
+            constants["PRELUDE"] = prelude
+            passed = f"grads, passed = PRELUDE(grads, chain[0], norm, {donate}, None)"
+            body = [passed, "inner = chain[1]", *body]
+            result = (result[0], f"(passed, {result[1]})", *result[2:])
     elif guarded:  # the guard's `_finite_run`: the inner update ungated
         holder = "inner"
         # (a runner gated by selection: its ungated run itself)
@@ -416,6 +411,7 @@ _CONSTANTS: dict[str, Any] = {
     "in_layouts_of": in_layouts_of,
     "plain_norm": plain_norm,
     "finite_buffers": finite_buffers,
+    "COUNTERS": counters,
     "samples_in": samples_in,
     "RUN_BACKWARD": _RUN_BACKWARD,
     "VERSION": operator.attrgetter("_version"),
@@ -649,10 +645,11 @@ _WINDOW_COUNTERS = (
             step_t, epoch_step_t, seen_t = torch._foreach_add(
                 [state.step, state.epoch_step, state.samples_seen], [int(ended), 1, samples]
             )
-        else:  # the window's end a tensor, not read (an accelerator's)
+        else:  # the window's end a tensor, not read (an accelerator's): the body's counters
             ended = micro_t == 0
-            step_t = state.step + ended.long()
-            epoch_step_t, seen_t = state.epoch_step + 1, state.samples_seen + samples
+            changes = COUNTERS(state, micro_t, ended, None, samples)
+            step_t, epoch_step_t = changes["step"], changes["epoch_step"]
+            seen_t = changes["samples_seen"]
         SET_step(new, step_t)
         SET_epoch_step(new, epoch_step_t)
         SET_samples_seen(new, seen_t)
@@ -682,28 +679,28 @@ _AVERAGED = """\
 # applied (`StepProgram.average`'s first case), the program's otherwise
 _AVERAGING = """\
         if applied is None:
+{moved}\
+        else:
+            SET_ema_state(
+                new, PROGRAM.average(state, ran_params, new.params, new.buffers, applied, {donate})
+            )
+"""
+_MOVED = """\
             SET_ema_state(new, AVERAGING(ran_params, state.ema_state, {donate}))
-        else:
-            SET_ema_state(
-                new, PROGRAM.average(state, ran_params, new.params, new.buffers, applied, {donate})
-            )
 """
-# the same where each update lerps by one number (`functrain.optim.averaging.ListAverage`'s
-# weight): its ops written out
+# where each update lerps by one number (`functrain.optim.averaging.ListAverage`'s weight): its
+# op written out, in place when donated
 _LERPED = """\
-        if applied is None:
             ema = state.ema_state
-            {lerp}
+            average = list(ema.average)
+            torch._foreach_lerp_(average, ran_params, EMA_WEIGHT)
             SET_ema_state(new, EMA_STATE(ema.count + 1, tuple(average)))
-        else:
-            SET_ema_state(
-                new, PROGRAM.average(state, ran_params, new.params, new.buffers, applied, {donate})
-            )
 """
-_LERP = (
-    "average = list(ema.average)\n            torch._foreach_lerp_(average, ran_params, EMA_WEIGHT)"
-)
-_LERP_PURE = "average = list(torch._foreach_lerp(ema.average, ran_params, EMA_WEIGHT))"
+_LERPED_PURE = """\
+            ema = state.ema_state
+            average = list(torch._foreach_lerp(ema.average, ran_params, EMA_WEIGHT))
+            SET_ema_state(new, EMA_STATE(ema.count + 1, tuple(average)))
+"""
 _NO_AVERAGE = """\
         SET_ema_state(new, None)
 """
