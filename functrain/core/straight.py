@@ -33,7 +33,7 @@ import linecache
 import operator
 import textwrap
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
@@ -68,7 +68,13 @@ from functrain.layout import in_layouts_of
 from functrain.optim.averaging import EmaState, ListAverage
 from functrain.optim.planned import Chained, GatedBySelection
 from functrain.optim.rules.fused import FusedRunner
-from functrain.optim.wrappers import GuardedRunner, SkipNonfiniteState, host_guard
+from functrain.optim.wrappers import (
+    GroupedRunner,
+    GuardedRunner,
+    PartitionState,
+    SkipNonfiniteState,
+    host_guard,
+)
 from functrain.tree import ReadOnlyDict, plain_norm
 
 __all__ = ["StraightStep", "straight_step"]
@@ -261,8 +267,9 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
     the host and the inner runner called where it holds, with the counts of a finite step; and
     where the runner is a fused kernel's (alone or inside the guard, after a chain's preludes:
     clipping, `functrain.optim.planned.Chained`) its plan written out
-    (`functrain.optim.rules.fused.FusedRunner`): the kernel called per group. The runner where
-    the flag says the update is skipped."""
+    (`functrain.optim.rules.fused.FusedRunner`): the kernel called per group, also for each
+    group of a partition of fused kernels (`functrain.optim.wrappers.GroupedRunner`). The runner
+    where the flag says the update is skipped."""
     # a gradient a hook handed in may be kept by it: never written
     call = f"{_RAN} = RUNNER(grads, params, state.opt_state, norm, {donate and not program.hooks})"
     runner = program.runner
@@ -281,12 +288,15 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
         "GUARDED": SkipNonfiniteState,
         "NEW": tuple.__new__,  # (a named tuple made without its Python constructor)
     }
-    if (
-        type(fused) is FusedRunner
-        and fused.behind == 0  # (weights that sat out updates: each its own step, the runner's)
-        and fused.decay is None  # (a weight-decay schedule, read at each call: the runner's)
-    ):
-        body, result = _kernel_calls(program, fused, donate, constants)
+    grouped = type(fused) is GroupedRunner and all(
+        index and _written_out(runner) for index, runner in fused.groups
+    )
+    if grouped or _written_out(fused):
+        if grouped:  # (the first group's rate the step's, as the partition's runner reports it)
+            body, rate = _partition_calls(fused, donate, constants), "rate_t_0"
+        else:
+            body, rate = _kernel_calls(fused, donate, constants, len(program.strides)), "rate_t"
+        result = ("new_p", "new_inner", rate, "None")
         holder = "inner" if prelude is None else "chain"  # (the inner state's name in the text)
         if prelude is not None:  # it hands its updates on, its state kept for the chain's
             constants["PRELUDE"] = prelude
@@ -331,49 +341,106 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
 
 
 def _kernel_calls(
-    program: Any, fused: FusedRunner, donate: bool, constants: dict[str, Any]
-) -> tuple[list[str], tuple[str, str, str, str]]:
-    """A fused runner's plan written out (on `inner`, its state): the kernel called per group.
+    fused: FusedRunner,
+    donate: bool,
+    constants: dict[str, Any],
+    size: int,
+    tag: str = "",
+    params: str = "params",
+    grads: str = "grads",
+) -> list[str]:
+    """A fused runner's plan written out on `inner` (its state; ``g{tag}`` where `tag` names a
+    partition's group), `params` and `grads` (of `size` tensors): the kernel called per group.
 
-    Its constants join `constants`; returns the lines and the names of the new parameters, inner
-    state, rate and norm (none: a kernel measures nothing)."""
+    Its constants join `constants`; the lines name their results ``new_p{tag}``,
+    ``new_inner{tag}`` and ``rate_t{tag}`` (the rate the state keeps)."""
+    state = f"g{tag}" if tag else "inner"
     # a constant rate as the state keeps it (`FusedRunner.rates`, without its call)
-    rates = "KERNEL_RATE, inner.lr" if fused.schedule is None else "KERNEL_RATES(inner)"
-    body = ["new_count = inner.count + 1", f"rate, rate_t = {rates}"]
+    rates = (
+        f"KERNEL_RATE{tag}, {state}.lr" if fused.schedule is None else f"KERNEL_RATES{tag}({state})"
+    )
+    body = [f"new_count{tag} = {state}.count + 1", f"rate{tag}, rate_t{tag} = {rates}"]
     if donate:
-        body += ["new_p = params", "moments = list(map(list, BUFFERS_OF(inner)))"]
+        body += [
+            f"new_p{tag} = {params}",
+            f"moments{tag} = list(map(list, BUFFERS_OF{tag}({state})))",
+        ]
     else:
         body += [
-            "new_p = [x.clone() for x in params]",
-            "moments = [[x.clone() for x in xs] for xs in BUFFERS_OF(inner)]",
+            f"new_p{tag} = [x.clone() for x in {params}]",
+            f"moments{tag} = [[x.clone() for x in xs] for xs in BUFFERS_OF{tag}({state})]",
         ]
     if fused.steps:
-        body.append("counts = [new_count.to(torch.float32)]")
+        body.append(f"counts{tag} = [new_count{tag}.to(torch.float32)]")
     constants |= {
-        "KERNEL": fused.kernel,
-        "KERNEL_RATE": fused.rate,
-        "KERNEL_RATES": fused.rates,
-        "BUFFERS_OF": fused.buffers_of,
-        "REBUILD": fused.rebuild,
+        f"KERNEL{tag}": fused.kernel,
+        f"KERNEL_RATE{tag}": fused.rate,
+        f"KERNEL_RATES{tag}": fused.rates,
+        f"BUFFERS_OF{tag}": fused.buffers_of,
+        f"REBUILD{tag}": fused.rebuild,
     }
     for k, (idx, options) in enumerate(fused.groups):
-        constants[f"OPTIONS{k}"] = options
-        size = len(program.strides) if idx is None else len(idx)
-        steps = f"counts * {size}, " if fused.steps else ""
+        constants[f"OPTIONS{tag}_{k}"] = options
+        steps = f"counts{tag} * {size if idx is None else len(idx)}, " if fused.steps else ""
         if idx is None:
-            lists = "new_p, grads, *moments"
+            lists = f"new_p{tag}, {grads}, *moments{tag}"
         else:
-            constants[f"INDEX{k}"] = idx
+            constants[f"INDEX{tag}_{k}"] = idx
             body.append(
-                f"lists = [[xs[i] for i in INDEX{k}] if xs else xs "
-                "for xs in (new_p, grads, *moments)]"
+                f"lists = [[xs[i] for i in INDEX{tag}_{k}] if xs else xs "
+                f"for xs in (new_p{tag}, {grads}, *moments{tag})]"
             )
             lists = "*lists"
         body.append(
-            f"KERNEL({lists}, {steps}lr=rate, grad_scale=None, found_inf=None, **OPTIONS{k})"
+            f"KERNEL{tag}({lists}, {steps}lr=rate{tag}, grad_scale=None, found_inf=None, "
+            f"**OPTIONS{tag}_{k})"
         )
-    body.append("new_inner = REBUILD(inner, new_count, moments, rate_t)")
-    return body, ("new_p", "new_inner", "rate_t", "None")
+    body.append(
+        f"new_inner{tag} = REBUILD{tag}({state}, new_count{tag}, moments{tag}, rate_t{tag})"
+    )
+    return body
+
+
+def _written_out(runner: Any) -> bool:
+    """Whether the straight line writes `runner`'s update out: a fused kernel's whose weights
+    took every update (else each its own step: the runner's) and whose weight decay is a number
+    (a schedule is read at each call: the runner's)."""
+    return type(runner) is FusedRunner and runner.behind == 0 and runner.decay is None
+
+
+def _partition_calls(grouped: GroupedRunner, donate: bool, constants: dict[str, Any]) -> list[str]:
+    """A partition of fused kernels written out (on `inner`, its state): each group's kernel
+    calls (`_kernel_calls`) on its parameters, the new parameters in their places, the groups'
+    states gathered as the partition keeps them; the first group's rate the step's."""
+    body = []
+    for j, (index, runner) in enumerate(grouped.groups):
+        constants[f"GROUP_{j}"] = index
+        body += [
+            f"g_{j} = inner.inner[{j}]",
+            f"params_{j} = [params[i] for i in GROUP_{j}]",
+            f"grads_{j} = [grads[i] for i in GROUP_{j}]",
+            *_kernel_calls(
+                cast(FusedRunner, runner),  # (`_written_out`: each group's is)
+                donate,
+                constants,
+                len(index),
+                f"_{j}",
+                f"params_{j}",
+                f"grads_{j}",
+            ),
+        ]
+    groups = range(len(grouped.groups))
+    if donate:  # (every parameter written where it lies: the list as it is)
+        body.append("new_p = params")
+    else:
+        constants["N_PARAMS"] = grouped.n
+        body.append("new_p = [None] * N_PARAMS")
+        for j in groups:
+            body += [f"for i, x in zip(GROUP_{j}, new_p_{j}):", "    new_p[i] = x"]
+    constants["PARTITIONED"] = PartitionState
+    states = "".join(f"new_inner_{j}, " for j in groups)
+    body.append(f"new_inner = NEW(PARTITIONED, (({states}),))")
+    return body
 
 
 # what every step's text reads, whatever its configuration

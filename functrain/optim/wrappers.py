@@ -83,6 +83,7 @@ __all__ = [
     "SkipNonfiniteState",
     "AccumulateState",
     "DynamicLossScaleState",
+    "GroupedRunner",
     "GuardedRunner",
     "host_guard",
 ]
@@ -541,7 +542,7 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
             if runner is None or isinstance(runner, Prelude):
                 return None
             groups.append((index, runner))
-        return _grouped_runner(groups, len(leaves))
+        return GroupedRunner(groups, len(leaves))
 
     # each group's learning rate read where its state keeps it (found at the first read)
     readers: dict[str, Any] = {}
@@ -590,15 +591,24 @@ def _inner_rates(inner: Transform) -> Any:
     return None if found is None else lambda state: found(state.inner)
 
 
-def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
-    """The `Runner` of a `partition` whose groups are all planned: each group's on its indices.
+class GroupedRunner:
+    """The `Runner` of a `partition` whose groups are all planned: each group's runner on its
+    indices (`groups`: ``(indices, runner)`` in the partition's order; `n` parameters in all).
 
     The groups' states expose no metric but their rates (the plan checks): it reports the first
     group's rate, as the step reads a partition's, and the first group with parameters' skip
-    flag where the step gates it (none of a group's own).
+    flag where the step gates it (none of a group's own). The straight-line step
+    (`functrain.core.straight`) writes a partition of fused kernels out from these fields.
     """
 
-    def run(
+    __slots__ = ("groups", "n", "reads_norm")
+
+    def __init__(self, groups: list[tuple[list[int], Runner]], n: int) -> None:
+        self.groups, self.n = groups, n
+        self.reads_norm = any(reads_norm(runner) for _, runner in groups)
+
+    def __call__(
+        self,
         grads: list[torch.Tensor],
         params: list[torch.Tensor],
         state: PartitionState,
@@ -606,9 +616,9 @@ def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
         write: bool,
         keep: torch.Tensor | None = None,
     ) -> Ran:
-        new: list[Any] = [None] * n
+        new: list[Any] = [None] * self.n
         states, rans = [], []
-        for (index, runner), inner in zip(groups, state.inner, strict=True):
+        for (index, runner), inner in zip(self.groups, state.inner, strict=True):
             ran = runner(
                 [grads[i] for i in index], [params[i] for i in index], inner, norm, write, keep
             )
@@ -628,9 +638,6 @@ def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
             first.norm,
             first.ended,
         )
-
-    run.reads_norm = any(reads_norm(runner) for _, runner in groups)  # type: ignore[attr-defined]
-    return run
 
 
 def _of_no_parameters(inner: Transform) -> Runner:

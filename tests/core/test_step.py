@@ -1040,6 +1040,78 @@ def test_each_parameter_group_reports_its_learning_rate_as_torchs_param_groups_h
         assert torch.equal(metrics["lr"], metrics["lr/weights"])
 
 
+def _torch_groups(model: nn.Module, masked: bool) -> tuple[list[Any], list[Any]]:
+    """torch.optim's side of `test_a_partition_of_fused_kernels_trains_as_torchs_param_groups`:
+    its optimizers (param groups, each fused) and their schedulers."""
+    weights = [p for p in model.parameters() if p.ndim > 1]
+    biases = [p for p in model.parameters() if p.ndim == 1]
+    if not masked:  # two AdamW groups, each rate a LambdaLR lambda from a base rate of 1.0
+        groups = [{"params": weights, "weight_decay": 0.1}, {"params": biases, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=1.0, fused=True)
+        tables = [[float(s(k)) for k in range(20)] for s in _GROUP_SCHEDULES.values()]
+        lambdas = [lambda k, t=t: t[k] for t in tables]
+        return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, lambdas)]
+    # the first layer's weight decayed (a mask inside the group), the biases by SGD
+    decayed = [
+        {"params": weights[:1], "weight_decay": 0.1},
+        {"params": weights[1:], "weight_decay": 0.0},
+    ]
+    adamw = torch.optim.AdamW(decayed, lr=1e-2, fused=True)
+    return [adamw, torch.optim.SGD(biases, lr=3e-2, momentum=0.9, fused=True)], []
+
+
+_GROUP_SCHEDULES = {
+    "weights": ft.schedules.warmup_cosine(1e-2, warmup_steps=2, decay_steps=10),
+    "biases": ft.schedules.cosine_decay(3e-2, 10),
+}
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("clip", [None, 0.5], ids=["unclipped", "clipped"])
+@pytest.mark.parametrize("masked", [False, True], ids=["scheduled", "masked"])
+def test_a_partition_of_fused_kernels_trains_as_torchs_param_groups(
+    masked: bool, clip: float | None, donate: bool
+) -> None:
+    """Each group's kernel on its own weights, as torch.optim calls it per param group; a
+    non-finite batch skipped (the torch loop steps nothing for it)."""
+    labels = lambda name, p: "weights" if p.ndim > 1 else "biases"  # noqa: E731
+    if masked:
+        tx = ft.partition(
+            labels,
+            weights=ft.adamw(1e-2, weight_decay=0.1, mask=lambda name, p: name == "0.weight"),
+            biases=ft.sgd(3e-2, momentum=0.9),
+        )
+    else:
+        tx = ft.partition(
+            labels,
+            weights=ft.adamw(_GROUP_SCHEDULES["weights"], weight_decay=0.1),
+            biases=ft.adamw(_GROUP_SCHEDULES["biases"], weight_decay=0.0),
+        )
+    model = make_mlp()
+    reference = copy.deepcopy(model)
+    optimizers, schedulers = _torch_groups(reference, masked)
+    state = ft.TrainState.create(model, tx, cross_entropy_loss_fn, clip_grad_norm=clip)
+    data = batches(model, 8)
+    data[3] = (torch.full_like(data[3][0], float("nan")), data[3][1])
+    for i, batch in enumerate(data):
+        state, metrics = ft.train_step(state, batch, donate=donate)
+        cross_entropy_loss_fn(reference, batch).backward()
+        grads = [p.grad for p in reference.parameters()]
+        if all(bool(g.isfinite().all()) for g in grads):
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+            for opt in optimizers:
+                opt.step()
+            for scheduler in schedulers:
+                scheduler.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        assert bool(metrics["skipped"]) == (i == 3)
+        for name, p in reference.named_parameters():
+            assert torch.equal(state.params[name], p.detach()), (i, name)
+    assert state.program is not None and state.program.straight is not None
+
+
 # ------------------------------------------------------------------------ gradients held elsewhere
 
 
