@@ -16,9 +16,16 @@ DTensor redistribution). With ``--compile`` as well, each mode also runs under
 ``functrain.compile_step()`` (inductor, the first warm-up step compiles): the whole step compiled
 without sharding, the loss and its backward compiled with it (the collectives and the update eager).
 
+With ``--against-ddp``: the replicated (data-parallel) donated step against torch's
+`DistributedDataParallel` with ``AdamW(fused=True)`` on the MLP 20-48-5 (global batch 32, 2 gloo
+ranks, one thread each, the default AdamW with its guard): blocks of steps of each in turn, the
+median ms per step of each and of their ratio, and whether the weights agree bit for bit (each
+side steps its own copy on the same batches).
+
 Usage:
     python benchmarks/distributed_step.py [--steps 30] [--warmup 5]
     python benchmarks/distributed_step.py --modes [--rounds 3] [--compile]
+    python benchmarks/distributed_step.py --against-ddp [--rounds 15] [--steps 200]
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -289,6 +297,97 @@ def modes_table(args: argparse.Namespace, port: int) -> None:
         )
 
 
+def run_against_ddp(rounds: int, steps: int) -> None:
+    """`--against-ddp`'s worker: `rounds` blocks of `steps` steps of each side, in turn."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    import functrain as ft
+
+    ft.distributed.init_from_env()
+    rank, world = ft.distributed.rank_and_world()
+    torch.set_num_threads(1)
+
+    def small() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(20, 48), nn.ReLU(), nn.Linear(48, 5))
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 20, generator=g), torch.randint(0, 5, (32,), generator=g)
+    n = 32 // world
+    batch = (x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n])
+    state = ft.TrainState.create(small(), ft.adamw(1e-3, weight_decay=0.01), loss_fn)
+    model = DistributedDataParallel(small())
+    opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.01, fused=True)
+
+    def ours() -> None:
+        nonlocal state
+        state, _ = ft.train_step(state, batch, donate=True)
+
+    def theirs() -> None:
+        loss_fn(model, batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def block(step: Callable[[], None]) -> float:
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.distributed.barrier()
+        return (time.perf_counter() - t0) / steps * 1e3
+
+    block(ours), block(theirs)  # (warm-up)
+    times = [(block(ours), block(theirs)) for _ in range(rounds)]
+    same = all(torch.equal(state.params[k], p) for k, p in model.module.named_parameters())
+    if rank == 0:
+        mine, hand = (statistics.median(t[i] for t in times) for i in (0, 1))
+        ratio = statistics.median(a / b for a, b in times)
+        straight = state.program is not None and state.program.straight is not None
+        print(
+            f"RESULT ours_ms={mine:.3f} ddp_ms={hand:.3f} ratio={ratio:.2f} "
+            f"bitwise={same} straight={straight}",
+            flush=True,
+        )
+    torch.distributed.destroy_process_group()
+
+
+def against_ddp_table(args: argparse.Namespace, port: int) -> None:
+    me = str(Path(__file__).resolve())
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "--master_addr=127.0.0.1",
+            me,
+            "--worker",
+            "--against-ddp",
+            "--rounds",
+            str(args.rounds),
+            "--steps",
+            str(args.steps),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT")), None)
+    if line is None:
+        print(f"failed\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        return
+    r = dict(kv.split("=") for kv in line.split()[1:])
+    print(
+        f"MLP 20-48-5, AdamW, 2 gloo ranks x batch 16, donated steps; {args.rounds} rounds of "
+        f"{args.steps} steps each side in turn; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(f"{'functrain ms':>12} {'DDP ms':>8} {'ratio':>6} {'bitwise':>8} {'straight line':>14}")
+    print(
+        f"{r['ours_ms']:>12} {r['ddp_ms']:>8} {r['ratio']:>6} {r['bitwise']:>8} {r['straight']:>14}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -307,10 +406,17 @@ def main() -> None:
         action="store_true",
         help="with --modes: each mode compiled too (functrain.compile_step)",
     )
+    parser.add_argument(
+        "--against-ddp",
+        action="store_true",
+        help="the replicated step against torch's DistributedDataParallel on a small MLP",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        if args.modes:
+        if args.against_ddp:
+            run_against_ddp(args.rounds, args.steps)
+        elif args.modes:
             run_mode(args.modes, args.steps, args.warmup, args.compile)
         else:
             run(args.steps, args.warmup)
@@ -322,6 +428,9 @@ def main() -> None:
         port = s.getsockname()[1]
     if args.modes:
         modes_table(args, port)
+        return
+    if args.against_ddp:
+        against_ddp_table(args, port)
         return
     env = dict(os.environ)
     single = subprocess.run([sys.executable, me, *common], capture_output=True, text=True, env=env)

@@ -14,8 +14,8 @@ The update is decided once, as one of three (`StepProgram.stage`):
 - **updated**: any other transform, through its own update as a `Runner` (`_updating`:
   ``update_reporting`` and `apply_updates` with what the body decides on every call decided
   once);
-- **general**: fp16 loss scaling, gradient statistics, a process group, sparse gradients or a
-  transform with metrics of its own: the step body's update (`functrain.core.body.apply`) with
+- **general**: fp16 loss scaling, gradient statistics, sparse gradients or a transform with
+  metrics of its own: the step body's update (`functrain.core.body.apply`) with
   the donated step's permission decided once (`StepProgram.run`).
 
 A runner's step is the straight line (`functrain.core.straight`): the configuration's step written
@@ -265,7 +265,8 @@ def program_for(state: TrainState) -> StepProgram | MembersProgram | None:
 def _runner(state: TrainState) -> tuple[Runner | None, str, bool]:
     """The update's `Runner` for `state`'s tensors, and whether to decide again once.
 
-    For a configuration that is eager and unstacked with no process group, no gradient
+    For a configuration that is eager, unstacked and unsharded (a process group's replicated
+    state averages its gradients first, the straight line's `_ranks_mean`) with no gradient
     statistics, no fp16 loss scale and no sparse gradients: the transform's planned update where
     it has one (`functrain.optim.base.planner_of`: the fused ``adamw``/``adam``/``sgd``/
     ``adagrad``, RMSprop's plain chain, on the CPU Adamax's, RAdam's and NAdam's, and
@@ -445,6 +446,7 @@ def _members_runner(state: TrainState) -> Runner | None:
         planner is None
         or not stacked_step.updates_stacked(state)
         or _in_general(state)
+        or state.dist is not None
         or state.options.accumulate_steps > 1
     ):
         return None
@@ -452,12 +454,8 @@ def _members_runner(state: TrainState) -> Runner | None:
 
 
 def _in_general(state: TrainState) -> bool:
-    """Whether `state`'s update runs the body's whatever its transform: a process group's
-    collectives, an fp16 loss scale, buffers or frozen tensors of a tensor subclass."""
-    return (
-        state.dist is not None
-        or state.options.precision == "fp16"
-        or not all(
-            type(t) is torch.Tensor for t in (*state.frozen.values(), *state.buffers.values())
-        )
+    """Whether `state`'s update runs the body's whatever its transform: an fp16 loss scale,
+    buffers or frozen tensors of a tensor subclass."""
+    return state.options.precision == "fp16" or not all(
+        type(t) is torch.Tensor for t in (*state.frozen.values(), *state.buffers.values())
     )

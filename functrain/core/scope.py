@@ -35,6 +35,7 @@ __all__ = [
     "leave_with",
     "outside_graph",
     "rank_stream",
+    "rank_stream_in",
     "restore",
     "swap_in",
     "swap_out",
@@ -166,7 +167,7 @@ def enter(state: TrainState, training: bool) -> Scope:
     """Swap the device generator to `state.rng` and the module to `training` mode.
 
     A stacked state's generator is seeded from its members' streams (`_member_streams_in`), a
-    process group's state's in a training step from this rank's (`_rank_stream_in`).
+    process group's state's in a training step from this rank's (`rank_stream_in`).
     """
     gen = device_generator(state.device)
     members = bool(state.members)
@@ -174,7 +175,10 @@ def enter(state: TrainState, training: bool) -> Scope:
     if not members and (state.dist is None or not training):
         return scope
     try:
-        (_member_streams_in if members else _rank_stream_in)(scope, state, gen)
+        if members:
+            _member_streams_in(scope, state, gen)
+        else:
+            scope.next_rng = rank_stream_in(state, gen)
     except BaseException:
         restore(scope)
         raise
@@ -248,19 +252,21 @@ def _same_streams(at: torch.Tensor | None, rng: torch.Tensor) -> bool:
     return torch.equal(at, rng)
 
 
-def _rank_stream_in(scope: Scope, state: TrainState, gen: torch.Generator) -> None:
-    """The generator seeded with this rank's stream for the step (`enter` of a process group's
-    state); the shared stream after the step in ``scope.next_rng``."""
+def rank_stream_in(state: TrainState, gen: torch.Generator) -> torch.Tensor:
+    """The generator `gen`, at `state`'s stream, seeded with this rank's stream for the step (a
+    process group's state's training step: `enter`, and the straight-line step); returns the
+    shared stream after the step, the new state's."""
     rank = state.dist.rank if state.dist is not None else 0
     # each rank draws its dropout masks from its own stream; the state carries the shared one
     if gen.device.type == "cpu":
         # one draw from the shared stream seeds this rank's stream for the step
         draw = int(torch.randint(0, 2**62, (1,), generator=gen))  # CPU generator: no device sync
-        scope.next_rng = gen.get_state()
+        after = gen.get_state()
         gen.manual_seed((draw + 0x9E3779B97F4A7C15 * (rank + 1)) % 2**63)
-    else:
-        scope.next_rng, seed = rank_stream(state.rng, rank)
-        gen.manual_seed(seed)
+        return after
+    after, seed = rank_stream(state.rng, rank)
+    gen.manual_seed(seed)
+    return after
 
 
 def rank_stream(rng: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:

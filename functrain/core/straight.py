@@ -61,8 +61,10 @@ from functrain.core.loss import (
     samples_in,
     split_loss,
 )
+from functrain.core.scope import rank_stream_in
 from functrain.core.stacked_step import PerMember, refuse_per_member
 from functrain.core.state import TrainState, lend
+from functrain.distributed.data_parallel import DistConfig, average_step
 from functrain.errors import FunctrainError
 from functrain.layout import in_layouts_of
 from functrain.optim.averaging import EmaState, ListAverage
@@ -125,12 +127,12 @@ def straight_step(program: Any, state: TrainState) -> StraightStep | None:
 
 def _written_for(program: Any, state: TrainState) -> bool:
     """Whether the straight line covers `state`'s configuration: an update run by a `Runner`
-    (planned, or the transform's own, `functrain.core.program._updating`), no process group, no
+    (planned, or the transform's own, `functrain.core.program._updating`), not sharded (a
+    process group's replicated state: its rank's stream, its gradients averaged first), no
     sparse parameters, plain tensors, no fp16 loss scale, and torch's engine entry."""
     known = program.known
     return (
         program.runner is not None
-        and not program.ranked
         and not known.sparse
         and known.plain
         and program.writes
@@ -163,7 +165,13 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     if frozen:  # the first forward of a structure with frozen weights runs under the write guard
         text.append(_FIRST_FORWARD.format(donate=donate))
     modules = program.modules if program.modules and program.modules[0] is state.module else None
-    text.append(_ENTER.format(train=(_MODE_FLAGS if modules else _MODE_CALL).format(mode="True")))
+    ranked = program.ranked
+    text.append(
+        _ENTER.format(
+            train=(_MODE_FLAGS if modules else _MODE_CALL).format(mode="True"),
+            ranked=_RANK_STREAM if ranked else "",
+        )
+    )
     if donate:  # a save still reads this state's tensors (`functrain.core.donation.hold_live`)
         text.append(_HELD)
     text.append(_LEAVES)
@@ -177,6 +185,12 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     if buffers:
         text.append(_DETACH_WRITTEN)
     text.append(_GRADIENTS_HOOKED if program.hooks else _GRADIENTS)
+    if ranked:  # (before anything reads them: every rank then takes the same update)
+        text.append(
+            _RANKS_MEAN.format(
+                buffers="buffers" if buffers else "_", given="buffers" if buffers else "{}"
+            )
+        )
     text.append(_LAYOUTS)
     # with accumulation the window's norm is reported: its runner measures it
     measured = window == 1 and program.measures
@@ -184,7 +198,13 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     writing = "        writing = True  # from here the update may write the state's tensors\n"
     on_cpu = next(iter(state.params.values())).device.type == "cpu"
     update, update_constants = _update(program, window, donate, on_cpu)
-    text.append(_UPDATE.format(donate=donate, writing=writing if donate else "", update=update))
+    text.append(
+        _UPDATE.format(
+            writing=writing if donate else "",
+            update=update,
+            rng="next_rng" if ranked else "GEN.get_state()",
+        )
+    )
     text.append(_BUFFERS_OUT if buffers else _BUFFERS_KEPT)
     own = "" if donate else ".clone()"  # (a donated state's counters go with it)
     if window == 1:
@@ -238,6 +258,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         if program.known.divisor is None
         else reciprocal(torch.float32, program.known.divisor),
         "AUTOCAST_TO": dtype,
+        "DIST": state.dist,
         "DEVICE_TYPE": next(iter(state.params.values())).device.type,
         "GUARD_BUFFERS": program.guard_buffers,
         "DEVICE": next(iter(state.params.values())).device,
@@ -253,6 +274,24 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
 
 # the names a step's update gives its results (the fields of `functrain.optim.planned.Ran`)
 _RAN = "ran_params, ran_state, ran_lr, ran_skipped, ran_flag, ran_norm, ran_ended"
+
+
+def _ranks_mean(
+    grads: list[torch.Tensor],
+    names: list[str],
+    buffers: dict[str, torch.Tensor],
+    loss: torch.Tensor,
+    aux: dict[str, torch.Tensor] | None,
+    config: DistConfig,
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], torch.Tensor, Any]:
+    """The step's gradients (of the parameters `names`), floating buffers, loss and metrics
+    averaged over the ranks of `config`'s process group, as the body averages them
+    (`average_step`: one all-reduce per dtype)."""
+    mean, buffers, scalars = average_step(
+        dict(zip(names, grads)), buffers, {"loss": loss, **(aux or {})}, config
+    )
+    loss = scalars.pop("loss")
+    return list(mean.values()), buffers, loss, scalars if aux else aux
 
 
 def _lending(program: Any, donate: bool) -> bool:
@@ -481,6 +520,8 @@ _CONSTANTS: dict[str, Any] = {
     "COUNTERS": counters,
     "samples_in": samples_in,
     "RUN_BACKWARD": _RUN_BACKWARD,
+    "RANK_STREAM_IN": rank_stream_in,
+    "RANKS_MEAN": _ranks_mean,
     "VERSION": operator.attrgetter("_version"),
     "DATA_PTR": torch.Tensor.data_ptr,
     "DETACH": torch.Tensor.detach,
@@ -523,6 +564,11 @@ _ENTER = """\
         if not was_training:
 {train}\
         GEN.set_state(state.rng)
+{ranked}\
+"""
+# a process group's rank draws from a stream of its own (`functrain.core.scope.rank_stream_in`)
+_RANK_STREAM = """\
+        next_rng = RANK_STREAM_IN(state, GEN)
 """
 _HELD = """\
         if HELD:
@@ -621,6 +667,10 @@ _GRADIENTS = """\
 _GRADIENTS_HOOKED = """\
         grads = completed(grads, leaves, NAMES, HOOKS, NO_NAMES)
 """
+# the gradients, floating buffers, loss and metrics averaged over a process group's ranks
+_RANKS_MEAN = """\
+        grads, {buffers}, loss, aux = RANKS_MEAN(grads, NAMES, {given}, loss, aux, DIST)
+"""
 # the gradients laid out as `.grad` would hold them
 _LAYOUTS = """\
         if list(map(STRIDE, grads)) != STRIDES:
@@ -650,7 +700,7 @@ _UPDATE = """\
 {update}\
         if ran_norm is not None:
             norm = ran_norm
-        rng = GEN.get_state()
+        rng = {rng}
         skipped = ran_skipped
         new = TrainState.__new__(TrainState)
         SET_params(new, ReadOnlyDict(zip(NAMES, ran_params)))

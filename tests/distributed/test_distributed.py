@@ -79,6 +79,26 @@ def test_a_nan_on_one_rank_makes_every_rank_skip_that_step(steps_on_two: Path) -
         assert skipped == [1.0 if i == 5 else 0.0 for i in range(20)]
 
 
+def test_data_parallel_steps_match_torchs_distributed_data_parallel_bit_for_bit(
+    tmp_path: Path,
+) -> None:
+    """Each configuration of `worker.DDP_CONFIGS` on 2 ranks, donated and pure, against torch's
+    DistributedDataParallel and the torch.optim loop it matches (DDP scales each gradient by
+    1/2 and sums, functrain sums and halves: the same bits), a NaN on one rank skipped by both;
+    the eager step is the straight line."""
+    launch(2, "torch_ddp", str(tmp_path))
+    for rank in (0, 1):
+        tree, _ = ft.load(tmp_path / f"rank{rank}")
+        for name in worker.DDP_CONFIGS:
+            for kind in ("pure", "donated"):
+                assert bool(tree[f"{name}/{kind}/straight"]), (name, kind)
+                for i in range(8):
+                    key = f"{name}/{kind}/{i}"
+                    for k in ("0.weight", "0.bias", "2.weight", "2.bias"):
+                        ours, theirs = tree[f"{key}/ours/{k}"], tree[f"{key}/torch/{k}"]
+                        assert torch.equal(ours, theirs), (rank, key, k)
+
+
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
 def test_a_run_checkpointed_on_n_ranks_resumes_on_m_ranks(
     tmp_path: Path, first: int, then: int, fit_straight: Path

@@ -615,6 +615,56 @@ def meta_runs(rank: int, world: int) -> dict:
     return out
 
 
+# the configurations `torch_ddp_runs` trains, each with the torch.optim loop it matches bit for bit:
+# name -> (functrain's optimizer and options, torch's optimizer of a module's parameters, the
+# torch loop's gradient clipping)
+DDP_CONFIGS = {
+    "adamw": (lambda: ft.adamw(1e-2), {}, lambda ps: torch.optim.AdamW(ps, 1e-2, fused=True), None),
+    "clip": (
+        lambda: ft.sgd(0.05, momentum=0.9),
+        {"clip_grad_norm": 0.5},
+        lambda ps: torch.optim.SGD(ps, 0.05, momentum=0.9, fused=True),
+        0.5,
+    ),
+    "rmsprop": (
+        lambda: ft.rmsprop(1e-2),
+        {},
+        lambda ps: torch.optim.RMSprop(ps, 1e-2, foreach=False),
+        None,
+    ),
+}
+
+
+def torch_ddp_runs(rank: int, world: int) -> dict:
+    """Each of `DDP_CONFIGS` for 8 steps on this rank's part of the batches, donated and pure,
+    beside torch's DistributedDataParallel training the same model on the same parts: the weights
+    after each step, both sides', and whether the eager step ran its straight line."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    out = {}
+    for name, (tx, options, torch_opt, clip) in DDP_CONFIGS.items():
+        for donate in (False, True):
+            state = ft.TrainState.create(mlp(), tx(), loss_fn, **options)
+            reference = DistributedDataParallel(mlp())
+            opt = torch_opt(reference.parameters())
+            for i, batch in enumerate(rank_batches(rank, world, 8)):
+                state, _ = ft.train_step(state, batch, donate=donate)
+                loss_fn(reference, batch).backward()
+                grads = [p.grad for p in reference.parameters()]
+                if all(bool(g.isfinite().all()) for g in grads):  # (the NaN step: skipped)
+                    if clip is not None:
+                        torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                key = f"{name}/{'donated' if donate else 'pure'}/{i}"
+                for k, p in reference.module.named_parameters():
+                    out[f"{key}/ours/{k}"] = state.params[k].clone()
+                    out[f"{key}/torch/{k}"] = p.detach().clone()
+            straight = state.program is not None and state.program.straight is not None
+            out[f"{name}/{'donated' if donate else 'pure'}/straight"] = torch.tensor(straight)
+    return out
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     ft.distributed.init_from_env()
@@ -712,6 +762,8 @@ def main() -> None:
         )
         if world == 2:
             sharded_extras(out / "extras", rank, world)
+    elif scenario == "torch_ddp":
+        ft.save(torch_ddp_runs(rank, world), mine)
     elif scenario == "meta":
         ft.save(meta_runs(rank, world), mine)
     elif scenario == "mismatch":
