@@ -207,6 +207,9 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     )
     text.append(_BUFFERS_OUT if buffers else _BUFFERS_KEPT)
     own = "" if donate else ".clone()"  # (a donated state's counters go with it)
+    text.append(_SAMPLES)
+    if ranked:
+        text.append(_EVERY_RANKS)
     if window == 1:
         text.append(_COUNTERS if donate else _OWN_COUNTERS)
     else:
@@ -714,6 +717,8 @@ _BUFFERS_OUT = """\
 _BUFFERS_KEPT = """\
         SET_buffers(new, state.buffers)
 """
+# the samples a step counts: its batch's, every rank's where a process group trains on
+# (`functrain.core.body.batch_samples`)
 _SAMPLES = """\
         first = batch[0] if type(batch) is tuple and batch else None
         if type(first) is Tensor and first.ndim:
@@ -721,9 +726,10 @@ _SAMPLES = """\
         else:
             samples = samples_in(batch)
 """
-_COUNTERS = (
-    _SAMPLES
-    + """\
+_EVERY_RANKS = """\
+        samples *= DIST.world_size
+"""
+_COUNTERS = """\
         step_t, epoch_step_t, seen_t = torch._foreach_add(
             [state.step, state.epoch_step, state.samples_seen], [1, 1, samples]
         )
@@ -734,12 +740,9 @@ _COUNTERS = (
         SET_epoch(new, state.epoch)
         applied = None if skipped is None else ~skipped
 """
-)
 # a pure step's: the given state lives on, so the new one's counters are copies, never the given's
 # (a write into one, such as a refused state.epoch += 1, would change the other)
-_OWN_COUNTERS = (
-    _SAMPLES
-    + """\
+_OWN_COUNTERS = """\
         step_t, epoch_step_t, seen_t, epoch_t, micro_t = torch._foreach_add(
             [state.step, state.epoch_step, state.samples_seen, state.epoch, state.micro_step],
             [1, 1, samples, 0, 0],
@@ -751,11 +754,8 @@ _OWN_COUNTERS = (
         SET_epoch(new, epoch_t)
         applied = None if skipped is None else ~skipped
 """
-)
 # the window's counters: one op for the three where its end is known on the host
-_WINDOW_COUNTERS = (
-    _SAMPLES
-    + """\
+_WINDOW_COUNTERS = """\
         ended = ran_ended
         micro_t = ran_state.micro_step
         if ended is not None:
@@ -774,7 +774,6 @@ _WINDOW_COUNTERS = (
         SET_epoch(new, state.epoch{own})
         applied = None if skipped is None else ~skipped
 """
-)
 # the EMA moves where a window ended
 _WINDOW_ENDED = """\
         if ended is not True:

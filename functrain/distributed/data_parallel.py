@@ -218,8 +218,10 @@ def average_step(
     n_g, n_b = len(grads), len(float_buffers)
     new_grads = dict(zip(grads, mean[:n_g], strict=True))
     new_buffers = {**buffers, **dict(zip(float_buffers, mean[n_g : n_g + n_b], strict=True))}
+    # (copies: a metric the caller keeps holds no more than itself, not the gradients' bucket)
     new_scalars = {
-        k: v.to(scalars[k].dtype) for k, v in zip(scalars, mean[n_g + n_b :], strict=True)
+        k: v.to(scalars[k].dtype, copy=True)
+        for k, v in zip(scalars, mean[n_g + n_b :], strict=True)
     }
     return new_grads, new_buffers, new_scalars
 

@@ -544,15 +544,17 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
             groups.append((index, runner))
         return GroupedRunner(groups, len(leaves))
 
-    # each group's learning rate read where its state keeps it (found at the first read)
+    # each group's learning rate read where its state keeps it (found at the first read); a
+    # partition inside: its groups' under this group's name
+    nested = {label: group_rates(inner) for label, inner in transforms.items()}
     readers: dict[str, Any] = {}
 
     def rates(state: PartitionState) -> dict[str, torch.Tensor]:
         found: dict[str, torch.Tensor] = {}
-        for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
-            nested = group_rates(inner)
-            if nested is not None:  # a partition inside: its groups under this group's name
-                found.update({f"lr/{label}/{k[3:]}": v for k, v in nested(inner_state).items()})
+        for label, inner_state in zip(nested, state.inner, strict=True):
+            inside = nested[label]
+            if inside is not None:
+                found.update({f"lr/{label}/{k[3:]}": v for k, v in inside(inner_state).items()})
                 continue
             if label not in readers:
                 readers[label] = metric_reader(inner_state, "lr")

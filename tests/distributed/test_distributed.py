@@ -85,13 +85,17 @@ def test_data_parallel_steps_match_torchs_distributed_data_parallel_bit_for_bit(
     """Each configuration of `worker.DDP_CONFIGS` on 2 ranks, donated and pure, against torch's
     DistributedDataParallel and the torch.optim loop it matches (DDP scales each gradient by
     1/2 and sums, functrain sums and halves: the same bits), a NaN on one rank skipped by both;
-    the eager step is the straight line."""
+    the eager step is the straight line, and its counters count every rank's samples."""
     launch(2, "torch_ddp", str(tmp_path))
     for rank in (0, 1):
         tree, _ = ft.load(tmp_path / f"rank{rank}")
         for name in worker.DDP_CONFIGS:
             for kind in ("pure", "donated"):
                 assert bool(tree[f"{name}/{kind}/straight"]), (name, kind)
+                # 8 batches of 8 samples on each rank, the NaN one's update skipped (counted in
+                # `skipped`): the samples seen are every rank's, as one process's of the batches
+                assert tree[f"{name}/{kind}/counters"].tolist() == [8, 8, 128, 1], (name, kind)
+                assert int(tree[f"{name}/{kind}/loss_bytes"]) == 4, (name, kind)
                 for i in range(8):
                     key = f"{name}/{kind}/{i}"
                     for k in ("0.weight", "0.bias", "2.weight", "2.bias"):

@@ -648,7 +648,7 @@ def torch_ddp_runs(rank: int, world: int) -> dict:
             reference = DistributedDataParallel(mlp())
             opt = torch_opt(reference.parameters())
             for i, batch in enumerate(rank_batches(rank, world, 8)):
-                state, _ = ft.train_step(state, batch, donate=donate)
+                state, metrics = ft.train_step(state, batch, donate=donate)
                 loss_fn(reference, batch).backward()
                 grads = [p.grad for p in reference.parameters()]
                 if all(bool(g.isfinite().all()) for g in grads):  # (the NaN step: skipped)
@@ -662,6 +662,12 @@ def torch_ddp_runs(rank: int, world: int) -> dict:
                     out[f"{key}/torch/{k}"] = p.detach().clone()
             straight = state.program is not None and state.program.straight is not None
             out[f"{name}/{'donated' if donate else 'pure'}/straight"] = torch.tensor(straight)
+            out[f"{name}/{'donated' if donate else 'pure'}/counters"] = torch.stack(
+                [state.step, state.epoch_step, state.samples_seen, state.skipped]
+            )
+            # what the loss metric holds: itself alone, not the bucket it was averaged in
+            loss_bytes = metrics["loss"].untyped_storage().nbytes()
+            out[f"{name}/{'donated' if donate else 'pure'}/loss_bytes"] = torch.tensor(loss_bytes)
     return out
 
 
