@@ -49,6 +49,7 @@ from functrain.tree import Norms, member_view
 
 __all__ = [
     "OWN_TX_METRICS",
+    "tx_metrics_of",
     "SWEEP_ALONE",
     "Parts",
     "apply",
@@ -305,7 +306,7 @@ def _update(
     k = state.options.accumulate_steps
     micro = (state.micro_step + 1) % k if k > 1 else state.micro_step
     completed = micro == 0 if k > 1 else None  # None: every batch completes an update
-    tx_metrics = _tx_metrics(state.tx, opt_state)
+    tx_metrics = tx_metrics_of(state.tx, opt_state)
     # the skip flag of the window that ends here (between window ends it is the previous one's)
     skipped = tx_metrics.get("skipped")
     if skipped is not None and completed is not None:
@@ -332,7 +333,7 @@ def _update(
 _METRIC_NODES: dict[int, tuple[Any, tuple[tuple[tuple[Any, ...], type], ...]]] = {}
 
 
-def _tx_metrics(tx: Any, opt_state: Any) -> dict[str, torch.Tensor]:
+def tx_metrics_of(tx: Any, opt_state: Any) -> dict[str, torch.Tensor]:
     """`transform_metrics` of `opt_state`, reading only the nodes found the first time.
 
     A transform's state has one structure (its `init` made it), so the walk over every node,

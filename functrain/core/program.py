@@ -14,9 +14,9 @@ The update is decided once, as one of three (`StepProgram.stage`):
 - **updated**: any other transform, through its own update as a `Runner` (`_updating`:
   ``update_reporting`` and `apply_updates` with what the body decides on every call decided
   once);
-- **general**: fp16 loss scaling, gradient statistics, sparse gradients or a transform with
-  metrics of its own: the step body's update (`functrain.core.body.apply`) with
-  the donated step's permission decided once (`StepProgram.run`).
+- **general**: gradient statistics, sparse gradients or tensor subclasses: the step body's
+  update (`functrain.core.body.apply`) with the donated step's permission decided once
+  (`StepProgram.run`).
 
 A runner's step is the straight line (`functrain.core.straight`): the configuration's step written
 as one function, which calls back here for the EMA (`average`) and, once, a fresh state's next
@@ -131,6 +131,8 @@ class StepProgram(_Decided):
         "averaging",
         "reports",
         "measures",
+        "tx_metrics",
+        "scaled",
         "straight",
     )
 
@@ -168,6 +170,11 @@ class StepProgram(_Decided):
         # its update reads it (`_measures`)
         self.reports = options.reports_grad_norm
         self.measures = _measures(state, runner, bool(self.hooks))
+        # the transform's state exposes metrics of its own (fp16's loss scale, a custom
+        # transform's): read from the state each step returns, as the body reports them
+        self.tx_metrics = bool(set(transform_metrics(state.opt_state)) - OWN_TX_METRICS)
+        # the loss scaled for the backward (fp16's dynamic loss scale, in the optimizer's state)
+        self.scaled = options.precision == "fp16"
         # the configuration's step as one function (`functrain.core.straight`), where it is
         # written for it: what `functrain.train_step` runs; else the body's update (`run`)
         self.straight = straight_step(self, state) if runner is not None else None
@@ -267,7 +274,7 @@ def _runner(state: TrainState) -> tuple[Runner | None, str, bool]:
 
     For a configuration that is eager, unstacked and unsharded (a process group's replicated
     state averages its gradients first, the straight line's `_ranks_mean`) with no gradient
-    statistics, no fp16 loss scale and no sparse gradients: the transform's planned update where
+    statistics and no sparse gradients: the transform's planned update where
     it has one (`functrain.optim.base.planner_of`: the fused ``adamw``/``adam``/``sgd``/
     ``adagrad``, RMSprop's plain chain, on the CPU Adamax's, RAdam's and NAdam's, and
     `skip_nonfinite`, `accumulate`, `partition` and a
@@ -294,12 +301,11 @@ def _updating(state: TrainState) -> Runner | None:
     What the body's update does (`functrain.core.body.apply`), with what it decides on every
     call decided here: the update through ``update_reporting`` with the step's norm shared, the
     new parameters by `apply_updates` in their parameters' strides, the rate and skip flag read
-    where the state holds them (`functrain.optim.metrics.metric_reader`). None where the
-    transform's state exposes metrics of its own (a custom transform's, which the body reports).
+    where the state holds them (`functrain.optim.metrics.metric_reader`). The metrics the
+    transform's state exposes of its own (fp16's loss scale, a custom transform's) the step reads
+    from the state it returns (`StepProgram.tx_metrics`).
     """
     tx, names, opt_state = state.tx, list(state.params), state.opt_state
-    if set(transform_metrics(opt_state)) - OWN_TX_METRICS:
-        return None
     lr_of, skipped_of = metric_reader(opt_state, "lr"), metric_reader(opt_state, "skipped")
     window = state.options.accumulate_steps
     reports = state.options.reports_grad_norm
@@ -454,8 +460,8 @@ def _members_runner(state: TrainState) -> Runner | None:
 
 
 def _in_general(state: TrainState) -> bool:
-    """Whether `state`'s update runs the body's whatever its transform: an fp16 loss scale,
-    buffers or frozen tensors of a tensor subclass."""
-    return state.options.precision == "fp16" or not all(
+    """Whether `state`'s update runs the body's whatever its transform: buffers or frozen
+    tensors of a tensor subclass."""
+    return not all(
         type(t) is torch.Tensor for t in (*state.frozen.values(), *state.buffers.values())
     )

@@ -45,7 +45,7 @@ from functrain.core.binding import (
     take_step_lock,
     unbind,
 )
-from functrain.core.body import counters, finite_buffers
+from functrain.core.body import OWN_TX_METRICS, counters, finite_buffers, tx_metrics_of
 from functrain.core.donation import DONATED, HELD, wait_until_unheld
 from functrain.core.failures import loss_failure
 from functrain.core.gradient import completed, reciprocal
@@ -75,6 +75,7 @@ from functrain.optim.wrappers import (
     GuardedRunner,
     PartitionState,
     SkipNonfiniteState,
+    find_loss_scale,
     host_guard,
 )
 from functrain.tree import ReadOnlyDict, plain_norm
@@ -129,7 +130,8 @@ def _written_for(program: Any, state: TrainState) -> bool:
     """Whether the straight line covers `state`'s configuration: an update run by a `Runner`
     (planned, or the transform's own, `functrain.core.program._updating`), not sharded (a
     process group's replicated state: its rank's stream, its gradients averaged first), no
-    sparse parameters, plain tensors, no fp16 loss scale, and torch's engine entry."""
+    sparse parameters, plain tensors, and torch's engine entry (an fp16 loss scale: the
+    backward from it, the norm reported unscaled, its metric the state's)."""
     known = program.known
     return (
         program.runner is not None
@@ -137,7 +139,6 @@ def _written_for(program: Any, state: TrainState) -> bool:
         and known.plain
         and program.writes
         and _RUN_BACKWARD is not None
-        and state.options.precision in ("fp32", "bf16")
         and not state.members
     )
 
@@ -174,13 +175,19 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     )
     if donate:  # a save still reads this state's tensors (`functrain.core.donation.hold_live`)
         text.append(_HELD)
+    if program.scaled:
+        text.append(_SCALE)
     text.append(_LEAVES)
     text.append(_WATCH_FROZEN if frozen else _WATCH)
     if buffers:  # the forward writes running statistics into the buffers: copies, never the state's
         text.append(_BUFFER_COPIES)
     text.append(_FORWARD.format(call=_AUTOCAST_CALL if dtype is not None else _CALL))
-    # the backward starts from 1, or from 1/N under the "loss" convention (`_gradients_from`)
-    text.append(_SEED_WINDOW if program.known.divisor is not None else _SEED)
+    # the backward starts from 1, or from 1/N under the "loss" convention (`_gradients_from`);
+    # from the loss scale (over N) where the loss is scaled
+    if program.scaled:
+        text.append(_SEED_SCALED_WINDOW if program.known.divisor is not None else _SEED_SCALED)
+    else:
+        text.append(_SEED_WINDOW if program.known.divisor is not None else _SEED)
     text.append(_BACKWARD)
     if buffers:
         text.append(_DETACH_WRITTEN)
@@ -238,9 +245,14 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
             retire=_RETIRE_RAISED if donate else "",
         )
     )
+    if program.scaled and program.reports:
+        text.append(_UNSCALED_NORM)
     text.append(_METRICS.format(norm='"grad_norm": norm, ' if program.reports else ""))
     if program.rates is not None:
         text.append(_RATES)
+    text.append(_SKIPPED)
+    if program.tx_metrics:
+        text.append(_TX_METRICS)
     text.append(_RETURN)
     constants: dict[str, Any] = {
         **_CONSTANTS,
@@ -262,6 +274,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         else reciprocal(torch.float32, program.known.divisor),
         "AUTOCAST_TO": dtype,
         "DIST": state.dist,
+        "TX": state.tx,
         "DEVICE_TYPE": next(iter(state.params.values())).device.type,
         "GUARD_BUFFERS": program.guard_buffers,
         "DEVICE": next(iter(state.params.values())).device,
@@ -525,6 +538,9 @@ _CONSTANTS: dict[str, Any] = {
     "RUN_BACKWARD": _RUN_BACKWARD,
     "RANK_STREAM_IN": rank_stream_in,
     "RANKS_MEAN": _ranks_mean,
+    "LOSS_SCALE": find_loss_scale,
+    "TX_METRICS": tx_metrics_of,
+    "OWN_TX_METRICS": OWN_TX_METRICS,
     "VERSION": operator.attrgetter("_version"),
     "DATA_PTR": torch.Tensor.data_ptr,
     "DETACH": torch.Tensor.detach,
@@ -623,6 +639,22 @@ _FORWARD = """\
 """
 _SEED = """\
                 seed = torch.ones_like(loss)
+"""
+# the loss scale (fp16's, `functrain.optim.wrappers.dynamic_loss_scale`), read before the update
+_SCALE = """\
+        scale = LOSS_SCALE(state.opt_state)
+"""
+# ``loss * scale``'s backward (`functrain.core.gradient._gradients_from`): from the scale
+_SEED_SCALED = """\
+                seed = scale.to(loss.dtype)
+"""
+_SEED_SCALED_WINDOW = """\
+                seed = torch.div(scale.to(loss.dtype), DIVISOR)
+"""
+# the norm of the scaled gradients, reported as theirs unscaled
+_UNSCALED_NORM = """\
+    if norm is not None:
+        norm = norm / scale
 """
 # (``1 / N`` in float32 computed once, where the text is written)
 _SEED_WINDOW = """\
@@ -882,8 +914,16 @@ _METRICS = """\
 _RATES = """\
     metrics.update({k: v.float() for k, v in RATES(ran_state).items()})
 """
-_RETURN = """\
+_SKIPPED = """\
     metrics["skipped"] = flag
+"""
+# the metrics the transform's state exposes of its own (`functrain.core.body.step_metrics`')
+_TX_METRICS = """\
+    metrics.update(
+        {k: v.float() for k, v in TX_METRICS(TX, ran_state).items() if k not in OWN_TX_METRICS}
+    )
+"""
+_RETURN = """\
     if aux:
         metrics.update(aux)
     return new, metrics

@@ -91,6 +91,7 @@ def test_loss_scale_trains_as_the_amp_recipe_with_gradscalers_arguments(
     assert len(rises) >= 3 and max(falls) > min(rises)
     assert int(state.skipped) == len(falls)
     assert_trees_equal(expected, state.params)
+    assert state.program.straight is not None  # (the default eager step's engine)
 
 
 def test_an_optimizer_given_as_its_own_scaler_is_the_steps_one_scaler() -> None:

@@ -667,6 +667,50 @@ def test_a_transforms_rate_metric_is_what_its_metrics_say_at_each_step(
     assert seen == [0.01, 0.1, 0.1, 0.1]
 
 
+class _Counted(NamedTuple):
+    count: torch.Tensor
+    scale: torch.Tensor
+
+    def metrics(self) -> dict[str, torch.Tensor]:  # a metric of its own, not a field's name
+        return {"updates": self.count, "scale": self.scale}
+
+
+def _counted_sgd() -> ft.Transform:
+    """sgd(0.1) on gradients halved, its state counting its updates: metrics of its own."""
+    sgd = ft.sgd(0.1, fused=False)
+
+    def init(params: Any) -> tuple[_Counted, Any]:
+        return _Counted(torch.zeros((), dtype=torch.long), torch.tensor(0.5)), sgd.init(params)
+
+    def update(grads: Any, state: Any, params: Any = None) -> Any:
+        counted, inner = state
+        halved = {k: g * counted.scale for k, g in grads.items()}
+        updates, inner = sgd.update(halved, inner, params)
+        return updates, (counted._replace(count=counted.count + 1), inner)
+
+    return ft.Transform(init, update, name="counted_sgd")
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_transforms_own_metrics_are_reported_each_step(donate: bool) -> None:
+    """A transform whose state exposes metrics of its own trains on the default eager step as
+    torch's loop does, and each step reports them (as floats) after the loss function's."""
+    model = make_mlp()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    state = ft.TrainState.create(model, _counted_sgd(), cross_entropy_with_accuracy)
+    for i, batch in enumerate(batches(model, 4)):
+        state, metrics = ft.train_step(state, batch, donate=donate)
+        (cross_entropy_loss_fn(reference, batch) * 0.5).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert list(metrics) == ["loss", "lr", "skipped", "updates", "scale", "acc"]
+        assert metrics["updates"].dtype == torch.float32 and float(metrics["updates"]) == i + 1
+        assert float(metrics["scale"]) == 0.5
+    assert state.program.straight is not None
+    assert_trees_equal({k: p.detach() for k, p in reference.named_parameters()}, state.params)
+
+
 def _reporting_sgd(norm: float) -> ft.Transform:
     """sgd(0.1) whose update reports `norm` as the step's gradient norm where it is asked."""
     sgd = ft.sgd(0.1)

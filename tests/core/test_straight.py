@@ -48,6 +48,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "accumulate_ema_clip": {"accumulate_steps": 2, "ema_decay": 0.8, "clip_grad_norm": 0.5},
     "clip": {"clip_grad_norm": 0.1},
     "bf16": {"precision": "bf16"},
+    "fp16": {"precision": "fp16"},
+    "fp16_window_clip": {
+        "precision": "fp16",
+        "accumulate_steps": 2,
+        "clip_grad_norm": 0.5,
+        "grad_norm": True,
+    },
 }
 
 
