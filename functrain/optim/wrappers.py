@@ -42,7 +42,14 @@ from functrain.optim.batching import under_vmap
 from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.metrics import metric_fields, metric_reader, transform_metrics, walk_states
 from functrain.optim.naming import named
-from functrain.optim.planned import Prelude, Ran, Runner, reads_norm, selected
+from functrain.optim.planned import (
+    GatedBySelection,
+    Prelude,
+    Ran,
+    Runner,
+    reads_norm,
+    selected,
+)
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.rules.formula import RuleState
 from functrain.optim.rules.sparse import (
@@ -1574,8 +1581,75 @@ def dynamic_loss_scale(
         )
         return new_updates, new_state, report
 
-    update = ExtrasUpdate(update_fn, reports=True, rates=_inner_rates(inner))
+    def plan(params: dict[str, torch.Tensor], state: DynamicLossScaleState) -> Runner | None:
+        # the inner transform's planned update in place of its update (`ScaledRunner`); with
+        # schedules counting steps, `update_fn` (which hands the inner update its skips)
+        inner_plan = None if steps else planner_of(inner)
+        run_inner = inner_plan(params, state.inner) if inner_plan else None
+        if run_inner is None or isinstance(run_inner, Prelude):
+            return None
+        gated = getattr(inner, "gated", False)
+        scaled = ScaledRunner(run_inner, gated, growth_factor, backoff_factor, growth_interval)
+        # (an outer wrapper's gate, unread: run, then select)
+        return GatedBySelection(scaled, _previous_rate)
+
+    update = ExtrasUpdate(update_fn, reports=True, plan=plan, rates=_inner_rates(inner))
     return Transform(init_fn, update)
+
+
+class ScaledRunner:
+    """`dynamic_loss_scale`'s planned update around an inner runner (`inner`): its ``update_fn``
+    op for op, with the inner runner in place of the inner update: the gradients unscaled, their
+    elements checked, the inner update where they are finite (as `_update_where` gates it: on
+    the host where the flag is read, a CPU state's; else a `gated` runner takes the flag, another
+    runs on the state kept as it is and its results are selected), the scale and its counts
+    moved. Its state's skip flag is the step's; the inner update measures the norm of the
+    unscaled gradients where it reads one (clipping), the step's own norm being the scaled ones'.
+    """
+
+    __slots__ = ("inner", "gated", "growth", "backoff", "interval", "inner_reads")
+    reads_norm = False
+
+    def __init__(
+        self, inner: Runner, gated: bool, growth: float, backoff: float, interval: int
+    ) -> None:
+        self.inner, self.gated, self.inner_reads = inner, gated, reads_norm(inner)
+        self.growth, self.backoff, self.interval = growth, backoff, interval
+
+    def __call__(
+        self,
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: DynamicLossScaleState,
+        norm: torch.Tensor | None,
+        write: bool,
+    ) -> Ran:
+        inv = state.scale.double().reciprocal().float()
+        unscaled = [x.float().mul(inv).to(x.dtype) for x in grads]
+        finite = all_finite(unscaled)
+        inner_norm = global_norm(unscaled) if self.inner_reads else None
+        run_inner = self.inner
+        if flag_value(finite):  # (read on the host: a CPU state's) the update as it is
+            ran = run_inner(unscaled, params, state.inner, inner_norm, write, None)
+        elif self.gated:
+            ran = run_inner(unscaled, params, state.inner, inner_norm, write, finite)
+        else:  # on the state kept as it is, then select (`_update_where`)
+            ran = run_inner(unscaled, params, state.inner, inner_norm, False, None)
+            ran = selected(ran, finite, params, state.inner, _previous_rate)
+        # `update_fn`'s arithmetic of the scale, op for op
+        tracker = torch.where(
+            finite, state.growth_tracker + 1, torch.zeros_like(state.growth_tracker)
+        )
+        grow = tracker >= self.interval
+        s = state.scale.double()
+        grown = torch.where(grow, s * self.growth, s)
+        moved = torch.where(finite, grown, s * self.backoff).float()
+        scale = torch.where(moved.isinf(), state.scale, moved)
+        tracker = torch.where(grow, torch.zeros_like(tracker), tracker)
+        new_state = DynamicLossScaleState(
+            ran.state, scale, tracker, ~finite, state.total_skipped + (~finite).long()
+        )
+        return Ran(ran.params, new_state, ran.lr, new_state.skipped, None, ran.norm, ran.ended)
 
 
 def loss_scale_problems(

@@ -32,12 +32,15 @@ SETTINGS = {
 
 
 def amp_recipe(
-    batches: Iterable[Any], settings: dict[str, Any], clip: float | None = None
+    batches: Iterable[Any],
+    settings: dict[str, Any],
+    clip: float | None = None,
+    optimizer: Any = lambda ps: torch.optim.AdamW(ps, 1e-2, fused=True),
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """torch's AMP recipe on the tanh MLP with fused AdamW: its weights, and the scale after each
-    step (``scaler.get_scale()``)."""
+    """torch's AMP recipe on the tanh MLP with `optimizer` (fused AdamW): its weights, and the
+    scale after each step (``scaler.get_scale()``)."""
     model = make_tanh_mlp()
-    opt = torch.optim.AdamW(model.parameters(), 1e-2, fused=True)
+    opt = optimizer(model.parameters())
     scaler = torch.amp.GradScaler("cpu", **settings)
     scales = []
     for batch in batches:
@@ -63,10 +66,10 @@ def trained(state: ft.TrainState, batches: Iterable[Any]) -> tuple[ft.TrainState
     return state, scales
 
 
-def with_settings(**options: Any) -> ft.TrainState:
+def with_settings(optimizer: Any = None, **options: Any) -> ft.TrainState:
     return ft.TrainState.create(
         make_tanh_mlp(),
-        ft.adamw(1e-2),
+        optimizer or ft.adamw(1e-2),
         cross_entropy_loss_fn,
         precision="fp16",
         loss_scale=SETTINGS,
@@ -92,6 +95,21 @@ def test_loss_scale_trains_as_the_amp_recipe_with_gradscalers_arguments(
     assert int(state.skipped) == len(falls)
     assert_trees_equal(expected, state.params)
     assert state.program.straight is not None  # (the default eager step's engine)
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_an_optimizer_without_a_gate_skips_the_overflows_as_the_amp_recipe(donate: bool) -> None:
+    # RMSprop's formula takes no skip flag: an overflowing step's update is run and not kept
+    data = tanh_mlp_batches(24)
+    state = with_settings(ft.rmsprop(1e-2))
+    scales = []
+    for batch in data:
+        state, metrics = ft.train_step(state, batch, donate=donate)
+        scales.append(float(metrics["loss_scale"]))
+    rmsprop = lambda ps: torch.optim.RMSprop(ps, 1e-2, foreach=False)  # noqa: E731
+    expected, torch_scales = amp_recipe(data, SETTINGS, optimizer=rmsprop)
+    assert scales == torch_scales and int(state.skipped) > 0
+    assert_trees_equal(expected, state.params)
 
 
 def test_an_optimizer_given_as_its_own_scaler_is_the_steps_one_scaler() -> None:

@@ -426,18 +426,18 @@ def test_an_ungated_planned_update_takes_a_window_end_the_host_cannot_read(
 
 @pytest.mark.parametrize(
     ("options", "expected"),
-    [({"precision": "fp16"}, "updated"), ({"grad_stats": "layer"}, "general")],
+    [({"precision": "fp16"}, "planned"), ({"grad_stats": "layer"}, "general")],
     ids=["fp16", "grad_stats"],
 )
-def test_fp16_runs_its_own_update_and_gradient_statistics_the_bodys(
+def test_fp16_plans_its_update_and_gradient_statistics_run_the_bodys(
     options: dict[str, Any], expected: str
 ) -> None:
-    # fp16's loss scale has no planned update: its own, on the straight line
+    # fp16's loss scale around the fused kernel's plan (`ScaledRunner`), on the straight line
     data = batches(4)
     got, got_m = train(make_bn_net, OPTIMIZERS["adamw"], data, planned=True, **options)
     want, want_m = train(make_bn_net, OPTIMIZERS["adamw"], data, planned=False, **options)
     assert stage(got) == expected
-    assert (got.program.straight is not None) == (expected == "updated")
+    assert (got.program.straight is not None) == (expected == "planned")
     assert_trees_equal(want.tree(), got.tree(), "state")
     assert_trees_equal(want_m, got_m, "metrics")
 
