@@ -468,7 +468,12 @@ def step_metrics(
         "skipped": skipped.float()
         if skipped is not None
         else torch.zeros((), dtype=torch.float32, device=loss.device),
-        **{k: v.float() for k, v in tx_metrics.items() if k not in OWN_TX_METRICS},
+        # (copies: a metric is the step's own, not its state's tensor, whatever its dtype)
+        **{
+            k: v.to(torch.float32, copy=True)
+            for k, v in tx_metrics.items()
+            if k not in OWN_TX_METRICS
+        },
         **aux,
     }
 

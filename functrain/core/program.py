@@ -79,7 +79,7 @@ from functrain.optim.base import (
     planner_of,
     update_reporting,
 )
-from functrain.optim.metrics import metric_reader, transform_metrics
+from functrain.optim.metrics import metric_nodes, metric_reader, transform_metrics
 from functrain.optim.planned import Prelude, Ran, Runner, reads_norm
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.updates import apply_updates
@@ -170,9 +170,13 @@ class StepProgram(_Decided):
         # its update reads it (`_measures`)
         self.reports = options.reports_grad_norm
         self.measures = _measures(state, runner, bool(self.hooks))
-        # the transform's state exposes metrics of its own (fp16's loss scale, a custom
-        # transform's): read from the state each step returns, as the body reports them
-        self.tx_metrics = bool(set(transform_metrics(state.opt_state)) - OWN_TX_METRICS)
+        # the transform's state exposes metrics of its own (fp16's loss scale), or may (a state
+        # class of the user's, whose metrics may come later): read from the state each step
+        # returns, as the body reports them
+        self.tx_metrics = bool(set(transform_metrics(state.opt_state)) - OWN_TX_METRICS) or any(
+            not type(node).__module__.startswith("functrain.")
+            for _, node in metric_nodes(state.opt_state)
+        )
         # the loss scaled for the backward (fp16's dynamic loss scale, in the optimizer's state)
         self.scaled = options.precision == "fp16"
         # the configuration's step as one function (`functrain.core.straight`), where it is

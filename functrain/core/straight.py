@@ -644,9 +644,10 @@ _SEED = """\
 _SCALE = """\
         scale = LOSS_SCALE(state.opt_state)
 """
-# ``loss * scale``'s backward (`functrain.core.gradient._gradients_from`): from the scale
+# ``loss * scale``'s backward (`functrain.core.gradient._gradients_from`): from the scale, a
+# copy (the engine hands its seed to the graph, where a backward or a hook may write it)
 _SEED_SCALED = """\
-                seed = scale.to(loss.dtype)
+                seed = scale.to(loss.dtype, copy=True)
 """
 _SEED_SCALED_WINDOW = """\
                 seed = torch.div(scale.to(loss.dtype), DIVISOR)
@@ -920,7 +921,11 @@ _SKIPPED = """\
 # the metrics the transform's state exposes of its own (`functrain.core.body.step_metrics`')
 _TX_METRICS = """\
     metrics.update(
-        {k: v.float() for k, v in TX_METRICS(TX, ran_state).items() if k not in OWN_TX_METRICS}
+        {
+            k: v.to(F32, copy=True)
+            for k, v in TX_METRICS(TX, ran_state).items()
+            if k not in OWN_TX_METRICS
+        }
     )
 """
 _RETURN = """\

@@ -97,6 +97,50 @@ def test_loss_scale_trains_as_the_amp_recipe_with_gradscalers_arguments(
     assert state.program.straight is not None  # (the default eager step's engine)
 
 
+class _HalvedInPlace(torch.autograd.Function):
+    """``x / 2``, whose backward halves the gradient it is handed in place."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x / 2
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return g.mul_(0.5)
+
+
+def test_a_backward_writing_its_gradient_in_place_leaves_the_loss_scale_as_it_was() -> None:
+    # the backward starts from a copy of the scale: the state's own is never handed to the graph
+    def halved(model: Any, batch: Any) -> torch.Tensor:
+        return _HalvedInPlace.apply(cross_entropy_loss_fn(model, batch))
+
+    data = tanh_mlp_batches(4)
+    settings = {"init_scale": 1024.0}
+    state = ft.TrainState.create(
+        make_tanh_mlp(), ft.sgd(0.1), halved, precision="fp16", loss_scale=settings
+    )
+    given = state
+    state, _ = ft.train_step(state, data[0])  # pure: the given state stays as it was
+    assert float(ft.find_loss_scale(given.opt_state)) == 1024.0
+    for batch in data[1:]:
+        state, metrics = ft.train_step(state, batch)
+    model = make_tanh_mlp()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    scaler = torch.amp.GradScaler("cpu", **settings)
+    for batch in data:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = halved(model, batch)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    assert float(metrics["loss_scale"]) == scaler.get_scale() == 1024.0
+    assert_trees_equal({k: p.detach() for k, p in model.named_parameters()}, state.params)
+    # the metric is the step's own: written in place, the state's scale stays
+    metrics["loss_scale"].div_(4)
+    assert float(ft.find_loss_scale(state.opt_state)) == 1024.0
+
+
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 def test_an_optimizer_without_a_gate_skips_the_overflows_as_the_amp_recipe(donate: bool) -> None:
     # RMSprop's formula takes no skip flag: an overflowing step's update is run and not kept

@@ -711,6 +711,32 @@ def test_a_transforms_own_metrics_are_reported_each_step(donate: bool) -> None:
     assert_trees_equal({k: p.detach() for k, p in reference.named_parameters()}, state.params)
 
 
+class _LateMetric(NamedTuple):
+    count: torch.Tensor
+    inner: Any
+
+    def metrics(self) -> dict[str, torch.Tensor]:  # a metric once the first update is done
+        return {} if int(self.count) == 0 else {"updates": self.count}
+
+
+def test_a_metric_a_transform_exposes_only_after_its_first_update_is_reported() -> None:
+    sgd = ft.sgd(0.1, fused=False)
+
+    def init(params: Any) -> _LateMetric:
+        return _LateMetric(torch.zeros((), dtype=torch.long), sgd.init(params))
+
+    def update(grads: Any, state: _LateMetric, params: Any = None) -> Any:
+        updates, inner = sgd.update(grads, state.inner, params)
+        return updates, _LateMetric(state.count + 1, inner)
+
+    model = make_mlp()
+    state = ft.TrainState.create(model, ft.Transform(init, update), cross_entropy_loss_fn)
+    for i, batch in enumerate(batches(model, 3)):
+        state, metrics = ft.train_step(state, batch)
+        assert float(metrics["updates"]) == i + 1
+    assert state.program.straight is not None
+
+
 def _reporting_sgd(norm: float) -> ft.Transform:
     """sgd(0.1) whose update reports `norm` as the step's gradient norm where it is asked."""
     sgd = ft.sgd(0.1)
