@@ -39,6 +39,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -229,8 +230,28 @@ def run_mode(mode: str, steps: int, warmup: int, compiled: bool = False) -> None
     torch.distributed.destroy_process_group()
 
 
+def two_ranks(port: int, *args: str, env: dict[str, str] | None = None) -> Any:
+    """This script's worker on 2 ranks (``torch.distributed.run``, one thread each unless `env`
+    says otherwise), its output captured."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "--master_addr=127.0.0.1",
+            str(Path(__file__).resolve()),
+            "--worker",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env or {**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
 def modes_table(args: argparse.Namespace, port: int) -> None:
-    me = str(Path(__file__).resolve())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = [
         (mode, flag)
@@ -242,26 +263,15 @@ def modes_table(args: argparse.Namespace, port: int) -> None:
     for _ in range(args.rounds):
         rows = []
         for mode, flag in runs:
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--nproc_per_node=2",
-                    f"--master_port={port}",
-                    "--master_addr=127.0.0.1",
-                    me,
-                    "--worker",
-                    "--modes",
-                    mode,
-                    *flag,
-                    "--steps",
-                    str(args.steps),
-                    "--warmup",
-                    str(args.warmup),
-                ],
-                capture_output=True,
-                text=True,
+            done = two_ranks(
+                port,
+                "--modes",
+                mode,
+                *flag,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
                 env=env,
             )
             found = [
@@ -352,26 +362,8 @@ def run_against_ddp(rounds: int, steps: int) -> None:
 
 
 def against_ddp_table(args: argparse.Namespace, port: int) -> None:
-    me = str(Path(__file__).resolve())
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={port}",
-            "--master_addr=127.0.0.1",
-            me,
-            "--worker",
-            "--against-ddp",
-            "--rounds",
-            str(args.rounds),
-            "--steps",
-            str(args.steps),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    done = two_ranks(
+        port, "--against-ddp", "--rounds", str(args.rounds), "--steps", str(args.steps)
     )
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT")), None)
     if line is None:
@@ -435,21 +427,7 @@ def main() -> None:
     env = dict(os.environ)
     single = subprocess.run([sys.executable, me, *common], capture_output=True, text=True, env=env)
     env["OMP_NUM_THREADS"] = "1"
-    multi = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={port}",
-            "--master_addr=127.0.0.1",
-            me,
-            *common,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    multi = two_ranks(port, *common[1:], env=env)
     rows = {}
     for name, done in (("1 process x batch 128", single), ("2 ranks x batch 64", multi)):
         line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT")), None)
