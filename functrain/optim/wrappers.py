@@ -1034,7 +1034,8 @@ def _previous_rate(state: Tree) -> torch.Tensor | None:
 
 
 def _host_readable(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    # (under vmap, a stacked state's body, a value is not one number: read after the step)
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not under_vmap()
 
 
 def _check_limit_now(state: SkipNonfiniteState, cap: int) -> None:

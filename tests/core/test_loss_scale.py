@@ -97,6 +97,21 @@ def test_loss_scale_trains_as_the_amp_recipe_with_gradscalers_arguments(
     assert state.program.straight is not None  # (the default eager step's engine)
 
 
+def test_a_stacked_fp16_state_with_a_cap_steps_and_its_cap_is_checked_after() -> None:
+    # under vmap the run of skips is no number to read in the step: `check_skip_limits` reads
+    # it after, as fit does at each log
+    states = [with_settings(max_consecutive_nonfinite=1) for _ in range(2)]
+    stacked = ft.stack(states)
+    x, y = tanh_mlp_batches(1)[0]
+    bad = (torch.full_like(x, float("nan")), y)
+    stacked, metrics = ft.train_step(stacked, bad)
+    assert metrics["skipped"].tolist() == [1.0, 1.0]
+    ft.check_skip_limits(stacked.opt_state)  # one skip in a row: within the cap
+    stacked, _ = ft.train_step(stacked, bad)
+    with pytest.raises(ft.NonFiniteError, match="2 consecutive steps"):
+        ft.check_skip_limits(stacked.opt_state)
+
+
 class _HalvedInPlace(torch.autograd.Function):
     """``x / 2``, whose backward halves the gradient it is handed in place."""
 
