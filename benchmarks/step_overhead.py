@@ -56,6 +56,9 @@ kernel) against ``torch.optim.AdamW(fused=True)``:
   before the step;
 * ``bf16``: ``precision="bf16"``; the loop runs the loss under
   ``torch.autocast("cpu", dtype=torch.bfloat16)``;
+* ``fp16``: ``precision="fp16"`` (the dynamic loss scale); the loop runs torch's AMP recipe:
+  the loss under ``torch.autocast(..., dtype=torch.float16)``, ``GradScaler``'s ``scale``,
+  ``unscale_``, ``step`` and ``update``;
 * ``groups``: ``functrain.partition`` of the weight matrices and the biases, each an ``adamw``
   with its own ``schedules.warmup_cosine`` rate (the biases at twice the rate, undecayed); the
   loop has two param groups and a ``LambdaLR`` with a lambda per group;
@@ -1065,6 +1068,13 @@ CONFIG_ROWS = {
         {"precision": "bf16"},
         "autocast('{device}', bfloat16) around the loss, AdamW(fused=True)",
     ),
+    "fp16": Row(
+        _adamw,
+        fused_adamw,
+        {"precision": "fp16"},
+        "autocast('{device}', float16) around the loss, GradScaler (unscale_, step, update), "
+        "AdamW(fused=True)",
+    ),
     "groups": Row(
         lambda: functrain.partition(
             group_of,
@@ -1163,28 +1173,38 @@ class HandLoop:
         self.opt, self.scheduler = row.torch_opt(module)
         self.micro = row.options.get("accumulate_steps", 1)
         self.clip = row.options.get("clip_grad_norm")
-        self.autocast = row.options.get("precision") == "bf16"
+        precision = row.options.get("precision")
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.device_type = self.weights[0].device.type
+        # fp16: torch's AMP recipe (GradScaler's defaults, functrain's too)
+        self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
         self.decay = row.options.get("ema_decay")
         # functrain's EMA starts as a copy of the initial parameters
         self.average = [p.detach().clone() for p in self.weights] if self.decay else None
         self.seen = 0
 
     def step(self) -> None:
-        if self.autocast:
-            with torch.autocast(self.device_type, dtype=torch.bfloat16):
+        if self.autocast is not None:
+            with torch.autocast(self.device_type, dtype=self.autocast):
                 loss = loss_fn(self.model, self.batch)
         else:
             loss = loss_fn(self.model, self.batch)
-        (loss / self.micro if self.micro > 1 else loss).backward()
+        loss = loss / self.micro if self.micro > 1 else loss
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         self.seen += 1
         if self.seen % self.micro:
             return
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
         if self.clip is not None:
             torch.nn.utils.clip_grad_norm_(self.weights, self.clip)
         if self.fresh:
             self.renew()
-        self.opt.step()
+        if self.scaler is None:
+            self.opt.step()
+        else:
+            self.scaler.step(self.opt)
+            self.scaler.update()
         if self.scheduler is not None:
             self.scheduler.step()
         self.opt.zero_grad(set_to_none=True)
