@@ -1560,7 +1560,7 @@ def dynamic_loss_scale(
     ) -> tuple[Any, DynamicLossScaleState, Report]:
         u, spec = flat_updates(updates, params)
         inv = state.scale.double().reciprocal().float()
-        unscaled = [x.float().mul(inv).to(x.dtype) for x in u]
+        unscaled = _unscaled(u, inv)
         finite = all_finite(unscaled, extras.norms)
         given = extras.shifted(state.total_skipped) if steps else extras
         new_updates, inner_state, report = _update_where(
@@ -1626,7 +1626,7 @@ class ScaledRunner:
         write: bool,
     ) -> Ran:
         inv = state.scale.double().reciprocal().float()
-        unscaled = [x.float().mul(inv).to(x.dtype) for x in grads]
+        unscaled = _unscaled(grads, inv)
         finite = all_finite(unscaled)
         inner_norm = global_norm(unscaled) if self.inner_reads else None
         run_inner = self.inner
@@ -1651,6 +1651,14 @@ class ScaledRunner:
             ran.state, scale, tracker, ~finite, state.total_skipped + (~finite).long()
         )
         return Ran(ran.params, new_state, ran.lr, new_state.skipped, None, ran.norm, ran.ended)
+
+
+def _unscaled(grads: list[torch.Tensor], inv: torch.Tensor) -> list[torch.Tensor]:
+    """Each gradient times the float32 inverse scale `inv`, computed in float32 and rounded to
+    its dtype: float32 gradients in one foreach op (the same products), others one by one."""
+    if all(x.dtype == torch.float32 for x in grads):
+        return list(torch._foreach_mul(grads, inv))
+    return [x.float().mul(inv).to(x.dtype) for x in grads]
 
 
 def loss_scale_problems(
