@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from functrain.errors import ConfigError
 from functrain.tree import (
     Tree,
 )
@@ -26,6 +27,9 @@ def transform_metrics(state: Tree) -> dict[str, torch.Tensor]:
     A state class exposes metrics by defining ``metrics(self) -> dict[str, Tensor]``; nested states
     are searched depth first and the outermost one wins for a repeated name.
 
+    Raises:
+        ConfigError: a metric is not a tensor (a step reports each as a float32 tensor).
+
     Example:
         >>> import functrain as ft
         >>> tx = ft.adamw(lr=1e-3)
@@ -37,6 +41,13 @@ def transform_metrics(state: Tree) -> dict[str, torch.Tensor]:
         metrics = getattr(node, "metrics", None)
         if callable(metrics) and isinstance(node, tuple):
             for k, v in metrics().items():
+                if not isinstance(v, torch.Tensor):
+                    raise ConfigError(
+                        f"{type(node).__name__}.metrics() gave {k!r} as a "
+                        f"{type(v).__name__} ({v!r}); a transform state's metrics are tensors "
+                        f"(the step reports each as a float32 tensor): return "
+                        f"torch.as_tensor(...) for {k!r}"
+                    )
                 found.setdefault(k, v)
     return found
 

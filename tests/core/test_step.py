@@ -737,6 +737,29 @@ def test_a_metric_a_transform_exposes_only_after_its_first_update_is_reported() 
     assert state.program.straight is not None
 
 
+class _FloatMetric(NamedTuple):
+    inner: Any
+
+    def metrics(self) -> dict[str, Any]:
+        return {"ratio": 0.5}  # a number, not a tensor
+
+
+def test_a_transform_metric_that_is_not_a_tensor_is_refused_naming_it() -> None:
+    sgd = ft.sgd(0.1, fused=False)
+
+    def update(grads: Any, state: _FloatMetric, params: Any = None) -> Any:
+        updates, inner = sgd.update(grads, state.inner, params)
+        return updates, _FloatMetric(inner)
+
+    tx = ft.Transform(lambda params: _FloatMetric(sgd.init(params)), update)
+    model = make_mlp()
+    state = ft.TrainState.create(model, tx, cross_entropy_loss_fn)
+    before = state.clone()
+    with pytest.raises(ft.ConfigError, match=r"_FloatMetric.metrics\(\) gave 'ratio' as a float"):
+        ft.train_step(state, batches(model, 1)[0], donate=True)
+    assert ft.diff_states(state, before) == []  # refused before anything ran: still live
+
+
 def _reporting_sgd(norm: float) -> ft.Transform:
     """sgd(0.1) whose update reports `norm` as the step's gradient norm where it is asked."""
     sgd = ft.sgd(0.1)
