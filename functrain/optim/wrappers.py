@@ -740,7 +740,10 @@ def skip_nonfinite(
     The inner update always runs; `torch.where` keeps the previous inner state and leaves the
     parameters untouched when any element is non-finite. Nothing is read back from an
     accelerator; on the CPU the finite flag is read (`flag_value`: it waits for nothing there) and
-    a finite update runs without the select, in place in a donated step.
+    a finite update runs without the select, in place in a donated step. Around
+    `dynamic_loss_scale`, which skips its overflows itself and backs its scale off on them, it
+    gates nothing: it counts the scaler's skips (``precision="fp16"`` with
+    ``max_consecutive_nonfinite``).
 
     Args:
         inner: the transform to protect (usually the whole optimizer).
@@ -792,11 +795,22 @@ def skip_nonfinite(
         *,
         extras: Extras = NO_EXTRAS,
     ) -> tuple[Any, SkipNonfiniteState, Report]:
-        finite = all_finite(flat_updates(updates, params)[0], extras.norms)
-        given = extras.shifted(state.total_skipped) if steps else extras
-        new_updates, inner_state, report = _update_where(
-            inner, finite if keep is None else finite & keep, updates, state.inner, params, given
-        )
+        if isinstance(state.inner, DynamicLossScaleState):
+            # a loss scaler skips its overflows itself and backs its scale off on them (which a
+            # gate would drop): it runs as it is, and its skips are counted (it shifts its own
+            # schedules)
+            always = _ALWAYS if keep is None else keep
+            new_updates, inner_state, report = _update_where(
+                inner, always, updates, state.inner, params, extras
+            )
+            finite = ~inner_state.skipped
+        else:
+            finite = all_finite(flat_updates(updates, params)[0], extras.norms)
+            given = extras.shifted(state.total_skipped) if steps else extras
+            gate = finite if keep is None else finite & keep
+            new_updates, inner_state, report = _update_where(
+                inner, gate, updates, state.inner, params, given
+            )
         new_state = _counted(finite, state, keep, inner_state)
         _check_limit_now(new_state, cap)
         return new_updates, new_state, report
@@ -804,7 +818,10 @@ def skip_nonfinite(
     def plan(params: dict[str, torch.Tensor], state: SkipNonfiniteState) -> Runner | None:
         # the inner transform gated by the step's norm, as `update_fn` gates a gated one, an
         # ungated one selected (`GuardedRunner`); with schedules counting steps, `update_fn`
-        # (which hands the inner update its skips)
+        # (which hands the inner update its skips), and around a loss scaler (which counts its
+        # skips)
+        if isinstance(state.inner, DynamicLossScaleState):
+            return None
         inner_plan = None if steps else planner_of(inner)
         run_inner = inner_plan(params, state.inner) if inner_plan else None
         if run_inner is None or isinstance(run_inner, Prelude):
@@ -982,6 +999,8 @@ def _finite_run(
 
 # the found-inf check's inverse scale: one, which leaves every gradient as it is
 _ONE = torch.ones((), dtype=torch.float32)
+# a flag that holds, known on the host: the update as it is (`_update_where`)
+_ALWAYS = torch.ones((), dtype=torch.bool)
 
 
 def host_guard(

@@ -97,6 +97,30 @@ def test_loss_scale_trains_as_the_amp_recipe_with_gradscalers_arguments(
     assert state.program.straight is not None  # (the default eager step's engine)
 
 
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_cap_on_overflows_in_a_row_lets_the_scale_back_off_as_the_amp_recipe(
+    donate: bool,
+) -> None:
+    # the cap counts the scaler's skips: each overflow still backs the scale off (a guard gating
+    # the scaler would keep 2**24, overflow again and raise at the cap)
+    data = tanh_mlp_batches(24)
+    state = with_settings(max_consecutive_nonfinite=4, clip_grad_norm=0.5)
+    scales = []
+    for batch in data:
+        state, metrics = ft.train_step(state, batch, donate=donate)
+        scales.append(float(metrics["loss_scale"]))
+    expected, torch_scales = amp_recipe(data, SETTINGS, 0.5)
+    assert scales == torch_scales
+    # four overflows in a row at the start: the cap's run, not beyond it
+    assert scales[:4] == sorted(scales[:4], reverse=True) and scales[4] > scales[3] / 1.7
+    assert_trees_equal(expected, state.params)
+    with_one = with_settings(max_consecutive_nonfinite=1)
+    with_one, metrics = ft.train_step(with_one, data[0], donate=donate)
+    assert float(metrics["loss_scale"]) == scales[0] and int(with_one.skipped) == 1
+    with pytest.raises(ft.NonFiniteError, match="2 consecutive steps"):
+        ft.train_step(with_one, data[1], donate=donate)
+
+
 def test_a_stacked_fp16_state_with_a_cap_steps_and_its_cap_is_checked_after() -> None:
     # under vmap the run of skips is no number to read in the step: `check_skip_limits` reads
     # it after, as fit does at each log
