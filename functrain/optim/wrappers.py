@@ -1585,19 +1585,8 @@ def dynamic_loss_scale(
         new_updates, inner_state, report = _update_where(
             inner, finite, tree_unflatten(unscaled, spec), state.inner, params, given
         )
-        tracker = torch.where(
-            finite, state.growth_tracker + 1, torch.zeros_like(state.growth_tracker)
-        )
-        grow = tracker >= growth_interval
-        # as torch's _amp_update_scale_: the float32 scale times the float64 factor, rounded
-        # once; a growth that overflows float32 is dropped (the count starts again all the same)
-        s = state.scale.double()
-        grown = torch.where(grow, s * growth_factor, s)
-        moved = torch.where(finite, grown, s * backoff_factor).float()
-        scale = torch.where(moved.isinf(), state.scale, moved)
-        tracker = torch.where(grow, torch.zeros_like(tracker), tracker)
-        new_state = DynamicLossScaleState(
-            inner_state, scale, tracker, ~finite, state.total_skipped + (~finite).long()
+        new_state = _scale_moved(
+            state, inner_state, finite, growth_factor, backoff_factor, growth_interval
         )
         return new_updates, new_state, report
 
@@ -1609,7 +1598,9 @@ def dynamic_loss_scale(
         if run_inner is None or isinstance(run_inner, Prelude):
             return None
         gated = getattr(inner, "gated", False)
-        scaled = ScaledRunner(run_inner, gated, growth_factor, backoff_factor, growth_interval)
+        device = next(iter(params.values())).device
+        factors = (growth_factor, backoff_factor, growth_interval)
+        scaled = ScaledRunner(run_inner, gated, *factors, device)
         # (an outer wrapper's gate, unread: run, then select)
         return GatedBySelection(scaled, _previous_rate)
 
@@ -1619,22 +1610,31 @@ def dynamic_loss_scale(
 
 class ScaledRunner:
     """`dynamic_loss_scale`'s planned update around an inner runner (`inner`): its ``update_fn``
-    op for op, with the inner runner in place of the inner update: the gradients unscaled, their
-    elements checked, the inner update where they are finite (as `_update_where` gates it: on
-    the host where the flag is read, a CPU state's; else a `gated` runner takes the flag, another
-    runs on the state kept as it is and its results are selected), the scale and its counts
-    moved. Its state's skip flag is the step's; the inner update measures the norm of the
-    unscaled gradients where it reads one (clipping), the step's own norm being the scaled ones'.
+    with the inner runner in place of the inner update: the gradients unscaled, their elements
+    checked (float32 ones by torch's found-inf check, in one op), the inner update where they are
+    finite (as `_update_where` gates it: on the host where the flag is read, a CPU state's; else
+    a `gated` runner takes the flag, another runs on the state kept as it is and its results are
+    selected), the scale and its counts moved (`_scale_moved`). Its state's skip flag is the
+    step's; the inner update measures the norm of the unscaled gradients where it reads one
+    (clipping), the step's own norm being the scaled ones'.
     """
 
-    __slots__ = ("inner", "gated", "growth", "backoff", "interval", "inner_reads")
+    __slots__ = ("inner", "gated", "growth", "backoff", "interval", "inner_reads", "one")
     reads_norm = False
 
     def __init__(
-        self, inner: Runner, gated: bool, growth: float, backoff: float, interval: int
+        self,
+        inner: Runner,
+        gated: bool,
+        growth: float,
+        backoff: float,
+        interval: int,
+        device: torch.device,
     ) -> None:
         self.inner, self.gated, self.inner_reads = inner, gated, reads_norm(inner)
         self.growth, self.backoff, self.interval = growth, backoff, interval
+        # the found-inf check's inverse scale, on the gradients' device
+        self.one = torch.ones((), dtype=torch.float32, device=device)
 
     def __call__(
         self,
@@ -1646,7 +1646,16 @@ class ScaledRunner:
     ) -> Ran:
         inv = state.scale.double().reciprocal().float()
         unscaled = _unscaled(grads, inv)
-        finite = all_finite(unscaled)
+        found = None
+        if all(x.dtype == torch.float32 for x in unscaled):
+            # torch's found-inf check (GradScaler's) of the unscale's own tensors, times one in
+            # place (which leaves every value as it is): one op for all, its float32 flag the
+            # step's skip metric
+            found = torch.zeros((), dtype=torch.float32, device=self.one.device)
+            torch._amp_foreach_non_finite_check_and_unscale_(unscaled, found, self.one)
+            finite = found == 0
+        else:
+            finite = all_finite(unscaled)
         inner_norm = global_norm(unscaled) if self.inner_reads else None
         run_inner = self.inner
         if flag_value(finite):  # (read on the host: a CPU state's) the update as it is
@@ -1656,20 +1665,32 @@ class ScaledRunner:
         else:  # on the state kept as it is, then select (`_update_where`)
             ran = run_inner(unscaled, params, state.inner, inner_norm, False, None)
             ran = selected(ran, finite, params, state.inner, _previous_rate)
-        # `update_fn`'s arithmetic of the scale, op for op
-        tracker = torch.where(
-            finite, state.growth_tracker + 1, torch.zeros_like(state.growth_tracker)
-        )
-        grow = tracker >= self.interval
-        s = state.scale.double()
-        grown = torch.where(grow, s * self.growth, s)
-        moved = torch.where(finite, grown, s * self.backoff).float()
-        scale = torch.where(moved.isinf(), state.scale, moved)
-        tracker = torch.where(grow, torch.zeros_like(tracker), tracker)
-        new_state = DynamicLossScaleState(
-            ran.state, scale, tracker, ~finite, state.total_skipped + (~finite).long()
-        )
-        return Ran(ran.params, new_state, ran.lr, new_state.skipped, None, ran.norm, ran.ended)
+        new_state = _scale_moved(state, ran.state, finite, self.growth, self.backoff, self.interval)
+        return Ran(ran.params, new_state, ran.lr, new_state.skipped, found, ran.norm, ran.ended)
+
+
+def _scale_moved(
+    state: DynamicLossScaleState,
+    inner: Tree,
+    finite: torch.Tensor,
+    growth: float,
+    backoff: float,
+    interval: int,
+) -> DynamicLossScaleState:
+    """`dynamic_loss_scale`'s state after an update whose unscaled gradients were `finite`: the
+    `inner` state, the scale backed off (not finite) or grown (after `interval` finite steps in a
+    row), as torch's ``_amp_update_scale_`` moves it: the float32 scale times the float64 factor,
+    rounded once; a growth that overflows float32 is dropped (the count starts again all the
+    same). And the skip flag and total."""
+    tracker = torch.where(finite, state.growth_tracker + 1, torch.zeros_like(state.growth_tracker))
+    grow = tracker >= interval
+    s = state.scale.double()
+    grown = torch.where(grow, s * growth, s)
+    moved = torch.where(finite, grown, s * backoff).float()
+    scale = torch.where(moved.isinf(), state.scale, moved)
+    tracker = torch.where(grow, torch.zeros_like(tracker), tracker)
+    skipped = ~finite
+    return DynamicLossScaleState(inner, scale, tracker, skipped, state.total_skipped + skipped)
 
 
 def _unscaled(grads: list[torch.Tensor], inv: torch.Tensor) -> list[torch.Tensor]:
