@@ -1599,8 +1599,9 @@ def dynamic_loss_scale(
             return None
         gated = getattr(inner, "gated", False)
         device = next(iter(params.values())).device
+        fp32 = all(p.dtype == torch.float32 for p in params.values())
         factors = (growth_factor, backoff_factor, growth_interval)
-        scaled = ScaledRunner(run_inner, gated, *factors, device)
+        scaled = ScaledRunner(run_inner, gated, *factors, device, fp32)
         # (an outer wrapper's gate, unread: run, then select)
         return GatedBySelection(scaled, _previous_rate)
 
@@ -1619,7 +1620,7 @@ class ScaledRunner:
     (clipping), the step's own norm being the scaled ones'.
     """
 
-    __slots__ = ("inner", "gated", "growth", "backoff", "interval", "inner_reads", "one")
+    __slots__ = ("inner", "gated", "growth", "backoff", "interval", "inner_reads", "one", "fp32")
     reads_norm = False
 
     def __init__(
@@ -1630,11 +1631,13 @@ class ScaledRunner:
         backoff: float,
         interval: int,
         device: torch.device,
+        fp32: bool,
     ) -> None:
         self.inner, self.gated, self.inner_reads = inner, gated, reads_norm(inner)
         self.growth, self.backoff, self.interval = growth, backoff, interval
         # the found-inf check's inverse scale, on the gradients' device
         self.one = torch.ones((), dtype=torch.float32, device=device)
+        self.fp32 = fp32  # every gradient float32 (as its parameter): unscaled in one op
 
     def __call__(
         self,
@@ -1645,9 +1648,9 @@ class ScaledRunner:
         write: bool,
     ) -> Ran:
         inv = state.scale.double().reciprocal().float()
-        unscaled = _unscaled(grads, inv)
         found = None
-        if all(x.dtype == torch.float32 for x in unscaled):
+        if self.fp32:
+            unscaled = list(torch._foreach_mul(grads, inv))
             # torch's found-inf check (GradScaler's) of the unscale's own tensors, times one in
             # place (which leaves every value as it is): one op for all, its float32 flag the
             # step's skip metric
@@ -1655,10 +1658,11 @@ class ScaledRunner:
             torch._amp_foreach_non_finite_check_and_unscale_(unscaled, found, self.one)
             finite = found == 0
         else:
+            unscaled = _unscaled(grads, inv)
             finite = all_finite(unscaled)
         inner_norm = global_norm(unscaled) if self.inner_reads else None
         run_inner = self.inner
-        if flag_value(finite):  # (read on the host: a CPU state's) the update as it is
+        if _on_cpu(finite):  # (read on the host: a CPU state's) the update as it is
             ran = run_inner(unscaled, params, state.inner, inner_norm, write, None)
         elif self.gated:
             ran = run_inner(unscaled, params, state.inner, inner_norm, write, finite)
