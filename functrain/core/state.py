@@ -325,7 +325,9 @@ class TrainState:
             nonfinite: ``"skip"`` makes a step with NaN/Inf gradients a counted no-op; ``"halt"``
                 also raises `NonFiniteError` (at once on CPU, else at the driver's next log);
                 ``"none"`` applies whatever the gradients give.
-            max_consecutive_nonfinite: with ``"skip"``, raise after this many skips in a row.
+            max_consecutive_nonfinite: with ``"skip"``, raise after this many skips in a row;
+                with ``precision="fp16"``, after this many overflows in a row (each still backs
+                the loss scale off, as GradScaler does).
             schedule_count: where the optimizer reads its schedules (its ``lr``, a scheduled
                 ``weight_decay``): ``"updates"``, at the updates it applied; ``"steps"``, at those
                 and the steps the loss scale (``precision="fp16"``) or the non-finite skip passed

@@ -826,7 +826,8 @@ def skip_nonfinite(
         run_inner = inner_plan(params, state.inner) if inner_plan else None
         if run_inner is None or isinstance(run_inner, Prelude):
             return None
-        return GuardedRunner(run_inner, cap, getattr(inner, "gated", False))
+        device = next(iter(params.values())).device
+        return GuardedRunner(run_inner, cap, getattr(inner, "gated", False), device)
 
     def plan_members(
         params: dict[str, torch.Tensor], state: SkipNonfiniteState, members: int
@@ -864,10 +865,12 @@ class GuardedRunner:
     The straight-line step (`functrain.core.straight`) writes the host path from `inner`'s plan
     where it can, and calls this runner for the rest."""
 
-    __slots__ = ("inner", "cap", "gated", "reads_norm")
+    __slots__ = ("inner", "cap", "gated", "reads_norm", "one")
 
-    def __init__(self, inner: Runner, cap: int, gated: bool) -> None:
+    def __init__(self, inner: Runner, cap: int, gated: bool, device: torch.device) -> None:
         self.inner, self.cap, self.gated = inner, cap, gated
+        # the found-inf check's inverse scale, on the gradients' device (`_found_inf_of`)
+        self.one = torch.ones((), dtype=torch.float32, device=device)
         # (the step's norm, where it is given, says at once that a step is finite; where it is
         # not, the flag is made element by element: the step measures it for the inner runner's
         # sake only)
@@ -886,7 +889,9 @@ class GuardedRunner:
         if keep is None and _finite_now(grads, norm):  # CPU tensors' values: no wait
             # finite, known on the host: the update as it is
             return _finite_run(run_inner, grads, params, state, norm, write)
-        finite = all_finite(grads)  # element by element, as `update_fn`'s
+        # element by element, as `update_fn`'s: in one op where the step may write them
+        found = _found_inf_of(grads, self.one) if write else None
+        finite = all_finite(grads) if found is None else found == 0
         gate = finite if keep is None else finite & keep
         if self.gated:
             ran = run_inner(grads, params, state.inner, norm, write, gate)
@@ -901,8 +906,32 @@ class GuardedRunner:
             ran = selected(ran, gate, params, state.inner, _previous_rate)
         new_state = _counted(finite, state, keep, ran.state)
         _check_limit_now(new_state, self.cap)
-        flag = ran.flag if self.gated and keep is None else None
+        flag = (
+            (found if found is not None else ran.flag if self.gated else None)
+            if keep is None
+            else None
+        )
         return ran._replace(state=new_state, skipped=new_state.skipped, flag=flag)
+
+
+# the dtypes torch's found-inf check takes
+_CHECKED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _found_inf_of(grads: list[torch.Tensor], one: torch.Tensor) -> torch.Tensor | None:
+    """Whether an element of the step's own gradients (which it may write) is not finite, as
+    torch's found-inf check (GradScaler's, times `one` in place: every value stays as it is)
+    finds it: a float32 0-d tensor on their device, 1 where one is, in one op for all (where
+    `all_finite` takes each tensor's extremes: a kernel each on an accelerator). None where the
+    check does not take them (sparse, complex, or mixed dtypes): `all_finite` then."""
+    dtype = grads[0].dtype if grads else None
+    if dtype not in _CHECKED or not all(
+        type(g) is torch.Tensor and g.dtype is dtype and g.layout is torch.strided for g in grads
+    ):
+        return None
+    found = torch.zeros((), dtype=torch.float32, device=one.device)
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+    return found
 
 
 def _counted(
