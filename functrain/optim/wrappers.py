@@ -869,7 +869,7 @@ class GuardedRunner:
 
     def __init__(self, inner: Runner, cap: int, gated: bool, device: torch.device) -> None:
         self.inner, self.cap, self.gated = inner, cap, gated
-        # the found-inf check's inverse scale, on the gradients' device (`_found_inf_of`)
+        # the found-inf check's inverse scale, on the gradients' device (`_found_in`)
         self.one = torch.ones((), dtype=torch.float32, device=device)
         # (the step's norm, where it is given, says at once that a step is finite; where it is
         # not, the flag is made element by element: the step measures it for the inner runner's
@@ -890,7 +890,7 @@ class GuardedRunner:
             # finite, known on the host: the update as it is
             return _finite_run(run_inner, grads, params, state, norm, write)
         # element by element, as `update_fn`'s: in one op where the step may write them
-        found = _found_inf_of(grads, self.one) if write else None
+        found = _found_in(grads, self.one) if write and _checkable(grads) else None
         finite = all_finite(grads) if found is None else found == 0
         gate = finite if keep is None else finite & keep
         if self.gated:
@@ -914,24 +914,22 @@ class GuardedRunner:
         return ran._replace(state=new_state, skipped=new_state.skipped, flag=flag)
 
 
-# the dtypes torch's found-inf check takes
-_CHECKED = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _found_inf_of(grads: list[torch.Tensor], one: torch.Tensor) -> torch.Tensor | None:
-    """Whether an element of the step's own gradients (which it may write) is not finite, as
-    torch's found-inf check (GradScaler's, times `one` in place: every value stays as it is)
-    finds it: a float32 0-d tensor on their device, 1 where one is, in one op for all (where
-    `all_finite` takes each tensor's extremes: a kernel each on an accelerator). None where the
-    check does not take them (sparse, complex, or mixed dtypes): `all_finite` then."""
-    dtype = grads[0].dtype if grads else None
-    if dtype not in _CHECKED or not all(
-        type(g) is torch.Tensor and g.dtype is dtype and g.layout is torch.strided for g in grads
-    ):
-        return None
+def _found_in(tensors: list[torch.Tensor], one: torch.Tensor) -> torch.Tensor:
+    """Whether an element of `tensors` is not finite, as torch's found-inf check finds it
+    (GradScaler's, times `one` in place: every value stays as it is, so they must be tensors the
+    caller may write): a float32 0-d tensor on `one`'s device, 1 where one is, in one op for all
+    (where `all_finite` takes each tensor's extremes: a kernel each on an accelerator)."""
     found = torch.zeros((), dtype=torch.float32, device=one.device)
-    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
     return found
+
+
+def _checkable(grads: list[torch.Tensor]) -> bool:
+    """Whether `_found_in` takes `grads` on any device: dense, of one dtype it checks."""
+    dtype = grads[0].dtype if grads else None
+    return dtype in (torch.float32, torch.float16, torch.bfloat16) and all(
+        type(g) is torch.Tensor and g.dtype is dtype and g.layout is torch.strided for g in grads
+    )
 
 
 def _counted(
@@ -1000,9 +998,7 @@ def _members_finite_now(grads: list[torch.Tensor], norm: torch.Tensor | None) ->
         return flag_value((norm < math.inf).all()) is True
     if grads[0].device.type != "cpu" or any(g.is_complex() for g in grads):
         return False
-    found = torch.zeros((), dtype=torch.float32)
-    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, _ONE)
-    return not found.item()
+    return not _found_in(grads, _ONE).item()
 
 
 def _finite_run(
@@ -1046,8 +1042,7 @@ def host_guard(
     metric."""
     found = None
     if norm is None:
-        found = torch.zeros((), dtype=torch.float32)
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, _ONE)
+        found = _found_in(grads, _ONE)
         finite = not found.item()
     else:
         finite = bool(_finite_now(grads, norm))
@@ -1680,11 +1675,8 @@ class ScaledRunner:
         found = None
         if self.fp32:
             unscaled = list(torch._foreach_mul(grads, inv))
-            # torch's found-inf check (GradScaler's) of the unscale's own tensors, times one in
-            # place (which leaves every value as it is): one op for all, its float32 flag the
-            # step's skip metric
-            found = torch.zeros((), dtype=torch.float32, device=self.one.device)
-            torch._amp_foreach_non_finite_check_and_unscale_(unscaled, found, self.one)
+            # (the unscale's own tensors: its float32 flag the step's skip metric)
+            found = _found_in(unscaled, self.one)
             finite = found == 0
         else:
             unscaled = _unscaled(grads, inv)
