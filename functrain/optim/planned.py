@@ -151,10 +151,12 @@ def selected(
     accelerator's): `ran`, its update run on `params` and `state` kept as they are, where `keep`
     holds, and `params` and `state` elsewhere, as ``torch.where`` selects them (the update's own
     `_update_where`, `functrain.optim.wrappers`); the rate `lr_of` reads in the state selected,
-    the norm the update measured kept."""
+    the norm the update measured kept, and a skip flag of its own (a loss scaler's overflow) where
+    `keep` holds."""
     kept = tree_select(keep, ran.state, state)
     chosen = [torch.where(keep, new, old) for new, old in zip(ran.params, params, strict=True)]
-    return Ran(chosen, kept, lr_of(kept), None, None, ran.norm)
+    skipped = None if ran.skipped is None else ran.skipped & keep
+    return Ran(chosen, kept, lr_of(kept), skipped, None, ran.norm)
 
 
 class GatedBySelection:

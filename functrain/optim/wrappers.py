@@ -795,18 +795,19 @@ def skip_nonfinite(
         *,
         extras: Extras = NO_EXTRAS,
     ) -> tuple[Any, SkipNonfiniteState, Report]:
+        given = extras.shifted(state.total_skipped) if steps else extras
         if isinstance(state.inner, DynamicLossScaleState):
             # a loss scaler skips its overflows itself and backs its scale off on them (which a
-            # gate would drop): it runs as it is, and its skips are counted (it shifts its own
-            # schedules)
-            always = _ALWAYS if keep is None else keep
-            new_updates, inner_state, report = _update_where(
-                inner, always, updates, state.inner, params, extras
+            # gate would drop): it runs as it is, and its skips are counted (the same skips: a
+            # shift given here is its schedules' one)
+            new_updates, inner_state, report = (
+                update_reporting(inner, updates, state.inner, params, given)
+                if keep is None
+                else _update_where(inner, keep, updates, state.inner, params, given)
             )
             finite = ~inner_state.skipped
         else:
             finite = all_finite(flat_updates(updates, params)[0], extras.norms)
-            given = extras.shifted(state.total_skipped) if steps else extras
             gate = finite if keep is None else finite & keep
             new_updates, inner_state, report = _update_where(
                 inner, gate, updates, state.inner, params, given
@@ -925,10 +926,16 @@ def _found_in(tensors: list[torch.Tensor], one: torch.Tensor) -> torch.Tensor:
 
 
 def _checkable(grads: list[torch.Tensor]) -> bool:
-    """Whether `_found_in` takes `grads` on any device: dense, of one dtype it checks."""
+    """Whether `_found_in` takes `grads` on any device: dense, of one dtype it checks, on one
+    device (GradScaler checks each device's apart)."""
     dtype = grads[0].dtype if grads else None
+    device = grads[0].device if grads else None
     return dtype in (torch.float32, torch.float16, torch.bfloat16) and all(
-        type(g) is torch.Tensor and g.dtype is dtype and g.layout is torch.strided for g in grads
+        type(g) is torch.Tensor
+        and g.dtype is dtype
+        and g.layout is torch.strided
+        and g.device == device
+        for g in grads
     )
 
 
@@ -1024,8 +1031,6 @@ def _finite_run(
 
 # the found-inf check's inverse scale: one, which leaves every gradient as it is
 _ONE = torch.ones((), dtype=torch.float32)
-# a flag that holds, known on the host: the update as it is (`_update_where`)
-_ALWAYS = torch.ones((), dtype=torch.bool)
 
 
 def host_guard(
@@ -1562,7 +1567,9 @@ def dynamic_loss_scale(
         schedule_count: where the inner optimizer reads its schedules: ``"updates"``, at its
             count of the updates it applied; ``"steps"``, at that count plus the overflows skipped
             here, as torch's AMP recipe with a scheduler stepped every iteration
-            (``scaler.step(optimizer); scaler.update(); scheduler.step()``) counts them.
+            (``scaler.step(optimizer); scaler.update(); scheduler.step()``) counts them. Inside
+            a `skip_nonfinite` that counts these overflows with ``"steps"``, its shift stands
+            alone (the same skips are not counted twice).
 
     Returns:
         A `Transform`; its state exposes ``loss_scale``, ``skipped`` and ``total_skipped``.
@@ -1605,7 +1612,9 @@ def dynamic_loss_scale(
         inv = state.scale.double().reciprocal().float()
         unscaled = _unscaled(u, inv)
         finite = all_finite(unscaled, extras.norms)
-        given = extras.shifted(state.total_skipped) if steps else extras
+        # (an outer skip_nonfinite that counts these skips and shifts by them: not again)
+        shifted = steps and extras.schedule_shift is None
+        given = extras.shifted(state.total_skipped) if shifted else extras
         new_updates, inner_state, report = _update_where(
             inner, finite, tree_unflatten(unscaled, spec), state.inner, params, given
         )
@@ -1623,7 +1632,8 @@ def dynamic_loss_scale(
             return None
         gated = getattr(inner, "gated", False)
         device = next(iter(params.values())).device
-        fp32 = all(p.dtype == torch.float32 for p in params.values())
+        # (on one device: GradScaler checks each device's apart)
+        fp32 = all(p.dtype == torch.float32 and p.device == device for p in params.values())
         factors = (growth_factor, backoff_factor, growth_interval)
         scaled = ScaledRunner(run_inner, gated, *factors, device, fp32)
         # (an outer wrapper's gate, unread: run, then select)
@@ -1661,7 +1671,7 @@ class ScaledRunner:
         self.growth, self.backoff, self.interval = growth, backoff, interval
         # the found-inf check's inverse scale, on the gradients' device
         self.one = torch.ones((), dtype=torch.float32, device=device)
-        self.fp32 = fp32  # every gradient float32 (as its parameter): unscaled in one op
+        self.fp32 = fp32  # every gradient float32 on one device: unscaled and checked in one op
 
     def __call__(
         self,

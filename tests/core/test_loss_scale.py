@@ -121,6 +121,29 @@ def test_a_cap_on_overflows_in_a_row_lets_the_scale_back_off_as_the_amp_recipe(
         ft.train_step(with_one, data[1], donate=donate)
 
 
+def test_a_window_whose_end_is_not_read_reports_the_scalers_skips(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # an accelerator's step reads no flag on the host: simulated here by the two reads a CUDA
+    # tensor would not give, the window's end then gates the scaler's update by selection,
+    # which keeps its skip flag
+    def run() -> tuple[ft.TrainState, list[float]]:
+        state = with_settings(accumulate_steps=2)
+        flags = []
+        for batch in tanh_mlp_batches(8):
+            state, metrics = ft.train_step(state, batch, donate=True)
+            flags.append(float(metrics["skipped"]))
+        return state, flags
+
+    read, read_flags = run()
+    assert int(read.skipped) >= 2 and sum(read_flags) == int(read.skipped)
+    monkeypatch.setattr("functrain.optim.wrappers.flag_value", lambda flag: None)
+    monkeypatch.setattr("functrain.optim.wrappers._on_cpu", lambda t: None)
+    unread, unread_flags = run()
+    assert unread_flags == read_flags and int(unread.skipped) == int(read.skipped)
+    assert_trees_equal(read.params, unread.params)
+
+
 def test_a_stacked_fp16_state_with_a_cap_steps_and_its_cap_is_checked_after() -> None:
     # under vmap the run of skips is no number to read in the step: `check_skip_limits` reads
     # it after, as fit does at each log

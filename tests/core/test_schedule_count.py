@@ -131,6 +131,29 @@ def test_the_scalers_own_count_is_the_steps_one() -> None:
     assert_trees_equal(amp_recipe("adamw", every_iteration=True), trained(state).params)
 
 
+def test_a_guard_around_the_scaler_shifts_its_schedules_once() -> None:
+    # the guard counts the scaler's own overflows: whichever of the two counts steps, the
+    # schedules are shifted by those skips once, as the scaler alone shifts them
+    def trained_by(tx: ft.Transform) -> torch.Tensor:
+        p = {"w": torch.zeros(3)}
+        state = tx.init(p)
+        for g in (float("inf"), float("nan"), 1.0, 2.0, 1.0):  # two overflows, three updates
+            u, state = tx.update({"w": torch.full((3,), g)}, state, p)
+            p = ft.apply_updates(p, u)
+        return p["w"]
+
+    def scaler(count: str) -> ft.Transform:
+        sgd = ft.sgd(lambda it: 1.0 / (1 + it), momentum=0.9)
+        return ft.dynamic_loss_scale(sgd, init_scale=4.0, schedule_count=count)
+
+    alone = trained_by(scaler("steps"))
+    for outer, inner in (("steps", "updates"), ("steps", "steps"), ("updates", "steps")):
+        guarded = ft.skip_nonfinite(scaler(inner), max_consecutive=2, schedule_count=outer)
+        assert torch.equal(trained_by(guarded), alone), (outer, inner)
+    unshifted = ft.skip_nonfinite(scaler("updates"), max_consecutive=2)
+    assert not torch.equal(trained_by(unshifted), alone)  # (the shift is seen)
+
+
 def test_a_run_resumed_from_a_checkpoint_continues_the_count(tmp_path: Path) -> None:
     half = trained(create("adamw", schedule_count="steps"), DATA[:5])
     assert int(half.opt_state.total_skipped) >= 3
