@@ -818,15 +818,15 @@ def skip_nonfinite(
 
     def plan(params: dict[str, torch.Tensor], state: SkipNonfiniteState) -> Runner | None:
         # the inner transform gated by the step's norm, as `update_fn` gates a gated one, an
-        # ungated one selected (`GuardedRunner`); with schedules counting steps, `update_fn`
-        # (which hands the inner update its skips), and around a loss scaler (which counts its
-        # skips)
-        if isinstance(state.inner, DynamicLossScaleState):
-            return None
+        # ungated one selected (`GuardedRunner`); around a loss scaler, its runner as it is and
+        # its skips counted (`_counting`); with schedules counting steps, `update_fn` (which
+        # hands the inner update its skips)
         inner_plan = None if steps else planner_of(inner)
         run_inner = inner_plan(params, state.inner) if inner_plan else None
         if run_inner is None or isinstance(run_inner, Prelude):
             return None
+        if isinstance(state.inner, DynamicLossScaleState):
+            return _counting(run_inner, cap)
         device = next(iter(params.values())).device
         return GuardedRunner(run_inner, cap, getattr(inner, "gated", False), device)
 
@@ -937,6 +937,29 @@ def _checkable(grads: list[torch.Tensor]) -> bool:
         and g.device == device
         for g in grads
     )
+
+
+def _counting(run_inner: Runner, cap: int) -> Runner:
+    """`skip_nonfinite`'s runner around a loss scaler's (`ScaledRunner`), as `update_fn` runs
+    it: the scaler's update as it is (it skips its overflows and backs its scale off itself),
+    its skip flag counted."""
+
+    def run(
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: SkipNonfiniteState,
+        norm: torch.Tensor | None,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran:
+        ran = run_inner(grads, params, state.inner, norm, write, keep)
+        assert ran.skipped is not None  # (the scaler's flag, gated by `keep` where given)
+        new_state = _counted(~ran.skipped, state, keep, ran.state)
+        _check_limit_now(new_state, cap)
+        return ran._replace(state=new_state, skipped=new_state.skipped)
+
+    run.reads_norm = reads_norm(run_inner)  # type: ignore[attr-defined]
+    return run
 
 
 def _counted(

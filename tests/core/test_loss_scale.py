@@ -121,14 +121,15 @@ def test_a_cap_on_overflows_in_a_row_lets_the_scale_back_off_as_the_amp_recipe(
         ft.train_step(with_one, data[1], donate=donate)
 
 
+@pytest.mark.parametrize("cap", [None, 8], ids=["uncapped", "capped"])
 def test_a_window_whose_end_is_not_read_reports_the_scalers_skips(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, cap: int | None
 ) -> None:
     # an accelerator's step reads no flag on the host: simulated here by the two reads a CUDA
     # tensor would not give, the window's end then gates the scaler's update by selection,
     # which keeps its skip flag
     def run() -> tuple[ft.TrainState, list[float]]:
-        state = with_settings(accumulate_steps=2)
+        state = with_settings(accumulate_steps=2, max_consecutive_nonfinite=cap)
         flags = []
         for batch in tanh_mlp_batches(8):
             state, metrics = ft.train_step(state, batch, donate=True)
