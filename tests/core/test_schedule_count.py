@@ -114,9 +114,12 @@ def test_steps_follow_a_scheduler_stepped_every_iteration(
     assert_trees_equal(amp_recipe(optimizer, every_iteration=True), state.params)
 
 
+@pytest.mark.parametrize("cap", [None, 8], ids=["uncapped", "capped"])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_updates_follow_a_scheduler_stepped_after_each_applied_step(optimizer: str) -> None:
-    state = trained(create(optimizer))
+def test_updates_follow_a_scheduler_stepped_after_each_applied_step(
+    optimizer: str, cap: int | None
+) -> None:
+    state = trained(create(optimizer, max_consecutive_nonfinite=cap))
     assert_trees_equal(amp_recipe(optimizer, every_iteration=False), state.params)
     # (and the two counts are different runs: the comparison above can tell them apart)
     other = amp_recipe(optimizer, every_iteration=True)
