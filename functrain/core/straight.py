@@ -68,6 +68,7 @@ from functrain.distributed.data_parallel import DistConfig, average_step
 from functrain.errors import FunctrainError
 from functrain.layout import in_layouts_of
 from functrain.optim.averaging import EmaState, ListAverage
+from functrain.optim.metrics import metric_nodes, metric_reader, transform_metrics
 from functrain.optim.planned import Chained, GatedBySelection
 from functrain.optim.rules.fused import FusedRunner
 from functrain.optim.wrappers import (
@@ -251,7 +252,10 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     if program.rates is not None:
         text.append(_RATES)
     text.append(_SKIPPED)
-    if program.tx_metrics:
+    readers = _tx_readers(state) if program.tx_metrics else None
+    if readers is not None:
+        text.extend(_TX_METRIC.format(key=k, i=i) for i, k in enumerate(readers))
+    elif program.tx_metrics:
         text.append(_TX_METRICS)
     text.append(_RETURN)
     constants: dict[str, Any] = {
@@ -283,9 +287,27 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         "AVERAGING": program.averaging,
         "EMA_WEIGHT": getattr(program.averaging, "weight", None),
         "EMA_STATE": EmaState,
+        # the loss scale read where the state holds it (a `metric_reader`: decided once)
+        "LOSS_SCALE": (metric_reader(state.opt_state, "loss_scale") or find_loss_scale)
+        if program.scaled
+        else None,
+        **{f"TX_METRIC_{i}": read for i, read in enumerate((readers or {}).values())},
         **update_constants,
     }
     return "".join(text), constants
+
+
+def _tx_readers(state: TrainState) -> dict[str, Any] | None:
+    """The metrics a transform's state exposes beyond the step's own (`OWN_TX_METRICS`), in the
+    body's order, each with its `metric_reader`: where every node that exposes metrics is one of
+    functrain's states (their names fixed by their class). None where one is the user's, whose
+    metrics may change from a step to the next: `_TX_METRICS` reads them all each step."""
+    opt_state = state.opt_state
+    if any(not type(n).__module__.startswith("functrain.") for _, n in metric_nodes(opt_state)):
+        return None
+    keys = [k for k in transform_metrics(opt_state) if k not in OWN_TX_METRICS]
+    readers = {k: metric_reader(opt_state, k) for k in keys}
+    return readers if all(r is not None for r in readers.values()) else None
 
 
 # the names a step's update gives its results (the fields of `functrain.optim.planned.Ran`)
@@ -538,7 +560,6 @@ _CONSTANTS: dict[str, Any] = {
     "RUN_BACKWARD": _RUN_BACKWARD,
     "RANK_STREAM_IN": rank_stream_in,
     "RANKS_MEAN": _ranks_mean,
-    "LOSS_SCALE": find_loss_scale,
     "TX_METRICS": tx_metrics_of,
     "OWN_TX_METRICS": OWN_TX_METRICS,
     "VERSION": operator.attrgetter("_version"),
@@ -919,6 +940,10 @@ _SKIPPED = """\
     metrics["skipped"] = flag
 """
 # the metrics the transform's state exposes of its own (`functrain.core.body.step_metrics`')
+# one of them, read where the state the update returned holds it (`_tx_readers`)
+_TX_METRIC = """\
+    metrics[{key!r}] = TX_METRIC_{i}(ran_state).to(F32, copy=True)
+"""
 _TX_METRICS = """\
     metrics.update(
         {

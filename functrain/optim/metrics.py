@@ -108,15 +108,16 @@ def metric_nodes(state: Tree) -> Iterator[tuple[tuple[Any, ...], Any]]:
         )
 
 
-# by the state class that defines ``metrics``: the metrics that are its fields of their names
-_FIELD_METRICS: dict[type, tuple[str, ...]] = {}
+# by the state class that defines ``metrics``: the metrics that are its fields, and their fields
+_FIELD_METRICS: dict[type, dict[str, str]] = {}
 
 
-def metric_fields(cls: type, *names: str) -> None:
-    """Say that the metrics `names` of `cls`'s states are their fields of those names (as
-    `metrics` returns them, where they require no gradient): `metric_reader` then reads them as
-    attributes. For `cls`'s own ``metrics``, not a subclass's that defines its own."""
-    _FIELD_METRICS[cls] = names
+def metric_fields(cls: type, *names: str, **renamed: str) -> None:
+    """Say that the metrics `names` of `cls`'s states are their fields of those names, and each
+    metric of `renamed` its field of that value (as `metrics` returns them, where they require no
+    gradient): `metric_reader` then reads them as attributes. For `cls`'s own ``metrics``, not a
+    subclass's that defines its own."""
+    _FIELD_METRICS[cls] = {**{name: name for name in names}, **renamed}
 
 
 def metric_reader(state: Tree, name: str) -> Callable[[Tree], torch.Tensor] | None:
@@ -147,7 +148,8 @@ def _field_path(state: Tree, path: tuple[Any, ...], node: Any, name: str) -> str
     every step is a named tuple's field and the class that defines the node's ``metrics`` says
     that the metric is its field of that name (`metric_fields`); else None."""
     owner = next(c for c in type(node).__mro__ if "metrics" in c.__dict__)
-    if name not in _FIELD_METRICS.get(owner, ()):
+    field = _FIELD_METRICS.get(owner, {}).get(name)
+    if field is None:
         return None
     names = []
     for key in path:
@@ -156,7 +158,7 @@ def _field_path(state: Tree, path: tuple[Any, ...], node: Any, name: str) -> str
             return None
         names.append(fields[key])
         state = state[key]
-    return ".".join([*names, name])
+    return ".".join([*names, field])
 
 
 def _at(state: Tree, path: tuple[Any, ...]) -> Any:
