@@ -132,6 +132,7 @@ class StepProgram(_Decided):
         "reports",
         "measures",
         "tx_metrics",
+        "tx_readers",
         "scaled",
         "straight",
     )
@@ -172,11 +173,18 @@ class StepProgram(_Decided):
         self.measures = _measures(state, runner, bool(self.hooks))
         # the transform's state exposes metrics of its own (fp16's loss scale), or may (a state
         # class of the user's, whose metrics may come later): read from the state each step
-        # returns, as the body reports them
-        self.tx_metrics = bool(set(transform_metrics(state.opt_state)) - OWN_TX_METRICS) or any(
+        # returns, as the body reports them; by readers decided once where every class that
+        # exposes metrics is functrain's (their names fixed), else all of them each step
+        opt_state = state.opt_state
+        users = any(
             not type(node).__module__.startswith("functrain.")
-            for _, node in metric_nodes(state.opt_state)
+            for _, node in metric_nodes(opt_state)
         )
+        extra = [k for k in transform_metrics(opt_state) if k not in OWN_TX_METRICS]
+        self.tx_metrics = bool(extra) or users
+        readers = {k: metric_reader(opt_state, k) for k in extra}
+        # (in the body's order)
+        self.tx_readers = None if users or None in readers.values() else readers
         # the loss scaled for the backward (fp16's dynamic loss scale, in the optimizer's state)
         self.scaled = options.precision == "fp16"
         # the configuration's step as one function (`functrain.core.straight`), where it is

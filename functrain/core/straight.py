@@ -68,7 +68,7 @@ from functrain.distributed.data_parallel import DistConfig, average_step
 from functrain.errors import FunctrainError
 from functrain.layout import in_layouts_of
 from functrain.optim.averaging import EmaState, ListAverage
-from functrain.optim.metrics import metric_nodes, metric_reader, transform_metrics
+from functrain.optim.metrics import metric_reader
 from functrain.optim.planned import Chained, GatedBySelection
 from functrain.optim.rules.fused import FusedRunner
 from functrain.optim.wrappers import (
@@ -252,8 +252,8 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     if program.rates is not None:
         text.append(_RATES)
     text.append(_SKIPPED)
-    readers = _tx_readers(state) if program.tx_metrics else None
-    if readers is not None:
+    readers = program.tx_readers
+    if readers:
         text.extend(_TX_METRIC.format(key=k, i=i) for i, k in enumerate(readers))
     elif program.tx_metrics:
         text.append(_TX_METRICS)
@@ -295,19 +295,6 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         **update_constants,
     }
     return "".join(text), constants
-
-
-def _tx_readers(state: TrainState) -> dict[str, Any] | None:
-    """The metrics a transform's state exposes beyond the step's own (`OWN_TX_METRICS`), in the
-    body's order, each with its `metric_reader`: where every node that exposes metrics is one of
-    functrain's states (their names fixed by their class). None where one is the user's, whose
-    metrics may change from a step to the next: `_TX_METRICS` reads them all each step."""
-    opt_state = state.opt_state
-    if any(not type(n).__module__.startswith("functrain.") for _, n in metric_nodes(opt_state)):
-        return None
-    keys = [k for k in transform_metrics(opt_state) if k not in OWN_TX_METRICS]
-    readers = {k: metric_reader(opt_state, k) for k in keys}
-    return readers if all(r is not None for r in readers.values()) else None
 
 
 # the names a step's update gives its results (the fields of `functrain.optim.planned.Ran`)
@@ -939,11 +926,12 @@ _RATES = """\
 _SKIPPED = """\
     metrics["skipped"] = flag
 """
-# the metrics the transform's state exposes of its own (`functrain.core.body.step_metrics`')
-# one of them, read where the state the update returned holds it (`_tx_readers`)
+# a metric the transform's state exposes of its own, read where the state the update returned
+# holds it (`StepProgram.tx_readers`)
 _TX_METRIC = """\
     metrics[{key!r}] = TX_METRIC_{i}(ran_state).to(F32, copy=True)
 """
+# all of them (`functrain.core.body.step_metrics`'), where a class of the user's exposes some
 _TX_METRICS = """\
     metrics.update(
         {

@@ -954,6 +954,8 @@ def _counting(run_inner: Runner, cap: int) -> Runner:
     ) -> Ran:
         ran = run_inner(grads, params, state.inner, norm, write, keep)
         assert ran.skipped is not None  # (the scaler's flag, gated by `keep` where given)
+        # (the flag negated twice: the guard's own tensor, not the scaler's, which two fields of
+        # one state may not share)
         new_state = _counted(~ran.skipped, state, keep, ran.state)
         _check_limit_now(new_state, cap)
         return ran._replace(state=new_state, skipped=new_state.skipped)
@@ -1709,15 +1711,10 @@ class ScaledRunner:
         write: bool,
     ) -> Ran:
         inv = state.scale.double().reciprocal().float()
-        found = None
-        if self.fp32:
-            unscaled = list(torch._foreach_mul(grads, inv))
-            # (the unscale's own tensors: its float32 flag the step's skip metric)
-            found = _found_in(unscaled, self.one)
-            finite = found == 0
-        else:
-            unscaled = _unscaled(grads, inv)
-            finite = all_finite(unscaled)
+        unscaled = list(torch._foreach_mul(grads, inv)) if self.fp32 else _unscaled(grads, inv)
+        # (the unscale's own tensors: its float32 flag the step's skip metric)
+        found = _found_in(unscaled, self.one) if self.fp32 else None
+        finite = all_finite(unscaled) if found is None else found == 0
         inner_norm = global_norm(unscaled) if self.inner_reads else None
         run_inner = self.inner
         if _on_cpu(finite):  # (read on the host: a CPU state's) the update as it is

@@ -111,6 +111,9 @@ def test_a_cap_on_overflows_in_a_row_lets_the_scale_back_off_as_the_amp_recipe(
         scales.append(float(metrics["loss_scale"]))
     expected, torch_scales = amp_recipe(data, SETTINGS, 0.5)
     assert scales == torch_scales
+    # the guard's counts are tensors of its own, none the scaler's (two fields, one storage)
+    leaves = [t for t in torch.utils._pytree.tree_leaves(state.opt_state) if t.numel()]
+    assert len({t.untyped_storage().data_ptr() for t in leaves}) == len(leaves)
     # four overflows in a row at the start: the cap's run, not beyond it
     assert scales[:4] == sorted(scales[:4], reverse=True) and scales[4] > scales[3] / 1.7
     assert_trees_equal(expected, state.params)
