@@ -827,8 +827,8 @@ def skip_nonfinite(
             return None
         if isinstance(state.inner, DynamicLossScaleState):
             return _counting(run_inner, cap)
-        device = next(iter(params.values())).device
-        return GuardedRunner(run_inner, cap, getattr(inner, "gated", False), device)
+        given = list(params.values())
+        return GuardedRunner(run_inner, cap, getattr(inner, "gated", False), given)
 
     def plan_members(
         params: dict[str, torch.Tensor], state: SkipNonfiniteState, members: int
@@ -866,12 +866,14 @@ class GuardedRunner:
     The straight-line step (`functrain.core.straight`) writes the host path from `inner`'s plan
     where it can, and calls this runner for the rest."""
 
-    __slots__ = ("inner", "cap", "gated", "reads_norm", "one")
+    __slots__ = ("inner", "cap", "gated", "reads_norm", "one", "checked")
 
-    def __init__(self, inner: Runner, cap: int, gated: bool, device: torch.device) -> None:
+    def __init__(self, inner: Runner, cap: int, gated: bool, params: list[torch.Tensor]) -> None:
         self.inner, self.cap, self.gated = inner, cap, gated
-        # the found-inf check's inverse scale, on the gradients' device (`_found_in`)
-        self.one = torch.ones((), dtype=torch.float32, device=device)
+        # the found-inf check's inverse scale, on the gradients' device, and whether the check
+        # takes them (laid out as their parameters, of their dtypes: decided once, `_checkable`)
+        self.one = torch.ones((), dtype=torch.float32, device=params[0].device)
+        self.checked = _checkable(params)
         # (the step's norm, where it is given, says at once that a step is finite; where it is
         # not, the flag is made element by element: the step measures it for the inner runner's
         # sake only)
@@ -891,7 +893,7 @@ class GuardedRunner:
             # finite, known on the host: the update as it is
             return _finite_run(run_inner, grads, params, state, norm, write)
         # element by element, as `update_fn`'s: in one op where the step may write them
-        found = _found_in(grads, self.one) if write and _checkable(grads) else None
+        found = _found_in(grads, self.one) if write and self.checked else None
         finite = all_finite(grads) if found is None else found == 0
         gate = finite if keep is None else finite & keep
         if self.gated:
@@ -926,8 +928,8 @@ def _found_in(tensors: list[torch.Tensor], one: torch.Tensor) -> torch.Tensor:
 
 
 def _checkable(grads: list[torch.Tensor]) -> bool:
-    """Whether `_found_in` takes `grads` on any device: dense, of one dtype it checks, on one
-    device (GradScaler checks each device's apart)."""
+    """Whether `_found_in` takes `grads` (or the gradients of these parameters) on any device:
+    dense, of one dtype it checks, on one device (GradScaler checks each device's apart)."""
     dtype = grads[0].dtype if grads else None
     device = grads[0].device if grads else None
     return dtype in (torch.float32, torch.float16, torch.bfloat16) and all(
