@@ -51,6 +51,7 @@ from functrain.core.body import (
     in_param_strides,
     step_metrics,
     train_body,
+    tx_metrics_of,
 )
 from functrain.core.donation import DONATED, step_in_scope
 from functrain.core.gradient import decided
@@ -181,10 +182,13 @@ class StepProgram(_Decided):
             for _, node in metric_nodes(opt_state)
         )
         extra = [k for k in transform_metrics(opt_state) if k not in OWN_TX_METRICS]
-        self.tx_metrics = bool(extra) or users
+        # a transform's own update (`_updating`) may return a state of another structure (a
+        # user's that switches optimizers): its metrics found in the state each step returns
+        own = stage == "updated"
+        self.tx_metrics = bool(extra) or users or own
         readers = {k: metric_reader(opt_state, k) for k in extra}
         # (in the body's order)
-        self.tx_readers = None if users or None in readers.values() else readers
+        self.tx_readers = None if users or own or None in readers.values() else readers
         # the loss scaled for the backward (fp16's dynamic loss scale, in the optimizer's state)
         self.scaled = options.precision == "fp16"
         # the configuration's step as one function (`functrain.core.straight`), where it is
@@ -313,12 +317,11 @@ def _updating(state: TrainState) -> Runner | None:
     What the body's update does (`functrain.core.body.apply`), with what it decides on every
     call decided here: the update through ``update_reporting`` with the step's norm shared, the
     new parameters by `apply_updates` in their parameters' strides, the rate and skip flag read
-    where the state holds them (`functrain.optim.metrics.metric_reader`). The metrics the
-    transform's state exposes of its own (fp16's loss scale, a custom transform's) the step reads
-    from the state it returns (`StepProgram.tx_metrics`).
+    from the state it returns, as the body reads them (`functrain.core.body.tx_metrics_of`: the
+    update may return a state of another structure). The other metrics the transform's state
+    exposes the step reads from that state too (`StepProgram.tx_metrics`).
     """
-    tx, names, opt_state = state.tx, list(state.params), state.opt_state
-    lr_of, skipped_of = metric_reader(opt_state, "lr"), metric_reader(opt_state, "skipped")
+    tx, names = state.tx, list(state.params)
     window = state.options.accumulate_steps
     reports = state.options.reports_grad_norm
     # one layout only: contiguous with no size-1 dimension (whose strides may take any value)
@@ -349,11 +352,11 @@ def _updating(state: TrainState) -> Runner | None:
         measured = report.grad_norm
         if measured is None and norm is None and reports:
             measured = global_norm(grads)
-        skipped = skipped_of(new_state) if skipped_of is not None else None
+        found = tx_metrics_of(tx, new_state)  # (its structure may not be the given one's)
+        skipped = found.get("skipped")
         if skipped is not None and window > 1:  # the flag of the window that ends here
             skipped = skipped & (new_state.micro_step == 0)
-        lr = lr_of(new_state) if lr_of is not None else None
-        return Ran(list(new.values()), new_state, lr, skipped, None, measured)
+        return Ran(list(new.values()), new_state, found.get("lr"), skipped, None, measured)
 
     return run
 

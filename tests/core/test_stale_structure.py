@@ -25,6 +25,7 @@ import functrain as ft
 from functrain.core.body import train_body
 from functrain.core.donation import step_in_scope
 from functrain.errors import ConfigError
+from functrain.optim.base import Transform
 from tests.comparisons import assert_trees_equal
 from tests.models import cross_entropy_loss_fn as loss_fn
 
@@ -213,3 +214,48 @@ def test_a_differentiable_state_whose_step_keeps_its_graph_keeps_the_buffers() -
     state, _ = ft.train_step(state.with_hyperparameters(lr=lr), batch(1))
     state, _ = ft.train_step(state, batch(2))
     assert state.buffers["running"].grad_fn is not None
+
+
+def _switching(first: Transform, then: Transform, after: int) -> Transform:
+    """A transform of the user's that runs `first` for `after` updates, then `then` from a fresh
+    state: the optimizer state it returns changes its structure mid-run."""
+    calls = [0]
+
+    def update(updates: Any, state: Any, params: Any = None) -> Any:
+        calls[0] += 1
+        if calls[0] <= after:
+            return first.update(updates, state, params)
+        if calls[0] == after + 1:
+            state = then.init(params)
+        return then.update(updates, state, params)
+
+    return Transform(first.init, update)
+
+
+@pytest.mark.parametrize("donate", [False, True])
+@pytest.mark.parametrize("order", ["adamw_then_sgd", "sgd_then_adamw"])
+def test_a_transform_whose_state_changes_structure_trains_as_torch_switching_optimizers(
+    order: str, donate: bool
+) -> None:
+    # AdamW behind reduce_on_plateau (its scale 1 until a plateau, and a metric of its own), and
+    # SGD: torch.optim's two optimizers, one after the other
+    adamw = ft.chain(ft.adamw(1e-2), ft.reduce_on_plateau())
+    sgd = ft.sgd(0.1)
+    first, then = (adamw, sgd) if order == "adamw_then_sgd" else (sgd, adamw)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    state = ft.TrainState.create(net, _switching(first, then, 2), loss_fn)
+    reference = copy.deepcopy(net)
+    adamw_t = lambda: torch.optim.AdamW(reference.parameters(), lr=1e-2, fused=True)  # noqa: E731
+    sgd_t = lambda: torch.optim.SGD(reference.parameters(), lr=0.1)  # noqa: E731
+    for i in range(5):
+        if i in (0, 2):
+            opt = (adamw_t if (order == "adamw_then_sgd") == (i == 0) else sgd_t)()
+        reference.zero_grad()
+        loss_fn(reference, batch(i)).backward()
+        opt.step()
+        state, metrics = ft.train_step(state, batch(i), donate=donate)
+        in_adamw = (order == "adamw_then_sgd") == (i < 2)
+        assert ("lr_scale" in metrics) == in_adamw, (i, sorted(metrics))
+        assert float(metrics["lr"]) == pytest.approx(1e-2 if in_adamw else 0.1)
+    assert_trees_equal(dict(reference.named_parameters()), state.params, "params")
