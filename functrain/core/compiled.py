@@ -439,7 +439,10 @@ class CompiledStep:
             wait_until_unheld(state)  # an async save still reading these tensors
         attempt = _Attempt()
         try:
-            result = stacked_train_step(state, batch, compiled=attempt.calling(found))
+            # (a donated state retired in the scope, whose lock a save takes)
+            result = stacked_train_step(
+                state, batch, compiled=attempt.calling(found), donate=donate, call=_DONATED
+            )
         except BaseException as error:  # traced: dynamo words torch's error its own way
             if isinstance(error, Exception) and learned_module_order(error, state):
                 _enable_hooks_again(attempt.hooks)
@@ -449,8 +452,6 @@ class CompiledStep:
             if diagnosed is not None:
                 raise diagnosed from error
             raise
-        if donate:
-            state.retire(_DONATED)
         return result
 
     def _sharded(
@@ -490,10 +491,10 @@ class CompiledStep:
         except BaseException:
             leave(scope)
             raise
-        # (the captured tensors are the new state's: a replay writes them, whatever it is given)
-        new_state = leave_with(scope, state, new, own_counters=False)
-        if donate:
-            state.retire(_CAPTURED)
+        # (the captured tensors are the new state's: a replay writes them, whatever it is given;
+        # a donated state retired in the scope, whose lock a save takes)
+        retiring = state if donate else None
+        new_state = leave_with(scope, state, new, retiring, _CAPTURED, own_counters=False)
         if home is not None:
             home.holder = weakref.ref(new_state)
         return new_state, metrics

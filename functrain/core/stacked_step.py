@@ -233,22 +233,23 @@ def stacked_train_step(
     compiled: Callable[..., Any] | None = None,
     donate: bool = False,
     body: Callable[..., tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = None,
+    call: str = DONATED,
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """`train_step` for a stacked state (see the module's docstring for how it runs).
 
     `compiled`, when given, is a compiled `step_function` (`compile_step` passes it). `donate`:
-    the update may write into `state`'s tensors, and `state` is retired before the step's scope
-    is left. `body`: the step's parts and metrics, ``body(state, batch, per_member, extras)``,
-    where it is not `stacked_body` (a stacked program's planned update,
-    `functrain.core.program.MembersProgram`). Called by `train_step` and `compile_step`. A loss
-    function that views a transposed weight (`learned_module_order`) has its step run again,
-    from the start, with the weights in the module's order.
+    the update may write into `state`'s tensors, and `state` is retired (to `call`) before the
+    step's scope is left. `body`: the step's parts and metrics,
+    ``body(state, batch, per_member, extras)``, where it is not `stacked_body` (a stacked
+    program's planned update, `functrain.core.program.MembersProgram`). Called by `train_step`
+    and `compile_step`. A loss function that views a transposed weight (`learned_module_order`)
+    has its step run again, from the start, with the weights in the module's order.
     """
     if compiled is not None:  # `compile_step` retries with a graph traced anew
-        return _stacked_train_step(state, batch, compiled, donate, stacked_body)
+        return _stacked_train_step(state, batch, compiled, donate, stacked_body, call)
     body = body or stacked_body
     return again_in_module_order(
-        state, lambda: _stacked_train_step(state, batch, None, donate, body)
+        state, lambda: _stacked_train_step(state, batch, None, donate, body, call)
     )
 
 
@@ -258,6 +259,7 @@ def _stacked_train_step(
     compiled: Callable[..., Any] | None,
     donate: bool,
     body: Callable[..., tuple[dict[str, Any], dict[str, torch.Tensor]]],
+    call: str,
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     members = state.rng.shape[0]
     batch, per_member = member_batch(batch, members)
@@ -272,10 +274,10 @@ def _stacked_train_step(
             new, metrics = body(state, batch, per_member, NO_EXTRAS)
         ran = True
         # a donated state retired in the scope, whose lock a save takes (`hold_live`)
-        return leave_with(scope, state, new, state if donate else None, DONATED), metrics
+        return leave_with(scope, state, new, state if donate else None, call), metrics
     except BaseException as error:
         if ran and donate:  # (an interrupt after the update wrote the given state)
-            state.retire(DONATED, error)
+            state.retire(call, error)
         restore(scope)  # again where an interrupt stopped it at its entry; else nothing
         raise
 

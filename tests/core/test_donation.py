@@ -746,3 +746,31 @@ def test_a_donated_step_of_a_lent_state_inside_torch_compile_runs() -> None:
     new, _ = step(states[2], batches(1)[0])
     assert int(new.step) == 1
     assert_states_equal(states[1], states[1].clone())  # (live)
+
+
+# (the straight line's text retires the state before its own release of the lock)
+@pytest.mark.parametrize("kind", ["compiled", "eager_stacked", "compiled_stacked"])
+def test_a_donated_state_is_retired_before_its_step_releases_the_lock(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a save takes STEP_LOCK to hold a state's tensors (`hold_live`): where the step released it
+    # before retiring the state it wrote, a save in another thread could read the written
+    # tensors as that state's
+    from functrain.core import scope
+
+    state = ft.TrainState.create(make_model(), ft.adamw(1e-2), cross_entropy_loss_fn)
+    if kind.endswith("stacked"):
+        state = ft.stack([state, state.clone()])
+    step = ft.compile_step(backend="eager") if kind.startswith("compiled") else ft.train_step
+    state, _ = step(state, batches(1)[0])  # (a pure step first: its structure decided)
+    retired_at_release: list[bool] = []
+    restore = scope.restore
+
+    def watched(s: Any) -> None:
+        if s.open and s.locked:
+            retired_at_release.append(state._donated_to is not None)
+        restore(s)
+
+    monkeypatch.setattr(scope, "restore", watched)
+    step(state, batches(2)[1], donate=True)
+    assert retired_at_release == [True]
