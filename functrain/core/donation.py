@@ -35,7 +35,6 @@ from functrain.tree import tree_leaves
 __all__ = [
     "DONATED",
     "HELD",
-    "donated",
     "hold",
     "hold_live",
     "is_held",
@@ -134,30 +133,6 @@ def wait_until_unheld(state: TrainState) -> None:
         _released.wait_for(lambda: not any(key in _held for key in _storages(tensors)))
 
 
-def donated(
-    state: TrainState,
-    batch: Any,
-    body: Callable[[TrainState, Any, Extras], Any],
-    call: str = DONATED,
-) -> Any:
-    """``body(state, batch, extras)``, allowed to write into `state`'s tensors.
-
-    First it waits for any background reader of those tensors (an async checkpoint save of this
-    state) to finish reading them. The extras give the permission (``in_place``); the step body
-    records in them (``written``) that it handed the permission to the update. If `body` raises
-    from there on, `state` is retired (donated to `call`): its tensors may hold neither the old
-    state nor a new one. Before it (the forward, the backward) the state is as it was.
-    """
-    wait_until_unheld(state)
-    written: list[bool] = []
-    try:
-        return body(state, batch, Extras(in_place=True, written=written))
-    except BaseException as error:
-        if written:
-            retire(state, call, error)
-        raise
-
-
 @outside_graph
 def retire(
     state: TrainState, call: str, raised: BaseException | None = None, *, alone: bool = False
@@ -175,23 +150,35 @@ def step_in_scope(
     donate: bool,
     call: str,
     given: TrainState | None = None,
+    writes: bool | None = None,
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """``body(state, batch)`` in `state`'s scope (its generator, training mode), as the new state.
 
-    With `donate`, `body` may write into `state`'s tensors (`donated`), unless the state keeps
-    gradient statistics (their update/weight ratios need the old weights: the step writes fresh
-    buffers); then `given` (the state the caller was handed, `state` by default) is retired to
+    With `donate`, ``body(state, batch, extras)`` may write into `state`'s tensors, where it
+    `writes` (by default, unless the state keeps gradient statistics: their update/weight ratios
+    need the old weights, and the step writes fresh buffers). It first waits for any background
+    reader of those tensors (an async checkpoint save of this state); the extras give the
+    permission (``in_place``), and the body records in them (``written``) that it handed it to
+    the update: where `body` raises from there on, `state` is retired to `call` (its tensors may
+    hold neither the old state nor a new one; before it, the forward and the backward, the state
+    is as it was). `given` (the state the caller was handed, `state` by default) is retired to
     `call` before the scope is left. The scope is left whether `body` returns or raises.
     """
     retiring = (state if given is None else given) if donate else None
     ran = False
     scope = enter(state, True)
     try:
-        new, metrics = (
-            donated(state, batch, body, call)
-            if donate and state.grad_stats is None
-            else body(state, batch)
-        )
+        if donate and (state.grad_stats is None if writes is None else writes):
+            wait_until_unheld(state)
+            written: list[bool] = []
+            try:
+                new, metrics = body(state, batch, Extras(in_place=True, written=written))
+            except BaseException as error:
+                if written:
+                    retire(state, call, error)
+                raise
+        else:
+            new, metrics = body(state, batch)
         ran = True
         return leave_with(scope, state, new, retiring, call), metrics
     except BaseException as error:

@@ -44,10 +44,10 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 
 from functrain.core.body import Parts, apply, eval_body, forward_buffers, loss_scale
-from functrain.core.donation import DONATED, donated
+from functrain.core.donation import DONATED, step_in_scope
 from functrain.core.gradient import gradients
 from functrain.core.loss import call_loss
-from functrain.core.scope import enter, leave_with, restore
+from functrain.core.scope import enter, restore
 from functrain.core.stacked import runs_apart
 from functrain.core.state import TrainState
 from functrain.core.view import StateView, StepState, parts_of, statics_of, tensors_of_parts
@@ -263,23 +263,20 @@ def _stacked_train_step(
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     members = state.rng.shape[0]
     batch, per_member = member_batch(batch, members)
-    ran = False
-    scope = enter(state, True)
-    try:
-        if compiled is not None:
-            new, metrics = compiled(_tensors(parts_of(state), members, state.device), batch)
-        elif donate and updates_stacked(state):
-            new, metrics = donated(state, batch, lambda s, b, given: body(s, b, per_member, given))
-        else:
-            new, metrics = body(state, batch, per_member, NO_EXTRAS)
-        ran = True
-        # a donated state retired in the scope, whose lock a save takes (`hold_live`)
-        return leave_with(scope, state, new, state if donate else None, call), metrics
-    except BaseException as error:
-        if ran and donate:  # (an interrupt after the update wrote the given state)
-            state.retire(call, error)
-        restore(scope)  # again where an interrupt stopped it at its entry; else nothing
-        raise
+    if compiled is not None:  # (its graph writes into the given tensors where donated)
+
+        def run(s: TrainState, b: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+            return compiled(_tensors(parts_of(s), members, s.device), b)
+
+        return step_in_scope(state, batch, run, donate=donate, call=call, writes=False)
+
+    def member_body(
+        s: TrainState, b: Any, extras: Extras = NO_EXTRAS
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return body(s, b, per_member, extras)
+
+    writes = updates_stacked(state)
+    return step_in_scope(state, batch, member_body, donate=donate, call=call, writes=writes)
 
 
 def step_function(
