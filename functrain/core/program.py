@@ -121,11 +121,9 @@ class StepProgram(_Decided):
         "hooks",
         "generator",
         "ranked",
-        "writes",
         "guard_buffers",
         "fp32",
         "in_place",
-        "window",
         "rates",
         "modules",
         "averages",
@@ -156,12 +154,9 @@ class StepProgram(_Decided):
         self.generator = device_generator(params[0].device)
         # a process group's ranks draw from streams of their own (`functrain.core.scope.enter`)
         self.ranked = state.dist is not None
-        # gradient statistics need the old weights: such a donated step writes fresh tensors
-        self.writes = state.grad_stats is None
         self.guard_buffers = options.nonfinite != "none" or options.precision == "fp16"
         self.fp32 = all(p.dtype == torch.float32 for p in params)
         self.in_place = Extras(in_place=True)  # a donated step's permission to the EMA
-        self.window = options.accumulate_steps
         self.rates = group_rates(state.tx)  # each parameter group's rate, a metric each
         # the module's mode switched by its flags where nn.Module's own `train` would set them
         self.modules = plain_modules(state.module)

@@ -129,19 +129,9 @@ def straight_step(program: Any, state: TrainState) -> StraightStep | None:
 
 def _written_for(program: Any, state: TrainState) -> bool:
     """Whether the straight line covers `state`'s configuration: an update run by a `Runner`
-    (planned, or the transform's own, `functrain.core.program._updating`), not sharded (a
-    process group's replicated state: its rank's stream, its gradients averaged first), no
-    sparse parameters, plain tensors, and torch's engine entry (an fp16 loss scale: the
-    backward from it, the norm reported unscaled, its metric the state's)."""
-    known = program.known
-    return (
-        program.runner is not None
-        and not known.sparse
-        and known.plain
-        and program.writes
-        and _RUN_BACKWARD is not None
-        and not state.members
-    )
+    (planned, or the transform's own, `functrain.core.program._updating`: none for sparse
+    parameters or gradient statistics), plain tensors, and torch's engine entry."""
+    return program.runner is not None and program.known.plain and _RUN_BACKWARD is not None
 
 
 def _describe(state: TrainState) -> str:
