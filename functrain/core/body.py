@@ -313,7 +313,10 @@ def _update(
         skipped = skipped & completed
     new = {
         "params": params,
-        "buffers": _finite_buffers(state, buffers, extras.members),
+        # a batch with non-finite statistics enters no running average
+        "buffers": finite_buffers(buffers, state.buffers, extras.members)
+        if buffers and state.options.guards_buffers
+        else buffers,
         "opt_state": opt_state,
         # the EMA's gate (only an EMA reads it)
         "applied": _and(completed, ~skipped if skipped is not None else None)
@@ -371,21 +374,6 @@ def _metrics_at(
         for k, v in exposed.metrics().items():
             found.setdefault(k, v)
     return found
-
-
-def _finite_buffers(
-    state: StepState, buffers: dict[str, torch.Tensor], members: int = 0
-) -> dict[str, torch.Tensor]:
-    """The new buffers, each floating one kept as it was where the batch made it non-finite.
-
-    `members`: a stacked state's K, on its stacked buffers: each member's kept or not alone. A
-    buffer the forward gave a new shape (a quantization observer's first statistics) has no value
-    to keep: the new one stays.
-    """
-    if buffers and (state.options.nonfinite != "none" or state.options.precision == "fp16"):
-        # a batch with non-finite statistics must not enter the running averages either
-        return finite_buffers(buffers, state.buffers, members)
-    return buffers
 
 
 def finite_buffers(

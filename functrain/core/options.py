@@ -149,6 +149,18 @@ class StepOptions:
         """
         return self.grad_norm is True or self.clip_grad_norm is not None
 
+    @property
+    def guards_buffers(self) -> bool:
+        """Whether a step keeps each floating buffer as it was where the batch made it
+        non-finite: where it guards against non-finite steps, or scales an fp16 loss (whose
+        overflows it skips).
+
+        Example:
+            >>> StepOptions().guards_buffers, StepOptions(nonfinite="none").guards_buffers
+            (True, False)
+        """
+        return self.nonfinite != "none" or self.precision == "fp16"
+
     def problems(self) -> list[str]:
         """Every invalid option, each with the value given (empty when all are valid).
 

@@ -154,7 +154,7 @@ class StepProgram(_Decided):
         self.generator = device_generator(params[0].device)
         # a process group's ranks draw from streams of their own (`functrain.core.scope.enter`)
         self.ranked = state.dist is not None
-        self.guard_buffers = options.nonfinite != "none" or options.precision == "fp16"
+        self.guard_buffers = options.guards_buffers
         self.fp32 = all(p.dtype == torch.float32 for p in params)
         self.in_place = Extras(in_place=True)  # a donated step's permission to the EMA
         self.rates = group_rates(state.tx)  # each parameter group's rate, a metric each
@@ -390,7 +390,7 @@ class MembersProgram(_Decided):
         self.strides = [p.stride() for p in state.params.values()]
         self.norms = Norms(members=self.members)  # each member's norm, ``[K]``
         options = state.options
-        self.guard_buffers = options.nonfinite != "none" or options.precision == "fp16"
+        self.guard_buffers = options.guards_buffers
         # the members' norms measured where reported or read (`stack` refuses gradient hooks)
         self.measures = _measures(state, self.runner, False)
         self.straight = None  # (a stacked state's step runs its stages)
