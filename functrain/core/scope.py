@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -27,10 +27,13 @@ from functrain.core.binding import STEP_LOCK, lock_depth, release_taken, take_st
 from functrain.core.state import TrainState
 from functrain.core.structure import fixed
 
+T = TypeVar("T")
+
 __all__ = [
     "Scope",
     "device_generator",
     "enter",
+    "in_scope",
     "leave",
     "leave_with",
     "outside_graph",
@@ -316,6 +319,19 @@ def restore(scope: Scope) -> None:
 
 leave = outside_graph(swap_out)
 """`swap_out` outside any compiled graph: restore the caller's RNG and module mode."""
+
+
+def in_scope(state: TrainState, training: bool, run: Callable[[], T]) -> T:
+    """``run()`` in `state`'s scope (`enter`: its generator, `training` mode), left whether it
+    returns or raises (`leave`)."""
+    scope = enter(state, training)
+    try:
+        out = run()
+        leave(scope)
+    except BaseException:
+        leave(scope)  # again where an interrupt stopped it at its entry; else nothing
+        raise
+    return out
 
 
 @outside_graph

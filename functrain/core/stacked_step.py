@@ -47,7 +47,7 @@ from functrain.core.body import Parts, apply, eval_body, forward_buffers, loss_s
 from functrain.core.donation import DONATED, step_in_scope
 from functrain.core.gradient import gradients
 from functrain.core.loss import call_loss
-from functrain.core.scope import enter, restore
+from functrain.core.scope import in_scope
 from functrain.core.stacked import runs_apart
 from functrain.core.state import TrainState
 from functrain.core.view import StateView, StepState, parts_of, statics_of, tensors_of_parts
@@ -389,15 +389,13 @@ def check_stacked_gradients(state: TrainState, batch: Any) -> None:
         members = state.rng.shape[0]
         given, per_member = member_batch(batch, members)
         buffers = forward_buffers(state)
-        scope = enter(state, True)
-        try:
-            member_gradients(
+        in_scope(
+            state,
+            True,
+            lambda: member_gradients(
                 state, given, per_member, members_apart(state), buffers, loss_scale(state)
-            )
-            restore(scope)
-        except BaseException:
-            restore(scope)  # again where an interrupt stopped it at its entry; else nothing
-            raise
+            ),
+        )
 
     again_in_module_order(state, run)
 
@@ -548,11 +546,6 @@ def _stacked_eval_step(state: TrainState, batch: Any, use_ema: bool) -> dict[str
     parts = parts_of(state)
     batch, per_member = member_batch(batch, state.rng.shape[0])
     fn, out = member_function(statics_of(state), parts, body)
-    scope = enter(state, False)
-    try:
-        leaves = vmapped(fn, per_member)(_tensors(parts, state.rng.shape[0], state.device), batch)
-        restore(scope)
-    except BaseException:
-        restore(scope)  # again where an interrupt stopped it at its entry; else nothing
-        raise
+    tensors = _tensors(parts, state.rng.shape[0], state.device)
+    leaves = in_scope(state, False, lambda: vmapped(fn, per_member)(tensors, batch))
     return out["rebuild"](leaves)

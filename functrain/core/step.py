@@ -29,7 +29,7 @@ from functrain.core.body import SWEEP_ALONE, eval_body, forward_buffers, train_b
 from functrain.core.donation import DONATED, retire, step_in_scope
 from functrain.core.loss import RunAgain
 from functrain.core.program import body_step, program_for
-from functrain.core.scope import enter, leave, outside_graph
+from functrain.core.scope import enter, in_scope, leave, outside_graph
 from functrain.core.stacked_step import refuse_per_member, stacked_eval_step, stacked_train_step
 from functrain.core.state import NOT_DIFFERENTIABLE, LossFn, TrainState
 from functrain.distributed import sharding as sharding_
@@ -269,14 +269,7 @@ def eval_step(
         stacked = state if eval_fn is None else state.replace(loss_fn=eval_fn)
         return stacked_eval_step(stacked, batch, use_ema)
     refuse_per_member(batch)
-    scope = enter(state, False)
-    try:
-        metrics = eval_body(state, batch, use_ema, eval_fn)
-        leave(scope)
-    except BaseException:
-        leave(scope)  # again where an interrupt stopped it at its entry; else nothing
-        raise
-    return metrics
+    return in_scope(state, False, lambda: eval_body(state, batch, use_ema, eval_fn))
 
 
 def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any) -> Any:
@@ -398,11 +391,4 @@ def train_loss(state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
         )
     refuse_per_member(batch)
     # the evaluation's body is the loss on copies of the buffers, in the mode the scope sets
-    scope = enter(state, True)
-    try:
-        metrics = eval_body(state, batch, False)
-        leave(scope)
-    except BaseException:
-        leave(scope)  # again where an interrupt stopped it at its entry; else nothing
-        raise
-    return metrics
+    return in_scope(state, True, lambda: eval_body(state, batch, False))
