@@ -1,11 +1,11 @@
 """The gradient step, written once: from a batch to the gradients, the loss and its metrics.
 
-Every front door takes its gradients through `gradients`: the eager step (the step program,
-`functrain.core.program`, through its eager part `backward`, with what it decided once), the
-compiled step (traced), a stacked state's step (its members' forward given as `forward`) and a
-sharded state's (its parameters gathered where the forward uses them; a compiled sharded step's
-compiled loss function given as `forward`). What differs between them is decided here, in one
-place:
+Every front door but the straight line (`functrain.core.straight`, which writes the eager step's
+backward out in its text) takes its gradients through `gradients`: the body's eager step (through
+`backward`), the compiled step (traced), a stacked state's step (its members' forward given as
+`forward`) and a sharded state's (its parameters gathered where the forward uses them; a compiled
+sharded step's compiled loss function given as `forward`). What differs between them is decided
+here, in one place:
 
 - **how it differentiates**: traced (``torch.compile``) or under a ``torch.func`` transform
   (vmap), with ``torch.func.grad``, which dynamo traces into one graph and which
@@ -263,16 +263,14 @@ def backward(
     buffers: dict[str, torch.Tensor],
     scale: torch.Tensor | None,
     known: Decided,
-    eager: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
     """`gradients` of an ordinary state's eager step: the loss function on `leaves`, its backward.
 
-    The step program (`functrain.core.program`) calls it with what it decided once (`known`); the
+    `gradients` calls it with what the state's gradient step decides (`known`, `decided`); the
     loss function runs with the module bound to `leaves` (the parameters as fresh leaves, in the
     state's order), the frozen weights and `buffers` (copies the forward may write), and the
     backward runs while the module still holds them (checkpointed blocks run again in it). A buffer
     the forward wrote from the graph is replaced in `buffers` by its detached value.
-    `eager`: the caller knows the step is neither compiled nor traced (`call_loss`'s).
 
     Returns:
         The gradients (`completed`), the loss and the loss function's metrics, detached.
@@ -286,11 +284,10 @@ def backward(
         {**dict(zip(names, leaves)), **state.frozen, **buffers},
         batch,
         watch={**state.params, **state.frozen} if state.frozen else state.params,
-        eager=eager,
         then=lambda loss, aux: (
             loss.detach(),
             {k: v.detach() for k, v in aux.items()} if aux else aux,
-            _gradients_from(state, loss, scale, leaves, known.divisor, known.plain),
+            _gradients_from(state, loss, scale, leaves, known.divisor),
         ),
     )
     for name in buffers:  # (no call a step where no buffer is on the graph: the usual case)
@@ -408,7 +405,6 @@ def _gradients_from(
     scale: torch.Tensor | None,
     leaves: list[torch.Tensor],
     divisor: int | None,
-    plain: bool = False,
 ) -> list[torch.Tensor | None]:
     """The eager backward of `differentiated`, without its division by the window as an op.
 
@@ -416,20 +412,20 @@ def _gradients_from(
     gradient ``scale / N`` (``1 / N`` without a scale: the division's backward, of its output's
     ``scale`` or 1): the backward starts from that instead, made in one op, rather than a division
     in the forward and its node in the backward (about 10 us a step on a 20-48-5 MLP here), with
-    the same bits. `plain`: the leaves are plain tensors (`functrain.core.loss.gradients_of`).
+    the same bits.
     """
     if divisor is None:
         seed = None if scale is None else scale.to(loss.dtype)
         if seed is not None:
             loss = loss * seed
-        return gradients_of(loss, leaves, state.module, plain=plain)
+        return gradients_of(loss, leaves, state.module)
     # a fresh tensor: the gradients may be views of it (a sum's backward expands it)
     start = (
         torch.div(scale.to(loss.dtype), divisor)
         if scale is not None
         else torch.full((), reciprocal(loss.dtype, divisor), dtype=loss.dtype, device=loss.device)
     )
-    return gradients_of(loss, leaves, state.module, start, plain=plain)
+    return gradients_of(loss, leaves, state.module, start)
 
 
 # ``1 / N`` as torch's division computes it in a dtype, by (dtype, N): a float the dtype holds

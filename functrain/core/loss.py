@@ -148,7 +148,6 @@ def call_loss(
     *,
     then: Callable[[torch.Tensor, dict[str, torch.Tensor]], Any] | None = None,
     watch: Mapping[str, torch.Tensor] | None = None,
-    eager: bool = False,
 ) -> Any:
     """``state.loss_fn`` (or `eval_fn`) on a `BoundModel` of `tensors` (autocast for bf16/fp16).
 
@@ -161,8 +160,7 @@ def call_loss(
     `_WriteGuard`, so that a forward writing them (a MoCo or BYOL teacher updated in forward, in
     place or through ``.data =``) is refused before the state given is written; once a forward
     wrote none, later calls run bare and check after the forward, as every call of any other
-    structure does. `eager`: the caller knows the call is neither compiled nor traced (the step
-    program's), which is then not asked.
+    structure does.
 
     Raises:
         BatchError: the loss function could not use the batch (the message shows its structure).
@@ -176,7 +174,7 @@ def call_loss(
     # a sharded state's weights are gathered and rebound on use, a compiled step's have no storage
     # to ask: only their version counters say whether the forward wrote them
     sharded = state.dist is not None and state.dist.sharding is not None
-    storage = not sharded and (eager or not torch.compiler.is_compiling())
+    storage = not sharded and not torch.compiler.is_compiling()
     versions = _marks(watch, storage) if watch else None
     # a frozen teacher (MoCo, BYOL) is what forwards write: the guard runs for a state with frozen
     # weights (its dispatch mode imports torch._dynamo, a second's import a plain model is
@@ -192,7 +190,7 @@ def call_loss(
     # entered only where there is one (no null context: dynamo on torch 2.11 cannot take
     # isinstance() of one, and a graph break here would leave torch.func.grad's frame eager)
     guard = _WriteGuard(watch, name) if first and watch else None
-    binding = bound(state.module, tensors, eager)
+    binding = bound(state.module, tensors)
     try:
         with binding as model:
             try:
