@@ -126,15 +126,17 @@ def differentiable_form(optimizer: Transform) -> Transform:
     Its state (`DifferentiableState`) holds the moments and the hyperparameters as tensors; its
     update emits the new parameters (`NewParams`), each a function of the parameters, gradients,
     moments and hyperparameters. A schedule as the learning rate is evaluated at the count as the
-    ordinary step evaluates it, and not held (it is not a tensor a gradient could reach).
+    ordinary step evaluates it, and not held (it is not a tensor a gradient could reach). A
+    weight-decay mask spares its weights as the ordinary step does (a group of their own with a
+    weight decay of 0, whose hypergradient they take no part in).
 
     A transform of the user's own (`is_own_rule`) is its own differentiable form: it is returned
     as written, its update checked for writes in place (`own_rule`).
 
     Raises:
         ConfigError: `optimizer` is built by functrain and is not one of `DIFFERENTIABLE_PRESETS`
-            (another preset, or a wrapper such as ``chain``), or it holds an argument the
-            differentiable form has no meaning for (a weight-decay mask).
+            (another preset, or a wrapper such as ``chain``), or it was given a hyperparameter as
+            a tensor (the state holds its own: `with_hyperparameters`).
 
     Example:
         >>> import torch, functrain as ft
@@ -156,12 +158,6 @@ def differentiable_form(optimizer: Transform) -> Transform:
             "(functrain.Transform(init, update), differentiated as written)"
         )
     arguments = call.arguments
-    if arguments.get("mask") is not None:
-        raise ConfigError(
-            f"{optimizer.name}: a differentiable state decays every parameter (the weight-decay "
-            "mask selects parameters by their names, which the differentiable form does not "
-            "see); leave mask out, or put the weights to decay in a state of their own"
-        )
     given = [k for k, v in arguments.items() if isinstance(v, torch.Tensor)]
     if given:
         raise ConfigError(
@@ -190,6 +186,7 @@ def differentiable_form(optimizer: Transform) -> Transform:
         constants,
         schedule,
         differentiable=True,
+        mask=arguments.get("mask"),
         state_type=DifferentiableState,
     )
 

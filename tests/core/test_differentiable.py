@@ -8,6 +8,7 @@ unrolls written by hand; a differentiable state saves, loads and continues as an
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -58,6 +59,9 @@ FORMS = {
     "asgd": ft.asgd(0.01, lambd=0.1, t0=3, weight_decay=0.01),  # (averaging from its fourth step)
     "adafactor": ft.adafactor(0.01, weight_decay=0.1),
     "adafactor eps": ft.adafactor(0.01, eps=(1e-20, 1e-3), d=2.0, beta2_decay=-0.5, maximize=True),
+    # a weight-decay mask: the spared weights in a group of their own with no decay
+    "adamw mask": ft.adamw(0.01, weight_decay=0.1, mask=lambda name, p: p.ndim > 1),
+    "sgd mask": ft.sgd(0.05, momentum=0.9, weight_decay=0.1, mask=lambda name, p: p.ndim > 1),
 }
 
 
@@ -163,6 +167,7 @@ def test_meta_gradients_agree_with_finite_differences_and_torch_func(name: str) 
         (ft.adamw(0.05, weight_decay=0.1), "weight_decay", 0.1),
         (ft.rmsprop(0.01, momentum=0.5), "momentum", 0.5),
         (ft.adagrad(0.1), "lr", 0.1),
+        (ft.adamw(0.05, weight_decay=0.1, mask=lambda name, p: p.ndim > 1), "weight_decay", 0.1),
     ],
 )
 def test_hypergradients_of_held_hyperparameters_agree_with_finite_differences(
@@ -687,15 +692,6 @@ REFUSED = {
         lambda: ft.TrainState.create(_net(), ft.muon(1e-3), _squared_error, differentiable=True),
         "has none; give one of functrain.sgd",
     ),
-    "a weight-decay mask": (
-        lambda: ft.TrainState.create(
-            _net(),
-            ft.adamw(1e-3, mask=lambda n, p: p.ndim > 1),
-            _squared_error,
-            differentiable=True,
-        ),
-        "leave mask out",
-    ),
     "fp16": (
         lambda: ft.TrainState.create(
             _net(), ft.sgd(0.1), _squared_error, differentiable=True, precision="fp16"
@@ -861,3 +857,26 @@ def test_the_measured_norm_stands_for_the_element_by_element_check_where_finite(
     assert not torch.equal(plain.params["0.weight"], state.params["0.weight"])
     for name, p in plain.params.items():
         assert torch.isfinite(p).all() and torch.equal(measured.params[name], p)
+
+
+def test_a_weight_decay_mask_trains_as_torchs_param_groups() -> None:
+    # torch.optim.AdamW's single-tensor loop with the biases in a group of their own without
+    # decay: the differentiable form bit for bit (its hypergradient: the finite differences above)
+    spared = lambda name, p: p.ndim > 1  # noqa: E731
+    model, (batch, _) = _net(), _batches()
+    state = ft.TrainState.create(
+        model, ft.adamw(0.01, weight_decay=0.5, mask=spared), _squared_error, differentiable=True
+    )
+    reference = copy.deepcopy(model)
+    groups = [
+        {"params": [p for p in reference.parameters() if p.ndim > 1]},
+        {"params": [p for p in reference.parameters() if p.ndim == 1], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=0.01, weight_decay=0.5, foreach=False)
+    for _ in range(5):
+        state, _ = ft.train_step(state, batch)
+        opt.zero_grad()
+        _squared_error(reference, batch).backward()
+        opt.step()
+    for k, p in reference.named_parameters():
+        assert torch.equal(state.params[k].detach(), p.detach()), k
