@@ -941,7 +941,8 @@ class TrainState:
 
         The learning rate (``"lr"``, unless a schedule gives it), the weight decay and, where the
         optimizer has one, the momentum; empty for a state created without
-        ``differentiable=True``. Replace them with `with_hyperparameters`.
+        ``differentiable=True``. A `functrain.partition` of optimizers holds each group's by its
+        label, ``{label: {name: tensor}}``. Replace them with `with_hyperparameters`.
 
         Example:
             >>> import torch, functrain as ft
@@ -951,11 +952,12 @@ class TrainState:
             >>> s.hyperparameters["lr"]
             tensor(0.1000, dtype=torch.float64)
         """
-        return hyperparameters_of(self.opt_state)
+        return hyperparameters_of(self.opt_state, self.tx)
 
     def with_hyperparameters(self, **values: Any) -> TrainState:
         """This differentiable state with some hyperparameters replaced: numbers, or 0-d floating
         tensors (which may require grad: a gradient through the following steps reaches them).
+        A partition's by each group's label: ``with_hyperparameters(head={"lr": lr})``.
 
         Raises:
             ConfigError: the state holds no such hyperparameter (not differentiable, or a name it
@@ -971,7 +973,7 @@ class TrainState:
             >>> new.params["bias"].sum().backward(); lr.grad
             tensor(-4., dtype=torch.float64)
         """
-        return self.replace(opt_state=with_hyperparameters(self.opt_state, values))
+        return self.replace(opt_state=with_hyperparameters(self.opt_state, values, self.tx))
 
     def detach(self) -> TrainState:
         """This state with every tensor detached from the graph that made it (the same values).

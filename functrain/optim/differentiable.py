@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -150,6 +150,19 @@ def differentiable_form(optimizer: Transform) -> Transform:
         return own_rule(optimizer)
     call = recorded_call(optimizer)
     name = getattr(call.factory, "__name__", "") if call is not None else ""
+    if call is not None and name in _WRAPPERS:  # (each optimizer it holds in its own form)
+        arguments = call.arguments
+        return call.again(
+            **{
+                k: _form_of(v)
+                if isinstance(v, Transform)
+                else tuple(map(_form_of, v))
+                if isinstance(v, tuple)
+                else {label: _form_of(x) for label, x in v.items()}
+                for k, v in arguments.items()
+                if k in _WRAPPERS[name]
+            }
+        )
     if call is None or name not in FORMULAS:
         raise ConfigError(
             "a differentiable state trains with the differentiable form of a preset's optimizer, "
@@ -189,6 +202,24 @@ def differentiable_form(optimizer: Transform) -> Transform:
         mask=arguments.get("mask"),
         state_type=DifferentiableState,
     )
+
+
+# the wrappers whose optimizers a differentiable state trains in their differentiable forms, by
+# the arguments that hold them: each routes every parameter's gradient to one optimizer of its
+# own (`partition`, `masked`) or hands updates on (`chain`), its own arithmetic out of place
+_WRAPPERS = {"chain": ("transforms",), "partition": ("transforms",), "masked": ("inner",)}
+
+
+# what a differentiable state runs as it is, the step's own clipping (`StepOptions.clip_grad_norm`)
+_AS_IS = ("clip_by_global_norm",)
+
+
+def _form_of(tx: Transform) -> Transform:
+    """`differentiable_form` of a transform a wrapper holds; clipping as it is."""
+    call = recorded_call(tx)
+    if call is not None and getattr(call.factory, "__name__", "") in _AS_IS:
+        return tx
+    return differentiable_form(tx)
 
 
 def is_own_rule(optimizer: Transform) -> bool:
@@ -256,44 +287,70 @@ def _written_in_place(name: str, how: str) -> str:
     )
 
 
-def hyperparameters_of(opt_state: Any) -> dict[str, torch.Tensor]:
-    """The hyperparameters a differentiable state's optimizer holds, by name (empty if none)."""
-    found = _find(opt_state)
-    return {} if found is None else dict(found.hyperparameters)
+def hyperparameters_of(opt_state: Any, tx: Any = None) -> dict[str, Any]:
+    """The hyperparameters a differentiable state's optimizer holds, by name (empty if none).
+
+    Where it holds several optimizers (a `functrain.partition` of presets, `tx` the state's
+    transform), each group's by its label: ``{label: {name: tensor}}``.
+    """
+    forms = _forms(opt_state)
+    if len(forms) > 1:
+        return _by_label(_labels(tx, len(forms)), [dict(f.hyperparameters) for f in forms])
+    return dict(forms[0].hyperparameters) if forms else {}
 
 
-def with_hyperparameters(opt_state: Any, values: dict[str, Any]) -> Any:
+def with_hyperparameters(opt_state: Any, values: dict[str, Any], tx: Any = None) -> Any:
     """`opt_state` with the differentiable form's hyperparameters replaced by `values`.
 
     Each value passes the checks the presets make of the argument of its name (`_CHECKS`): a
-    tensor's value is read once, here, where it can be (not where vmap batches it).
+    tensor's value is read once, here, where it can be (not where vmap batches it). Where the
+    state holds several optimizers (a partition, `tx` the state's transform), `values` gives each
+    group's by its label, ``{label: {name: value}}``, as `hyperparameters_of` names them.
 
     Raises:
-        ConfigError: no differentiable form in `opt_state`, a name it does not hold, a value that
-            is not a number or a one-element dense floating tensor, or a value out of the
-            preset's range (every such problem at once).
+        ConfigError: no differentiable form in `opt_state`, a name (or label) it does not hold,
+            a value that is not a number or a one-element dense floating tensor, or a value out
+            of the preset's range (every such problem at once).
     """
-    found = _find(opt_state)
-    if found is None:
+    forms = _forms(opt_state)
+    if not forms:
         raise ConfigError(
             "this state's optimizer holds no hyperparameters as tensors; create the state with "
             "TrainState.create(..., differentiable=True) and a preset (a transform of your own "
             "holds its own, in its state)"
         )
+    problems: list[str] = []
+    if len(forms) == 1:
+        new = [_with_values(problems, forms[0], values, "")]
+    else:
+        paths = _labels(tx, len(forms))
+        new = [
+            _with_values(problems, f, _group(values, path, paths), f"{'.'.join(path)}: ")
+            for f, path in zip(forms, paths, strict=True)
+        ]
+        _check_groups(values, _by_label(paths, [{}] * len(paths)), paths)
+    config_check(problems, "with_hyperparameters")
+    return _replace_forms(opt_state, iter(new))
+
+
+def _with_values(
+    problems: list[str], found: DifferentiableState, values: dict[str, Any], where: str
+) -> DifferentiableState:
+    """`found` with the hyperparameters `values` (checked; `where`: the group, for messages)."""
     unknown = sorted(set(values) - set(found.hyperparameters))
     if unknown:
         raise ConfigError(
-            f"the optimizer holds the hyperparameters {sorted(found.hyperparameters)}, got "
-            f"{unknown}"
+            f"{where}the optimizer holds the hyperparameters {sorted(found.hyperparameters)}, "
+            f"got {unknown}"
         )
     new = dict(found.hyperparameters)
-    problems: list[str] = []
     for k, v in values.items():
-        held = _held(problems, k, v, found.hyperparameters[k].device, found.lr.device)
+        found_problems: list[str] = []
+        held = _held(found_problems, k, v, found.hyperparameters[k].device, found.lr.device)
+        problems.extend(where + problem for problem in found_problems)
         if held is not None:
             new[k] = held
-    config_check(problems, "with_hyperparameters")
-    return _replace(opt_state, found._replace(hyperparameters=new))
+    return found._replace(hyperparameters=new)
 
 
 def _check_decay(problems: list[str], name: str, value: Any) -> None:
@@ -344,22 +401,92 @@ def _held(
     return held
 
 
-def _find(node: Any) -> DifferentiableState | None:
-    """The differentiable form's state inside a (wrapped) optimizer state."""
+def _group(values: dict[str, Any], path: tuple[str, ...], paths: list[tuple[str, ...]]) -> Any:
+    """The values `with_hyperparameters` was given for the group at `path` (its labels)."""
+    node: Any = values
+    for label in path:
+        node = node.get(label, {}) if isinstance(node, dict) else node
+    if not isinstance(node, dict):
+        _refuse_groups(values, paths)
+    return node
+
+
+def _check_groups(values: Any, groups: dict[str, Any], paths: list[tuple[str, ...]]) -> None:
+    """Refuse a label of `values` that names no group (`groups`: the labels' tree)."""
+    for label, given in values.items():
+        if label not in groups:
+            _refuse_groups(values, paths)
+        inner = groups[label]
+        if any(isinstance(v, dict) for v in inner.values()) and isinstance(given, dict):
+            _check_groups(given, inner, paths)
+
+
+def _refuse_groups(values: Any, paths: list[tuple[str, ...]]) -> None:
+    labels = [".".join(path) for path in paths]
+    first = paths[0][0]
+    raise ConfigError(
+        f"the optimizer holds the hyperparameters of several groups, each by its partition "
+        f"label ({', '.join(labels)}): give each group's as a dict, "
+        f"with_hyperparameters({first}={{'lr': ...}}, ...); got {values!r}"
+    )
+
+
+def _forms(node: Any) -> list[DifferentiableState]:
+    """The differentiable forms' states inside a (wrapped) optimizer state, in its order."""
     if isinstance(node, DifferentiableState):
-        return node
+        return [node]
     if isinstance(node, tuple):
-        for child in node:
-            found = _find(child)
-            if found is not None:
-                return found
-    return None
+        return [found for child in node for found in _forms(child)]
+    return []
 
 
-def _replace(node: Any, new: DifferentiableState) -> Any:
+def _replace_forms(node: Any, new: Iterator[DifferentiableState]) -> Any:
+    """`node` with its differentiable forms' states replaced by `new`'s, in order."""
     if isinstance(node, DifferentiableState):
-        return new
-    if isinstance(node, tuple) and any(_find(c) is not None for c in node):
-        children = [_replace(c, new) for c in node]
+        return next(new)
+    if isinstance(node, tuple) and _forms(node):
+        children = [_replace_forms(c, new) for c in node]
         return type(node)(*children) if hasattr(node, "_fields") else tuple(children)
     return node
+
+
+def _labels(tx: Any, count: int) -> list[tuple[str, ...]]:
+    """The labels of the `count` differentiable forms `tx` holds, in its state's order: each the
+    path of `functrain.partition` labels that leads to it."""
+    found: list[tuple[str, ...]] = []
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        call = recorded_call(node) if isinstance(node, Transform) else None
+        if call is None:
+            if isinstance(node, Transform) and node.name.startswith("differentiable("):
+                found.append(path)
+            return
+        partition = getattr(call.factory, "__name__", "") == "partition"
+        for value in call.arguments.values():
+            if isinstance(value, Transform):
+                walk(value, path)
+            elif isinstance(value, tuple):
+                for x in value:
+                    walk(x, path)
+            elif isinstance(value, dict):
+                for label, x in value.items():
+                    walk(x, (*path, str(label)) if partition else path)
+
+    walk(tx, ())
+    if len(found) != count:  # (the state's transform is what built its forms)
+        raise ConfigError(
+            f"the optimizer's state holds {count} differentiable forms, its transform names "
+            f"{len(found)}: read them from the state's own transform (state.hyperparameters)"
+        )
+    return found
+
+
+def _by_label(labels: list[tuple[str, ...]], values: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{label: values}`` (nested where partitions nest) of each form's `values`."""
+    out: dict[str, Any] = {}
+    for path, held in zip(labels, values, strict=True):
+        node = out
+        for label in path[:-1]:
+            node = node.setdefault(label, {})
+        node[path[-1] if path else ""] = held
+    return out

@@ -880,3 +880,88 @@ def test_a_weight_decay_mask_trains_as_torchs_param_groups() -> None:
         opt.step()
     for k, p in reference.named_parameters():
         assert torch.equal(state.params[k].detach(), p.detach()), k
+
+
+def _groups(name: str, p: torch.Tensor) -> str:
+    return "w" if p.ndim > 1 else "b"
+
+
+def test_a_partition_trains_each_group_as_its_torch_optimizer_and_meta_gradients_agree() -> None:
+    # torch's AdamW on the weights and SGD with momentum on the biases (single-tensor loops),
+    # the groups' optimizers in their differentiable forms: bit for bit
+    tx = ft.partition(_groups, w=ft.adamw(0.05, weight_decay=0.1), b=ft.sgd(0.1, momentum=0.9))
+    model, (batch, _) = _net(), _batches()
+    state = ft.TrainState.create(model, tx, _squared_error, differentiable=True)
+    reference = copy.deepcopy(model)
+    weights = [p for p in reference.parameters() if p.ndim > 1]
+    biases = [p for p in reference.parameters() if p.ndim == 1]
+    optimizers = [
+        torch.optim.AdamW(weights, lr=0.05, weight_decay=0.1, foreach=False),
+        torch.optim.SGD(biases, lr=0.1, momentum=0.9, foreach=False),
+    ]
+    for _ in range(5):
+        state, _ = ft.train_step(state, batch)
+        for opt in optimizers:
+            opt.zero_grad()
+        _squared_error(reference, batch).backward()
+        for opt in optimizers:
+            opt.step()
+    for k, p in reference.named_parameters():
+        assert torch.equal(state.params[k].detach(), p.detach()), k
+    # the meta-gradient to the initial weights and the weights' group's rate, against finite
+    # differences
+    w0, v, h = _initial(), _direction(), 1e-6
+    start = {k: p.clone().requires_grad_(True) for k, p in w0.items()}
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    *by_weight, by_rate = torch.autograd.grad(
+        _unrolled(tx, start, w={"lr": lr}), [*start.values(), lr]
+    )
+    along = sum(float((g * v[k]).sum()) for g, k in zip(by_weight, start, strict=True))
+
+    def at(shift: float = 0.0, rate: float = 0.05) -> float:
+        moved = {k: p + shift * v[k] for k, p in w0.items()}
+        return float(_unrolled(tx, moved, w={"lr": torch.tensor(rate, dtype=torch.float64)}))
+
+    assert _relative(along, (at(h) - at(-h)) / (2 * h)) < 1e-7
+    assert _relative(float(by_rate), (at(0, 0.05 + h) - at(0, 0.05 - h)) / (2 * h)) < 1e-7
+
+
+def test_a_partitions_hyperparameters_are_each_groups_by_its_label() -> None:
+    tx = ft.partition(_groups, w=ft.adamw(0.05, weight_decay=0.1), b=ft.sgd(0.1, momentum=0.9))
+    state = ft.TrainState.create(_net(), tx, _squared_error, differentiable=True)
+    held = {g: {k: float(v) for k, v in hs.items()} for g, hs in state.hyperparameters.items()}
+    assert held == {
+        "w": {"lr": 0.05, "weight_decay": 0.1},
+        "b": {"lr": 0.1, "weight_decay": 0.0, "momentum": 0.9},
+    }
+    moved = state.with_hyperparameters(b={"momentum": 0.5})
+    assert float(moved.hyperparameters["b"]["momentum"]) == 0.5
+    assert float(moved.hyperparameters["w"]["lr"]) == 0.05
+    for given, match in (
+        ({"lr": 0.1}, r"several groups, each by its partition label \(w, b\)"),
+        ({"x": {"lr": 0.1}}, "several groups"),
+        ({"w": 0.1}, "several groups"),
+        ({"w": {"momentum": 0.5}}, r"w: the optimizer holds the hyperparameters"),
+        ({"b": {"lr": -1.0}}, r"b: lr must be >= 0"),
+    ):
+        with pytest.raises(ft.ConfigError, match=match):
+            state.with_hyperparameters(**given)
+
+
+def test_a_chain_after_clipping_trains_as_the_ordinary_chain_bit_for_bit() -> None:
+    model, (batch, _) = _net(dtype=torch.float32), _batches(torch.float32)
+    tx = ft.chain(ft.clip_by_global_norm(0.05), ft.adam(0.01))
+    ours = ft.TrainState.create(model, tx, _squared_error, differentiable=True, grad_norm=True)
+    theirs = ft.TrainState.create(
+        model,
+        ft.chain(ft.clip_by_global_norm(0.05), ft.adam(0.01, fused=False)),
+        _squared_error,
+        grad_norm=True,
+    )
+    for _ in range(5):
+        ours, got = ft.train_step(ours, batch)
+        theirs, expected = ft.train_step(theirs, batch)
+        assert torch.equal(got["grad_norm"], expected["grad_norm"])
+    for k in theirs.params:
+        assert torch.equal(ours.params[k].detach(), theirs.params[k]), k
+    assert float(ours.hyperparameters["lr"]) == 0.01  # (one optimizer: its names alone)

@@ -152,9 +152,14 @@ def test_functrain_own_transforms_keep_their_differentiable_form_or_refusal() ->
     assert not is_own_rule(ft.sgd(0.1)._replace(name="renamed"))
     state = ft.TrainState.create(_net(), ft.sgd(0.1), _squared_error, differentiable=True)
     assert state.tx.name.startswith("skip_nonfinite(inner=differentiable(sgd(")
-    for tx in (ft.chain(ft.sgd(0.1)), ft.lion(1e-3), ft.identity()):
+    for tx in (ft.chain(ft.lion(1e-3)), ft.lion(1e-3), ft.identity()):
         with pytest.raises(ft.ConfigError, match="has none; give one of functrain.sgd"):
             ft.TrainState.create(_net(), tx, _squared_error, differentiable=True)
+    # a chain or partition holds each optimizer in its own form, a rule of one's own as written
+    labels = lambda name, p: "w" if p.ndim > 1 else "b"  # noqa: E731
+    tx = ft.partition(labels, w=maml_sgd(0.1), b=ft.chain(ft.sgd(0.1)))
+    state = ft.TrainState.create(_net(), tx, _squared_error, differentiable=True)
+    assert "w=maml_sgd" in state.tx.name and "b=chain(differentiable(sgd(" in state.tx.name
 
 
 def test_a_rule_of_ones_own_that_takes_extras_trains_as_the_plain_one() -> None:
