@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from functrain.errors import ImmutableStateError, StateMismatchError
 
@@ -402,7 +403,10 @@ LOCAL_NORMS = Norms()
 
 
 def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch.Tensor:
-    """The L2 norm of all `tensors` taken together, as a float32 0-d tensor (no host sync).
+    """The L2 norm of all `tensors` taken together, a 0-d tensor (no host sync): as
+    ``torch.nn.utils.clip_grad_norm_`` measures it (`plain_norm`: in the promoted dtype of the
+    tensors' norms, float32 for float32 tensors); a stacked state's members' and a sharded
+    state's in float32.
 
     When `norms` shares a norm of the same tensors, unmodified, that norm is returned instead of
     computed again (not in a differentiated step: the norm it shares has no graph); with
@@ -446,26 +450,43 @@ def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> 
 
 
 def plain_norm(tensors: list[torch.Tensor], float32: bool = False) -> torch.Tensor:
-    """`global_norm` of dense tensors in an eager step on one rank: ``_foreach_norm``, then the
-    norm of the stacked norms in float32 (as ``torch.nn.utils.clip_grad_norm_`` takes it).
-    `float32`: the caller knows every tensor is float32 (their norms are stacked unasked).
+    """`global_norm` of dense tensors in an eager step on one rank, as
+    ``torch.nn.utils.clip_grad_norm_`` measures it: ``_foreach_norm`` of each device's and
+    dtype's tensors (`by_kind`), each norm in its tensors' dtype, then the norm of them all stacked
+    on the first tensor's device, in their promoted dtype (float32 for float32 tensors, float64
+    where one is). `float32`: the caller knows every tensor is float32 on one device.
 
     Example:
         >>> plain_norm([torch.tensor([3.0]), torch.tensor([4.0])])
         tensor(5.)
     """
-    found: tuple[torch.Tensor, ...] | list[torch.Tensor] = torch._foreach_norm(tensors)
-    if not float32:
-        # `.float()` of a float32 tensor is a dispatch that returns it: skipped where it is one
-        found = [n if n.dtype == torch.float32 else n.float() for n in found]
+    kinds: list[list[torch.Tensor]] = [tensors] if float32 else by_kind(tensors)
+    if kinds[0] is tensors:  # (one device and dtype: the usual case)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+    device = tensors[0].device
+    found = [n.to(device) for group in kinds for n in torch._foreach_norm(group)]
     return torch.linalg.vector_norm(torch.stack(found))
 
 
+def by_kind(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`tensors` grouped by device and dtype as torch's ``clip_grad_norm_`` groups them (its own
+    grouping: the groups' order is the order its norms are stacked in, and so the total's
+    rounding); ``[tensors]`` itself where they share a device and a dtype."""
+    first = tensors[0]
+    dtype, device = first.dtype, first.device
+    if all(t.dtype == dtype and t.device == device for t in tensors):
+        return [tensors]
+    grouped: Any = _group_tensors_by_device_and_dtype([tensors])  # type: ignore[list-item]
+    return [group for [group], _ in grouped.values()]
+
+
 def _per_tensor_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`global_norm` by one norm per tensor (on the CPU the bits of ``_foreach_norm``, which runs
+    """`plain_norm` by one norm per tensor (on the CPU the bits of ``_foreach_norm``, which runs
     the same norm per tensor there)."""
+    ordered = [t for group in by_kind(list(tensors)) for t in group]
+    device = tensors[0].device
     return torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(t).float() for t in tensors])
+        torch.stack([torch.linalg.vector_norm(t).to(device) for t in ordered])
     )
 
 

@@ -448,7 +448,7 @@ def step_metrics(
     flag, the transforms' and the loss function's."""
     return {
         "loss": loss if loss.dtype == torch.float32 else loss.float(),
-        **({} if grad_norm is None else {"grad_norm": grad_norm}),
+        **({} if grad_norm is None else {"grad_norm": grad_norm.float()}),
         "lr": tx_metrics["lr"].float()
         if "lr" in tx_metrics
         else torch.full((), float("nan"), dtype=torch.float32),

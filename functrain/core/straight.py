@@ -238,7 +238,9 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     )
     if program.scaled and program.reports:
         text.append(_UNSCALED_NORM)
-    text.append(_METRICS.format(norm='"grad_norm": norm, ' if program.reports else ""))
+    # (the norm in the gradients' dtype, as clip_grad_norm_ measures it: the metric float32)
+    norm = '"grad_norm": norm, ' if program.fp32 else '"grad_norm": norm.float(), '
+    text.append(_METRICS.format(norm=norm if program.reports else ""))
     if program.rates is not None:
         text.append(_RATES)
     text.append(_SKIPPED)

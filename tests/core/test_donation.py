@@ -762,7 +762,8 @@ def test_a_donated_state_is_retired_before_its_step_releases_the_lock(
     if kind.endswith("stacked"):
         state = ft.stack([state, state.clone()])
     step = ft.compile_step(backend="eager") if kind.startswith("compiled") else ft.train_step
-    state, _ = step(state, batches(1)[0])  # (a pure step first: its structure decided)
+    # (a donated step first: its configuration compiled, and checked in a scope of its own)
+    state, _ = step(state, batches(1)[0], donate=True)
     retired_at_release: list[bool] = []
     restore = scope.restore
 

@@ -583,6 +583,54 @@ def test_clip_grad_norm_clips_like_torch_and_reports_the_norm_before_clipping() 
         assert torch.equal(state.params[name], p), name
 
 
+def _in_dtypes(model: nn.Module, dtypes: str) -> nn.Module:
+    """`model` in float64 or bfloat16, or with its first layer in float64 (its gradients' norms
+    of two dtypes)."""
+    if dtypes == "mixed":
+        model[0].double()
+        return model
+    return model.to(getattr(torch, dtypes))
+
+
+class _ToFirst(nn.Module):
+    """The input in the first layer's dtype, the output in float32: a model of mixed dtypes."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.inner[0].weight.dtype)
+        for layer in self.inner:
+            x = layer(x.to(layer.weight.dtype) if isinstance(layer, nn.Linear) else x)
+        return x.float()
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("dtypes", ["float64", "bfloat16", "mixed"])
+def test_clipping_gradients_of_other_dtypes_is_torchs_in_the_norms_dtype(
+    dtypes: str, donate: bool
+) -> None:
+    # clip_grad_norm_ measures each dtype's norms in that dtype and the total in their promoted
+    # one (float64 where a gradient is; bfloat16 where all are), and scales by that
+    model = _ToFirst(_in_dtypes(make_mlp(), dtypes))
+    reference = copy.deepcopy(model)
+    torch_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, fused=True)
+    state = ft.TrainState.create(
+        model, ft.sgd(0.1, momentum=0.9), cross_entropy_loss_fn, clip_grad_norm=0.1
+    )
+    for batch in batches(make_mlp(), 4):
+        state, metrics = ft.train_step(state, batch, donate=donate)
+        cross_entropy_loss_fn(reference, batch).backward()
+        total = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+        torch_opt.step()
+        torch_opt.zero_grad()
+        assert total > 0.1  # the clip is active
+        assert torch.equal(metrics["grad_norm"], total.float())
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
+
+
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 @pytest.mark.parametrize("route", ["straight", "body"])
 @pytest.mark.parametrize(

@@ -49,6 +49,18 @@ class ClipByGlobalNormState(NamedTuple):
         return {"grad_norm": self.grad_norm}
 
 
+def _kept(
+    norm: torch.Tensor, state: ClipByGlobalNormState, keep: torch.Tensor | None
+) -> torch.Tensor:
+    """The norm the state keeps, float32 whatever the gradients' dtype (its metric): a copy of its
+    own (the step reports it, and its caller may write a metric), or where `keep` says the update
+    was skipped the one it kept before (gated: the updates only feed the next transform, which
+    skips too)."""
+    if keep is None:
+        return norm.to(torch.float32, copy=True)
+    return torch.where(keep, norm.float(), state.grad_norm)
+
+
 @named
 def clip_by_global_norm(max_norm: float) -> Transform:
     """Scale updates down so their global L2 norm is at most `max_norm` (as `clip_grad_norm_`).
@@ -92,9 +104,7 @@ def clip_by_global_norm(max_norm: float) -> Transform:
         g, spec = flat_updates(updates, params)
         norm = extras.global_norm(g)
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        # gated: the updates only feed the next transform, which skips too; the metric stays put
-        # (a copy of its own: the step reports the norm as a metric, which its caller may write)
-        kept = norm.clone() if keep is None else torch.where(keep, norm, state.grad_norm)
+        kept = _kept(norm, state, keep)
         if extras.may_write_updates() and not coef.ndim and len({t.dtype for t in g}) == 1:
             # a donated step's own gradients, scaled where they are (as clip_grad_norm_ does)
             torch._foreach_mul_(g, coef.to(g[0].dtype))
@@ -106,11 +116,10 @@ def clip_by_global_norm(max_norm: float) -> Transform:
         return tree_unflatten(_by_dtype_mul(g, coef), spec), ClipByGlobalNormState(kept)
 
     def plan(params: dict[str, torch.Tensor], state: ClipByGlobalNormState) -> Prelude | None:
-        # `update_fn` on the step's own norm, for parameters of one dtype
+        # `update_fn` on the step's own norm, for parameters of one dtype (the norm's, and so the
+        # coefficient's, as clip_grad_norm_ measures it)
         if len({p.dtype for p in params.values()}) != 1:
             return None
-        # the coefficient (float32, as the norm) cast to the gradients' dtype where it is another
-        cast = next(iter(params.values())).dtype != torch.float32
 
         def run(
             grads: list[torch.Tensor],
@@ -122,9 +131,13 @@ def clip_by_global_norm(max_norm: float) -> Transform:
             # ``max_norm / (norm + 1e-6)`` as torch computes it (`Tensor.__rdiv__`: the
             # reciprocal times the number), without its Python wrapper
             coef = torch.clamp((norm + 1e-6).reciprocal().mul_(max_norm), max=1.0)
-            kept = norm.clone() if keep is None else torch.where(keep, norm, state.grad_norm)
+            # (`_kept`, without its frame: a step's)
+            if keep is None:
+                kept = norm.to(torch.float32, copy=True)
+            else:
+                kept = torch.where(keep, norm.float(), state.grad_norm)
             if write:
-                torch._foreach_mul_(grads, coef.to(grads[0].dtype) if cast else coef)
+                torch._foreach_mul_(grads, coef)
                 return grads, ClipByGlobalNormState(kept)
             return _by_dtype_mul(grads, coef), ClipByGlobalNormState(kept)
 
