@@ -411,23 +411,28 @@ def _group(values: dict[str, Any], path: tuple[str, ...], paths: list[tuple[str,
     return node
 
 
-def _check_groups(values: Any, groups: dict[str, Any], paths: list[tuple[str, ...]]) -> None:
-    """Refuse a label of `values` that names no group (`groups`: the labels' tree)."""
+def _check_groups(
+    values: Any, groups: dict[str, Any], paths: list[tuple[str, ...]], whole: Any = None
+) -> None:
+    """Refuse a label of `values` that names no group (`groups`: the labels' tree; `whole`: what
+    `with_hyperparameters` was given, where `values` is a part of it)."""
     for label, given in values.items():
         if label not in groups:
-            _refuse_groups(values, paths)
+            _refuse_groups(values if whole is None else whole, paths)
         inner = groups[label]
         if any(isinstance(v, dict) for v in inner.values()) and isinstance(given, dict):
-            _check_groups(given, inner, paths)
+            _check_groups(given, inner, paths, values if whole is None else whole)
 
 
 def _refuse_groups(values: Any, paths: list[tuple[str, ...]]) -> None:
     labels = [".".join(path) for path in paths]
-    first = paths[0][0]
+    example = "{'lr': ...}"  # (the first group's, nested as its labels are)
+    for label in reversed(paths[0][1:]):
+        example = f"{{{label!r}: {example}}}"
     raise ConfigError(
         f"the optimizer holds the hyperparameters of several groups, each by its partition "
         f"label ({', '.join(labels)}): give each group's as a dict, "
-        f"with_hyperparameters({first}={{'lr': ...}}, ...); got {values!r}"
+        f"with_hyperparameters({paths[0][0]}={example}, ...); got {values!r}"
     )
 
 

@@ -946,6 +946,19 @@ def test_a_partitions_hyperparameters_are_each_groups_by_its_label() -> None:
     ):
         with pytest.raises(ft.ConfigError, match=match):
             state.with_hyperparameters(**given)
+    # a partition inside a partition: its groups nested by their labels
+    first = lambda name, p: "x" if name.startswith("0.") else "y"  # noqa: E731
+    nested = ft.partition(first, x=tx, y=ft.sgd(0.2))
+    state = ft.TrainState.create(_net(), nested, _squared_error, differentiable=True)
+    assert {k: sorted(v) for k, v in state.hyperparameters.items()} == {
+        "x": ["b", "w"],
+        "y": ["lr", "weight_decay"],
+    }
+    moved = state.with_hyperparameters(x={"w": {"lr": 0.5}}, y={"lr": 0.3})
+    assert float(moved.hyperparameters["x"]["w"]["lr"]) == 0.5
+    assert float(moved.hyperparameters["y"]["lr"]) == 0.3
+    with pytest.raises(ft.ConfigError, match=r"with_hyperparameters\(x=\{'w': \{'lr'"):
+        state.with_hyperparameters(x={"lr": 0.5})
 
 
 def test_a_chain_after_clipping_trains_as_the_ordinary_chain_bit_for_bit() -> None:
