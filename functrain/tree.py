@@ -476,6 +476,14 @@ def by_kind(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     dtype, device = first.dtype, first.device
     if all(t.dtype == dtype and t.device == device for t in tensors):
         return [tensors]
+    return _torch_groups(tensors)
+
+
+@torch.compiler.disable
+def _torch_groups(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """torch's grouping by device and dtype, run as torch runs it eagerly (traced, dynamo would
+    run a grouping of its own, in another order: a compiled step's norm would round otherwise
+    than the eager one's)."""
     grouped: Any = _group_tensors_by_device_and_dtype([tensors])  # type: ignore[list-item]
     return [group for [group], _ in grouped.values()]
 

@@ -629,6 +629,21 @@ def test_clipping_gradients_of_other_dtypes_is_torchs_in_the_norms_dtype(
         assert torch.equal(metrics["grad_norm"], total.float())
     for name, p in reference.named_parameters():
         assert torch.equal(state.params[name], p.detach()), name
+    # traced, torch's grouping runs as it runs eagerly (dynamo's own groups in another order)
+    step, compiled = ft.compile_step(backend="eager"), _ToFirst(_in_dtypes(make_mlp(), dtypes))
+    eager = ft.TrainState.create(
+        copy.deepcopy(compiled),
+        ft.sgd(0.1, momentum=0.9),
+        cross_entropy_loss_fn,
+        clip_grad_norm=0.1,
+    )
+    traced = ft.TrainState.create(
+        compiled, ft.sgd(0.1, momentum=0.9), cross_entropy_loss_fn, clip_grad_norm=0.1
+    )
+    for batch in batches(make_mlp(), 3):
+        eager, _ = ft.train_step(eager, batch, donate=donate)
+        traced, _ = step(traced, batch, donate=donate)
+    assert_trees_equal(eager.params, traced.params, "params")
 
 
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
