@@ -476,16 +476,28 @@ def by_kind(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     dtype, device = first.dtype, first.device
     if all(t.dtype == dtype and t.device == device for t in tensors):
         return [tensors]
+    if _UNTRACED and torch.compiler.is_compiling():  # (traced, dynamo runs a grouping of its
+        # own, in another order: a compiled step's norm would round otherwise than the eager one's)
+        return _UNTRACED[0](tensors)
     return _torch_groups(tensors)
 
 
-@torch.compiler.disable
 def _torch_groups(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """torch's grouping by device and dtype, run as torch runs it eagerly (traced, dynamo would
-    run a grouping of its own, in another order: a compiled step's norm would round otherwise
-    than the eager one's)."""
+    """torch's grouping by device and dtype (``clip_grad_norm_``'s)."""
     grouped: Any = _group_tensors_by_device_and_dtype([tensors])  # type: ignore[list-item]
     return [group for [group], _ in grouped.values()]
+
+
+# `_torch_groups` as a compiled step runs it: untraced (`untraced_grouping`)
+_UNTRACED: list[Callable[[list[torch.Tensor]], list[list[torch.Tensor]]]] = []
+
+
+def untraced_grouping() -> None:
+    """Make the steps `functrain.compile_step` traces group tensors as the eager steps do (by
+    torch's grouping, run untraced). `compile_step` calls it: ``torch.compiler.disable`` imports
+    dynamo, which ``import functrain`` does not."""
+    if not _UNTRACED:
+        _UNTRACED.append(torch.compiler.disable(_torch_groups))
 
 
 def _per_tensor_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

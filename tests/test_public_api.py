@@ -153,3 +153,13 @@ def test_the_integrations_import_their_packages_only_when_a_callback_is_built() 
         "['functrain.integrations.wandb', 'functrain.integrations.optuna']"
     )
     assert out[2] == "['functrain.integrations.optuna', 'functrain.integrations.wandb', 'optuna']"
+
+
+def test_importing_functrain_imports_no_compiler() -> None:
+    # torch's dynamo and inductor take a second to import: a step that compiles imports them
+    code = (
+        "import sys, functrain\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
