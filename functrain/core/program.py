@@ -36,6 +36,7 @@ another) and backward, then the update on the stacked tensors, planned for the d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,6 +75,7 @@ from functrain.layout import in_layouts_of
 from functrain.optim.base import (
     NO_EXTRAS,
     Extras,
+    Transform,
     averaging_of,
     group_rates,
     members_planner_of,
@@ -81,6 +83,7 @@ from functrain.optim.base import (
     update_reporting,
 )
 from functrain.optim.metrics import metric_nodes, metric_reader, transform_metrics
+from functrain.optim.naming import recorded_call
 from functrain.optim.planned import Prelude, Ran, Runner, reads_norm
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.updates import apply_updates
@@ -132,6 +135,7 @@ class StepProgram(_Decided):
         "measures",
         "tx_metrics",
         "tx_readers",
+        "find_metrics",
         "scaled",
         "straight",
     )
@@ -180,6 +184,7 @@ class StepProgram(_Decided):
         # a transform's own update (`_updating`) may return a state of another structure (a
         # user's that switches optimizers): its metrics found in the state each step returns
         own = stage == "updated"
+        self.find_metrics = metrics_finder(state.tx)
         self.tx_metrics = bool(extra) or users or own
         readers = {k: metric_reader(opt_state, k) for k in extra}
         # (in the body's order)
@@ -312,13 +317,14 @@ def _updating(state: TrainState) -> Runner | None:
     What the body's update does (`functrain.core.body.apply`), with what it decides on every
     call decided here: the update through ``update_reporting`` with the step's norm shared, the
     new parameters by `apply_updates` in their parameters' strides, the rate and skip flag read
-    from the state it returns, as the body reads them (`functrain.core.body.tx_metrics_of`: the
-    update may return a state of another structure). The other metrics the transform's state
-    exposes the step reads from that state too (`StepProgram.tx_metrics`).
+    from the state it returns (`metrics_finder`: the update may return a state of another
+    structure). The other metrics the transform's state exposes the step reads from that state
+    too (`StepProgram.tx_metrics`).
     """
     tx, names = state.tx, list(state.params)
     window = state.options.accumulate_steps
     reports = state.options.reports_grad_norm
+    find = metrics_finder(tx)
     # one layout only: contiguous with no size-1 dimension (whose strides may take any value)
     contiguous = all(p.is_contiguous() and 1 not in p.shape for p in state.params.values())
 
@@ -347,13 +353,43 @@ def _updating(state: TrainState) -> Runner | None:
         measured = report.grad_norm
         if measured is None and norm is None and reports:
             measured = global_norm(grads)
-        found = tx_metrics_of(tx, new_state)  # (its structure may not be the given one's)
+        found = find(tx, new_state)  # (its structure may not be the given one's)
         skipped = found.get("skipped")
         if skipped is not None and window > 1:  # the flag of the window that ends here
             skipped = skipped & (new_state.micro_step == 0)
         return Ran(list(new.values()), new_state, found.get("lr"), skipped, None, measured)
 
     return run
+
+
+def metrics_finder(tx: Any) -> Callable[[Any, Any], dict[str, torch.Tensor]]:
+    """How a step finds the metrics in the optimizer state of `tx` an update returned:
+    `functrain.core.body.tx_metrics_of` (the nodes found once, walked again where one changes
+    class) where every transform of `tx` is functrain's (built by a factory of its own: its state
+    keeps its structure), else the whole state walked each step (`transform_metrics`: a user's
+    transform may switch to a state of another structure, whose metrics may be new)."""
+    return tx_metrics_of if _functrain_built(tx) else _walked
+
+
+def _walked(tx: Any, opt_state: Any) -> dict[str, torch.Tensor]:
+    return transform_metrics(opt_state)
+
+
+def _functrain_built(tx: Any) -> bool:
+    """Whether `tx` and every transform it holds were built by functrain's factories."""
+    call = recorded_call(tx)
+    if call is None:
+        return False
+    for value in call.arguments.values():
+        if isinstance(value, Transform):
+            held: Any = (value,)
+        elif isinstance(value, dict):
+            held = value.values()
+        else:
+            held = value if isinstance(value, (tuple, list)) else ()
+        if any(isinstance(x, Transform) and not _functrain_built(x) for x in held):
+            return False
+    return True
 
 
 class MembersProgram(_Decided):

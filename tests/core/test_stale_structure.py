@@ -259,3 +259,21 @@ def test_a_transform_whose_state_changes_structure_trains_as_torch_switching_opt
         assert ("lr_scale" in metrics) == in_adamw, (i, sorted(metrics))
         assert float(metrics["lr"]) == pytest.approx(1e-2 if in_adamw else 0.1)
     assert_trees_equal(dict(reference.named_parameters()), state.params, "params")
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_a_switching_transform_reports_the_metrics_its_new_state_gains(donate: bool) -> None:
+    # from a state exposing no metric (identity) to sgd's rate, and from a chain to the same
+    # chain with reduce_on_plateau behind it (its scale): each reported from the switch on
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    cases = (
+        (ft.identity(), ft.sgd(0.1), "lr"),
+        (ft.chain(ft.sgd(0.1)), ft.chain(ft.sgd(0.1), ft.reduce_on_plateau()), "lr_scale"),
+    )
+    for first, then, gained in cases:
+        state = ft.TrainState.create(net, _switching(first, then, 2), loss_fn)
+        for i in range(4):
+            state, metrics = ft.train_step(state, batch(i), donate=donate)
+            if i >= 2:
+                assert gained in metrics and bool(torch.isfinite(metrics[gained])), (gained, i)
