@@ -405,8 +405,7 @@ LOCAL_NORMS = Norms()
 def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch.Tensor:
     """The L2 norm of all `tensors` taken together, a 0-d tensor (no host sync): as
     ``torch.nn.utils.clip_grad_norm_`` measures it (`plain_norm`: in the promoted dtype of the
-    tensors' norms, float32 for float32 tensors); a stacked state's members' and a sharded
-    state's in float32.
+    tensors' norms, float32 for float32 tensors); a sharded state's in float32.
 
     When `norms` shares a norm of the same tensors, unmodified, that norm is returned instead of
     computed again (not in a differentiated step: the norm it shares has no graph); with
@@ -521,9 +520,7 @@ def _member_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim))) if t.ndim > 1 else t.abs()
         for t in tensors
     ]
-    return torch.linalg.vector_norm(
-        torch.stack([r if r.dtype == torch.float32 else r.float() for r in rows]), dim=0
-    )
+    return torch.linalg.vector_norm(torch.stack(rows), dim=0)  # (in their promoted dtype)
 
 
 def _norm_across(tensors: Sequence[torch.Tensor], across: Any) -> torch.Tensor:

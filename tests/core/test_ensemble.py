@@ -383,3 +383,24 @@ def test_members_differing_only_in_their_seed_are_warned_about():
     ft.stack(
         [ft.TrainState.create(model, swept, cross_entropy_with_accuracy, seed=s) for s in range(2)]
     )
+
+
+def test_a_float64_members_clipping_measures_its_norm_in_float64_as_it_alone() -> None:
+    # each member's norm in its gradients' dtype, as the member alone measures it (the sums run
+    # in another order: equal to float64's rounding, where a float32 norm would differ by 1e-8)
+    def state(seed: int) -> ft.TrainState:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(D_IN, D_HIDDEN), nn.Tanh(), nn.Linear(D_HIDDEN, D_OUT))
+        return ft.TrainState.create(
+            model.double(),
+            ft.sgd(0.1),
+            lambda m, b: (m(b[0].double()) - 1).pow(2).mean(),
+            clip_grad_norm=0.01,
+        )
+
+    data = batches(5)
+    stacked, _ = run(ft.stack([state(0), state(1)]), data)
+    for k, member in enumerate(ft.unstack(stacked)):
+        alone, _ = run(state(k), data)
+        for name, p in alone.params.items():
+            torch.testing.assert_close(member.params[name], p, rtol=1e-13, atol=1e-15)
