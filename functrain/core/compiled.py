@@ -76,6 +76,7 @@ from functrain.core.stacked_step import (
     refuse_per_member,
     stacked_train_step,
     step_function,
+    view_refused,
 )
 from functrain.core.state import TrainState
 from functrain.core.step import train_step
@@ -250,6 +251,23 @@ def _after_failure(
     if scope is not None:
         leave(scope)
     return found
+
+
+def _retiring(run: Callable[..., Any], attempt: _Attempt, state: TrainState) -> Callable[..., Any]:
+    """`run` (a donated compiled call of `state`'s step), which retires `state` where it raises
+    once its graph may have run, as `_after_failure` would, but inside the step's scope: before
+    its lock goes, so that a save never reads the written tensors as a live state's. Not on
+    torch's refusal of a view (`view_refused`: the step runs again in the module's order)."""
+
+    def call(*args: Any) -> Any:
+        try:
+            return run(*args)
+        except BaseException as error:
+            if attempt.may_have_run() and not isinstance(error, Spent) and not view_refused(error):
+                state.retire(_DONATED, error)
+            raise
+
+    return call
 
 
 def _hooks_enabled() -> bool:
@@ -439,11 +457,12 @@ class CompiledStep:
         if donate:
             wait_until_unheld(state)  # an async save still reading these tensors
         attempt = _Attempt()
+        run = attempt.calling(found)
+        if donate:  # a graph that raised once it may have run: its state retired in the scope
+            run = _retiring(run, attempt, state)
         try:
             # (a donated state retired in the scope, whose lock a save takes)
-            result = stacked_train_step(
-                state, batch, compiled=attempt.calling(found), donate=donate, call=_DONATED
-            )
+            result = stacked_train_step(state, batch, compiled=run, donate=donate, call=_DONATED)
         except BaseException as error:  # traced: dynamo words torch's error its own way
             if isinstance(error, Exception) and learned_module_order(error, state):
                 _enable_hooks_again(attempt.hooks)

@@ -64,6 +64,7 @@ __all__ = [
     "member_zero",
     "in_module_order",
     "learned_module_order",
+    "view_refused",
     "member_batch",
     "module_order",
     "member_function",
@@ -343,18 +344,24 @@ def in_module_order(state: StepState) -> bool:
     return found is not None and found[0] is state.module and found[1] is state.loss_fn
 
 
+def view_refused(error: BaseException) -> bool:
+    """Whether `error` (or one it came from) is torch refusing to view a tensor (a transposed
+    weight's: `learned_module_order`)."""
+    seen: BaseException | None = error
+    while seen is not None and not any(words in str(seen) for words in _VIEW_REFUSED):
+        seen = seen.__cause__ or seen.__context__
+    return seen is not None
+
+
 def learned_module_order(error: BaseException, state: StepState) -> bool:
     """Whether `error` is torch refusing to view a transposed weight of `state` (then remembered).
 
     Then `in_module_order` holds for `state`'s configuration from now on, and the step is run
     again. False for any other error, and once the configuration already reads its weights so.
     """
-    seen: BaseException | None = error
-    while seen is not None and not any(words in str(seen) for words in _VIEW_REFUSED):
-        seen = seen.__cause__ or seen.__context__
     # (torch's refusal first: any other error, one raised after a donated state was retired
     # included, is the caller's to see as it is)
-    if seen is None or in_module_order(state):
+    if not view_refused(error) or in_module_order(state):
         return False
     if not any(_transposed(p) for p in state.params.values()):
         return False

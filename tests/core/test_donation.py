@@ -386,19 +386,32 @@ def tripwire_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["plain", "stacked"])
 def test_a_compiled_donated_step_that_raises_while_its_graph_runs_retires_the_state(
-    stacked: bool,
+    stacked: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Which tensors the graph had written is unknowable: the state is neither old nor new."""
+    """Which tensors the graph had written is unknowable: the state is neither old nor new. It
+    is retired before the step releases its lock (a save takes it), as after a step that ran."""
+    from functrain.core import scope
+
     state = ft.TrainState.create(make_model(), ft.adamw(1e-2), tripwire_loss)
     state = ft.stack([state, state.clone()]) if stacked else state
     step = ft.compile_step(backend="eager")
     state, _ = step(state, batches(1)[0], donate=True)  # compiled, and run
+    retired_at_release: list[bool] = []
+    restore = scope.restore
+
+    def watched(s: Any) -> None:
+        if s.open and s.locked:
+            retired_at_release.append(state._donated_to is not None)
+        restore(s)
+
+    monkeypatch.setattr(scope, "restore", watched)
     _TRIPPED.append(KeyboardInterrupt())
     try:
         with pytest.raises(KeyboardInterrupt):
             step(state, batches(1)[0], donate=True)
     finally:
         _TRIPPED.clear()
+    assert retired_at_release == [True]
     with pytest.raises(ft.DonatedStateError, match="which then raised KeyboardInterrupt"):
         step(state, batches(1)[0])
     # the graph left torch.func.grad midway: torch's ban on saved-tensor hooks inside it is lifted
