@@ -470,33 +470,20 @@ def plain_norm(tensors: list[torch.Tensor], float32: bool = False) -> torch.Tens
 def by_kind(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """`tensors` grouped by device and dtype as torch's ``clip_grad_norm_`` groups them (its own
     grouping: the groups' order is the order its norms are stacked in, and so the total's
-    rounding); ``[tensors]`` itself where they share a device and a dtype."""
+    rounding); ``[tensors]`` itself where they share a device and a dtype. Traced, in the order
+    each first appears, as dynamo runs torch's grouping (as ``clip_grad_norm_`` traced groups
+    them: a call out of the graph would break it, and its frames' caches fill for every state)."""
     first = tensors[0]
     dtype, device = first.dtype, first.device
     if all(t.dtype == dtype and t.device == device for t in tensors):
         return [tensors]
-    if _UNTRACED and torch.compiler.is_compiling():  # (traced, dynamo runs a grouping of its
-        # own, in another order: a compiled step's norm would round otherwise than the eager one's)
-        return _UNTRACED[0](tensors)
-    return _torch_groups(tensors)
-
-
-def _torch_groups(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """torch's grouping by device and dtype (``clip_grad_norm_``'s)."""
+    if torch.compiler.is_compiling():
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for t in tensors:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        return list(groups.values())
     grouped: Any = _group_tensors_by_device_and_dtype([tensors])  # type: ignore[list-item]
     return [group for [group], _ in grouped.values()]
-
-
-# `_torch_groups` as a compiled step runs it: untraced (`untraced_grouping`)
-_UNTRACED: list[Callable[[list[torch.Tensor]], list[list[torch.Tensor]]]] = []
-
-
-def untraced_grouping() -> None:
-    """Make the steps `functrain.compile_step` traces group tensors as the eager steps do (by
-    torch's grouping, run untraced). `compile_step` calls it: ``torch.compiler.disable`` imports
-    dynamo, which ``import functrain`` does not."""
-    if not _UNTRACED:
-        _UNTRACED.append(torch.compiler.disable(_torch_groups))
 
 
 def _per_tensor_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -86,7 +86,7 @@ from functrain.errors import ConfigError, FunctrainError
 from functrain.optim.base import NO_EXTRAS, Extras
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import stored
-from functrain.tree import tree_flatten, tree_leaves, tree_unflatten, untraced_grouping
+from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["compile_step", "CompiledStep", "EagerStepWarning"]
 
@@ -316,7 +316,6 @@ class CompiledStep:
         recorder: Callable[[torch.device], Recorder] | None = None,
         eager_for: tuple[type[nn.Module], ...] = (),
     ) -> None:
-        untraced_grouping()  # (the norm of a model of mixed dtypes, grouped as eagerly)
         # with a recorder, every step is captured (`functrain.core.capture`)
         self._captures = Captures(recorder) if recorder is not None else None
         # per module object (kept alive): whether its steps run eagerly (`eager_for`)
