@@ -379,6 +379,23 @@ def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+def _watch_releases(monkeypatch: pytest.MonkeyPatch, state: ft.TrainState) -> list[bool]:
+    """Whether `state` was retired at each release of a step's lock from here on (a save takes
+    the lock to hold a state's tensors: `hold_live`)."""
+    from functrain.core import scope
+
+    retired_at_release: list[bool] = []
+    restore = scope.restore
+
+    def watched(s: Any) -> None:
+        if s.open and s.locked:
+            retired_at_release.append(state._donated_to is not None)
+        restore(s)
+
+    monkeypatch.setattr(scope, "restore", watched)
+    return retired_at_release
+
+
 def tripwire_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     x, y = batch
     return F.cross_entropy(model(x), tripwire(y))  # the labels: nothing differentiated
@@ -390,21 +407,11 @@ def test_a_compiled_donated_step_that_raises_while_its_graph_runs_retires_the_st
 ) -> None:
     """Which tensors the graph had written is unknowable: the state is neither old nor new. It
     is retired before the step releases its lock (a save takes it), as after a step that ran."""
-    from functrain.core import scope
-
     state = ft.TrainState.create(make_model(), ft.adamw(1e-2), tripwire_loss)
     state = ft.stack([state, state.clone()]) if stacked else state
     step = ft.compile_step(backend="eager")
     state, _ = step(state, batches(1)[0], donate=True)  # compiled, and run
-    retired_at_release: list[bool] = []
-    restore = scope.restore
-
-    def watched(s: Any) -> None:
-        if s.open and s.locked:
-            retired_at_release.append(state._donated_to is not None)
-        restore(s)
-
-    monkeypatch.setattr(scope, "restore", watched)
+    retired_at_release = _watch_releases(monkeypatch, state)
     _TRIPPED.append(KeyboardInterrupt())
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -769,22 +776,12 @@ def test_a_donated_state_is_retired_before_its_step_releases_the_lock(
     # a save takes STEP_LOCK to hold a state's tensors (`hold_live`): where the step released it
     # before retiring the state it wrote, a save in another thread could read the written
     # tensors as that state's
-    from functrain.core import scope
-
     state = ft.TrainState.create(make_model(), ft.adamw(1e-2), cross_entropy_loss_fn)
     if kind.endswith("stacked"):
         state = ft.stack([state, state.clone()])
     step = ft.compile_step(backend="eager") if kind.startswith("compiled") else ft.train_step
     # (a donated step first: its configuration compiled, and checked in a scope of its own)
     state, _ = step(state, batches(1)[0], donate=True)
-    retired_at_release: list[bool] = []
-    restore = scope.restore
-
-    def watched(s: Any) -> None:
-        if s.open and s.locked:
-            retired_at_release.append(state._donated_to is not None)
-        restore(s)
-
-    monkeypatch.setattr(scope, "restore", watched)
+    retired_at_release = _watch_releases(monkeypatch, state)
     step(state, batches(2)[1], donate=True)
     assert retired_at_release == [True]
