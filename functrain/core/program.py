@@ -140,7 +140,14 @@ class StepProgram(_Decided):
         "straight",
     )
 
-    def __init__(self, state: TrainState, runner: Runner | None, stage: str, fresh: bool) -> None:
+    def __init__(
+        self,
+        state: TrainState,
+        runner: Runner | None,
+        stage: str,
+        fresh: bool,
+        find: Callable[[Any, Any], dict[str, torch.Tensor]],
+    ) -> None:
         params = list(state.params.values())
         options = state.options
         self.runner = runner
@@ -184,7 +191,7 @@ class StepProgram(_Decided):
         # a transform's own update (`_updating`) may return a state of another structure (a
         # user's that switches optimizers): its metrics found in the state each step returns
         own = stage == "updated"
-        self.find_metrics = metrics_finder(state.tx)
+        self.find_metrics = find  # (`metrics_finder`)
         self.tx_metrics = bool(extra) or users or own
         readers = {k: metric_reader(opt_state, k) for k in extra}
         # (in the body's order)
@@ -281,11 +288,14 @@ def program_for(state: TrainState) -> StepProgram | MembersProgram | None:
         or state.options.differentiable
     ):
         return None
-    runner, stage, fresh = _runner(state)
-    return StepProgram(state, runner, stage, fresh)
+    find = metrics_finder(state.tx)
+    runner, stage, fresh = _runner(state, find)
+    return StepProgram(state, runner, stage, fresh, find)
 
 
-def _runner(state: TrainState) -> tuple[Runner | None, str, bool]:
+def _runner(
+    state: TrainState, find: Callable[[Any, Any], dict[str, torch.Tensor]]
+) -> tuple[Runner | None, str, bool]:
     """The update's `Runner` for `state`'s tensors, and whether to decide again once.
 
     For a configuration that is eager, unstacked and unsharded (a process group's replicated
@@ -307,24 +317,25 @@ def _runner(state: TrainState) -> tuple[Runner | None, str, bool]:
     fresh = planner is not None and any(
         isinstance(x, torch.Tensor) and 0 in x.stride() for x in tree_leaves(state.opt_state)
     )
-    runner = _updating(state)
+    runner = _updating(state, find)
     return runner, "general" if runner is None else "updated", fresh
 
 
-def _updating(state: TrainState) -> Runner | None:
+def _updating(
+    state: TrainState, find: Callable[[Any, Any], dict[str, torch.Tensor]]
+) -> Runner | None:
     """The transform's own update as a `Runner`, for a transform that plans none.
 
     What the body's update does (`functrain.core.body.apply`), with what it decides on every
     call decided here: the update through ``update_reporting`` with the step's norm shared, the
     new parameters by `apply_updates` in their parameters' strides, the rate and skip flag read
-    from the state it returns (`metrics_finder`: the update may return a state of another
-    structure). The other metrics the transform's state exposes the step reads from that state
-    too (`StepProgram.tx_metrics`).
+    from the state it returns by `find` (`metrics_finder`: the update may return a state of
+    another structure). The other metrics the transform's state exposes the step reads from that
+    state too (`StepProgram.tx_metrics`).
     """
     tx, names = state.tx, list(state.params)
     window = state.options.accumulate_steps
     reports = state.options.reports_grad_norm
-    find = metrics_finder(tx)
     # one layout only: contiguous with no size-1 dimension (whose strides may take any value)
     contiguous = all(p.is_contiguous() and 1 not in p.shape for p in state.params.values())
 
