@@ -75,7 +75,6 @@ from functrain.layout import in_layouts_of
 from functrain.optim.base import (
     NO_EXTRAS,
     Extras,
-    Transform,
     averaging_of,
     group_rates,
     members_planner_of,
@@ -83,7 +82,7 @@ from functrain.optim.base import (
     update_reporting,
 )
 from functrain.optim.metrics import metric_nodes, metric_reader, transform_metrics
-from functrain.optim.naming import recorded_call
+from functrain.optim.naming import held_transforms, recorded_call
 from functrain.optim.planned import Prelude, Ran, Runner, reads_norm
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.updates import apply_updates
@@ -389,18 +388,7 @@ def _walked(tx: Any, opt_state: Any) -> dict[str, torch.Tensor]:
 def _functrain_built(tx: Any) -> bool:
     """Whether `tx` and every transform it holds were built by functrain's factories."""
     call = recorded_call(tx)
-    if call is None:
-        return False
-    for value in call.arguments.values():
-        if isinstance(value, Transform):
-            held: Any = (value,)
-        elif isinstance(value, dict):
-            held = value.values()
-        else:
-            held = value if isinstance(value, (tuple, list)) else ()
-        if any(isinstance(x, Transform) and not _functrain_built(x) for x in held):
-            return False
-    return True
+    return call is not None and all(_functrain_built(x) for _, x in held_transforms(call))
 
 
 class MembersProgram(_Decided):

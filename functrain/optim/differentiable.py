@@ -53,7 +53,7 @@ from functrain.optim.checks import (
     is_real,
     tensor_problem,
 )
-from functrain.optim.naming import recorded_call
+from functrain.optim.naming import held_transforms, recorded_call
 from functrain.optim.rates import first_rate
 from functrain.optim.rules.formula import (
     FORMULAS,
@@ -467,15 +467,8 @@ def _labels(tx: Any, count: int) -> list[tuple[str, ...]]:
                 found.append(path)
             return
         partition = getattr(call.factory, "__name__", "") == "partition"
-        for value in call.arguments.values():
-            if isinstance(value, Transform):
-                walk(value, path)
-            elif isinstance(value, tuple):
-                for x in value:
-                    walk(x, path)
-            elif isinstance(value, dict):
-                for label, x in value.items():
-                    walk(x, (*path, str(label)) if partition else path)
+        for label, x in held_transforms(call):
+            walk(x, (*path, label) if partition and label is not None else path)
 
     walk(tx, ())
     if len(found) != count:  # (the state's transform is what built its forms)

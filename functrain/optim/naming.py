@@ -23,6 +23,7 @@ __all__ = [
     "Call",
     "named",
     "recorded_call",
+    "held_transforms",
     "describe_call",
     "describe_value",
     "as_saved",
@@ -65,6 +66,27 @@ def recorded_call(transform: Transform) -> Call | None:
     """
     calls = getattr(getattr(transform, "update", None), _CALLS, None)
     return calls.get(getattr(transform, "name", None)) if isinstance(calls, dict) else None
+
+
+def held_transforms(call: Call) -> list[tuple[str | None, Any]]:
+    """The transforms among `call`'s arguments, in their order, each with its key where an
+    argument holds them by key (a `functrain.partition`'s labels), else None.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = ft.partition(lambda name, p: "a", a=ft.sgd(0.1), b=ft.chain(ft.sgd(0.2)))
+        >>> [key for key, _ in held_transforms(recorded_call(tx))]
+        ['a', 'b']
+    """
+    held: list[tuple[str | None, Any]] = []
+    for value in call.arguments.values():
+        if isinstance(value, Transform):
+            held.append((None, value))
+        elif isinstance(value, dict):
+            held += [(str(k), x) for k, x in value.items() if isinstance(x, Transform)]
+        elif isinstance(value, (tuple, list)):
+            held += [(None, x) for x in value if isinstance(x, Transform)]
+    return held
 
 
 def _record(update: Any, name: str, call: Call) -> None:
