@@ -1024,6 +1024,27 @@ def torch_optimizer(cls: type, **kwargs: Any) -> Callable[[nn.Module], tuple[Any
     return lambda module: (cls(module.parameters(), lr=LR, **kwargs), None)
 
 
+class AuthorsLion(torch.optim.Optimizer):
+    """Lion as its authors' published code steps it (google/automl ``lion_pytorch.py``), op for
+    op: torch has no Lion, and this is the loop `functrain.lion` matches bit for bit."""
+
+    def __init__(self, params: Any, lr: float, weight_decay: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p.data.mul_(1 - lr * wd)
+                exp_avg = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                update = exp_avg * 0.9 + p.grad * (1 - 0.9)
+                p.add_(torch.sign(update), alpha=-lr)
+                exp_avg.mul_(0.99).add_(p.grad, alpha=1 - 0.99)
+
+
 class Row(NamedTuple):
     """One row of the matrix: functrain's optimizer and options, and the hand-written loop's.
 
@@ -1146,6 +1167,12 @@ OPTIMIZER_ROWS = {
         torch_optimizer(torch.optim.Adagrad, foreach=False),
         {},
         "Adagrad(foreach=False), torch's CPU default without fused",
+    ),
+    "lion": Row(
+        lambda: functrain.lion(LR, weight_decay=WEIGHT_DECAY),
+        torch_optimizer(AuthorsLion, weight_decay=WEIGHT_DECAY),
+        {},
+        "the authors' Lion (lion_pytorch.py)",
     ),
 }
 ROWS = {**CONFIG_ROWS, **OPTIMIZER_ROWS}

@@ -144,10 +144,9 @@ def train_step(
             raise ConfigError(
                 "train_step under torch.func.vmap failed: "
                 f"{str(error).splitlines()[0][:300]}. Under vmap every op of the loss function "
-                "and the update runs on batched tensors: the fused presets' updates do (sgd, "
-                "adam, adamw, adagrad), updates that write an unbatched state in place (rmsprop, "
-                "nadam, lion, fused=False) do not; to train several models at once, stack their "
-                "states (functrain.stack)"
+                "and the update runs on batched tensors: the presets' updates do, an update "
+                "of one's own that writes an unbatched tensor in place (its state's add_) does "
+                "not; to train several models at once, stack their states (functrain.stack)"
             ) from error
     program = state.program or program_for(state)
     if program is None:

@@ -141,13 +141,13 @@ def _check_schedule(problems: list[str], name: str, value: Any, most: float | No
         )
 
 
-# why a weight decay applied by a chain's own transform (`add_decayed_weights`: lion's; muon's)
+# why a weight decay applied by a chain's own transform (`add_decayed_weights`: muon's)
 # takes no schedule, and the fix
 UNSCHEDULED_DECAY = (
     "this decay is a step of a chain, which keeps no count to read a schedule at; give a number, "
     "or use a preset whose formula reads a weight-decay schedule at its count (sgd, adam, adamw, "
     "nadam, radam, adamax, rmsprop, adagrad, adadelta, asgd, adafactor, lamb, adan, "
-    "adamw_schedule_free)"
+    "adamw_schedule_free, lion)"
 )
 
 

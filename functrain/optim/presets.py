@@ -65,8 +65,7 @@ from functrain.optim.rules.fused import (
     fused_sgd,
     with_device_form,
 )
-from functrain.optim.rules.learning_rate import scale_by_learning_rate
-from functrain.optim.rules.lion import scale_by_lion
+from functrain.optim.rules.lion import LionState, check_lion, lion_rule
 from functrain.optim.rules.muon import scale_by_adjusted_learning_rate, scale_by_muon
 from functrain.optim.rules.rms import RmspropState, rmsprop_rule
 from functrain.optim.rules.rprop import RpropState, check_rprop, rprop_rule
@@ -77,7 +76,6 @@ from functrain.optim.rules.sparse import (
     with_sparse_twin,
 )
 from functrain.optim.rules.trace import SgdState, sgd_rule
-from functrain.optim.rules.weight_decay import add_decayed_weights
 from functrain.optim.sweep import Sweep
 from functrain.optim.wrappers import partition
 
@@ -864,8 +862,9 @@ def lion(
 ) -> Transform:
     """Lion (Chen et al., 2023): sign updates from interpolated momentum, decoupled weight decay.
 
-    Bit for bit the authors' published PyTorch code (google/automl ``lion_pytorch.py``; timm's
-    ``Lion`` with ``foreach=True`` runs the same ops): ``p * (1 - lr * wd)``, then
+    Its formula is `functrain.optim.rules.lion.lion_rule`. Bit for bit the authors' published
+    PyTorch code (google/automl ``lion_pytorch.py``; timm's ``Lion`` with ``foreach=True`` runs
+    the same ops): ``p * (1 - lr * wd)``, then
     ``p - lr * sign(mu * b1 + g * (1 - b1))``, then ``mu * b2 + (1 - b2) * g``. Others differ:
     timm's single-tensor path interpolates with ``lerp`` (the last bits, ~1e-9 after 4 steps),
     optax adds the decay to the sign before the rate (``p - lr * (sign + wd * p)``, 4e-4 apart after
@@ -880,12 +879,13 @@ def lion(
             smaller than AdamW's).
         b1: interpolation rate for the update.
         b2: momentum decay.
-        weight_decay: decoupled decay coefficient (multiplied by the learning rate).
+        weight_decay: decoupled decay coefficient (multiplied by the learning rate): a number,
+            or a schedule read at the count as a scheduled `lr` is.
         mask: which parameters decay.
         reference: ``"authors"`` (the default) or ``"lerp"`` (functrain 0.1's arithmetic, above).
 
     Returns:
-        A `Transform`.
+        A `Transform` emitting the new parameters.
 
     Raises:
         ConfigError: a hyperparameter is out of range, named as in this call.
@@ -898,11 +898,22 @@ def lion(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
-    _check_renamed("lion", lr)
-    return chain(
-        scale_by_lion(b1, b2, reference=reference),
-        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
-        scale_by_learning_rate(lr),
+    problems: list[str] = []
+    rate = _rate(lr, problems)
+    check_lion(problems, b1, b2, reference)
+    check_decay(problems, "weight_decay", weight_decay)
+    config_check(problems, "lion")
+    constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
+    # over the parameters' lists, one foreach kernel per op, as the authors' code and timm's
+    # foreach path run (on the CPU the same bits as a loop over the tensors)
+    return rule_transform(
+        lion_rule(b1, b2, reference),
+        "lion",
+        constants,
+        schedule,
+        foreach=True,
+        mask=mask,
+        state_type=LionState,
     )
 
 

@@ -685,7 +685,12 @@ REFUSED = {
         "lr was given to the preset as a tensor",
     ),
     "an optimizer without a differentiable form": (
-        lambda: ft.TrainState.create(_net(), ft.lion(1e-3), _squared_error, differentiable=True),
+        lambda: ft.TrainState.create(
+            _net(),
+            ft.chain(ft.scale_by_lion(), ft.scale_by_learning_rate(1e-3)),
+            _squared_error,
+            differentiable=True,
+        ),
         "has none; give one of functrain.sgd",
     ),
     "muon": (

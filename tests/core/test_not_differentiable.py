@@ -133,12 +133,28 @@ def test_per_example_updates_under_vmap_are_each_examples_own_step(name: str) ->
             assert torch.equal(got[k][i], w), (name, i, k)
 
 
-# (vmap warns where it runs an op without a batching rule of its own, before the update fails)
-@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
-@pytest.mark.parametrize("optimizer", [ft.lion])
-def test_an_update_vmap_cannot_run_is_refused_with_the_way_that_works(
-    optimizer: Callable[[float], ft.Transform],
-) -> None:
-    state, (x, y) = _state(optimizer(1e-2)), _batch()
-    with pytest.raises(ft.ConfigError, match="functrain.stack"):
+def _summing_in_place() -> ft.Transform:
+    """An update of one's own that adds each gradient into its state in place (``add_``)."""
+
+    def init(params: Any) -> Any:
+        return {k: torch.zeros_like(v) for k, v in params.items()}
+
+    def update(updates: Any, state: Any, params: Any = None) -> Any:
+        for k, g in updates.items():
+            state[k].add_(g)
+        return {k: -0.1 * v for k, v in state.items()}, state
+
+    return ft.Transform(init, update)
+
+
+def test_an_update_vmap_cannot_run_is_refused_with_the_way_that_works() -> None:
+    state, (x, y) = _state(_summing_in_place()), _batch()
+    with pytest.raises(ft.ConfigError, match="its state's add_.*functrain.stack"):
         torch.func.vmap(lambda xi, yi: ft.train_step(state, (xi[None], yi[None]))[0].params)(x, y)
+    # the presets' updates run there, Lion's among them
+    lion = _state(ft.lion(1e-2))
+    got = torch.func.vmap(lambda xi, yi: ft.train_step(lion, (xi[None], yi[None]))[0].params)(x, y)
+    for i in range(x.shape[0]):
+        want, _ = ft.train_step(lion, (x[i : i + 1], y[i : i + 1]))
+        for k, w in want.params.items():
+            assert torch.equal(got[k][i], w), (i, k)

@@ -152,7 +152,8 @@ def test_functrain_own_transforms_keep_their_differentiable_form_or_refusal() ->
     assert not is_own_rule(ft.sgd(0.1)._replace(name="renamed"))
     state = ft.TrainState.create(_net(), ft.sgd(0.1), _squared_error, differentiable=True)
     assert state.tx.name.startswith("skip_nonfinite(inner=differentiable(sgd(")
-    for tx in (ft.chain(ft.lion(1e-3)), ft.lion(1e-3), ft.identity()):
+    lion = ft.chain(ft.scale_by_lion(), ft.scale_by_learning_rate(1e-3))
+    for tx in (ft.chain(lion), lion, ft.identity()):
         with pytest.raises(ft.ConfigError, match="has none; give one of functrain.sgd"):
             ft.TrainState.create(_net(), tx, _squared_error, differentiable=True)
     # a chain or partition holds each optimizer in its own form, a rule of one's own as written

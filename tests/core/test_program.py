@@ -208,14 +208,21 @@ def test_the_first_step_of_a_fresh_state_runs_the_general_update_and_plans_the_n
     assert state.program is program  # carried by the states it returns
 
 
+def _lion_chain() -> Any:
+    return ft.chain(
+        ft.scale_by_lion(), ft.add_decayed_weights(0.1), ft.scale_by_learning_rate(1e-3)
+    )
+
+
 TRANSFORMS_OWN_UPDATE: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     "a_group_unplanned": (
         lambda: ft.partition(
-            lambda name, p: "m" if p.ndim > 1 else "v", m=ft.lion(1e-3), v=ft.adamw(1e-2)
+            lambda name, p: "m" if p.ndim > 1 else "v", m=_lion_chain(), v=ft.adamw(1e-2)
         ),
         {},
     ),
-    "lion": (lambda: ft.lion(1e-3), {}),
+    # a chain ending in a learning rate of its own (Lion's order: its lazy updates)
+    "lion_chain": (lambda: _lion_chain(), {}),
     # a group's own guard and clipping measure the group's gradients: the body's order of flags
     "a_group_guarded": (
         lambda: ft.partition(

@@ -229,7 +229,7 @@ def test_an_optimizer_that_counts_its_own_updates_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"schedule_count='steps'.*ScaleByLearningRateState"):
         ft.TrainState.create(
             nn.Linear(2, 1),
-            ft.lion(1e-3),
+            ft.chain(ft.scale_by_lion(), ft.scale_by_learning_rate(1e-3)),
             cross_entropy_loss_fn,
             precision="fp16",
             schedule_count="steps",

@@ -121,13 +121,15 @@ def test_groups_with_schedules_and_the_loss_functions_metrics_run_straight() -> 
 
 
 def test_a_transform_without_a_planner_and_gradient_hooks_run_straight() -> None:
-    # lion plans no update: its own, as a runner (`_updating`); a hook's gradient is never written
+    # a chain ending in a learning rate plans no update: its own, as a runner (`_updating`); a
+    # hook's gradient is never written
     def hooked(tx: Any) -> ft.TrainState:
         model = _model()
         model[0].weight.register_hook(lambda g: g * 0.5)
         return ft.TrainState.create(model, tx, _loss, seed=3)
 
-    for tx in (ft.lion(1e-3), ft.adamw(1e-2)):
+    unplanned = ft.chain(ft.scale_by_lion(), ft.scale_by_learning_rate(1e-3))
+    for tx in (unplanned, ft.adamw(1e-2)):
         for donate in (False, True):
             straight, ours = _run(hooked(tx), 5, donate, stages=False)
             staged, theirs = _run(hooked(tx), 5, donate, stages=True)

@@ -49,6 +49,7 @@ def _presets() -> dict[str, Callable[[Any], ft.Transform]]:
         # the torch.optim presets whose ordinary steps run their formulas (rule_transform)
         "adamw_unfused": lambda lr: ft.adamw(lr, weight_decay=0.1, fused=False),
         "radam": lambda lr: ft.radam(lr, weight_decay=0.1, decoupled_weight_decay=True),
+        "lion": lambda lr: ft.lion(lr, weight_decay=0.1),
     }
     for module, name, extra in (
         ("adan", "adan", {"weight_decay": 0.02}),

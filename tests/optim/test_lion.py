@@ -83,7 +83,7 @@ def test_lion_lerp_is_functrain_0_1s_arithmetic():
     assert torch.equal(
         ft.apply_updates(params, u)["w"], p + -0.25 * (torch.sign(0.5 * g) + 0.5 * p)
     )
-    assert torch.equal(state[0].mu[0], torch.lerp(torch.zeros(3), g, 0.25))
+    assert torch.equal(state.slots["mu"][0], torch.lerp(torch.zeros(3), g, 0.25))
     assert "reference" not in tx.name  # the name checkpoints of functrain 0.1 hold
 
 
@@ -155,3 +155,11 @@ def test_a_lion_checkpoint_written_before_the_reference_loads_into_a_lerp_templa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ft.load(golden.HERE / "saved", like=asked)
+
+
+def test_a_complex_weight_is_refused_with_the_fix_where_torch_sign_refuses_it():
+    weight = {"w": torch.ones(2, dtype=torch.complex64)}
+    with pytest.raises(NotImplementedError, match="torch.sign"):  # the authors' code
+        torch.sign(weight["w"])
+    with pytest.raises(ft.ConfigError, match=r"lion: .*torch.sign refuses .*view_as_real"):
+        ft.lion(0.1).init(weight)

@@ -621,13 +621,13 @@ def test_lion_step_is_sign_of_interpolation_plus_decoupled_decay() -> None:
         params["w"],
         torch.tensor([2.0 - 0.25 * (1 + 1.0), -4.0 - 0.25 * (1 - 2.0), 1.0 - 0.25 * (-1 + 0.5)]),
     )
-    assert torch.equal(state[0].mu[0], 0.25 * g1)
+    assert torch.equal(state.slots["mu"][0], 0.25 * g1)
     u, state = tx.update({"w": g2}, state, params)
     new = ft.apply_updates(params, u)
     # direction sign(0.5 * m + 0.5 * g2) = sign([0.375 - 0.5, 0.125 - 0.5, -0.25 + 4]) = [-1, -1, 1]
     expected = params["w"] - 0.25 * (torch.tensor([-1.0, -1.0, 1.0]) + 0.5 * params["w"])
     assert torch.equal(new["w"], expected)
-    assert torch.equal(state[0].mu[0], 0.75 * (0.25 * g1) + 0.25 * g2)
+    assert torch.equal(state.slots["mu"][0], 0.75 * (0.25 * g1) + 0.25 * g2)
 
 
 # ---------------------------------------------------------------- fused=True: torch's fused kernels

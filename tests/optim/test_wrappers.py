@@ -739,7 +739,7 @@ BAD_CONFIGS = [
         "weight_decay=-1.0",
     ),
     bad("lion", lambda: ft.lion(lr=-1e-4), "lr=-0.0001"),
-    bad("lion", lambda: ft.lion(b1=1.0), "b1=1.0", via="scale_by_lion"),
+    bad("lion", lambda: ft.lion(b1=1.0), "b1=1.0"),
 ]
 
 
