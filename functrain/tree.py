@@ -405,7 +405,8 @@ LOCAL_NORMS = Norms()
 def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch.Tensor:
     """The L2 norm of all `tensors` taken together, a 0-d tensor (no host sync): as
     ``torch.nn.utils.clip_grad_norm_`` measures it (`plain_norm`: in the promoted dtype of the
-    tensors' norms, float32 for float32 tensors); a sharded state's in float32.
+    tensors' norms, float32 for float32 tensors); a sharded state's in float32, or float64 where
+    a tensor is.
 
     When `norms` shares a norm of the same tensors, unmodified, that norm is returned instead of
     computed again (not in a differentiated step: the norm it shares has no graph); with
@@ -513,17 +514,19 @@ def _member_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def _norm_across(tensors: Sequence[torch.Tensor], across: Any) -> torch.Tensor:
     sliced = [t for t in tensors if t.ndim > 0]
     whole = [t for t in tensors if t.ndim == 0]
+    # in float64 where a tensor is (as torch's clip_grad_norm_ promotes), else float32
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     # the slices' squares summed over ranks (one all-reduce); whole (0-d) tensors count once
-    total = across(_squares(sliced, tensors[0].device))
+    total = across(_squares(sliced, tensors[0].device, dtype))
     if whole:
-        total = total + _squares(whole, tensors[0].device)
+        total = total + _squares(whole, tensors[0].device, dtype)
     return total.sqrt()
 
 
-def _squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _squares(tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if not tensors:
-        return torch.zeros((), device=device)
-    return torch.stack([n.float() for n in torch._foreach_norm(tensors)]).square().sum()
+        return torch.zeros((), device=device, dtype=dtype)
+    return torch.stack([n.to(dtype) for n in torch._foreach_norm(tensors)]).square().sum()
 
 
 def member_view(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

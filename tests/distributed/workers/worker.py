@@ -253,19 +253,27 @@ def feature_runs(rank: int, world: int) -> dict:
         "accumulate-clip-ema": dict(accumulate_steps=2, clip_grad_norm=0.05, ema_decay=0.9),
         "bf16": dict(precision="bf16", clip_grad_norm=1.0),
         "fp16": dict(precision="fp16", ema_decay=0.8),
+        # clipping a float64 model: its norm in float64, as clip_grad_norm_ takes it
+        "float64-clip": dict(clip_grad_norm=0.05),
     }
     out = {}
     for case, options in cases.items():
+        dtype = torch.float64 if case.startswith("float64") else torch.float32
         for mode in MODES:
             # SGD in half precision: Adam's normalization would blow rounding differences of
-            # near-zero gradients up to lr
-            optimizer = ft.adamw(1e-2) if "precision" not in options else ft.sgd(0.05, momentum=0.9)
-            state = ft.TrainState.create(
-                Features(), optimizer, loss_fn, sharding=mode, seed=5, **options
+            # near-zero gradients up to lr (and would hide the clipping's scale in float64)
+            optimizer = (
+                ft.adamw(1e-2)
+                if "precision" not in options and dtype == torch.float32
+                else ft.sgd(0.05, momentum=0.9)
             )
-            for b in batches(6):
-                state, _ = ft.train_step(state, shard(b, rank, world))
-            evaluated = ft.eval_step(state, batches(1)[0], use_ema=state.ema_state is not None)
+            state = ft.TrainState.create(
+                Features().to(dtype), optimizer, loss_fn, sharding=mode, seed=5, **options
+            )
+            for x, y in batches(6):
+                state, _ = ft.train_step(state, shard((x.to(dtype), y), rank, world))
+            x, y = batches(1)[0]
+            evaluated = ft.eval_step(state, (x.to(dtype), y), use_ema=state.ema_state is not None)
             out[f"{case}/{mode}"] = {
                 "tree": gathered_tree(state)
                 | {"buffers/" + k: v for k, v in state.buffers.items()},
