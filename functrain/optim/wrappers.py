@@ -116,7 +116,8 @@ def all_finite(tensors: list[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch
     float32 (above ~1.8e19 in all) count as finite: their elements are. Outside a member split,
     each tensor's least and greatest elements (NaN where an element is, infinite where one is:
     one read, no copy of the tensors) stand in for the tensor: the same flag, with no
-    tensor-sized temporaries. The flag has no derivative: gradients with a graph (a
+    tensor-sized temporaries; on one device and one rank, the flag is whether they are all
+    finite. The flag has no derivative: gradients with a graph (a
     differentiated step's) are measured without it, and where that step measured their norm
     (its ``grad_norm``, `Norms.sharing`) a finite norm, read on the host as the step reads its
     flag, says at once that every element is finite.
@@ -145,6 +146,8 @@ def all_finite(tensors: list[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch
             return torch.ones((), dtype=torch.bool, device=tensors[0].device)
         # (its extremes, not its inf-norm: a tenth of the time on the CPU)
         tensors = [x for t in sized for x in torch.aminmax(_real(t))]
+        if norms.across is None and len({x.device for x in tensors}) == 1:
+            return torch.stack(tensors).isfinite().all()  # (one device, one rank)
     zeroed = torch._foreach_mul(tensors, 0.0) if plain else [t * 0.0 for t in tensors]
     return global_norm(zeroed, norms._replace(shared=None)) == 0
 
