@@ -1045,6 +1045,30 @@ class AuthorsLion(torch.optim.Optimizer):
                 exp_avg.mul_(0.99).add_(p.grad, alpha=1 - 0.99)
 
 
+class ChainedAdam(torch.optim.Optimizer):
+    """``chain(scale_by_adam(), scale_by_learning_rate(lr))`` (optax's way of writing Adam) by
+    hand in torch's ops, op for op: Adam's direction from the origin, then ``add_(alpha=-lr)``.
+    """
+
+    def __init__(self, params: Any, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, mu=torch.zeros_like(p), nu=torch.zeros_like(p))
+                state["step"] += 1
+                t, g, mu, nu = state["step"], p.grad, state["mu"], state["nu"]
+                mu.lerp_(g, 1 - 0.9)
+                nu.mul_(0.999).addcmul_(g, g, value=1 - 0.999)
+                denom = (nu.sqrt() / (1 - 0.999**t) ** 0.5).add_(1e-8)
+                direction = torch.zeros_like(p).addcdiv_(mu, denom, value=1.0 / (1 - 0.9**t))
+                p.add_(direction, alpha=-group["lr"])
+
+
 class Row(NamedTuple):
     """One row of the matrix: functrain's optimizer and options, and the hand-written loop's.
 
@@ -1173,6 +1197,12 @@ OPTIMIZER_ROWS = {
         torch_optimizer(AuthorsLion, weight_decay=WEIGHT_DECAY),
         {},
         "the authors' Lion (lion_pytorch.py)",
+    ),
+    "adam-chain": Row(
+        lambda: functrain.chain(functrain.scale_by_adam(), functrain.scale_by_learning_rate(LR)),
+        torch_optimizer(ChainedAdam),
+        {},
+        "chain(scale_by_adam(), scale_by_learning_rate(lr)) by hand in torch's ops",
     ),
 }
 ROWS = {**CONFIG_ROWS, **OPTIMIZER_ROWS}

@@ -357,7 +357,7 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
         holder = "inner" if prelude is None else "chain"  # (the inner state's name in the text)
         if prelude is not None:  # it hands its updates on, its state kept for the chain's
             constants["PRELUDE"] = prelude
-            passed = f"grads, passed = PRELUDE(grads, chain[0], norm, {donate}, None)"
+            passed = f"grads, passed = PRELUDE(grads, params, chain[0], norm, {donate}, None)"
             body = [passed, "inner = chain[1]", *body]
             result = (result[0], f"(passed, {result[1]})", *result[2:])
     elif guarded:  # the guard's `_finite_run`: the inner update ungated

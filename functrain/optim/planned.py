@@ -30,6 +30,7 @@ __all__ = [
     "GatedBySelection",
     "reads_norm",
     "selected",
+    "stateless",
 ]
 
 
@@ -81,15 +82,18 @@ class Runner(Protocol):
 class Passing(Protocol):
     """A planned transform that hands updates on to the next one in a chain (clipping).
 
-    ``run(grads, state, norm, write, keep=None) -> (updates, state)``: as `Runner`'s arguments,
-    less the parameters; `write` lets it write into the gradients it is given (the step's own).
+    ``run(grads, params, state, norm, write, keep=None) -> (updates, state)``: as `Runner`'s
+    arguments; `write` lets it write into the gradients it is given (the step's own, or what the
+    prelude before it made), never into the parameters; `norm` is None where it says it reads
+    none (`reads_norm`).
     """
 
     def __call__(
         self,
         grads: list[torch.Tensor],
+        params: list[torch.Tensor],
         state: Tree,
-        norm: torch.Tensor,
+        norm: torch.Tensor | None,
         write: bool,
         keep: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], Tree]: ...
@@ -99,6 +103,27 @@ class Prelude(NamedTuple):
     """What a `Planner` returns for a transform that hands updates on: its `Passing` run."""
 
     run: Passing
+
+
+def stateless(
+    fn: Callable[[list[torch.Tensor], list[torch.Tensor], bool], list[torch.Tensor]],
+) -> Prelude:
+    """The `Prelude` of an update that keeps no state and reads no norm (`scale`,
+    `add_decayed_weights`): ``fn(updates, params, write) -> updates``, its state passed through.
+    """
+
+    def run(
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: Tree,
+        norm: torch.Tensor | None,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], Tree]:
+        return fn(grads, params, write), state
+
+    run.reads_norm = False  # type: ignore[attr-defined]
+    return Prelude(run)
 
 
 def reads_norm(runner: Any) -> bool:
@@ -111,15 +136,19 @@ def reads_norm(runner: Any) -> bool:
 class Chained:
     """The `Runner` of ``chain(*transforms)``: each prelude's updates (`preludes`, their `Passing`
     runs) handed to the next, then to the last transform's runner (`last`), the states gathered
-    in a tuple as `functrain.chain` keeps them. The straight-line step
-    (`functrain.core.straight`) writes a chain before a fused kernel out from these fields."""
+    in a tuple as `functrain.chain` keeps them; each prelude that reads a norm (`reads_norm`:
+    clipping) given that of what it is handed, as `chain`'s update measures it. The
+    straight-line step (`functrain.core.straight`) writes a chain before a fused kernel out from
+    these fields."""
 
-    __slots__ = ("preludes", "last", "last_reads", "reads_norm")
+    __slots__ = ("preludes", "reads", "last", "last_reads", "reads_norm")
 
     def __init__(self, preludes: list[Any], last: Runner) -> None:
         self.preludes = [prelude.run for prelude in preludes]
+        self.reads = [reads_norm(run) for run in self.preludes]
         self.last, self.last_reads = last, reads_norm(last)
-        self.reads_norm = bool(preludes) or self.last_reads
+        # (the step's norm is the first transform's to read)
+        self.reads_norm = self.reads[0] if preludes else self.last_reads
 
     def __call__(
         self,
@@ -131,11 +160,11 @@ class Chained:
         keep: torch.Tensor | None = None,
     ) -> Ran:
         states: list[Any] = [None] * len(self.preludes)
-        assert norm is not None or not self.preludes  # (clipping reads the step's norm)
         for i, (prelude, inner) in enumerate(zip(self.preludes, state)):
-            if i:  # (the norm of what the one before handed on, as `chain`'s update measures it)
+            if i and self.reads[i]:  # (the norm of what the one before handed on, as `chain`'s
+                # update measures it)
                 norm = global_norm(grads)
-            grads, states[i] = prelude(grads, inner, norm, write, keep)
+            grads, states[i] = prelude(grads, params, inner, norm, write, keep)
         if self.preludes and self.last_reads:  # (a chain inside: its clipping measures again)
             norm = global_norm(grads)
         ran = self.last(grads, params, state[-1], norm, write, keep)

@@ -46,6 +46,7 @@ __all__ = [
     "divides_by_reciprocal",
     "flat_updates",
     "apply_updates",
+    "stepped",
 ]
 Factor = float | torch.Tensor
 """A scalar factor of a lazy update: a Python number or a 0-d tensor."""
@@ -370,9 +371,7 @@ def apply_updates(params: Tree, updates: Updates, *, in_place: bool = False) -> 
         return tree_unflatten(list(updates.values), spec)
     if isinstance(updates, ParamStep):
         _check_spec(spec, updates.spec)
-        if updates.keep is None and in_place and not torch.compiler.is_compiling():
-            return tree_unflatten(_apply_step_(p, updates), spec)
-        return tree_unflatten(_apply_step(p, updates), spec)
+        return tree_unflatten(stepped(p, updates, in_place), spec)
     if isinstance(updates, Decoupled):
         _check_spec(spec, updates.spec)
         u = as_tensors(updates, params)
@@ -382,6 +381,19 @@ def apply_updates(params: Tree, updates: Updates, *, in_place: bool = False) -> 
     u = [x if x.dtype == y.dtype else x.to(y.dtype) for x, y in zip(u, p, strict=True)]
     # torch._foreach_add rejects empty lists; a tree without leaves is returned as is
     return tree_unflatten(torch._foreach_add(p, u) if p else [], spec)
+
+
+def stepped(p: list[torch.Tensor], step: ParamStep, in_place: bool = False) -> list[torch.Tensor]:
+    """The parameters `p` (a list) after `step`, as `apply_updates` gives them: written into `p`
+    itself where `in_place` allows it (eagerly, ungated).
+
+    Example:
+        >>> stepped([torch.ones(2)], ParamStep([torch.ones(2)], None, -0.5))
+        [tensor([0.5000, 0.5000])]
+    """
+    if step.keep is None and in_place and not torch.compiler.is_compiling():
+        return _apply_step_(p, step)
+    return _apply_step(p, step)
 
 
 def _check_spec(expected: Any, got: Any) -> None:

@@ -377,6 +377,66 @@ def test_updates_gated_on_the_host_are_planned_as_their_own_update(name: str, do
     assert stage_equal_to_the_body(optimizer, options, data, donate) == "planned"
 
 
+# optax's way of writing an optimizer, a chain of a formula's direction (`rule_direction`), the
+# decay, the sign and clipping handing their updates on, and a learning rate: planned as a
+# whole (`functrain.optim.planned.Chained`), the body's bits
+CHAINS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
+    "adam_lr": (lambda: ft.chain(ft.scale_by_adam(), ft.scale_by_learning_rate(1e-2)), {}),
+    "clip_adam_masked_decay_schedule": (
+        lambda: ft.chain(
+            ft.clip_by_global_norm(0.5),
+            ft.scale_by_adam(),
+            ft.add_decayed_weights(1e-2, mask=lambda name, p: p.ndim > 1),
+            ft.scale_by_learning_rate(
+                ft.schedules.warmup_cosine(1e-2, warmup_steps=2, decay_steps=10)
+            ),
+        ),
+        {"accumulate_steps": 2, "ema_decay": 0.9},
+    ),
+    "decay_nesterov_lr": (
+        lambda: ft.chain(
+            ft.add_decayed_weights(1e-3),
+            ft.trace(0.9, nesterov=True),
+            ft.scale_by_learning_rate(0.05),
+        ),
+        {"clip_grad_norm": 0.5, "grad_norm": True},
+    ),
+    "ascend_rms": (
+        lambda: ft.chain(
+            ft.scale(-1.0), ft.scale_by_rms(), ft.scale_by_learning_rate(1e-2, flip_sign=False)
+        ),
+        {"accumulate_steps": 3, "accumulate_convention": "sum"},
+    ),
+    "adam_then_clipped": (
+        lambda: ft.chain(
+            ft.scale_by_adam(),
+            ft.clip_by_global_norm(0.1),
+            ft.scale(0.5),
+            ft.scale_by_learning_rate(1e-2),
+        ),
+        {},
+    ),
+    "groups_of_chains": (
+        lambda: ft.partition(
+            lambda name, p: "m" if p.ndim > 1 else "v",
+            m=ft.chain(ft.scale_by_adam(), ft.scale_by_learning_rate(1e-2)),
+            v=ft.chain(ft.trace(0.5), ft.scale_by_learning_rate(1e-1)),
+        ),
+        {"nonfinite": "none"},
+    ),
+}
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name", sorted(CHAINS_PLANNED))
+def test_chains_of_directions_and_a_learning_rate_are_planned_as_their_update(
+    name: str, donate: bool
+) -> None:
+    optimizer, options = CHAINS_PLANNED[name]
+    data = batches(8, nan_at=None if options.get("nonfinite") else 3)
+    assert stage_equal_to_the_body(optimizer, options, data, donate) == "planned"
+
+
 class _TwoDtypes(nn.Module):
     """A float32 weight and a bfloat16 scale: parameters of two dtypes (a step size rounded to
     bfloat16 once and one rounded in the kernel's float32 differ)."""

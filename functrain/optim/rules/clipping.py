@@ -123,11 +123,13 @@ def clip_by_global_norm(max_norm: float) -> Transform:
 
         def run(
             grads: list[torch.Tensor],
+            params: list[torch.Tensor],
             state: ClipByGlobalNormState,
-            norm: torch.Tensor,
+            norm: torch.Tensor | None,
             write: bool,
             keep: torch.Tensor | None = None,
         ) -> tuple[list[torch.Tensor], ClipByGlobalNormState]:
+            assert norm is not None  # (it reads the step's norm)
             # ``max_norm / (norm + 1e-6)`` as torch computes it (`Tensor.__rdiv__`: the
             # reciprocal times the number), without its Python wrapper
             coef = torch.clamp((norm + 1e-6).reciprocal().mul_(max_norm), max=1.0)

@@ -44,13 +44,14 @@ from functrain.optim.base import (
     Extras,
     ExtrasUpdate,
     Transform,
+    planner_of,
     schedule_position,
     writes_in_place,
 )
 from functrain.optim.checks import check_learning_rate
 from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.metrics import metric_fields
-from functrain.optim.planned import GatedBySelection, Ran, Runner
+from functrain.optim.planned import GatedBySelection, Prelude, Ran, Runner
 from functrain.optim.rates import host_rate, value_at
 from functrain.optim.rules.arithmetic import divided, opmath
 from functrain.optim.updates import NewParams, flat_updates
@@ -1332,14 +1333,38 @@ def rule_direction(
         state_type=state_type,
     )
 
-    def update_fn(updates: Any, state: Any, params: Tree | None = None) -> tuple[Any, Any]:
+    def update_fn(
+        updates: Any, state: Any, params: Tree | None = None, *, extras: Extras = NO_EXTRAS
+    ) -> tuple[Any, Any]:
         g, spec = flat_updates(updates, params)
         origin = tree_unflatten([torch.zeros_like(x) for x in g], spec)
         moved, state = inner.update(tree_unflatten(g, spec), state, origin)
         assert isinstance(moved, NewParams)  # (rule_transform's update emits them)
         return tree_unflatten(list(moved.values), spec), state
 
-    return Transform(inner.init, update_fn, name)
+    def plan(params: dict[str, torch.Tensor], state: Any) -> Prelude | None:
+        # the formula's planned runner from the origin, handing its steps on (in place into
+        # the origin's fresh zeros where the step may write)
+        planner = planner_of(inner)
+        runner = planner(params, state) if planner is not None else None
+        if runner is None or isinstance(runner, Prelude):
+            return None
+
+        def run(
+            grads: list[torch.Tensor],
+            params: list[torch.Tensor],
+            state: Any,
+            norm: torch.Tensor | None,
+            write: bool,
+            keep: torch.Tensor | None = None,
+        ) -> tuple[list[torch.Tensor], Any]:
+            ran = runner(grads, list(map(torch.zeros_like, grads)), state, None, write, keep)
+            return ran.params, ran.state
+
+        run.reads_norm = False  # type: ignore[attr-defined]
+        return Prelude(run)
+
+    return Transform(inner.init, ExtrasUpdate(update_fn, plan=plan), name)
 
 
 def rule_transform(

@@ -17,15 +17,16 @@ from functrain.optim.base import (
     NO_EXTRAS,
     EmptyState,
     Extras,
+    ExtrasUpdate,
     LearningRate,
     Schedule,
     Transform,
-    with_extras,
 )
 from functrain.optim.checks import check_learning_rate, is_real
 from functrain.optim.naming import named
+from functrain.optim.planned import GatedBySelection, Prelude, Ran, Runner, stateless
 from functrain.optim.rates import as_float64, value_at
-from functrain.optim.updates import Decoupled, ParamStep, flat_updates
+from functrain.optim.updates import Decoupled, ParamStep, flat_updates, stepped
 from functrain.optim.zeros import counter
 from functrain.tree import (
     Tree,
@@ -141,7 +142,26 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
         u, spec = flat_updates(updates, params)
         return ParamStep(u, spec, alpha), new_state
 
-    return Transform(init_fn, with_extras(update_fn))
+    def plan(params: dict[str, torch.Tensor], state: ScaleByLearningRateState) -> Runner:
+        # `update_fn` and `apply_updates` on the step's lists (the directions a chain's planned
+        # rules hand on)
+        def runner(
+            grads: list[torch.Tensor],
+            ps: list[torch.Tensor],
+            state: ScaleByLearningRateState,
+            norm: torch.Tensor | None,
+            write: bool,
+        ) -> Ran:
+            lr = current(state.count)
+            lr_t, _ = rate_tensors(lr, state.count.device)
+            alpha = lr_t * sign if isinstance(lr, torch.Tensor) else lr * sign
+            new = stepped(ps, ParamStep(grads, None, alpha), write)
+            return Ran(new, ScaleByLearningRateState(state.count + 1, lr_t), lr_t, None, None)
+
+        runner.reads_norm = False  # type: ignore[attr-defined]
+        return GatedBySelection(runner, lambda kept: kept.lr)
+
+    return Transform(init_fn, ExtrasUpdate(update_fn, plan=plan))
 
 
 @named
@@ -165,15 +185,25 @@ def scale(step_size: float) -> Transform:
     if not (is_real(step_size) and math.isfinite(step_size)):
         config_check([f"step_size must be a finite number, got step_size={step_size!r}"], "scale")
 
+    def scaled(g: list[torch.Tensor], write: bool = False) -> list[torch.Tensor]:
+        # torch.optim's maximize negates (exact); any other factor is one rounding per element
+        negated = step_size == -1.0
+        if not write:
+            return list(torch._foreach_neg(g) if negated else torch._foreach_mul(g, step_size))
+        # (into updates the caller may write: a planned chain's)
+        torch._foreach_neg_(g) if negated else torch._foreach_mul_(g, step_size)
+        return g
+
     def update_fn(
-        updates: Any, state: EmptyState, params: Tree | None = None
+        updates: Any, state: EmptyState, params: Tree | None = None, *, extras: Extras = NO_EXTRAS
     ) -> tuple[Tree, EmptyState]:
         g, spec = flat_updates(updates, params)
-        # torch.optim's maximize negates (exact); any other factor is one rounding per element
-        out = torch._foreach_neg(g) if step_size == -1.0 else torch._foreach_mul(g, step_size)
-        return tree_unflatten(out, spec), state
+        return tree_unflatten(scaled(g), spec), state
 
-    return Transform(lambda params: EmptyState(), update_fn)
+    def plan(params: dict[str, torch.Tensor], state: EmptyState) -> Prelude:
+        return stateless(lambda grads, ps, write: scaled(grads, write))
+
+    return Transform(lambda params: EmptyState(), ExtrasUpdate(update_fn, plan=plan))
 
 
 # the state of final steps that take the learning rate themselves

@@ -7,10 +7,11 @@ from typing import Any
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import EmptyState, Mask, Transform
+from functrain.optim.base import NO_EXTRAS, EmptyState, Extras, ExtrasUpdate, Mask, Transform
 from functrain.optim.checks import UNSCHEDULED_DECAY, check_decay
-from functrain.optim.masks import resolve_mask
+from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.naming import named
+from functrain.optim.planned import Prelude, stateless
 from functrain.optim.updates import Decoupled, flat_updates
 from functrain.tree import (
     Tree,
@@ -58,8 +59,24 @@ def add_decayed_weights(weight_decay: float, mask: Mask = None) -> Transform:
         check_decay(problems, "weight_decay", weight_decay, UNSCHEDULED_DECAY)
     config_check(problems, "add_decayed_weights")
 
+    def decayed(
+        u: list[torch.Tensor], p: list[torch.Tensor], flags: Any, write: bool = False
+    ) -> list[torch.Tensor]:
+        """``u + weight_decay * p`` where `flags` say (all where None); into `u` with `write`."""
+        idx = [i for i in range(len(u)) if flags is None or flags[i]]
+        if not idx:
+            return list(u)
+        picked, by = [u[i] for i in idx], [p[i] for i in idx]
+        if write:  # (updates the caller may write: a planned chain's)
+            torch._foreach_add_(picked, by, alpha=weight_decay)
+            return u
+        out = list(u)
+        for i, d in zip(idx, torch._foreach_add(picked, by, alpha=weight_decay), strict=True):
+            out[i] = d
+        return out
+
     def update_fn(
-        updates: Any, state: EmptyState, params: Tree | None = None
+        updates: Any, state: EmptyState, params: Tree | None = None, *, extras: Extras = NO_EXTRAS
     ) -> tuple[Any, EmptyState]:
         if params is None:
             config_check(
@@ -70,16 +87,13 @@ def add_decayed_weights(weight_decay: float, mask: Mask = None) -> Transform:
         if isinstance(updates, Decoupled) and updates.weight_decay is None:
             return updates.with_decay(weight_decay, flags, tree_leaves(params)), state
         u, spec = flat_updates(updates, params)
-        p = tree_leaves(params)
-        idx = [i for i in range(len(u)) if flags is None or flags[i]]
-        decayed = (
-            torch._foreach_add([u[i] for i in idx], [p[i] for i in idx], alpha=weight_decay)
-            if idx
-            else []
-        )
-        out = list(u)
-        for i, d in zip(idx, decayed, strict=True):
-            out[i] = d
-        return tree_unflatten(out, spec), state
+        return tree_unflatten(decayed(u, tree_leaves(params), flags), spec), state
 
-    return Transform(lambda params: EmptyState(), update_fn)
+    def plan(params: dict[str, torch.Tensor], state: EmptyState) -> Prelude | None:
+        # the mask resolved once, where it follows from the names and shapes alone
+        flags = resolved_once(lambda given: resolve_mask(mask, given), params)
+        if mask is not None and flags is None:
+            return None
+        return stateless(lambda grads, ps, write: decayed(grads, ps, flags, write))
+
+    return Transform(lambda params: EmptyState(), ExtrasUpdate(update_fn, plan=plan))
