@@ -60,6 +60,7 @@ from functrain.optim.rules.formula import (
     Scalar,
     add_scaled,
     addcdiv_scaled,
+    held_number,
     host_value,
     rule_transform,
     safe_sqrt,
@@ -125,8 +126,9 @@ def differentiable_form(optimizer: Transform) -> Transform:
 
     Its state (`DifferentiableState`) holds the moments and the hyperparameters as tensors; its
     update emits the new parameters (`NewParams`), each a function of the parameters, gradients,
-    moments and hyperparameters. A schedule as the learning rate is evaluated at the count as the
-    ordinary step evaluates it, and not held (it is not a tensor a gradient could reach). A
+    moments and hyperparameters. A schedule as the learning rate (or the weight decay) is
+    evaluated at the count as the ordinary step evaluates it, and not held (it is not a tensor a
+    gradient could reach). A
     weight-decay mask spares its weights as the ordinary step does (a group of their own with a
     weight decay of 0, whose hypergradient they take no part in).
 
@@ -185,8 +187,9 @@ def differentiable_form(optimizer: Transform) -> Transform:
     start = first_rate(rate)
     rule = FORMULAS[name]({**arguments, "lr": start})
     # held in the rule's order (the rate first), a scheduled rate not at all
+    # (a weight decay's schedule is not held: read at the count, as the ordinary step reads it)
     constants = {
-        k: float(rate if k == "lr" else arguments[k])
+        k: float(rate) if k == "lr" else held_number(arguments[k])
         for k in rule.held
         if k != "lr" or schedule is None
     }

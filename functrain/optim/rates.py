@@ -302,7 +302,7 @@ torch.library.register_fake("functrain::host_rate", _host_rate_shape, lib=_LIBRA
 
 
 _NO_HOST_STEP = (
-    "the learning rate {name} is a plain function of the step, which functrain calls with the step "
+    "the schedule {name} is a plain function of the step, which functrain calls with the step "
     "as a Python int, as torch's LambdaLR calls its lambda; a CUDA-graph or stacked step "
     "has no Python int to give it (a graph would freeze one value). Give its values "
     "ahead: functrain.schedules.tabulate({name}, steps=total_steps) (exact, as LambdaLR computes "

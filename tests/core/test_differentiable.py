@@ -380,6 +380,20 @@ def test_a_scheduled_rate_trains_as_the_ordinary_step() -> None:
     assert all(torch.equal(ours.params[k], theirs.params[k]) for k in theirs.params)
 
 
+@pytest.mark.parametrize("preset", [ft.adamw, ft.lion, ft.sgd])
+def test_a_scheduled_weight_decay_trains_as_the_ordinary_step(preset: Any) -> None:
+    # read at the count, not held (its gradient is the schedule's business)
+    model, (batch, _) = _net(dtype=torch.float32), _batches(torch.float32)
+    tx = preset(1e-2, weight_decay=ft.schedules.cosine_decay(0.1, 10))
+    ours = ft.TrainState.create(model, tx, _squared_error, differentiable=True)
+    theirs = ft.TrainState.create(model, _ordinary(tx), _squared_error)
+    assert "weight_decay" not in ours.hyperparameters
+    for _ in range(4):
+        ours, _ = ft.train_step(ours, batch)
+        theirs, _ = ft.train_step(theirs, batch)
+    assert all(torch.equal(ours.params[k], theirs.params[k]) for k in theirs.params)
+
+
 def test_a_skipped_step_leaves_the_gradients_through_the_others_finite() -> None:
     assert_a_skipped_step_leaves_the_gradients_finite(torch.device("cpu"))
 

@@ -437,6 +437,29 @@ def test_chains_of_directions_and_a_learning_rate_are_planned_as_their_update(
     assert stage_equal_to_the_body(optimizer, options, data, donate) == "planned"
 
 
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_planned_chain_of_half_precision_weights_gives_the_bodys_bits(donate: bool) -> None:
+    # a scale other than -1 multiplies out of place: in place, torch rounds half dtypes otherwise
+    def make() -> nn.Module:
+        return make_bn_net().to(torch.bfloat16)
+
+    def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(model(x.to(torch.bfloat16)).float(), y)
+
+    def chain() -> Any:
+        return ft.chain(
+            ft.scale(0.3), ft.scale_by_adam(), ft.scale(0.3), ft.scale_by_learning_rate(1e-2)
+        )
+
+    data = batches(6, nan_at=3)
+    got, got_m = train(make, chain, data, planned=True, donate=donate, loss_fn=loss_fn)
+    want, want_m = train(make, chain, data, planned=False, donate=donate, loss_fn=loss_fn)
+    assert planned(got)
+    assert_trees_equal(want.tree(), got.tree(), "state")
+    assert_trees_equal(want_m, got_m, "metrics")
+
+
 class _TwoDtypes(nn.Module):
     """A float32 weight and a bfloat16 scale: parameters of two dtypes (a step size rounded to
     bfloat16 once and one rounded in the kernel's float32 differ)."""

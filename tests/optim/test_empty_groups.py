@@ -91,6 +91,13 @@ OWN_CASES: dict[str, Callable[[], ft.Transform]] = {
     "adan": lambda: ft.adan(1e-3),
     "trace-chain": lambda: ft.chain(ft.trace(0.9), ft.scale_by_learning_rate(0.05)),
     "scale_by_adam-chain": lambda: ft.chain(ft.scale_by_adam(), ft.scale_by_learning_rate(1e-3)),
+    "optax-adamw-chain": lambda: ft.chain(
+        ft.scale(-1.0),
+        ft.scale_by_adam(),
+        ft.scale(0.5),
+        ft.add_decayed_weights(1e-2),
+        ft.scale_by_learning_rate(1e-3, flip_sign=False),
+    ),
     "scale_by_rprop": lambda: ft.scale_by_rprop(1e-2),
 }
 

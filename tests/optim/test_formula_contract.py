@@ -168,6 +168,44 @@ def test_a_compiled_step_trains_without_recompiling_close_to_the_eager_one(name:
         torch.testing.assert_close(compiled.params[k], eager.params[k], rtol=1e-5, atol=1e-6)
 
 
+class _Scaled(torch.nn.Module):
+    """A linear layer times a learnable 0-d scale (a temperature, a logit scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 3)
+        self.scale = torch.nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda lr: ft.lion(lr, weight_decay=0.1),
+        lambda lr: ft.lion(lr, weight_decay=0.1, reference="lerp"),
+        lambda lr: ft.sgd(lr, momentum=0.9, fused=False),
+        lambda lr: ft.adamw(lr, fused=False),
+        lambda lr: ft.rmsprop(lr),
+    ],
+    ids=["lion", "lion_lerp", "sgd", "adamw", "rmsprop"],
+)
+def test_a_compiled_pure_step_keeps_a_0d_parameter_in_its_dtype(make: Any) -> None:
+    # traced, the scheduled rate is a float64 tensor: a 0-d parameter took its dtype (and the
+    # next op refused it) where the rate was not read in the parameter's opmath
+    schedule = ft.schedules.cosine_decay(1e-2, 10)
+    eager = compiled = ft.TrainState.create(_Scaled(), make(schedule), _loss)
+    step = ft.compile_step(backend="eager")
+    for i in range(3):
+        eager, _ = ft.train_step(eager, _batch(i))
+        compiled, _ = step(compiled, _batch(i))
+    assert compiled.params["scale"].dtype == torch.float32
+    for k in eager.params:
+        torch.testing.assert_close(compiled.params[k], eager.params[k], rtol=1e-6, atol=1e-7)
+
+
 def _unrolled(name: str, weights: dict[str, torch.Tensor], lr: torch.Tensor) -> torch.Tensor:
     model = _NET
     state = ft.TrainState.create(model, PRESETS[name](0.01), _loss, differentiable=True)

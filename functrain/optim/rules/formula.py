@@ -595,7 +595,9 @@ class Ops:
             if a.device.type == "cuda" and isinstance(b, torch.Tensor):
                 # (CUDA's kernel: one fused multiply-add, in its opmath)
                 return _on_cuda(torch.addcmul, a, b, h.tensor)
-            return a + h.tensor * b
+            # (the number in `a`'s opmath, as the kernels read a 0-d scalar: a 0-d `a` stays
+            # in its dtype, not promoted to the number's float64)
+            return (a + h.tensor.to(opmath(a.dtype)) * b).to(a.dtype)
         return add_scaled(a, b, h)
 
     def sub(self, a: torch.Tensor, b: torch.Tensor, alpha: Scalar | float = 1.0) -> torch.Tensor:
@@ -620,7 +622,7 @@ class Ops:
             return a.div_(h.value) if self.in_place else torch.div(a, h.value)  # type: ignore[arg-type]
         if a.device.type == "cuda" and not self.differentiable:
             return divided(a, h.tensor)  # (as CUDA divides by a number: by its reciprocal)
-        return a / h.tensor.to(opmath(a.dtype))
+        return (a / h.tensor.to(opmath(a.dtype))).to(a.dtype)
 
     def lerp(
         self, a: torch.Tensor, b: torch.Tensor, weight: Scalar | float | torch.Tensor
@@ -655,7 +657,8 @@ class Ops:
             if a.device.type == "cuda":  # CUDA's kernel: a + value * (t1 / t2), fused
                 wide = opmath(a.dtype)  # (the quotient in the opmath, as the kernel's)
                 return _on_cuda(torch.addcmul, a, torch.div(t1.to(wide), t2.to(wide)), h.tensor)
-            return a + h.tensor * t1 / t2  # (the CPU kernel's order: (value * t1) / t2)
+            # (the CPU kernel's order: (value * t1) / t2; the number in `a`'s opmath)
+            return (a + h.tensor.to(opmath(a.dtype)) * t1 / t2).to(a.dtype)
         return addcdiv_scaled(a, t1, t2, h)
 
     def sqrt(self, a: torch.Tensor) -> torch.Tensor:

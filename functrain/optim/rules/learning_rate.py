@@ -187,11 +187,13 @@ def scale(step_size: float) -> Transform:
 
     def scaled(g: list[torch.Tensor], write: bool = False) -> list[torch.Tensor]:
         # torch.optim's maximize negates (exact); any other factor is one rounding per element
-        negated = step_size == -1.0
+        if not g:  # (torch's foreach ops take no empty list: a group of no parameters)
+            return []
+        if step_size != -1.0:  # (out of place: in place, torch rounds half dtypes otherwise)
+            return list(torch._foreach_mul(g, step_size))
         if not write:
-            return list(torch._foreach_neg(g) if negated else torch._foreach_mul(g, step_size))
-        # (into updates the caller may write: a planned chain's)
-        torch._foreach_neg_(g) if negated else torch._foreach_mul_(g, step_size)
+            return list(torch._foreach_neg(g))
+        torch._foreach_neg_(g)  # (into updates the caller may write: a planned chain's)
         return g
 
     def update_fn(
