@@ -339,7 +339,8 @@ def slot_owners(init: Any, params: dict[str, torch.Tensor]) -> dict[str, list[st
     owners = _shrinking(full, init, params, names[-1])
     if owners is None:
         return None
-    if all(n == len(names) for n in owners.values()):
+    # (none shrinking proves nothing: the last parameter may be outside a group, `masked`'s)
+    if owners and all(n == len(names) for n in owners.values()):
         return {container: list(names) for container in owners}
     # laid out by group: which sequences each parameter's leaving shortens (probed on the meta
     # device where the transform's init takes it, else on the parameters)

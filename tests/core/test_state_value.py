@@ -862,6 +862,36 @@ def test_per_layer_groups_with_a_layer_frozen_and_trained_again_give_torchs_bits
         assert torch.equal(state.params[key], p), key
 
 
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_masked_momentum_with_a_layer_frozen_gives_torchs_bits(donate: bool) -> None:
+    # the momentum kept for the weights a mask selects (`masked`): the frozen layer's parked,
+    # the others' kept in order (the last parameter, a bias, is outside the mask)
+    tx = ft.chain(
+        ft.masked(ft.trace(0.9), lambda name, p: p.ndim > 1), ft.scale_by_learning_rate(0.1)
+    )
+    state = ft.TrainState.create(make_mlp(), tx, cross_entropy_loss_fn)
+    for i, batch in enumerate(batches(6)):
+        if i == 2:
+            state = frozen_first_layer(state)
+        state, _ = ft.train_step(state, batch, donate=donate)
+    model = make_mlp()
+    weights = [p for p in model.parameters() if p.ndim > 1]
+    biases = [p for p in model.parameters() if p.ndim == 1]
+    opt = torch.optim.SGD(
+        [{"params": weights, "momentum": 0.9}, {"params": biases}], lr=0.1, foreach=False
+    )
+    for i, (x, y) in enumerate(batches(6)):
+        if i == 2:
+            for p in model[0].parameters():
+                p.requires_grad_(False)
+        cross_entropy_loss_fn(model, (x, y)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for key, p in model.named_parameters():
+        weight = state.params[key] if key in state.params else state.frozen[key]
+        assert torch.equal(weight, p), key
+
+
 # (schedule-free evaluates its model at an average of every parameter: a partition's group of it
 # is refused, `evaluation_params`)
 @pytest.mark.parametrize(("freeze", "unfreeze"), [(2, 5), (0, 3)])
