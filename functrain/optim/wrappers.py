@@ -365,7 +365,41 @@ def masked(inner: Transform, mask: Mask) -> Transform:
         out = [next(done) if f else x for x, f in zip(u, flags, strict=True)]
         return tree_unflatten(out, spec), MaskedState(inner_state), report
 
-    update = ExtrasUpdate(update_fn, reports=True, rates=_inner_rates(inner))
+    def plan(params: dict[str, torch.Tensor], state: MaskedState) -> Prelude | None:
+        # the inner prelude on the weights the mask selects (decided once from their names and
+        # shapes), named as `init_fn` hands them over (a list's indices); where it reads no norm
+        flags = resolved_once(lambda given: _selected(mask, given), params)
+        planner = planner_of(inner)
+        if flags is None or planner is None:
+            return None
+        picked = [i for i, f in enumerate(flags) if f]
+        values = list(params.values())
+        found = planner({str(j): values[i] for j, i in enumerate(picked)}, state.inner)
+        if not isinstance(found, Prelude) or reads_norm(found.run):
+            return None
+        run_inner = found.run
+
+        def run(
+            grads: list[torch.Tensor],
+            params: list[torch.Tensor],
+            state: MaskedState,
+            norm: torch.Tensor | None,
+            write: bool,
+            keep: torch.Tensor | None = None,
+        ) -> tuple[list[torch.Tensor], MaskedState]:
+            sub = [params[i] for i in picked]
+            moved, inner_state = run_inner(
+                [grads[i] for i in picked], sub, state.inner, None, write, keep
+            )
+            out = list(grads)
+            for i, x in zip(picked, moved, strict=True):
+                out[i] = x
+            return out, MaskedState(inner_state)
+
+        run.reads_norm = False  # type: ignore[attr-defined]
+        return Prelude(run)
+
+    update = ExtrasUpdate(update_fn, reports=True, plan=plan, rates=_inner_rates(inner))
     return Transform(init_fn, update)
 
 

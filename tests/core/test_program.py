@@ -416,6 +416,16 @@ CHAINS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
         ),
         {},
     ),
+    "masked_in_optax_order": (
+        lambda: ft.chain(
+            ft.masked(ft.scale(-1.0), lambda name, p: p.ndim == 1),
+            ft.scale_by_adam(),
+            ft.masked(ft.add_decayed_weights(1e-2), lambda name, p: p.ndim > 1),
+            ft.masked(ft.trace(0.5), lambda name, p: name.startswith("4.")),
+            ft.scale_by_learning_rate(1e-2),
+        ),
+        {"accumulate_steps": 2},
+    ),
     "groups_of_chains": (
         lambda: ft.partition(
             lambda name, p: "m" if p.ndim > 1 else "v",
