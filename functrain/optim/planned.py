@@ -31,6 +31,7 @@ __all__ = [
     "reads_norm",
     "selected",
     "stateless",
+    "unmeasured",
 ]
 
 
@@ -105,12 +106,9 @@ class Prelude(NamedTuple):
     run: Passing
 
 
-def stateless(
-    fn: Callable[[list[torch.Tensor], list[torch.Tensor], bool], list[torch.Tensor]],
-) -> Prelude:
-    """The `Prelude` of an update that keeps no state and reads no norm (`scale`,
-    `add_decayed_weights`): ``fn(updates, params, write) -> updates``, its state passed through.
-    """
+def unmeasured(fn: Callable[..., tuple[list[torch.Tensor], Tree]]) -> Prelude:
+    """The `Prelude` of an update that reads no norm (a formula's direction, `masked`'s):
+    ``fn(updates, params, state, write, keep) -> (updates, state)``."""
 
     def run(
         grads: list[torch.Tensor],
@@ -120,10 +118,19 @@ def stateless(
         write: bool,
         keep: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], Tree]:
-        return fn(grads, params, write), state
+        return fn(grads, params, state, write, keep)
 
     run.reads_norm = False  # type: ignore[attr-defined]
     return Prelude(run)
+
+
+def stateless(
+    fn: Callable[[list[torch.Tensor], list[torch.Tensor], bool], list[torch.Tensor]],
+) -> Prelude:
+    """The `Prelude` of an update that keeps no state and reads no norm (`scale`,
+    `add_decayed_weights`): ``fn(updates, params, write) -> updates``, its state passed through.
+    """
+    return unmeasured(lambda grads, params, state, write, keep: (fn(grads, params, write), state))
 
 
 def reads_norm(runner: Any) -> bool:

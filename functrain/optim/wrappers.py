@@ -49,6 +49,7 @@ from functrain.optim.planned import (
     Runner,
     reads_norm,
     selected,
+    unmeasured,
 )
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.rules.formula import RuleState
@@ -382,10 +383,9 @@ def masked(inner: Transform, mask: Mask) -> Transform:
         def run(
             grads: list[torch.Tensor],
             params: list[torch.Tensor],
-            state: MaskedState,
-            norm: torch.Tensor | None,
+            state: Any,
             write: bool,
-            keep: torch.Tensor | None = None,
+            keep: Any,
         ) -> tuple[list[torch.Tensor], MaskedState]:
             sub = [params[i] for i in picked]
             moved, inner_state = run_inner(
@@ -396,8 +396,7 @@ def masked(inner: Transform, mask: Mask) -> Transform:
                 out[i] = x
             return out, MaskedState(inner_state)
 
-        run.reads_norm = False  # type: ignore[attr-defined]
-        return Prelude(run)
+        return unmeasured(run)
 
     update = ExtrasUpdate(update_fn, reports=True, plan=plan, rates=_inner_rates(inner))
     return Transform(init_fn, update)

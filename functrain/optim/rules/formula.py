@@ -51,7 +51,7 @@ from functrain.optim.base import (
 from functrain.optim.checks import check_learning_rate
 from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.metrics import metric_fields
-from functrain.optim.planned import GatedBySelection, Prelude, Ran, Runner
+from functrain.optim.planned import GatedBySelection, Prelude, Ran, Runner, unmeasured
 from functrain.optim.rates import host_rate, value_at
 from functrain.optim.rules.arithmetic import divided, opmath
 from functrain.optim.updates import NewParams, flat_updates
@@ -1354,18 +1354,12 @@ def rule_direction(
             return None
 
         def run(
-            grads: list[torch.Tensor],
-            params: list[torch.Tensor],
-            state: Any,
-            norm: torch.Tensor | None,
-            write: bool,
-            keep: torch.Tensor | None = None,
+            grads: list[torch.Tensor], params: Any, state: Any, write: bool, keep: Any
         ) -> tuple[list[torch.Tensor], Any]:
             ran = runner(grads, list(map(torch.zeros_like, grads)), state, None, write, keep)
             return ran.params, ran.state
 
-        run.reads_norm = False  # type: ignore[attr-defined]
-        return Prelude(run)
+        return unmeasured(run)
 
     return Transform(inner.init, ExtrasUpdate(update_fn, plan=plan), name)
 
