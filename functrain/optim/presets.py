@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import LearningRate, Mask, Schedule, Transform, identity
+from functrain.optim.base import LearningRate, Mask, Schedule, Transform
 from functrain.optim.checks import (
     check_decay,
     check_learning_rate,
@@ -95,10 +95,6 @@ __all__ = [
     "rprop",
     "sgd",
 ]
-
-
-def _maybe(condition: object, transform: Transform) -> Transform:
-    return transform if condition else identity()
 
 
 def _value(beta: float) -> float:
