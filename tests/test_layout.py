@@ -248,3 +248,52 @@ def test_a_gradient_of_another_shape_is_refused_with_both_shapes() -> None:
         ft.StateMismatchError, match=r"got \[2, 2\] for a parameter of shape \[3, 5\]"
     ):
         with_strides_of(torch.randn(2, 2), torch.zeros(5, 3).t())
+
+
+class _Depthwise(nn.Module):
+    """A channels_last depthwise convolution: its weight (8, 1, 3, 3) strided (9, 1, 3, 1), the
+    size-1 dimension's stride deciding the memory format its convolution runs in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False).to(memory_format=CL)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dw(x).sum((2, 3)))
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize(
+    "make_tx",
+    [lambda: ft.scale_by_learning_rate(0.1), lambda: ft.chain(ft.scale_by_learning_rate(0.1))],
+    ids=["alone", "chain"],
+)
+def test_a_planned_learning_rate_keeps_a_depthwise_weight_in_its_strides(
+    make_tx: Callable[[], ft.Transform], donate: bool
+) -> None:
+    """torch.optim.SGD writes the weight in place, in its strides; a pure step's new weight, and
+    a donated step's on a skipped batch (a NaN), must have them too, else the next convolution
+    runs in another memory format and sums in another order."""
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 8, 9, 9, generator=gen), torch.randint(0, 3, (4,), generator=gen))]
+    data += [(torch.randn(4, 8, 9, 9, generator=gen), torch.randint(0, 3, (4,), generator=gen))]
+    nan = data[0][0].clone()
+    nan[0, 0, 0, 0] = float("nan")
+    data += [(nan, data[0][1])] + [
+        (torch.randn(4, 8, 9, 9, generator=gen), torch.randint(0, 3, (4,), generator=gen))
+        for _ in range(4)
+    ]
+    ref = _Depthwise()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, foreach=False)
+    state = ft.TrainState.create(_Depthwise(), make_tx(), cross_entropy_loss_fn, seed=0)
+    for batch in data:
+        state, _ = ft.train_step(state, batch, donate=donate)
+        opt.zero_grad(set_to_none=True)
+        cross_entropy_loss_fn(ref, batch).backward()
+        if all(p.grad.isfinite().all() for p in ref.parameters()):  # (the skipped batch)
+            opt.step()
+    for name, p in ref.named_parameters():
+        assert state.params[name].stride() == p.stride(), name
+        assert torch.equal(state.params[name], p.detach()), name
