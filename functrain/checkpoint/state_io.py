@@ -44,8 +44,10 @@ from functrain.checkpoint.sharded import (
     read_for,
     write_sharded,
 )
+from functrain.core.create import averaging_init
 from functrain.core.donation import hold_live
 from functrain.core.options import LossScale
+from functrain.core.replacement import resplit
 from functrain.core.state import TrainState, unaliased
 from functrain.core.structure import sparse_parameters
 from functrain.devices import device_named
@@ -684,6 +686,8 @@ def _load(
         tree["opt_state"] = _in_formula_layouts(tree["opt_state"], template.get("opt_state"))
         if grown.get("parked"):
             grown["parked"] = _parked_in_formula_layouts(grown["parked"], template["opt_state"])
+        if isinstance(like, TrainState):
+            tree = _in_template_order(tree, like, path)
     problems = compare_to_template(tree, template, _sparse_ok(like))
     if isinstance(like, TrainState):
         like = _as_trained(like, manifest["fingerprint"], path)
@@ -727,6 +731,32 @@ def _load(
             {**restored, **{k: _to_device(v, like.device) for k, v in grown.items()}}
         )
     return restored
+
+
+def _in_template_order(tree: dict[str, Any], like: TrainState, path: Any) -> dict[str, Any]:
+    """`tree` with its weights in the template's order: a state that moved weights by `replace`
+    kept them in the order they were given in before states kept their module's, and its
+    optimizer state and EMA hold a slot per weight in that order: matched to the template's
+    weights by name (`resplit`), never by position."""
+    saved, params = tree.get("params"), dict(like.params)
+    if not isinstance(saved, dict) or saved.keys() != params.keys() or list(saved) == list(params):
+        return tree
+    saved = dict(saved)
+    try:
+        tree = {**tree, "params": {name: saved[name] for name in params}}
+        tree["opt_state"] = resplit(tree["opt_state"], saved, params, {}, like.tx.init, "x")[0]
+        if tree.get("ema_state") is not None and like.averager is not None:
+            buffers = dict(like.buffers) if like.options.ema_buffers else None
+            init = averaging_init(like.averager, buffers)
+            tree["ema_state"] = resplit(tree["ema_state"], saved, params, {}, init, "x")[0]
+    except StateMismatchError as error:
+        raise StateMismatchError(
+            f"checkpoint {str(path)!r} holds its weights in another order than the template "
+            f"({list(saved)[:4]}, the template {list(params)[:4]}), and its optimizer state "
+            "cannot be matched to them by name: load it into a state whose weights are in the "
+            "checkpoint's order (moved by replace as the saved run moved them)"
+        ) from error
+    return tree
 
 
 def _sparse_ok(like: Any) -> Callable[[str], bool]:

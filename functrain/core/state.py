@@ -586,6 +586,13 @@ class TrainState:
             # parameters moved between params and frozen (another model's are checked at use)
             moved = split == self.params.keys() | self.frozen.keys()
             if moved and params.keys() != self.params.keys() and "opt_state" not in changes:
+                # in the module's order, whichever order they were given in: the norm sums as
+                # torch's does, and a state created for the split lays its slots out alike
+                order = [n for n, _ in self.module.named_parameters() if n in split]
+                if len(order) == len(split):
+                    changes["params"] = params = {n: params[n] for n in order if n in params}
+                    if isinstance(frozen, dict):
+                        changes["frozen"] = {n: frozen[n] for n in order if n in frozen}
                 changes.update(self._resplit(changes, params))
         if not changes.keys().isdisjoint(_MODULE_TENSORS):
             shared = shared_storage(
