@@ -389,6 +389,10 @@ def _shrinking(
     return found
 
 
+# the field of `functrain.optim.wrappers.AccumulateState` holding a window's sums, one per weight
+_WINDOW_SUMS = "grad_sum"
+
+
 def _refuse_partly_parked(
     fresh: dict[str, Any],
     slot: Any,
@@ -407,7 +411,9 @@ def _refuse_partly_parked(
         name = found[1]
         kept = [k for k in parked.get(name, {}) if k.startswith(what + "|")]
         key = f"{what}|{found[0]}|{found[2]}"
-        if kept and key not in parked[name]:
+        # (an accumulation window's sums restart where it ends, where weights move: fresh ones
+        # are exact, accumulation switched on while the weight was frozen)
+        if kept and key not in parked[name] and found[0].rpartition("/")[2] != _WINDOW_SUMS:
             missing.setdefault(name, []).append(found[0])
     if missing:
         name, containers = next(iter(missing.items()))
@@ -480,6 +486,22 @@ def resplit(
         index = at_old.get(container, {}).get(name)
         if index is not None:
             return olds[_join(container, str(index), rest)]
-        return parked.get(name, {}).get(f"{what}|{container}|{rest}", leaf)
+        key = f"{what}|{container}|{rest}"
+        value = parked.get(name, {}).get(key, leaf)
+        if value is not leaf and isinstance(leaf, torch.Tensor) and not _alike(value, leaf):
+            # (a kernel handed a slot of another size writes past its end)
+            raise StateMismatchError(
+                f"TrainState.replace: weight {name!r} comes back with its parked {key} as "
+                f"{_described(value)}, where its optimizer keeps {_described(leaf)}: parked "
+                "slots altered, or a checkpoint's written for another model. Train it from "
+                "fresh slots: replace(parked=...) without its entry"
+            )
+        return value
 
     return pytree.tree_map(pick, init(new_params)), kept
+
+
+def _described(t: Any) -> str:
+    if not isinstance(t, torch.Tensor):
+        return f"a {type(t).__name__}"
+    return f"a tensor of shape {tuple(t.shape)}, {str(t.dtype).removeprefix('torch.')}"

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 import functrain as ft
+from functrain.checkpoint.format import write_tree
+from functrain.checkpoint.state_io import fingerprint
 from tests.models import cross_entropy_loss_fn, make_mlp
 
 
@@ -471,6 +473,53 @@ def test_a_layer_parked_across_new_options_trains_again_with_its_moments(change:
         opt.zero_grad(set_to_none=True)
     for key, p in model.named_parameters():
         assert torch.equal(state.params[key], p), key
+
+
+def test_accumulation_switched_on_while_a_layer_is_frozen_trains_it_again_as_torch() -> None:
+    """A window's sums restart where it ends, where weights move: the layer comes back with
+    fresh ones (it was refused as coming back without part of its state)."""
+    ours, _ = COUNT_FREE["adamw"]
+    state = ft.TrainState.create(make_mlp(), ours(), cross_entropy_loss_fn)
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), 1e-2, fused=True)
+    for i, batch in enumerate(batches(10)):
+        if i == 2:
+            state = frozen_first_layer(state)
+            state = state.replace(options=attrs.evolve(state.options, accumulate_steps=2))
+            for p in model[0].parameters():
+                p.requires_grad_(False)
+        if i == 6:
+            state = unfrozen_first_layer(state)
+            for p in model[0].parameters():
+                p.requires_grad_(True)
+        state, _ = ft.train_step(state, batch)
+        (cross_entropy_loss_fn(model, batch) / (1 if i < 2 else 2)).backward()
+        if i < 2 or i % 2:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for key, p in model.named_parameters():
+        assert torch.equal(state.params[key], p), key
+
+
+def test_a_parked_slot_of_another_shape_is_refused_before_a_kernel_writes_past_it(
+    tmp_path: Any,
+) -> None:
+    """A checkpoint whose parked slot was altered (or written for another model) loads, and the
+    weight's way back is refused: torch's fused kernel wrote past the slot's end (the process
+    aborted)."""
+    state = frozen_first_layer(trained(ft.adam(1e-2)))
+    tree = dict(state.tree())
+    key = next(k for k in state.parked["0.bias"] if k.endswith("/mu|"))
+    tree["parked"] = {**tree["parked"], "0.bias": {**state.parked["0.bias"], key: torch.zeros(3)}}
+    path = ft.save(state, tmp_path / "c")
+    altered = write_tree(tmp_path / "altered", tree, fingerprint=fingerprint(state))
+    for saved, fits in ((path, True), (altered, False)):
+        loaded = ft.load(saved, like=frozen_first_layer(trained(ft.adam(1e-2))))
+        if fits:
+            ft.train_step(unfrozen_first_layer(loaded), batches(1)[0])
+            continue
+        with pytest.raises(ft.StateMismatchError, match=r"'0\.bias' comes back with its parked"):
+            unfrozen_first_layer(loaded)
 
 
 def test_weights_are_moved_only_where_an_accumulation_window_ends() -> None:
