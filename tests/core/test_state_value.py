@@ -522,6 +522,35 @@ def test_a_parked_slot_of_another_shape_is_refused_before_a_kernel_writes_past_i
             unfrozen_first_layer(loaded)
 
 
+@pytest.mark.parametrize("frozen_at_create", [True, False], ids=["never trained", "trained"])
+def test_rprop_under_a_schedule_starts_a_weights_step_sizes_at_its_first_updates_rate(
+    frozen_at_create: bool,
+) -> None:
+    """torch fills a weight's step sizes from the group's lr at the weight's own first update: a
+    layer first trained mid-run starts at the scheduled rate there (it started at the rate of
+    update 0, 0.016 off torch after two updates)."""
+    model = make_mlp()
+    opt = torch.optim.Rprop(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, 0.5)
+    schedule = ft.schedules.exponential_decay(1e-2, 0.5, transition_steps=1)
+    state = ft.TrainState.create(make_mlp(), ft.rprop(schedule), cross_entropy_loss_fn)
+    freeze, unfreeze = (0, 3) if frozen_at_create else (2, 5)
+    for i, batch in enumerate(batches(7)):
+        if i == freeze:
+            state = frozen_first_layer(state)
+        if i == unfreeze:
+            state = unfrozen_first_layer(state)
+        state, _ = ft.train_step(state, batch)
+        for p in model[0].parameters():
+            p.requires_grad_(not freeze <= i < unfreeze)
+        opt.zero_grad(set_to_none=True)
+        cross_entropy_loss_fn(model, batch).backward()
+        opt.step()
+        scheduler.step()
+    for key, p in model.named_parameters():
+        assert torch.equal(state.params[key], p), key
+
+
 def test_weights_are_moved_only_where_an_accumulation_window_ends() -> None:
     state = trained(ft.sgd(0.1), steps=1, accumulate_steps=2)
     with pytest.raises(ft.StateMismatchError, match=r"holds 1 of its 2 micro-batches"):

@@ -17,6 +17,8 @@ from functrain.optim.rules.formula import (
     Rule,
     RuleState,
     Scalar,
+    at_first_into,
+    filled,
     rule_direction,
 )
 from functrain.optim.rules.learning_rate import check_rate
@@ -87,8 +89,11 @@ def scale_by_rprop(
     check_rate(problems, learning_rate)
     check_rprop(problems, etas, step_sizes)
     config_check(problems, "scale_by_rprop")
-    rule = rprop_rule(first_rate(learning_rate), *etas, *step_sizes, maximize=False)
-    return rule_direction(rule, "scale_by_rprop", {}, ScaleByRpropState)
+    rate = first_rate(learning_rate)
+    rule = rprop_rule(rate, *etas, *step_sizes, maximize=False)
+    # (its step takes no rate: the one held is the step sizes' first value, a weight's first
+    # update's, not the -1 of a direction's step from the origin)
+    return rule_direction(rule, "scale_by_rprop", {"lr": rate}, ScaleByRpropState)
 
 
 class RpropState(RuleState):
@@ -114,13 +119,20 @@ def rprop_rule(
         factor = ops.masked_fill(sign, sign > 0, etaplus)
         factor = ops.masked_fill(factor, factor < 0, etaminus)
         factor = ops.masked_fill(factor, factor == 0, 1.0)
-        size = ops.clamp(ops.mul(m["step_size"], factor), low, high)
+        # the step sizes start at the rate at the weight's own first update (torch fills them
+        # from the group's lr then: a weight first trained mid-run, at a scheduled rate's value
+        # there), where the rate is held; else at `lr`, their first value
+        size = m["step_size"]
+        if "lr" in h:
+            size = at_first_into(ops, size, t, filled(h["lr"], size), lambda: m["step_size"])
+        size = ops.clamp(ops.mul(size, factor), low, high)
         kept = ops.out.masked_fill(g, factor == etaminus, 0.0)
         p = ops.addcmul(p, ops.out.sign(kept), size, value=-1)
         return p, {"prev": ops.copy(m["prev"], kept), "step_size": size}
 
-    # (the rate held as torch's group holds it, its metric: the step reads it never, as torch's)
-    return Rule(("prev", "step_size"), {"step_size": lr}, ("lr",), step)
+    # (the rate held as torch's group holds it, its metric; each weight its own count, as
+    # torch's ``state["step"]``, whose first update reads the rate)
+    return Rule(("prev", "step_size"), {"step_size": lr}, ("lr",), step, own_steps=True)
 
 
 FORMULAS["rprop"] = lambda a: rprop_rule(
