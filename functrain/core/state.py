@@ -776,12 +776,20 @@ class TrainState:
                 return averaging_init(averager, buffers if options.ema_buffers else None)(params)
 
             old, new = fresh(self.averager, self.options), fresh(averager, options)
-            # an average switched on starts from the weights now; one switched off is dropped
+            # an average switched on starts from the weights now; one switched off is dropped,
+            # a frozen weight's with it (switched on again, it starts from the weight too)
             rebuilt["ema_state"] = (
                 new
                 if old is None or new is None
                 else carried(self.ema_state, old, new, (old, new), "ema_state")
             )
+            if (old is None or new is None) and any(
+                key.startswith("ema_state|") for slots in parked.values() for key in slots
+            ):
+                parked = {
+                    name: {k: v for k, v in slots.items() if not k.startswith("ema_state|")}
+                    for name, slots in parked.items()
+                }
         if parked is not self.parked:
             rebuilt["parked"] = {k: ReadOnlyDict(v) for k, v in parked.items()}
         return rebuilt

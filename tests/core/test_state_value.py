@@ -551,6 +551,20 @@ def test_rprop_under_a_schedule_starts_a_weights_step_sizes_at_its_first_updates
         assert torch.equal(state.params[key], p), key
 
 
+def test_an_ema_switched_off_and_on_while_a_layer_is_frozen_starts_its_average_afresh() -> None:
+    """An average switched on starts from the weights now: a frozen layer's too, when it trains
+    again (it came back with the average parked before the switch, 0.008 off its weight)."""
+    state = trained(ft.sgd(0.1, momentum=0.9), steps=2, ema_decay=0.5)
+    state = frozen_first_layer(state)
+    state = state.replace(options=attrs.evolve(state.options, ema_decay=None))
+    state, _ = ft.train_step(state, batches(3)[2])
+    state = state.replace(options=attrs.evolve(state.options, ema_decay=0.5))
+    state = unfrozen_first_layer(state)
+    assert state.ema_params is not None
+    for name in state.params:
+        assert torch.equal(state.ema_params[name], state.params[name]), name
+
+
 def test_weights_are_moved_only_where_an_accumulation_window_ends() -> None:
     state = trained(ft.sgd(0.1), steps=1, accumulate_steps=2)
     with pytest.raises(ft.StateMismatchError, match=r"holds 1 of its 2 micro-batches"):
