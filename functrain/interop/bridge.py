@@ -1044,6 +1044,7 @@ def to_torch_state_dict(
     """
     where = "to_torch_state_dict"
     optimizers = _optimizers(optimizer, module, where)
+    _refuse_parked(state, optimizers, module, where)
     slots = [(i, o, k) for i, o in enumerate(optimizers) for k in range(len(o.param_groups))]
     labels = [_place("", len(optimizers), i, k) for i, _, k in slots]
     groups = [_read_group(o, k, module, _place(where, len(optimizers), i, k)) for i, o, k in slots]
@@ -1096,6 +1097,34 @@ def to_torch_state_dict(
             if entry:
                 dicts[i]["state"][indices[id(params[name])]] = entry
     return dicts if isinstance(optimizer, (list, tuple)) else dicts[0]
+
+
+def _refuse_parked(
+    state: TrainState, optimizers: list[torch.optim.Optimizer], module: nn.Module, where: str
+) -> None:
+    """Refuse frozen weights in the torch groups whose optimizer state the functrain state keeps
+    parked: torch would hold none for them, and train them again from fresh moments and step 0."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    held = [
+        names[id(p)]
+        for o in optimizers
+        for g in o.param_groups
+        for p in g["params"]
+        if not p.requires_grad
+        and any(k.startswith("opt_state|") for k in state.parked.get(names.get(id(p), ""), {}))
+    ]
+    if held:
+        config_check(
+            [
+                f"{held[:3]} are frozen here and in the state, which keeps their optimizer "
+                "state (their moments and own step) for when they train again: torch's "
+                "optimizer would hold none for them and start them afresh. Export the state "
+                "with them trainable (state.replace(params={**state.params, **state.frozen}, "
+                "frozen={}), the torch parameters requires_grad=True), then set "
+                "requires_grad_(False) on them in torch, which keeps their state"
+            ],
+            where,
+        )
 
 
 def _entry(key: str, value: Any, j: int) -> tuple[str, torch.Tensor | None]:

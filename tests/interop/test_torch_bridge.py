@@ -723,3 +723,52 @@ def test_a_muon_run_with_its_schedulers_continues_with_one_per_optimizer() -> No
         ConfigError, match=r"scheduler must be one live scheduler per optimizer \(2\), got 1"
     ):
         ft.from_torch_optimizer(optimizers, model, scheduler=scheduler)
+
+
+def test_a_frozen_weights_parked_state_is_refused_in_export_and_exported_trainable() -> None:
+    """torch's optimizer would hold no state for a weight frozen there, and train it again from
+    fresh moments: the export is refused with the way that keeps it (it dropped the state
+    silently), and that way continues in torch bit for bit, freeze and unfreeze included."""
+
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+    def ce(model: Any, batch: Any) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    gen = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen))
+        for _ in range(6)
+    ]
+
+    def torch_loop(model: torch.nn.Module, opt: Any, start: int) -> None:
+        for i, batch in enumerate(data[start:], start):
+            for p in model[0].parameters():
+                p.requires_grad_(not 2 <= i < 4)  # frozen for updates 2 and 3
+            opt.zero_grad(set_to_none=True)
+            ce(model, batch).backward()
+            opt.step()
+
+    reference = make()
+    torch_loop(reference, torch.optim.NAdam(reference.parameters(), 1e-2), 0)
+    state = ft.TrainState.create(make(), ft.nadam(1e-2), ce)
+    for i, batch in enumerate(data[:3]):
+        if i == 2:
+            first = {k: v for k, v in state.params.items() if k.startswith("0.")}
+            rest = {k: v for k, v in state.params.items() if k not in first}
+            state = state.replace(params=rest, frozen=first)
+        state, _ = ft.train_step(state, batch)
+    model = state.export_module().train()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"frozen here and in the state"):
+        ft.to_torch_state_dict(state, torch.optim.NAdam(model.parameters(), 1e-2), model)
+    whole = state.replace(params={**state.params, **state.frozen}, frozen={})
+    model = whole.export_module().train()
+    opt = torch.optim.NAdam(model.parameters(), 1e-2)
+    opt.load_state_dict(ft.to_torch_state_dict(whole, opt, model))
+    torch_loop(model, opt, 3)
+    for (name, p), q in zip(reference.named_parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q), name
