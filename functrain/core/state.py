@@ -697,7 +697,7 @@ class TrainState:
     def _parked_at(self, name: str) -> int:
         """The update at which weight `name` was moved to frozen (0: never trained)."""
         at = self.parked.get(name, {}).get("step")
-        return int(at) if at is not None else 0
+        return int(at.reshape(-1)[0]) if at is not None else 0
 
     def _taken(self) -> int:
         """The micro-batches the accumulation window holds (0 without accumulation): a host read,
@@ -1103,6 +1103,12 @@ class TrainState:
                     return (
                         f'{field}["{name}"] has shape {list(t.shape)}, the module\'s parameter '
                         f"{list(shape)}"
+                    )
+                if field == "params" and not (t.is_floating_point() or t.is_complex()):
+                    return (
+                        f'params["{name}"] is of dtype {str(t.dtype).removeprefix("torch.")}: a '
+                        "weight that trains is floating point or complex (keep an integer one "
+                        "in frozen)"
                     )
         if expected:
             name = next(iter(expected))

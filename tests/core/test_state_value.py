@@ -1132,3 +1132,17 @@ def test_a_checkpoint_loads_each_weights_optimizer_state_by_name_in_any_order(
     for name in straight.params:
         assert torch.equal(resumed.params[name], straight.params[name]), name
         assert torch.equal(resumed.ema_params[name], straight.ema_params[name]), name
+
+
+def test_an_integer_tensor_given_as_a_trained_weight_is_refused_with_the_fix() -> None:
+    state = trained(ft.adam(1e-2), steps=1)
+    bad = state.replace(params={**state.params, "0.bias": torch.zeros(16, dtype=torch.long)})
+    with pytest.raises(ft.StateMismatchError, match=r"is of dtype int64: a weight that trains"):
+        ft.train_step(bad, batches(1)[0])
+
+
+def test_moving_weights_of_a_stacked_state_with_parked_slots_is_refused_in_words() -> None:
+    members = [frozen_first_layer(trained(ft.adam(1e-2), steps=1)) for _ in range(2)]
+    stacked = ft.stack(members)
+    with pytest.raises(ft.StateMismatchError, match=r"chosen when it is created"):
+        unfrozen_first_layer(stacked)
