@@ -67,7 +67,8 @@ class Run:
     """What the driver knows, as hooks see it.
 
     Attributes:
-        state: the current `TrainState`.
+        state: the current `TrainState`, read-only: `fit` steps it (run `fit` per phase to
+            change it between phases, e.g. to unfreeze a layer; your own values go in `user`).
         epoch: the current epoch (0-based).
         step: optimizer updates taken.
         batch: batches consumed in this epoch.
@@ -100,7 +101,7 @@ class Run:
         config: dict[str, Any],
         options: FitOptions | None = None,
     ) -> None:
-        self.state = state
+        self.held = state  # (the driver's: `state`)
         self.history = history
         self.config = config
         self.options = options if options is not None else FitOptions()
@@ -117,6 +118,20 @@ class Run:
         self.exception: BaseException | None = None
 
     @property
+    def state(self) -> Any:
+        return self.held
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        raise ConfigError(
+            "run.state is the state fit steps, which a hook reads and does not replace (fit would "
+            "go on stepping its own). To change it between phases (a layer unfrozen, another "
+            "optimizer), run fit per phase: result = ft.fit(state, ..., max_epochs=k), then "
+            "ft.fit(result.state.replace(...), ..., max_epochs=n), whose epochs and updates go "
+            "on from the first's; values of your own go in run.user"
+        )
+
+    @property
     def user(self) -> dict[str, Any]:
         return self.state.user
 
@@ -127,7 +142,7 @@ class Run:
                 "run.user must be a dict (a tree of tensors and JSON values), got "
                 f"{type(value).__name__}: assign run.user = {{...}}"
             )
-        self.state = self.state.replace(user=value)
+        self.held = self.held.replace(user=value)
 
     def request_stop(self, reason: str = "stopped by a callback") -> None:
         """Ask the driver to stop after the current batch (the state so far is kept and saved)."""

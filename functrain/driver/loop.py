@@ -146,7 +146,7 @@ class Loop:
     def fire(self, hook: str) -> None:
         """Call `hook` on every callback, with the run as it stands."""
         ctx = self.run_ctx
-        ctx.state, ctx.epoch, ctx.step, ctx.batch = self.state, self.epoch, self.step, self.pos
+        ctx.held, ctx.epoch, ctx.step, ctx.batch = self.state, self.epoch, self.step, self.pos
         for cb in self.hooks:
             fn = getattr(cb, hook, None)
             if fn is not None:
@@ -226,7 +226,7 @@ class Loop:
 
     def _fire_exception(self, error: BaseException) -> None:
         ctx = self.run_ctx
-        ctx.state, ctx.epoch, ctx.step, ctx.batch, ctx.exception = (
+        ctx.held, ctx.epoch, ctx.step, ctx.batch, ctx.exception = (
             self.state,
             self.epoch,
             self.step,

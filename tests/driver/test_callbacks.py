@@ -571,3 +571,33 @@ def test_check_callback_accepts_on_exception_alone_and_checks_its_signature() ->
         r"on_exception\(self, run\)",
     ):
         check_callback(WrongSignature())
+
+
+def test_a_hook_assigning_run_state_is_refused_and_fit_per_phase_changes_it() -> None:
+    """A state a hook assigned was dropped silently (fit stepped its own): refused with the way
+    that works, a fit per phase, whose epochs and updates go on."""
+
+    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 6), torch.randint(0, 3, (64,)))
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    state = ft.TrainState.create(
+        model, ft.adamw(1e-2), loss_fn, trainable=lambda n, p: n.startswith("2.")
+    )
+
+    class Unfreeze(ft.Callback):
+        def on_epoch_begin(self, run: Any) -> None:
+            if run.epoch == 1:
+                run.state = run.state.replace(
+                    params={**run.state.params, **run.state.frozen}, frozen={}
+                )
+
+    with pytest.raises(ConfigError, match=r"run fit per phase"):
+        quiet_fit(state, data, batch_size=16, max_epochs=2, callbacks=[Unfreeze()])
+    first = quiet_fit(state, data, batch_size=16, max_epochs=1).state
+    unfrozen = first.replace(params={**first.params, **first.frozen}, frozen={})
+    last = quiet_fit(unfrozen, data, batch_size=16, max_epochs=2).state
+    assert (int(last.epoch), int(last.step), dict(last.frozen)) == (2, 8, {})
+    assert not torch.equal(last.params["0.weight"], state.frozen["0.weight"])
