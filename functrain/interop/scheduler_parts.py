@@ -46,6 +46,7 @@ from functrain.optim.schedules import (
     empty_phases,
     one_cycle_phases,
     phased_value,
+    table_at,
 )
 
 Mode = Literal["initial", "entered", "stepped"]
@@ -120,7 +121,7 @@ def recursion(values: Callable[[], list[float]], beyond: ValueFn | None = None) 
         if i.device not in held:
             held[i.device] = table.to(i.device)
         table_there = held[i.device]
-        out = torch.take(table_there, torch.clamp(i, 0, last).to(torch.int64))
+        out = table_at(table_there, torch.clamp(i, 0, last).to(torch.int64))
         return out if beyond is None else torch.where(i > last, beyond(i), out)
 
     return read
@@ -391,7 +392,7 @@ def multiplicative_lr(s: Setting, lr_lambda: Callable[[int], float], total_steps
         on = held[id(table)]
         if t.device not in on:
             on[t.device] = table.to(t.device)
-        return torch.take(on[t.device], index)
+        return table_at(on[t.device], index)
 
     def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return read(product_table, t) / torch.where(a < 0, 1.0, read(product_table, a))

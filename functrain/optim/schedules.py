@@ -66,6 +66,7 @@ __all__ = [
     "check_interval",
     "empty_phases",
     "one_cycle_phases",
+    "table_at",
 ]
 
 
@@ -123,6 +124,12 @@ def _pow(base: float, exponent: float, tensor_base: bool) -> float:
 
 def _as_f64(value: Any, like: torch.Tensor) -> torch.Tensor:
     return as_float64(value, like.device)
+
+
+def table_at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` in `index`'s shape (an int64 tensor), a table schedule's read, as
+    inductor compiles it: ``torch.take`` it cannot (a compiled step broke its graph there)."""
+    return torch.index_select(table, 0, index.reshape(-1)).reshape(index.shape)
 
 
 # -- argument checks: each appends a message naming the argument and its value
@@ -906,7 +913,7 @@ def tabulate(fn: Callable[[int], float], steps: int) -> Schedule:
             held = on.get(step.device)
             if held is None:
                 held = on[step.device] = table.to(step.device)
-            return torch.take(held, torch.clamp(step, 0, steps - 1))
+            return table_at(held, torch.clamp(step, 0, steps - 1))
         return values[min(operator.index(step), steps - 1)]
 
     schedule.name = f"tabulate({function_name(fn)}, steps={steps})"  # type: ignore[attr-defined]
@@ -974,7 +981,7 @@ def swalr(
             held = on.get(step.device)
             if held is None:
                 held = on[step.device] = table.to(step.device)
-            return torch.take(held, torch.clamp(step - (start - 1), 0, last))
+            return table_at(held, torch.clamp(step - (start - 1), 0, last))
         return float(table[min(max(operator.index(step) - start + 1, 0), last)])
 
     return cast(Schedule, schedule)

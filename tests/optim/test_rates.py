@@ -203,6 +203,30 @@ def test_a_function_rate_under_compile_step_is_one_graph_and_the_eager_step_bit_
     ft.testing.assert_states_equal(compiled, eager)
 
 
+def test_table_schedules_under_inductor_are_one_graph() -> None:
+    """A table schedule's read compiles (inductor could not lower ``torch.take``: the compiled
+    step broke its graph at the read, and ran the rest in a dozen graphs)."""
+    import torch._dynamo.utils
+
+    cosine = ft.schedules.from_torch(torch.optim.lr_scheduler.CosineAnnealingLR, lr=0.1, T_max=10)
+    table = ft.schedules.tabulate(lambda s: 0.1 / (1 + s), steps=12)
+    tx = ft.partition(
+        lambda name, p: "w" if p.ndim > 1 else "b",
+        w=ft.sgd(cosine, momentum=0.9, fused=False),
+        b=ft.sgd(table, momentum=0.9, fused=False),
+    )
+    state = ft.TrainState.create(make_tanh_mlp(), tx, cross_entropy_loss_fn)
+    eager = state.clone()
+    step = ft.compile_step()
+    counters = torch._dynamo.utils.counters
+    graphs = counters["stats"]["unique_graphs"]
+    for batch in tanh_mlp_batches(3):
+        state, _ = step(state, batch)
+        eager, _ = ft.train_step(eager, batch)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    torch.testing.assert_close(state.params, eager.params, rtol=1e-6, atol=1e-7)
+
+
 class _Warmup:
     """A schedule object of the user's whose length is its warm-up: false at ``steps=0``."""
 
