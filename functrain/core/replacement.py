@@ -22,6 +22,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from functrain.errors import ConfigError, StateMismatchError
+from functrain.optim.combine import chain
 from functrain.optim.naming import recorded_call
 from functrain.optim.wrappers import partition
 from functrain.tree import leaves_by_path
@@ -282,6 +283,10 @@ COUNT_FREE = (
     "lamb(",
     "adan(",
     "adamw_schedule_free(",
+    # a chain's members that keep no count: clipping and a constant factor
+    "clip_by_global_norm(",
+    "clip_by_value(",
+    "scale(",
 )
 
 
@@ -293,6 +298,8 @@ def count_free(optimizer: Any) -> bool:
         >>> import functrain as ft
         >>> count_free(ft.sgd(0.1, momentum=0.9)), count_free(ft.chain(ft.scale_by_adam()))
         (True, False)
+        >>> count_free(ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(1e-3)))
+        True
         >>> count_free(ft.partition(lambda n, p: "a", a=ft.adamw(1e-3), b=ft.lion(1e-4)))
         True
     """
@@ -310,10 +317,10 @@ def optimizers_in(optimizer: Any) -> list[str]:
         ['adamw', 'sgd']
     """
     call = recorded_call(optimizer)
-    if call is not None and call.factory is partition:
-        return [
-            name for group in call.arguments["transforms"].values() for name in optimizers_in(group)
-        ]
+    if call is not None and call.factory in (partition, chain):
+        members = call.arguments["transforms"]
+        members = members.values() if isinstance(members, dict) else members
+        return [name for member in members for name in optimizers_in(member)]
     return [getattr(optimizer, "name", None) or ""]
 
 

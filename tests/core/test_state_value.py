@@ -565,6 +565,25 @@ def test_an_ema_switched_off_and_on_while_a_layer_is_frozen_starts_its_average_a
         assert torch.equal(state.ema_params[name], state.params[name]), name
 
 
+def test_a_chain_of_clipping_and_a_preset_trains_a_layer_again_as_torch() -> None:
+    """Clipping keeps no count: a chain of it and a torch preset moves weights as the preset
+    does (it was refused as reading one count for all)."""
+    tx = ft.chain(ft.clip_by_global_norm(0.05), ft.adamw(1e-2, fused=False))
+    state = gradually_unfrozen(tx, freeze=2, unfreeze=5)
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), 1e-2)
+    for i, batch in enumerate(batches(8)):
+        if i in (2, 5):
+            for p in model[0].parameters():
+                p.requires_grad_(i == 5)
+        opt.zero_grad(set_to_none=True)
+        cross_entropy_loss_fn(model, batch).backward()
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 0.05)
+        opt.step()
+    for key, p in model.named_parameters():
+        assert torch.equal(state.params[key], p), key
+
+
 def test_weights_are_moved_only_where_an_accumulation_window_ends() -> None:
     state = trained(ft.sgd(0.1), steps=1, accumulate_steps=2)
     with pytest.raises(ft.StateMismatchError, match=r"holds 1 of its 2 micro-batches"):
