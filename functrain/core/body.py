@@ -512,6 +512,7 @@ def eval_body(
     weights = state.ema_params if use_ema else state.params
     if weights is None:
         raise ConfigError("use_ema=True needs a state created with ema_decay=...; it has no EMA")
+    frozen = state.ema_frozen if use_ema else state.frozen
     buffers = forward_buffers(state, use_ema)
     with (
         # a differentiable state's evaluation keeps its graph: the outer loss of meta-learning
@@ -520,10 +521,10 @@ def eval_body(
     ):
         loss, aux = call_loss(
             state,
-            {**weights, **state.frozen, **buffers},
+            {**weights, **frozen, **buffers},
             batch,
             eval_fn,
-            watch={**weights, **state.frozen},
+            watch={**weights, **frozen},
         )
     if state.options.differentiable:
         return {"loss": loss, **aux}  # its dtype: a float64 meta-gradient stays float64

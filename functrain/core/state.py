@@ -847,6 +847,17 @@ class TrainState:
         return dict(zip(self.params, self.ema_state.average, strict=True))
 
     @property
+    def ema_frozen(self) -> dict[str, torch.Tensor]:
+        """The frozen weights the EMA's model holds: a weight that trained and waits in frozen,
+        its average, which waits with it (parked); another, itself."""
+        averages = {
+            name: slots[_PARKED_AVERAGE]
+            for name, slots in self.parked.items()
+            if _PARKED_AVERAGE in slots and name in self.frozen
+        }
+        return {**self.frozen, **averages} if averages else self.frozen
+
+    @property
     def ema_buffers(self) -> dict[str, torch.Tensor] | None:
         """The EMA's average of the buffers, by name, where it averages them (``ema_buffers``),
         else None: the EMA weights then run with the live buffers."""
@@ -876,7 +887,7 @@ class TrainState:
             (True, True)
         """
         if use_ema:
-            return self.ema_params, self.frozen
+            return self.ema_params, self.ema_frozen
         evaluated = evaluation_params(self.opt_state, self.params)
         frozen = evaluation_frozen(self.opt_state, dict(self.frozen), dict(self.parked))
         return (
@@ -1414,6 +1425,10 @@ class _Donated:
 
     def __repr__(self) -> str:
         return f"<donated to {self._call}>"
+
+
+# where a frozen weight's average waits (`ema_frozen`)
+_PARKED_AVERAGE = "ema_state|average|"
 
 
 @functools.lru_cache(maxsize=64)

@@ -57,6 +57,8 @@ class StepState(Protocol):
     @property
     def ema_params(self) -> dict[str, torch.Tensor] | None: ...
     @property
+    def ema_frozen(self) -> dict[str, torch.Tensor]: ...
+    @property
     def ema_buffers(self) -> dict[str, torch.Tensor] | None: ...
     @property
     def step(self) -> torch.Tensor: ...
@@ -115,6 +117,11 @@ class StateView:
         if self.ema_state is None:
             return None
         return dict(zip(self.params, self.ema_state.average, strict=True))
+
+    @property
+    def ema_frozen(self) -> dict[str, torch.Tensor]:
+        """The frozen weights the EMA's model holds: a view holds no parked average."""
+        return self.frozen
 
     @property
     def ema_buffers(self) -> dict[str, torch.Tensor] | None:

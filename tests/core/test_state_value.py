@@ -584,6 +584,21 @@ def test_a_chain_of_clipping_and_a_preset_trains_a_layer_again_as_torch() -> Non
         assert torch.equal(state.params[key], p), key
 
 
+def test_the_ema_model_holds_a_frozen_layers_waiting_average() -> None:
+    """A frozen layer's average waits with it: the EMA's model (evaluation, export) holds that
+    average, not the layer's weight, so moving weights changes no evaluation."""
+    state = trained(ft.adamw(1e-2), steps=3, ema_decay=0.5)
+    frozen = frozen_first_layer(state)
+    batch = batches(4)[3]
+    assert not torch.equal(frozen.frozen["0.weight"], frozen.ema_frozen["0.weight"])
+    for held in (frozen, unfrozen_first_layer(frozen)):
+        module = held.export_module(use_ema=True)
+        for name, p in module.named_parameters():
+            assert torch.equal(p, state.ema_params[name]), name
+        loss = ft.eval_step(held, batch, use_ema=True)["loss"]
+        assert torch.equal(loss, ft.eval_step(state, batch, use_ema=True)["loss"])
+
+
 def test_weights_are_moved_only_where_an_accumulation_window_ends() -> None:
     state = trained(ft.sgd(0.1), steps=1, accumulate_steps=2)
     with pytest.raises(ft.StateMismatchError, match=r"holds 1 of its 2 micro-batches"):
