@@ -411,6 +411,7 @@ def _refuse_partly_parked(
     older functrain, before its optimizer kept each weight's own count): refused, where the
     missing ones would start afresh beside the trained ones."""
     missing: dict[str, list[str]] = {}
+    expected: dict[str, set[str]] = {}  # each weight's slots now, by key
     for path in fresh:
         found = slot(path)
         if found is None or found[1] in trained:
@@ -418,12 +419,23 @@ def _refuse_partly_parked(
         name = found[1]
         kept = [k for k in parked.get(name, {}) if k.startswith(what + "|")]
         key = f"{what}|{found[0]}|{found[2]}"
+        expected.setdefault(name, set()).add(key)
         # (an accumulation window's sums restart where it ends, where weights move: fresh ones
         # are exact, accumulation switched on while the weight was frozen)
         if kept and key not in parked[name] and found[0].rpartition("/")[2] != _WINDOW_SUMS:
             missing.setdefault(name, []).append(found[0])
     if missing:
         name, containers = next(iter(missing.items()))
+        left = [k for k in parked[name] if k.startswith(what + "|")]
+        if not expected[name] & set(left):  # none of the slots it left is one it takes now
+            raise StateMismatchError(
+                f"TrainState.replace: {sorted(missing)[:3]} come back to other slots of the "
+                f"{what} than they left ({name} left {left[:2]}, takes {containers[:2]}): "
+                "another group of a partition (its labels changed while they were frozen), or "
+                "an optimizer laid out otherwise. Move them back with the labels and optimizer "
+                "they left with, or train them in a new state, "
+                "TrainState.create(state.export_module(), ...)"
+            )
         raise StateMismatchError(
             f"TrainState.replace: {sorted(missing)[:3]} come back without part of their "
             f"{what} ({name}: {containers[:3]}), which the optimizer keeps for each weight now "

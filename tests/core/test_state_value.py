@@ -1180,3 +1180,19 @@ def test_moving_weights_of_a_stacked_state_with_parked_slots_is_refused_in_words
     stacked = ft.stack(members)
     with pytest.raises(ft.StateMismatchError, match=r"chosen when it is created"):
         unfrozen_first_layer(stacked)
+
+
+def test_a_weight_coming_back_to_another_partition_group_is_refused_in_words() -> None:
+    def first_alone(name: str, p: torch.Tensor) -> str:
+        return "x" if name.startswith("0.") else "y"
+
+    def together(name: str, p: torch.Tensor) -> str:
+        return "y"
+
+    def two_groups(labels: Any) -> ft.Transform:
+        return ft.partition(labels, x=ft.adam(1e-2), y=ft.adam(1e-3))
+
+    state = frozen_first_layer(trained(two_groups(first_alone)))
+    state = state.replace(optimizer=two_groups(together))
+    with pytest.raises(ft.StateMismatchError, match=r"come back to other slots .* another group"):
+        unfrozen_first_layer(state)
