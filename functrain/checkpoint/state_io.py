@@ -1212,10 +1212,11 @@ def load_weights(
         )
     problems = compare_to_template(saved, wanted)
     if problems:
+        named_alike = all(saved[f].keys() == wanted[f].keys() for f in saved)
         raise StateMismatchError(
             f"checkpoint {str(path)!r} holds other weights than the state's model:\n  - "
             + "\n  - ".join(problems)
-            + _STRICT_HINT * strict
+            + (_SHAPES_HINT if named_alike else _STRICT_HINT * strict)
         )
 
     def take(field: str, source: str) -> dict[str, torch.Tensor]:
@@ -1244,6 +1245,11 @@ def load_weights(
 _STRICT_HINT = (
     "\n(with strict=False, tensors missing from the checkpoint keep the state's values and extra "
     "ones are ignored)"
+)
+_SHAPES_HINT = (
+    "\n(a tensor of another shape or dtype loads with strict=False neither, as torch's "
+    "load_state_dict: a new head of another size under another name, e.g. model.head "
+    "replaced by model.classifier, keeps its own values with strict=False)"
 )
 
 

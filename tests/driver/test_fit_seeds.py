@@ -135,8 +135,12 @@ def test_load_weights_lists_weights_that_do_not_fit(tmp_path: Path) -> None:
     with pytest.raises(
         ft.StateMismatchError,
         match=r"params/2\.weight: expected \[2, 8\] torch\.float32, got \[1, 8\] torch\.float32",
-    ):
+    ) as refused:
         ft.load_weights(path, into=other)
+    # (a head of another size is not loaded by strict=False either: the hint says so)
+    assert "loads with strict=False neither" in str(refused.value)
+    with pytest.raises(ft.StateMismatchError, match=r"params/2\.weight: expected \[2, 8\]"):
+        ft.load_weights(path, into=other, strict=False)
 
 
 def test_load_weights_not_strict_keeps_the_states_own_new_layers(tmp_path: Path) -> None:
