@@ -37,6 +37,7 @@ __all__ = [
     "in_layout_of",
     "in_layouts_of",
     "with_strides_of",
+    "with_strides_kept",
     "sparse_coo",
 ]
 
@@ -141,6 +142,20 @@ def with_strides_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if out.stride() == like.stride() or not is_dense(like):
         return out
     return out.as_strided(like.shape, like.stride(), out.storage_offset())
+
+
+def with_strides_kept(new: list[torch.Tensor], old: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`new`, the out-of-place results of `old`'s update, each with its `old`'s strides where the
+    op gave it others (`with_strides_of`; else `new` itself: one comparison).
+
+    Example:
+        >>> w = torch.zeros(6, 1, 3, 3).as_strided((6, 1, 3, 3), (9, 1, 3, 1))
+        >>> [x.stride() for x in with_strides_kept([torch.add(w, 1.0)], [w])]
+        [(9, 1, 3, 1)]
+    """
+    if list(map(torch.Tensor.stride, new)) == list(map(torch.Tensor.stride, old)):
+        return new
+    return list(map(with_strides_of, new, old))
 
 
 def sparse_coo(

@@ -297,3 +297,34 @@ def test_a_planned_learning_rate_keeps_a_depthwise_weight_in_its_strides(
     for name, p in ref.named_parameters():
         assert state.params[name].stride() == p.stride(), name
         assert torch.equal(state.params[name], p.detach()), name
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_an_ema_keeps_a_depthwise_weights_strides_and_exports_torchs_averaged_model(
+    donate: bool,
+) -> None:
+    """The average of a channels_last depthwise weight, moved out of place in a pure step, kept
+    its strides nowhere: the exported EMA model ran its convolution in another memory format."""
+    gen = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(4, 8, 9, 9, generator=gen), torch.randint(0, 3, (4,), generator=gen))
+        for _ in range(4)
+    ]
+    x = torch.randn(4, 8, 33, 33, generator=gen)
+    ref = _Depthwise()
+    average = copy.deepcopy(ref)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, foreach=False)
+    state = ft.TrainState.create(
+        _Depthwise(), ft.sgd(0.1), cross_entropy_loss_fn, seed=0, ema_decay=0.9
+    )
+    for batch in data:
+        state, _ = ft.train_step(state, batch, donate=donate)
+        opt.zero_grad(set_to_none=True)
+        cross_entropy_loss_fn(ref, batch).backward()
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(average.parameters()), list(ref.parameters()), 0.1)
+    assert state.ema_params is not None
+    assert state.ema_params["dw.weight"].stride() == average.dw.weight.stride()
+    with torch.no_grad():
+        assert torch.equal(state.export_module(use_ema=True)(x), average(x))

@@ -66,7 +66,7 @@ from functrain.core.stacked_step import PerMember, refuse_per_member
 from functrain.core.state import TrainState, lend
 from functrain.distributed.data_parallel import DistConfig, average_step
 from functrain.errors import FunctrainError
-from functrain.layout import in_layouts_of
+from functrain.layout import in_layouts_of, with_strides_kept
 from functrain.optim.averaging import EmaState, ListAverage
 from functrain.optim.metrics import metric_reader
 from functrain.optim.planned import Chained, GatedBySelection
@@ -279,6 +279,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         "LEND": lend,
         "AVERAGING": program.averaging,
         "EMA_WEIGHT": getattr(program.averaging, "weight", None),
+        "KEPT_STRIDES": with_strides_kept,
         "EMA_STATE": EmaState,
         # the loss scale read where the state holds it (a `metric_reader`: decided once)
         "LOSS_SCALE": (metric_reader(state.opt_state, "loss_scale") or find_loss_scale)
@@ -848,7 +849,9 @@ _LERPED = """\
 """
 _LERPED_PURE = """\
             ema = state.ema_state
-            average = list(torch._foreach_lerp(ema.average, ran_params, EMA_WEIGHT))
+            average = KEPT_STRIDES(
+                list(torch._foreach_lerp(ema.average, ran_params, EMA_WEIGHT)), ema.average
+            )
             SET_ema_state(new, EMA_STATE(ema.count + 1, tuple(average)))
 """
 _NO_AVERAGE = """\

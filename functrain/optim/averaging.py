@@ -33,6 +33,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from functrain.errors import config_check
+from functrain.layout import with_strides_kept
 from functrain.optim.base import (
     NO_EXTRAS,
     Extras,
@@ -295,6 +296,7 @@ def ema(
 
     # each update's weight where it is one number (a plain average, no warm-up)
     weight = 1 - decay if moved is lerp and not warmup else None
+    moved = _strides_kept(moved)  # (`update_fn`'s too)
     averaging = None if buffers else ListAverage(moved, moved_, weight)
     update = ExtrasUpdate(update_fn, members=True, averaging=averaging)
     return Transform(init_fn, update, gated=True)
@@ -491,6 +493,16 @@ def _joined(size: int, parts: list[tuple[list[int], list[torch.Tensor]]]) -> lis
         for i, t in zip(indices, tensors, strict=True):
             out[i] = t
     return out
+
+
+def _strides_kept(moved: _Move) -> _Move:
+    """`moved` (out of place) with each new average in its old one's strides, as torch's in-place
+    update keeps them (a channels_last depthwise weight's: its memory format follows from them)."""
+
+    def kept(avg: list[torch.Tensor], x: list[torch.Tensor], count: Any) -> list[torch.Tensor]:
+        return with_strides_kept(moved(avg, x, count), avg)
+
+    return kept
 
 
 def _by_kind(lerp: _Move, integer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> _Move:

@@ -38,7 +38,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.utils._pytree as pytree
 
 from functrain.errors import ConfigError
-from functrain.layout import with_strides_of
+from functrain.layout import with_strides_kept
 from functrain.optim.base import (
     NO_EXTRAS,
     Extras,
@@ -1563,10 +1563,9 @@ def rule_transform(
             new_p, new_slots = _in_groups(p, g, slots_in, ops, groups, lists_here and one_kind)
         given = () if ops is IN_PLACE else (*p, *g, *new_p)
         slots = {k: _own(new_slots[k], given, ops) for k in rule.slots}
-        if ops is OUT_OF_PLACE and list(map(_STRIDE, new_p)) != list(map(_STRIDE, p)):
-            # (a size-1 dimension's stride as the parameter's, as torch's in-place update keeps
-            # it: a depthwise weight's memory format follows from it)
-            new_p = list(map(with_strides_of, new_p, p))
+        if ops is OUT_OF_PLACE:  # (a size-1 dimension's stride as the parameter's, as torch's
+            # in-place update keeps it: a depthwise weight's memory format follows from it)
+            new_p = with_strides_kept(new_p, p)
         if own:  # (as they were: each parameter took this update, `RuleState.steps`)
             slots["step"] = state.slots["step"]
         # (a constant rate's metric: the state's own tensor, made once and never written)

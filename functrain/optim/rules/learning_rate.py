@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.layout import with_strides_of
+from functrain.layout import with_strides_kept
 from functrain.optim.base import (
     NO_EXTRAS,
     EmptyState,
@@ -157,12 +157,9 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
             lr_t, _ = rate_tensors(lr, state.count.device)
             alpha = lr_t * sign if isinstance(lr, torch.Tensor) else lr * sign
             new = stepped(ps, ParamStep(grads, None, alpha), write)
-            if not write and list(map(torch.Tensor.stride, new)) != list(
-                map(torch.Tensor.stride, ps)
-            ):
-                # (a size-1 dimension's stride as the parameter's, as torch's in-place update
-                # keeps it: a depthwise weight's memory format follows from it)
-                new = list(map(with_strides_of, new, ps))
+            if not write:  # (a size-1 dimension's stride as the parameter's, as torch's in-place
+                # update keeps it: a depthwise weight's memory format follows from it)
+                new = with_strides_kept(new, ps)
             return Ran(new, ScaleByLearningRateState(state.count + 1, lr_t), lr_t, None, None)
 
         runner.reads_norm = False  # type: ignore[attr-defined]
