@@ -24,6 +24,7 @@ import torch.utils._pytree as pytree
 from functrain.errors import ConfigError, StateMismatchError
 from functrain.optim.combine import chain
 from functrain.optim.naming import recorded_call
+from functrain.optim.rules.formula import checked_parked
 from functrain.optim.wrappers import partition
 from functrain.tree import leaves_by_path
 
@@ -507,20 +508,8 @@ def resplit(
             return olds[_join(container, str(index), rest)]
         key = f"{what}|{container}|{rest}"
         value = parked.get(name, {}).get(key, leaf)
-        if value is not leaf and isinstance(leaf, torch.Tensor) and not _alike(value, leaf):
-            # (a kernel handed a slot of another size writes past its end)
-            raise StateMismatchError(
-                f"TrainState.replace: weight {name!r} comes back with its parked {key} as "
-                f"{_described(value)}, where its optimizer keeps {_described(leaf)}: parked "
-                "slots altered, or a checkpoint's written for another model. Train it from "
-                "fresh slots: replace(parked=...) without its entry"
-            )
+        if value is not leaf and isinstance(leaf, torch.Tensor):
+            return checked_parked(value, leaf, name, key)
         return value
 
     return pytree.tree_map(pick, init(new_params)), kept
-
-
-def _described(t: Any) -> str:
-    if not isinstance(t, torch.Tensor):
-        return f"a {type(t).__name__}"
-    return f"a tensor of shape {tuple(t.shape)}, {str(t.dtype).removeprefix('torch.')}"

@@ -65,6 +65,7 @@ from functrain.optim.differentiable import hyperparameters_of, tracked, with_hyp
 from functrain.optim.metrics import walk_states
 from functrain.optim.rules.formula import (
     RuleState,
+    checked_parked,
     evaluation_frozen,
     evaluation_params,
     settled_steps,
@@ -851,7 +852,7 @@ class TrainState:
         """The frozen weights the EMA's model holds: a weight that trained and waits in frozen,
         its average, which waits with it (parked); another, itself."""
         averages = {
-            name: slots[_PARKED_AVERAGE]
+            name: checked_parked(slots[_PARKED_AVERAGE], self.frozen[name], name, _PARKED_AVERAGE)
             for name, slots in self.parked.items()
             if _PARKED_AVERAGE in slots and name in self.frozen
         }

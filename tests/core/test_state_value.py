@@ -518,8 +518,20 @@ def test_a_parked_slot_of_another_shape_is_refused_before_a_kernel_writes_past_i
         if fits:
             ft.train_step(unfrozen_first_layer(loaded), batches(1)[0])
             continue
-        with pytest.raises(ft.StateMismatchError, match=r"'0\.bias' comes back with its parked"):
+        with pytest.raises(ft.StateMismatchError, match=r"weight '0\.bias''s parked opt_state"):
             unfrozen_first_layer(loaded)
+
+
+def test_a_parked_average_of_another_shape_is_refused_where_the_ema_model_reads_it() -> None:
+    state = frozen_first_layer(trained(ft.adam(1e-2), ema_decay=0.9))
+    slots = {**state.parked["0.bias"], "ema_state|average|": torch.zeros(1)}
+    altered = state.replace(parked={**state.parked, "0.bias": slots})
+    for read in (
+        lambda: ft.eval_step(altered, batches(1)[0], use_ema=True),
+        lambda: altered.export_module(use_ema=True),
+    ):  # (a (1,) average broadcast into the (16,) bias silently)
+        with pytest.raises(ft.StateMismatchError, match=r"'0\.bias''s parked ema_state"):
+            read()
 
 
 @pytest.mark.parametrize("frozen_at_create", [True, False], ids=["never trained", "trained"])
@@ -1196,3 +1208,12 @@ def test_a_weight_coming_back_to_another_partition_group_is_refused_in_words() -
     state = state.replace(optimizer=two_groups(together))
     with pytest.raises(ft.StateMismatchError, match=r"come back to other slots .* another group"):
         unfrozen_first_layer(state)
+
+
+def test_a_schedule_free_parked_z_of_another_shape_is_refused_where_evaluation_reads_it() -> None:
+    state = frozen_first_layer(trained(ft.adamw_schedule_free(1e-2)))
+    key = next(k for k in state.parked["0.bias"] if k.endswith("slots/z|"))
+    slots = {**state.parked["0.bias"], key: torch.zeros(3)}
+    altered = state.replace(parked={**state.parked, "0.bias": slots})
+    with pytest.raises(ft.StateMismatchError, match=r"'0\.bias''s parked opt_state"):
+        altered.export_module()

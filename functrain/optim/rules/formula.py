@@ -37,7 +37,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.utils._pytree as pytree
 
-from functrain.errors import ConfigError
+from functrain.errors import ConfigError, StateMismatchError
 from functrain.layout import with_strides_kept
 from functrain.optim.base import (
     NO_EXTRAS,
@@ -63,6 +63,7 @@ __all__ = [
     "DIFFERENTIABLE",
     "EVALUATION_POINTS",
     "FROZEN_EVALUATION_POINTS",
+    "checked_parked",
     "evaluation_frozen",
     "settled_steps",
     "fresh_steps",
@@ -1255,6 +1256,26 @@ def evaluation_params(opt_state: Any, params: Tree) -> Tree | None:
 
 # (the same for frozen weights whose optimizer state waits in a state's `parked`)
 FROZEN_EVALUATION_POINTS: list[Callable[[Any, dict[str, Any], dict[str, Any]], Any]] = []
+
+
+def checked_parked(value: Any, like: torch.Tensor, name: str, key: str) -> torch.Tensor:
+    """Frozen weight `name`'s parked slot `key`, where it is a tensor of `like`'s shape and dtype
+    (what the optimizer or the average keeps for the weight), else a `StateMismatchError`: slots
+    altered, or a checkpoint's written for another model (a kernel handed one writes past its
+    end, an op broadcasts it)."""
+    if isinstance(value, torch.Tensor) and value.shape == like.shape and value.dtype == like.dtype:
+        return value
+    got = (
+        f"a tensor of shape {tuple(value.shape)}, {str(value.dtype).removeprefix('torch.')}"
+        if isinstance(value, torch.Tensor)
+        else f"a {type(value).__name__}"
+    )
+    raise StateMismatchError(
+        f"frozen weight {name!r}'s parked {key} is {got}, where its optimizer or average keeps "
+        f"a tensor of shape {tuple(like.shape)}, {str(like.dtype).removeprefix('torch.')}: "
+        "parked slots altered, or a checkpoint's written for another model. Give its entry "
+        "again without the slot (replace(parked=...)): the weight then starts it afresh"
+    )
 
 
 def evaluation_frozen(

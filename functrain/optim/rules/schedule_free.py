@@ -38,6 +38,7 @@ from functrain.optim.rules.formula import (
     active,
     at_first,
     check_package_rate,
+    checked_parked,
     held_number,
     held_rate,
     host_value,
@@ -322,6 +323,7 @@ def frozen_evaluation_params(
         for key, z in parked.get(name, {}).items():
             what, _, container = key.partition("|")
             if what == "opt_state" and container.split("|")[0].endswith("slots/z"):
+                z = checked_parked(z, y, name, key)
                 out[name], moved = torch.lerp(y, z, weight), True
     return out if moved else None
 
