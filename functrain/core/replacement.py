@@ -37,7 +37,7 @@ __all__ = [
     "shared_storage",
     "shares_storage",
     "COUNT_FREE",
-    "count_free",
+    "counting",
     "optimizers_in",
     "slot_owners",
     "resplit",
@@ -284,27 +284,32 @@ COUNT_FREE = (
     "lamb(",
     "adan(",
     "adamw_schedule_free(",
-    # a chain's members that keep no count: clipping and a constant factor
+    # each weight its own count (Adam's for SparseAdam; Muon counts none)
+    "sparse_adam(",
+    "muon(",
+    # a chain's members that keep no count: clipping, a constant factor, a weight decay
     "clip_by_global_norm(",
     "clip_by_value(",
     "scale(",
+    "add_decayed_weights(",
 )
 
 
-def count_free(optimizer: Any) -> bool:
-    """Whether `optimizer` updates each weight without reading a count of updates for all (none,
-    or the weight's own; a partition's groups each so).
+def counting(optimizer: Any) -> str | None:
+    """The name of the first optimizer `optimizer` runs that reads a count of updates for all
+    weights (a partition's groups and a chain's members each looked at), or None where each
+    reads none, or the weight's own.
 
     Example:
         >>> import functrain as ft
-        >>> count_free(ft.sgd(0.1, momentum=0.9)), count_free(ft.chain(ft.scale_by_adam()))
-        (True, False)
-        >>> count_free(ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(1e-3)))
-        True
-        >>> count_free(ft.partition(lambda n, p: "a", a=ft.adamw(1e-3), b=ft.lion(1e-4)))
-        True
+        >>> counting(ft.sgd(0.1, momentum=0.9)), counting(ft.chain(ft.scale_by_adam()))
+        (None, 'scale_by_adam(b1=0.9, b2=0.999, eps=1e-08, amsgrad=False)')
+        >>> counting(ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(1e-3)))
+        >>> counting(ft.partition(lambda n, p: "a", a=ft.adamw(1e-3), b=ft.lion(1e-4)))
     """
-    return all(name.startswith(COUNT_FREE) for name in optimizers_in(optimizer))
+    return next(
+        (name for name in optimizers_in(optimizer) if not name.startswith(COUNT_FREE)), None
+    )
 
 
 def optimizers_in(optimizer: Any) -> list[str]:
@@ -322,7 +327,9 @@ def optimizers_in(optimizer: Any) -> list[str]:
         members = call.arguments["transforms"]
         members = members.values() if isinstance(members, dict) else members
         return [name for member in members for name in optimizers_in(member)]
-    return [getattr(optimizer, "name", None) or ""]
+    own = [getattr(optimizer, "name", None) or ""]
+    others = call.arguments.get("others") if call is not None else None
+    return own + optimizers_in(others) if others is not None else own  # (muon's)
 
 
 def slot_owners(init: Any, params: dict[str, torch.Tensor]) -> dict[str, list[str]] | None:

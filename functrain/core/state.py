@@ -40,7 +40,7 @@ from functrain.core.options import (
 )
 from functrain.core.replacement import (
     carried,
-    count_free,
+    counting,
     ordered_like,
     parked_carried,
     refuse_derived,
@@ -650,10 +650,10 @@ class TrainState:
                 'weights with ema_convention="functrain" (a frozen weight\'s average waits '
                 "with it)"
             )
-        name = getattr(self.optimizer, "name", "") or ""
         updates = int(self.step.reshape(-1)[0])
         counted = [w for w in back if updates != self._parked_at(w)]
-        if counted and not count_free(self.optimizer):
+        name = counting(self.optimizer) if counted else None
+        if name is not None:
             problems.append(
                 f"{counted[:3]} would train again at update {updates}, "
                 f"and {name.partition('(')[0] or 'this optimizer'}'s arithmetic reads one count "
