@@ -734,7 +734,9 @@ def test_training_a_layer_again_where_the_optimizer_counts_updates_is_refused() 
     """A chain of the user's with Adam's direction reads one count for all weights: a weight
     back from sitting out updates would take another update than torch's Adam gives it."""
     chained = lambda: ft.chain(ft.scale_by_adam(), ft.scale(-1e-3))  # noqa: E731
-    with pytest.raises(ft.StateMismatchError, match=r"update 5, and scale_by_adam's arithmetic reads one"):
+    with pytest.raises(
+        ft.StateMismatchError, match=r"update 5, and scale_by_adam's arithmetic reads one"
+    ):
         gradually_unfrozen(chained(), freeze=2, unfreeze=5)
     gradually_unfrozen(chained(), freeze=2, unfreeze=100)  # freezing alone: no question
 
@@ -1252,3 +1254,44 @@ def test_a_schedule_free_parked_z_of_another_shape_is_refused_where_evaluation_r
     altered = state.replace(parked={**state.parked, "0.bias": slots})
     with pytest.raises(ft.StateMismatchError, match=r"'0\.bias''s parked opt_state"):
         altered.export_module()
+
+
+def _flat_momentum() -> ft.Transform:
+    """A transform of one's own whose state is one flat buffer of all the weights."""
+
+    def init(params: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
+        return (torch.zeros(sum(p.numel() for p in params.values())),)
+
+    def update(updates: Any, state: Any, params: Any = None) -> Any:
+        buffer = state[0] * 0.9 + torch.cat([u.reshape(-1) for u in updates.values()])
+        out, i = {}, 0
+        for k, u in updates.items():
+            out[k], i = buffer[i : i + u.numel()].view_as(u), i + u.numel()
+        return out, (buffer,)
+
+    return ft.chain(ft.Transform(init, update), ft.scale_by_learning_rate(0.1))
+
+
+def test_a_state_of_one_flat_buffer_is_refused_where_weights_are_matched_by_name(
+    tmp_path: Any,
+) -> None:
+    """No weight owns a slot of a flat buffer: moving weights (a raw size error at the next
+    step) and loading into a module of another order (silently by position) are refused."""
+    state = trained(_flat_momentum(), steps=2)
+    with pytest.raises(ft.StateMismatchError, match=r"not laid out one slot per weight"):
+        frozen_first_layer(state)
+
+    class Reversed(nn.Module):  # (the MLP's layers registered last first: the same names)
+        def __init__(self) -> None:
+            super().__init__()
+            mlp = make_mlp()
+            self.register_module("2", mlp[2])
+            self.register_module("1", mlp[1])
+            self.register_module("0", mlp[0])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self._modules["2"](self._modules["1"](self._modules["0"](x)))
+
+    like = ft.TrainState.create(Reversed(), _flat_momentum(), cross_entropy_loss_fn)
+    with pytest.raises(ft.StateMismatchError, match=r"cannot be matched to them by name"):
+        ft.load(ft.save(state, tmp_path / "c"), like=like)
