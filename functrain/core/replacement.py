@@ -387,14 +387,6 @@ def _shrinking(
         less = leaves_by_path(init({k: v for k, v in params.items() if k != name}))
     except Exception:  # a transform that needs each of its parameters
         return None
-    if any(  # a leaf sized by all the weights (a flat buffer of them): no one weight's slot
-        isinstance(t, torch.Tensor)
-        and isinstance(less[path], torch.Tensor)
-        and t.shape != less[path].shape
-        for path, t in full.items()
-        if path in less
-    ):
-        return None
     found: dict[str, int] = {}
     for path in full.keys() - less.keys():
         parts = path.split("/")
@@ -409,6 +401,16 @@ def _shrinking(
                 break
         else:
             return None
+    heads = tuple(prefix + "/" for prefix in found)
+    if any(  # a leaf sized by all the weights (a flat buffer of them): no one weight's slot
+        isinstance(t, torch.Tensor)
+        and isinstance(less[path], torch.Tensor)
+        and t.shape != less[path].shape
+        and not path.startswith(heads)  # (a sequence's entries: each its next one's now)
+        for path, t in full.items()
+        if path in less
+    ):
+        return None
     return found
 
 
