@@ -1212,11 +1212,18 @@ def load_weights(
         )
     problems = compare_to_template(saved, wanted)
     if problems:
-        named_alike = all(saved[f].keys() == wanted[f].keys() for f in saved)
+        shared = [(saved[f][k], wanted[f][k]) for f in saved for k in saved[f] if k in wanted[f]]
+        unfit = {
+            "shape": any(a.shape != b.shape for a, b in shared),
+            "dtype": any(a.dtype != b.dtype for a, b in shared),
+        }
+        names = any(saved[f].keys() != wanted[f].keys() for f in saved)
         raise StateMismatchError(
             f"checkpoint {str(path)!r} holds other weights than the state's model:\n  - "
             + "\n  - ".join(problems)
-            + (_SHAPES_HINT if named_alike else _STRICT_HINT * strict)
+            + (_STRICT_HINT if names and strict and not any(unfit.values()) else "")
+            + (_SHAPES_HINT if unfit["shape"] else "")
+            + (_DTYPES_HINT if unfit["dtype"] else "")
         )
 
     def take(field: str, source: str) -> dict[str, torch.Tensor]:
@@ -1247,9 +1254,14 @@ _STRICT_HINT = (
     "ones are ignored)"
 )
 _SHAPES_HINT = (
-    "\n(a tensor of another shape or dtype loads with strict=False neither, as torch's "
-    "load_state_dict: a new head of another size under another name, e.g. model.head "
-    "replaced by model.classifier, keeps its own values with strict=False)"
+    "\n(a tensor of another shape loads with strict=False neither, as torch's load_state_dict: "
+    "a new head of another size under another name, e.g. model.head replaced by "
+    "model.classifier, keeps its own values with strict=False)"
+)
+_DTYPES_HINT = (
+    "\n(a tensor of another dtype is not cast, where torch's load_state_dict casts it: build "
+    "the model in the checkpoint's dtype for load_weights, then convert the state's module "
+    "and create the state again from it)"
 )
 
 

@@ -143,6 +143,30 @@ def test_load_weights_lists_weights_that_do_not_fit(tmp_path: Path) -> None:
         ft.load_weights(path, into=other, strict=False)
 
 
+def test_load_weights_hints_what_works_for_each_way_weights_do_not_fit(tmp_path: Path) -> None:
+    """Each hint names what loads: strict=False for names alone, not for a head of another size
+    (extra names beside it too), and the dtype's own way (torch would cast)."""
+    _, path = trained_checkpoint(tmp_path)
+    cases = {  # (the model: Linear(3, 8), Tanh, Linear(8, 1))
+        "extra and shape": (
+            nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2, bias=False)),
+            ["loads with strict=False neither"],
+            ["(with strict=False"],
+        ),
+        "dtype": (
+            nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double(),
+            ["is not cast"],
+            ["(with strict=False", "loads with strict=False neither"],
+        ),
+    }
+    for name, (model, said, unsaid) in cases.items():
+        into = ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
+        with pytest.raises(ft.StateMismatchError) as refused:
+            ft.load_weights(path, into=into)
+        message = str(refused.value)
+        assert all(s in message for s in said) and not any(s in message for s in unsaid), name
+
+
 def test_load_weights_not_strict_keeps_the_states_own_new_layers(tmp_path: Path) -> None:
     saved, path = trained_checkpoint(tmp_path)
     bigger = ft.TrainState.create(
