@@ -141,7 +141,7 @@ def with_strides_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     out = in_layout_of(t, like)
     if out.stride() == like.stride() or not is_dense(like):
         return out
-    return out.as_strided(like.shape, like.stride(), out.storage_offset())
+    return out.as_strided(like.shape, like.stride())  # (at its own offset: traced, no int read)
 
 
 def with_strides_kept(new: list[torch.Tensor], old: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -153,7 +153,9 @@ def with_strides_kept(new: list[torch.Tensor], old: list[torch.Tensor]) -> list[
         >>> [x.stride() for x in with_strides_kept([torch.add(w, 1.0)], [w])]
         [(9, 1, 3, 1)]
     """
-    if list(map(torch.Tensor.stride, new)) == list(map(torch.Tensor.stride, old)):
+    if list(map(torch.Tensor.stride, new)) == list(map(torch.Tensor.stride, old)) or (
+        torch._C._are_functorch_transforms_active()  # (a member's strides under vmap: not its)
+    ):
         return new
     return list(map(with_strides_of, new, old))
 

@@ -328,3 +328,25 @@ def test_an_ema_keeps_a_depthwise_weights_strides_and_exports_torchs_averaged_mo
     assert state.ema_params["dw.weight"].stride() == average.dw.weight.stride()
     with torch.no_grad():
         assert torch.equal(state.export_module(use_ema=True)(x), average(x))
+
+
+def test_a_stacked_compiled_ema_of_channels_last_weights_is_one_graph() -> None:
+    """Under vmap a member's strides are not its average's: kept strides there broke the
+    compiled stacked step's graph at every step."""
+    import torch._dynamo.utils
+
+    def member(seed: int) -> ft.TrainState:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv2d(6, 4, 1), nn.Flatten(), nn.Linear(100, 3))
+        model = model.to(memory_format=CL)
+        return ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_loss_fn, ema_decay=0.8)
+
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 6, 5, 5, generator=gen), torch.randint(0, 3, (4,), generator=gen))
+    state = ft.stack([member(0), member(1)])
+    step = ft.compile_step(backend="aot_eager")
+    counters = torch._dynamo.utils.counters
+    breaks = sum(counters["graph_break"].values())
+    for _ in range(2):
+        state, _ = step(state, batch)
+    assert sum(counters["graph_break"].values()) == breaks

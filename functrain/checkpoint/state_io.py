@@ -1212,7 +1212,12 @@ def load_weights(
         )
     problems = compare_to_template(saved, wanted)
     if problems:
-        shared = [(saved[f][k], wanted[f][k]) for f in saved for k in saved[f] if k in wanted[f]]
+        shared = [
+            (a, wanted[f][k])
+            for f in saved
+            for k, a in saved[f].items()
+            if isinstance(a, torch.Tensor) and isinstance(wanted[f].get(k), torch.Tensor)
+        ]
         unfit = {
             "shape": any(a.shape != b.shape for a, b in shared),
             "dtype": any(a.dtype != b.dtype for a, b in shared),
@@ -1221,7 +1226,7 @@ def load_weights(
         raise StateMismatchError(
             f"checkpoint {str(path)!r} holds other weights than the state's model:\n  - "
             + "\n  - ".join(problems)
-            + (_STRICT_HINT if names and strict and not any(unfit.values()) else "")
+            + (_STRICT_HINT if names and strict and not unfit["shape"] else "")
             + (_SHAPES_HINT if unfit["shape"] else "")
             + (_DTYPES_HINT if unfit["dtype"] else "")
         )

@@ -25,7 +25,13 @@ from functrain.errors import ConfigError, StateMismatchError
 from functrain.optim.combine import chain
 from functrain.optim.naming import recorded_call
 from functrain.optim.rules.formula import checked_parked
-from functrain.optim.wrappers import partition
+from functrain.optim.wrappers import (
+    accumulate,
+    dynamic_loss_scale,
+    masked,
+    partition,
+    skip_nonfinite,
+)
 from functrain.tree import leaves_by_path
 
 __all__ = [
@@ -284,15 +290,24 @@ COUNT_FREE = (
     "lamb(",
     "adan(",
     "adamw_schedule_free(",
-    # each weight its own count (Adam's for SparseAdam; Muon counts none)
+    # each weight its own count (Adam's for SparseAdam, Adafactor's; Muon counts none)
     "sparse_adam(",
     "muon(",
+    "adafactor(",
+    # SGD's momentum (each weight's first update its own), and a rate: a schedule's, read at
+    # the updates, as torch's scheduler counts them, for every weight alike
+    "trace(",
+    "scale_by_learning_rate(",
     # a chain's members that keep no count: clipping, a constant factor, a weight decay
     "clip_by_global_norm(",
     "clip_by_value(",
     "scale(",
     "add_decayed_weights(",
 )
+
+
+# the wrappers of one transform (`inner`): a weight's count is the wrapped one's
+_WRAPPERS = (masked, accumulate, skip_nonfinite, dynamic_loss_scale)
 
 
 def counting(optimizer: Any) -> str | None:
@@ -327,6 +342,8 @@ def optimizers_in(optimizer: Any) -> list[str]:
         members = call.arguments["transforms"]
         members = members.values() if isinstance(members, dict) else members
         return [name for member in members for name in optimizers_in(member)]
+    if call is not None and call.factory in _WRAPPERS:  # (the optimizer they wrap)
+        return optimizers_in(call.arguments["inner"])
     own = [getattr(optimizer, "name", None) or ""]
     others = call.arguments.get("others") if call is not None else None
     return own + optimizers_in(others) if others is not None else own  # (muon's)

@@ -656,14 +656,16 @@ class TrainState:
         if name is not None:
             problems.append(
                 f"{counted[:3]} would train again at update {updates}, "
-                f"and {name.partition('(')[0] or 'this optimizer'}'s arithmetic reads one count "
-                "of updates for all weights (bias corrections, schedules of its own), where "
-                "torch.optim counts each weight's own step (theirs stood still while frozen): "
-                "their update would differ from torch's. Freezing is exact; to train "
-                "them again, make a state for the new split "
+                f"and {name.partition('(')[0] or 'this optimizer'} is not one known to read no "
+                "count of updates, or each weight's own: one count for all (bias corrections, "
+                "schedules of its own) would give them another update than torch.optim, "
+                "which counts each weight's own step (theirs stood still while frozen). "
+                "Freezing is exact; to train them again, make a state for the new split "
                 "(TrainState.create(state.export_module(), ...)), or use an optimizer that "
                 "reads no count or each weight's own: every torch.optim preset (sgd, adam, "
-                "adamw, adagrad, rmsprop, adadelta, rprop, adamax, nadam, radam, asgd)"
+                "adamw, adagrad, rmsprop, adadelta, rprop, adamax, nadam, radam, asgd, "
+                "adafactor, sparse_adam, muon), lion, or a chain of them with clipping, "
+                "weight decay, a scale, trace or a learning rate"
             )
         if problems:
             raise StateMismatchError(

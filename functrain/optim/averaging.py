@@ -586,8 +586,9 @@ def _torchvision_moves(decay: float, schedule: _Moves) -> tuple[_Move, _Move]:
         )
 
     def blend_(avg: list[torch.Tensor], x: list[torch.Tensor], count: Any) -> None:
-        torch._foreach_mul_(avg, decay)
-        torch._foreach_add_(avg, torch._foreach_mul(x, 1 - decay))
+        # (the product out of place, then written in: in place, torch's CPU kernel rounds a
+        # bfloat16 product by a number otherwise)
+        torch._foreach_copy_(avg, blend(avg, x, count))
 
     integer = _integer_average(decay)
     return _copying_first(_by_kind(blend, integer), _by_kind_(blend_, integer), schedule)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import functrain as ft
+from functrain.checkpoint.format import write_tree
 from functrain.driver import loop as loop_module
 from functrain.driver.data import to_device
 from functrain.errors import ConfigError
@@ -165,6 +166,14 @@ def test_load_weights_hints_what_works_for_each_way_weights_do_not_fit(tmp_path:
             ft.load_weights(path, into=into)
         message = str(refused.value)
         assert all(s in message for s in said) and not any(s in message for s in unsaid), name
+
+
+def test_load_weights_lists_a_value_that_is_no_tensor_where_a_weight_is(tmp_path: Path) -> None:
+    into = ft.TrainState.create(nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
+    tree = {"params": {"weight": torch.zeros(1, 2), "bias": None}, "frozen": {}, "buffers": {}}
+    path = write_tree(tmp_path / "c", tree)
+    with pytest.raises(ft.StateMismatchError, match=r"params/bias: expected Tensor"):
+        ft.load_weights(path, into=into)
 
 
 def test_load_weights_not_strict_keeps_the_states_own_new_layers(tmp_path: Path) -> None:

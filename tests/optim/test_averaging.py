@@ -512,3 +512,38 @@ def test_the_timm_reference_is_timms_own_model_ema_v3() -> None:
             theirs.update(nets[0], step=step)
             ours.update(nets[1], step=step)
         assert_trees_equal(tensors(theirs.module), tensors(ours.module))
+
+
+def test_torchvisions_average_of_bfloat16_weights_in_a_donated_step_is_its_references() -> None:
+    """torchvision's ``decay * avg + (1 - decay) * p``: the product taken in place rounded a
+    bfloat16 average otherwise than torch's ``decay * avg`` (every weight off in a donated step)."""
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).bfloat16()
+
+    def bf16_loss(model: Any, batch: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(batch[0]).float(), batch[1])
+
+    gen = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(4, 6, generator=gen).bfloat16(), torch.randint(0, 3, (4,), generator=gen))
+        for _ in range(4)
+    ]
+    decay = 0.8
+    for donate in (False, True):
+        state = ft.TrainState.create(
+            make(), ft.sgd(0.1), bf16_loss, ema_decay=decay, ema_convention="torchvision"
+        )
+        live = make()
+        reference = AveragedModel(
+            live, avg_fn=lambda a, p, n: decay * a + (1 - decay) * p, use_buffers=True
+        )
+        for batch in data:
+            state, _ = ft.train_step(state, batch, donate=donate)
+            with torch.no_grad():
+                for name, p in live.named_parameters():
+                    p.copy_(state.params[name])
+            reference.update_parameters(live)
+        for a, r in zip(state.ema_state.average, reference.module.parameters(), strict=True):
+            assert torch.equal(a, r), donate

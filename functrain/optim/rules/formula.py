@@ -1260,21 +1260,22 @@ FROZEN_EVALUATION_POINTS: list[Callable[[Any, dict[str, Any], dict[str, Any]], A
 
 def checked_parked(value: Any, like: torch.Tensor, name: str, key: str) -> torch.Tensor:
     """Frozen weight `name`'s parked slot `key`, where it is a tensor of `like`'s shape and dtype
-    (what the optimizer or the average keeps for the weight), else a `StateMismatchError`: slots
-    altered, or a checkpoint's written for another model (a kernel handed one writes past its
-    end, an op broadcasts it)."""
+    (the weight's, or a fresh slot's for it), else a `StateMismatchError`: slots altered, a
+    checkpoint's written for another model, or the weight replaced by one of another shape or
+    dtype (a kernel handed such a slot writes past its end, an op broadcasts it)."""
     if isinstance(value, torch.Tensor) and value.shape == like.shape and value.dtype == like.dtype:
         return value
-    got = (
-        f"a tensor of shape {tuple(value.shape)}, {str(value.dtype).removeprefix('torch.')}"
-        if isinstance(value, torch.Tensor)
-        else f"a {type(value).__name__}"
-    )
+
+    def described(t: Any) -> str:
+        if not isinstance(t, torch.Tensor):
+            return f"a {type(t).__name__}"
+        return f"a tensor of shape {tuple(t.shape)}, {str(t.dtype).removeprefix('torch.')}"
+
     raise StateMismatchError(
-        f"frozen weight {name!r}'s parked {key} is {got}, where its optimizer or average keeps "
-        f"a tensor of shape {tuple(like.shape)}, {str(like.dtype).removeprefix('torch.')}: "
-        "parked slots altered, or a checkpoint's written for another model. Give its entry "
-        "again without the slot (replace(parked=...)): the weight then starts it afresh"
+        f"frozen weight {name!r}'s parked {key} is {described(value)}, where the weight (or a "
+        f"fresh slot for it) is {described(like)}: the slot altered, a checkpoint's written for "
+        "another model, or the weight replaced by one of another shape or dtype while frozen. "
+        "Give its entry again without the slot (replace(parked=...)): it then starts afresh"
     )
 
 
