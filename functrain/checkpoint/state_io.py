@@ -744,11 +744,13 @@ def _in_template_order(tree: dict[str, Any], like: TrainState, path: Any) -> dic
     saved = dict(saved)
     try:
         tree = {**tree, "params": {name: saved[name] for name in params}}
-        tree["opt_state"] = resplit(tree["opt_state"], saved, params, {}, like.tx.init, "x")[0]
+        tree["opt_state"] = resplit(
+            tree["opt_state"], saved, params, {}, like.tx.init, "opt_state"
+        )[0]
         if tree.get("ema_state") is not None and like.averager is not None:
             buffers = dict(like.buffers) if like.options.ema_buffers else None
             init = averaging_init(like.averager, buffers)
-            tree["ema_state"] = resplit(tree["ema_state"], saved, params, {}, init, "x")[0]
+            tree["ema_state"] = resplit(tree["ema_state"], saved, params, {}, init, "ema_state")[0]
     except StateMismatchError as error:
         raise StateMismatchError(
             f"checkpoint {str(path)!r} holds its weights in another order than the template "

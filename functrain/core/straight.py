@@ -222,7 +222,14 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         text.append(_AVERAGED.format(donate=donate))
     else:
         lerped = type(program.averaging) is ListAverage and program.averaging.weight is not None
-        moved = (_LERPED if donate else _LERPED_PURE) if lerped else _MOVED.format(donate=donate)
+        # (a new average keeps its strides where a weight's are not the default ones, which a
+        # lerp out of place gives: a channels_last depthwise one's; decided once)
+        restrided = any(
+            p.stride() != torch.empty(p.shape, device="meta").stride()
+            for p in state.params.values()
+        )
+        pure = _LERPED_PURE_RESTRIDED if restrided else _LERPED_PURE
+        moved = (_LERPED if donate else pure) if lerped else _MOVED.format(donate=donate)
         text.append(_AVERAGING.format(moved=moved, donate=donate))
     # a fresh state's optimizer state has its storage now: its program decided again, once
     text.append(_KEPT.format(own=own, program="PROGRAM.again(new)" if program.fresh else "PROGRAM"))
@@ -849,11 +856,13 @@ _LERPED = """\
 """
 _LERPED_PURE = """\
             ema = state.ema_state
-            average = KEPT_STRIDES(
-                list(torch._foreach_lerp(ema.average, ran_params, EMA_WEIGHT)), ema.average
-            )
+            average = list(torch._foreach_lerp(ema.average, ran_params, EMA_WEIGHT))
             SET_ema_state(new, EMA_STATE(ema.count + 1, tuple(average)))
 """
+_LERPED_PURE_RESTRIDED = _LERPED_PURE.replace(
+    "list(torch._foreach_lerp(ema.average, ran_params, EMA_WEIGHT))",
+    "KEPT_STRIDES(list(torch._foreach_lerp(ema.average, ran_params, EMA_WEIGHT)), ema.average)",
+)
 _NO_AVERAGE = """\
         SET_ema_state(new, None)
 """

@@ -611,41 +611,6 @@ def test_the_ema_model_holds_a_frozen_layers_waiting_average() -> None:
         assert torch.equal(loss, ft.eval_step(state, batch, use_ema=True)["loss"])
 
 
-@pytest.mark.parametrize("name", ["muon", "decay then adam"])
-def test_muon_and_a_chain_of_weight_decay_train_a_layer_again_as_torch(name: str) -> None:
-    """Neither reads one count for all (Muon counts none, its other optimizer and Adam each
-    weight's own): they were refused as if they did."""
-    if name == "muon":
-        tx = ft.muon(1e-2, others=ft.adamw(1e-2))
-
-        def make(model: nn.Module) -> list[torch.optim.Optimizer]:
-            matrices = [p for p in model.parameters() if p.ndim == 2]
-            rest = [p for p in model.parameters() if p.ndim != 2]
-            return [
-                torch.optim.Muon(matrices, lr=1e-2),
-                torch.optim.AdamW(rest, lr=1e-2, fused=True),
-            ]
-    else:
-        tx = ft.chain(ft.add_decayed_weights(0.01), ft.adam(1e-2, fused=False))
-
-        def make(model: nn.Module) -> list[torch.optim.Optimizer]:
-            return [torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.01)]
-
-    state = gradually_unfrozen(tx, freeze=2, unfreeze=5)
-    model = make_mlp()
-    optimizers = make(model)
-    for i, batch in enumerate(batches(8)):
-        for p in model[0].parameters():
-            p.requires_grad_(not 2 <= i < 5)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        cross_entropy_loss_fn(model, batch).backward()
-        for opt in optimizers:
-            opt.step()
-    for key, p in model.named_parameters():
-        assert torch.equal(state.params[key], p), key
-
-
 def _decayed(name: str, p: torch.Tensor) -> bool:
     return name.endswith("weight")
 
@@ -653,6 +618,17 @@ def _decayed(name: str, p: torch.Tensor) -> bool:
 @pytest.mark.parametrize(
     ("tx", "make"),
     [
+        (
+            lambda: ft.muon(1e-2, others=ft.adamw(1e-2)),
+            lambda m: [
+                torch.optim.Muon([p for p in m.parameters() if p.ndim == 2], lr=1e-2),
+                torch.optim.AdamW([p for p in m.parameters() if p.ndim != 2], lr=1e-2, fused=True),
+            ],
+        ),
+        (
+            lambda: ft.chain(ft.add_decayed_weights(0.01), ft.adam(1e-2, fused=False)),
+            lambda m: [torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=0.01)],
+        ),
         (
             lambda: ft.adafactor(1e-2),
             lambda m: [torch.optim.Adafactor(m.parameters(), lr=1e-2)],
@@ -678,13 +654,14 @@ def _decayed(name: str, p: torch.Tensor) -> bool:
             ],
         ),
     ],
-    ids=["adafactor", "trace and a rate", "masked decay and adam"],
+    ids=["muon", "decay then adam", "adafactor", "trace and a rate", "masked decay and adam"],
 )
 def test_optimizers_that_count_each_weights_updates_or_none_train_a_layer_again_as_torch(
     tx: Callable[[], ft.Transform], make: Callable[[nn.Module], list[torch.optim.Optimizer]]
 ) -> None:
-    """Each reads no count, or each weight's own (a wrapper's, its inner transform's): they were
-    refused as reading one for all."""
+    """Each reads no count, or each weight's own (Muon none, its other optimizer and Adam each
+    weight's own; a wrapper's, its inner transform's): they were refused as reading one for
+    all."""
     state = gradually_unfrozen(tx(), freeze=2, unfreeze=5)
     model = make_mlp()
     optimizers = make(model)
