@@ -15,6 +15,7 @@ from typing import IO, Any, Protocol
 import torch
 
 from functrain.core.binding import STEP_LOCK, BoundModel, bound
+from functrain.core.scope import modes_back, modes_of
 from functrain.core.state import TrainState
 from functrain.distributed.sharding import gathered
 from functrain.driver.callbacks import Callback, Run, on
@@ -267,7 +268,7 @@ def generate(
     generator = torch.Generator(device=state.device).manual_seed(seed)
     # the structure is shared with other threads' steps: its mode switched under their lock too
     with STEP_LOCK:
-        was_training = state.module.training
+        was_training, modes = state.module.training, modes_of(state.module)
         state.module.eval()
         try:
             with torch.no_grad(), bound(state.module, tensors) as model:
@@ -283,7 +284,7 @@ def generate(
                     )
                     ids = torch.cat([ids, token.unsqueeze(-1)], dim=-1)
         finally:
-            state.module.train(was_training)
+            modes_back(state.module, was_training, modes)
     return ids.squeeze(0) if squeeze else ids
 
 

@@ -501,7 +501,7 @@ ROWS: dict[str, tuple[Callable[[], nn.Module], Any, Any, str]] = {
     "teacher-as-buffers-written-in-forward": (BufferTeacher, vectors, classify, BITWISE),
     # a trainable weight written in forward is refused after that forward (a frozen one before:
     # only a structure with frozen weights runs its first forward under the write guard)
-    "parameter-written-in-forward": (SelfScaling, vectors, classify, "wrote the state's tensor"),
+    "parameter-written-in-forward": (SelfScaling, vectors, classify, "writes the state's tensor"),
     "compiled-submodule": (compiled_submodule, vectors, classify, BITWISE),
     "lstm": (lambda: Recurrent(nn.LSTM), sequences, classify, BITWISE),
     "gru": (lambda: Recurrent(nn.GRU), sequences, classify, BITWISE),
@@ -589,13 +589,8 @@ def test_a_feature_that_cannot_train_as_under_torch_is_refused_before_a_step(nam
         before = state.clone()
         try:
             ft.train_step(state, batches(name)[0])
-        finally:  # refused before the step wrote anything, but for the writes in forward
-            if name not in WRITTEN_BEFORE_REFUSED:
-                assert ft.diff_states(before, state) == []
-
-
-# the rows refused at the first step, whose forward has written the state given to it by then
-WRITTEN_BEFORE_REFUSED = {"parameter-written-in-forward"}
+        finally:  # refused before the step wrote anything (a write in forward intercepted)
+            assert ft.diff_states(before, state) == []
 
 
 def test_every_row_is_checked() -> None:
@@ -623,8 +618,42 @@ def test_quantization_aware_training_resumes_exactly(tmp_path: Any) -> None:
 
 def test_eval_step_refuses_a_forward_that_writes_the_weights() -> None:
     state = ft.TrainState.create(build("parameter-written-in-forward"), ft.adamw(LR), classify)
-    with pytest.raises(FunctrainError, match="wrote the state's tensor 'lin.weight'"):
+    before = state.clone()
+    with pytest.raises(FunctrainError, match="writes the state's tensor 'lin.weight'"):
         ft.eval_step(state, batches("parameter-written-in-forward")[0])
+    assert ft.diff_states(before, state) == []
+
+
+# the ways a forward writes a trainable weight, each intercepted at the first step
+WRITES: dict[str, Callable[[torch.Tensor], Any]] = {
+    "no_grad-in-place": lambda w: w.mul_(0.5),
+    "through-data": lambda w: w.data.clamp_(-0.1, 0.1),
+    "through-detach": lambda w: w.detach().zero_(),
+    "init": lambda w: nn.init.zeros_(w),
+    "out": lambda w: torch.renorm(w, 2, 0, 0.1, out=w),
+}
+
+
+@pytest.mark.parametrize("donate", [False, True])
+@pytest.mark.parametrize("how", sorted(WRITES))
+def test_a_forward_writing_a_trainable_weight_is_refused_before_anything_is_written(
+    how: str, donate: bool
+) -> None:
+    class Writing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                WRITES[how](self.lin.weight)
+            return self.lin(x)
+
+    state = ft.TrainState.create(Writing(), ft.adamw(LR), classify)
+    before = state.clone()
+    with pytest.raises(FunctrainError, match="writes the state's tensor 'lin.weight'"):
+        ft.train_step(state, batches("parameter-written-in-forward")[0], donate=donate)
+    assert ft.diff_states(before, state) == []
 
 
 # sparse embeddings, per optimizer: bit for bit against torch.optim's (tests/optim/test_sparse.py

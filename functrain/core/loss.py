@@ -156,9 +156,10 @@ def call_loss(
     (``torch.utils.checkpoint`` with ``use_reentrant=False``) runs the forward of its blocks again
     during the backward, on the module as it is then. `watch`: the state's tensors among `tensors`
     that the loss function must not write in place (its parameters and frozen parameters). The
-    first call on a module structure with frozen weights (not sharded) runs the forward under
-    `_WriteGuard`, so that a forward writing them (a MoCo or BYOL teacher updated in forward, in
-    place or through ``.data =``) is refused before the state given is written; once a forward
+    first call on a module structure (not sharded) runs the forward under `_WriteGuard`, so that
+    a forward writing them (a MoCo or BYOL teacher updated in forward, in place or through
+    ``.data =``; a weight clamped in place, also through ``.data``) is refused before the state
+    given is written; once a forward
     wrote none, later calls run bare and check after the forward, as every call of any other
     structure does.
 
@@ -176,16 +177,12 @@ def call_loss(
     sharded = state.dist is not None and state.dist.sharding is not None
     storage = not sharded and not torch.compiler.is_compiling()
     versions = _marks(watch, storage) if watch else None
-    # a frozen teacher (MoCo, BYOL) is what forwards write: the guard runs for a state with frozen
-    # weights (its dispatch mode imports torch._dynamo, a second's import a plain model is
-    # spared), and not for a sharded one (its weights are gathered and rebound on use); any
-    # other write is refused after the forward, by the version counters
+    # the guard runs on a structure's first forward (a frozen teacher updated in forward, a
+    # weight clamped through ``.data``, which no version counter sees), not for a sharded state
+    # (its weights are gathered and rebound on use); a write at a later forward is refused
+    # after it, by the version counters
     first = (
-        bool(watch)
-        and bool(state.frozen)
-        and not sharded
-        and not getattr(state.module, WATCHED, False)
-        and not _tracing()
+        bool(watch) and not sharded and not getattr(state.module, WATCHED, False) and not _tracing()
     )
     # entered only where there is one (no null context: dynamo on torch 2.11 cannot take
     # isinstance() of one, and a graph break here would leave torch.func.grad's frame eager)
@@ -254,6 +251,12 @@ class _WriteGuard(TorchDispatchMode):
     as it was either way. One forward per structure runs so (Python per operation); later ones run
     bare and are checked after.
     """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # (torch's default wraps the dispatch in dynamo's disabling, which imports torch._dynamo,
+        # a second at a model's first step; nothing here is ever compiled: no guard when traced)
+        return False
 
     def __init__(self, watch: Mapping[str, torch.Tensor], name: str) -> None:
         super().__init__()

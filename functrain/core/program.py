@@ -22,7 +22,7 @@ A runner's step is the straight line (`functrain.core.straight`): the configurat
 as one function, which calls back here for the EMA (`average`) and, once, a fresh state's next
 program (`again`).
 `StepProgram.run` is the body's step: the general configurations', and the straight line's rare
-turns (a copied state's own structure, the first forward of a structure with frozen weights, a
+turns (a copied state's own structure, the first forward of a structure, a
 module that needs ``loss.backward()``). Both give the bits of the body, which the compiled and
 stacked front doors run (the tests compare them). What is decided per step: the skip flag (read
 on the host for CPU tensors), the window's end, schedule values, counters, the RNG swap, the
@@ -211,7 +211,7 @@ class StepProgram(_Decided):
 
         What a configuration the straight line does not write runs (`straight` None), and the
         straight line's rare turns: a copied state's own structure, the first forward of a
-        structure with frozen weights, a module that needs ``loss.backward()`` (`RunAgain`).
+        structure, a module that needs ``loss.backward()`` (`RunAgain`).
         """
         refuse_per_member(batch)
         new, metrics = body_step(state, batch, donate)

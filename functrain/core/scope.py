@@ -36,6 +36,8 @@ __all__ = [
     "in_scope",
     "leave",
     "leave_with",
+    "modes_back",
+    "modes_of",
     "outside_graph",
     "rank_stream",
     "rank_stream_in",
@@ -67,6 +69,7 @@ class Scope:
         "locked",
         "open",
         "switched",
+        "modes",
     )
 
     def __init__(
@@ -85,6 +88,7 @@ class Scope:
         self.locked = locked
         self.open = True
         self.switched = False  # the module's mode switched on entering (`swap_in`)
+        self.modes: tuple[tuple[nn.Module, bool], ...] | None = None  # each module's, before
 
 
 def plain_modules(module: nn.Module) -> tuple[nn.Module, ...] | None:
@@ -114,6 +118,35 @@ def plain_modules(module: nn.Module) -> tuple[nn.Module, ...] | None:
         ):
             return None
     return found
+
+
+def modes_of(module: nn.Module) -> tuple[tuple[nn.Module, bool], ...]:
+    """Each of `module`'s modules with its mode, taken before a step switches the whole module
+    (`modes_back` sets them back)."""
+    return tuple((m, m.training) for m in module.modules())
+
+
+def modes_back(
+    module: nn.Module, training: bool, modes: tuple[tuple[nn.Module, bool], ...] | None
+) -> None:
+    """`module` back in `training` mode, by its own ``train`` (an override runs), then each of its
+    modules in the mode `modes` says it had (None: ``train`` alone): a BatchNorm the user froze with
+    ``.eval()`` in a model in train mode stays frozen after an evaluation, as in a torch loop that
+    evaluates and trains the same model.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> _ = net[1].eval()
+        >>> modes = modes_of(net)
+        >>> _ = net.eval()
+        >>> modes_back(net, True, modes)
+        >>> net.training, net[1].training
+        (True, False)
+    """
+    module.train(training)
+    for m, mode in modes or ():
+        if m.training != mode:
+            m.training = mode
 
 
 def outside_graph(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -152,6 +185,7 @@ def swap_in(
         locked = STEP_LOCK.acquire(False) or take_step_lock()
         scope = Scope(module, module.training, generator, generator.get_state(), locked)
         if module.training != training:
+            scope.modes = modes_of(module)
             scope.switched = True
             module.train(training)
         if rng is not None:
@@ -311,7 +345,7 @@ def restore(scope: Scope) -> None:
     # (a mode the scope switched: every flag set back, also where an interrupt stopped a first
     # restore after the module's own flag)
     if scope.switched or scope.module.training != scope.was_training:
-        scope.module.train(scope.was_training)
+        modes_back(scope.module, scope.was_training, scope.modes)
     scope.open = False
     if scope.locked:
         STEP_LOCK.release()

@@ -61,7 +61,7 @@ from functrain.core.loss import (
     samples_in,
     split_loss,
 )
-from functrain.core.scope import rank_stream_in
+from functrain.core.scope import modes_back, modes_of, rank_stream_in
 from functrain.core.stacked_step import PerMember, refuse_per_member
 from functrain.core.state import TrainState, lend
 from functrain.distributed.data_parallel import DistConfig, average_step
@@ -154,8 +154,8 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     frozen, buffers = bool(state.frozen), bool(state.buffers)
     dtype = AUTOCAST.get(options.precision)
     text = [_ENTRY.format(donate=donate)]
-    if frozen:  # the first forward of a structure with frozen weights runs under the write guard
-        text.append(_FIRST_FORWARD.format(donate=donate))
+    # the first forward of a structure runs under the write guard (the body's)
+    text.append(_FIRST_FORWARD.format(donate=donate))
     modules = program.modules if program.modules and program.modules[0] is state.module else None
     ranked = program.ranked
     text.append(
@@ -235,11 +235,10 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     text.append(_KEPT.format(own=own, program="PROGRAM.again(new)" if program.fresh else "PROGRAM"))
     if donate:
         text.append(_RETIRE)
-    restore_mode = _MODE_FLAGS if modules else _MODE_CALL
     text.append(
         _LEAVE.format(
-            restore_mode=restore_mode.format(mode="was_training"),
-            restore_mode_deeper=textwrap.indent(restore_mode.format(mode="was_training"), "    "),
+            restore_mode=_MODES_BACK,
+            restore_mode_deeper=textwrap.indent(_MODES_BACK, "    "),
             retire=_RETIRE_RAISED if donate else "",
         )
     )
@@ -265,6 +264,8 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         "MODULES": program.modules
         if program.modules and program.modules[0] is state.module
         else None,
+        "MODES_OF": modes_of,
+        "MODES_BACK": modes_back,
         "GEN": program.generator,
         "RUNNER": program.runner,
         "HOOKS": program.hooks,
@@ -576,7 +577,7 @@ def step(state, batch):
         return PROGRAM.run(state, batch, {donate})
 """
 _FIRST_FORWARD = """\
-    if not MODULE.__dict__.get(WATCHED):
+    if WATCHED not in MODULE.__dict__:
         return PROGRAM.run(state, batch, {donate})
 """
 # the state's RNG and train mode in, the caller's saved (`functrain.core.scope.swap_in`, whose
@@ -584,12 +585,14 @@ _FIRST_FORWARD = """\
 _ENTER = """\
     writing = False
     saved_rng = None
+    modes = None
     depth = LOCK_DEPTH()
     try:
         locked = ACQUIRE(False) or take_step_lock()
         was_training = MODULE.training
         saved_rng = GEN.get_state()
         if not was_training:
+            modes = MODES_OF(MODULE)
 {train}\
         GEN.set_state(state.rng)
 {ranked}\
@@ -736,6 +739,10 @@ _MODE_FLAGS = """\
 """
 _MODE_CALL = """\
             MODULE.train({mode})
+"""
+# each module's mode back as it was (a BatchNorm frozen by its own ``.eval()`` stays so)
+_MODES_BACK = """\
+            MODES_BACK(MODULE, was_training, modes)
 """
 _NO_NORM = """\
         norm = None

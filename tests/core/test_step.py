@@ -366,6 +366,53 @@ def test_module_mode_is_set_during_each_call_and_restored_after(initially_traini
     assert seen == [(True, True), (False, False)]
 
 
+@pytest.mark.parametrize("donate", [False, True])
+def test_a_submodule_frozen_by_eval_stays_frozen_through_evaluations(donate: bool) -> None:
+    # the fine-tuning recipe: model.train(); model.bn.eval(), the BatchNorm's statistics frozen;
+    # eval_step, predict and generate between steps leave it frozen, as a torch loop's steps
+    # never evaluating do (each flag back as it was, not the whole module's train())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model.train()
+    model[1].eval()
+    reference = copy.deepcopy(model)
+    state = ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_loss_fn)
+    opt = torch.optim.AdamW(reference.parameters(), 1e-2, fused=True)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        batch = (torch.randn(6, 6, generator=g), torch.randint(0, 3, (6,), generator=g))
+        state, _ = ft.train_step(state, batch, donate=donate)
+        cross_entropy_loss_fn(reference, batch).backward()
+        opt.step()
+        opt.zero_grad()
+        ft.eval_step(state, batch)
+        ft.predict(state, batch[0])
+        assert [m.training for m in state.module.modules()] == [True, True, False, True, True]
+    assert torch.equal(state.buffers["1.running_mean"], reference[1].running_mean)
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p), name
+
+
+def test_a_step_of_a_module_in_eval_mode_sets_each_mode_back() -> None:
+    # a module in eval mode (a pretrained model as loaded) trains in train mode, as after a
+    # torch loop's model.train(); each of its modules' modes back after the step
+    model = make_cnn_dropout().eval()
+    model[0].train()
+    modes = [m.training for m in model.modules()]
+    seen: list[bool] = []
+
+    def spy(m, batch):
+        seen.append(m.training)
+        return cross_entropy_loss_fn(m, batch)
+
+    state = ft.TrainState.create(model, ft.sgd(0.1), spy)
+    batch = batches(model, 1)[0]
+    for donate in (False, True):
+        state, _ = ft.train_step(state, batch, donate=donate)
+        assert [m.training for m in state.module.modules()] == modes
+    assert seen == [True, True]
+
+
 # ---------------------------------------------------------------- eval_step
 
 
