@@ -568,7 +568,19 @@ def run_gradient_hooks(
         if grads[i] is None:
             continue
         for hook in tuple(found.values()):
-            changed = hook(grads[i])
+            try:
+                changed = hook(grads[i])
+            except (RuntimeError, NotImplementedError) as error:
+                if "meta" not in str(error):
+                    raise
+                raise ConfigError(
+                    f"the gradient hook {getattr(hook, '__qualname__', hook)!r} reads one of "
+                    "the module's own weights or buffers (through self, a closure): a step "
+                    "runs the parameters' gradient hooks after the forward, when the state's "
+                    "module holds no weights (only their shapes, on the meta device); use only "
+                    "the gradient it is given and values that are not the module's tensors, or "
+                    "do the work in a transform (functrain.chain(..., your transform))"
+                ) from error
             if changed is None:
                 continue
             given = grads[i]

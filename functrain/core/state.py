@@ -18,6 +18,8 @@ import attrs
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from functrain.core.binding import STEP_LOCK
 from functrain.core.create import (
@@ -48,7 +50,7 @@ from functrain.core.replacement import (
     shared_storage,
     shares_storage,
 )
-from functrain.core.structure import CALL_GUARD, WEIGHTLESS
+from functrain.core.structure import CALL_GUARD, WEIGHTLESS, deepcopy_module
 from functrain.distributed.data_parallel import DistConfig
 from functrain.distributed.materialize import InitFn
 from functrain.distributed.sharding import Sharding, gathered
@@ -948,10 +950,18 @@ class TrainState:
                 )
             for name, b in self.module.named_buffers():
                 memo[id(b)] = values[name].detach().clone()
-            module = copy.deepcopy(self.module, memo)
+            module = deepcopy_module(self.module, memo, weightless=False)
         module.__dict__.pop(WEIGHTLESS, None)  # it holds weights: a state made from it copies them
         module._forward_pre_hooks.pop(module.__dict__.pop(CALL_GUARD, None), None)  # runs as is
-        return module.eval()
+        module.eval()
+        # the weight torch's old weight_norm and spectral_norm compute before a forward, from the
+        # exported weights (eval mode: no power iteration), as their hooks compute it
+        for m in module.modules():
+            for hook in m._forward_pre_hooks.values():
+                if isinstance(hook, WeightNorm | SpectralNorm):
+                    with torch.no_grad():
+                        hook(m, ())
+        return module
 
     def tree(self) -> dict[str, Any]:
         """The saved part of the state, as a plain dict of trees (what checkpoints hold).

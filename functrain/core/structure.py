@@ -17,6 +17,9 @@ from the module, and their programs, which decided once which submodules they sw
 from __future__ import annotations
 
 import copy
+import dis
+import functools
+import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -33,6 +36,7 @@ from functrain.errors import ConfigError
 __all__ = [
     "CALL_GUARD",
     "WEIGHTLESS",
+    "deepcopy_module",
     "fixed",
     "grad_hooks",
     "module_problems",
@@ -176,7 +180,9 @@ def _copy_structure(module: nn.Module) -> nn.Module:
     for b in module.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
     try:
-        structure = copy.deepcopy(module, memo)
+        structure = deepcopy_module(module, memo, weightless=True)
+    except ConfigError:
+        raise
     except Exception:  # noqa: BLE001 - locks, open files, ...: run the module itself, as before
         return module
     object.__setattr__(structure, WEIGHTLESS, True)
@@ -187,6 +193,133 @@ def _copy_structure(module: nn.Module) -> nn.Module:
     object.__setattr__(structure, _SPARSE, _sparse_of(structure))
     _parts.update((id(part), part) for part in structure.modules())
     return structure
+
+
+def deepcopy_module(module: nn.Module, memo: dict[int, Any], *, weightless: bool) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, where a function the module holds (a hook or an attribute
+    written as a lambda or closure in ``__init__``: ``lambda m, i, o: o * self.gate``) reads the
+    copy's parts, as a method does, not the module's: deepcopy copies no function, so the copy
+    would run it on the original's weights, which never train. A function that reads the
+    module through a global name (a notebook's ``model``) is refused, naming it.
+
+    The parameters' gradient hooks (``Tensor.register_hook``) of the copies already in `memo`
+    are read the same way. A tensor a module holds that a forward computed (the weight torch's
+    old ``weight_norm`` and ``spectral_norm`` set before each forward), which deepcopy refuses,
+    is copied detached (`weightless`: on the meta device); its forward computes it again.
+
+    Example:
+        >>> class Gated(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin, self.gate = nn.Linear(2, 2), nn.Parameter(torch.ones(2))
+        ...         self.lin.register_forward_hook(lambda m, i, o: o * self.gate)
+        >>> model = Gated()
+        >>> copied = deepcopy_module(model, {}, weightless=False)
+        >>> hook = next(iter(copied.lin._forward_hooks.values()))
+        >>> hook.__closure__[0].cell_contents is copied
+        True
+    """
+    parts = {id(x) for x in (*module.modules(), *module.parameters(), *module.buffers())}
+    functions: dict[int, tuple[types.FunctionType, types.FunctionType]] = {}
+    for m in module.modules():
+        for key, value in vars(m).items():
+            if key not in _TABLES:
+                _functions_in(value, functions, 0)
+    for t in memo.values():
+        if isinstance(t, torch.Tensor):
+            _functions_in(list(_hooks_of(t).values()), functions, 0)
+    for function, _ in functions.values():
+        found = _global_parts(function.__code__, function.__globals__, parts)
+        if found:
+            raise ConfigError(
+                f"the function {function.__qualname__!r} the module holds (a hook or an "
+                f"attribute) reads the module through the global name {found!r}: a state runs "
+                "a copy of the module on its own weights, and this function would read the "
+                "module you built, whose weights never train; read it through the function's "
+                "arguments (a hook's module argument), or write it as a method or a submodule"
+            )
+    for function, again in functions.values():
+        if again is not function:
+            memo[id(function)] = again
+    for m in module.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo.setdefault(
+                    id(value),
+                    torch.empty_like(value, device="meta")
+                    if weightless
+                    else value.detach().clone(),
+                )
+    copied = copy.deepcopy(module, memo)
+    for function, again in functions.values():
+        for cell, new in zip(function.__closure__ or (), again.__closure__ or (), strict=True):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # (a name not yet bound where it was made)
+                continue
+            new.cell_contents = memo.get(id(value), value)
+    for t in list(memo.values()):  # the gradient hooks given to the parameters' copies
+        if isinstance(t, torch.Tensor) and _hooks_of(t):
+            t._backward_hooks = OrderedDict(
+                (k, functions[id(h)][1] if id(h) in functions else h)
+                for k, h in _hooks_of(t).items()
+            )
+    return copied
+
+
+def _functions_in(
+    value: Any, found: dict[int, tuple[types.FunctionType, types.FunctionType]], depth: int
+) -> None:
+    """Each function in `value` (a module attribute; containers, partials and closures looked
+    into), by id, with its twin: for one with a closure, a function of the same code whose cells
+    are its own, filled after the copy; else itself."""
+    if depth > 4 or id(value) in found:
+        return
+    if isinstance(value, types.FunctionType):
+        cells = value.__closure__ or ()
+        again = value
+        if cells:
+            again = types.FunctionType(
+                value.__code__,
+                value.__globals__,
+                value.__name__,
+                value.__defaults__,
+                tuple(types.CellType() for _ in cells),
+            )
+            again.__kwdefaults__ = value.__kwdefaults__
+            again.__qualname__ = value.__qualname__
+            again.__dict__.update(value.__dict__)
+        found[id(value)] = (value, again)
+        for cell in cells:
+            try:
+                _functions_in(cell.cell_contents, found, depth + 1)
+            except ValueError:  # (a cell not yet filled)
+                pass
+    elif isinstance(value, functools.partial):
+        for v in (value.func, *value.args, *value.keywords.values()):
+            _functions_in(v, found, depth + 1)
+    elif isinstance(value, list | tuple | set | frozenset) and len(value) <= _WALKED:
+        for v in value:
+            _functions_in(v, found, depth + 1)
+    elif isinstance(value, dict) and len(value) <= _WALKED:
+        for v in value.values():
+            _functions_in(v, found, depth + 1)
+
+
+def _global_parts(code: types.CodeType, namespace: dict[str, Any], parts: set[int]) -> str | None:
+    """The first global name `code` (or a function defined in it) reads that is one of the
+    module's `parts`, or None."""
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+            name = instruction.argval
+            if isinstance(name, str) and id(namespace.get(name)) in parts:
+                return name
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found = _global_parts(const, namespace, parts)
+            if found:
+                return found
+    return None
 
 
 def fixed(module: nn.Module) -> bool:

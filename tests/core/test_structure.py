@@ -331,3 +331,111 @@ def test_a_hook_that_changes_its_gradients_size_or_dtype_is_refused_as_torch_ref
         with pytest.raises(ConfigError, match="not its size or dtype"):
             ft.train_step(state, (x, y), donate=True)
         state.check_live("the test")  # refused before any write: the given state lives on
+
+
+# functions a module holds that read the module through their closure (``self`` in ``__init__``):
+# the state's copy of the module runs them on its own weights, as torch runs them on the module's
+class ClosingOverSelf(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.gate = nn.Parameter(torch.full((6,), 0.5))
+        self.slope = nn.Parameter(torch.tensor(0.25))
+        self.feats: list[torch.Tensor] = []
+        self.how = how
+        if how == "forward-hook":
+            self.a.register_forward_hook(lambda m, i, o: o * self.gate)
+        elif how == "attribute":
+            self.act = lambda x: torch.where(x > 0, x, self.slope * x)
+        elif how == "nested":
+            scale = lambda: self.gate  # noqa: E731 - a closure a closure reads
+            self.act = lambda x: x * scale()
+        elif how == "gradient-hook":
+            self.a.weight.register_hook(lambda g: g * self.slope.detach())
+        elif how == "stored-activations":
+            self.a.register_forward_hook(lambda m, i, o: self.feats.append(o))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x.float())
+        if self.how in ("attribute", "nested"):
+            h = self.act(h)
+        out = self.b(torch.tanh(h) * self.gate) * self.slope  # (each weight used: torch's
+        # AdamW leaves one without a gradient alone)
+        if self.how == "stored-activations":
+            out = out + self.feats.pop().mean()
+        return out
+
+
+@pytest.mark.parametrize("donate", [False, True])
+@pytest.mark.parametrize("how", ["forward-hook", "attribute", "nested", "stored-activations"])
+def test_a_function_closing_over_the_module_reads_the_states_weights(
+    how: str, donate: bool
+) -> None:
+    torch.manual_seed(0)
+    model = ClosingOverSelf(how)
+    reference = ClosingOverSelf(how)
+    reference.load_state_dict(model.state_dict())
+    state = ft.TrainState.create(model, ft.adamw(1e-2), loss_fn)
+    opt = torch.optim.AdamW(reference.parameters(), 1e-2, fused=True)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        batch = (torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen))
+        state, _ = ft.train_step(state, batch, donate=donate)
+        loss_fn(reference, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
+    exported = state.export_module()
+    x = torch.randn(4, 6, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(exported(x), reference.eval()(x))
+
+
+def test_a_gradient_hook_reading_the_modules_weights_is_refused_naming_it() -> None:
+    # (a step runs the gradient hooks after the forward, on a module holding no weights; the
+    # original's weights, which never train, are no longer read in their place)
+    state = ft.TrainState.create(ClosingOverSelf("gradient-hook"), ft.adamw(1e-2), loss_fn)
+    batch = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    with pytest.raises(ConfigError, match="gradient hook .*reads one of the module's own"):
+        ft.train_step(state, batch)
+
+
+_READ: Any = None
+
+
+def test_a_function_reading_the_module_through_a_global_name_is_refused_naming_it() -> None:
+    global _READ
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    _READ = model  # (a notebook's global)
+    model[0].register_forward_hook(lambda m, i, o: o * _READ[1].weight.sum())
+    with pytest.raises(ConfigError, match="through the global name '_READ'"):
+        ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_torch_old_weight_and_spectral_norm_export_the_trained_module(norm: str) -> None:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        wrap = getattr(torch.nn.utils, norm)
+        return nn.Sequential(wrap(nn.Linear(6, 6)), nn.Tanh(), nn.Linear(6, 3))
+
+    model, reference = build(), build()
+    state = ft.TrainState.create(model, ft.adamw(1e-2), loss_fn)
+    opt = torch.optim.AdamW(reference.parameters(), 1e-2, fused=True)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        batch = (torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen))
+        state, _ = ft.train_step(state, batch)
+        loss_fn(reference, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    exported = state.export_module()
+    x = torch.randn(4, 6, generator=gen)
+    reference.eval()
+    with torch.no_grad():
+        assert torch.equal(exported(x), reference(x))
+    for name, t in reference.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], t), name
+    copy.deepcopy(exported)  # (a module a user may copy, as any other)
