@@ -56,6 +56,7 @@ from functrain.optim.porting import (
     held_setting,
     momentum_cycle_note,
     own_settings,
+    plateau_call,
 )
 from functrain.optim.presets import is_matrix, muon
 from functrain.optim.rates import value_at
@@ -101,6 +102,7 @@ class _Group(NamedTuple):
     # the updates its parameters have taken
     count: int  # type: ignore[assignment]  # the field shadows tuple.count
     lr: float  # the group's current lr
+    params: tuple[torch.Tensor, ...] = ()  # its parameters themselves, the same order
 
 
 @attrs.frozen
@@ -132,7 +134,9 @@ class ConvertedOptimizer:
         ``step`` counter starts at `step`. `options` are `TrainState.create`'s other arguments.
 
         Raises:
-            ConfigError: as `TrainState.create`, or `module` is not the torch optimizer's.
+            ConfigError: as `TrainState.create`, or `module` is not the torch optimizer's (a
+                parameter it updates is missing from `module`, or is there neither that tensor
+                nor a copy of its values).
         """
         held = frozenset(self.names)
         if "trainable" in options:
@@ -140,10 +144,36 @@ class ConvertedOptimizer:
                 ["trainable is set by the torch optimizer's parameters; leave it out"],
                 "create_state",
             )
+        config_check(self._module_problems(module), "create_state")
         state = TrainState.create(
             module, self.optimizer, loss_fn, trainable=lambda name, p: name in held, **options
         )
         return self.load_into(state)
+
+    def _module_problems(self, module: Any) -> list[str]:
+        """Where `module` is not the one whose parameters the torch optimizer updates."""
+        fix = (
+            "pass the module the torch optimizer was built over (the one given to "
+            "from_torch_optimizer), whose weights torch's state belongs to"
+        )
+        if not isinstance(module, nn.Module):
+            return [f"module must be an nn.Module, got {type(module).__name__}: {fix}"]
+        found = dict(module.named_parameters())
+        held = {n: p for g in self.groups for n, p in zip(g.names, g.params, strict=True)}
+        missing = [n for n in self.names if n not in found]
+        other = [n for n in self.names if n in found and not _same_weight(found[n], held[n])]
+        if missing:
+            return [
+                f"module has no parameter {listed(missing)}, which the torch optimizer updates: "
+                f"{fix}"
+            ]
+        if other:
+            return [
+                f"module's {listed(other)} are not the parameters the torch optimizer updates "
+                f"(other tensors, with other values: another instance of the architecture?): "
+                f"{fix}, or a copy of it (copy.deepcopy)"
+            ]
+        return []
 
     def load_into(self, state: TrainState) -> TrainState:
         """`state` with torch's optimizer state in place of its own.
@@ -154,9 +184,20 @@ class ConvertedOptimizer:
             state: a state created with `optimizer` (and any `TrainState.create` options).
 
         Raises:
-            ConfigError: `state` was not created with this `optimizer`, or a parameter differs in
-                shape from torch's state.
+            ConfigError: `state` is not a `TrainState` created with this `optimizer`, or a
+                parameter differs in shape from torch's state.
         """
+        if not isinstance(state, TrainState):
+            torch_dict = " (torch's state_dict is read from the live optimizer already)"
+            config_check(
+                [
+                    f"state must be a TrainState, got {type(state).__name__}"
+                    f"{torch_dict if isinstance(state, dict) else ''}: use "
+                    "create_state(module, loss_fn), or pass the TrainState.create(module, "
+                    "run.optimizer, loss_fn) state"
+                ],
+                "load_into",
+            )
         if state.optimizer is not self.optimizer:
             config_check(
                 [
@@ -178,6 +219,19 @@ class ConvertedOptimizer:
         )
         step = torch.full_like(state.step, self.step)
         return state.replace(opt_state=opt_state, step=step)
+
+
+def _same_weight(found: torch.Tensor, held: torch.Tensor) -> bool:
+    """Whether `found` is the torch optimizer's parameter `held`, or a copy of it (a deepcopy of
+    the module, which torch can go on training beside the state)."""
+    if found is held:
+        return True
+    return (
+        found.shape == held.shape
+        and found.dtype == held.dtype
+        and found.device == held.device
+        and bool(torch.equal(found.detach(), held.detach()))
+    )
 
 
 def from_torch_optimizer(
@@ -222,8 +276,8 @@ def from_torch_optimizer(
             torch scheduler drives the group: pass `scheduler`); a float or schedule for every
             group; or one per group.
         step: the updates taken, for `SGD` and `Muon`, whose states keep no count (None: 0 without
-            momentum buffers, else 1, enough for a constant lr); checked against the count of the
-            others.
+            momentum buffers, else 1, enough for a constant lr; required with a schedule, as
+            `lr`, `weight_decay` or `scheduler`); checked against the count of the others.
         scheduler: instead of `lr`, the live torch scheduler of `optimizer` (one per optimizer of a
             list, None for one that keeps its lr), stepped once per optimizer step (once an epoch
             with `steps_per_epoch`): its class and arguments are read back and rebuilt with
@@ -231,7 +285,10 @@ def from_torch_optimizer(
             `MultiStepLR`, `ExponentialLR`, `CosineAnnealingLR`, `LinearLR`, `ConstantLR`,
             `PolynomialLR`, `CosineAnnealingWarmRestarts`, `LambdaLR`, `OneCycleLR` and
             `CyclicLR` from their own arguments, and `SequentialLR` and `ChainedScheduler` of
-            them, members taken as built in list order; others: pass `lr`).
+            them, members taken as built in list order; others: pass `lr`). Each group's
+            ``lr`` must be the rebuilt schedule's at the count: an lr changed besides the
+            scheduler (by hand, or by a second scheduler: pass the two as one
+            `ChainedScheduler`) is refused.
         steps_per_epoch: with `scheduler`, the scheduler is stepped once per epoch of this many
             optimizer steps (``scheduler.step()`` after each epoch, Lightning's default
             ``"interval": "epoch"``; ``len(train_loader)``, divided by ``accumulate_steps`` under
@@ -252,10 +309,15 @@ def from_torch_optimizer(
     Raises:
         ConfigError: the optimizer is of another class, two optimizers share a parameter, torch's
             implementation is not one functrain continues bit for bit (or ``capturable`` or
-            ``differentiable`` is set), a parameter is not the module's, parameters of one group
-            took different numbers of steps, or the scheduler cannot be read back or stepped a
-            different number of times (of epochs, with `steps_per_epoch`), or `steps_per_epoch`
-            is not an int >= 1 or comes without `scheduler`.
+            ``differentiable`` is set), a parameter is not the module's or is listed twice in a
+            group, parameters of one group took different numbers of steps, a group took none
+            where others did (its parameters had no gradient: freeze them), `SGD` or `Muon`
+            has a schedule and no `step`, or the scheduler cannot be read back (a
+            `ReduceLROnPlateau`: see `reduce_on_plateau`), stepped a different number of times
+            (of epochs, with `steps_per_epoch`), is a `CosineAnnealingWarmRestarts` not where
+            whole steps bring it (stepped with fractional epochs, or built with
+            ``last_epoch=``), or its schedule's lr at the count is not a group's ``lr``, or
+            `steps_per_epoch` is not an int >= 1 or comes without `scheduler`.
 
     Warns:
         ConversionWarning: a group's momentum is cycled by a torch scheduler (held constant
@@ -304,6 +366,8 @@ def from_torch_optimizer(
         ]
         groups += read
         counts += _counts(o, read, step, _place(where, len(optimizers), i, None))
+    config_check(_unstepped_groups(optimizers, groups, module), where)
+    config_check(_uncounted_schedules(optimizers, rates, decays, scheduler, step), where)
     if scheduler is not None:
         rates = _schedules(scheduler, optimizers, counts, steps_per_epoch, where)
     groups = [g._replace(count=c) for g, c in zip(groups, counts, strict=True)]
@@ -326,6 +390,100 @@ def from_torch_optimizer(
     return ConvertedOptimizer(
         tx, max(counts), tuple(n for g in groups for n in g.names), tuple(groups)
     )
+
+
+def _uncounted_schedules(
+    optimizers: Sequence[torch.optim.Optimizer],
+    rates: Sequence[Any],
+    decays: Sequence[Any],
+    scheduler: Any,
+    step: int | None,
+) -> list[str]:
+    """A schedule for an optimizer that keeps no count (`SGD`, `Muon`) without `step`.
+
+    A schedule is a function of the count, which such an optimizer's state does not hold: without
+    ``step=`` the converted run would start it at 0 or 1, wherever torch's run is (an `SWALR`
+    built at the switch, which starts from the lr it finds, excepted).
+    """
+    schedulers = list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
+    schedulers = [None] * len(optimizers) if scheduler is None else schedulers
+    if step is not None or len(schedulers) != len(optimizers):  # (the latter: `_schedules`)
+        return []
+    problems, first = [], 0
+    for i, o in enumerate(optimizers):
+        n = len(o.param_groups)
+        own = [*rates[first : first + n], *decays[first : first + n]]
+        driven = _counts_steps(schedulers[i]) or any(callable(r) for r in own)
+        first += n
+        kind = torch_class(o)
+        assert kind is not None  # _optimizers checked
+        if driven and not kind.counted:
+            problems.append(
+                f"torch.optim.{type(o).__name__} keeps no count of its steps, and a schedule "
+                "(lr=, weight_decay= or scheduler=) runs on the count: pass step=<the optimizer "
+                "steps torch took> with it"
+            )
+    return problems
+
+
+def _counts_steps(scheduler: Any) -> bool:
+    """Whether a live scheduler's converted schedule needs the optimizer's count.
+
+    All but an `SWALR` that has not stepped yet (SWA's recipe builds it at the switch): its
+    schedule starts from the group's lr now, whatever the count (`_swalr_continued`).
+    """
+    if isinstance(scheduler, swa_utils.SWALR):
+        return scheduler.last_epoch > 0
+    return scheduler is not None
+
+
+def _unstepped_groups(
+    optimizers: Sequence[torch.optim.Optimizer], groups: Sequence[_Group], module: nn.Module
+) -> list[str]:
+    """Groups that never took a step (no state) where others did: their parameters had no
+    gradient, which torch skips.
+
+    functrain's step gives a parameter the loss does not use a zero gradient (torch's with
+    ``zero_grad(set_to_none=False)``), which moves it where an optimizer decays weights or
+    carries momentum: such a group would go on otherwise than torch's. A sparse embedding's
+    group is spared: functrain's sparse updates skip a table without rows, as torch does.
+    """
+    sparse = {
+        id(p)
+        for m in module.modules()
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse
+        for p in m.parameters(recurse=False)
+    }
+    slots = [(o, k) for o in optimizers for k in range(len(o.param_groups))]
+    stepped = [_stepped(o, o.param_groups[k], g) for (o, k), g in zip(slots, groups, strict=True)]
+    if not any(stepped):
+        return []
+    problems = []
+    for (o, k), g, took in zip(slots, groups, stepped, strict=True):
+        if took is not False or not g.names or any(id(p) in sparse for p in g.params):
+            continue
+        at = f"param_groups[{k}]" if len(optimizers) == 1 else f"optimizer[{optimizers.index(o)}]"
+        at += "" if len(optimizers) == 1 else f".param_groups[{k}]"
+        problems.append(
+            f"{at} ({listed(list(g.names))}) never took a step (torch holds no state for it) "
+            "while other groups did: its parameters had no gradient, which torch skips, where "
+            "functrain's step gives them a zero gradient (the weight decay and momentum would "
+            "move them); freeze them before converting (requires_grad_(False): the converted "
+            "run keeps them fixed, as torch does), or convert once they have taken a step"
+        )
+    return problems
+
+
+def _stepped(o: torch.optim.Optimizer, group: dict[str, Any], g: _Group) -> bool | None:
+    """Whether a group took a step, as its state shows (None: its state would not show it, as
+    SGD's without momentum, which keeps none)."""
+    kind = torch_class(o)
+    assert kind is not None  # _optimizers checked
+    if kind.counted:
+        return any(float(s.get("step", 0)) > 0 for s in g.state)
+    if group.get("momentum", 0) != 0:
+        return any(s.get("momentum_buffer") is not None for s in g.state)
+    return None
 
 
 def _dropped(
@@ -580,12 +738,15 @@ def _scheduled(
         config_check(
             ["scheduler must be a torch.optim.lr_scheduler scheduler of this optimizer"], where
         )
+    if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
+        config_check([_plateau_refusal(scheduler)], where)
     if isinstance(scheduler, swa_utils.SWALR):
         return [
             _swalr_continued(scheduler, group, counts, steps_per_epoch)
             for group in optimizer.param_groups
         ]
     config_check(_step_problems(scheduler, counts, steps_per_epoch), where)
+    config_check(_restart_problems(scheduler), where)
     schedules = []
     for k, group in enumerate(optimizer.param_groups):
         cls, kwargs = _described_scheduler(scheduler, k, where)
@@ -596,7 +757,101 @@ def _scheduled(
         schedules.append(
             schedule if steps_per_epoch is None else per_epoch(schedule, steps_per_epoch)
         )
+    config_check(_edited_rates(scheduler, optimizer, schedules, counts), where)
     return schedules
+
+
+def _plateau_refusal(scheduler: Any) -> str:
+    """Why a live `ReduceLROnPlateau` is not converted, and what to write instead."""
+    lr = ", ".join(repr(float(g["lr"])) for g in scheduler.optimizer.param_groups)
+    return (
+        "a live ReduceLROnPlateau follows a metric, not the step, so no schedule of the step "
+        "gives its lr; functrain's counterpart is ft.reduce_on_plateau (ft.chain(<optimizer>, "
+        f"{plateau_call(scheduler)}), observed with ft.observe_plateau(state, metric) where torch "
+        "calls scheduler.step(metric)), which a conversion does not build: convert without "
+        f"scheduler= to hold the current lr ({lr}), or start the functrain run with that chain"
+    )
+
+
+def _scheduler_steps(scheduler: Any) -> int | None:
+    """The steps a live scheduler took: its ``last_epoch``; a `ChainedScheduler`'s (which keeps
+    none) its members', which it steps together (None: no count to read)."""
+    steps = getattr(scheduler, "last_epoch", None)
+    if steps is not None or not isinstance(scheduler, lr_scheduler.ChainedScheduler):
+        return steps
+    found = [_scheduler_steps(s) for s in scheduler._schedulers]
+    counted = [n for n in found if n is not None]
+    return max(counted) if counted else None
+
+
+def _members(scheduler: Any) -> list[Any]:
+    """A live scheduler and, for a composite, every member in it, depth first."""
+    if isinstance(scheduler, lr_scheduler.SequentialLR | lr_scheduler.ChainedScheduler):
+        return [scheduler] + [m for s in scheduler._schedulers for m in _members(s)]
+    return [scheduler]
+
+
+def _restart_problems(scheduler: Any) -> list[str]:
+    """A `CosineAnnealingWarmRestarts` (alone or a member) not where whole steps bring it.
+
+    `from_torch` rebuilds it from its count as ``scheduler.step()`` moves it (one whole step at a
+    time, from its start); torch's ``step(epoch)`` with a fractional epoch (its per-batch form,
+    ``step(epoch + i / iters)``), or one built with ``last_epoch=`` (its restarts not replayed),
+    leaves its ``T_cur`` and ``T_i`` elsewhere, which no schedule of the count follows.
+    """
+    problems = []
+    for s in _members(scheduler):
+        if not isinstance(s, lr_scheduler.CosineAnnealingWarmRestarts):
+            continue
+        t_cur, t_i = s.last_epoch, s.T_0
+        while t_cur >= t_i:  # the restarts whole steps pass
+            t_cur, t_i = t_cur - t_i, t_i * s.T_mult
+        if (s.T_cur, s.T_i) == (t_cur, t_i):
+            continue
+        problems.append(
+            f"a CosineAnnealingWarmRestarts at last_epoch={s.last_epoch} has T_cur={s.T_cur!r} "
+            f"and T_i={s.T_i!r}, where {s.last_epoch} whole steps bring T_cur={t_cur} and "
+            f"T_i={t_i}: it was stepped with fractional epochs (scheduler.step(epoch + i / "
+            "iters)) or built with last_epoch=, which functrain's schedule of the step count "
+            "does not follow; step it with scheduler.step() (once per optimizer step, or once "
+            "an epoch with steps_per_epoch=), or pass lr= yourself (its per-batch form is, "
+            "within rounding, functrain.schedules.from_torch(CosineAnnealingWarmRestarts, "
+            "lr=..., T_0=<T_0 times the steps of an epoch>, T_mult=...))"
+        )
+    return problems
+
+
+def _edited_rates(
+    scheduler: Any,
+    optimizer: torch.optim.Optimizer,
+    schedules: Sequence[Schedule],
+    counts: Sequence[int],
+) -> list[str]:
+    """A group whose lr is not its rebuilt schedule's at its count.
+
+    torch's chainable schedulers go on from the lr they find in the group, so an lr changed
+    besides the scheduler (by hand, or by a second scheduler on the optimizer) carries on in
+    torch; the rebuilt schedule, a function of the count from ``initial_lr``, does not follow it.
+    The rate is checked as `to_torch_state_dict` checks it (torch's chained arithmetic may round
+    otherwise than the closed form).
+    """
+    problems = []
+    for k, (group, schedule, count) in enumerate(
+        zip(optimizer.param_groups, schedules, counts, strict=True)
+    ):
+        got, want = float(group["lr"]), float(schedule(count))
+        if math.isclose(got, want, rel_tol=1e-6):
+            continue
+        problems.append(
+            f"param_groups[{k}] has lr={got!r}, where its {type(scheduler).__name__} rebuilt "
+            f"from initial_lr={group.get('initial_lr')!r} gives lr={want!r} at step {count}: "
+            "the lr was changed besides this scheduler (by hand, or by another scheduler of the "
+            "optimizer), which torch's schedulers go on from and a schedule of the step does "
+            "not; for schedulers stepped together, pass scheduler=torch.optim.lr_scheduler."
+            "ChainedScheduler([<each of them>]) (built now, it steps none), else pass lr= a "
+            "schedule that gives the lr from here"
+        )
+    return problems
 
 
 def _swalr_continued(
@@ -624,7 +879,7 @@ def _swalr_continued(
 
 def _step_problems(scheduler: Any, counts: Sequence[int], steps_per_epoch: int | None) -> list[str]:
     """A scheduler whose count is not the optimizer's (its epochs', with `steps_per_epoch`)."""
-    steps = getattr(scheduler, "last_epoch", None)
+    steps = _scheduler_steps(scheduler)
     count = max(counts)
     if steps_per_epoch is None:
         if steps is None or all(steps == c for c in counts):
@@ -676,6 +931,18 @@ def _read_group(optimizer: torch.optim.Optimizer, k: int, module: nn.Module, whe
             [f"param_groups[{k}]['params'][{unknown[0]}] is not a parameter of the module given"],
             where,
         )
+    twice = _listed_twice(group["params"], by_id)
+    if twice:
+        config_check(
+            [
+                f"param_groups[{k}] lists {listed(sorted(set(twice)))} more than once: torch "
+                "updates a parameter once for each time it is listed (twice a step, with its "
+                "state updated twice), where functrain updates each parameter once a step; "
+                "build the torch optimizer with each parameter listed once (e.g. "
+                "list(dict.fromkeys(params)))"
+            ],
+            where,
+        )
     held = [
         p for p in group["params"] if p.requires_grad
     ]  # torch never steps a frozen one: nor does functrain
@@ -695,7 +962,19 @@ def _read_group(optimizer: torch.optim.Optimizer, k: int, module: nn.Module, whe
         )
     names = tuple(by_id[id(p)] for p in held)
     state = tuple(dict(optimizer.state.get(p, {})) for p in held)
-    return _Group(names, state, 0, float(group["lr"]))
+    return _Group(names, state, 0, float(group["lr"]), tuple(held))
+
+
+def _listed_twice(params: Sequence[torch.Tensor], by_id: dict[int, str]) -> list[str]:
+    """The names of the parameters a group lists again (torch warns, and steps such a parameter
+    once for each listing)."""
+    seen: set[int] = set()
+    again = []
+    for p in params:
+        if id(p) in seen:
+            again.append(by_id[id(p)])
+        seen.add(id(p))
+    return again
 
 
 def _counts(
@@ -711,7 +990,7 @@ def _counts(
         if kind.counted:  # type: ignore[union-attr]
             seen = {int(s["step"]) if "step" in s else None for s in g.state}
             own = implementation(optimizer.param_groups[k]) in kind.own_steps  # type: ignore[union-attr]
-            if own and None not in seen:
+            if own and seen and None not in seen:
                 # each parameter's own step (`_filled`); the group counts the updates it took
                 seen = {max(seen)}  # type: ignore[type-var]
             if len(seen) > 1:
@@ -724,7 +1003,7 @@ def _counts(
                     ],
                     where,
                 )
-            count = seen.pop() or 0
+            count = (seen.pop() if seen else None) or 0  # (no parameter: a group all frozen)
             if step is not None and step != count:
                 config_check(
                     [

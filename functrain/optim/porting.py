@@ -30,6 +30,7 @@ from torch.optim import lr_scheduler
 __all__ = [
     "torch_object_hint",
     "schedule_call",
+    "plateau_call",
     "replaces",
     "REPLACEMENTS",
     "cycled_momentum",
@@ -93,7 +94,7 @@ def torch_object_hint(value: Any, name: str, *, schedule: bool | None = None) ->
         return (
             f"{name} cannot be a live torch.optim.lr_scheduler.ReduceLROnPlateau (it follows a "
             "metric, not the step); "
-            f"write the optimizer as ft.chain({optimizer}, {_plateau_call(value)}) instead"
+            f"write the optimizer as ft.chain({optimizer}, {plateau_call(value)}) instead"
         )
     if isinstance(value, lr_scheduler.LRScheduler):
         call = schedule_call(value)
@@ -181,7 +182,9 @@ def schedule_call(scheduler: lr_scheduler.LRScheduler) -> str:
     return f"ft.schedules.from_torch({', '.join(args)})"
 
 
-def _plateau_call(scheduler: lr_scheduler.ReduceLROnPlateau) -> str:
+def plateau_call(scheduler: lr_scheduler.ReduceLROnPlateau) -> str:
+    """The ``ft.reduce_on_plateau(...)`` call for a live `ReduceLROnPlateau`, its settings read
+    from it (those at functrain's defaults left out)."""
     plateau = REPLACEMENTS["reduce_on_plateau"]
     defaults = {k: p.default for k, p in inspect.signature(plateau).parameters.items()}
     args = [

@@ -1,0 +1,214 @@
+"""What `from_torch_optimizer` and `to_torch_state_dict` refuse, where the run would not continue.
+
+Each case is a torch run the conversion cannot continue bit for bit (an lr changed besides its
+scheduler, a scheduler that is not where whole steps bring it, a parameter listed twice, a group
+that never stepped, ...): the conversion refuses it with the fix, and where a fix converts, the
+converted run is compared with torch's.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch.optim import lr_scheduler as L
+
+import functrain as ft
+from functrain.errors import ConfigError
+from tests.comparisons import assert_trees_equal
+from tests.models import loss_fn
+
+torch.manual_seed(0)
+DATA = [(torch.randn(16, 6), torch.randn(16, 3)) for _ in range(16)]
+K = 8  # the steps torch takes before the conversion
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+
+
+def torch_step(model: torch.nn.Module, optimizer: Any, batch: Any, *schedulers: Any) -> None:
+    optimizer.zero_grad()
+    loss_fn(model, batch).backward()
+    optimizer.step()
+    for s in schedulers:
+        s.step()
+
+
+def test_an_lr_changed_by_hand_besides_the_scheduler_is_refused() -> None:
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    scheduler = L.ExponentialLR(optimizer, 0.9)
+    for t, batch in enumerate(DATA[:K]):
+        torch_step(model, optimizer, batch, scheduler)
+        if t == 3:
+            optimizer.param_groups[0]["lr"] *= 0.5  # torch's ExponentialLR goes on from it
+    with pytest.raises(
+        ConfigError,
+        match=r"param_groups\[0\] has lr=.*where its ExponentialLR rebuilt from initial_lr=0.05 "
+        r"gives lr=.* at step 8: the lr was changed besides this scheduler",
+    ):
+        ft.from_torch_optimizer(optimizer, model, scheduler=scheduler)
+
+
+def test_two_schedulers_stepped_together_convert_as_their_chain_and_not_one_alone() -> None:
+    def schedulers(o: torch.optim.Optimizer) -> tuple[Any, Any]:
+        return L.LinearLR(o, 0.1, total_iters=10), L.ExponentialLR(o, 0.9)
+
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    warmup, decay = schedulers(optimizer)
+    for batch in DATA[:K]:
+        torch_step(model, optimizer, batch, warmup, decay)
+    with pytest.raises(ConfigError, match=r"ChainedScheduler\(\[<each of them>\]\)"):
+        ft.from_torch_optimizer(optimizer, model, scheduler=decay)  # the warm-up's factor lost
+    chain = L.ChainedScheduler([warmup, decay])  # built now: it steps neither
+    state = ft.from_torch_optimizer(optimizer, model, scheduler=chain).create_state(
+        copy.deepcopy(model), loss_fn
+    )
+    for batch in DATA[K:]:
+        want = optimizer.param_groups[0]["lr"]
+        torch_step(model, optimizer, batch, warmup, decay)
+        state, metrics = ft.train_step(state, batch)
+        # a ChainedScheduler is within 1e-12 of torch's fold (`from_torch`'s docstring)
+        assert math.isclose(float(metrics["lr"]), want, rel_tol=1e-6)
+
+
+def cawr_fractional(model: torch.nn.Module, steps: int, per_epoch: int) -> tuple[Any, Any]:
+    """torch's documented per-batch form: ``scheduler.step(epoch + i / iters)``."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    scheduler = L.CosineAnnealingWarmRestarts(optimizer, T_0=2, T_mult=2)
+    for t, batch in enumerate(DATA[:steps]):
+        torch_step(model, optimizer, batch)
+        scheduler.step(t // per_epoch + (t % per_epoch) / per_epoch)
+    return optimizer, scheduler
+
+
+def test_warm_restarts_stepped_by_fractional_epochs_or_rebuilt_at_a_count_are_refused() -> None:
+    model = make_model()
+    optimizer, scheduler = cawr_fractional(model, 14, per_epoch=4)  # last at epoch 3 + 1/4
+    with pytest.raises(
+        ConfigError,
+        match=r"a CosineAnnealingWarmRestarts at last_epoch=3 has T_cur=1.25 and T_i=4, where 3 "
+        r"whole steps bring T_cur=1 and T_i=4: it was stepped with fractional epochs",
+    ):
+        ft.from_torch_optimizer(optimizer, model, scheduler=scheduler, steps_per_epoch=4)
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for batch in DATA[:K]:
+        torch_step(model, optimizer, batch)
+    # a resume's rebuild at its count: torch sets T_cur to the count, past every restart
+    optimizer.param_groups[0]["initial_lr"] = 0.05  # (as a loaded state_dict holds it)
+    rebuilt = L.CosineAnnealingWarmRestarts(optimizer, T_0=3, T_mult=2, last_epoch=K - 1)
+    with pytest.raises(
+        ConfigError,
+        match=r"at last_epoch=8 has T_cur=2 and T_i=6, where 8 whole steps bring T_cur=5",
+    ):
+        ft.from_torch_optimizer(optimizer, model, scheduler=rebuilt)
+
+
+def chained(o: torch.optim.Optimizer) -> Any:
+    return L.ChainedScheduler([L.LinearLR(o, 0.1, total_iters=4), L.ExponentialLR(o, 0.8)])
+
+
+def test_a_chained_schedulers_count_is_its_members_and_is_checked() -> None:
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    scheduler = chained(optimizer)
+    for t, batch in enumerate(DATA[:K]):
+        torch_step(model, optimizer, batch)
+        if t % 4 == 3:  # stepped once an epoch of 4 steps
+            scheduler.step()
+    with pytest.raises(ConfigError, match=r"the scheduler stepped 2 times, the optimizer 8"):
+        ft.from_torch_optimizer(optimizer, model, scheduler=scheduler)
+    run = ft.from_torch_optimizer(optimizer, model, scheduler=scheduler, steps_per_epoch=4)
+    assert run.step == K
+
+
+@pytest.mark.parametrize("how", ["lr", "scheduler"])
+def test_sgd_with_a_schedule_and_no_step_is_refused(how: str) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = chained(optimizer) if how == "scheduler" else L.StepLR(optimizer, 3, 0.5)
+    for batch in DATA[:K]:
+        torch_step(model, optimizer, batch, scheduler)
+    given: dict[str, Any] = {"scheduler": scheduler}
+    if how == "lr":
+        given = {"lr": ft.schedules.from_torch(L.StepLR, lr=0.1, step_size=3, gamma=0.5)}
+    with pytest.raises(
+        ConfigError,
+        match=r"torch.optim.SGD keeps no count of its steps, .*pass step=<the optimizer steps "
+        r"torch took> with it",
+    ):
+        ft.from_torch_optimizer(optimizer, model, **given)
+    assert ft.from_torch_optimizer(optimizer, model, step=K, **given).step == K
+
+
+def test_a_parameter_listed_twice_in_a_group_is_refused_by_name() -> None:
+    model = make_model()
+    params = list(model.parameters())
+    with pytest.warns(UserWarning, match="duplicate parameters"):  # torch's own warning
+        optimizer = torch.optim.Adam([*params, params[0]], lr=0.01)
+    with pytest.raises(
+        ConfigError,
+        match=r"param_groups\[0\] lists 0.weight more than once: .*each parameter listed once",
+    ):
+        ft.from_torch_optimizer(optimizer, model)
+
+
+def test_create_state_refuses_a_module_that_is_not_the_optimizers() -> None:
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for batch in DATA[:2]:
+        torch_step(model, optimizer, batch)
+    run = ft.from_torch_optimizer(optimizer, model)
+    with pytest.raises(ConfigError, match=r"module's 0.weight, .* are not the parameters"):
+        run.create_state(make_model(), loss_fn)  # the same architecture, fresh weights
+    with pytest.raises(ConfigError, match=r"module has no parameter 0.weight, 0.bias"):
+        run.create_state(torch.nn.Linear(6, 3), loss_fn)
+    state = run.create_state(copy.deepcopy(model), loss_fn)  # a copy of its weights converts
+    assert int(state.step) == 2
+
+
+class TwoHeads(torch.nn.Module):
+    """A model whose second head the loss never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.body = torch.nn.Linear(6, 3)
+        self.aux = torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def two_heads_adamw(m: TwoHeads) -> torch.optim.Optimizer:
+    groups = [{"params": m.body.parameters()}, {"params": m.aux.parameters(), "lr": 1e-3}]
+    return torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1)
+
+
+def test_a_group_that_never_stepped_is_refused_and_converts_frozen() -> None:
+    model, expected = TwoHeads(), TwoHeads()
+    optimizer, expected_opt = two_heads_adamw(model), two_heads_adamw(expected)
+    for batch in DATA[:K]:
+        torch_step(model, optimizer, batch)
+    with pytest.raises(
+        ConfigError,
+        match=r"param_groups\[1\] \(aux.weight, aux.bias\) never took a step .*freeze them "
+        r"before converting \(requires_grad_\(False\)",
+    ):
+        ft.from_torch_optimizer(optimizer, model)
+    model.aux.requires_grad_(False)
+    state = ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn)
+    for batch in DATA[K:]:
+        state, _ = ft.train_step(state, batch)
+    for batch in DATA:
+        torch_step(expected, expected_opt, batch)  # torch never touches the unused head
+    assert_trees_equal(
+        {**state.params, **state.frozen}, {n: p.detach() for n, p in expected.named_parameters()}
+    )
