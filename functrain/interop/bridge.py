@@ -1048,6 +1048,38 @@ def _implementation_problems(optimizer: torch.optim.Optimizer, group: dict[str, 
     return problems
 
 
+# the implementations whose step from a tensor ``lr`` takes the bits of its step from the float
+# (measured, float32 on the CPU); the others (Adam's and AdamW's single-tensor loop, Adamax's,
+# RAdam, NAdam, ASGD, Adafactor) compute with the tensor otherwise, a few ulps apart after steps
+_TENSOR_LR_EXACT: dict[type, frozenset[str]] = {
+    torch.optim.SGD: frozenset({"fused", "foreach", "single"}),
+    torch.optim.Adagrad: frozenset({"fused", "foreach", "single"}),
+    torch.optim.RMSprop: frozenset({"foreach", "single"}),
+    torch.optim.Adadelta: frozenset({"foreach", "single"}),
+    torch.optim.Rprop: frozenset({"foreach", "single"}),
+    torch.optim.Adam: frozenset({"fused"}),
+    torch.optim.AdamW: frozenset({"fused"}),
+    torch.optim.Adamax: frozenset({"foreach"}),
+}
+
+
+def _tensor_lr_problems(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[str]:
+    """A group whose ``lr`` is a tensor, where torch's step from it rounds otherwise than the
+    preset's from the number."""
+    lr = group["lr"]
+    used = implementation(group)
+    if not isinstance(lr, torch.Tensor) or used in _TENSOR_LR_EXACT.get(type(optimizer), ()):
+        return []
+    return [
+        f"lr={lr!r} is a tensor, and torch's {type(optimizer).__name__} computes its "
+        f"{_IMPLEMENTATIONS[used]} step from a tensor lr otherwise than from a number (a few "
+        "ulps apart after some steps), where functrain's preset takes the number; build the "
+        "torch optimizer with a float lr, or set the group's 'lr' to float(lr) "
+        f"({float(lr)!r}) before converting (the state moves exactly, the steps after it "
+        "round as with a float lr)"
+    ]
+
+
 def _transform(
     optimizer: torch.optim.Optimizer,
     group: dict[str, Any],
@@ -1064,7 +1096,7 @@ def _transform(
     assert kind is not None  # _optimizers checked
     kwargs = kind.settings(own_settings(optimizer, group))  # not the momentum a scheduler wrote
     kwargs["lr"] = g.lr if rate is None else rate
-    problems = _implementation_problems(optimizer, group)
+    problems = _implementation_problems(optimizer, group) + _tensor_lr_problems(optimizer, group)
     if decay is not None:
         if "weight_decay" in kwargs:
             kwargs["weight_decay"] = decay
@@ -1248,7 +1280,7 @@ def _refuse_partial_buffers(group: _Group) -> None:
 
 
 def to_torch_state_dict(
-    state: TrainState, optimizer: Optimizers, module: nn.Module
+    state: TrainState, optimizer: Optimizers, module: nn.Module, *, scheduler: Any = None
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """A functrain state's optimizer state as the ``state_dict`` of `optimizer`.
 
@@ -1279,6 +1311,10 @@ def to_torch_state_dict(
         optimizer: the matching `torch.optim` optimizer over `module`'s parameters, or a list of
             them (one or more groups each).
         module: the module holding `optimizer`'s parameters, named as in ``state.params``.
+        scheduler: the live torch scheduler that will drive `optimizer` (one per optimizer of a
+            list, None for one without), stepped once per optimizer step: its count is checked
+            against the state's, where its lr alone would pass a scheduler left at another step
+            of a flat stretch (a `StepLR` between its drops). None: the lr alone is checked.
 
     Returns:
         ``{"state": {index: {...}}, "param_groups": [...]}`` as `optimizer.state_dict` lays it out
@@ -1290,7 +1326,8 @@ def to_torch_state_dict(
             holds a parameter the state does not train, parameters of two of its groups, or
             parameters its mask decays beside ones it spares; a parameter the state trains is in
             no group; a group's ``lr``, ``weight_decay`` or other setting differs from the
-            state's. Each names the group, both values and the fix.
+            state's; `scheduler` is not `optimizer`'s or stepped another number of times than
+            the state's count. Each names the group, both values and the fix.
 
     Example:
         >>> import torch, functrain as ft
@@ -1322,6 +1359,17 @@ def to_torch_state_dict(
         >>> opt.load_state_dict(ft.to_torch_state_dict(state, opt, model))
     """
     where = "to_torch_state_dict"
+    if not isinstance(state, TrainState):
+        got = type(state).__name__
+        if isinstance(state, torch.optim.Optimizer):
+            got = f"a live torch.optim.{got}"
+        config_check(
+            [
+                f"state must be the functrain TrainState to export, got {got}: call "
+                "to_torch_state_dict(state, torch_optimizer, module)"
+            ],
+            where,
+        )
     optimizers = _optimizers(optimizer, module, where)
     _refuse_parked(state, optimizers, module, where)
     slots = [(i, o, k) for i, o in enumerate(optimizers) for k in range(len(o.param_groups))]
@@ -1342,7 +1390,7 @@ def to_torch_state_dict(
         return node
 
     _map_groups(state.opt_state, len(expected), record)
-    for (_, o, k), g, label, j in zip(slots, groups, labels, owners, strict=True):
+    for (i, o, k), g, label, j in zip(slots, groups, labels, owners, strict=True):
         if j is None:
             continue
         own = [f"{label}: {p}" for p in _group_problems(o, o.param_groups[k], found[j])]
@@ -1350,7 +1398,8 @@ def to_torch_state_dict(
         problems += own or _setting_problems(
             o, o.param_groups[k], g.names, label, expected[j], count
         )
-    config_check(problems, where)
+        problems += _scheduler_position_problems(scheduler, optimizers, i, count)
+    config_check(list(dict.fromkeys(problems)), where)
     dicts = [{"state": {}, "param_groups": o.state_dict()["param_groups"]} for o in optimizers]
     params = dict(module.named_parameters())
     for (i, o, k), g, j in zip(slots, groups, owners, strict=True):
@@ -1376,6 +1425,35 @@ def to_torch_state_dict(
             if entry:
                 dicts[i]["state"][indices[id(params[name])]] = entry
     return dicts if isinstance(optimizer, (list, tuple)) else dicts[0]
+
+
+def _scheduler_position_problems(
+    scheduler: Any, optimizers: Sequence[torch.optim.Optimizer], i: int, count: int
+) -> list[str]:
+    """Where the torch scheduler of `optimizers[i]` is not at the state's `count`."""
+    schedulers = list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
+    if scheduler is None:
+        return []
+    if len(schedulers) != len(optimizers):
+        return [
+            f"scheduler must be one live scheduler per optimizer ({len(optimizers)}), got "
+            f"{len(schedulers)}"
+        ]
+    s = schedulers[i]
+    if s is None or isinstance(s, swa_utils.SWALR):  # (SWALR's count is its own: from its lr)
+        return []
+    if getattr(s, "optimizer", None) is not optimizers[i]:
+        return [
+            f"scheduler must be a torch.optim.lr_scheduler scheduler of the optimizer, got {s!r}"
+        ]
+    steps = _scheduler_steps(s)
+    if steps is None or steps == count:
+        return []
+    return [
+        f"the torch scheduler stepped {steps} times, the state's optimizer {count}: bring the "
+        f"scheduler to step {count} before exporting (scheduler.step() {count} times after "
+        "building it), so that it goes on at the state's count"
+    ]
 
 
 def _refuse_parked(
@@ -1696,11 +1774,12 @@ def _setting_problems(
             f"{label}: {whose} is {expected.name}, which {right} continues, not "
             f"torch.optim.{type(optimizer).__name__}: build a {right}"
         ]
+    problems = _preset_implementation_problems(optimizer, group, label, call, whose)
     shown = f"{label} ({listed(list(names))})"
     given = kind.settings(dict(group))
     if "maximize" in call.arguments:
         given["maximize"] = bool(group.get("maximize", False))
-    problems = _rate_problems(shown, float(group["lr"]), call.arguments["lr"], whose, count)
+    problems += _rate_problems(shown, float(group["lr"]), call.arguments["lr"], whose, count)
     for key, got in given.items():
         if key == "weight_decay":
             problems += _decay_problems(shown, label, names, got, expected, whose, count)
@@ -1714,6 +1793,32 @@ def _setting_problems(
                 f"{torch_key} to {want!r}"
             )
     return problems
+
+
+def _preset_implementation_problems(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], label: str, call: Call, whose: str
+) -> list[str]:
+    """A torch group whose implementation (fused or not) is not the one the preset reproduces.
+
+    A fused preset (``fused=True``, the default of `sgd`, `adam`, `adamw`, `adagrad`) is torch's
+    fused kernel; ``fused=False`` its single-tensor loop or foreach form (the same bits). `sgd`
+    with dampening runs its foreach form whatever ``fused`` says: not checked.
+    """
+    if "fused" not in call.arguments or call.arguments.get("dampening"):
+        return []
+    fused = bool(call.arguments["fused"])
+    used = implementation(group)
+    if fused == (used == "fused"):
+        return []
+    cls = f"torch.optim.{type(optimizer).__name__}"
+    build = f"{cls}(..., fused=True)" if fused else f"{cls}(..., fused=False) (its default)"
+    preset = call.factory.__name__
+    return [
+        f"{label}: {whose} is the {'fused' if fused else 'unfused'} {preset} "
+        f"(fused={fused}), which torch's {'fused' if fused else 'single-tensor or foreach'} "
+        f"implementation continues bit for bit; torch's group runs its {_IMPLEMENTATIONS[used]} "
+        f"one, which rounds otherwise: build {build}"
+    ]
 
 
 def _plain(value: Any) -> Any:

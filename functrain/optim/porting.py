@@ -4,7 +4,10 @@ Code ported from PyTorch passes a ``torch.optim`` optimizer where a functrain tr
 an ``lr_scheduler`` where a learning rate or schedule belongs. Neither can run inside a pure step
 (both hold mutable state that a checkpoint of the `TrainState` would miss), so the argument checks
 turn them into a `ConfigError` whose text is the functrain call with the same settings, read from
-the object.
+the object: with ``fused=False`` where torch's optimizer is not fused (the presets' default is
+torch's fused kernel, which rounds otherwise than its loop), and, for an optimizer that has
+stepped, `functrain.from_torch_optimizer`, which carries its state over. A class passed for the
+live object (``ft.adam(StepLR)``) is refused with the call to write too.
 
 The calls name the catalogue above this module (the presets, `reduce_on_plateau`), which this
 module does not import: each of those factories enters itself in `REPLACEMENTS` with `replaces`
@@ -75,9 +78,11 @@ def torch_object_hint(value: Any, name: str, *, schedule: bool | None = None) ->
         >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
         >>> print(torch_object_hint(opt, "optimizer"))  # doctest: +NORMALIZE_WHITESPACE
         optimizer must be a functrain transform, got a live torch.optim.SGD; write ft.sgd(lr=0.1,
-        momentum=0.9) instead
+        momentum=0.9, fused=False) instead
     """
     rate = name in ("lr", "learning_rate") if schedule is None else schedule
+    if isinstance(value, type):
+        return _class_hint(value, name, rate)
     if isinstance(value, torch.optim.Optimizer):
         if rate:
             return (
@@ -113,6 +118,43 @@ def torch_object_hint(value: Any, name: str, *, schedule: bool | None = None) ->
     return None
 
 
+def _class_hint(cls: type, name: str, rate: bool) -> str | None:
+    """The error text for a torch.optim optimizer or scheduler class (not a live one) as `name`."""
+    if issubclass(cls, lr_scheduler.ReduceLROnPlateau):
+        return (
+            f"{name} cannot be torch.optim.lr_scheduler.ReduceLROnPlateau (it follows a metric, "
+            "not the step); write the optimizer as ft.chain(<the optimizer>, "
+            "ft.reduce_on_plateau(...)) instead"
+        )
+    if issubclass(cls, lr_scheduler.LRScheduler):
+        call = (
+            f"ft.schedules.from_torch(torch.optim.lr_scheduler.{cls.__name__}, lr=<the base lr>, "
+            "<its arguments>)"
+        )
+        if rate:
+            return (
+                f"{name} must be a number or a schedule, got the class "
+                f"torch.optim.lr_scheduler.{cls.__name__}; write {call} instead"
+            )
+        return (
+            f"{name} must be a functrain transform, got the class "
+            f"torch.optim.lr_scheduler.{cls.__name__}; pass the optimizer's preset with "
+            f"lr={call}"
+        )
+    if issubclass(cls, torch.optim.Optimizer):
+        preset = REPLACEMENTS.get(cls.__name__.lower())
+        write = (
+            f"write ft.{preset.__name__}(lr=..., <its settings>) instead"
+            if preset is not None
+            else "build the update from functrain's primitives with ft.chain"
+        )
+        return (
+            f"{name} must be a {'number or a schedule' if rate else 'functrain transform'}, got "
+            f"the class torch.optim.{cls.__name__}; {write}"
+        )
+    return None
+
+
 def _optimizer_call(optimizer: torch.optim.Optimizer, lr: str | None = None) -> str:
     """``write ft.adamw(lr=..., ...) instead``: the preset with the first param group's settings."""
     cls = type(optimizer)
@@ -141,6 +183,9 @@ def _optimizer_call(optimizer: torch.optim.Optimizer, lr: str | None = None) -> 
             ]
         elif key in accepted:
             args.append(f"{key}={_number(value)}")
+    if "fused" in accepted and not group.get("fused"):
+        # the preset's default is torch's fused kernel, which rounds otherwise than the loop
+        args.append("fused=False")
     more = (
         " (and mask= or ft.masked for the settings of its other param groups)"
         if len(optimizer.param_groups) > 1
@@ -152,7 +197,18 @@ def _optimizer_call(optimizer: torch.optim.Optimizer, lr: str | None = None) -> 
             cycling_scheduler(group), bounds, cycled_setting(optimizer), held_setting(preset, group)
         )
         more += f"; {note}"
+    if _stepped(optimizer):
+        more += (
+            "; it has taken steps: ft.from_torch_optimizer(optimizer, module) continues it with "
+            "its state (moments, counts) and its groups"
+        )
     return f"write ft.{preset.__name__}({', '.join(args)}) instead{more}"
+
+
+def _stepped(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a torch optimizer has taken a step: a count above 0, or a state without one (SGD's
+    momentum buffers). Adagrad's state, made at construction, counts 0 until it steps."""
+    return any(float(s.get("step", 1)) > 0 for s in optimizer.state.values() if s)
 
 
 def schedule_call(scheduler: lr_scheduler.LRScheduler) -> str:

@@ -283,7 +283,7 @@ def test_torch_optimizer_is_a_config_error() -> None:
     with pytest.raises(
         ft.ConfigError,
         match=r"optimizer must be a functrain transform, got a live torch.optim.SGD; write "
-        r"ft.sgd\(lr=0.1\) instead",
+        r"ft.sgd\(lr=0.1, fused=False\) instead",
     ):
         ft.TrainState.create(
             model, torch.optim.SGD(model.parameters(), lr=0.1), cross_entropy_loss_fn

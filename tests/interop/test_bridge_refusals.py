@@ -212,3 +212,124 @@ def test_a_group_that_never_stepped_is_refused_and_converts_frozen() -> None:
     assert_trees_equal(
         {**state.params, **state.frozen}, {n: p.detach() for n, p in expected.named_parameters()}
     )
+
+
+@pytest.mark.parametrize(
+    ("make", "exact"),
+    [
+        (lambda p: torch.optim.Adam(p, lr=torch.tensor(0.01)), False),
+        (lambda p: torch.optim.NAdam(p, lr=torch.tensor(0.01)), False),
+        (lambda p: torch.optim.Adam(p, lr=torch.tensor(0.01), fused=True), True),
+        (lambda p: torch.optim.RMSprop(p, lr=torch.tensor(0.01)), True),
+    ],
+    ids=["adam_single", "nadam", "adam_fused", "rmsprop"],
+)
+def test_a_tensor_lr_converts_where_torch_steps_from_it_as_from_the_number(
+    make: Any, exact: bool
+) -> None:
+    model, expected = make_model(), make_model()
+    optimizer, expected_opt = make(model.parameters()), make(expected.parameters())
+    for batch in DATA[:K]:
+        torch_step(model, optimizer, batch)
+        torch_step(expected, expected_opt, batch)
+    if not exact:
+        with pytest.raises(ConfigError, match=r"is a tensor, .*set the group's 'lr' to float"):
+            ft.from_torch_optimizer(optimizer, model)
+        for o in (optimizer, expected_opt):  # the fix: torch goes on with the number too
+            o.param_groups[0]["lr"] = float(o.param_groups[0]["lr"])
+    state = ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn)
+    for batch in DATA[K:]:
+        state, _ = ft.train_step(state, batch)
+        torch_step(expected, expected_opt, batch)
+    assert_trees_equal(state.params, {n: p.detach() for n, p in expected.named_parameters()})
+
+
+def functrain_run(tx: ft.Transform, steps: int) -> ft.TrainState:
+    state = ft.TrainState.create(make_model(), tx, loss_fn)
+    for batch in DATA[:steps]:
+        state, _ = ft.train_step(state, batch)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("tx", "fused", "fix"),
+    [
+        (ft.adamw(1e-2), False, r"build torch.optim.AdamW\(..., fused=True\)"),
+        (ft.adamw(1e-2, fused=False), True, r"build torch.optim.AdamW\(..., fused=False\)"),
+        (ft.sgd(0.05, momentum=0.9), False, r"build torch.optim.SGD\(..., fused=True\)"),
+    ],
+    ids=["fused_preset", "unfused_preset", "sgd"],
+)
+def test_export_refuses_a_torch_implementation_the_preset_does_not_reproduce(
+    tx: ft.Transform, fused: bool, fix: str
+) -> None:
+    state = functrain_run(tx, K)
+    back = state.export_module().train()
+    cls = torch.optim.SGD if "sgd" in tx.name else torch.optim.AdamW
+    settings = {"momentum": 0.9} if cls is torch.optim.SGD else {}
+    lr = float(state.optimizer.name.split("lr=")[1].split(",")[0])
+    with pytest.raises(ConfigError, match=rf"param_groups\[0\]: the state's optimizer is .*{fix}"):
+        ft.to_torch_state_dict(state, cls(back.parameters(), lr=lr, fused=fused, **settings), back)
+    right = cls(back.parameters(), lr=lr, fused=not fused, **settings)
+    right.load_state_dict(ft.to_torch_state_dict(state, right, back))
+    for batch in DATA[K:]:
+        state, _ = ft.train_step(state, batch)
+        torch_step(back, right, batch)
+    assert_trees_equal(state.params, {n: p.detach() for n, p in back.named_parameters()})
+
+
+def test_export_with_its_scheduler_checks_the_schedulers_count() -> None:
+    def torch_run(model: torch.nn.Module) -> tuple[Any, Any]:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.02, fused=True)
+        return optimizer, L.StepLR(optimizer, step_size=10, gamma=0.1)
+
+    state = functrain_run(
+        ft.adamw(ft.schedules.from_torch(L.StepLR, lr=0.02, step_size=10, gamma=0.1)), K
+    )
+    back = state.export_module().train()
+    optimizer, scheduler = torch_run(back)  # at step 0, where the lr is the one of step 8 too
+    with pytest.raises(
+        ConfigError, match=r"the torch scheduler stepped 0 times, the state's optimizer 8"
+    ):
+        ft.to_torch_state_dict(state, optimizer, back, scheduler=scheduler)
+    with pytest.warns(UserWarning, match="lr_scheduler.step"):  # torch's: before any step
+        for _ in range(K):
+            scheduler.step()
+    optimizer.load_state_dict(ft.to_torch_state_dict(state, optimizer, back, scheduler=scheduler))
+    expected = make_model()
+    expected_opt, expected_scheduler = torch_run(expected)
+    for batch in DATA:
+        torch_step(expected, expected_opt, batch, expected_scheduler)
+    for batch in DATA[K:]:
+        torch_step(back, optimizer, batch, scheduler)
+    assert_trees_equal(
+        dict(back.named_parameters()), {n: p.detach() for n, p in expected.named_parameters()}
+    )
+
+
+def test_hostile_arguments_of_the_conversions_are_config_errors() -> None:
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    run = ft.from_torch_optimizer(optimizer, model)
+    with pytest.raises(
+        ConfigError,
+        match=r"state must be the functrain TrainState to export, got "
+        r"a live torch.optim.Adam",
+    ):
+        ft.to_torch_state_dict(optimizer, optimizer, model)  # type: ignore[arg-type]
+    with pytest.raises(
+        ConfigError,
+        match=r"state must be a TrainState, got dict \(torch's "
+        r"state_dict is read from the live optimizer already\): use create_state",
+    ):
+        run.load_into(optimizer.state_dict())  # type: ignore[arg-type]
+    with pytest.raises(
+        ConfigError,
+        match=r"lr must be a number or a schedule, got the class torch.optim.lr_scheduler.StepLR; "
+        r"write ft.schedules.from_torch\(torch.optim.lr_scheduler.StepLR, lr=<the base lr>",
+    ):
+        ft.from_torch_optimizer(optimizer, model, lr=L.StepLR)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"got the class torch.optim.lr_scheduler.StepLR"):
+        ft.adam(L.StepLR)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"module has no parameter 0.weight"):
+        run.create_state(torch.nn.Linear(6, 3), loss_fn)

@@ -145,7 +145,7 @@ def test_the_error_for_a_live_optimizer_writes_the_call_the_conversion_makes() -
         ft.TrainState.create(model, optimizer, loss_fn)
     call = (
         "write ft.adamw(lr=ft.schedules.from_torch(torch.optim.lr_scheduler.OneCycleLR, "
-        "max_lr=0.05, total_steps=..., cycle_momentum=False)) instead"
+        "max_lr=0.05, total_steps=..., cycle_momentum=False), fused=False) instead"
     )
     assert f"{call}; {NOTE}" in str(error.value)
     with pytest.warns(ft.ConversionWarning) as warned:

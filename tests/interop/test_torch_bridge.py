@@ -508,9 +508,10 @@ def test_export_to_a_mismatched_torch_optimizer_is_refused() -> None:
     ):
         optimizer = torch.optim.Adam(model.parameters())
         ft.to_torch_state_dict(state, optimizer, model)
-    # two torch groups for the state's one: each group's settings must be the state's
-    same = two_groups(model, torch.optim.SGD, {}, {}, lr=0.1, momentum=0.9)
-    one = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    # two torch groups for the state's one: each group's settings must be the state's (fused:
+    # ft.sgd's default)
+    same = two_groups(model, torch.optim.SGD, {}, {}, lr=0.1, momentum=0.9, fused=True)
+    one = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
     split, whole = (
         ft.to_torch_state_dict(state, same, model),
         ft.to_torch_state_dict(state, one, model),
@@ -525,7 +526,9 @@ def test_export_to_a_mismatched_torch_optimizer_is_refused() -> None:
         match=r"param_groups\[1\] \(0\.bias, 2\.bias\) has lr=0\.05; the state's optimizer runs "
         r"lr=0\.1: set the group's lr to 0\.1",
     ):
-        optimizer = two_groups(model, torch.optim.SGD, {}, {"lr": 0.05}, lr=0.1, momentum=0.9)
+        optimizer = two_groups(
+            model, torch.optim.SGD, {}, {"lr": 0.05}, lr=0.1, momentum=0.9, fused=True
+        )
         ft.to_torch_state_dict(state, optimizer, model)
 
 

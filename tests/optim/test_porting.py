@@ -58,8 +58,8 @@ def test_a_live_optimizer_where_a_transform_belongs_shows_the_preset_with_its_se
     where: str,
 ) -> None:
     code = suggested_call(WHERE_A_TRANSFORM_BELONGS[where], live_adamw())
-    assert code == "ft.adamw(lr=0.0003, b2=0.95, weight_decay=0.1)"
-    assert run(code).name == ft.adamw(lr=3e-4, b2=0.95, weight_decay=0.1).name
+    assert code == "ft.adamw(lr=0.0003, b2=0.95, weight_decay=0.1, fused=False)"
+    assert run(code).name == ft.adamw(lr=3e-4, b2=0.95, weight_decay=0.1, fused=False).name
 
 
 @pytest.mark.parametrize("where", list(WHERE_AN_LR_BELONGS))
@@ -103,7 +103,7 @@ def test_a_live_scheduler_where_a_transform_belongs_shows_its_optimizer_with_the
     code = suggested_call(WHERE_A_TRANSFORM_BELONGS[where], scheduler)
     assert (
         code == "ft.adamw(lr=ft.schedules.from_torch(torch.optim.lr_scheduler.CosineAnnealingLR, "
-        "lr=0.0003, T_max=100), b2=0.95, weight_decay=0.1)"
+        "lr=0.0003, T_max=100), b2=0.95, weight_decay=0.1, fused=False)"
     )
     assert callable(run(code).update)
 
@@ -112,7 +112,8 @@ def test_a_live_reduce_on_plateau_shows_the_chain_with_reduce_on_plateau() -> No
     scheduler = lr_scheduler.ReduceLROnPlateau(live_adamw(), factor=0.5, patience=2)
     code = suggested_call(WHERE_A_TRANSFORM_BELONGS["TrainState.create"], scheduler)
     assert (
-        code == "the optimizer as ft.chain(ft.adamw(lr=0.0003, b2=0.95, weight_decay=0.1), "
+        code == "the optimizer as ft.chain(ft.adamw(lr=0.0003, b2=0.95, weight_decay=0.1, "
+        "fused=False), "
         "ft.reduce_on_plateau(factor=0.5, patience=2))"
     )
     assert callable(run(code.removeprefix("the optimizer as ")).update)
@@ -123,7 +124,7 @@ def test_a_live_optimizer_where_an_lr_belongs_says_it_is_an_optimizer() -> None:
         ft.ConfigError,
         match=r"lr must be a number or a schedule, got a live torch.optim.AdamW optimizer; "
         r"for the optimizer itself, write ft.adamw\(lr=0.0003, b2=0.95, "
-        r"weight_decay=0.1\) instead",
+        r"weight_decay=0.1, fused=False\) instead",
     ):
         ft.sgd(live_adamw())
 
@@ -140,8 +141,14 @@ def test_a_live_optimizer_with_several_groups_and_torch_only_options() -> None:
     )
     code = suggested_call(WHERE_A_TRANSFORM_BELONGS["chain"], opt)
     # foreach is torch's implementation choice: no functrain argument says it
-    assert code == "ft.sgd(lr=0.1, weight_decay=0.0001, momentum=0.9, nesterov=True, maximize=True)"
-    assert run(code).name == ft.sgd(0.1, 0.9, nesterov=True, weight_decay=1e-4, maximize=True).name
+    assert code == (
+        "ft.sgd(lr=0.1, weight_decay=0.0001, momentum=0.9, nesterov=True, maximize=True, "
+        "fused=False)"
+    )
+    assert (
+        run(code).name
+        == ft.sgd(0.1, 0.9, nesterov=True, weight_decay=1e-4, maximize=True, fused=False).name
+    )
     with pytest.raises(
         ft.ConfigError,
         match=r"instead \(and mask= or ft.masked for the settings of its other param groups\)",
@@ -158,7 +165,7 @@ def test_a_tensor_lr_reaches_the_suggestion_as_its_value() -> None:
     )
     assert (
         suggested_call(WHERE_A_TRANSFORM_BELONGS["chain"], opt)
-        == "ft.adam(lr=0.5, weight_decay=0.1, decoupled_weight_decay=True)"
+        == "ft.adam(lr=0.5, weight_decay=0.1, decoupled_weight_decay=True, fused=False)"
     )
 
 
@@ -191,3 +198,26 @@ def test_a_live_scheduler_where_a_schedule_belongs_shows_from_torch(
         + "ft.schedules.from_torch(torch.optim.lr_scheduler.ExponentialLR, lr=0.1, gamma=0.9)"
     )
     assert run(code.removeprefix(prefix))(2) == pytest.approx(0.1 * 0.9**2, rel=1e-12)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["default", "fused"])
+def test_the_call_for_a_live_optimizer_is_the_preset_of_its_implementation(fused: bool) -> None:
+    """Written from the start, the call runs torch's loop bit for bit: ``fused=False`` where
+    torch's optimizer is not fused (the presets' default is the fused kernel)."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    batches = [torch.randn(8, 6) for _ in range(20)]
+    state = ft.TrainState.create(model, ft.sgd(0.1), sum_loss_fn)  # (the weights, copied)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, fused=fused)
+    code = suggested_call(WHERE_A_TRANSFORM_BELONGS["TrainState.create"], optimizer)
+    assert code.endswith("weight_decay=0.05)" if fused else "weight_decay=0.05, fused=False)")
+    state = ft.TrainState.create(state.export_module(), run(code), sum_loss_fn)
+    for batch in batches:
+        optimizer.zero_grad()
+        sum_loss_fn(model, batch).backward()
+        optimizer.step()
+        state, _ = ft.train_step(state, batch)
+    for name, p in model.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
+    with pytest.raises(ft.ConfigError, match=r"it has taken steps: ft.from_torch_optimizer"):
+        ft.chain(optimizer)
