@@ -28,7 +28,7 @@ from functrain.errors import config_check
 from functrain.interop import scheduler_parts as P
 from functrain.interop.scheduler_parts import Part, Setting
 from functrain.optim.porting import momentum_cycle_note, schedule_call
-from functrain.optim.rates import as_float64
+from functrain.optim.rates import as_float64, host_value
 from functrain.optim.schedules import (
     Schedule,
     check_interval,
@@ -684,7 +684,10 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
             ``scale_fn``) is called with the int step, or, for a tensor step, with the step as a 0-d
             float64 tensor (so that Python-scalar arithmetic stays float64): it must then use tensor
             ops (``torch.minimum``, ``torch.where``, ``**``), not ``min``, ``if`` or ``math``
-            functions, to run under ``torch.compile``.
+            functions, to run under ``torch.compile``. A `LambdaLR` alone whose lambda cannot take
+            the tensor (it raises for step 0 as a tensor, which it is given once when the schedule
+            is built, as ``table[e]`` does) is called with the int step, as torch calls it, read
+            from the step counter as a plain function's learning rate is.
 
     Returns:
         A `Schedule`.
@@ -824,9 +827,33 @@ _from_torch_classes = described(_from_torch_classes)
 
 
 def _lambda_schedule(base_lr: float, lr_lambda: Callable[[Any], Any]) -> Schedule:
+    """`LambdaLR` alone: its lambda of the step tensor where it takes one, else of the int step,
+    as torch calls it (read from the counter, as a plain function's learning rate is).
+
+    Which, is decided once, here (`_takes_tensor`): a lambda written for torch's int epochs may
+    raise for a tensor (``table[e]``, ``range(e)``).
+    """
+
+    def at_int(step: int) -> float:
+        return float(base_lr * lr_lambda(step))
+
+    tensor_steps = _takes_tensor(lr_lambda)
+
     def schedule(step: int | torch.Tensor) -> float | torch.Tensor:
-        if isinstance(step, torch.Tensor):
-            return base_lr * as_float64(lr_lambda(step.to(torch.float64)), step.device)
-        return float(base_lr * lr_lambda(operator.index(step)))
+        if not isinstance(step, torch.Tensor):
+            return at_int(operator.index(step))
+        if not tensor_steps:
+            return host_value(at_int, step)
+        return base_lr * as_float64(lr_lambda(step.to(torch.float64)), step.device)
 
     return cast(Schedule, schedule)
+
+
+def _takes_tensor(lr_lambda: Callable[[Any], Any]) -> bool:
+    """Whether a lambda computes with the step as a 0-d float64 tensor: called once with step 0
+    (torch calls it at step 0 too, building the scheduler)."""
+    try:
+        lr_lambda(torch.zeros((), dtype=torch.float64))
+    except Exception:  # whatever the user's function raises for a tensor it cannot take
+        return False
+    return True

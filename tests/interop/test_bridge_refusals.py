@@ -333,3 +333,29 @@ def test_hostile_arguments_of_the_conversions_are_config_errors() -> None:
         ft.adam(L.StepLR)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"module has no parameter 0.weight"):
         run.create_state(torch.nn.Linear(6, 3), loss_fn)
+
+
+def test_a_lambda_of_torchs_int_epoch_indexing_a_table_continues_bit_for_bit() -> None:
+    table = [1.0 / (1 + 0.1 * i) for i in range(len(DATA) + 1)]
+
+    def run(model: torch.nn.Module) -> tuple[Any, Any]:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+        return optimizer, L.LambdaLR(optimizer, lambda e: table[e])  # an int in torch
+
+    model, expected = make_model(), make_model()
+    (optimizer, scheduler), (expected_opt, expected_scheduler) = run(model), run(expected)
+    for batch in DATA[:K]:
+        torch_step(model, optimizer, batch, scheduler)
+    state = ft.from_torch_optimizer(optimizer, model, scheduler=scheduler).create_state(
+        model, loss_fn
+    )
+    rates = []
+    for batch in DATA[K:]:
+        state, metrics = ft.train_step(state, batch)
+        rates.append(float(metrics["lr"]))
+    torch_rates = []
+    for batch in DATA:
+        torch_rates.append(expected_opt.param_groups[0]["lr"])
+        torch_step(expected, expected_opt, batch, expected_scheduler)
+    assert rates == [float(torch.tensor(r, dtype=torch.float32)) for r in torch_rates[K:]]
+    assert_trees_equal(state.params, {n: p.detach() for n, p in expected.named_parameters()})
