@@ -129,8 +129,11 @@ def initial_fields(
             k: (tuple(v.shape), str(v.dtype), v.is_meta)
             for k, v in {**params, **frozen, **dict(module.named_buffers())}.items()
         }
+        # (the seed too: each rank's dropout stream is drawn from the shared one, and a
+        # checkpoint holds rank 0's)
         check_same_model(
-            f"{sorted(shapes.items())}|{tx.name}|{options}|{sharding}|{reshard_after_forward}",
+            f"{sorted(shapes.items())}|{tx.name}|{options}|{sharding}|{reshard_after_forward}"
+            f"|{seed}",
             dist_config,
         )
     params, frozen, buffers = (

@@ -25,8 +25,10 @@ vmap rule for batch_norm fails there) and distributed states; ``grad_stats`` are
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
+import types
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -473,7 +475,87 @@ def _differences(a: TrainState, b: TrainState) -> list[str]:
         out.append(f"tensors differ (name, shape, dtype): {diff}")
     if a.options != b.options:
         out.append(f"options {b.options}, expected {a.options}")
+    # the stacked step runs member 0's module and loss function for every member
+    ma, mb = _modules_read(a.module), _modules_read(b.module)
+    if ma != mb:
+        at = next((x[0] for x, y in zip(ma, mb, strict=False) if x != y), "")
+        out.append(
+            f"its module differs from member 0's at {at or 'the top'!r} (a submodule's class, "
+            "mode, setting or hook): the stacked step runs member 0's module for every member"
+        )
+    if _read(a.loss_fn, 0) != _read(b.loss_fn, 0):
+        out.append(
+            "its loss function differs from member 0's (another function, or one holding other "
+            "values): the stacked step runs member 0's for every member; give every member the "
+            "same loss function, with what differs in the batch or the model"
+        )
     return out
+
+
+def _modules_read(module: nn.Module) -> list[tuple[str, Any]]:
+    """Each of `module`'s modules as the stacked step runs it: its class and its attributes but
+    its tensors' values (numbers and strings by value, functions by their code and what they
+    hold, tensors by shape and dtype)."""
+    return [
+        (name, (type(m), tuple((k, _read(v, 0)) for k, v in vars(m).items() if _compared(k))))
+        for name, m in module.named_modules(remove_duplicate=False)
+    ]
+
+
+def _compared(key: str) -> bool:
+    """Whether a module's attribute `key` is compared: not its tables, nor what functrain's
+    structure keeps of its own (the call guard's handle, a number every structure has its own)."""
+    return key not in _TABLES and not key.startswith("_functrain_")
+
+
+# the tables of a module's instance dict, compared as its submodules and tensors are
+_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+_BY_VALUE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _read(value: Any, depth: int) -> Any:
+    """`value` as two members' modules or loss functions are compared (`_modules_read`)."""
+    if isinstance(value, _BY_VALUE):
+        return type(value), value
+    if isinstance(value, torch.Tensor):
+        return "tensor", tuple(value.shape), value.dtype
+    if isinstance(value, nn.Module):  # (a module a function closes over: its own settings)
+        if depth > 2:
+            return type(value)
+        return type(value), tuple(
+            (k, _read(v, depth + 1)) for k, v in vars(value).items() if _compared(k)
+        )
+    if depth > 4:
+        return type(value)
+    if isinstance(value, types.FunctionType):
+        cells = []
+        for cell in value.__closure__ or ():
+            try:
+                cells.append(_read(cell.cell_contents, depth + 1))
+            except ValueError:  # (a cell not yet filled)
+                cells.append(None)
+        return (
+            value.__code__,
+            tuple(cells),
+            _read(value.__defaults__, depth + 1),
+            _read(value.__kwdefaults__, depth + 1),
+        )
+    if isinstance(value, types.MethodType):
+        return "method", value.__func__, _read(value.__self__, depth + 1)
+    if isinstance(value, functools.partial):
+        return (
+            _read(value.func, depth + 1),
+            _read(value.args, depth + 1),
+            _read(value.keywords, depth + 1),
+        )
+    if isinstance(value, list | tuple) and len(value) <= 64:
+        return type(value), tuple(_read(v, depth + 1) for v in value)
+    if isinstance(value, dict) and len(value) <= 64:
+        # (a hook table's keys are its handles' numbers, which differ between modules)
+        return type(value), tuple(
+            (k if isinstance(k, str) else type(k), _read(v, depth + 1)) for k, v in value.items()
+        )
+    return type(value)
 
 
 def _tree_differences(states: list[TrainState], optimizer: Transform, tx: Transform) -> list[str]:

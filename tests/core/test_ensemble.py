@@ -243,6 +243,42 @@ def test_stack_lists_every_mismatch():
         ft.unstack(a)
 
 
+def _ce(m, b):
+    return torch.nn.functional.cross_entropy(m(b[0]), b[1])
+
+
+def _scaled(k):
+    return lambda m, b: k * _ce(m, b)
+
+
+def _net(k, act=nn.ReLU, p=0.1):
+    torch.manual_seed(k)
+    return nn.Sequential(nn.Linear(6, 16), act(), nn.Dropout(p), nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize(
+    ("second", "words"),
+    [
+        (lambda: ft.TrainState.create(_net(1, nn.Tanh), ft.sgd(0.1), _ce), "module .* at '1'"),
+        (lambda: ft.TrainState.create(_net(1, p=0.5), ft.sgd(0.1), _ce), "module .* at '2'"),
+        (lambda: ft.TrainState.create(_net(1), ft.sgd(0.1), _scaled(10)), "loss function"),
+        (lambda: ft.TrainState.create(_net(1), ft.sgd(0.1), lambda m, b: _ce(m, b)), "loss"),
+    ],
+)
+def test_members_whose_module_or_loss_function_differs_are_refused(second, words):
+    # the stacked step runs member 0's module and loss function for every member: a member with
+    # another activation, dropout rate or loss would silently train as member 0's
+    first = ft.TrainState.create(_net(0), ft.sgd(0.1), _scaled(1))
+    with pytest.raises(ft.ConfigError, match=words):
+        ft.stack([first, second()])
+
+
+def test_members_built_by_one_factory_stack() -> None:
+    # a loss function made anew per member from the same code and values is the same one
+    members = [ft.TrainState.create(_net(k), ft.sgd(0.1), _scaled(2), seed=k) for k in range(2)]
+    assert ft.stack(members).members == 2
+
+
 def test_a_stacked_checkpoint_loads_into_a_stacked_template(tmp_path):
     stacked, _ = run(ft.stack([make_state(seed, ft.adamw(1e-2)) for seed in range(2)]), batches(3))
     ft.save(stacked, tmp_path / "ckpt")

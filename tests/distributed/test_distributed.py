@@ -205,6 +205,8 @@ def test_ranks_that_build_different_models_get_a_clear_error(tmp_path: Path) -> 
     for rank in (0, 1):
         text = (tmp_path / f"rank{rank}" / "error.txt").read_text()
         assert "disagree on the model structure" in text
+        text = (tmp_path / f"rank{rank}" / "seed.txt").read_text()
+        assert "with the same seed (not seed=rank" in text
 
 
 def test_a_global_batch_the_world_size_does_not_divide_is_refused(tmp_path: Path) -> None:

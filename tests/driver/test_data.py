@@ -97,6 +97,17 @@ def test_shards_slice_each_global_batch() -> None:
     assert [r0 + r1 for r0, r1 in zip(*parts, strict=True)] == whole
 
 
+def test_a_last_global_batch_smaller_than_the_ranks_is_empty_on_every_rank() -> None:
+    # 17 samples in batches of 8 on 2 ranks: the last global batch holds one sample; a rank
+    # stepping it alone would wait for the other in the all-reduce for ever
+    data = TensorDataset(torch.arange(17.0))
+    for world in (2, 4):
+        parts = [
+            ids(Batcher(data, 8, seed=5, shard=(rank, world)).epoch(1)) for rank in range(world)
+        ]
+        assert [[len(b) for b in p] for p in parts] == [[8 // world, 8 // world, 0]] * world
+
+
 class Augmenting(Dataset):
     """Sample i: ``[i, a draw of torch's, of random's, of numpy's global generator]``; collation
     adds a draw of torch's to each batch (`augmented_collate`)."""

@@ -160,7 +160,14 @@ class Batcher:
             batches.pop()
         rank, world = self.shard
         if world > 1:
-            batches = [b[rank * len(b) // world : (rank + 1) * len(b) // world] for b in batches]
+            # (a last batch of fewer samples than ranks leaves some rank none: every rank skips
+            # it, as the loop skips an empty batch, where one alone would wait for the others)
+            batches = [
+                b[rank * len(b) // world : (rank + 1) * len(b) // world]
+                if len(b) >= world
+                else b[:0]
+                for b in batches
+            ]
         return batches
 
     def epoch(self, epoch: int, start: int = 0, *, record: bool = True) -> Iterator[Any]:

@@ -786,6 +786,10 @@ def main() -> None:
         except ft.ConfigError as e:
             mine.mkdir(parents=True)
             (mine / "error.txt").write_text(str(e))
+        try:  # a DDP habit: a seed per rank (a checkpoint would hold rank 0's stream alone)
+            ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn, seed=rank)
+        except ft.ConfigError as e:
+            (mine / "seed.txt").write_text(str(e))
     elif scenario == "indivisible":
         state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
         try:
