@@ -41,6 +41,7 @@ __all__ = [
     "read_pointer",
     "point_latest",
     "link_copy",
+    "refuse_foreign",
     "remove",
     "recover",
 ]
@@ -206,6 +207,58 @@ def is_committed(path: Path) -> bool:
         return False
 
 
+# the files a checkpoint holds besides its manifest (`format`, `sharded`)
+_CHECKPOINT_FILE = re.compile(r"^(tensors|shards-\d+)-\d{5,}\.safetensors$")
+
+
+def refuse_foreign(path: Path) -> None:
+    """Raise unless a save may replace what is at `path`: nothing, or a checkpoint of functrain's.
+
+    A checkpoint of functrain's is a directory holding its manifest and otherwise only the
+    tensor files a save writes; one whose files are damaged (its manifest or tensors do not
+    verify) is still one, and may be replaced. Anything else, a directory without a manifest
+    or holding other files, a file, a symbolic link, is what a user put there, never deleted.
+    An empty directory is taken as absent.
+
+    Raises:
+        CheckpointError: naming `path`, what is there and the fix; nothing is changed.
+        CheckpointPermissionError: this process may not look into `path`.
+    """
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno in DENIED:
+            raise permission_error(path, e) from None
+        raise CheckpointError(f"cannot look into {str(path)!r}: {e}") from None
+    fix = (
+        "move it out of the checkpoint directory (or remove it if you no longer need it), "
+        "then save again; nothing was written nor removed"
+    )
+    head = f"could not save checkpoint {str(path)!r}:"
+    own = "and a save replaces only a checkpoint functrain wrote"
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a file"
+        raise CheckpointError(f"{head} it is {kind}, {own}: {fix}")
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError as e:
+        if e.errno in DENIED:
+            raise permission_error(path, e) from None
+        raise CheckpointError(f"cannot look into {str(path)!r}: {e}") from None
+    if not entries:
+        return
+    others = [n for n in entries if n != MANIFEST and not _CHECKPOINT_FILE.match(n)]
+    if MANIFEST in entries and not others:
+        return
+    held = ", ".join(repr(n) for n in (others or entries)[:5])
+    what = f"it holds {held}" + ("" if MANIFEST in entries else f" and no {MANIFEST}")
+    raise CheckpointError(
+        f"{head} it is a directory functrain did not write ({what}), {own}: {fix}"
+    )
+
+
 def read_pointer(directory: Path) -> str | None:
     """The name the `latest` pointer holds, or None when there is no pointer.
 
@@ -262,8 +315,10 @@ def link_copy(source: Path, target: Path) -> None:
     """Commit a copy of checkpoint `source` as `target`: hard links where possible, else copies.
 
     An existing `target` (the same step saved again) is replaced as `format` replaces a
-    checkpoint: atomically, or by two renames that `recover` can finish.
+    checkpoint: atomically, or by two renames that `recover` can finish; anything else there is
+    refused (`refuse_foreign`).
     """
+    refuse_foreign(target)
     tmp = target.parent / f"{TMP_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

@@ -40,6 +40,7 @@ from functrain.checkpoint.directory import (
     point_latest,
     read_pointer,
     recover,
+    refuse_foreign,
 )
 from functrain.checkpoint.files import wait_for_removals
 from functrain.checkpoint.format import file_digests, json_extras, read_manifest, write_tree
@@ -68,7 +69,8 @@ class CheckpointManager:
     """Keeps a directory of checkpoints: regular ones, the best ones, and a `latest` pointer.
 
     Layout: ``ckpt-<step>-<position>/`` for regular checkpoints, ``best-<step>-<position>/`` for the
-    best ones (hard links to the regular checkpoint's files where possible: no second write),
+    best ones (hard links to the regular checkpoint's files where possible: no second write, nor
+    a second copy: a byte damaged in one is damaged in both),
     ``latest`` (a file naming the newest checkpoint), ``writer.lock``. Temporary entries of
     interrupted saves start with ``.tmp-``.
 
@@ -368,6 +370,9 @@ class CheckpointManager:
                 save did; or the manager is a reader or closed; or its directory was removed,
                 moved or its lock file replaced since the manager opened it (nothing is written:
                 `functrain.checkpoint.lock`).
+            CheckpointError: something functrain did not write is at the checkpoint's name (a
+                directory without a manifest or holding other files, a file, a symbolic link):
+                it is never replaced (`directory.refuse_foreign`); nothing is written.
             CheckpointPermissionError: a checkpoint of this name is there that this process may
                 not read (another user's): it is never replaced.
             DonatedStateError: a step took `state` with ``donate=True`` (one running in another
@@ -457,10 +462,20 @@ class CheckpointManager:
 
         with self._commit_lock:
             self._check_directory()
+            foreign = None
             if self._rank == 0:
                 # a checkpoint of this name this process may not read (another user's) is never
-                # replaced: it raises CheckpointPermissionError
-                is_committed(self.directory / name)
+                # replaced: it raises CheckpointPermissionError; nor is what functrain did not
+                # write (a damaged checkpoint of its own is)
+                try:
+                    is_committed(self.directory / name)
+                    refuse_foreign(self.directory / name)
+                except CheckpointError as e:
+                    foreign = e
+            if self.sharded:
+                agree(foreign, self._group, f"saving checkpoint {name}")
+            elif foreign is not None:
+                raise foreign
             written: dict[str, Any] = {
                 "fingerprint": fp,
                 "metadata": meta,
@@ -557,11 +572,13 @@ class CheckpointManager:
         A place among the `keep_best` best, not only a new record (keep_best=2 keeps the two
         best), or a member's best; one best checkpoint serves every place it takes.
         """
-        if self._policy is None or not self._policy.earns_place(self._best_records(), metrics):
+        target = self.directory / path.name.replace("ckpt", "best", 1)
+        # a step saved again (fit does, to keep what its hooks wrote) is ranked without its own
+        # best of before, which it replaces
+        records = [r for r in self._best_records() if r[0].name != target.name]
+        if self._policy is None or not self._policy.earns_place(records, metrics):
             return
-        link_copy(
-            path, self.directory / path.name.replace("ckpt", "best", 1)
-        )  # replaces a best of the same step
+        link_copy(path, target)
         for old in self._policy.surplus(self._best_records()):
             layout.remove(old)
 

@@ -934,3 +934,42 @@ def test_a_forked_child_does_not_inherit_the_holds_of_the_parents_saves() -> Non
         assert os.WEXITSTATUS(status) == 0 and donation.is_held([t])
     finally:
         release()
+
+
+@pytest.mark.parametrize(
+    ("lose_manifest", "extra", "said"),
+    [
+        (True, None, r"it holds 'tensors-00000\.safetensors' and no manifest\.json"),
+        (True, "notes.txt", r"it holds 'notes\.txt' and no manifest\.json"),
+        (False, "notes.txt", r"it holds 'notes\.txt'\)"),
+    ],
+    ids=["no-manifest", "no-manifest-and-a-file", "a-file-beside-a-checkpoint"],
+)
+def test_a_save_refuses_to_replace_a_directory_functrain_did_not_write_at_its_name(
+    tmp_path: Path,
+    states: list[ft.TrainState],
+    lose_manifest: bool,
+    extra: str | None,
+    said: str,
+) -> None:
+    with ft.CheckpointManager(tmp_path) as manager:
+        path = manager.save(states[0])
+        if lose_manifest:
+            (path / MANIFEST).unlink()
+        if extra is not None:
+            (path / extra).write_text("mine")
+        before = {p.name: p.read_bytes() for p in path.iterdir()}
+        with pytest.raises(ft.CheckpointError, match=said + r".*move it out of the checkpoint"):
+            manager.save(states[0])
+        assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+
+
+def test_a_save_replaces_a_damaged_checkpoint_of_its_own(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
+    with ft.CheckpointManager(tmp_path) as manager:
+        path = manager.save(states[0])
+        tensors = next(path.glob("tensors-*"))
+        tensors.write_bytes(tensors.read_bytes()[:-1])  # truncated: its digest no longer matches
+        manager.save(states[0])
+        assert_bitwise_equal(states[0], ft.load(path, like=states[0]))
