@@ -1149,6 +1149,10 @@ def _check_map_location(map_location: Any) -> None:
 _MODEL_FIELDS = ("params", "frozen", "buffers")
 
 # a new state holding the checkpoint's weights, its optimizer state and EMA started from them
+# the checkpoint as saved, then another optimizer (or options) carrying its optimizer state
+_GO_ON = """
+    state = functrain.load({path}, like=saved_template).replace(optimizer=new_optimizer)"""
+
 _WARM_START = """
     state = functrain.load_weights({path}, into=state)"""
 
@@ -1288,8 +1292,13 @@ def _mismatch_fix(tree: Any, like: TrainState, path: Any) -> str:
             "loaded into this model; build the model the checkpoint was saved from"
         )
     return (
-        "\nthe weights fit: to train them with this state's optimizer, hyperparameters and "
-        "options, start a new state "
-        "(step 0, fresh optimizer state) from them with functrain.load_weights, `state` "
-        "being the template passed as like=:" + _WARM_START.format(path=repr(str(path)))
+        "\nthe weights fit: to go on from the checkpoint with another optimizer, learning rate "
+        "or options, keeping its optimizer state (moments), counters, data position and records, "
+        "load it into a template built as the saved run was and replace what changes (as "
+        "torch's param_groups[...]['lr'] = ... does):"
+        + _GO_ON.format(path=repr(str(path)))
+        + "\nthen fit(state, ...) goes on from its step (in another checkpoint_dir). Or, to "
+        "train the weights anew, start a new state (step 0, fresh optimizer state) from them "
+        "with functrain.load_weights, `state` being the template passed as like=:"
+        + _WARM_START.format(path=repr(str(path)))
     )

@@ -124,3 +124,21 @@ os.write(fd, json.dumps({"pid": os.getpid(), "host": "h", "started": "s"}).encod
 print("held", flush=True)
 time.sleep(60)
 """
+
+
+def test_a_changed_learning_rate_names_the_load_that_keeps_the_optimizer_state(
+    tmp_path: Path,
+) -> None:
+    def state(lr: float) -> ft.TrainState:
+        torch.manual_seed(0)
+        return ft.TrainState.create(
+            torch.nn.Linear(3, 1), ft.adamw(lr), lambda m, b: m(b).pow(2).mean()
+        )
+
+    path = ft.save(state(1e-2), tmp_path / "ckpt")
+    with pytest.raises(
+        ft.StateMismatchError,
+        match=r"(?s)keeping its optimizer state.*functrain\.load\('.*ckpt', like=saved_template\)"
+        r"\.replace\(optimizer=new_optimizer\)",
+    ):
+        ft.load(path, like=state(1e-3))
