@@ -1292,13 +1292,14 @@ def _mismatch_fix(tree: Any, like: TrainState, path: Any) -> str:
             "loaded into this model; build the model the checkpoint was saved from"
         )
     return (
-        "\nthe weights fit: to go on from the checkpoint with another optimizer, learning rate "
-        "or options, keeping its optimizer state (moments), counters, data position and records, "
-        "load it into a template built as the saved run was and replace what changes (as "
-        "torch's param_groups[...]['lr'] = ... does):"
+        "\nwhere only the optimizer, its learning rate or the step options changed, go on from "
+        "the checkpoint, keeping its optimizer state (moments), counters, data position and "
+        "records: load it into a template built as the saved run was and replace what changed "
+        "(as torch's param_groups[...]['lr'] = ... does), then fit(state, ...) (in another "
+        "checkpoint_dir) goes on from its step:"
         + _GO_ON.format(path=repr(str(path)))
-        + "\nthen fit(state, ...) goes on from its step (in another checkpoint_dir). Or, to "
-        "train the weights anew, start a new state (step 0, fresh optimizer state) from them "
-        "with functrain.load_weights, `state` being the template passed as like=:"
-        + _WARM_START.format(path=repr(str(path)))
+        + "\nthe weights fit: to train them with this state's optimizer, hyperparameters and "
+        "options, start a new state "
+        "(step 0, fresh optimizer state) from them with functrain.load_weights, `state` "
+        "being the template passed as like=:" + _WARM_START.format(path=repr(str(path)))
     )
