@@ -16,7 +16,17 @@ with ``on_exception`` (the exception is `Run.exception`). Either is the place to
 ``on_train_begin`` opened; the built-in callbacks close their files, bars and profilers in both.
 The exception propagates from `fit` unchanged after the hooks ran (one a hook raises is added to
 it as a note), but for an interrupt: `fit` then returns the state after the last completed update,
-with stop reason ``"interrupted"``.
+with stop reason ``"interrupted"``. A `KeyboardInterrupt` a hook raises is taken as Ctrl-C is: the
+other callbacks get the hook, the update under way ends with its evaluation and saves (an epoch's
+last update leaves the epoch's end to the resumed run), and the run stops there; raised after the
+last update (in the final save's ``on_save``, or ``on_train_end``) it has nothing left to stop.
+Under torch.distributed it propagates at once.
+
+What hooks write into ``run.user`` is in the checkpoint a resumed run starts from: ``on_save``,
+``on_eval_end`` and ``on_epoch_end`` fire after the save of their update or epoch, so where they
+wrote it that checkpoint is written again (``on_save`` not fired again). A resumed run fires
+``on_train_begin``, ``on_epoch_begin`` of the epoch it goes on in and ``on_train_end`` again (so
+does a resumed run that had finished): what those write is not replayed from the checkpoint.
 """
 
 from __future__ import annotations
@@ -73,6 +83,9 @@ class Run:
         step: optimizer updates taken.
         batch: batches consumed in this epoch.
         batches: batches consumed in the run (this process and before a resume).
+        micro: the place in the accumulation window (``accumulate_steps``): 0 at an update's
+            bounds, that is in ``on_batch_begin`` of the batch that begins an update and in
+            ``on_batch_end`` of the batch that completes one (always 0 without accumulation).
         total_steps: the run's planned number of updates, if known.
         batches_per_epoch: if known.
         logs: host metrics of the log interval that just ended, else None.
@@ -91,7 +104,8 @@ class Run:
             the checkpoint a resumed run goes on from (a str), else None. A tracker logs it as the
             run's settings.
         user: your own state (`TrainState.user`): assign a new dict to change it; it is saved in
-            the checkpoints with the rest of the state and restored on resume.
+            the checkpoints with the rest of the state and restored on resume (what the hooks
+            after a save write included: see the module's docstring).
     """
 
     def __init__(
@@ -109,6 +123,7 @@ class Run:
         self.step = 0
         self.batch = 0
         self.batches = 0
+        self.micro = 0
         self.total_steps: int | None = None
         self.batches_per_epoch: int | None = None
         self.logs: dict[str, float] | None = None
@@ -209,7 +224,6 @@ def check_callback(callback: Any) -> list[str]:
 class _FunctionCallback(Callback):
     def __init__(self, event: str, fn: Callable[[Run], Any], every: int) -> None:
         self.event, self.fn, self.every = event, fn, every
-        self._last: int | None = None
         setattr(self, f"on_{event}", self._fire)
 
     def _count(self, run: Run) -> int:
@@ -225,16 +239,14 @@ class _FunctionCallback(Callback):
         return run.epoch + 1
 
     def _fire(self, run: Run) -> None:
+        # under gradient accumulation several batches share an update: fire once for it, at the
+        # batch that begins it (batch_begin) or completes it (batch_end)
+        if self.event.startswith("batch") and run.micro != 0:
+            return
         if self.every > 1:
             count = self._count(run)
-            # under gradient accumulation several batches share an update: fire once for it
-            if (
-                count < 1
-                or count % self.every
-                or (self.event.startswith("batch") and count == self._last)
-            ):
+            if count < 1 or count % self.every:
                 return
-            self._last = count
         self.fn(run)
 
     def __repr__(self) -> str:
@@ -246,8 +258,9 @@ def on(event: str, *, every: int = 1) -> Callable[[Callable[[Run], Any]], Callba
 
     Args:
         event: a hook name without ``on_``: ``"batch_end"``, ``"epoch_end"``, ``"eval_end"``, ...
-        every: fire on every N-th update (batch events, once per update under accumulation),
-            evaluation (``"eval_end"``) or epoch (the others).
+        every: fire on every N-th update (batch events: once per update under accumulation, at
+            the batch that begins it or completes it, `every=1` included), evaluation
+            (``"eval_end"``) or epoch (the others).
 
     Raises:
         ConfigError: unknown event, `every` < 1, or a function that does not take one argument.

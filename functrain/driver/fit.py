@@ -21,6 +21,7 @@ import attrs
 import torch
 from torch import nn
 
+from functrain.checkpoint.directory import BEST, REGULAR, listed
 from functrain.checkpoint.format import read_manifest
 from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.sharded import has_dtensors
@@ -44,6 +45,7 @@ from functrain.driver.data import (
     MemberSource,
     as_source,
     batch_device,
+    is_batched,
     to_device,
 )
 from functrain.driver.evaluation import EvalMetric
@@ -287,7 +289,9 @@ def fit(
             (step mode), on the raw and, with EMA, the EMA weights (``val_loss``, ``val_ema_loss``).
             It may be the training data's own source (one `DataLoaderSource` given as both): its
             evaluation passes are not recorded in checkpoints nor cut the training pass short.
-        test_data: evaluated once at the end with the best checkpoint's weights (``test_loss``).
+        test_data: evaluated once at the end with the best checkpoint's weights (``test_loss``);
+            a best checkpoint that does not load leaves ``result.test`` None, with a
+            `RuntimeWarning` naming it (the rest of the result is returned).
         callbacks: extra callbacks (see `functrain.driver.callbacks`).
         stopping / evaluation / batching / checkpointing / logging / execution: the options
             as whole groups (see above); each option's own keyword documents it there.
@@ -315,7 +319,9 @@ def fit(
             resume whose `config` differs from the checkpoint's (``on_config_change="error"``), or a
             `best_metric` the first evaluation does not produce.
         CheckpointError: another process (or manager) is writing `checkpoint_dir`, naming it: one
-            run writes a directory at a time.
+            run writes a directory at a time; or ``resume=True`` found checkpoints there but none
+            that loads (a new run would mix with that run's files), naming them and the fixes; or
+            something functrain did not write sits at a checkpoint's name there (never deleted).
         NonFiniteError: the state was created with ``TrainState.create(nonfinite="halt")`` (not
             a `fit` option) and a step's gradients were non-finite, naming the step; the last
             checkpoint is kept.
@@ -383,6 +389,13 @@ def fit(
         if (shared := _shared_persistent_iterator(name, data, train_data, train)) is not None:
             raise ConfigError(shared)
     evals_size = batching.eval_batch_size or batching.batch_size
+    for name, data in (("eval_data", eval_data), ("test_data", test_data)):
+        if data is not None and evals_size is None and not is_batched(data):
+            raise ConfigError(
+                f"{name} is a map-style dataset ({type(data).__name__}), which fit batches, and "
+                "no batch size is given (the training data batches itself): pass "
+                f"eval_batch_size=..., or give {name} as a DataLoader"
+            )
     evals = _eval_source(eval_data, evals_size, shard, target)
     tests = _eval_source(test_data, evals_size, shard, target)
     if (empty := empty_data_problem(train)) is not None:
@@ -476,8 +489,31 @@ def _restored(
         # the latest did not load: an older one did
         _compare_config(manager.restored, config, change, exempt)
     if restored is None:
+        _refuse_unloadable(manager.directory)
         return state, None
     return restored, str(manager.restored)
+
+
+def _refuse_unloadable(directory: Path) -> None:
+    """Refuse a resume that found checkpoints but none that loads, rather than start afresh.
+
+    A new run there would mix with the old one's files: its best checkpoints would be this run's
+    best and its test evaluation, and the damaged ones would stay the newest by name.
+
+    Raises:
+        CheckpointError: naming the checkpoints there and the fixes.
+    """
+    found = listed(directory, REGULAR, committed=False) + listed(directory, BEST, committed=False)
+    if not found:
+        return  # an empty (or new) directory: resume=True starts the run
+    names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
+    raise CheckpointError(
+        f"resume=True found checkpoints in {str(directory)!r} ({names}) but no regular one that "
+        "loads (each skipped with a warning saying why): a new run there would mix with that "
+        "run's files (its best checkpoint would be taken as this run's). Repair or remove the "
+        "damaged checkpoints and resume again; or start a new run in another checkpoint_dir, "
+        "from scratch or from a checkpoint that loads (state = functrain.load(path, like=state))"
+    )
 
 
 def _compare_config(
@@ -592,15 +628,43 @@ def _callbacks(extra: Sequence[Any], logging: Logging, main: bool) -> list[Any]:
     return hooks
 
 
+def _test_metrics(
+    loop: Loop, manager: CheckpointManager | None, tests: Any
+) -> dict[str, float] | None:
+    """`tests` evaluated on the best checkpoint's weights (the final ones without a best).
+
+    A best checkpoint that does not load (damaged: it shares its files with the regular one it
+    was kept from) leaves the test data unevaluated, with a warning: the run's result is
+    returned all the same, and no other weights are reported as the best's.
+    """
+    final = loop.state
+    if manager is not None and (best := manager.best()) is not None:
+        try:
+            final = load(best, like=loop.state)
+        except CheckpointError as e:
+            warnings.warn(
+                f"the test data was not evaluated (result.test is None): the best checkpoint "
+                f"{str(best)!r} does not load ({type(e).__name__}: {e}). Evaluate a checkpoint "
+                "that loads with functrain.evaluate(functrain.load(path, like=result.state), "
+                "test_data)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+    return loop.evaluation(tests, "test_", final)
+
+
 def _result(loop: Loop, manager: CheckpointManager | None, tests: Any) -> FitResult:
     test, preempted = None, loop.signals.preempted_by is not None
-    # stopped by hand or by a signal: at once
-    stopped = loop.interrupted or preempted or loop.stop_reason == "interrupted"
+    # stopped by hand or by a signal: at once (one that came after the last update too)
+    stopped = (
+        loop.interrupted
+        or preempted
+        or loop.stop_reason == "interrupted"
+        or loop.signals.received is not None
+    )
     if tests is not None and not stopped:
-        final = loop.state
-        if manager is not None and (best := manager.best()) is not None:
-            final = load(best, like=loop.state)
-        test = loop.evaluation(tests, "test_", final)
+        test = _test_metrics(loop, manager, tests)
     paths: dict[str, Any] = {"best": None, "latest": None, "all": []}
     if manager is not None:
         paths = {"best": manager.best(), "latest": manager.latest(), "all": manager.all()}

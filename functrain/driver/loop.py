@@ -128,7 +128,12 @@ class Loop:
         # the length of the partial window under way with partial_window="over_length", else None
         self._short_window: int | None = None
         self._saved_at: tuple[int, int, int, dict[str, Any]] | None = None
+        self._saved_metrics: dict[str, float] | None = None  # the metrics the last save recorded
         self._epoch_t0 = time.perf_counter()
+        if resumed_from is not None:
+            # the checkpoint holds the state as it stands: a resumed run that had finished does
+            # not save it again (nor fire on_save for it a second time)
+            self._saved_at = self._position()
         max_time = self.stopping.max_time
         # the wall-clock budget of this call (fit's max_time), from the start of its loop
         self._deadline = time.monotonic() + max_time if max_time is not None else None
@@ -144,13 +149,26 @@ class Loop:
         return f"resumed from {self.resumed_from} at {where}"
 
     def fire(self, hook: str) -> None:
-        """Call `hook` on every callback, with the run as it stands."""
+        """Call `hook` on every callback, with the run as it stands.
+
+        A `KeyboardInterrupt` a callback raises is taken as Ctrl-C is (`StopSignals.ask`): the
+        other callbacks get the hook, the update under way ends with its evaluation and saves, and
+        the run stops where a signal would stop it. Under torch.distributed it propagates at once,
+        as a signal does there.
+        """
         ctx = self.run_ctx
         ctx.held, ctx.epoch, ctx.step, ctx.batch = self.state, self.epoch, self.step, self.pos
+        ctx.micro = self.micro
         for cb in self.hooks:
             fn = getattr(cb, hook, None)
-            if fn is not None:
+            if fn is None:
+                continue
+            try:
                 fn(ctx)
+            except KeyboardInterrupt:
+                if self.state.dist is not None:
+                    raise
+                self.signals.ask(signal.SIGINT)
         if ctx.state.user is not self.state.user:  # a hook assigned run.user
             self.state = self.state.replace(user=ctx.state.user)
         if ctx.should_stop and self.stop_reason is None:
@@ -163,7 +181,8 @@ class Loop:
         callbacks close what they opened; the exception then propagates as it was. A stop asked
         by a signal (`functrain.driver.preemption`: Ctrl-C, SIGTERM, SIGUSR1; in the main thread,
         taken between updates, a second one of a kind acting at once) or a `KeyboardInterrupt`
-        (raised by a callback) ends the run too, with ``on_exception``, and keeps what it
+        (raised by a callback: taken as Ctrl-C, `fire`) ends the run too, with ``on_exception``
+        (the last hook: the interrupt's save fires no ``on_save``), and keeps what it
         trained: the state after the last completed update, saved where the run has a
         checkpoint directory, stop reason ``"interrupted"`` (``"terminated"`` for SIGTERM,
         ``"requeue"`` for SIGUSR1: `fit` then raises `Preempted`). Raised inside a donated step
@@ -199,7 +218,9 @@ class Loop:
             self._log(partial=True)
         self.state = self.state.replace(driver=self._driver_tree())
         if self.state.dist is None:  # a save is collective: the other ranks went on
-            self._save()
+            # no on_save: on_exception was the run's last hook, and a save the uninterrupted run
+            # does not make must not write into the state (a resumed run is that run)
+            self._save(announce=False)
 
     def stopped_line(self) -> str | None:
         """Where a run a signal (or a `KeyboardInterrupt`) stopped goes on from; None otherwise.
@@ -273,6 +294,7 @@ class Loop:
             ctx.total_steps = int(updates * stopping.max_epochs)
         ctx.batches = self.epoch * (ctx.batches_per_epoch or 0) + self.pos
         self.fire("on_train_begin")
+        self._stop_if_interrupted()
         while self.stop_reason is None:
             self.stop_reason = self._limit_reached()
             if self.stop_reason is not None:
@@ -415,6 +437,7 @@ class Loop:
             self._evaluate()
         if save_every and self.step % save_every == 0:
             self._save()
+        self._save_hook_writes()
         if self.stopping.max_steps is not None and self.step >= self.stopping.max_steps:
             self.stop_reason = self.stop_reason or "max_steps"
         if self._deadline is not None and time.monotonic() >= self._deadline:
@@ -483,6 +506,7 @@ class Loop:
         if self.stopping.max_epochs is not None and self.epoch >= self.stopping.max_epochs:
             self.stop_reason = self.stop_reason or "max_epochs"
         self.fire("on_epoch_end")
+        self._save_hook_writes()
 
     def _evaluate(self) -> None:
         t0 = time.perf_counter()
@@ -589,10 +613,21 @@ class Loop:
             )  # on every rank: a collective
         return driver
 
-    def _save(self, metrics: dict[str, float] | None = None) -> None:
+    def _save_hook_writes(self) -> None:
+        """Save again where the hooks since the last save wrote ``run.user`` at its position.
+
+        ``on_save``, ``on_eval_end`` and ``on_epoch_end`` fire after the save of their update or
+        epoch, and a run resumed from that checkpoint does not fire them again: the checkpoint is
+        written again (the same name, replaced atomically; ``on_save`` not fired again) to hold
+        what they wrote.
+        """
+        saved = self._saved_at
+        if saved is not None and saved[:3] == self._position()[:3]:
+            self._save(self._saved_metrics, announce=False)
+
+    def _save(self, metrics: dict[str, float] | None = None, announce: bool = True) -> None:
         # skip when nothing changed since the last save (an epoch end after a step's save changes
-        # the
-        # state), and after a non-finite value: the checkpoints keep the last finite state
+        # the state), and after a non-finite value: the checkpoints keep the last finite state
         position = self._position()
         if (
             self.manager is None
@@ -602,6 +637,7 @@ class Loop:
             return
         self._check_lr(self._window_lr(self.ledger.window))
         self.state = self.state.replace(driver=self._driver_tree())
+        self._saved_metrics = metrics
         if (
             not self.main and not self.manager.sharded
         ):  # rank 0 writes; the state is the same on every rank
@@ -612,7 +648,7 @@ class Loop:
         )  # a sharded state: every rank its shards
         self._saved_at = position
         self.saved = saved
-        if self.main:
+        if self.main and announce:
             self.run_ctx.saved = saved
             self.fire("on_save")
 
@@ -624,4 +660,7 @@ class Loop:
         self.state = self.state.replace(driver=self._driver_tree())
         if self.manager is not None:
             self._save()
+            self._save_hook_writes()
+        # a resumed run that had finished fires it again: what it writes into run.user is in the
+        # state `fit` returns, not in the checkpoint (the resume would write it twice)
         self.fire("on_train_end")

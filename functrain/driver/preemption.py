@@ -119,6 +119,17 @@ class StopSignals:
             signum, previous = self._previous.popitem()
             signal.signal(signum, previous)
 
+    def ask(self, signum: int) -> None:
+        """Record a stop asked in code (a callback's `KeyboardInterrupt`) as if `signum` came.
+
+        Unlike a signal, a second one does not act at once: the run stops at the end of the
+        update under way either way.
+        """
+        if self.received is None:
+            self.received = signum
+        if signum != signal.SIGINT and self.preempted_by is None:
+            self.preempted_by = signum
+
     def _asked(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum

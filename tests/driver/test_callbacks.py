@@ -601,3 +601,19 @@ def test_a_hook_assigning_run_state_is_refused_and_fit_per_phase_changes_it() ->
     last = quiet_fit(unfrozen, data, batch_size=16, max_epochs=2).state
     assert (int(last.epoch), int(last.step), dict(last.frozen)) == (2, 8, {})
     assert not torch.equal(last.params["0.weight"], state.frozen["0.weight"])
+
+
+@pytest.mark.parametrize("event", ["batch_begin", "batch_end"])
+def test_on_batch_events_fire_once_per_update_under_accumulation_also_with_every_1(
+    event: str,
+) -> None:
+    fired: dict[int, list[int]] = {1: [], 2: []}
+    hooks = [ft.on(event, every=n)(lambda run, n=n: fired[n].append(run.step)) for n in (1, 2)]
+    # 12 batches of 5, 4 to an update: 3 updates
+    result = quiet_fit(
+        make_state(accumulate_steps=4), sum_dataset(), batch_size=5, max_epochs=1, callbacks=hooks
+    )
+    assert int(result.state.step) == 3
+    # at the batch that begins an update (steps taken before it) or completes one
+    assert fired[1] == ([0, 1, 2] if event == "batch_begin" else [1, 2, 3])
+    assert fired[2] == ([1] if event == "batch_begin" else [2])

@@ -537,12 +537,12 @@ def test_fit_resumed_after_a_requested_stop_equals_the_straight_fit(tmp_path: Pa
     state = make_state(ft.adamw(0.02), dropout=True, accumulate_steps=2, ema_decay=0.8)
     straight = quiet_fit(state, data, checkpoint_dir=tmp_path / "straight", **kwargs)
 
-    @ft.on("batch_end")
-    def stop(run: ft.Run) -> None:
-        if run.batch == 2 and run.epoch == 1:  # mid-epoch, inside an accumulation window
-            run.request_stop("interrupted")
+    class Stop(ft.Callback):  # a callback's hook, not on()'s: it fires inside a window too
+        def on_batch_end(self, run: ft.Run) -> None:
+            if run.batch == 2 and run.epoch == 1:  # mid-epoch, inside an accumulation window
+                run.request_stop("interrupted")
 
-    first = quiet_fit(state, data, checkpoint_dir=tmp_path / "cut", callbacks=[stop], **kwargs)
+    first = quiet_fit(state, data, checkpoint_dir=tmp_path / "cut", callbacks=[Stop()], **kwargs)
     assert (first.stop_reason, counters(first.state)) == ("interrupted", (2, 1, 2, 1))
     resumed = quiet_fit(state, data, checkpoint_dir=tmp_path / "cut", resume=True, **kwargs)
     assert resumed.history.metrics_only() == straight.history.metrics_only()

@@ -430,3 +430,16 @@ def test_a_schedule_turning_nan_during_the_run_stops_it_and_keeps_the_last_good_
         assert all(
             bool(torch.isfinite(p).all()) for p in ft.load(path, like=state).params.values()
         ), path
+
+
+def test_map_style_eval_data_beside_a_loader_is_told_to_pass_eval_batch_size() -> None:
+    data = sum_dataset()
+    with pytest.raises(ConfigError, match=r"eval_data is a map-style dataset .* eval_batch_size="):
+        ft.fit(
+            linear_state(),
+            DataLoader(data, batch_size=20),
+            eval_data=data,
+            max_epochs=1,
+            progress=False,
+            verbosity="silent",
+        )

@@ -171,3 +171,59 @@ def test_ctrl_c_during_the_last_evaluation_stops_the_run_there() -> None:
         signal.signal(signal.SIGINT, previous)
     assert result.stop_reason == "interrupted"
     assert int(result.state.step) == 12 and result.test is None
+
+
+def _flip_a_byte(checkpoint: Path) -> None:
+    tensors = next(checkpoint.glob("tensors-*"))
+    data = bytearray(tensors.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tensors.write_bytes(data)
+
+
+class DamageBest(ft.Callback):
+    """Flips a byte of the best checkpoint's tensors at the run's last epoch's end."""
+
+    def on_train_end(self, run: ft.Run) -> None:
+        best = sorted(Path(run.saved).parent.glob("best-*"))[-1]
+        _flip_a_byte(best)
+
+
+def test_a_best_checkpoint_that_does_not_load_leaves_the_result_and_test_none(
+    tmp_path: Path,
+) -> None:
+    with pytest.warns(RuntimeWarning, match=r"test data was not evaluated .* best checkpoint"):
+        result = quiet_fit(
+            linear_state(),
+            dataset(),
+            eval_data=dataset(),
+            test_data=dataset(),
+            max_epochs=2,
+            checkpoint_dir=tmp_path,
+            callbacks=[DamageBest()],
+        )
+    assert result.test is None and int(result.state.step) == 6
+
+
+def test_a_resume_finding_no_checkpoint_that_loads_refuses_to_start_over_the_old_run(
+    tmp_path: Path,
+) -> None:
+    options = dict(eval_data=dataset(), max_epochs=2, keep_last=1, checkpoint_dir=tmp_path)
+    first = quiet_fit(linear_state(), dataset(), **options)
+    _flip_a_byte(Path(first.checkpoints["latest"]))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.warns(RuntimeWarning, match="skipping checkpoint"):
+        with pytest.raises(
+            ft.CheckpointError, match=r"no regular one that loads.*another checkpoint_dir"
+        ):
+            quiet_fit(linear_state(), dataset(), **options, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # an empty directory still starts the run
+    assert (
+        quiet_fit(
+            linear_state(),
+            dataset(),
+            **{**options, "checkpoint_dir": tmp_path / "new"},
+            resume=True,
+        ).stop_reason
+        == "max_epochs"
+    )

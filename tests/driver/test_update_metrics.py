@@ -96,12 +96,14 @@ def test_a_run_resumed_inside_an_accumulation_window_logs_what_the_straight_run_
     kwargs = dict(batch_size=5, max_epochs=2, log_every=3, save_every=1)
     straight = quiet_fit(warmed_up(), data, checkpoint_dir=tmp_path / "straight", **kwargs)
 
-    @ft.on("batch_end")
-    def stop(run: ft.Run) -> None:
-        if run.step == 5 and run.batch == 6:  # 2 batches into a window, 2 updates into a log row
-            run.request_stop("interrupted")
+    class Stop(ft.Callback):  # a callback's hook, not on()'s: it fires inside a window too
+        def on_batch_end(self, run: ft.Run) -> None:
+            if run.step == 5 and run.batch == 6:  # 2 batches into a window, 2 updates into a row
+                run.request_stop("interrupted")
 
-    cut = quiet_fit(warmed_up(), data, checkpoint_dir=tmp_path / "cut", callbacks=[stop], **kwargs)
+    cut = quiet_fit(
+        warmed_up(), data, checkpoint_dir=tmp_path / "cut", callbacks=[Stop()], **kwargs
+    )
     assert cut.stop_reason == "interrupted"
     resumed = quiet_fit(warmed_up(), data, checkpoint_dir=tmp_path / "cut", resume=True, **kwargs)
     assert resumed.history.metrics_only() == straight.history.metrics_only()
