@@ -478,10 +478,10 @@ def _differences(a: TrainState, b: TrainState) -> list[str]:
     # the stacked step runs member 0's module and loss function for every member
     ma, mb = _modules_read(a.module), _modules_read(b.module)
     if ma != mb:
-        at = next((x[0] for x, y in zip(ma, mb, strict=False) if x != y), "")
         out.append(
-            f"its module differs from member 0's at {at or 'the top'!r} (a submodule's class, "
-            "mode, setting or hook): the stacked step runs member 0's module for every member"
+            f"its module differs from member 0's in {_where(ma, mb)} (a submodule's class, mode, "
+            "setting or hook): the stacked step runs member 0's module for every member; keep "
+            "what differs between members out of the module (in the batch or the weights)"
         )
     if _read(a.loss_fn, 0) != _read(b.loss_fn, 0):
         out.append(
@@ -502,6 +502,21 @@ def _modules_read(module: nn.Module) -> list[tuple[str, Any]]:
     ]
 
 
+def _where(a: list[tuple[str, Any]], b: list[tuple[str, Any]]) -> str:
+    """The first module, and its attribute, where two members' `_modules_read` differ."""
+    for (name, (kind, attributes)), (other, (other_kind, other_attributes)) in zip(
+        a, b, strict=False
+    ):
+        at = repr(name) if name else "the top module"
+        if name != other or kind is not other_kind:
+            return f"{at} (its class)"
+        mine, theirs = dict(attributes), dict(other_attributes)
+        for key in [*mine, *(k for k in theirs if k not in mine)]:
+            if mine.get(key) != theirs.get(key):
+                return f"{at}, its attribute {key!r}"
+    return "its submodules"
+
+
 def _compared(key: str) -> bool:
     """Whether a module's attribute `key` is compared: not its tables, nor what functrain's
     structure keeps of its own (the call guard's handle, a number every structure has its own)."""
@@ -516,7 +531,7 @@ _BY_VALUE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, tor
 def _read(value: Any, depth: int) -> Any:
     """`value` as two members' modules or loss functions are compared (`_modules_read`)."""
     if isinstance(value, _BY_VALUE):
-        return type(value), value
+        return type(value), value if value == value else "nan"  # (NaN is no NaN's equal)
     if isinstance(value, torch.Tensor):
         return "tensor", tuple(value.shape), value.dtype
     if isinstance(value, nn.Module):  # (a module a function closes over: its own settings)

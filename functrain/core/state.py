@@ -950,7 +950,7 @@ class TrainState:
                 )
             for name, b in self.module.named_buffers():
                 memo[id(b)] = values[name].detach().clone()
-            module = deepcopy_module(self.module, memo, weightless=False)
+            module = deepcopy_module(self.module, memo, computed=True)
         module.__dict__.pop(WEIGHTLESS, None)  # it holds weights: a state made from it copies them
         module._forward_pre_hooks.pop(module.__dict__.pop(CALL_GUARD, None), None)  # runs as is
         module.eval()
@@ -1532,7 +1532,13 @@ def _deepcopy_state(state: TrainState, memo: dict) -> TrainState:
     with STEP_LOCK:  # the structure read while no other thread's step has it bound
         for field in attrs.fields(TrainState):
             value = None if field.name == "program" else getattr(state, field.name)
-            object.__setattr__(new, field.name, copy.deepcopy(value, memo))
+            # (the structure's functions that read it read the copy: `deepcopy_module`)
+            copied = (
+                deepcopy_module(value, memo)
+                if isinstance(value, nn.Module)
+                else copy.deepcopy(value, memo)
+            )
+            object.__setattr__(new, field.name, copied)
     return new
 
 

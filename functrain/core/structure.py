@@ -180,7 +180,7 @@ def _copy_structure(module: nn.Module) -> nn.Module:
     for b in module.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
     try:
-        structure = deepcopy_module(module, memo, weightless=True)
+        structure = deepcopy_module(module, memo)
     except ConfigError:
         raise
     except Exception:  # noqa: BLE001 - locks, open files, ...: run the module itself, as before
@@ -195,17 +195,26 @@ def _copy_structure(module: nn.Module) -> nn.Module:
     return structure
 
 
-def deepcopy_module(module: nn.Module, memo: dict[int, Any], *, weightless: bool) -> nn.Module:
+def deepcopy_module(
+    module: nn.Module, memo: dict[int, Any], *, computed: bool = False
+) -> nn.Module:
     """``copy.deepcopy(module, memo)``, where a function the module holds (a hook or an attribute
     written as a lambda or closure in ``__init__``: ``lambda m, i, o: o * self.gate``) reads the
-    copy's parts, as a method does, not the module's: deepcopy copies no function, so the copy
-    would run it on the original's weights, which never train. A function that reads the
-    module through a global name (a notebook's ``model``) is refused, naming it.
+    copy's modules, as a method does, not the module's: deepcopy copies no function, so the copy
+    would run it on the original's weights, which never train. Such a function gets a twin whose
+    closure cells and defaults holding one of the module's modules (or a function that does) hold
+    the copy's; its other cells are the original's own (a ``nonlocal`` rebound later is read as
+    it is then).
+
+    Refused (`ConfigError`, naming the function), where no copy can run it as torch runs the
+    module: a function that reads the module through a global name (a notebook's ``model``),
+    or holds one of the module's tensors itself (``w = self.lin.weight; lambda x: x @ w.t()``:
+    a state binds its weights where the module holds them) or in a container of its own.
 
     The parameters' gradient hooks (``Tensor.register_hook``) of the copies already in `memo`
-    are read the same way. A tensor a module holds that a forward computed (the weight torch's
-    old ``weight_norm`` and ``spectral_norm`` set before each forward), which deepcopy refuses,
-    is copied detached (`weightless`: on the meta device); its forward computes it again.
+    are read the same way. With `computed` (an exported module's copy, whose tensors are real),
+    a tensor a module holds that a computation made (the weight torch's old ``weight_norm`` and
+    ``spectral_norm`` set before each forward), which deepcopy refuses, is copied detached.
 
     Example:
         >>> class Gated(nn.Module):
@@ -214,96 +223,177 @@ def deepcopy_module(module: nn.Module, memo: dict[int, Any], *, weightless: bool
         ...         self.lin, self.gate = nn.Linear(2, 2), nn.Parameter(torch.ones(2))
         ...         self.lin.register_forward_hook(lambda m, i, o: o * self.gate)
         >>> model = Gated()
-        >>> copied = deepcopy_module(model, {}, weightless=False)
+        >>> copied = deepcopy_module(model, {})
         >>> hook = next(iter(copied.lin._forward_hooks.values()))
         >>> hook.__closure__[0].cell_contents is copied
         True
     """
-    parts = {id(x) for x in (*module.modules(), *module.parameters(), *module.buffers())}
-    functions: dict[int, tuple[types.FunctionType, types.FunctionType]] = {}
+    modules = {id(m) for m in module.modules()}
+    tensors = {
+        id(t): name
+        for name, t in (
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        )
+    }
+    held: list[types.FunctionType] = []
+    seen: set[int] = set()
     for m in module.modules():
         for key, value in vars(m).items():
             if key not in _TABLES:
-                _functions_in(value, functions, 0)
-    for t in memo.values():
+                _functions_in(value, held, seen, 0)
+    for t in list(memo.values()):
         if isinstance(t, torch.Tensor):
-            _functions_in(list(_hooks_of(t).values()), functions, 0)
-    for function, _ in functions.values():
-        found = _global_parts(function.__code__, function.__globals__, parts)
-        if found:
+            _functions_in(list(_hooks_of(t).values()), held, seen, 0)
+    for function in held:
+        problem = _unbindable(function, modules, tensors)
+        if problem:
             raise ConfigError(
                 f"the function {function.__qualname__!r} the module holds (a hook or an "
-                f"attribute) reads the module through the global name {found!r}: a state runs "
-                "a copy of the module on its own weights, and this function would read the "
-                "module you built, whose weights never train; read it through the function's "
-                "arguments (a hook's module argument), or write it as a method or a submodule"
+                f"attribute) {problem}: a state runs a copy of the module, its weights bound "
+                "where the module holds them, and this function would read the module you built, "
+                "whose weights never train; read the module through self (self.lin.weight) or "
+                "the function's arguments (a hook's module argument), or write it as a method"
             )
-    for function, again in functions.values():
-        if again is not function:
-            memo[id(function)] = again
-    for m in module.modules():
-        for value in vars(m).values():
-            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                memo.setdefault(
-                    id(value),
-                    torch.empty_like(value, device="meta")
-                    if weightless
-                    else value.detach().clone(),
-                )
+    twins = _twins(held, modules)
+    memo.update(twins)
+    if computed:
+        for m in module.modules():
+            for value in vars(m).values():
+                if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                    memo.setdefault(id(value), value.detach().clone())
     copied = copy.deepcopy(module, memo)
-    for function, again in functions.values():
-        for cell, new in zip(function.__closure__ or (), again.__closure__ or (), strict=True):
-            try:
-                value = cell.cell_contents
-            except ValueError:  # (a name not yet bound where it was made)
-                continue
-            new.cell_contents = memo.get(id(value), value)
+    for function in held:
+        twin = twins.get(id(function))
+        if twin is None:
+            continue
+        for cell, new in zip(function.__closure__ or (), twin.__closure__ or (), strict=True):
+            if new is not cell:
+                new.cell_contents = memo[id(cell.cell_contents)]
+        if function.__defaults__:
+            twin.__defaults__ = tuple(memo.get(id(d), d) for d in function.__defaults__)
+        if function.__kwdefaults__:
+            twin.__kwdefaults__ = {
+                k: memo.get(id(d), d) for k, d in function.__kwdefaults__.items()
+            }
     for t in list(memo.values()):  # the gradient hooks given to the parameters' copies
         if isinstance(t, torch.Tensor) and _hooks_of(t):
             t._backward_hooks = OrderedDict(
-                (k, functions[id(h)][1] if id(h) in functions else h)
-                for k, h in _hooks_of(t).items()
+                (k, twins.get(id(h), h)) for k, h in _hooks_of(t).items()
             )
     return copied
 
 
-def _functions_in(
-    value: Any, found: dict[int, tuple[types.FunctionType, types.FunctionType]], depth: int
-) -> None:
-    """Each function in `value` (a module attribute; containers, partials and closures looked
-    into), by id, with its twin: for one with a closure, a function of the same code whose cells
-    are its own, filled after the copy; else itself."""
-    if depth > 4 or id(value) in found:
-        return
-    if isinstance(value, types.FunctionType):
-        cells = value.__closure__ or ()
-        again = value
-        if cells:
-            again = types.FunctionType(
-                value.__code__,
-                value.__globals__,
-                value.__name__,
-                value.__defaults__,
-                tuple(types.CellType() for _ in cells),
-            )
-            again.__kwdefaults__ = value.__kwdefaults__
-            again.__qualname__ = value.__qualname__
-            again.__dict__.update(value.__dict__)
-        found[id(value)] = (value, again)
-        for cell in cells:
+def _held_values(function: types.FunctionType) -> list[Any]:
+    """What `function` holds besides its code: its closure cells' values and its defaults."""
+    values = []
+    for cell in function.__closure__ or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # (a cell not yet filled)
+            pass
+    return [*values, *(function.__defaults__ or ()), *(function.__kwdefaults__ or {}).values()]
+
+
+def _unbindable(
+    function: types.FunctionType, modules: set[int], tensors: dict[int, str]
+) -> str | None:
+    """Why no copy of the module can run `function` as torch runs the module, or None."""
+    found = _global_parts(function.__code__, function.__globals__, modules | set(tensors))
+    if found:
+        return f"reads the module through the global name {found!r}"
+    for value in _held_values(function):
+        if id(value) in tensors:
+            return f"holds the module's tensor {tensors[id(value)]!r} itself"
+        if not isinstance(value, nn.Module | types.FunctionType) and _holds(
+            value, modules, tensors, 0
+        ):
+            return f"holds the module's modules or tensors in a {type(value).__name__} of its own"
+    return None
+
+
+def _holds(value: Any, modules: set[int], tensors: dict[int, str], depth: int) -> bool:
+    """Whether the container `value` holds one of the module's modules or tensors."""
+    if id(value) in modules or id(value) in tensors:
+        return True
+    if depth > 3:
+        return False
+    if isinstance(value, list | tuple | set | frozenset) and len(value) <= _WALKED:
+        return any(_holds(v, modules, tensors, depth + 1) for v in value)
+    if isinstance(value, dict) and len(value) <= _WALKED:
+        return any(_holds(v, modules, tensors, depth + 1) for v in value.values())
+    return False
+
+
+def _twins(held: list[types.FunctionType], modules: set[int]) -> dict[int, types.FunctionType]:
+    """The functions of `held` that read the module through what they hold (one of its modules,
+    or a function that does, itself included), by id, each with its twin: new cells where it
+    holds those (filled after the copy), its own cells elsewhere."""
+    reading: set[int] = set()
+    grew = True
+    while grew:  # (until no function is found to hold one that reads the module)
+        grew = False
+        for function in held:
+            if id(function) not in reading and any(
+                id(v) in modules or id(v) in reading for v in _held_values(function)
+            ):
+                reading.add(id(function))
+                grew = True
+    twins = {}
+    for function in held:
+        if id(function) not in reading:
+            continue
+        cells = []
+        for cell in function.__closure__ or ():
             try:
-                _functions_in(cell.cell_contents, found, depth + 1)
+                value = cell.cell_contents
             except ValueError:  # (a cell not yet filled)
-                pass
+                cells.append(cell)
+                continue
+            fresh = id(value) in modules or id(value) in reading
+            cells.append(types.CellType() if fresh else cell)
+        again = types.FunctionType(
+            function.__code__,
+            function.__globals__,
+            function.__name__,
+            function.__defaults__,
+            tuple(cells),
+        )
+        again.__kwdefaults__ = function.__kwdefaults__
+        again.__qualname__ = function.__qualname__
+        again.__dict__.update(function.__dict__)
+        twins[id(function)] = again
+    return twins
+
+
+def _functions_in(value: Any, found: list[types.FunctionType], seen: set[int], depth: int) -> None:
+    """Each function in `value` (a module attribute; containers, partials, plain objects'
+    attributes and what functions hold looked into), once, into `found`."""
+    if depth > 4 or id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, types.FunctionType):
+        found.append(value)
+        for v in _held_values(value):
+            _functions_in(v, found, seen, depth + 1)
+    elif isinstance(value, types.MethodType):
+        _functions_in(value.__func__, found, seen, depth + 1)
     elif isinstance(value, functools.partial):
         for v in (value.func, *value.args, *value.keywords.values()):
-            _functions_in(v, found, depth + 1)
+            _functions_in(v, found, seen, depth + 1)
     elif isinstance(value, list | tuple | set | frozenset) and len(value) <= _WALKED:
         for v in value:
-            _functions_in(v, found, depth + 1)
+            _functions_in(v, found, seen, depth + 1)
     elif isinstance(value, dict) and len(value) <= _WALKED:
         for v in value.values():
-            _functions_in(v, found, depth + 1)
+            _functions_in(v, found, seen, depth + 1)
+    elif (
+        not isinstance(value, nn.Module | torch.Tensor | type | types.ModuleType)
+        and not type(value).__module__.startswith(("builtins", "torch"))
+        and isinstance(getattr(value, "__dict__", None), dict)
+    ):  # (a helper object of the user's: its attributes)
+        for v in vars(value).values():
+            _functions_in(v, found, seen, depth + 1)
 
 
 def _global_parts(code: types.CodeType, namespace: dict[str, Any], parts: set[int]) -> str | None:

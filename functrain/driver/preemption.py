@@ -122,8 +122,8 @@ class StopSignals:
     def ask(self, signum: int) -> None:
         """Record a stop asked in code (a callback's `KeyboardInterrupt`) as if `signum` came.
 
-        Unlike a signal, a second one does not act at once: the run stops at the end of the
-        update under way either way.
+        A second stop asked so does not act at once here: `Loop.fire` lets a second
+        `KeyboardInterrupt` propagate, as a second Ctrl-C does.
         """
         if self.received is None:
             self.received = signum

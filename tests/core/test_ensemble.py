@@ -259,8 +259,11 @@ def _net(k, act=nn.ReLU, p=0.1):
 @pytest.mark.parametrize(
     ("second", "words"),
     [
-        (lambda: ft.TrainState.create(_net(1, nn.Tanh), ft.sgd(0.1), _ce), "module .* at '1'"),
-        (lambda: ft.TrainState.create(_net(1, p=0.5), ft.sgd(0.1), _ce), "module .* at '2'"),
+        (
+            lambda: ft.TrainState.create(_net(1, nn.Tanh), ft.sgd(0.1), _ce),
+            "module .* '1' .its class",
+        ),
+        (lambda: ft.TrainState.create(_net(1, p=0.5), ft.sgd(0.1), _ce), "'2', its attribute 'p'"),
         (lambda: ft.TrainState.create(_net(1), ft.sgd(0.1), _scaled(10)), "loss function"),
         (lambda: ft.TrainState.create(_net(1), ft.sgd(0.1), lambda m, b: _ce(m, b)), "loss"),
     ],

@@ -335,6 +335,11 @@ def test_a_hook_that_changes_its_gradients_size_or_dtype_is_refused_as_torch_ref
 
 # functions a module holds that read the module through their closure (``self`` in ``__init__``):
 # the state's copy of the module runs them on its own weights, as torch runs them on the module's
+class _Helper:
+    def __init__(self, act: Any) -> None:
+        self.act = act
+
+
 class ClosingOverSelf(nn.Module):
     def __init__(self, how: str) -> None:
         super().__init__()
@@ -354,11 +359,23 @@ class ClosingOverSelf(nn.Module):
             self.a.weight.register_hook(lambda g: g * self.slope.detach())
         elif how == "stored-activations":
             self.a.register_forward_hook(lambda m, i, o: self.feats.append(o))
+        elif how == "default-argument":
+            self.act = lambda x, self=self: x * self.gate
+        elif how == "recursive":
+
+            def act(x: torch.Tensor, n: int = 2) -> torch.Tensor:
+                return x * self.gate if n == 0 else act(x, n - 1)
+
+            self.act = act
+        elif how == "helper-object":
+            self.helper = _Helper(lambda x: x * self.gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.a(x.float())
-        if self.how in ("attribute", "nested"):
+        if self.how in ("attribute", "nested", "default-argument", "recursive"):
             h = self.act(h)
+        if self.how == "helper-object":
+            h = self.helper.act(h)
         out = self.b(torch.tanh(h) * self.gate) * self.slope  # (each weight used: torch's
         # AdamW leaves one without a gradient alone)
         if self.how == "stored-activations":
@@ -367,7 +384,18 @@ class ClosingOverSelf(nn.Module):
 
 
 @pytest.mark.parametrize("donate", [False, True])
-@pytest.mark.parametrize("how", ["forward-hook", "attribute", "nested", "stored-activations"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "forward-hook",
+        "attribute",
+        "nested",
+        "stored-activations",
+        "default-argument",
+        "recursive",
+        "helper-object",
+    ],
+)
 def test_a_function_closing_over_the_module_reads_the_states_weights(
     how: str, donate: bool
 ) -> None:
@@ -390,6 +418,54 @@ def test_a_function_closing_over_the_module_reads_the_states_weights(
     x = torch.randn(4, 6, generator=gen)
     with torch.no_grad():
         assert torch.equal(exported(x), reference.eval()(x))
+    # a deep copy of the state runs its own copy of the module, the functions reading that
+    copied = copy.deepcopy(state)
+    again, _ = ft.train_step(copied, batch)
+    continued, _ = ft.train_step(state, batch)
+    assert_trees_equal(again.tree(), continued.tree())
+
+
+def test_a_function_holding_a_weight_itself_is_refused_naming_it() -> None:
+    # (a state binds its weights where the module holds them, never in a closure: the function
+    # would read a tensor no step binds)
+    class Holding(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(6, 3)
+            w = self.a.weight
+            self.f = lambda x: x @ w.t()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.f(x) + self.a.bias
+
+    with pytest.raises(ConfigError, match="holds the module's tensor 'a.weight' itself"):
+        ft.TrainState.create(Holding(), ft.sgd(0.1), loss_fn)
+
+
+def test_a_nonlocal_a_function_shares_with_the_module_is_read_as_it_is_then() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(6, 3)
+            scale = 1.0
+
+            def hook(m: Any, i: Any, o: torch.Tensor) -> torch.Tensor:
+                return o * scale * self.a.bias.sum().clamp(min=1.0)
+
+            def set_scale(s: float) -> None:
+                nonlocal scale
+                scale = s
+
+            self.a.register_forward_hook(hook)
+            self.set_scale = set_scale
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x)
+
+    model = Scaled()
+    state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
+    model.set_scale(0.0)
+    assert torch.equal(ft.predict(state, torch.ones(1, 6)), torch.zeros(1, 3))
 
 
 def test_a_gradient_hook_reading_the_modules_weights_is_refused_naming_it() -> None:

@@ -105,6 +105,39 @@ def test_ctrl_c_saves_the_update_it_stopped_after_and_hands_it_back(tmp_path: Pa
     )
 
 
+class TwiceInAHook(ft.Callback):
+    """Ctrl-C twice in ``on_batch_end`` of update `step` (a hook that hangs, interrupted again);
+    records the hooks that ran after."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.after = step, []
+
+    def on_batch_end(self, run: ft.Run) -> None:
+        if run.step == self.step:
+            signal.raise_signal(signal.SIGINT)  # recorded: the update ends first
+            self.after.append("first")
+            signal.raise_signal(signal.SIGINT)  # acts at once
+
+    def on_eval_end(self, run: ft.Run) -> None:
+        self.after.append(f"eval {run.step}")
+
+
+@pytest.mark.usefixtures("default_handlers")
+def test_a_second_ctrl_c_inside_a_callback_acts_at_once() -> None:
+    hooks = TwiceInAHook(2)
+    result = quiet_fit(
+        linear_state(ft.adamw(0.05)),
+        dataset(),
+        eval_data=dataset(),
+        eval_every=2,
+        run_mode="step",
+        callbacks=[hooks],
+        **OPTIONS,
+    )
+    assert result.stop_reason == "interrupted"
+    assert hooks.after == ["first"]  # the evaluation due at update 2 did not run
+
+
 @pytest.mark.usefixtures("default_handlers")
 def test_a_preempted_fit_without_a_checkpoint_dir_says_nothing_was_saved(
     capsys: pytest.CaptureFixture[str],
