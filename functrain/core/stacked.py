@@ -38,7 +38,7 @@ from torch import nn
 
 from functrain.core.options import build_transform
 from functrain.core.state import TrainState
-from functrain.core.structure import grad_hooks, sparse_parameters
+from functrain.core.structure import BY_VALUE, MODULE_TABLES, grad_hooks, sparse_parameters
 from functrain.errors import ConfigError
 from functrain.optim.base import Transform, is_transform
 from functrain.optim.batching import register
@@ -520,17 +520,12 @@ def _where(a: list[tuple[str, Any]], b: list[tuple[str, Any]]) -> str:
 def _compared(key: str) -> bool:
     """Whether a module's attribute `key` is compared: not its tables, nor what functrain's
     structure keeps of its own (the call guard's handle, a number every structure has its own)."""
-    return key not in _TABLES and not key.startswith("_functrain_")
-
-
-# the tables of a module's instance dict, compared as its submodules and tensors are
-_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
-_BY_VALUE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+    return key not in MODULE_TABLES and not key.startswith("_functrain_")
 
 
 def _read(value: Any, depth: int) -> Any:
     """`value` as two members' modules or loss functions are compared (`_modules_read`)."""
-    if isinstance(value, _BY_VALUE):
+    if type(value) in BY_VALUE:
         return type(value), value if value == value else "nan"  # (NaN is no NaN's equal)
     if isinstance(value, torch.Tensor):
         return "tensor", tuple(value.shape), value.dtype

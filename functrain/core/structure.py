@@ -34,7 +34,9 @@ from functrain.core.binding import CALL_GUARD, bound_now, refuse_unbound_calls
 from functrain.errors import ConfigError
 
 __all__ = [
+    "BY_VALUE",
     "CALL_GUARD",
+    "MODULE_TABLES",
     "WEIGHTLESS",
     "deepcopy_module",
     "fixed",
@@ -56,9 +58,9 @@ WEIGHTLESS = "_functrain_weightless"
 # need not be hashable)
 _parts: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
 # the tables of an nn.Module's instance dict that `_layout` reads by name, not as attributes
-_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
 # attribute values compared by value; any other value by identity, a container by its contents
-_BY_VALUE = frozenset(
+BY_VALUE = frozenset(
     {bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.layout}
 )
 
@@ -91,14 +93,16 @@ def _layout(module: nn.Module) -> tuple:
 
 def _attributes(module: nn.Module, own: set[int]) -> tuple:
     return tuple(
-        (key, _token(value, own, 0)) for key, value in vars(module).items() if key not in _TABLES
+        (key, _token(value, own, 0))
+        for key, value in vars(module).items()
+        if key not in MODULE_TABLES
     )
 
 
 def _token(value: Any, own: set[int], depth: int) -> Any:
     """`value` as `_layout` compares it (`own`: the module's tensors, whose values it drops)."""
     kind = type(value)
-    if kind in _BY_VALUE:
+    if kind in BY_VALUE:
         return (kind, value)
     if isinstance(value, torch.Tensor):
         if id(value) in own:
@@ -112,7 +116,7 @@ def _token(value: Any, own: set[int], depth: int) -> Any:
         return kind, tuple(
             (_token(k, own, depth + 1), _token(v, own, depth + 1)) for k, v in value.items()
         )
-    if kind in (set, frozenset) and all(type(v) in _BY_VALUE for v in value):
+    if kind in (set, frozenset) and all(type(v) in BY_VALUE for v in value):
         return kind, frozenset(value)
     return _Same(value)
 
@@ -240,7 +244,7 @@ def deepcopy_module(
     seen: set[int] = set()
     for m in module.modules():
         for key, value in vars(m).items():
-            if key not in _TABLES:
+            if key not in MODULE_TABLES:
                 _functions_in(value, held, seen, 0)
     for t in list(memo.values()):
         if isinstance(t, torch.Tensor):
