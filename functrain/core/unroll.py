@@ -232,8 +232,9 @@ def implicit_gradient(
         ConfigError: an unknown `solver`, `iterations` not an int >= 1, `tolerance` not a finite
             number >= 0, `outer` not a tree like `weights` or not finite.
         StateMismatchError: `step` returns a tree with other leaves or shapes than `weights`.
-        ConvergenceError: the solve diverged or broke down; or it ran out of `iterations` above
-            `tolerance` (without ``return_info=True``).
+        ConvergenceError: `weights` are not a fixed point of `step` (one step moves them by
+            more than ``FIXED_POINT`` of their norm); the solve diverged or broke down; or it ran
+            out of `iterations` above `tolerance` (without ``return_info=True``).
 
     Example:
         >>> import torch, functrain as ft
@@ -252,6 +253,7 @@ def implicit_gradient(
     g = _outer_leaves(weights, outer)
     traced = torch.func.vjp(step, weights, hyperparameters)
     vjp, spec = traced[1], _cotangent_spec(weights, traced[0])
+    _check_fixed_point(weights, traced[0])
 
     def by_weights(u: list[torch.Tensor]) -> list[torch.Tensor]:
         """``u J_w``."""
@@ -262,6 +264,28 @@ def implicit_gradient(
     _check_converged(info, solver, iterations, tolerance, return_info)
     found = pytree.tree_map(lambda t: t.detach(), vjp(pytree.tree_unflatten(u, spec))[1])
     return (found, info) if return_info else found
+
+
+# the most a step may move the weights given as its fixed point, relative to their norm: an inner
+# loop run to convergence in float32 moves them far less; a gap this size is another point
+FIXED_POINT = 1e-3
+
+
+def _check_fixed_point(weights: Any, stepped: Any) -> None:
+    """Refuse weights that `step` moves: the implicit function theorem holds at a fixed point
+    alone, and elsewhere the solve would converge to a confident wrong hypergradient."""
+    given = [t.detach() for t in tree_leaves(weights)]
+    moved = math.sqrt(
+        sum(float((a.detach() - b).square().sum()) for a, b in zip(tree_leaves(stepped), given))
+    )
+    size = math.sqrt(sum(float(b.square().sum()) for b in given))
+    if not moved <= FIXED_POINT * max(size, 1e-12):
+        raise ConvergenceError(
+            "implicit_gradient's weights are not a fixed point of step: one step moves them by "
+            f"{moved:.3g} (their norm is {size:.3g}; at most {FIXED_POINT:g} of it is taken for "
+            "rounding), and the implicit function theorem holds at w* = step(w*, h) alone. Run "
+            "the inner problem to convergence first and pass the weights it reached"
+        )
 
 
 def _check_solve_arguments(solver: Any, iterations: Any, tolerance: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ __all__ = [
     "check_decay",
     "UNSCHEDULED_DECAY",
     "need_params",
+    "refuse_graph_gradients",
 ]
 
 
@@ -189,4 +191,28 @@ def need_params(params: Tree | None, where: str) -> None:
     if params is None:
         config_check(
             [f"{where} computes the new parameters: call update(updates, state, params)"], "update"
+        )
+
+
+def refuse_graph_gradients(name: str, gradients: Sequence[Any]) -> None:
+    """Refuse gradients that carry a graph given to an update no gradient goes through.
+
+    In a differentiable state a preset trains in its differentiable form; its ordinary update
+    (torch's fused kernels, in-place foreach ops on copies) is not differentiated, so a transform
+    of the user's calling it there would make a gradient through the steps silently first order
+    (or fail in the backward).
+
+    Raises:
+        ConfigError: naming the update and the fix.
+    """
+    if torch.is_grad_enabled() and any(
+        isinstance(g, torch.Tensor) and g.requires_grad for g in gradients
+    ):
+        raise ConfigError(
+            f"{name}'s update was given gradients that carry a graph (a transform of your own "
+            "calling it in a differentiable state?): its kernels are not differentiated, so a "
+            "gradient through the steps would be silently first order. Give the preset itself "
+            "to a differentiable state (it then trains in its differentiable form), or write "
+            "your transform's arithmetic out of place; for first order on purpose, pass the "
+            "gradients detached"
         )

@@ -144,6 +144,30 @@ def test_a_rule_that_writes_in_place_is_refused_with_the_fix(update: Any) -> Non
         ft.train_step(state, _batches()[0])
 
 
+@pytest.mark.parametrize(
+    "preset",
+    [
+        lambda: ft.sgd(0.1),
+        lambda: ft.sgd(0.1, momentum=0.9, fused=False),
+        lambda: ft.adam(0.05),
+        lambda: ft.adam(0.05, fused=False),
+    ],
+)
+def test_a_rule_of_ones_own_calling_a_presets_update_is_refused(preset: Any) -> None:
+    # (a wrapper around a preset's ordinary update: its kernels are not differentiated, so the
+    # meta-gradient was silently first order, or failed in the backward)
+    inner = preset()
+
+    def update(grads: Any, state: Any, params: Any = None) -> Any:
+        return inner.update(grads, state, params)
+
+    tx = ft.Transform(inner.init, update, name="wrapper()")
+    state = ft.TrainState.create(_net(), tx, _squared_error, differentiable=True)
+    state = state.replace(params=_leaves())
+    with pytest.raises(ft.ConfigError, match="carry a graph .* silently first order"):
+        ft.train_step(state, _batches()[0])
+
+
 def test_functrain_own_transforms_keep_their_differentiable_form_or_refusal() -> None:
     assert is_own_rule(maml_sgd(0.1))
     assert not is_own_rule(ft.sgd(0.1))

@@ -199,10 +199,26 @@ def test_conjugate_gradients_refuse_a_singular_system() -> None:
     with pytest.raises(
         ft.ConvergenceError,
         match=r"need I - J_w positive definite, got p \(I - J_w\) p = 0 on search direction 1",
-    ):  # a step that leaves the weights where they are: J_w = I
+    ):  # a step that leaves the weights where they are (h = 0: every point fixed): J_w = I
         ft.implicit_gradient(
-            lambda w, h: w + h * c, torch.zeros(2, dtype=F64), torch.ones((), dtype=F64), c
+            lambda w, h: w + h * c, torch.zeros(2, dtype=F64), torch.zeros((), dtype=F64), c
         )
+
+
+def test_weights_that_are_not_a_fixed_point_are_refused() -> None:
+    # ridge regression's gradient step at its initial weights (the inner loop not run): a
+    # converged solve there is a confident wrong hypergradient
+    x, y = torch.eye(2, dtype=F64), torch.ones(2, dtype=F64)
+    h = torch.tensor(1.0, dtype=F64)
+
+    def step(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return w - 0.5 * (x.T @ (x @ w - y) + h * w)
+
+    outer = torch.ones(2, dtype=F64)
+    with pytest.raises(ft.ConvergenceError, match="not a fixed point of step: one step moves"):
+        ft.implicit_gradient(step, torch.zeros(2, dtype=F64), h, outer)
+    got = ft.implicit_gradient(step, y / (1 + h), h, outer)  # at the fixed point: -2 / (1 + h)^2
+    assert torch.allclose(got, torch.tensor(-0.5, dtype=F64))
 
 
 def test_conjugate_gradients_refuse_a_jacobian_that_is_not_symmetric() -> None:

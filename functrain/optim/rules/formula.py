@@ -48,7 +48,7 @@ from functrain.optim.base import (
     schedule_position,
     writes_in_place,
 )
-from functrain.optim.checks import check_learning_rate
+from functrain.optim.checks import check_learning_rate, refuse_graph_gradients
 from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.metrics import metric_fields
 from functrain.optim.planned import GatedBySelection, Prelude, Ran, Runner, unmeasured
@@ -1648,6 +1648,8 @@ def rule_transform(
         if params is None:
             raise ConfigError(f"{name} needs params= (it computes the new parameters)")
         p, spec = tree_flatten(params)
+        if not differentiable:
+            refuse_graph_gradients(name, tree_leaves(updates))
         in_place = not differentiable and writes_in_place(extras)
         flags = resolve_mask(mask, params)
         new_p, new_state = run(

@@ -56,7 +56,7 @@ from functrain.optim.base import (
     schedule_position,
 )
 from functrain.optim.batching import under_vmap
-from functrain.optim.checks import check_decay
+from functrain.optim.checks import check_decay, refuse_graph_gradients
 from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.planned import Ran, Runner
 from functrain.optim.rates import as_float64, host_rate, value_at
@@ -259,6 +259,7 @@ def _begin(
             f"the fused {what} kernels update the parameters themselves; pass params= to update"
         )
     g, spec = flat_updates(updates, params)
+    refuse_graph_gradients(f"the fused {what}", g)
     numbers = _numbers(state, keep, lr, steps, None, extras.rate_scales, extras.schedule_shift)
     return _Step(g, tree_leaves(params), spec, *numbers, extras)
 
