@@ -120,19 +120,25 @@ def plain_modules(module: nn.Module) -> tuple[nn.Module, ...] | None:
     return found
 
 
-def modes_of(module: nn.Module) -> tuple[tuple[nn.Module, bool], ...]:
+def modes_of(
+    module: nn.Module, modules: tuple[nn.Module, ...] | None = None
+) -> tuple[tuple[nn.Module, bool], ...]:
     """Each of `module`'s modules with its mode, taken before a step switches the whole module
-    (`modes_back` sets them back)."""
-    return tuple((m, m.training) for m in module.modules())
+    (`modes_back` sets them back); `modules`: its `plain_modules`, where the caller has them."""
+    return tuple((m, m.training) for m in (module.modules() if modules is None else modules))
 
 
 def modes_back(
-    module: nn.Module, training: bool, modes: tuple[tuple[nn.Module, bool], ...] | None
+    module: nn.Module,
+    training: bool,
+    modes: tuple[tuple[nn.Module, bool], ...] | None,
+    plain: bool = False,
 ) -> None:
     """`module` back in `training` mode, by its own ``train`` (an override runs), then each of its
     modules in the mode `modes` says it had (None: ``train`` alone): a BatchNorm the user froze with
     ``.eval()`` in a model in train mode stays frozen after an evaluation, as in a torch loop that
-    evaluates and trains the same model.
+    evaluates and trains the same model. `plain`: `modes` holds its `plain_modules`, none of which
+    overrides ``train``: their flags set, without ``train``'s recursion.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
@@ -143,6 +149,10 @@ def modes_back(
         >>> net.training, net[1].training
         (True, False)
     """
+    if plain and modes is not None:
+        for m, mode in modes:
+            m.__dict__["training"] = mode
+        return
     module.train(training)
     for m, mode in modes or ():
         if m.training != mode:

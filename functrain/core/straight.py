@@ -592,7 +592,7 @@ _ENTER = """\
         was_training = MODULE.training
         saved_rng = GEN.get_state()
         if not was_training:
-            modes = MODES_OF(MODULE)
+            modes = MODES_OF(MODULE, MODULES)
 {train}\
         GEN.set_state(state.rng)
 {ranked}\
@@ -742,7 +742,7 @@ _MODE_CALL = """\
 """
 # each module's mode back as it was (a BatchNorm frozen by its own ``.eval()`` stays so)
 _MODES_BACK = """\
-            MODES_BACK(MODULE, was_training, modes)
+            MODES_BACK(MODULE, was_training, modes, MODULES is not None)
 """
 _NO_NORM = """\
         norm = None

@@ -252,8 +252,8 @@ def test_gradients_whose_norm_overflows_are_applied_as_torch_applies_them(
 
 @pytest.mark.parametrize("path", ["straight", "body"])
 def test_an_interrupt_inside_the_modes_restore_leaves_every_module_as_it_was(path: str) -> None:
-    # a KeyboardInterrupt as the restore sets the second module's flag (`scope.modes_back`, by
-    # nn.Module.train); the handler sets every flag back, not the first alone
+    # a KeyboardInterrupt as the restore sets the second module's flag (`scope.modes_back`); the
+    # handler sets every flag back, not the first alone
     import linecache
     import sys
 
@@ -262,10 +262,14 @@ def test_an_interrupt_inside_the_modes_restore_leaves_every_module_as_it_was(pat
     state = _state({}, norm=True)
     state, _ = ft.train_step(state, _BATCH)
     state.module.eval()
-    # (the straight line's entry sets the flags itself, the body's by nn.Module.train: 6 modules,
-    # the restore's 2nd then the 8th)
-    code, line = torch.nn.Module.train.__code__, "self.training = mode"
-    nth = 2 if path == "straight" else 8
+    # (the straight line sets a plain module's flags itself, the body by nn.Module.train: 6
+    # modules on entering, the restore's 2nd then the 8th)
+    from functrain.core.scope import modes_back
+
+    if path == "straight":
+        code, line, nth = modes_back.__code__, 'm.__dict__["training"] = mode', 2
+    else:
+        code, line, nth = torch.nn.Module.train.__code__, "self.training = mode", 8
     seen = [0]
 
     def local(frame: Any, event: str, arg: Any) -> Any:
