@@ -173,6 +173,7 @@ def build_run(
         _refuse(problems)
     trust = _Trust(safe, tuple(allow))
     problems = [
+        *_interpolation_problems(plain, ""),
         *_layout_problems(plain),
         *(p for key in BUILT if key in plain for p in _target_problems(plain[key], key, trust)),
     ]
@@ -404,6 +405,36 @@ def _binding_problems(node: dict[str, Any], key: str, trust: _Trust) -> list[str
 
 def _got(value: Any) -> str:
     return "nothing" if value is _MISSING else f"{type(value).__name__} {value!r}"[:120]
+
+
+def _interpolation_problems(node: Any, key: str) -> list[str]:
+    """Each value of the resolved config that still holds ``${``: Hydra's instantiate, which
+    builds every section, would resolve it again (an interpolation escaped in the file,
+    ``\\${oc.create:{_target_: ...}}``, or given so in a dict) into a node whose ``_target_``
+    none of functrain's checks saw, and call it."""
+    if isinstance(node, str):
+        if "${" in node:
+            return [
+                f"{key}: the value {node[:60]!r} holds '${{' after the config was resolved (an "
+                "interpolation escaped in the file, or given as text): each section is built by "
+                "Hydra's instantiate, which would resolve it again and build what it names "
+                "unchecked; write the value without '${'"
+            ]
+        return []
+    if isinstance(node, dict):
+        return [
+            p
+            for k, v in node.items()
+            for p in (
+                _interpolation_problems(str(k), f"{key or 'the top'} (a key)")
+                if "${" in str(k)
+                else []
+            )
+            + _interpolation_problems(v, f"{key}.{k}" if key else str(k))
+        ]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _interpolation_problems(v, f"{key}[{i}]")]
+    return []
 
 
 # -- building -----------------------------------------------------------------------------------

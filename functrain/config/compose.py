@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from functrain.config.keys import override_typo
-from functrain.config.limits import bounded_yaml, text_problem, yaml_problem
+from functrain.config.limits import (
+    bounded_yaml,
+    interpolation_problem,
+    text_problem,
+    yaml_problem,
+)
 from functrain.config.targets import path_problem, paths_problems
 from functrain.errors import ConfigError
 
@@ -155,6 +160,9 @@ def load_config(
                 f"cannot compose {str(file)!r} with overrides {list(overrides)!r}: "
                 f"{_one_line(e)}{cause}"
             ) from None
+    expanding = interpolation_problem(omegaconf.OmegaConf.to_container(composed, resolve=False))
+    if expanding is not None:
+        raise ConfigError(expanding)
     try:
         resolved = omegaconf.OmegaConf.to_container(composed, resolve=True)
     except omegaconf.errors.OmegaConfBaseException as e:

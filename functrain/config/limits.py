@@ -11,6 +11,10 @@ it) refuse both before anything is built from them, with a `ConfigError` naming 
 - aliases that add more than `MAX_ALIAS_VALUES` values to those written (reusing a block a few
   times adds hundreds), or that refer to a node holding themselves (a cycle).
 
+OmegaConf's interpolations expand as aliases do (``b: '${a}${a}${a}'``, each level ten times the
+last): `interpolation_problem` refuses a config whose interpolations, resolved, would hold more than
+`MAX_RESOLVED` characters and values, before they are resolved.
+
 `yaml_problem` words PyYAML's own errors the same way: a syntax error, and a tag that is not plain
 YAML (``!!python/object/apply:os.system``; OmegaConf's loader is PyYAML's safe loader, which
 constructs none of them, and says so here). `text_problem` checks that a file is UTF-8.
@@ -19,6 +23,7 @@ constructs none of them, and says so here). `text_problem` checks that a file is
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,10 +31,93 @@ from typing import Any
 
 from functrain.errors import ConfigError
 
-__all__ = ["MAX_DEPTH", "MAX_ALIAS_VALUES", "bounded_yaml", "text_problem", "yaml_problem"]
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_ALIAS_VALUES",
+    "MAX_RESOLVED",
+    "bounded_yaml",
+    "interpolation_problem",
+    "text_problem",
+    "yaml_problem",
+]
 
 MAX_DEPTH = 32
 MAX_ALIAS_VALUES = 10_000
+MAX_RESOLVED = 1_000_000
+# a node an interpolation names: ``${a.b}``, ``${a[0]}``, ``${..c}`` (inside a resolver's arguments
+# too: ``${ft.mul:${a},2}``)
+_REFERENCE = re.compile(r"\$\{\s*(\.*[A-Za-z_][\w\-]*(?:(?:\.[\w\-]+)|(?:\[\d+\]))*)\s*\}")
+
+
+def interpolation_problem(raw: Any) -> str | None:
+    """Why the config `raw` (composed, its interpolations unresolved: plain dicts, lists and
+    strings) must not be resolved, or None: its values, each interpolation counted as the node it
+    names, would hold more than `MAX_RESOLVED` characters and values.
+
+    Example:
+        >>> bomb = {"a": "x" * 10, **{f"b{i}": f"${{b{i - 1}}}" * 10 for i in range(1, 9)}}
+        >>> bomb["b1"] = "${a}" * 10
+        >>> print(interpolation_problem(bomb))  # doctest: +ELLIPSIS
+        config key b5: its interpolations would resolve to about 1,455,550 characters...
+        >>> interpolation_problem({"steps": 10, "fit": {"max_steps": "${steps}"}}) is None
+        True
+    """
+    sizes: dict[tuple[Any, ...], int] = {}
+
+    def node(path: tuple[Any, ...]) -> Any:
+        value = raw
+        for part in path:
+            if isinstance(value, dict) and part in value:
+                value = value[part]
+            elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+                value = value[part]
+            else:
+                return None
+        return value
+
+    def target(at: tuple[Any, ...], text: str) -> tuple[Any, ...]:
+        dots = len(text) - len(text.lstrip("."))
+        parts: list[Any] = []
+        for piece in re.split(r"\.|\[", text.lstrip(".")):
+            piece = piece.rstrip("]")
+            if piece:
+                parts.append(int(piece) if piece.isdigit() else piece)
+        base = () if dots == 0 else at[: max(len(at) - dots, 0)]
+        return (*base, *parts)
+
+    def size(path: tuple[Any, ...]) -> int:
+        if path in sizes:
+            return sizes[path]
+        sizes[path] = 1  # (a cycle: OmegaConf refuses it when it resolves)
+        value = node(path)
+        if isinstance(value, dict):
+            total = 1 + sum(size((*path, k)) for k in value)
+        elif isinstance(value, list):
+            total = 1 + sum(size((*path, i)) for i in range(len(value)))
+        elif isinstance(value, str) and "${" in value:
+            found = _REFERENCE.findall(value)
+            total = len(value) + sum(size(target(path, ref)) for ref in found)
+        else:
+            total = len(value) if isinstance(value, str) else 1
+        sizes[path] = min(total, 10 * MAX_RESOLVED)
+        return sizes[path]
+
+    keys = raw if isinstance(raw, dict) else {}
+    for key in keys:
+        got = size((key,))
+        if got > MAX_RESOLVED:
+            worst = max(
+                (p for p in sizes if p and p[0] == key), key=lambda p: sizes[p], default=(key,)
+            )
+            shown = ".".join(str(p) for p in worst)
+            return (
+                f"config key {shown}: its interpolations would resolve to about {got:,} "
+                f"characters and values (more than {MAX_RESOLVED:,}: interpolations that name "
+                "interpolations, each level multiplying the last, as aliases do); write the "
+                "values out, or interpolate fewer times"
+            )
+    return None
+
 
 _SWAP = threading.Lock()
 

@@ -142,8 +142,11 @@ REFUSED: dict[str, str] = {
             "builtins.locals",
             "builtins.setattr",
             "builtins.vars",
+            "asyncio",  # its subprocess functions run processes
+            "_asyncio",
             "bdb",
             "code",
+            "concurrent.futures.process",
             "codeop",
             "cProfile",  # its run takes a string of code, as timeit, trace and doctest do
             "ctypes",
@@ -161,6 +164,8 @@ REFUSED: dict[str, str] = {
             "operator.methodcaller",
             "os",
             "pdb",
+            "pip",
+            "pipes",
             "posix",
             "profile",
             "pty",
@@ -178,7 +183,10 @@ REFUSED: dict[str, str] = {
             "torch.utils.cpp_extension",
             "trace",
             "types",  # builds functions from code objects
+            "venv",  # runs processes (ensurepip)
+            "ensurepip",
             "webbrowser",
+            "zipimport",
         ),
         _CODE,
     ),

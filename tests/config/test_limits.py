@@ -101,3 +101,36 @@ def test_the_command_prints_the_error_without_a_traceback_and_exits_2(
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"functrain run: config file {str(path)!r}, line ")
     assert err.count("\n") == 1
+
+
+def test_interpolations_that_multiply_are_refused_before_they_are_resolved(
+    tmp_path: Path,
+) -> None:
+    # as aliases: each level names the last ten times (a few hundred bytes, 10**9 characters)
+    lines = ["s0: xxxxxxxxxx"] + [f"s{i}: '" + f"${{s{i - 1}}}" * 10 + "'" for i in range(1, 9)]
+    path = tmp_path / "run.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    started = time.perf_counter()
+    with pytest.raises(ft.ConfigError, match=r"config key s5: its interpolations would resolve"):
+        ft.load_config(path)
+    assert time.perf_counter() - started < 10
+    lists = ["l0: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"] + [
+        f"l{i}: [" + ", ".join([f"'${{l{i - 1}}}'"] * 10) + "]" for i in range(1, 8)
+    ]
+    path.write_text("\n".join(lists) + "\n")
+    with pytest.raises(ft.ConfigError, match=r"config key l5: its interpolations would resolve"):
+        ft.load_config(path)
+
+
+def test_interpolations_of_a_run_config_resolve(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "steps: 10\nwidth: 8\nfit: {max_steps: '${steps}', log_every: '${ft.mul:${steps},2}'}\n"
+        "model: {hidden: '${width}', out: '${..width}', name: 'w${width}-s${steps}'}\n"
+    )
+    assert ft.load_config(path) == {
+        "steps": 10,
+        "width": 8,
+        "fit": {"max_steps": 10, "log_every": 20},
+        "model": {"hidden": 8, "out": 8, "name": "w8-s10"},
+    }

@@ -399,3 +399,36 @@ def test_run_help_says_a_config_file_is_trusted_code(capsys: pytest.CaptureFixtu
         "A config file is code:" in text and "Run only configs you trust as you trust code" in text
     )
     assert "--safe" in text and "--allow MODULE" in text
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_a_target_hidden_in_an_escaped_interpolation_is_refused_before_it_is_built(
+    tmp_path: Path, safe: bool
+) -> None:
+    # Hydra's instantiate resolves a string that reads ${...} again, so an escaped interpolation
+    # in the file (a literal after functrain's resolution) became a node with a _target_ that none
+    # of functrain's checks saw: it emptied a file, in safe mode too
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious")
+    hidden = "\\${oc.create:{_target_: builtins.open, file: " + str(victim) + ", mode: w}}"
+    (tmp_path / "run.yaml").write_text(
+        "model: {_target_: torch.nn.Linear, in_features: 3, out_features: 2}\n"
+        "loss: {_target_: functrain.demo.loss_fn, _partial_: true}\n"
+        f"optimizer: {{_target_: functrain.sgd, lr: '{hidden}'}}\n"
+        "data: {train: {_target_: torch.utils.data.TensorDataset, _args_: []}}\n"
+        "fit: {batch_size: 4, max_steps: 1}\n"
+    )
+    config = ft.load_config(tmp_path / "run.yaml", safe=safe)
+    with pytest.raises(ft.ConfigError, match=r"optimizer.lr: the value .* holds '\$\{' after"):
+        ft.build_run(config, safe=safe)
+    as_dict = run_config(optimizer={"_target_": "functrain.sgd", "lr": hidden.lstrip("\\")})
+    with pytest.raises(ft.ConfigError, match=r"optimizer.lr: the value .* holds '\$\{' after"):
+        ft.build_run(as_dict, safe=safe)
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("path", ["asyncio.create_subprocess_shell", "asyncio.run"])
+def test_asyncio_which_runs_processes_is_refused_trusted_or_not(path: str) -> None:
+    from functrain.config.targets import refused_path_problem
+
+    assert "runs code or processes" in (refused_path_problem(path) or "")
