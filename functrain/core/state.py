@@ -1532,12 +1532,20 @@ def _deepcopy_state(state: TrainState, memo: dict) -> TrainState:
     with STEP_LOCK:  # the structure read while no other thread's step has it bound
         for field in attrs.fields(TrainState):
             value = None if field.name == "program" else getattr(state, field.name)
-            # (the structure's functions that read it read the copy: `deepcopy_module`)
-            copied = (
-                deepcopy_module(value, memo)
-                if isinstance(value, nn.Module)
-                else copy.deepcopy(value, memo)
-            )
+            copied: Any
+            if isinstance(value, nn.Module):
+                # (the structure's functions that read it read the copy: `deepcopy_module`; a
+                # module that cannot be copied, which a state runs as it is, is shared)
+                scratch = dict(memo)  # (a copy that fails half way leaves `memo` as it was)
+                try:
+                    copied = deepcopy_module(value, scratch)
+                    memo.update(scratch)
+                except ConfigError:
+                    raise
+                except Exception:  # noqa: BLE001 - locks, computed tensors, ...
+                    copied = value
+            else:
+                copied = copy.deepcopy(value, memo)
             object.__setattr__(new, field.name, copied)
     return new
 

@@ -233,12 +233,15 @@ def deepcopy_module(
         True
     """
     modules = {id(m) for m in module.modules()}
-    tensors = {
-        id(t): name
-        for name, t in (
-            *module.named_parameters(remove_duplicate=False),
-            *module.named_buffers(remove_duplicate=False),
-        )
+    # (the weights: a buffer a function holds itself, RoPE's inv_freq, is read as it is, a
+    # constant; the module's own holds its copy)
+    tensors = {id(t): name for name, t in module.named_parameters(remove_duplicate=False)}
+    # what a global name may not reach: the weights and the modules that hold weights or buffers
+    # (a global activation the module also holds, nn.GELU, is the same function either way)
+    weighted = {
+        id(m)
+        for m in module.modules()
+        if next(iter(m.parameters()), None) is not None or next(iter(m.buffers()), None) is not None
     }
     held: list[types.FunctionType] = []
     seen: set[int] = set()
@@ -250,7 +253,7 @@ def deepcopy_module(
         if isinstance(t, torch.Tensor):
             _functions_in(list(_hooks_of(t).values()), held, seen, 0)
     for function in held:
-        problem = _unbindable(function, modules, tensors)
+        problem = _unbindable(function, modules, tensors, weighted)
         if problem:
             raise ConfigError(
                 f"the function {function.__qualname__!r} the module holds (a hook or an "
@@ -273,13 +276,11 @@ def deepcopy_module(
             continue
         for cell, new in zip(function.__closure__ or (), twin.__closure__ or (), strict=True):
             if new is not cell:
-                new.cell_contents = memo[id(cell.cell_contents)]
+                new.cell_contents = _rebound(cell.cell_contents, memo)
         if function.__defaults__:
-            twin.__defaults__ = tuple(memo.get(id(d), d) for d in function.__defaults__)
+            twin.__defaults__ = tuple(_rebound(d, memo) for d in function.__defaults__)
         if function.__kwdefaults__:
-            twin.__kwdefaults__ = {
-                k: memo.get(id(d), d) for k, d in function.__kwdefaults__.items()
-            }
+            twin.__kwdefaults__ = {k: _rebound(d, memo) for k, d in function.__kwdefaults__.items()}
     for t in list(memo.values()):  # the gradient hooks given to the parameters' copies
         if isinstance(t, torch.Tensor) and _hooks_of(t):
             t._backward_hooks = OrderedDict(
@@ -300,20 +301,54 @@ def _held_values(function: types.FunctionType) -> list[Any]:
 
 
 def _unbindable(
-    function: types.FunctionType, modules: set[int], tensors: dict[int, str]
+    function: types.FunctionType, modules: set[int], tensors: dict[int, str], weighted: set[int]
 ) -> str | None:
     """Why no copy of the module can run `function` as torch runs the module, or None."""
-    found = _global_parts(function.__code__, function.__globals__, modules | set(tensors))
+    found = _global_parts(function.__code__, function.__globals__, weighted | set(tensors))
     if found:
         return f"reads the module through the global name {found!r}"
     for value in _held_values(function):
         if id(value) in tensors:
             return f"holds the module's tensor {tensors[id(value)]!r} itself"
-        if not isinstance(value, nn.Module | types.FunctionType) and _holds(
+        if isinstance(value, list | tuple | set | frozenset | dict) and _holds(
             value, modules, tensors, 0
         ):
-            return f"holds the module's modules or tensors in a {type(value).__name__} of its own"
+            return f"holds the module's modules or weights in a {type(value).__name__} of its own"
+        if _bound_to(value, tensors):
+            return f"holds a {type(value).__name__} of the module's weight itself"
     return None
+
+
+def _bound_to(value: Any, ids: Any) -> bool:
+    """Whether `value`, a bound method, partial or weak reference, holds one of `ids`."""
+    if isinstance(value, types.MethodType):
+        return id(value.__self__) in ids
+    if isinstance(value, functools.partial):
+        return any(
+            id(v) in ids or _bound_to(v, ids)
+            for v in (value.func, *value.args, *value.keywords.values())
+        )
+    if isinstance(value, weakref.ref):
+        return id(value()) in ids
+    return False
+
+
+def _rebound(value: Any, memo: dict[int, Any]) -> Any:
+    """`value` (`_bound_to` the module's modules) bound to their copies in `memo`."""
+    if id(value) in memo:
+        return memo[id(value)]
+    if isinstance(value, types.MethodType):
+        return types.MethodType(value.__func__, _rebound(value.__self__, memo))
+    if isinstance(value, functools.partial):
+        return functools.partial(
+            _rebound(value.func, memo),
+            *(_rebound(v, memo) for v in value.args),
+            **{k: _rebound(v, memo) for k, v in value.keywords.items()},
+        )
+    if isinstance(value, weakref.ref):
+        target = value()
+        return weakref.ref(memo[id(target)]) if id(target) in memo else value
+    return value
 
 
 def _holds(value: Any, modules: set[int], tensors: dict[int, str], depth: int) -> bool:
@@ -339,7 +374,8 @@ def _twins(held: list[types.FunctionType], modules: set[int]) -> dict[int, types
         grew = False
         for function in held:
             if id(function) not in reading and any(
-                id(v) in modules or id(v) in reading for v in _held_values(function)
+                id(v) in modules or id(v) in reading or _bound_to(v, modules | reading)
+                for v in _held_values(function)
             ):
                 reading.add(id(function))
                 grew = True
@@ -354,7 +390,9 @@ def _twins(held: list[types.FunctionType], modules: set[int]) -> dict[int, types
             except ValueError:  # (a cell not yet filled)
                 cells.append(cell)
                 continue
-            fresh = id(value) in modules or id(value) in reading
+            fresh = (
+                id(value) in modules or id(value) in reading or _bound_to(value, modules | reading)
+            )
             cells.append(types.CellType() if fresh else cell)
         again = types.FunctionType(
             function.__code__,
@@ -382,6 +420,7 @@ def _functions_in(value: Any, found: list[types.FunctionType], seen: set[int], d
             _functions_in(v, found, seen, depth + 1)
     elif isinstance(value, types.MethodType):
         _functions_in(value.__func__, found, seen, depth + 1)
+        _functions_in(value.__self__, found, seen, depth + 1)
     elif isinstance(value, functools.partial):
         for v in (value.func, *value.args, *value.keywords.values()):
             _functions_in(v, found, seen, depth + 1)
@@ -391,12 +430,15 @@ def _functions_in(value: Any, found: list[types.FunctionType], seen: set[int], d
     elif isinstance(value, dict) and len(value) <= _WALKED:
         for v in value.values():
             _functions_in(v, found, seen, depth + 1)
-    elif (
-        not isinstance(value, nn.Module | torch.Tensor | type | types.ModuleType)
-        and not type(value).__module__.startswith(("builtins", "torch"))
-        and isinstance(getattr(value, "__dict__", None), dict)
-    ):  # (a helper object of the user's: its attributes)
-        for v in vars(value).values():
+    elif not isinstance(value, nn.Module | torch.Tensor | type | types.ModuleType) and not type(
+        value
+    ).__module__.startswith(("builtins", "torch")):
+        # (a helper object of the user's: its attributes)
+        try:
+            attributes = list(vars(value).values())
+        except Exception:  # noqa: BLE001 - no attributes, or ones that cannot be read: not walked
+            return
+        for v in attributes:
             _functions_in(v, found, seen, depth + 1)
 
 

@@ -153,9 +153,9 @@ class Loop:
 
         A `KeyboardInterrupt` a callback raises is taken as Ctrl-C is (`StopSignals.ask`): the
         other callbacks get the hook, the update under way ends with its evaluation and saves, and
-        the run stops where a signal would stop it. A second one (a second Ctrl-C landing in a
-        callback) propagates at once, as does one under torch.distributed, as a signal does
-        there.
+        the run stops where a signal would stop it. After a real signal, one (the second Ctrl-C,
+        landing in a callback) propagates at once, as does one under torch.distributed, as a
+        signal does there.
         """
         ctx = self.run_ctx
         ctx.held, ctx.epoch, ctx.step, ctx.batch = self.state, self.epoch, self.step, self.pos
@@ -167,9 +167,9 @@ class Loop:
             try:
                 fn(ctx)
             except KeyboardInterrupt:
-                # a second interrupt acts at once (Ctrl-C again: a callback that hangs), as
+                # after a real signal, a second Ctrl-C (a callback that hangs) acts at once, as
                 # does one under torch.distributed, as a signal does there
-                if self.state.dist is not None or self.signals.received is not None:
+                if self.state.dist is not None or self.signals.signalled:
                     raise
                 self.signals.ask(signal.SIGINT)
         if ctx.state.user is not self.state.user:  # a hook assigned run.user

@@ -97,6 +97,7 @@ class StopSignals:
         self.enabled = enabled
         self.received: int | None = None
         self.preempted_by: int | None = None
+        self.signalled = False  # a real signal came (a second then acts at once)
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -122,8 +123,9 @@ class StopSignals:
     def ask(self, signum: int) -> None:
         """Record a stop asked in code (a callback's `KeyboardInterrupt`) as if `signum` came.
 
-        A second stop asked so does not act at once here: `Loop.fire` lets a second
-        `KeyboardInterrupt` propagate, as a second Ctrl-C does.
+        A second stop asked so does not act at once: a callback may stop the run at several
+        hooks. After a real signal (`signalled`), `Loop.fire` lets a `KeyboardInterrupt`
+        propagate: the second Ctrl-C, which acts at once.
         """
         if self.received is None:
             self.received = signum
@@ -131,6 +133,7 @@ class StopSignals:
             self.preempted_by = signum
 
     def _asked(self, signum: int, frame: FrameType | None) -> None:
+        self.signalled = True
         if self.received is None:
             self.received = signum
         if signum != signal.SIGINT and self.preempted_by is None:

@@ -194,19 +194,23 @@ def need_params(params: Tree | None, where: str) -> None:
         )
 
 
-def refuse_graph_gradients(name: str, gradients: Sequence[Any]) -> None:
-    """Refuse gradients that carry a graph given to an update no gradient goes through.
+def refuse_graph_gradients(name: str, gradients: Sequence[Any], params: Sequence[Any]) -> None:
+    """Refuse gradients and parameters that carry a graph, given to an update no gradient goes
+    through.
 
     In a differentiable state a preset trains in its differentiable form; its ordinary update
     (torch's fused kernels, in-place foreach ops on copies) is not differentiated, so a transform
     of the user's calling it there would make a gradient through the steps silently first order
-    (or fail in the backward).
+    (or fail in the backward). An ordinary state's parameters never require grad (a gradient a
+    hook of the user's computed with a tensor that does is taken as torch's ``.grad`` takes it).
 
     Raises:
         ConfigError: naming the update and the fix.
     """
-    if torch.is_grad_enabled() and any(
-        isinstance(g, torch.Tensor) and g.requires_grad for g in gradients
+    if (
+        torch.is_grad_enabled()
+        and any(isinstance(g, torch.Tensor) and g.requires_grad for g in gradients)
+        and any(isinstance(p, torch.Tensor) and p.requires_grad for p in params)
     ):
         raise ConfigError(
             f"{name}'s update was given gradients that carry a graph (a transform of your own "

@@ -11,6 +11,8 @@ post-accumulate-grad hook are refused by `TrainState.create` with the fix.
 from __future__ import annotations
 
 import copy
+import functools
+import weakref
 from typing import Any
 
 import pytest
@@ -369,13 +371,27 @@ class ClosingOverSelf(nn.Module):
             self.act = act
         elif how == "helper-object":
             self.helper = _Helper(lambda x: x * self.gate)
+        elif how == "bound-method":
+            b = self.b.forward  # (a submodule's bound method, beside self)
+            self.out = lambda h: b(h) * self.slope
+        elif how == "weak-reference":
+            me = weakref.ref(self)
+            self.a.register_forward_hook(lambda m, i, o: o * me().gate)
+        elif how == "partial":
+            self.act = functools.partial(lambda x, m: x * m.gate, m=self)
+            scale = functools.partial(torch.mul, other=2.0)
+            self.double = lambda x: scale(x) * self.slope  # (a partial of no weight: shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.a(x.float())
-        if self.how in ("attribute", "nested", "default-argument", "recursive"):
+        if self.how in ("attribute", "nested", "default-argument", "recursive", "partial"):
             h = self.act(h)
+        if self.how == "partial":
+            h = self.double(h)
         if self.how == "helper-object":
             h = self.helper.act(h)
+        if self.how == "bound-method":
+            return self.out(torch.tanh(h) * self.gate)
         out = self.b(torch.tanh(h) * self.gate) * self.slope  # (each weight used: torch's
         # AdamW leaves one without a gradient alone)
         if self.how == "stored-activations":
@@ -394,6 +410,9 @@ class ClosingOverSelf(nn.Module):
         "default-argument",
         "recursive",
         "helper-object",
+        "bound-method",
+        "weak-reference",
+        "partial",
     ],
 )
 def test_a_function_closing_over_the_module_reads_the_states_weights(
@@ -440,6 +459,41 @@ def test_a_function_holding_a_weight_itself_is_refused_naming_it() -> None:
 
     with pytest.raises(ConfigError, match="holds the module's tensor 'a.weight' itself"):
         ft.TrainState.create(Holding(), ft.sgd(0.1), loss_fn)
+
+
+def test_a_function_holding_a_constant_buffer_or_reading_a_weightless_global_trains() -> None:
+    # RoPE's inv_freq held in a closure (a constant, read as it is), and an activation the module
+    # holds that a helper reads through a global name (no weights: the same function)
+    global _ACT
+    _ACT = nn.GELU()
+
+    class Rope(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.act = nn.Linear(6, 3), _ACT
+            self.register_buffer("inv_freq", torch.linspace(0.5, 1.5, 3), persistent=False)
+            inv = self.inv_freq
+            self.rotate = lambda h: h * inv
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return _ACT(self.rotate(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Rope()
+    reference = copy.deepcopy(model)
+    state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
+    opt = torch.optim.SGD(reference.parameters(), 0.1, fused=True)
+    batch = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    for _ in range(3):
+        state, _ = ft.train_step(state, batch)
+        loss_fn(reference, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
+
+
+_ACT: Any = None
 
 
 def test_a_nonlocal_a_function_shares_with_the_module_is_read_as_it_is_then() -> None:

@@ -1649,7 +1649,7 @@ def rule_transform(
             raise ConfigError(f"{name} needs params= (it computes the new parameters)")
         p, spec = tree_flatten(params)
         if not differentiable:
-            refuse_graph_gradients(name, tree_leaves(updates))
+            refuse_graph_gradients(name, tree_leaves(updates), p)
         in_place = not differentiable and writes_in_place(extras)
         flags = resolve_mask(mask, params)
         new_p, new_state = run(

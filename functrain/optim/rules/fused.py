@@ -259,9 +259,10 @@ def _begin(
             f"the fused {what} kernels update the parameters themselves; pass params= to update"
         )
     g, spec = flat_updates(updates, params)
-    refuse_graph_gradients(f"the fused {what}", g)
+    p = tree_leaves(params)
+    refuse_graph_gradients(f"the fused {what}", g, p)
     numbers = _numbers(state, keep, lr, steps, None, extras.rate_scales, extras.schedule_shift)
-    return _Step(g, tree_leaves(params), spec, *numbers, extras)
+    return _Step(g, p, spec, *numbers, extras)
 
 
 def _numbers(
