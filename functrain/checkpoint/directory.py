@@ -40,6 +40,7 @@ __all__ = [
     "is_committed",
     "read_pointer",
     "point_latest",
+    "refuse_foreign_pointer",
     "link_copy",
     "refuse_foreign",
     "remove",
@@ -295,8 +296,36 @@ def read_pointer(directory: Path) -> str | None:
     return name
 
 
+def refuse_foreign_pointer(directory: Path) -> None:
+    """Raise unless what is at `latest` is nothing or a pointer functrain wrote.
+
+    A pointer is a regular file holding one checkpoint's name (as `point_latest` writes it, and
+    `read_pointer` reads it); whether that checkpoint is there does not matter. Anything else at
+    the name (a user's own notes, a directory, a symbolic link) is never replaced.
+
+    Raises:
+        CheckpointError: naming the path, what is there and the fix; nothing is changed.
+        CheckpointPermissionError: this process may not read it.
+    """
+    try:
+        read_pointer(directory)
+    except CheckpointCorruptError as e:
+        raise CheckpointError(
+            f"{str(directory / LATEST)!r} is not a latest pointer functrain wrote ({e}), and "
+            f"a checkpoint directory keeps its pointer to the newest checkpoint at that name: "
+            "move it out of the checkpoint directory (or remove it if you no longer need it), "
+            "or give the run another directory; nothing was written nor removed"
+        ) from None
+
+
 def point_latest(directory: Path, name: str) -> None:
-    """Make `latest` name `name`, atomically (written aside, fsynced, renamed over)."""
+    """Make `latest` name `name`, atomically (written aside, fsynced, renamed over).
+
+    Raises:
+        CheckpointError: what is at `latest` is not a pointer functrain wrote
+            (`refuse_foreign_pointer`); nothing is changed.
+    """
+    refuse_foreign_pointer(directory)
     tmp = directory / f"{TMP_PREFIX}latest-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "w") as f:

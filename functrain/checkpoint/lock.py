@@ -3,7 +3,9 @@
 The lock is ``flock`` on ``<directory>/writer.lock``, taken without waiting. The kernel releases it
 when the holder closes it or dies, however it dies, so a killed run never leaves a stale lock
 behind. The file records who holds it (pid, host, start time) so that a refused writer can name
-the holder; the record is only ever read to write that message, never to decide anything.
+the holder; the record is only ever read to write that message, and to tell a lock of
+functrain's (empty, or holding that record) from a user's own file of that name, which is
+refused, never overwritten (the file a writer that died left is functrain's, and taken over).
 Advisory: a process that does not ask (a plain `functrain.save` into the directory, a shell)
 is not stopped. On Linux NFS clients ``flock`` is carried by the server's byte-range locks.
 
@@ -22,6 +24,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import weakref
 from pathlib import Path
 
@@ -31,6 +34,7 @@ __all__ = ["LOCK_NAME", "WriterLock", "held_by"]
 
 LOCK_NAME = "writer.lock"
 _MAX_RECORD_BYTES = 512
+_RECORD_KEYS = {"pid", "host", "started"}
 _held: weakref.WeakSet[WriterLock] = weakref.WeakSet()
 
 
@@ -60,7 +64,9 @@ class WriterLock:
 
         Raises:
             CheckpointError: another writer holds it (named), or the lock file cannot be opened or
-                locked (a read-only directory: open the manager with ``readonly=True``).
+                locked (a read-only directory: open the manager with ``readonly=True``), or
+                what is at its name is not a lock functrain wrote (a user's own file, a
+                directory, a symbolic link: left as it is, named).
         """
         path = directory / LOCK_NAME
         try:
@@ -77,6 +83,9 @@ class WriterLock:
             finally:
                 os.close(parent)
         except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EISDIR):  # O_NOFOLLOW: a symbolic link
+                kind = "a directory" if e.errno == errno.EISDIR else "a symbolic link"
+                raise _not_ours(path, f"it is {kind}") from None
             raise CheckpointError(
                 f"cannot open the writer lock {str(path)!r}: {e}; a process that only reads "
                 "checkpoints should open CheckpointManager(..., readonly=True), which needs no "
@@ -97,6 +106,10 @@ class WriterLock:
             raise CheckpointError(
                 f"cannot lock {str(path)!r}: {e} (this filesystem may not support locks)"
             ) from None
+        foreign = _foreign(fd)
+        if foreign is not None:
+            os.close(fd)  # unlocks; the file is left as it was
+            raise _not_ours(path, foreign)
         _record(fd)
         return cls(fd, path, (st.st_dev, st.st_ino))
 
@@ -192,6 +205,38 @@ def _record(fd: int) -> None:
         os.pwrite(fd, record + b"\n", 0)
     except OSError:
         pass  # the record only names the holder in an error message; the lock itself is held
+
+
+def _not_ours(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{str(path)!r} is not a writer lock functrain wrote ({what}), and a checkpoint "
+        "directory keeps its writer's lock at that name: move it out of the checkpoint directory "
+        "(or remove it if you no longer need it), or give the run another directory; nothing "
+        "was written nor removed"
+    )
+
+
+def _foreign(fd: int) -> str | None:
+    """What the lock file holds where that is not a lock of functrain's, else None.
+
+    Functrain's is a regular file holding nothing (a lock just made, or one whose record was never
+    written) or the record `_record` writes; read while locked, so no writer is writing it.
+    """
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "it is not a regular file"
+        raw = os.pread(fd, _MAX_RECORD_BYTES + 1, 0)
+    except OSError as e:
+        return f"it cannot be read: {e}"
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw) if len(raw) <= _MAX_RECORD_BYTES else None
+    except (ValueError, RecursionError):
+        record = None
+    if isinstance(record, dict) and set(record) == _RECORD_KEYS:
+        return None
+    return f"it holds {raw[:60]!r}"
 
 
 def _holder(fd: int) -> str:

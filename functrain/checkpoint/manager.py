@@ -41,6 +41,7 @@ from functrain.checkpoint.directory import (
     read_pointer,
     recover,
     refuse_foreign,
+    refuse_foreign_pointer,
 )
 from functrain.checkpoint.files import wait_for_removals
 from functrain.checkpoint.format import file_digests, json_extras, read_manifest, write_tree
@@ -122,7 +123,9 @@ class CheckpointManager:
     Raises:
         ConfigError: invalid options, listed together.
         CheckpointError: (a writer) another writer holds the directory, naming it; or the
-            directory or its lock cannot be created (with `sharded`, on every rank).
+            directory or its lock cannot be created (with `sharded`, on every rank); or a file
+            functrain did not write is at ``latest`` or ``writer.lock`` (a user's own file
+            of that name): it is never replaced nor removed, and the message names it.
 
     Example:
         >>> import tempfile, torch, functrain as ft
@@ -922,6 +925,8 @@ def _lock_and_recover(directory: Path, remove_temporary: bool) -> WriterLock:
         ) from None
     lock = WriterLock.acquire(directory)
     try:
+        # refused before a step is taken, not at the first save (which never replaces it either)
+        refuse_foreign_pointer(directory)
         if remove_temporary:
             for name in recover(directory):
                 warnings.warn(

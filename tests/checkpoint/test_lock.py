@@ -106,3 +106,53 @@ def test_fit_stops_when_its_checkpoint_directory_is_removed_under_it(tmp_path: P
             callbacks=[remove],
         )
     assert not directory.exists()
+
+
+FOREIGN_LOCK = r"'{}' is not a writer lock functrain wrote \({}\).*nothing was written nor removed"
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        (b"my lock file\n", r"it holds b'my lock file\\n'"),
+        (b'{"pid": 1}\n', r"it holds b'\{\"pid\": 1\}\\n'"),
+        (b"x" * 600, r"it holds b'x{60}'"),
+    ],
+    ids=["text", "other-json", "oversized"],
+)
+def test_a_users_file_at_the_lock_name_is_refused_and_left_as_it_was(
+    tmp_path: Path, content: bytes, what: str
+) -> None:
+    (tmp_path / LOCK_NAME).write_bytes(content)
+    with pytest.raises(CheckpointError, match=FOREIGN_LOCK.format(tmp_path / LOCK_NAME, what)):
+        ft.CheckpointManager(tmp_path)
+    assert (tmp_path / LOCK_NAME).read_bytes() == content
+    assert os.listdir(tmp_path) == [LOCK_NAME]
+
+
+@pytest.mark.parametrize("kind", ["directory", "symbolic link"])
+def test_a_directory_or_link_at_the_lock_name_is_refused_and_left_as_it_was(
+    tmp_path: Path, kind: str
+) -> None:
+    target = tmp_path / "mine.txt"
+    target.write_text("keep me\n")
+    if kind == "directory":
+        (tmp_path / LOCK_NAME).mkdir()
+    else:
+        (tmp_path / LOCK_NAME).symlink_to(target)
+    with pytest.raises(
+        CheckpointError, match=FOREIGN_LOCK.format(tmp_path / LOCK_NAME, f"it is a {kind}")
+    ):
+        ft.CheckpointManager(tmp_path)
+    assert target.read_text() == "keep me\n"
+    assert sorted(os.listdir(tmp_path)) == ["mine.txt", LOCK_NAME]
+
+
+@pytest.mark.parametrize("left", ["record", "empty"])
+def test_a_lock_file_a_dead_writer_left_is_taken_over(tmp_path: Path, left: str) -> None:
+    ft.CheckpointManager(tmp_path).close()  # its record stays, as a killed run leaves it
+    if left == "empty":  # killed between truncating the file and writing its record
+        (tmp_path / LOCK_NAME).write_bytes(b"")
+    with ft.CheckpointManager(tmp_path) as writer:
+        writer.save(state(1))
+        assert f'"pid": {os.getpid()}' in (tmp_path / LOCK_NAME).read_text()

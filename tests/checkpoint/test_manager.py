@@ -800,20 +800,55 @@ def test_a_pointer_naming_a_removed_checkpoint_falls_back_silently(
     assert ft.CheckpointManager(tmp_path, readonly=True).latest() == older
 
 
-def test_fit_resumes_past_a_crafted_latest_pointer(tmp_path: Path) -> None:
-    data = [batch(i) for i in range(4)]
-    run = {
-        "max_epochs": 1,
-        "checkpoint_dir": tmp_path,
-        "progress": False,
-        "verbosity": "silent",
-        "save_every": 1,
-    }
-    first = ft.fit(initial_state(), data[:2], **run)
-    (tmp_path / "latest").write_bytes(b"\x80" * 10_000)
-    with pytest.warns(RuntimeWarning, match="ignoring the latest pointer"):
-        resumed = ft.fit(initial_state(seed=1), data[:2], **{**run, "max_epochs": 2}, resume=True)
-    assert int(resumed.state.step) == int(first.state.step) + 2
+FOREIGN_POINTER = r"'{}' is not a latest pointer functrain wrote \(latest: {}.*nothing was written"
+
+
+@pytest.mark.parametrize("kind", ["not-utf8", "oversized", "traversal", "fifo", "symlink"])
+def test_a_writer_refuses_a_latest_it_did_not_write_and_leaves_it(
+    tmp_path: Path, states: list[ft.TrainState], kind: str
+) -> None:
+    with ft.CheckpointManager(tmp_path) as mgr:
+        mgr.save(states[0])
+    crafted_pointer(tmp_path, kind)
+    before = sorted(os.listdir(tmp_path))
+    raw = b"" if kind == "fifo" else (tmp_path / "latest").read_bytes()
+    what = (
+        "is not a regular file"
+        if kind == "fifo"
+        else "cannot be opened"
+        if kind == "symlink"
+        else "expected a checkpoint name"
+    )
+    with pytest.raises(ft.CheckpointError, match=FOREIGN_POINTER.format(tmp_path / "latest", what)):
+        ft.CheckpointManager(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == before
+    if kind != "fifo":
+        assert (tmp_path / "latest").read_bytes() == raw
+
+
+def test_fit_refuses_a_users_file_named_latest_and_keeps_it(tmp_path: Path) -> None:
+    notes = b"my notes: the latest experiment was great\n"
+    (tmp_path / "latest").write_bytes(notes)
+    run = {"max_epochs": 1, "checkpoint_dir": tmp_path, "progress": False, "verbosity": "silent"}
+    with pytest.raises(
+        ft.CheckpointError, match=FOREIGN_POINTER.format(tmp_path / "latest", "expected")
+    ):
+        ft.fit(initial_state(), [batch(0)], **run)
+    assert (tmp_path / "latest").read_bytes() == notes
+    (tmp_path / "latest").rename(tmp_path.parent / "notes")
+    assert int(ft.fit(initial_state(), [batch(0)], **run).state.step) == 1
+
+
+def test_a_latest_put_there_while_the_writer_runs_is_not_replaced(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
+    with ft.CheckpointManager(tmp_path) as mgr:
+        first = mgr.save(states[0])
+        (tmp_path / "latest").write_text("mine\n")
+        with pytest.raises(ft.CheckpointError, match="is not a latest pointer functrain wrote"):
+            mgr.save(states[1])
+    assert (tmp_path / "latest").read_text() == "mine\n"
+    assert first.is_dir()
 
 
 # ---------------------------------------------------------------- restore_latest falls back on any
