@@ -185,9 +185,10 @@ class StepOptions:
                 "accumulate_convention must be 'loss', 'mean' or 'sum', "
                 f"got accumulate_convention={self.accumulate_convention!r}"
             )
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+        clip = self.clip_grad_norm
+        if clip is not None and not (_is_number(clip) and clip > 0):
             problems.append(
-                f"clip_grad_norm must be > 0 or None, got clip_grad_norm={self.clip_grad_norm!r}"
+                f"clip_grad_norm must be a number > 0 or None, got clip_grad_norm={clip!r}"
             )
         if self.nonfinite not in ("skip", "halt", "none"):
             problems.append(
@@ -214,9 +215,9 @@ class StepOptions:
             )
         if not isinstance(self.grad_norm, bool):
             problems.append(f"grad_norm must be True or False, got grad_norm={self.grad_norm!r}")
-        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+        if self.ema_decay is not None and not self._valid_ema_decay:
             problems.append(
-                f"ema_decay must lie in [0, 1) or be None, got ema_decay={self.ema_decay!r}"
+                f"ema_decay must be a number in [0, 1) or None, got ema_decay={self.ema_decay!r}"
             )
         return (
             problems
@@ -225,6 +226,11 @@ class StepOptions:
             + self._loss_scale_problems()
             + schedule_count_problems(self.schedule_count)
         )
+
+    @property
+    def _valid_ema_decay(self) -> bool:
+        decay: Any = self.ema_decay  # as given: not always the float it should be
+        return _is_number(decay) and 0.0 <= decay < 1.0
 
     def _loss_scale_problems(self) -> list[str]:
         """`loss_scale` GradScaler's arguments, each in range, for a state that scales its loss."""
@@ -298,7 +304,7 @@ class StepOptions:
         return (
             ema_problems(
                 # ema_decay's own check is above: here it bounds min_decay, where it is valid
-                self.ema_decay if 0.0 <= self.ema_decay < 1.0 else 0.5,
+                self.ema_decay if self._valid_ema_decay else 0.5,
                 self.ema_warmup,
                 self.ema_convention,
                 self.ema_buffers,
@@ -330,6 +336,11 @@ def ema_buffers_default(convention: str) -> bool:
     (``exclude_buffers=False``), and torchvision's reference (``use_buffers=True``); torch's
     `AveragedModel` does not (``use_buffers=False``), nor functrain's own EMA."""
     return convention in ("timm", "torchvision")
+
+
+def _is_number(value: Any) -> bool:
+    """A real number, not a bool (``True`` is no decay nor norm a user means)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _close(key: str, keys: list[str]) -> str:

@@ -309,15 +309,60 @@ def test_all_bad_options_are_listed_in_one_config_error() -> None:
         "loss_fn must be callable as loss_fn(model, batch), got str",
         "precision must be 'fp32', 'bf16' or 'fp16', got precision='fp8'",
         "accumulate_steps must be an int >= 1, got accumulate_steps=0",
-        "clip_grad_norm must be > 0 or None, got clip_grad_norm=-1.0",
+        "clip_grad_norm must be a number > 0 or None, got clip_grad_norm=-1.0",
         "nonfinite must be 'skip', 'halt' or 'none', got nonfinite='explode'",
         "max_consecutive_nonfinite must be an int >= 0 or None, got -2",
-        "ema_decay must lie in [0, 1) or be None, got ema_decay=1.5",
+        "ema_decay must be a number in [0, 1) or None, got ema_decay=1.5",
     ]
     assert message.startswith("invalid arguments to TrainState.create:\n  - ")
     for line in expected:
         assert f"\n  - {line}" in message, line
     assert message.count("\n  - ") == len(expected)
+
+
+def test_options_of_the_wrong_type_are_listed_in_one_config_error() -> None:
+    with pytest.raises(ft.ConfigError) as info:
+        ft.TrainState.create(
+            make_mlp(),
+            ft.sgd(0.1),
+            cross_entropy_loss_fn,
+            ema_decay="high",  # type: ignore[arg-type]
+            clip_grad_norm="1.0",  # type: ignore[arg-type]
+            accumulate_steps="2",  # type: ignore[arg-type]
+        )
+    message = str(info.value)
+    expected = [
+        "clip_grad_norm must be a number > 0 or None, got clip_grad_norm='1.0'",
+        "ema_decay must be a number in [0, 1) or None, got ema_decay='high'",
+        "accumulate_steps must be an int >= 1, got accumulate_steps='2'",
+    ]
+    for line in expected:
+        assert f"\n  - {line}" in message, line
+    assert message.count("\n  - ") == len(expected)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "line"),
+    [
+        ("ema_decay", [0.9], "ema_decay must be a number in [0, 1) or None, got ema_decay=[0.9]"),
+        ("ema_decay", False, "ema_decay must be a number in [0, 1) or None, got ema_decay=False"),
+        (
+            "clip_grad_norm",
+            [1],
+            "clip_grad_norm must be a number > 0 or None, got clip_grad_norm=[1]",
+        ),
+        (
+            "clip_grad_norm",
+            True,
+            "clip_grad_norm must be a number > 0 or None, got clip_grad_norm=True",
+        ),
+    ],
+)
+def test_an_ema_decay_or_clip_grad_norm_that_is_no_number_is_a_config_error(
+    option: str, value: object, line: str
+) -> None:
+    with pytest.raises(ft.ConfigError, match=re.escape(f"\n  - {line}")):
+        ft.TrainState.create(make_mlp(), ft.sgd(0.1), cross_entropy_loss_fn, **{option: value})
 
 
 @pytest.mark.parametrize("seed", ["1", 1.5, True, 2**64, -(2**63) - 1, None])
