@@ -204,7 +204,7 @@ def _decode_leaf(node: Mapping[str, Any], path: str) -> Any:
             return float.fromhex(node["float"])
         if "str" in node and isinstance(node["str"], str):
             return node["str"]
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: a float beyond float64's range
         pass
     raise CheckpointCorruptError(f"{MANIFEST}: malformed leaf at {path!r}: {str(node)[:200]}")
 

@@ -668,6 +668,9 @@ MANIFEST_EDITS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "leaf-float-garbage": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(
         lr={"leaf": {"float": "zz"}}
     ),
+    "leaf-float-overflow": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(
+        lr={"leaf": {"float": "0x1p99999"}}
+    ),
     "leaf-float-long": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(
         lr={"leaf": {"float": "1" * 100}}
     ),
@@ -708,6 +711,16 @@ def test_edited_manifest_is_rejected(reference: Path, edit: str, version: int) -
         MANIFEST_EDITS[edit](m)
         write_manifest(d, m, sealed=version >= 2)
         assert_rejected(d)
+
+
+@pytest.mark.parametrize("like", [False, True], ids=["raw", "like"])
+def test_a_float_leaf_beyond_float64_is_corrupt_naming_its_path(tmp_path: Path, like: bool) -> None:
+    ft.save({"w": torch.zeros(2), "f": 1.0}, tmp_path / "c")
+    m = read_manifest_json(tmp_path / "c")
+    m["structure"]["dict"]["f"] = {"leaf": {"float": "0x1p99999"}}
+    write_manifest(tmp_path / "c", m)
+    with pytest.raises(CheckpointCorruptError, match=r"malformed leaf at 'f': .*0x1p99999"):
+        ft.load(tmp_path / "c", like={"w": torch.zeros(2), "f": 1.0} if like else None)
 
 
 def test_namedtuple_fields_that_do_not_fit_the_class_are_rejected(reference: Path) -> None:
