@@ -9,6 +9,7 @@ hypothesis strategy for its ``(n, k, options)``; hypothesis is imported only whe
 
 from __future__ import annotations
 
+import difflib
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,7 +23,7 @@ from functrain import checkpoint
 from functrain.core.state import TrainState
 from functrain.core.step import train_step
 from functrain.distributed.sharding import gathered
-from functrain.errors import ConfigError
+from functrain.errors import ConfigError, config_check, listed
 from functrain.tree import leaves_by_path
 
 if TYPE_CHECKING:
@@ -169,6 +170,10 @@ def diff_states(a: Any, b: Any, *, ignore: Iterable[str] = ()) -> list[LeafDiff]
         One `LeafDiff` per differing, missing or extra leaf, in path order of `a` (then extras);
         empty when the two are bit-identical.
 
+    Raises:
+        ConfigError: `ignore` is a string, or holds a path that is no leaf or subtree of either
+            state (a typo would leave out nothing); the message names the paths there are.
+
     Example:
         >>> import torch
         >>> a = {"w": torch.tensor([1.0, float("nan"), 3.0]), "step": torch.tensor(4)}
@@ -178,16 +183,19 @@ def diff_states(a: Any, b: Any, *, ignore: Iterable[str] = ()) -> list[LeafDiff]
         >>> diff_states(a, a)
         []
     """
+    if isinstance(ignore, str):
+        raise ConfigError(
+            f"diff_states: ignore takes a list of path prefixes, got the string {ignore!r}: "
+            f"write ignore=[{ignore!r}]"
+        )
     prefixes = tuple(ignore)
+    leaves = leaves_by_path(_as_tree(a)), leaves_by_path(_as_tree(b))
+    _check_ignored(prefixes, (a, b), leaves)
 
-    def kept(tree: Any) -> dict[str, Any]:
-        return {
-            p: v
-            for p, v in leaves_by_path(_as_tree(tree)).items()
-            if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in prefixes)
-        }
+    def kept(tree_leaves: dict[str, Any]) -> dict[str, Any]:
+        return {p: v for p, v in tree_leaves.items() if not _ignored(p, prefixes)}
 
-    want, have = kept(a), kept(b)
+    want, have = kept(leaves[0]), kept(leaves[1])
     diffs = [
         LeafDiff(p, "missing", "only in the first")
         if p not in have
@@ -196,6 +204,39 @@ def diff_states(a: Any, b: Any, *, ignore: Iterable[str] = ()) -> list[LeafDiff]
     ]
     diffs += [LeafDiff(p, "extra", "only in the second") for p in have if p not in want]
     return [d for d in diffs if d is not None]
+
+
+def _ignored(path: str, prefixes: Sequence[str]) -> bool:
+    return any(path == q or path.startswith(q.rstrip("/") + "/") for q in prefixes)
+
+
+def _check_ignored(
+    prefixes: Sequence[str], trees: tuple[Any, Any], leaves: tuple[dict[str, Any], ...]
+) -> None:
+    """Raise unless each of `prefixes` names a leaf or a subtree (an empty one too) of a tree."""
+    if not prefixes:
+        return
+    paths = [p for t in trees for p in leaves_by_path(_as_tree(t), is_leaf=_is_empty_node)]
+    unknown = [
+        q for q in prefixes if not isinstance(q, str) or not any(_ignored(p, [q]) for p in paths)
+    ]
+    if not unknown:
+        return
+    nodes = sorted({p.rsplit("/", i)[0] for p in paths for i in range(p.count("/") + 1)})
+    close = [
+        c for q in unknown if isinstance(q, str) for c in difflib.get_close_matches(q, nodes, n=1)
+    ]
+    hint = f" (did you mean {' or '.join(repr(c) for c in dict.fromkeys(close))}?)" if close else ""
+    named = list(dict.fromkeys(p for found in leaves for p in found))
+    raise ConfigError(
+        f"diff_states: ignore={unknown!r} names no leaf or subtree of either state, so it would "
+        f"leave out nothing{hint}; give path prefixes of those there are: "
+        f"{listed(named, most=12) or 'none (the states hold no leaves)'}"
+    )
+
+
+def _is_empty_node(x: Any) -> bool:
+    return isinstance(x, (dict, list, tuple)) and not x
 
 
 def assert_states_equal(
@@ -363,7 +404,9 @@ def check_resumption(
         path prefixes (``metrics/0`` is step ``k``).
 
     Raises:
-        ConfigError: `k` outside ``0 .. n``.
+        ConfigError: `k` outside ``0 .. n``, `make_state` or `batches_fn` not callable (a state
+            or a list of batches given instead), or `make_state` building no `TrainState`; the
+            problems listed together.
 
     Example:
         >>> import torch, functrain as ft
@@ -378,11 +421,15 @@ def check_resumption(
         >>> check_resumption(make_state, batch, n=6, k=2)
         []
     """
-    if not (isinstance(n, int) and isinstance(k, int) and 0 <= k <= n):
-        raise ConfigError(f"check_resumption needs integers 0 <= k <= n, got n={n!r}, k={k!r}")
+    config_check(_resumption_problems(make_state, batches_fn, n, k), "check_resumption")
     save = save or checkpoint.save
     load = load or checkpoint.load
-    at_k, _ = _train(make_state(), batches_fn, 0, k, donate)
+    first = make_state()
+    if not isinstance(first, TrainState):
+        raise ConfigError(
+            f"check_resumption: make_state() must return a TrainState, got {_kind(first)}"
+        )
+    at_k, _ = _train(first, batches_fn, 0, k, donate)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "checkpoint"
         save(at_k, path)
@@ -393,3 +440,35 @@ def check_resumption(
     return [
         str(d) for d in diff_states(expected, {"state": resumed.tree(), "metrics": resumed_metrics})
     ]
+
+
+def _resumption_problems(make_state: Any, batches_fn: Any, n: Any, k: Any) -> list[str]:
+    problems = []
+    if not (isinstance(n, int) and isinstance(k, int) and 0 <= k <= n):
+        problems.append(f"n and k must be integers with 0 <= k <= n, got n={n!r}, k={k!r}")
+    if not callable(make_state):
+        fix = (
+            ": pass the function that builds it (make_state, not make_state()), which is called "
+            "once for the run and once for the template to load into"
+            if isinstance(make_state, TrainState)
+            else ""
+        )
+        problems.append(
+            "make_state must be a function building the initial TrainState, got "
+            f"{_kind(make_state)}{fix}"
+        )
+    if not callable(batches_fn):
+        fix = (
+            f": for a {type(batches_fn).__name__} of batches, pass lambda i: batches[i]"
+            if isinstance(batches_fn, Sequence) and not isinstance(batches_fn, str)
+            else ""
+        )
+        problems.append(
+            "batches_fn must be a function of the step i returning batch i, got "
+            f"{_kind(batches_fn)}{fix}"
+        )
+    return problems
+
+
+def _kind(value: Any) -> str:
+    return "a TrainState" if isinstance(value, TrainState) else f"a {type(value).__name__}"

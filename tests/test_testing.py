@@ -128,6 +128,26 @@ def test_ignore_leaves_out_whole_subtrees_by_prefix() -> None:
     assert [d.path for d in diff_states(a, b, ignore=["driver/"])] == ["driverx"]
 
 
+def test_an_ignore_path_naming_nothing_in_either_state_is_refused_naming_the_paths() -> None:
+    a = {"driver": {"history": {"t": 1.0}}, "w": torch.zeros(1)}
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"ignore=\['driver/histroy'\] names no leaf or subtree of either state, so it would "
+        r"leave out nothing \(did you mean 'driver/history'\?\); give path prefixes of those "
+        r"there are: driver/history/t, w$",
+    ):
+        diff_states(a, a, ignore=["driver/", "driver/histroy"])
+    with pytest.raises(ft.ConfigError, match=r"got the string 'w': write ignore=\['w'\]"):
+        assert_states_equal(a, a, ignore="w")
+
+
+def test_an_ignore_path_of_a_subtree_only_one_state_has_or_an_empty_one_is_taken() -> None:
+    a = {"driver": {}, "w": torch.zeros(1)}
+    b = {"driver": {"history": {"t": 2.0}}, "w": torch.ones(1)}
+    assert [d.path for d in diff_states(a, b, ignore=["driver/history"])] == ["w"]
+    assert diff_states(a, a, ignore=["driver"]) == []
+
+
 def test_assert_states_equal_lists_the_differing_leaves() -> None:
     state = trained()
     assert_states_equal(state, state.replace())
@@ -206,6 +226,28 @@ def test_check_resumption_finds_a_save_that_loses_the_accumulated_gradients() ->
 def test_check_resumption_rejects_a_cut_outside_the_run() -> None:
     with pytest.raises(ft.ConfigError, match=r"0 <= k <= n, got n=3, k=4"):
         check_resumption(make_state, batch, n=3, k=4)
+
+
+def test_check_resumption_given_a_state_or_a_list_of_batches_says_what_it_needs() -> None:
+    batches = [batch(0), batch(1)]
+    with pytest.raises(ft.ConfigError) as info:
+        check_resumption(make_state(), batches, n=2, k=1)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "invalid arguments to check_resumption:\n"
+        "  - make_state must be a function building the initial TrainState, got a TrainState: "
+        "pass the function that builds it (make_state, not make_state()), which is called once "
+        "for the run and once for the template to load into\n"
+        "  - batches_fn must be a function of the step i returning batch i, got a list: for a "
+        "list of batches, pass lambda i: batches[i]"
+    )
+    assert check_resumption(make_state, lambda i: batches[i], n=2, k=1) == []
+
+
+def test_check_resumption_refuses_a_make_state_that_builds_no_state() -> None:
+    with pytest.raises(
+        ft.ConfigError, match=r"make_state\(\) must return a TrainState, got a dict"
+    ):
+        check_resumption(lambda: {"w": torch.zeros(1)}, batch, n=2, k=1)  # type: ignore[arg-type, return-value]
 
 
 @settings(max_examples=8, deadline=None)
