@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import functrain
+from functrain.core.state import TREE_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -99,6 +100,14 @@ def test_the_reference_documents_every_public_name():
     assert missing == [], (
         f"add a '::: functrain.<name>' directive to a docs/reference page: {missing}"
     )
+
+
+def test_the_checkpoint_format_names_every_saved_field_of_a_train_state():
+    text = (DOCS / "reference" / "checkpoint-format.md").read_text()
+    start = text.index("A `TrainState` is stored as a `dict` node of its saved fields:")
+    paragraph = text[start : text.index("\n\n", start)]
+    missing = [f for f in TREE_FIELDS if f"`{f}`" not in paragraph]
+    assert missing == [], f"say what these saved fields hold in checkpoint-format.md: {missing}"
 
 
 def test_readme_links_into_the_docs_resolve():
