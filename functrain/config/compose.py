@@ -65,14 +65,25 @@ def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("ft.mul"):
-        OmegaConf.register_new_resolver("ft.mul", lambda a, b: a * b)
+        OmegaConf.register_new_resolver("ft.mul", lambda a, b: _numbers("ft.mul", a, b) and a * b)
     if not OmegaConf.has_resolver("ft.ceil_div"):
         OmegaConf.register_new_resolver(
             "ft.ceil_div",
             lambda a, b: (
-                math.ceil(a / b) if isinstance(a, float) or isinstance(b, float) else -(-a // b)
+                _numbers("ft.ceil_div", a, b)
+                and (
+                    math.ceil(a / b) if isinstance(a, float) or isinstance(b, float) else -(-a // b)
+                )
             ),
         )
+
+
+def _numbers(name: str, a: Any, b: Any) -> bool:
+    """True where `a` and `b` are numbers; else a `ConfigError` (``'x' * 50000000`` is a string
+    of 50 MB that a config of one line would ask for)."""
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (a, b)):
+        raise ConfigError(f"{name} takes two numbers, got {a!r} and {b!r}")
+    return True
 
 
 def load_config(

@@ -46,7 +46,9 @@ MAX_ALIAS_VALUES = 10_000
 MAX_RESOLVED = 1_000_000
 # a node an interpolation names: ``${a.b}``, ``${a[0]}``, ``${..c}`` (inside a resolver's arguments
 # too: ``${ft.mul:${a},2}``)
-_REFERENCE = re.compile(r"\$\{\s*(\.*[A-Za-z_][\w\-]*(?:(?:\.[\w\-]+)|(?:\[\d+\]))*)\s*\}")
+_REFERENCE = re.compile(
+    r"\$\{\s*(?:oc\.select\s*:\s*)?(\.*[A-Za-z_][\w\-]*(?:(?:\.[\w\-]+)|(?:\[\d+\]))*)\s*[,}]"
+)
 
 
 def interpolation_problem(raw: Any) -> str | None:
@@ -63,6 +65,7 @@ def interpolation_problem(raw: Any) -> str | None:
         True
     """
     sizes: dict[tuple[Any, ...], int] = {}
+    keys = raw if isinstance(raw, dict) else {}
 
     def node(path: tuple[Any, ...]) -> Any:
         value = raw
@@ -97,12 +100,15 @@ def interpolation_problem(raw: Any) -> str | None:
         elif isinstance(value, str) and "${" in value:
             found = _REFERENCE.findall(value)
             total = len(value) + sum(size(target(path, ref)) for ref in found)
+            # a key itself interpolated (``${${name}}``): counted as the largest node it may name
+            dynamic = value.count("${${")
+            if dynamic:
+                total += dynamic * max((size((k,)) for k in keys if (k,) != path), default=0)
         else:
             total = len(value) if isinstance(value, str) else 1
         sizes[path] = min(total, 10 * MAX_RESOLVED)
         return sizes[path]
 
-    keys = raw if isinstance(raw, dict) else {}
     for key in keys:
         got = size((key,))
         if got > MAX_RESOLVED:

@@ -1539,7 +1539,11 @@ def _deepcopy_state(state: TrainState, memo: dict) -> TrainState:
                 scratch = dict(memo)  # (a copy that fails half way leaves `memo` as it was)
                 try:
                     copied = deepcopy_module(value, scratch)
+                    # (deepcopy keeps what it copied alive under the memo's own id: the scratch's
+                    # list joins memo's, never under the scratch's id, which another may take)
+                    kept = scratch.pop(id(scratch), [])
                     memo.update(scratch)
+                    memo.setdefault(id(memo), []).extend(kept)
                 except ConfigError:
                     raise
                 except Exception:  # noqa: BLE001 - locks, computed tensors, ...

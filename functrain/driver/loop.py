@@ -169,7 +169,13 @@ class Loop:
             except KeyboardInterrupt:
                 # after a real signal, a second Ctrl-C (a callback that hangs) acts at once, as
                 # does one under torch.distributed, as a signal does there
-                if self.state.dist is not None or self.signals.signalled:
+                # (where the run's handler is not Ctrl-C's, in a notebook or a thread, a second
+                # interrupt is taken for one)
+                signals = self.signals
+                second = signals.signalled or (
+                    signals.received is not None and signal.SIGINT not in signals.handling
+                )
+                if self.state.dist is not None or second:
                     raise
                 self.signals.ask(signal.SIGINT)
         if ctx.state.user is not self.state.user:  # a hook assigned run.user

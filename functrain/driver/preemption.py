@@ -98,6 +98,7 @@ class StopSignals:
         self.received: int | None = None
         self.preempted_by: int | None = None
         self.signalled = False  # a real signal came (a second then acts at once)
+        self.handling: set[int] = set()  # the signals whose handler is this one
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -108,6 +109,7 @@ class StopSignals:
             previous = signal.getsignal(signum)
             if previous == default:
                 self._previous[signum] = signal.signal(signum, self._asked)
+                self.handling.add(signum)
         return self
 
     def __exit__(

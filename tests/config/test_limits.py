@@ -134,3 +134,24 @@ def test_interpolations_of_a_run_config_resolve(tmp_path: Path) -> None:
         "fit": {"max_steps": 10, "log_every": 20},
         "model": {"hidden": 8, "out": 8, "name": "w8-s10"},
     }
+
+
+def test_interpolations_through_oc_select_or_a_named_key_are_bounded_too(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    for form in ("${{oc.select:s{i}}}", "${{${{n{i}}}}}"):
+        lines = ["s0: xxxxxxxxxx"]
+        for i in range(1, 9):
+            lines += [f"n{i - 1}: s{i - 1}", f"s{i}: '" + form.format(i=i - 1) * 10 + "'"]
+        path.write_text("\n".join(lines) + "\n")
+        started = time.perf_counter()
+        with pytest.raises(ft.ConfigError, match=r"its interpolations would resolve"):
+            ft.load_config(path)
+        assert time.perf_counter() - started < 10
+
+
+def test_ft_mul_takes_numbers_only(tmp_path: Path) -> None:
+    # ('x' * 50000000: a string of 50 MB from a config of one line)
+    path = tmp_path / "run.yaml"
+    path.write_text("a: \"${ft.mul:'xxxxxxxxxx',50000000}\"\n")
+    with pytest.raises(ft.ConfigError, match="ft.mul takes two numbers"):
+        ft.load_config(path)

@@ -569,3 +569,18 @@ def test_torch_old_weight_and_spectral_norm_export_the_trained_module(norm: str)
     for name, t in reference.state_dict().items():
         assert torch.equal(exported.state_dict()[name], t), name
     copy.deepcopy(exported)  # (a module a user may copy, as any other)
+
+
+def test_a_deep_copy_of_a_container_holding_a_state_copies_the_rest_too() -> None:
+    # (the structure's copy kept its objects alive under another memo's id: a later object of
+    # the container found a stale entry at a reused address)
+    import dataclasses
+
+    @dataclasses.dataclass(slots=True)
+    class Record:
+        step: int
+
+    state = ft.TrainState.create(ClosingOverSelf("forward-hook"), ft.sgd(0.1), loss_fn)
+    for _ in range(20):
+        copied = copy.deepcopy({"state": state, "history": [Record(i) for i in range(30)]})
+        assert [r.step for r in copied["history"]] == list(range(30))
