@@ -18,10 +18,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from functrain.core.binding import bound, unbind
 from functrain.core.failures import loss_failure
+from functrain.core.structure import originals
 from functrain.core.view import StepState
 from functrain.errors import ConfigError, FunctrainError, LossError
 from functrain.optim.batching import under_vmap
@@ -186,7 +188,7 @@ def call_loss(
     )
     # entered only where there is one (no null context: dynamo on torch 2.11 cannot take
     # isinstance() of one, and a graph break here would leave torch.func.grad's frame eager)
-    guard = _WriteGuard(watch, name) if first and watch else None
+    guard = _WriteGuard(watch, name, originals(state.module)) if first and watch else None
     binding = bound(state.module, tensors)
     try:
         with binding as model:
@@ -209,11 +211,13 @@ def call_loss(
             if guard is not None:
                 # raises if the forward rebound one (``.data =``), the state restored
                 guard.restore()
-                object.__setattr__(state.module, WATCHED, True)
             if versions is not None and watch is not None:
                 if _marks(watch, storage) != versions:  # a write in place, or ``.data =``
                     raise_written(watch, versions, name, storage)
             loss, aux = split_loss(out, name)
+            if guard is not None:
+                guard.refuse_original_read(loss, tensors)
+                object.__setattr__(state.module, WATCHED, True)
             return (loss, aux) if then is None else then(loss, aux)
     except BaseException:
         unbind(binding)  # an interrupt at its exit's entry: the structure left unbound all the same
@@ -242,6 +246,19 @@ _WRITTEN_FIRST = (
 )
 
 
+_ORIGINAL_USED = (
+    "{name}'s forward {what} the tensor {key!r} of the module given to TrainState.create, not "
+    "the state's: a function the module holds reaches that module where the state's copy cannot "
+    "rebind it (a closure kept in a deque or behind a weak reference, a global name, a helper "
+    "object's method), or {name} runs that module itself. A state trains its own copy of the "
+    "weights, so here that tensor would never train (or be updated) where torch's loop trains "
+    "it; refused at the first step, before anything was written. Reach the module's parts "
+    "through the module a method or hook is given (self, a hook's module argument) or through "
+    "the model {name} is given; a module run on purpose beside it (a teacher) runs under "
+    "torch.no_grad() in eval mode, or as a copy (copy.deepcopy)"
+)
+
+
 class _WriteGuard(TorchDispatchMode):
     """The first forward of a structure, refused at its first write into the state's tensors.
 
@@ -250,6 +267,11 @@ class _WriteGuard(TorchDispatchMode):
     of its key encoder) is found after it and given its storage back (`restore`), so the state is
     as it was either way. One forward per structure runs so (Python per operation); later ones run
     bare and are checked after.
+
+    The module the structure was copied from (`originals`) is watched too: a write into one of
+    its tensors raises before it runs, and a loss whose graph reaches one of its parameters is
+    refused after the forward (`refuse_original_read`): a function the copy could not rebind read
+    the user's module, whose weights the step never trains.
     """
 
     @classmethod
@@ -258,11 +280,23 @@ class _WriteGuard(TorchDispatchMode):
         # a second at a model's first step; nothing here is ever compiled: no guard when traced)
         return False
 
-    def __init__(self, watch: Mapping[str, torch.Tensor], name: str) -> None:
+    def __init__(
+        self,
+        watch: Mapping[str, torch.Tensor],
+        name: str,
+        originals: list[tuple[str, torch.Tensor]] = [],  # noqa: B006 - read only
+    ) -> None:
         super().__init__()
         self.watch, self.name = dict(watch), name
         self.storages = {_storage(t): k for k, t in self.watch.items()}
         self.data = {k: t.data for k, t in self.watch.items()}  # aliases, no copies
+        self.originals = originals
+        # (not a storage the state shares, nor none: an empty tensor's address is 0)
+        self.theirs = {
+            at: k
+            for k, t in originals
+            if (at := _storage(t)) not in self.storages and at not in (-1, 0)
+        }
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -272,10 +306,34 @@ class _WriteGuard(TorchDispatchMode):
                     continue
                 value = args[i] if i < len(args) else kwargs.get(argument.name)
                 for t in value if isinstance(value, list | tuple) else (value,):
-                    key = self.storages.get(_storage(t)) if isinstance(t, torch.Tensor) else None
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    at = _storage(t)
+                    key = self.storages.get(at)
                     if key is not None:
                         raise ConfigError(_WRITTEN_FIRST.format(name=self.name, key=key))
+                    key = self.theirs.get(at)
+                    if key is not None:
+                        raise ConfigError(
+                            _ORIGINAL_USED.format(name=self.name, what="writes", key=key)
+                        )
         return func(*args, **kwargs)
+
+    def refuse_original_read(self, loss: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Raise where `loss`'s graph reaches a parameter of the module the structure was
+        copied from (the leaves a backward would write) besides one of `tensors` (the state's,
+        as bound: a loss reaching none of them is refused by the step as `NO_GRADIENT` says)."""
+        if not self.originals or loss.grad_fn is None:
+            return
+        theirs = {id(t): k for k, t in self.originals if isinstance(t, nn.Parameter)}
+        leaves = _graph_leaves(loss)
+        own = set(map(id, tensors.values()))
+        if not any(id(leaf) in own for leaf in leaves):
+            return
+        for leaf in leaves:
+            key = theirs.get(id(leaf))
+            if key is not None:
+                raise ConfigError(_ORIGINAL_USED.format(name=self.name, what="reads", key=key))
 
     def restore(self) -> None:
         """Give each rebound tensor its storage back; raise naming the first."""

@@ -37,11 +37,13 @@ __all__ = [
     "BY_VALUE",
     "CALL_GUARD",
     "MODULE_TABLES",
+    "ORIGINAL",
     "WEIGHTLESS",
     "deepcopy_module",
     "fixed",
     "grad_hooks",
     "module_problems",
+    "originals",
     "sparse_parameters",
     "weightless",
 ]
@@ -54,6 +56,8 @@ _structures: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = (
 )
 # the attribute that marks a module as a weightless structure (its own copy)
 WEIGHTLESS = "_functrain_weightless"
+# a structure's weak reference to the module it was copied from (`originals`)
+ORIGINAL = "_functrain_original"
 # the structures' modules, root and submodules, whose submodules are not replaced, by id (a module
 # need not be hashable)
 _parts: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
@@ -190,6 +194,7 @@ def _copy_structure(module: nn.Module) -> nn.Module:
     except Exception:  # noqa: BLE001 - locks, open files, ...: run the module itself, as before
         return module
     object.__setattr__(structure, WEIGHTLESS, True)
+    object.__setattr__(structure, ORIGINAL, weakref.ref(module))
     guard = refuse_unbound_calls(structure)
     if guard is not None:
         object.__setattr__(structure, CALL_GUARD, guard)
@@ -197,6 +202,21 @@ def _copy_structure(module: nn.Module) -> nn.Module:
     object.__setattr__(structure, _SPARSE, _sparse_of(structure))
     _parts.update((id(part), part) for part in structure.modules())
     return structure
+
+
+def originals(structure: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The parameters and buffers, by name, of the module `structure` was copied from (while it
+    lives; none for a module run as it is): what a function the copy could not rebind would read
+    in its forward instead of the state's tensors (`functrain.core.loss.call_loss` watches them
+    at a structure's first forward)."""
+    ref = structure.__dict__.get(ORIGINAL)
+    module = ref() if ref is not None else None
+    if module is None:
+        return []
+    return [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
 
 
 def deepcopy_module(

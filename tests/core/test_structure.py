@@ -10,8 +10,10 @@ post-accumulate-grad hook are refused by `TrainState.create` with the fix.
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
+import types
 import weakref
 from typing import Any
 
@@ -584,3 +586,131 @@ def test_a_deep_copy_of_a_container_holding_a_state_copies_the_rest_too() -> Non
     for _ in range(20):
         copied = copy.deepcopy({"state": state, "history": [Record(i) for i in range(30)]})
         assert [r.step for r in copied["history"]] == list(range(30))
+
+
+_REGISTRY: dict[str, Any] = {}
+
+
+class _Holder:
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.module.gate(x))
+
+
+class ReachingTheOriginal(nn.Module):
+    """Functions the copy cannot rebind, each reaching the module's `gate` (a Linear, or a
+    BatchNorm in train mode, whose forward writes its running statistics)."""
+
+    def __init__(self, how: str, gate: str = "linear") -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.gate = nn.Linear(6, 4) if gate == "linear" else nn.Sequential(nn.BatchNorm1d(6))
+        self.b = nn.Linear(4, 3)
+        if how == "deque":
+            self.fns = collections.deque([lambda x: torch.sigmoid(self.gate(x))[:, :4]])
+        elif how == "deep-container":
+            self.fns = [[[[[[lambda x: torch.sigmoid(self.gate(x))[:, :4]]]]]]]
+        elif how == "helper-method-type":
+            self.fn = types.MethodType(_Holder.gate, _Holder(self))
+        elif how == "weak-method":
+            self.helper = _Holder(self)
+            self.fn = weakref.WeakMethod(self.helper.gate)
+        elif how == "local-class":
+
+            class Gate:
+                def __call__(inner, x: torch.Tensor) -> torch.Tensor:  # noqa: N805
+                    return torch.sigmoid(self.gate(x))[:, :4]
+
+            self.fn = Gate()
+        elif how == "global-dict":
+            _REGISTRY["model"] = self
+        self.how = how
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how in ("deque", "deep-container"):
+            fn = self.fns
+            while not callable(fn):
+                fn = fn[0]
+            return fn(x)
+        if self.how == "weak-method":
+            return self.fn()(x)[:, :4]
+        if self.how == "global-dict":
+            return torch.sigmoid(_REGISTRY["model"].gate(x))[:, :4]
+        out = self.fn(x)
+        return out[:, :4]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x) * self.gated(x))
+
+
+@pytest.mark.parametrize("how", ["helper-method-type", "weak-method"])
+@pytest.mark.parametrize("gate", ["linear", "batchnorm"])
+def test_a_method_of_a_helper_object_the_module_holds_trains_as_torch(how: str, gate: str) -> None:
+    # (the helper is copied with the module: its method reads the copy)
+    torch.manual_seed(0)
+    model, reference = ReachingTheOriginal(how, gate), ReachingTheOriginal(how, gate)
+    reference.load_state_dict(model.state_dict())
+    state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
+    opt = torch.optim.SGD(reference.parameters(), 0.1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        batch = (torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen))
+        state, _ = ft.train_step(state, batch)
+        loss_fn(reference, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    assert_trees_equal(
+        {**state.params, **state.buffers},
+        {**dict(reference.named_parameters()), **dict(reference.named_buffers())},
+    )
+
+
+@pytest.mark.parametrize("how", ["deque", "deep-container", "local-class", "global-dict"])
+@pytest.mark.parametrize("gate", ["linear", "batchnorm"])
+def test_a_function_reaching_the_module_where_the_copy_cannot_is_refused_at_the_first_step(
+    how: str, gate: str
+) -> None:
+    # (torch trains the gate, and a BatchNorm there moves its statistics: here the function
+    # would read, or write, the module given to create, which no step trains)
+    torch.manual_seed(0)
+    model = ReachingTheOriginal(how, gate)
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
+    given = state.tree()
+    kept = {k: {n: t.clone() for n, t in v.items()} for k, v in given.items() if k == "params"}
+    batch = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    what = "reads" if gate == "linear" else "writes"
+    with pytest.raises(ConfigError, match=f"forward {what} the tensor 'gate.*of the module given"):
+        ft.train_step(state, batch, donate=True)
+    # neither the user's module nor the state was written
+    for k, t in model.state_dict().items():
+        assert torch.equal(t, before[k]), k
+    assert_trees_equal(state.params, kept["params"])
+
+
+def test_the_module_given_to_create_run_beside_the_state_as_a_teacher_trains_as_torch() -> None:
+    # (self-distillation from the initial weights: the module given, in eval mode and without
+    # gradients, is a teacher that never moves, as a deep copy of it is in torch's loop)
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    student = copy.deepcopy(teacher)
+
+    def distill(model: nn.Module, batch: Any) -> torch.Tensor:
+        x, _ = batch
+        with torch.no_grad():
+            target = teacher.eval()(x).softmax(-1)
+        return nn.functional.cross_entropy(model(x), target)
+
+    state = ft.TrainState.create(teacher, ft.sgd(0.1), distill)
+    opt = torch.optim.SGD(student.parameters(), 0.1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        batch = (torch.randn(5, 6, generator=gen), None)
+        state, _ = ft.train_step(state, batch)
+        distill(student, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    for name, p in student.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
