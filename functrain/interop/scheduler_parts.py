@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.rates import as_float64
+from functrain.optim.rates import as_float64, host_value
 from functrain.optim.schedules import (
     ValueFn,
     check_interval,
@@ -407,10 +407,30 @@ def multiplicative_lr(s: Setting, lr_lambda: Callable[[int], float], total_steps
 
 
 def lambda_lr(s: Setting, lr_lambda: Callable[[Any], Any]) -> Part:
-    def value(t: torch.Tensor) -> torch.Tensor:
-        return s.base * as_float64(lr_lambda(t), t.device)
+    """`LambdaLR`: its lambda of the step tensor where it takes one, else of the int step, as
+    torch calls it (read from the counter, as a plain function's learning rate is)."""
+    if not takes_tensor(lr_lambda):
+
+        def value(t: torch.Tensor) -> torch.Tensor:
+            return s.base * host_value(lr_lambda, t)
+
+    else:
+
+        def value(t: torch.Tensor) -> torch.Tensor:
+            return s.base * as_float64(lr_lambda(t), t.device)
 
     return Part(value, every_step)
+
+
+def takes_tensor(lr_lambda: Callable[[Any], Any]) -> bool:
+    """Whether a lambda computes with the step as a 0-d float64 tensor, decided once: called
+    with step 0 (torch calls it at step 0 too, building the scheduler). One written for torch's
+    int epochs may raise for a tensor (``table[e]``, ``range(e)``)."""
+    try:
+        lr_lambda(torch.zeros((), dtype=torch.float64))
+    except Exception:  # whatever the user's function raises for a tensor it cannot take
+        return False
+    return True
 
 
 def cyclic_lr(

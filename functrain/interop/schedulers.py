@@ -407,12 +407,19 @@ def _shifted_sets(part: Part, start: int, floor: float) -> Callable[[torch.Tenso
 def _sequence_value(
     fns: Sequence[Callable[[torch.Tensor], torch.Tensor]], starts: Sequence[int]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The function of member ``k`` (at its own step) from ``starts[k]`` on."""
+    """The function of member ``k`` (at its own step) from ``starts[k]`` on.
+
+    Each member is called at the steps torch steps it at only (a step outside them is held to
+    the nearest, and its value not taken): a `LambdaLR` over a table of its epochs
+    (``table[e]``) is read at no step past its own.
+    """
+    ends = [*starts[1:], None]
 
     def value(t: torch.Tensor) -> torch.Tensor:
-        out = fns[0](t)
-        for fn, start in zip(fns[1:], starts[1:]):
-            out = torch.where(t >= start, fn(torch.clamp(t - start, min=0)), out)
+        out = fns[0](t if ends[0] is None else torch.clamp(t, max=ends[0] - 1))
+        for fn, start, end in zip(fns[1:], starts[1:], ends[1:]):
+            at = torch.clamp(t - start, 0, None if end is None else end - start - 1)
+            out = torch.where(t >= start, fn(at), out)
         return out
 
     return value
@@ -830,14 +837,13 @@ def _lambda_schedule(base_lr: float, lr_lambda: Callable[[Any], Any]) -> Schedul
     """`LambdaLR` alone: its lambda of the step tensor where it takes one, else of the int step,
     as torch calls it (read from the counter, as a plain function's learning rate is).
 
-    Which, is decided once, here (`_takes_tensor`): a lambda written for torch's int epochs may
-    raise for a tensor (``table[e]``, ``range(e)``).
+    Which, is decided once (`takes_tensor`).
     """
 
     def at_int(step: int) -> float:
         return float(base_lr * lr_lambda(step))
 
-    tensor_steps = _takes_tensor(lr_lambda)
+    tensor_steps = P.takes_tensor(lr_lambda)
 
     def schedule(step: int | torch.Tensor) -> float | torch.Tensor:
         if not isinstance(step, torch.Tensor):
@@ -847,13 +853,3 @@ def _lambda_schedule(base_lr: float, lr_lambda: Callable[[Any], Any]) -> Schedul
         return base_lr * as_float64(lr_lambda(step.to(torch.float64)), step.device)
 
     return cast(Schedule, schedule)
-
-
-def _takes_tensor(lr_lambda: Callable[[Any], Any]) -> bool:
-    """Whether a lambda computes with the step as a 0-d float64 tensor: called once with step 0
-    (torch calls it at step 0 too, building the scheduler)."""
-    try:
-        lr_lambda(torch.zeros((), dtype=torch.float64))
-    except Exception:  # whatever the user's function raises for a tensor it cannot take
-        return False
-    return True

@@ -94,6 +94,18 @@ EXACT: dict[str, tuple[type, float, dict[str, Any]]] = {
             "milestones": [5],
         },
     ),
+    # (a lambda written for torch's int epochs, which a tensor step cannot index: read at the int)
+    "table_lambda_then_exponential": (
+        L.SequentialLR,
+        0.1,
+        {
+            "schedulers": [
+                (L.LambdaLR, {"lr_lambda": lambda e: (1.0, 0.5, 0.25, 0.125, 0.0625)[e]}),
+                (L.ExponentialLR, {"gamma": 0.9}),
+            ],
+            "milestones": [4],
+        },
+    ),
     "three_phases": (
         L.SequentialLR,
         0.1,
