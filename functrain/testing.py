@@ -388,9 +388,11 @@ def check_resumption(
     template freshly built by `make_state`. An empty list means the resumed run is the straight run.
 
     Args:
-        make_state: builds the initial `TrainState`; called twice (the run, then the template to
-            load into). The two need not hold the same values: the checkpoint must overwrite them
-            all.
+        make_state: builds the initial `TrainState`, its module included; called twice (the
+            run, then the template to load into). The two need not hold the same values: the
+            checkpoint must overwrite them all. Two states created from one module object share
+            its structure, and with it any Python state its modules keep, which the check could
+            then not see: refused.
         batches_fn: ``batches_fn(i)`` is batch `i` of the run; it must depend on `i` alone.
         n: steps in the run.
         k: steps before the cut, ``0 <= k <= n``.
@@ -406,7 +408,8 @@ def check_resumption(
     Raises:
         ConfigError: `k` outside ``0 .. n``, `make_state` or `batches_fn` not callable (a state
             or a list of batches given instead), or `make_state` building no `TrainState`; the
-            problems listed together.
+            problems listed together. Also `make_state` building both states from one module
+            object (a model built outside it).
 
     Example:
         >>> import torch, functrain as ft
@@ -433,7 +436,17 @@ def check_resumption(
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "checkpoint"
         save(at_k, path)
-        restored = load(path, like=make_state())
+        template = make_state()
+        if isinstance(template, TrainState) and template.module is first.module:
+            raise ConfigError(
+                "check_resumption: make_state() built both states from one module object, so "
+                "they share its structure: what its modules keep outside the TrainState (a count "
+                "of calls, a plain attribute the forward updates) would carry from the straight "
+                "run into the resumed one, where a resumed process starts it afresh, and the check "
+                "could not see it. Build the module inside make_state, or create the state from "
+                "copy.deepcopy(model)"
+            )
+        restored = load(path, like=template)
     straight, straight_metrics = _train(at_k, batches_fn, k, n, donate)
     resumed, resumed_metrics = _train(restored, batches_fn, k, n, donate)
     expected = {"state": straight.tree(), "metrics": straight_metrics}

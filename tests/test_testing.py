@@ -3,6 +3,7 @@ model."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -248,6 +249,41 @@ def test_check_resumption_refuses_a_make_state_that_builds_no_state() -> None:
         ft.ConfigError, match=r"make_state\(\) must return a TrainState, got a dict"
     ):
         check_resumption(lambda: {"w": torch.zeros(1)}, batch, n=2, k=1)  # type: ignore[arg-type, return-value]
+
+
+class Ramp(nn.Module):
+    """Scales its input up over its first calls: the count lives outside the TrainState."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * min(1.0, self.calls / 4)
+
+
+def test_check_resumption_refuses_states_sharing_a_module_whose_python_state_it_could_not_see(
+    tmp_path: Path,
+) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), Ramp(), nn.Linear(8, 2))
+    shared = lambda: ft.TrainState.create(model, ft.adamw(0.05), loss_fn)  # noqa: E731
+    # a resumed process builds the module afresh: its count starts again, so the run differs
+    straight = shared()
+    for i in range(4):
+        straight, _ = ft.train_step(straight, batch(i))
+    ft.save(straight, tmp_path / "cut")
+    fresh = nn.Sequential(nn.Linear(4, 8), Ramp(), nn.Linear(8, 2))
+    resumed = ft.load(tmp_path / "cut", like=ft.TrainState.create(fresh, ft.adamw(0.05), loss_fn))
+    for i in range(4, 8):
+        straight, _ = ft.train_step(straight, batch(i))
+        resumed, _ = ft.train_step(resumed, batch(i))
+    assert diff_states(straight, resumed) != []
+    # built once and shared, the straight and the resumed run would count on in one object
+    with pytest.raises(ft.ConfigError, match=r"one module object.*copy\.deepcopy\(model\)"):
+        check_resumption(shared, batch, n=8, k=4)
+    copied = lambda: ft.TrainState.create(copy.deepcopy(model), ft.adamw(0.05), loss_fn)  # noqa: E731
+    assert any(p.startswith("state/params/") for p in check_resumption(copied, batch, n=8, k=4))
 
 
 @settings(max_examples=8, deadline=None)
