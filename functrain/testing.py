@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -317,7 +317,9 @@ def resumption_cases(
         A strategy of `ResumptionCase`.
 
     Raises:
-        ConfigError: `n` allows a run shorter than 2 steps.
+        ConfigError: `n` is no integer nor range of integers, or allows a run shorter than 2
+            steps; an option's choices are a single value (a string or a number rather than a
+            list of them), a mapping, or empty, each named.
 
     Example:
         >>> from hypothesis import given, settings
@@ -329,12 +331,27 @@ def resumption_cases(
     """
     from hypothesis import strategies as st
 
-    low, high = (n, n) if isinstance(n, int) else n
+    bounds = (n, n) if isinstance(n, int) else tuple(n) if isinstance(n, tuple | list) else ()
+    if len(bounds) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds):
+        raise ConfigError(
+            f"resumption_cases takes n as a run length or an inclusive (low, high) range of "
+            f"integers, got n={n!r}"
+        )
+    low, high = bounds
     if low < 2 or high < low:
         raise ConfigError(
-            f"resumption_cases needs runs of at least 2 steps (so a cut fits inside), got n={n!r}"
+            f"resumption_cases needs runs of at least 2 steps (so a cut fits inside) and "
+            f"low <= high, got n={n!r}"
         )
     choices = dict(DEFAULT_OPTIONS if options is None else options)
+    config_check(
+        [
+            problem
+            for name, c in choices.items()
+            if (problem := _choices_problem(name, c, st.SearchStrategy)) is not None
+        ],
+        "resumption_cases",
+    )
     if seed:
         choices.setdefault("seed", st.integers(0, 2**20))
     drawn = {
@@ -355,6 +372,21 @@ def resumption_cases(
         return ResumptionCase(length, k, opts)
 
     return cases()
+
+
+def _choices_problem(name: str, choices: Any, strategy: type) -> str | None:
+    """Why `choices` is no sequence of choices nor a strategy to draw option `name` from, or None:
+    a string would be drawn a character at a time, a mapping a key at a time."""
+    if isinstance(choices, strategy):
+        return None
+    if isinstance(choices, str | bytes | Mapping) or not isinstance(choices, Iterable):
+        return (
+            f"options[{name!r}] must be a sequence of choices or a hypothesis strategy, got "
+            f"{choices!r}: for one value, write [{choices!r}]"
+        )
+    if isinstance(choices, Sized) and len(choices) == 0:
+        return f"options[{name!r}] holds no choice to draw"
+    return None
 
 
 SaveFn = Callable[[TrainState, Path], Any]

@@ -298,6 +298,26 @@ def test_resumption_cases_rejects_runs_too_short_to_cut() -> None:
         resumption_cases(n=1)
 
 
+@pytest.mark.parametrize("given", ["bf16", 0.9, {"fp32": 1}, []])
+def test_resumption_cases_refuses_choices_that_are_one_value_a_mapping_or_none(given: Any) -> None:
+    # a string would be drawn a character at a time ("b", "f", "1", "6"), a mapping by its keys
+    with pytest.raises(ft.ConfigError, match=r"options\['precision'\] (must be|holds no)"):
+        resumption_cases(options={"precision": given})
+
+
+@settings(max_examples=10, deadline=None, database=None)
+@given(case=resumption_cases(n=[2, 3], options={"precision": ["bf16"], "ema_decay": (0.9,)}))
+def test_resumption_cases_draws_each_option_from_its_choices_whole(case: Any) -> None:
+    assert case.options["precision"] == "bf16" and case.options["ema_decay"] == 0.9
+    assert 2 <= case.n <= 3
+
+
+@pytest.mark.parametrize("n", [2.5, (2, 3, 4), "6"])
+def test_resumption_cases_refuses_an_n_that_is_no_length_nor_range(n: Any) -> None:
+    with pytest.raises(ft.ConfigError, match=r"run length or an inclusive \(low, high\) range"):
+        resumption_cases(n=n)
+
+
 def test_importing_functrain_testing_does_not_import_hypothesis() -> None:
     code = "import sys, functrain, functrain.testing; print('hypothesis' in sys.modules)"
     done = subprocess.run(
