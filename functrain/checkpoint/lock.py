@@ -97,11 +97,20 @@ class WriterLock:
             holder = _holder(fd)
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                ours = any(lock.held and lock.identity == (st.st_dev, st.st_ino) for lock in _held)
+                fix = (
+                    ", and that is this process: a CheckpointManager opened on it here is still "
+                    "open (in a notebook, the one a cell made before it ran again). Close it "
+                    "(manager.close(), or open it in a `with` block), give this one another "
+                    "directory, or open CheckpointManager(..., readonly=True) to only read"
+                    if ours
+                    else ". One process writes a directory at a time: stop that run, give this "
+                    "one another directory, or open CheckpointManager(..., readonly=True) to only "
+                    "read"
+                )
                 raise CheckpointError(
                     f"checkpoint directory {str(directory)!r} already has a writer: {holder} holds "
-                    f"{LOCK_NAME}. One process writes a directory at a time: stop that run, give "
-                    "this one another directory, or open CheckpointManager(..., readonly=True) to "
-                    "only read"
+                    f"{LOCK_NAME}{fix}"
                 ) from None
             raise CheckpointError(
                 f"cannot lock {str(path)!r}: {e} (this filesystem may not support locks)"

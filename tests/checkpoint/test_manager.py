@@ -454,10 +454,23 @@ def test_a_second_writer_in_the_same_process_is_refused_naming_the_holder(
         with pytest.raises(
             ft.CheckpointError,
             match=rf"already has a writer: process {os.getpid()} on host '.+' \(since .+\) "
-            r"holds writer\.lock",
+            r"holds writer\.lock, and that is this process: a CheckpointManager opened on it "
+            r"here is still open .* Close it \(manager\.close\(\), or open it in a `with` block\)",
         ):
             ft.CheckpointManager(tmp_path)
         assert writer.save(states[1]) == writer.all()[-1]  # the refusal cost the holder nothing
+    ft.CheckpointManager(tmp_path).close()
+
+
+def test_a_notebook_cell_opening_a_manager_run_again_is_told_to_close_the_first(
+    tmp_path: Path,
+) -> None:
+    manager = ft.CheckpointManager(tmp_path)  # the cell's first run
+    with pytest.raises(ft.CheckpointError) as refused:
+        manager = ft.CheckpointManager(tmp_path)  # the same cell run again
+    assert "that is this process" in str(refused.value)
+    assert "stop that run" not in str(refused.value)  # there is no other run to stop
+    manager.close()
     ft.CheckpointManager(tmp_path).close()
 
 
