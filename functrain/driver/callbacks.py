@@ -367,7 +367,8 @@ def _shown(stream: Any) -> bool:
     """Whether a bar drawn on `stream` is seen as one: a terminal, or a notebook's widget."""
     ipython = sys.modules.get("IPython")
     shell = ipython.get_ipython() if ipython is not None else None
-    if type(shell).__name__ == "ZMQInteractiveShell":  # a notebook: tqdm.auto draws a widget
+    # a notebook's kernel, Jupyter's shell or one made from it (Colab's): tqdm.auto draws a widget
+    if any(kind.__name__ == "ZMQInteractiveShell" for kind in type(shell).__mro__):
         return True
     isatty = getattr(stream, "isatty", None)
     try:

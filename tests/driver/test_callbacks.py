@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -400,6 +401,21 @@ def test_the_default_progress_bar_writes_to_stderr(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "epoch 0" in captured.err and "3/3" in captured.err
+
+
+@pytest.mark.parametrize("shell", ["ZMQInteractiveShell", "Shell"])
+def test_the_bar_is_drawn_in_a_notebook_kernel_whose_shell_derives_from_jupyters(
+    shell: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a kernel's stderr is no terminal; Colab's shell is a subclass of Jupyter's, named "Shell"
+    jupyters = type("ZMQInteractiveShell", (), {})
+    kind = jupyters if shell == "ZMQInteractiveShell" else type(shell, (jupyters,), {})
+    ipython = types.ModuleType("IPython")
+    ipython.get_ipython = kind  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    ft.fit(make_state(), sum_dataset(), batch_size=BATCH, max_epochs=1, verbosity="silent")
+    assert "epoch 0" in capsys.readouterr().err
 
 
 def test_no_bar_is_drawn_into_a_log_file_only_the_log_lines() -> None:
