@@ -111,11 +111,12 @@ def _tensor_diff(path: str, a: torch.Tensor, b: torch.Tensor) -> LeafDiff | None
     if count == 0:
         return None
     a_cpu, b_cpu = a.detach().cpu()[differ], b.detach().cpu()[differ]
-    wide = torch.complex128 if a.is_complex() else torch.float64
-    gaps = (a_cpu.to(wide) - b_cpu.to(wide)).abs()
-    return LeafDiff(
-        path, "values", num_different=count, numel=a.numel(), max_abs_diff=float(gaps.max())
-    )
+    if a.is_floating_point() or a.is_complex():
+        wide = torch.complex128 if a.is_complex() else torch.float64
+        gap = float((a_cpu.to(wide) - b_cpu.to(wide)).abs().max())
+    else:  # integers as Python's: in float64 two beyond 2**53 apart by 1 would show no gap
+        gap = float(max(abs(x - y) for x, y in zip(a_cpu.tolist(), b_cpu.tolist(), strict=True)))
+    return LeafDiff(path, "values", num_different=count, numel=a.numel(), max_abs_diff=gap)
 
 
 def _sparse_diff(path: str, a: torch.Tensor, b: torch.Tensor) -> LeafDiff | None:

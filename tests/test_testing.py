@@ -123,6 +123,15 @@ def test_integer_and_bfloat16_leaves_compare_by_value_bits() -> None:
     assert [str(d) for d in diff_states(a, b)] == ["step: 1 of 1 elements differ, max |a - b| = 2"]
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint64])
+def test_the_gap_between_large_integers_is_their_exact_difference(dtype: torch.dtype) -> None:
+    # a seed or counter beyond 2**53: float64 would round both to one number and show no gap
+    a, b = torch.tensor([2**60, 7], dtype=dtype), torch.tensor([2**60 + 1, 7], dtype=dtype)
+    assert [str(d) for d in diff_states({"seed": a}, {"seed": b})] == [
+        "seed: 1 of 2 elements differ, max |a - b| = 1"
+    ]
+
+
 def test_ignore_leaves_out_whole_subtrees_by_prefix() -> None:
     a = {"driver": {"history": {"t": 1.0}}, "driverx": torch.zeros(1)}
     b = {"driver": {"history": {"t": 2.0}}, "driverx": torch.ones(1)}
