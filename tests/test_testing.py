@@ -4,6 +4,7 @@ model."""
 from __future__ import annotations
 
 import copy
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -293,6 +294,29 @@ def test_check_resumption_refuses_states_sharing_a_module_whose_python_state_it_
         check_resumption(shared, batch, n=8, k=4)
     copied = lambda: ft.TrainState.create(copy.deepcopy(model), ft.adamw(0.05), loss_fn)  # noqa: E731
     assert any(p.startswith("state/params/") for p in check_resumption(copied, batch, n=8, k=4))
+
+
+class Noise(nn.Module):
+    """Adds noise drawn from torch's global generator or from Python's `random`."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.source == "torch":
+            return x + torch.randn(x.shape)
+        return x + random.gauss(0.0, 1.0)
+
+
+@pytest.mark.parametrize("source", ["torch", "python"])
+def test_draws_from_torchs_global_generator_resume_and_pythons_are_found(source: str) -> None:
+    def make() -> ft.TrainState:
+        model = nn.Sequential(nn.Linear(4, 8), Noise(source), nn.Linear(8, 2))
+        return ft.TrainState.create(model, ft.adamw(0.05), loss_fn)
+
+    problems = check_resumption(make, batch, n=6, k=2)
+    assert (problems == []) == (source == "torch")
 
 
 @settings(max_examples=8, deadline=None)
