@@ -148,6 +148,7 @@ def _evaluation_problems(
             "each evaluation)"
         )
     p += evaluation_problems(state, evaluation.eval_fn, evaluation.eval_metrics, "eval_metrics")
+    p += _early_mode_problems(options)
     metrics = evaluation.eval_metrics
     if isinstance(metrics, Mapping):
         watched = [("best_metric", evaluation.best_metric, evaluation.mode, "pass mode=")]
@@ -159,6 +160,23 @@ def _evaluation_problems(
         for what, target, mode, fix in watched:
             p += _direction_problem(metrics, what, target, mode, fix)
     return p
+
+
+def _early_mode_problems(options: FitOptions) -> list[str]:
+    """Early stopping and `best_metric` watching one metric in opposite directions.
+
+    The best checkpoint (and the test evaluation on it) would then be the evaluation early
+    stopping counts as the worst.
+    """
+    early, evaluation = options.stopping.early_stopping, options.evaluation
+    if early is None or early.target != evaluation.best_metric or early.mode == evaluation.mode:
+        return []
+    return [
+        f"early_stopping watches {early.target!r} with mode={early.mode!r}, but fit keeps the "
+        f"best {evaluation.best_metric!r} with mode={evaluation.mode!r}: the best checkpoint "
+        "would be the evaluation early stopping counts as the worst; give both one direction "
+        f"(fit's mode={early.mode!r}, or early_stopping's mode={evaluation.mode!r})"
+    ]
 
 
 def _direction_problem(

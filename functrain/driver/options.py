@@ -439,7 +439,8 @@ class Stopping(_Group):
             `max_epochs` and `max_steps` are not.
         early_stopping: an `EarlyStopping`, or the dict of its arguments (``{"target": "val_loss",
             "patience": 3, "mode": "min", "min_delta": 0.0}``, every key optional); its counters
-            live in the state. Needs `eval_data`.
+            live in the state. Needs `eval_data`. Watching `best_metric`, its mode must be
+            `fit`'s `mode` (refused otherwise: the best checkpoint would be its worst).
         stop_on_nonfinite: ``"eval"`` ends the run when an evaluation's ``val_loss`` (or
             `best_metric`) is NaN or Inf, ``"train"`` also when a log interval's mean training
             loss is (read at log intervals only), ``"none"`` never. The run then returns with

@@ -361,6 +361,32 @@ def test_early_stopping_dict_problems_are_listed_together() -> None:
         assert f"\n  - {line}" in message, line
 
 
+@pytest.mark.parametrize(
+    ("early", "fit_mode"),
+    [({"target": "val_loss", "mode": "max"}, {}), ({"target": "val_loss"}, {"mode": "max"})],
+)
+def test_early_stopping_and_best_metric_watching_one_metric_in_opposite_directions_are_refused(
+    early: dict[str, Any], fit_mode: dict[str, str]
+) -> None:
+    # the best checkpoint would be the evaluation early stopping counts as the worst
+    data = sum_dataset(64)
+    early_mode, mode = early.get("mode", "min"), fit_mode.get("mode", "min")
+    with pytest.raises(
+        ConfigError,
+        match=rf"early_stopping watches 'val_loss' with mode='{early_mode}', but fit keeps the "
+        rf"best 'val_loss' with mode='{mode}'.* give both one direction",
+    ):
+        quiet_fit(
+            linear_state(),
+            data,
+            eval_data=data,
+            batch_size=8,
+            max_epochs=1,
+            early_stopping=early,
+            **fit_mode,
+        )
+
+
 def test_early_stopping_of_another_type_is_a_config_error() -> None:
     data = sum_dataset(64)
     with pytest.raises(
