@@ -24,6 +24,8 @@ from functrain.driver.data import (
 from functrain.driver.evaluation import evaluation_problems
 from functrain.driver.options import GROUPS, FitOptions, gather_options, needs_problems
 from functrain.errors import ConfigError
+from functrain.optim.metrics import walk_states
+from functrain.optim.plateau import ReduceOnPlateauState
 
 __all__ = ["fit_problems", "empty_data_problem", "raise_empty_epoch"]
 
@@ -149,6 +151,7 @@ def _evaluation_problems(
         )
     p += evaluation_problems(state, evaluation.eval_fn, evaluation.eval_metrics, "eval_metrics")
     p += _early_mode_problems(options)
+    p += _plateau_problems(state, options, eval_data)
     metrics = evaluation.eval_metrics
     if isinstance(metrics, Mapping):
         watched = [("best_metric", evaluation.best_metric, evaluation.mode, "pass mode=")]
@@ -176,6 +179,24 @@ def _early_mode_problems(options: FitOptions) -> list[str]:
         f"best {evaluation.best_metric!r} with mode={evaluation.mode!r}: the best checkpoint "
         "would be the evaluation early stopping counts as the worst; give both one direction "
         f"(fit's mode={early.mode!r}, or early_stopping's mode={evaluation.mode!r})"
+    ]
+
+
+def _plateau_problems(state: Any, options: FitOptions, eval_data: Any) -> list[str]:
+    """A `reduce_on_plateau` in the optimizer that `fit` would never observe (no `eval_data`).
+
+    `fit` feeds it `best_metric` after each evaluation: without evaluations its scale stays 1
+    and the learning rate is never reduced.
+    """
+    if not isinstance(state, TrainState) or eval_data is not None:
+        return []
+    if not any(isinstance(n, ReduceOnPlateauState) for n in walk_states(state.opt_state)):
+        return []
+    return [
+        "the optimizer holds a reduce_on_plateau, which fit observes after each evaluation "
+        f"(best_metric={options.evaluation.best_metric!r}), but no eval_data is given: its scale "
+        "would stay 1 and the learning rate never be reduced; pass eval_data=..., or leave "
+        "reduce_on_plateau out of the optimizer"
     ]
 
 

@@ -308,7 +308,8 @@ def fit(
 
     Raises:
         ConfigError: invalid arguments, listed together (options without the data or directory they
-            act on included, a batch size given for data batched already), training data that yields
+            act on included, a `reduce_on_plateau` in the optimizer without `eval_data`, a batch
+            size given for data batched already), training data that yields
             no batch, a callback with a wrong signature, a `checkpoint_dir` holding another run's
             checkpoints without ``resume=True``, a resume whose data setup differs from the
             checkpoint's, an `eval_metrics` object whose ``compute()`` is not one number, training

@@ -277,6 +277,24 @@ def test_reduce_on_plateau_scales_updates_down_after_patience_evals(
     assert int(plateau_state(result.state.opt_state).bad_evals) == 1
 
 
+def test_reduce_on_plateau_without_eval_data_is_refused_before_the_first_step() -> None:
+    # fit observes the plateau at evaluations: without any, its scale would stay 1
+    steps: list[int] = []
+
+    @ft.on("batch_end")
+    def count(run: ft.Run) -> None:
+        steps.append(run.step)
+
+    state = make_state(ft.chain(ft.sgd(0.05), ft.reduce_on_plateau(factor=0.5, patience=0)))
+    with pytest.raises(
+        ConfigError,
+        match=r"the optimizer holds a reduce_on_plateau, which fit observes after each "
+        r"evaluation \(best_metric='val_loss'\), but no eval_data is given",
+    ):
+        quiet_fit(state, dataset(), max_epochs=2, callbacks=[count])
+    assert steps == []
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
