@@ -183,20 +183,45 @@ def _early_mode_problems(options: FitOptions) -> list[str]:
 
 
 def _plateau_problems(state: Any, options: FitOptions, eval_data: Any) -> list[str]:
-    """A `reduce_on_plateau` in the optimizer that `fit` would never observe (no `eval_data`).
+    """A `reduce_on_plateau` in the optimizer that `fit` would never observe (no `eval_data`),
+    or one watching `best_metric` in the other direction than `fit`'s `mode`.
 
     `fit` feeds it `best_metric` after each evaluation: without evaluations its scale stays 1
     and the learning rate is never reduced.
     """
-    if not isinstance(state, TrainState) or eval_data is not None:
+    if not isinstance(state, TrainState):
         return []
-    if not any(isinstance(n, ReduceOnPlateauState) for n in walk_states(state.opt_state)):
+    plateaus = [n for n in walk_states(state.opt_state) if isinstance(n, ReduceOnPlateauState)]
+    if not plateaus:
         return []
+    if eval_data is not None:
+        return _plateau_mode_problems(plateaus, options)
     return [
         "the optimizer holds a reduce_on_plateau, which fit observes after each evaluation "
         f"(best_metric={options.evaluation.best_metric!r}), but no eval_data is given: its scale "
         "would stay 1 and the learning rate never be reduced; pass eval_data=..., or leave "
         "reduce_on_plateau out of the optimizer"
+    ]
+
+
+def _plateau_mode_problems(plateaus: list[ReduceOnPlateauState], options: FitOptions) -> list[str]:
+    """A `reduce_on_plateau` whose mode is not `fit`'s `mode`, the direction `best_metric` (which
+    `fit` feeds it) improves in: it would lower the rate as the metric improves."""
+    mode = options.evaluation.mode
+    signs = {
+        sign
+        for n in plateaus
+        if not n.config.is_meta
+        for sign in n.config[..., 5].reshape(-1).tolist()
+    }  # one read, before the first step: the sign is 1.0 in "min" mode, -1.0 in "max" mode
+    if not signs - {1.0 if mode == "min" else -1.0}:
+        return []
+    other = "max" if mode == "min" else "min"
+    best = options.evaluation.best_metric
+    return [
+        f"the optimizer's reduce_on_plateau has mode={other!r}, but fit feeds it best_metric="
+        f"{best!r}, which improves with mode={mode!r}: it would lower the learning rate as "
+        f"{best!r} improves; give reduce_on_plateau(..., mode={mode!r}), or fit's mode to match"
     ]
 
 

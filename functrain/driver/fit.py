@@ -308,17 +308,17 @@ def fit(
 
     Raises:
         ConfigError: invalid arguments, listed together (options without the data or directory they
-            act on included, a `reduce_on_plateau` in the optimizer without `eval_data`, a batch
-            size given for data batched already), training data that yields
-            no batch, a callback with a wrong signature, a `checkpoint_dir` holding another run's
-            checkpoints without ``resume=True``, a resume whose data setup differs from the
-            checkpoint's, an `eval_metrics` object whose ``compute()`` is not one number, training
-            data whose ``state_dict()`` holds a value a checkpoint cannot store (naming its path and
-            type), a resume on another number of ranks than the one that saved such data's state
-            (or, mid-epoch, than the one a sampler other than torch's `DistributedSampler`
-            split the epoch over), a
-            resume whose `config` differs from the checkpoint's (``on_config_change="error"``), or a
-            `best_metric` the first evaluation does not produce.
+            act on included, a `reduce_on_plateau` in the optimizer without `eval_data` or in
+            another mode than `mode`, a batch size given for data batched already), training data
+            that yields no batch, a callback with a wrong signature, a `checkpoint_dir` holding
+            another run's checkpoints without ``resume=True``, a resume whose data setup differs
+            from the checkpoint's, an `eval_metrics` object whose ``compute()`` is not one number,
+            training data whose ``state_dict()`` holds a value a checkpoint cannot store (naming its
+            path and type), a resume on another number of ranks than the one that saved such data's
+            state (or, mid-epoch, than the one a sampler other than torch's `DistributedSampler`
+            split the epoch over), a resume whose `config` differs from the checkpoint's
+            (``on_config_change="error"``), or a `best_metric` the first evaluation does not
+            produce.
         CheckpointError: another process (or manager) is writing `checkpoint_dir`, naming it: one
             run writes a directory at a time; or ``resume=True`` found checkpoints there but none
             that loads (a new run would mix with that run's files), naming them and the fixes; or

@@ -61,9 +61,9 @@ def reduce_on_plateau(
     by `factor` at each reduction, functrain the scale, then the rate by it). After the other
     optimizers the update is multiplied by the scale. The step only multiplies by the current
     scale; `fit` observes the evaluation metric after each evaluation (`observe_plateau`),
-    outside any step, and refuses the transform without `eval_data`. Improvement is relative,
-    as torch's default ``threshold_mode="rel"``: better than ``best - |best| * threshold`` (min
-    mode).
+    outside any step, and refuses the transform without `eval_data` or in another `mode` than
+    its own. Improvement is relative, as torch's default ``threshold_mode="rel"``: better than
+    ``best - |best| * threshold`` (min mode).
 
     Args:
         factor: multiply the scale by this on a plateau; in (0, 1).

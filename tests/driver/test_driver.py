@@ -295,6 +295,40 @@ def test_reduce_on_plateau_without_eval_data_is_refused_before_the_first_step() 
     assert steps == []
 
 
+def test_reduce_on_plateau_in_the_other_direction_than_fits_mode_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a metric improving at every evaluation (mode="max"): torch's ReduceLROnPlateau in that
+    # mode never lowers the rate; one left in mode="min" would halve it at each evaluation
+    values = [0.5, 0.6, 0.7, 0.8]
+    torch_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    torch_plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        torch_opt, mode="max", factor=0.5, patience=0
+    )
+    expected = []
+    for value in values:
+        torch_plateau.step(value)
+        expected.append(torch_opt.param_groups[0]["lr"])
+    data = dataset()
+    kwargs: dict[str, Any] = dict(eval_data=data, max_epochs=4, mode="max")
+    with pytest.raises(
+        ConfigError,
+        match=r"the optimizer's reduce_on_plateau has mode='min', but fit feeds it "
+        r"best_metric='val_loss', which improves with mode='max'",
+    ):
+        quiet_fit(make_state(ft.chain(ft.sgd(0.05), ft.reduce_on_plateau(0.5, 0))), data, **kwargs)
+    scales: list[float] = []
+
+    @ft.on("eval_end")
+    def record(run: ft.Run) -> None:
+        scales.append(float(ft.transform_metrics(run.state.opt_state)["lr_scale"]))
+
+    script_val_loss(monkeypatch, values)
+    agreeing = ft.chain(ft.sgd(0.05), ft.reduce_on_plateau(0.5, 0, mode="max"))
+    quiet_fit(make_state(agreeing), data, callbacks=[record], **kwargs)
+    assert scales == expected == [1.0, 1.0, 1.0, 1.0]
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
