@@ -120,7 +120,9 @@ class MetricWindow:
         """
         values = list(metrics.values())
         dtypes = {v.dtype for v in values}
-        vec = torch.stack(values if len(dtypes) == 1 else [v.float() for v in values])
+        # mixed dtypes meet in float64, the sums' dtype: a float64 metric keeps its bits, an int64
+        # count its value up to 2**53 (float32 would round both, a count from 2**24 on)
+        vec = torch.stack(values if len(dtypes) == 1 else [v.double() for v in values])
         if not applied:
             # (an integer 0: integer metrics stay exact, added to the float64 sums)
             vec = torch.where(self._batch_mask(list(metrics), vec.device), vec, 0)

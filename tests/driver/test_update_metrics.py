@@ -150,3 +150,23 @@ def test_a_run_resumes_mid_window_with_the_gradient_norm_metric_switched(
     assert ("grad_norm" in rows[4]) == before  # the first run's window
     assert "grad_norm" not in rows[8]  # the window across the resume: without it
     assert ("grad_norm" in rows[12]) == after  # the next one: as asked
+
+
+def test_metrics_of_other_dtypes_than_the_loss_are_logged_without_float32_rounding() -> None:
+    # an int64 count past 2**24 and a float64 value beside the float32 loss: float32 would round
+    # both; the rows must hold the means of the values the loss function returned
+    def counting(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> object:
+        x, y = batch
+        tokens = torch.tensor(2**24 + 1, dtype=torch.int64) + x.shape[0]
+        fine = torch.tensor(1.0, dtype=torch.float64) + 2.0**-30 * x.shape[0]
+        return torch.nn.functional.mse_loss(model(x), y), {"tokens": tokens, "fine": fine}
+
+    data = dataset(n=12)  # batches of 8 and 4
+    result = quiet_fit(
+        linear_state(loss=counting), data, batch_size=8, shuffle=False, max_epochs=1, log_every=2
+    )
+    (row,) = result.history.rows["train"]
+    (epoch,) = result.history.rows["epoch"]
+    # by hand, in Python's float64
+    assert row["tokens"] == epoch["tokens"] == ((2**24 + 9) + (2**24 + 5)) / 2
+    assert row["fine"] == epoch["fine"] == ((1.0 + 2.0**-30 * 8) + (1.0 + 2.0**-30 * 4)) / 2
