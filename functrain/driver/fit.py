@@ -82,7 +82,10 @@ class FitResult:
         state: the final `TrainState`.
         history: metrics per log interval, evaluation and epoch (`History`).
         best: the evaluation metrics of the best checkpoint (or of the best evaluation), if any.
-        test: test-set metrics computed with the best weights, if `test_data` was given.
+        test: test-set metrics computed with the best checkpoint's weights, if `test_data` was
+            given (the final weights where the run kept no best checkpoint: without a
+            `checkpoint_dir` or with ``keep_best=0``, with a `RuntimeWarning` where an earlier
+            evaluation was the best).
         checkpoints: ``{"best": path, "latest": path, "all": [paths]}`` (None / [] without a
             directory); with ``best_per_member=True`` also ``"member_bests"``: each member's best
             checkpoint (None where a member has none yet).
@@ -289,7 +292,9 @@ def fit(
             (step mode), on the raw and, with EMA, the EMA weights (``val_loss``, ``val_ema_loss``).
             It may be the training data's own source (one `DataLoaderSource` given as both): its
             evaluation passes are not recorded in checkpoints nor cut the training pass short.
-        test_data: evaluated once at the end with the best checkpoint's weights (``test_loss``);
+        test_data: evaluated once at the end with the best checkpoint's weights (``test_loss``;
+            without one kept, no `checkpoint_dir` or ``keep_best=0``, the final weights, with a
+            `RuntimeWarning` where an earlier evaluation was the best);
             a best checkpoint that does not load leaves ``result.test`` None, with a
             `RuntimeWarning` naming it (the rest of the result is returned).
         callbacks: extra callbacks (see `functrain.driver.callbacks`).
@@ -632,14 +637,26 @@ def _callbacks(extra: Sequence[Any], logging: Logging, main: bool) -> list[Any]:
 def _test_metrics(
     loop: Loop, manager: CheckpointManager | None, tests: Any
 ) -> dict[str, float] | None:
-    """`tests` evaluated on the best checkpoint's weights (the final ones without a best).
+    """`tests` evaluated on the best checkpoint's weights (the final ones without a best, with a
+    warning where an earlier evaluation was the best).
 
     A best checkpoint that does not load (damaged: it shares its files with the regular one it
     was kept from) leaves the test data unevaluated, with a warning: the run's result is
     returned all the same, and no other weights are reported as the best's.
     """
     final = loop.state
-    if manager is not None and (best := manager.best()) is not None:
+    kept = manager.best() if manager is not None else None
+    best_step = loop.ledger.best["step"] if loop.ledger.best is not None else None
+    if kept is None and best_step is not None and best_step != loop.step:
+        warnings.warn(
+            f"the test data was evaluated on the final weights (step {loop.step}), not on those of "
+            f"the best evaluation (step {best_step}, result.best): fit keeps the best weights as "
+            "a checkpoint, and this run kept none (no checkpoint_dir, or keep_best=0); pass "
+            "checkpoint_dir=... to have result.test on the best weights",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    if manager is not None and (best := kept) is not None:
         try:
             final = load(best, like=loop.state)
         except CheckpointError as e:

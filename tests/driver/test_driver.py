@@ -422,6 +422,27 @@ def test_test_data_is_evaluated_with_the_best_checkpoints_weights(
     assert result.test != ft.evaluate(result.state, batches, prefix="test_")
 
 
+@pytest.mark.parametrize("keep", [{}, {"keep_best": 0}])
+def test_test_data_on_the_final_weights_says_so_where_an_earlier_evaluation_was_the_best(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, keep: dict[str, int]
+) -> None:
+    # no best checkpoint kept: the test set sees the final weights, not result.best's
+    script_val_loss(monkeypatch, [0.9, 0.4, 0.6, 0.7])
+    data, test = dataset(0), dataset(1, n=30)
+    directory = {"checkpoint_dir": tmp_path, **keep} if keep else {}
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"the test data was evaluated on the final weights \(step 12\), not on those of the "
+        r"best evaluation \(step 6, result\.best\)",
+    ):
+        result = quiet_fit(
+            make_state(), data, eval_data=data, test_data=test, max_epochs=4, **directory
+        )
+    assert result.best is not None and result.best["step"] == 6
+    batches = list(ft.Batcher(test, BATCH, shuffle=False).epoch(0))
+    assert result.test == ft.evaluate(result.state, batches, prefix="test_")
+
+
 # ---------------------------------------------------------------- data edge cases and non-finite
 # steps
 
