@@ -549,6 +549,8 @@ class Profiler(Callback):
     Args:
         trace_dir: where the trace files go (``*.pt.trace.json``, open in ui.perfetto.dev).
         wait: steps to skip first; warmup: steps recorded but discarded; active: steps recorded.
+            A step is an update: under gradient accumulation, the batches of its window together
+            (the profiler steps at the batch that completes one).
         record_shapes / profile_memory / with_stack: as `torch.profiler.profile`.
     """
 
@@ -592,7 +594,7 @@ class Profiler(Callback):
         self.prof.__enter__()
 
     def on_batch_end(self, run: Run) -> None:
-        if self.prof is not None:
+        if self.prof is not None and run.micro == 0:  # an update's last batch
             try:
                 self.prof.step()
             except BaseException:

@@ -240,6 +240,17 @@ def test_profiler_writes_a_chrome_trace_for_its_window(tmp_path: Path) -> None:
     assert any(e.get("name") == "ProfilerStep#3" for e in events)
 
 
+def test_under_accumulation_the_profilers_steps_are_updates(tmp_path: Path) -> None:
+    # 4 batches an update: wait 1, warm up 1 and record 2 updates, whose 8 batches the trace holds
+    profiler = ft.Profiler(tmp_path / "traces", wait=1, warmup=1, active=2)
+    quiet_fit(make_state(accumulate_steps=4), sum_dataset(), max_epochs=8, callbacks=[profiler])
+    (trace,) = profiler.traces
+    assert trace.name.startswith("trace-step4-")
+    events = json.loads(trace.read_text())["traceEvents"]
+    steps = {e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}
+    assert steps == {"ProfilerStep#2", "ProfilerStep#3"}
+
+
 def test_a_profiler_whose_trace_fails_to_start_ends_the_run_with_that_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
