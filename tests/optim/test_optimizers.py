@@ -513,6 +513,33 @@ def test_unfused_adam_steps_a_complex_parameter_on_its_real_view_as_torch(
     assert_trees_equal(list(params.values()), list(theirs.values()), "params")
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_unfused_sgd_steps_a_complex_parameter_in_complex_arithmetic_as_torch(
+    foreach: bool, momentum: float
+) -> None:
+    """torch's SGD adds the complex gradient to the complex parameter as it is, not on its real
+    view as Adam does (the real view's arithmetic was a last bit off)."""
+    torch.manual_seed(0)
+    start = {"w": torch.randn(8, 3, dtype=torch.complex64), "b": torch.randn(3)}
+    grads = [{k: torch.randn_like(v) for k, v in start.items()} for _ in range(10)]
+    tx = ft.sgd(0.1, momentum, weight_decay=0.01, fused=False, foreach=foreach)
+    params, state = dict(start), tx.init(start)
+    for g in grads:
+        updates, state = tx.update(g, state, params)
+        params = ft.apply_updates(params, updates)
+    theirs = {k: v.clone() for k, v in start.items()}
+    opt = torch.optim.SGD(theirs.values(), 0.1, momentum, weight_decay=0.01, foreach=foreach)
+    for g in grads:
+        for k, v in theirs.items():
+            v.grad = g[k].clone()
+        opt.step()
+    assert_trees_equal(list(params.values()), list(theirs.values()), "params")
+    if momentum:
+        buffers = [opt.state[v]["momentum_buffer"] for v in theirs.values()]
+        assert_trees_equal(list(find(state, SgdState).slots["momentum"]), buffers, "momentum")
+
+
 @pytest.mark.parametrize("name", ["adamw", "adam_amsgrad", "adagrad_lr_decay", "radam"])
 def test_step_counter_matches_torch_step(name: str) -> None:
     tx, make_opt, _ = EXACT_CASES[name]

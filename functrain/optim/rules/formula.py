@@ -418,6 +418,9 @@ class Rule(NamedTuple):
     # why the formula refuses complex parameters, where it does (its reference steps them on
     # another path); else they step on their real views, as torch.optim steps them
     refuses_complex: str = ""
+    # complex parameters step on their real views (`_on_real_views`), as most of torch.optim's
+    # optimizers take them; False: in complex arithmetic, as torch's SGD steps them
+    complex_as_real: bool = True
     # the step holds no Python logic per parameter: it runs once over lists (`ListOps`), one
     # foreach kernel per op, where the transform is asked to (`rule_transform`'s `foreach`)
     foreach: bool = False
@@ -1631,7 +1634,7 @@ def rule_transform(
                 for i in subset:
                     param, grad = p[i], g[i]
                     held_i = {k: v[i] for k, v in slots_in.items()}
-                    if param.is_complex():  # as torch.optim steps one: on its real view
+                    if param.is_complex() and rule.complex_as_real:  # as torch.optim: real view
                         param, held_i = _on_real_views(rule, ops, param, grad, held_i, t, hs)
                     else:
                         param, held_i = rule.step(ops, param, grad.to(param.dtype), held_i, t, hs)

@@ -86,7 +86,8 @@ class SgdState(RuleState):
 
 
 def sgd_rule(momentum: float, dampening: float, nesterov: bool, maximize: bool) -> Rule:
-    """torch's ``_single_tensor_sgd`` as a formula (its foreach form has the same bits). The
+    """torch's ``_single_tensor_sgd`` as a formula (its foreach form has the same bits; a complex
+    parameter in complex arithmetic, as torch steps it, not on its real view). The
     first momentum buffer is a copy of the gradient (torch detaches its copy; out of place it is
     the gradient itself, its graph kept, so that the derivative through it is exact): with a
     dampening, at each weight's own first update (`Rule.own_steps`), where torch's buffer is
@@ -118,7 +119,9 @@ def sgd_rule(momentum: float, dampening: float, nesterov: bool, maximize: bool) 
 
     held = ("lr", "weight_decay", "momentum") if momentum else ("lr", "weight_decay")
     slots = ("momentum",) if momentum else ()
-    return Rule(slots, {}, held, step, foreach=True, own_steps=bool(momentum and dampening))
+    own_steps = bool(momentum and dampening)
+    # (torch's SGD steps a complex parameter as it is, not on its real view)
+    return Rule(slots, {}, held, step, foreach=True, own_steps=own_steps, complex_as_real=False)
 
 
 FORMULAS["sgd"] = lambda a: sgd_rule(a["momentum"], a["dampening"], a["nesterov"], a["maximize"])
