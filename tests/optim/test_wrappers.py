@@ -564,6 +564,50 @@ def test_clip_by_global_norm_equals_clip_grad_norm_bitwise() -> None:
     assert torch.equal(ft.transform_metrics(state)["grad_norm"], expected_norm)
 
 
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_clipping_gradients_of_several_dtypes_scales_each_as_clip_grad_norm_does(
+    low: torch.dtype,
+) -> None:
+    """clip_grad_norm_ multiplies each gradient by the float32 coefficient of the promoted norm,
+    not by the coefficient rounded to the gradient's dtype (a half gradient was an ulp off)."""
+    gen = torch.Generator().manual_seed(4)
+    grads = {"a": torch.randn(16, 8, generator=gen), "b": torch.randn(3, 16, generator=gen).to(low)}
+    tensors = [torch.zeros_like(g, requires_grad=True) for g in grads.values()]
+    for t, g in zip(tensors, grads.values(), strict=True):
+        t.grad = g.clone()
+    expected_norm = torch.nn.utils.clip_grad_norm_(tensors, max_norm=0.05)
+    tx = ft.clip_by_global_norm(0.05)
+    u, state = tx.update(grads, tx.init(grads), None)
+    assert torch.equal(state.grad_norm, expected_norm)
+    for got, t in zip(u.values(), tensors, strict=True):
+        assert got.dtype == t.grad.dtype and torch.equal(got, t.grad)
+
+    # a model with a half head in a step, pure and donated, against torch's loop
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 3).to(low))
+
+    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(model[1](model[0](x).to(low)).float(), y)
+
+    data = [(torch.randn(16, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen))]
+    model = make()
+    optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, fused=True)
+    for batch in data * 4:
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        optimizer.step()
+    for donate in (False, True):
+        tx = ft.sgd(0.1, momentum=0.9)
+        state = ft.TrainState.create(make(), tx, loss_fn, clip_grad_norm=0.05)
+        for batch in data * 4:
+            state, _ = ft.train_step(state, batch, donate=donate)
+        for name, p in model.named_parameters():
+            assert torch.equal(state.params[name], p), (donate, name)
+
+
 def test_clip_by_global_norm_leaves_small_updates_unchanged() -> None:
     tx = ft.clip_by_global_norm(10.0)
     grads = {"w": torch.tensor([3.0, 4.0])}

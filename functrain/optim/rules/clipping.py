@@ -29,17 +29,20 @@ __all__ = ["ClipByGlobalNormState", "clip_by_global_norm", "clip_by_value"]
 
 
 def _by_dtype_mul(tensors: list[torch.Tensor], scalar: torch.Tensor) -> list[torch.Tensor]:
-    """`tensors * scalar`, the scalar cast to each tensor's dtype first.
+    """`tensors * scalar`, each product in its tensor's dtype.
 
-    As torch casts a Python scalar. A ``[K]`` `scalar` (a stacked state's members, each its own)
-    multiplies each member's slice of every tensor by the member's value.
+    As `clip_grad_norm_` multiplies: by the 0-d `scalar` as it is, which keeps each tensor's dtype
+    (a float32 norm's coefficient times bfloat16 gradients is computed in float32 and rounded
+    once, not rounded to bfloat16 first). A ``[K]`` `scalar` (a stacked state's members, each its
+    own) multiplies each member's slice of every tensor by the member's value, cast to the
+    tensor's dtype.
     """
     if scalar.ndim:
         return [t * member_view(scalar.to(t.dtype), t) for t in tensors]
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) == 1:
         return list(torch._foreach_mul(tensors, scalar.to(tensors[0].dtype)))
-    return [t * scalar.to(t.dtype) for t in tensors]
+    return [t * scalar for t in tensors]
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -111,7 +114,7 @@ def clip_by_global_norm(max_norm: float) -> Transform:
             return tree_unflatten(g, spec), ClipByGlobalNormState(kept)
         if extras.differentiable and not coef.ndim:
             # one op per tensor: torch's foreach product by a tensor has no derivative
-            clipped = [t * coef.to(t.dtype) for t in g]
+            clipped = [t * coef for t in g]  # (0-d: each keeps its dtype, as clip_grad_norm_)
             return tree_unflatten(clipped, spec), ClipByGlobalNormState(kept)
         return tree_unflatten(_by_dtype_mul(g, coef), spec), ClipByGlobalNormState(kept)
 
