@@ -31,8 +31,10 @@ from functrain.tree import tree_leaves
 
 __all__ = [
     "AUTOCAST",
+    "READS_CHECKED",
     "BY_BACKWARD",
     "NO_GRADIENT",
+    "OriginalReads",
     "WATCHED",
     "RunAgain",
     "call_loss",
@@ -235,6 +237,8 @@ def _forward(fn: Any, model: Any, batch: Any, dtype: torch.dtype | None, state: 
 # the attribute that marks a structure whose forward wrote none of the state's tensors on its first
 # call (`_WriteGuard`): later calls check after the forward only
 WATCHED = "_functrain_watched"
+# the attribute that marks a structure `predict` ran under `OriginalReads` once
+READS_CHECKED = "_functrain_reads_checked"
 
 _WRITTEN_FIRST = (
     "{name} writes the state's tensor {key!r} in forward (a frozen teacher updated there, as MoCo "
@@ -250,13 +254,49 @@ _ORIGINAL_USED = (
     "{name}'s forward {what} the tensor {key!r} of the module given to TrainState.create, not "
     "the state's: a function the module holds reaches that module where the state's copy cannot "
     "rebind it (a closure kept in a deque or behind a weak reference, a global name, a helper "
-    "object's method), or {name} runs that module itself. A state trains its own copy of the "
-    "weights, so here that tensor would never train (or be updated) where torch's loop trains "
-    "it; refused at the first step, before anything was written. Reach the module's parts "
+    "object's method), or the loss function runs that module itself. A state trains its own "
+    "copy of the weights, so that tensor would never train (or be updated) where torch's loop "
+    "trains it; refused at {when}, before anything was written. Reach the module's parts "
     "through the module a method or hook is given (self, a hook's module argument) or through "
-    "the model {name} is given; a module run on purpose beside it (a teacher) runs under "
-    "torch.no_grad() in eval mode, or as a copy (copy.deepcopy)"
+    "the model the loss function is given; a module run on purpose beside it (a teacher) runs "
+    "under torch.no_grad() in eval mode, or as a copy (copy.deepcopy)"
 )
+_FIRST_STEP = "the first step"
+
+
+class OriginalReads(TorchDispatchMode):
+    """A forward refused at its first read of a tensor of the module the structure was copied
+    from (`originals`): `predict`'s first call on a structure runs under it, where no gradient
+    shows what the forward read (a function the copy could not rebind would run the user's
+    module's weights, never the state's)."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # (as `_WriteGuard`'s: never compiled)
+
+    def __init__(
+        self, structure: nn.Module, tensors: Mapping[str, torch.Tensor], name: str
+    ) -> None:
+        super().__init__()
+        own = set(map(_storage, tensors.values()))
+        self.theirs = {
+            at: k
+            for k, t in originals(structure)
+            if (at := _storage(t)) not in own and at not in (-1, 0)
+        }
+        self.name = name
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for value in (*args, *kwargs.values()):
+            for t in value if isinstance(value, list | tuple) else (value,):
+                if isinstance(t, torch.Tensor) and (key := self.theirs.get(_storage(t))):
+                    raise ConfigError(
+                        _ORIGINAL_USED.format(
+                            name=self.name, what="reads", key=key, when=f"{self.name}'s first call"
+                        )
+                    )
+        return func(*args, **kwargs)
 
 
 class _WriteGuard(TorchDispatchMode):
@@ -315,7 +355,9 @@ class _WriteGuard(TorchDispatchMode):
                     key = self.theirs.get(at)
                     if key is not None:
                         raise ConfigError(
-                            _ORIGINAL_USED.format(name=self.name, what="writes", key=key)
+                            _ORIGINAL_USED.format(
+                                name=self.name, what="writes", key=key, when=_FIRST_STEP
+                            )
                         )
         return func(*args, **kwargs)
 
@@ -333,7 +375,9 @@ class _WriteGuard(TorchDispatchMode):
         for leaf in leaves:
             key = theirs.get(id(leaf))
             if key is not None:
-                raise ConfigError(_ORIGINAL_USED.format(name=self.name, what="reads", key=key))
+                raise ConfigError(
+                    _ORIGINAL_USED.format(name=self.name, what="reads", key=key, when=_FIRST_STEP)
+                )
 
     def restore(self) -> None:
         """Give each rebound tensor its storage back; raise naming the first."""

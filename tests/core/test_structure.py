@@ -714,3 +714,30 @@ def test_the_module_given_to_create_run_beside_the_state_as_a_teacher_trains_as_
         opt.zero_grad()
     for name, p in student.named_parameters():
         assert torch.equal(state.params[name], p.detach()), name
+
+
+@pytest.mark.parametrize("how", ["deque", "local-class", "global-dict"])
+def test_predict_on_loaded_weights_reading_the_module_given_to_create_is_refused(
+    how: str, tmp_path: Any
+) -> None:
+    # (no step ran: the weights a checkpoint brings would be read where the module's are)
+    torch.manual_seed(0)
+    trained = ft.TrainState.create(ReachingTheOriginal(how), ft.sgd(0.1), loss_fn)
+    trained = trained.replace(params={k: v + 1.0 for k, v in trained.params.items()})
+    ft.save(trained, tmp_path / "ckpt")
+    model = ReachingTheOriginal(how)
+    state = ft.load(tmp_path / "ckpt", like=ft.TrainState.create(model, ft.sgd(0.1), loss_fn))
+    with pytest.raises(ConfigError, match="predict's forward reads the tensor 'gate.weight'"):
+        ft.predict(state, torch.randn(2, 6))
+    with pytest.raises(ConfigError, match="predict's first call"):
+        ft.predict(state, torch.randn(2, 6))  # (refused again: nothing marked it checked)
+
+
+def test_predict_reading_only_the_states_tensors_gives_the_modules_output() -> None:
+    model = ClosingOverSelf("forward-hook")
+    state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).eval()(x)
+    for _ in range(2):  # (the first call under the check, the next bare)
+        assert torch.equal(ft.predict(state, x), expected)
