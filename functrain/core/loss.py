@@ -14,7 +14,7 @@ import itertools
 import operator
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -324,7 +324,7 @@ class _WriteGuard(TorchDispatchMode):
         self,
         watch: Mapping[str, torch.Tensor],
         name: str,
-        originals: list[tuple[str, torch.Tensor]] = [],  # noqa: B006 - read only
+        originals: Sequence[tuple[str, torch.Tensor]] = (),
     ) -> None:
         super().__init__()
         self.watch, self.name = dict(watch), name
