@@ -242,9 +242,12 @@ class IterableSource:
         self.restored = tree if is_counted_position(tree) else None
 
     def saved_states(self, dist: Any) -> dict[str, Any]:
-        """What ``state.driver["source"]`` holds: ``{"ranks": [position of rank 0, rank 1, ...]}``.
+        """What ``state.driver["source"]`` holds: ``{"ranks": [state_tree of rank 0, rank 1, ...]}``
+        (each rank's position; of a `StatefulSource`, its data's state).
 
-        A collective under torch.distributed.
+        Under torch.distributed every rank's source reads its own stream, so each rank's tree is
+        gathered (a collective: every rank calls this at the same save) and every rank holds them
+        all.
         """
         return {"ranks": gather_objects(self.state_tree(), dist)}
 

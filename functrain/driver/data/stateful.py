@@ -13,7 +13,6 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from functrain.distributed.data_parallel import gather_objects
 from functrain.driver.data.iterable import IterableSource, is_counted_position
 from functrain.errors import ConfigError
 
@@ -99,16 +98,6 @@ class StatefulSource(IterableSource):
             return
         self._pending = None
         yield from iter(self.source)
-
-    def saved_states(self, dist: Any) -> dict[str, Any]:
-        """What ``state.driver["source"]`` holds: ``{"ranks": [state of rank 0, rank 1, ...]}``.
-
-        Under torch.distributed every rank's source reads its own stream, so each rank's state is
-        gathered (a collective: every rank calls this at the same save) and every rank holds them
-        all.
-        """
-        mine = self.state_tree()
-        return {"ranks": gather_objects(mine, dist)}
 
     def resume(self, saved: Any, dist: Any) -> None:
         """Restore this rank's state from ``state.driver["source"]``.
