@@ -52,6 +52,7 @@ from functrain.driver.evaluation import EvalMetric
 from functrain.driver.history import History
 from functrain.driver.loop import Loop
 from functrain.driver.options import (
+    UNCOMPARED,
     Batching,
     Checkpointing,
     Evaluation,
@@ -544,7 +545,7 @@ def _compare_config(
             stacklevel=5,
         )
         return checkpoint
-    changes = config_changes(recorded, config, exempt)
+    changes = config_changes(recorded, config, exempt, UNCOMPARED)
     if not changes:
         return checkpoint
     listing = "\n  - ".join(changes)

@@ -51,6 +51,7 @@ __all__ = [
     "GROUPS",
     "OPTION_NAMES",
     "EARLY_STOPPING_KEYS",
+    "UNCOMPARED",
     "gather_options",
     "grouped_options",
     "option_problems",
@@ -80,6 +81,7 @@ def option(
     plain: bool = True,
     hidden: bool = False,
     listed: bool = False,
+    compared: bool = True,
 ) -> Any:
     """A field of an option group.
 
@@ -95,9 +97,12 @@ def option(
         hidden: written ``name=...`` in messages, not as its value (a function).
         listed: a ``Literal`` option's choices written as a list in its message (``one of
             ['host', 'device', 'none']``), not as words (``'min' or 'max'``).
+        compared: compared on resume, as a key of the run's `config` (`Checkpointing`); False
+            for an option that says how the run is watched or when it ends, never what it
+            computes (exempt by design: `UNCOMPARED`).
     """
     return attrs.field(
-        default=default, metadata=about(minimum, check, needs, plain, hidden, listed)
+        default=default, metadata=about(minimum, check, needs, plain, hidden, listed, compared)
     )
 
 
@@ -108,6 +113,7 @@ def about(
     plain: bool = True,
     hidden: bool = False,
     listed: bool = False,
+    compared: bool = True,
 ) -> dict[str, Any]:
     """What a field's metadata says of its option (`option`'s arguments), for a field with a
     converter: ``attrs.field(converter=..., metadata=about(...))``, whose ``__init__`` type the
@@ -119,6 +125,7 @@ def about(
         "plain": plain,
         "hidden": hidden,
         "listed": listed,
+        "compared": compared,
     }
 
 
@@ -451,9 +458,9 @@ class Stopping(_Group):
             ``TrainState.create(nonfinite=)``, set once for every step, `fit`'s or your own loop's.
     """
 
-    max_epochs: int | None = option(None, minimum=1)
-    max_steps: int | None = option(None, minimum=1)
-    max_time: float | None = option(None, check=_seconds)
+    max_epochs: int | None = option(None, minimum=1, compared=False)
+    max_steps: int | None = option(None, minimum=1, compared=False)
+    max_time: float | None = option(None, check=_seconds, compared=False)
     early_stopping: EarlyStopping | None = attrs.field(
         default=None,
         converter=_as_early_stopping,
@@ -580,7 +587,7 @@ class Checkpointing(_Group):
         config: the run's resolved config (JSON-able; ``functrain run`` passes the one it built),
             saved in every checkpoint's manifest (``metadata["config"]``). On ``resume=True`` it
             is compared with the config of the checkpoint restored (see
-            `functrain.driver.run_config`: dotted keys, and the keys exempt by design).
+            `functrain.driver.run_config`: dotted keys, and the keys exempt by design, below).
         on_config_change: a resumed run whose config differs: ``"error"`` refuses it (a
             `ConfigError` naming each changed key, ``old -> new``), ``"warn"`` continues with the
             new config after a `ConfigChangeWarning` naming them, where the checkpoint can take
@@ -592,17 +599,17 @@ class Checkpointing(_Group):
             ``max_epochs``, ``max_steps``, ``max_time`` and these two options, exempt by design).
     """
 
-    checkpoint_dir: str | Path | None = option(None, check=_checkpoint_dir)
+    checkpoint_dir: str | Path | None = option(None, check=_checkpoint_dir, compared=False)
     save_every: int | None = option(None, minimum=1, needs="checkpoint_dir")
     keep_last: int | None = option(None, minimum=1, needs="checkpoint_dir")
     keep_best: int = option(1, minimum=0, needs="checkpoint_dir")
     async_save: bool = option(False, needs="checkpoint_dir")
-    resume: bool = option(False, needs="checkpoint_dir")
+    resume: bool = option(False, needs="checkpoint_dir", compared=False)
     config: Mapping[str, Any] | None = attrs.field(
         default=None, converter=_as_config, metadata=about(check=_config)
     )
-    on_config_change: Literal["error", "warn"] = option("error")
-    config_exempt: Sequence[str] = option((), check=_patterns)
+    on_config_change: Literal["error", "warn"] = option("error", compared=False)
+    config_exempt: Sequence[str] = option((), check=_patterns, compared=False)
 
 
 @attrs.frozen
@@ -628,9 +635,11 @@ class Logging(_Group):
     """
 
     log_every: int = option(50, minimum=1)
-    progress: bool = option(True)
-    verbosity: Literal["silent", "minimal", "standard", "verbose"] = option("minimal")
-    log_file: str | Path | None = option(None, check=_log_file)
+    progress: bool = option(True, compared=False)
+    verbosity: Literal["silent", "minimal", "standard", "verbose"] = option(
+        "minimal", compared=False
+    )
+    log_file: str | Path | None = option(None, check=_log_file, compared=False)
     grad_stats: Literal["layer", "param"] | None = option(None, listed=True)
     memory: Literal["host", "device", "none"] = option("host", listed=True)
 
@@ -668,6 +677,11 @@ GROUPS: dict[str, type] = {
 }
 # every option's flat name: fit's keywords, the config file's fit keys, run.config's
 OPTION_NAMES = tuple(f.name for group in GROUPS.values() for f in attrs.fields(group))
+# the options a resume does not compare (`option`'s compared=False): keys of a config exempt by
+# design, at any depth (``fit.resume``)
+UNCOMPARED = tuple(
+    f.name for group in GROUPS.values() for f in attrs.fields(group) if not f.metadata["compared"]
+)
 
 
 @attrs.frozen

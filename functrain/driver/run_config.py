@@ -9,12 +9,12 @@ config (which its next checkpoints record).
 
 Keys are dotted paths (``optimizer.lr.peak_value``, ``callbacks.0.patience``: list items by index,
 as Hydra's overrides write them). Some keys change how a run is watched or when it ends, never what
-it computes, and are exempt by design (`EXEMPT_BY_DESIGN`): ``resume`` itself, ``progress``,
-``verbosity``, ``log_file``, ``checkpoint_dir`` (a run directory may move), ``max_epochs``,
-``max_steps`` and ``max_time`` (resuming to train longer is what resuming is for; a schedule that
-depends on them is its own key and still compared), and the two options of this check.
-``config_exempt=[...]`` adds patterns (`fnmatch` on the dotted path, e.g. ``"data.train.root"``
-or ``"callbacks.*"``).
+it computes, and are exempt by design, at any depth: `fit`'s options declared so
+(`functrain.driver.options.UNCOMPARED`, listed in `Checkpointing`'s ``config_exempt``), which `fit`
+passes as `by_design`. A run directory may move (``checkpoint_dir``), and resuming to train longer
+is what resuming is for (``max_epochs``, ``max_steps``, ``max_time``; a schedule that depends on
+them is its own key and still compared). ``config_exempt=[...]`` adds patterns (`fnmatch` on the
+dotted path, e.g. ``"data.train.root"`` or ``"callbacks.*"``).
 """
 
 from __future__ import annotations
@@ -26,25 +26,10 @@ from typing import Any
 
 __all__ = [
     "ConfigChangeWarning",
-    "EXEMPT_BY_DESIGN",
     "json_config",
     "config_changes",
     "flatten",
 ]
-
-# keys that never change what a run computes; each also matches at any depth ("fit.resume")
-EXEMPT_BY_DESIGN = (
-    "resume",
-    "progress",
-    "verbosity",
-    "log_file",
-    "checkpoint_dir",
-    "max_epochs",
-    "max_steps",
-    "max_time",
-    "on_config_change",
-    "config_exempt",
-)
 
 _ABSENT = "(not set)"
 
@@ -118,29 +103,35 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def exempt(key: str, patterns: Sequence[str] = ()) -> bool:
-    """Whether `key` is exempt: by design (its last part, or a parent's), or by a pattern."""
+def exempt(key: str, patterns: Sequence[str] = (), by_design: Sequence[str] = ()) -> bool:
+    """Whether `key` is exempt: by design (its last part, or a parent's, is one of `by_design`),
+    or by a pattern."""
     parts = key.split(".")
-    if any(part in EXEMPT_BY_DESIGN for part in parts):
+    if any(part in by_design for part in parts):
         return True
     return any(fnmatchcase(key, p) or key.startswith(p + ".") for p in patterns)
 
 
 def config_changes(
-    old: Mapping[str, Any], new: Mapping[str, Any], exempt_patterns: Sequence[str] = ()
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    exempt_patterns: Sequence[str] = (),
+    by_design: Sequence[str] = (),
 ) -> list[str]:
     """The keys whose values differ between two configs, as ``key: old -> new``; exempt ones aside.
 
+    `by_design`: names exempt at any depth (`fit`'s options that are not compared).
+
     Example:
         >>> before = {"lr": 0.1, "fit": {"resume": False}}
-        >>> config_changes(before, {"lr": 0.2, "fit": {"resume": True}, "seed": 1})
+        >>> config_changes(before, {"lr": 0.2, "fit": {"resume": True}, "seed": 1}, (), ["resume"])
         ['lr: 0.1 -> 0.2', 'seed: (not set) -> 1']
     """
     before, after = flatten(dict(old)), flatten(dict(new))
     lines = []
     for key in sorted(before.keys() | after.keys(), key=_order(before, after)):
         a, b = before.get(key, _ABSENT), after.get(key, _ABSENT)
-        if _same(a, b) or exempt(key, exempt_patterns):
+        if _same(a, b) or exempt(key, exempt_patterns, by_design):
             continue
         lines.append(f"{key}: {_show(a)} -> {_show(b)}")
     return lines

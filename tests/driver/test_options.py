@@ -18,7 +18,7 @@ import torch
 import functrain as ft
 from functrain.driver import loop as loop_module
 from functrain.driver.arguments import fit_problems
-from functrain.driver.options import OPTION_NAMES, grouped_options
+from functrain.driver.options import OPTION_NAMES, UNCOMPARED, grouped_options
 from functrain.errors import ConfigError
 from tests.driver.runs import BATCH, dataset, make_state
 
@@ -386,3 +386,25 @@ def test_the_gradient_norm_asked_of_fit_points_to_the_states_option() -> None:
         r"TrainState\.create\(grad_norm=True\)",
     ):
         ft.fit(make_state(), dataset(), grad_norm=True)
+
+
+def test_the_options_a_resume_does_not_compare_are_declared_on_the_options_and_documented() -> None:
+    """Exempt by design: the fields declared compared=False, all of them named in config_exempt's
+    description."""
+    assert sorted(UNCOMPARED) == sorted(
+        [
+            "resume",
+            "progress",
+            "verbosity",
+            "log_file",
+            "checkpoint_dir",
+            "max_epochs",
+            "max_steps",
+            "max_time",
+            "on_config_change",
+            "config_exempt",
+        ]
+    )
+    described = (ft.Checkpointing.__doc__ or "").split("config_exempt:")[1]
+    named = {name for name in UNCOMPARED if f"``{name}``" in described}
+    assert named | {"on_config_change", "config_exempt"} == set(UNCOMPARED)
