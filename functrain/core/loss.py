@@ -36,6 +36,7 @@ __all__ = [
     "NO_GRADIENT",
     "OriginalReads",
     "WATCHED",
+    "WRITES_WATCHED",
     "RunAgain",
     "call_loss",
     "check_scalar_metrics",
@@ -185,8 +186,14 @@ def call_loss(
     # weight clamped through ``.data``, which no version counter sees), not for a sharded state
     # (its weights are gathered and rebound on use); a write at a later forward is refused
     # after it, by the version counters
+    # (an evaluation's first forward, which has no graph to show a read of the module given to
+    # `create`, leaves that check to the structure's first step: `WRITES_WATCHED`)
     first = (
-        bool(watch) and not sharded and not getattr(state.module, WATCHED, False) and not _tracing()
+        bool(watch)
+        and not sharded
+        and not getattr(state.module, WATCHED, False)
+        and not (then is None and getattr(state.module, WRITES_WATCHED, False))
+        and not _tracing()
     )
     # entered only where there is one (no null context: dynamo on torch 2.11 cannot take
     # isinstance() of one, and a graph break here would leave torch.func.grad's frame eager)
@@ -218,8 +225,8 @@ def call_loss(
                     raise_written(watch, versions, name, storage)
             loss, aux = split_loss(out, name)
             if guard is not None:
-                guard.refuse_original_read(loss, tensors)
-                object.__setattr__(state.module, WATCHED, True)
+                checked = guard.refuse_original_read(loss, tensors)
+                object.__setattr__(state.module, WATCHED if checked else WRITES_WATCHED, True)
             return (loss, aux) if then is None else then(loss, aux)
     except BaseException:
         unbind(binding)  # an interrupt at its exit's entry: the structure left unbound all the same
@@ -237,6 +244,9 @@ def _forward(fn: Any, model: Any, batch: Any, dtype: torch.dtype | None, state: 
 # the attribute that marks a structure whose forward wrote none of the state's tensors on its first
 # call (`_WriteGuard`): later calls check after the forward only
 WATCHED = "_functrain_watched"
+# the attribute that marks a structure whose first forward without a graph (an evaluation) wrote
+# none of those tensors: later evaluations run bare, its first step still under `_WriteGuard`
+WRITES_WATCHED = "_functrain_writes_watched"
 # the attribute that marks a structure `predict` ran under `OriginalReads` once
 READS_CHECKED = "_functrain_reads_checked"
 
@@ -361,23 +371,30 @@ class _WriteGuard(TorchDispatchMode):
                         )
         return func(*args, **kwargs)
 
-    def refuse_original_read(self, loss: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> None:
+    def refuse_original_read(self, loss: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> bool:
         """Raise where `loss`'s graph reaches a parameter of the module the structure was
         copied from (the leaves a backward would write) besides one of `tensors` (the state's,
-        as bound: a loss reaching none of them is refused by the step as `NO_GRADIENT` says)."""
-        if not self.originals or loss.grad_fn is None:
-            return
+        as bound: a loss reaching none of them is refused by the step as `NO_GRADIENT` says).
+
+        Returns whether the graph could show it: False for a loss with no graph to the state's
+        tensors (an evaluation's, under ``torch.no_grad()``), which reads the module unseen.
+        """
+        if not self.originals:
+            return True
+        if loss.grad_fn is None:
+            return False
         theirs = {id(t): k for k, t in self.originals if isinstance(t, nn.Parameter)}
         leaves = _graph_leaves(loss)
         own = set(map(id, tensors.values()))
         if not any(id(leaf) in own for leaf in leaves):
-            return
+            return False
         for leaf in leaves:
             key = theirs.get(id(leaf))
             if key is not None:
                 raise ConfigError(
                     _ORIGINAL_USED.format(name=self.name, what="reads", key=key, when=_FIRST_STEP)
                 )
+        return True
 
     def restore(self) -> None:
         """Give each rebound tensor its storage back; raise naming the first."""

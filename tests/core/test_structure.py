@@ -741,3 +741,15 @@ def test_predict_reading_only_the_states_tensors_gives_the_modules_output() -> N
         expected = copy.deepcopy(model).eval()(x)
     for _ in range(2):  # (the first call under the check, the next bare)
         assert torch.equal(ft.predict(state, x), expected)
+
+
+def test_an_evaluation_before_the_first_step_leaves_the_read_check_to_that_step() -> None:
+    # (an evaluation has no graph to show the read: the step after it is still refused, where
+    # torch trains the gate and the state's would never move)
+    torch.manual_seed(0)
+    state = ft.TrainState.create(ReachingTheOriginal("deque"), ft.sgd(0.1), loss_fn)
+    batch = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    for _ in range(2):  # (the second evaluation runs bare)
+        ft.eval_step(state, batch)
+    with pytest.raises(ConfigError, match="forward reads the tensor 'gate.weight' of the module"):
+        ft.train_step(state, batch)
