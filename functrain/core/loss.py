@@ -278,7 +278,8 @@ class OriginalReads(TorchDispatchMode):
     """A forward refused at its first read of a tensor of the module the structure was copied
     from (`originals`): `predict`'s first call on a structure runs under it, where no gradient
     shows what the forward read (a function the copy could not rebind would run the user's
-    module's weights, never the state's)."""
+    module's weights, never the state's). A buffer equal to the state's of its name is read as
+    the step reads it, a constant a function holds (RoPE's inv_freq): not refused."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -289,10 +290,17 @@ class OriginalReads(TorchDispatchMode):
     ) -> None:
         super().__init__()
         own = set(map(_storage, tensors.values()))
+        found = originals(structure)
+        # (a buffer's storage whose values the state holds under one of its names)
+        constant = {
+            _storage(t)
+            for k, t in found
+            if not isinstance(t, nn.Parameter) and _same_values(t, tensors.get(k))
+        }
         self.theirs = {
             at: k
-            for k, t in originals(structure)
-            if (at := _storage(t)) not in own and at not in (-1, 0)
+            for k, t in found
+            if (at := _storage(t)) not in own and at not in constant and at not in (-1, 0)
         }
         self.name = name
 
@@ -404,6 +412,15 @@ class _WriteGuard(TorchDispatchMode):
                 self.watch[key].data = self.data[key]
         if rebound:
             raise ConfigError(_WRITTEN_FIRST.format(name=self.name, key=rebound[0]))
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """Whether `b` is a tensor of `a`'s shape, dtype and device holding its values."""
+    return (
+        isinstance(b, torch.Tensor)
+        and (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
+        and bool(torch.equal(a, b))
+    )
 
 
 def _storage(t: torch.Tensor) -> int:

@@ -293,7 +293,9 @@ def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any)
     Raises:
         ConfigError: a stacked state, or `use_ema` on a state without EMA; at a structure's
             first call, a forward that reads a tensor of the module given to `create`, not the
-            state's (a function the module holds that the state's copy cannot rebind).
+            state's (a function the module holds that the state's copy cannot rebind): a weight,
+            or a buffer whose values are not the state's (a constant one, RoPE's inv_freq held by
+            a function, is read as the step reads it).
         DonatedStateError: `state` was donated to a step.
 
     Example:

@@ -753,3 +753,33 @@ def test_an_evaluation_before_the_first_step_leaves_the_read_check_to_that_step(
         ft.eval_step(state, batch)
     with pytest.raises(ConfigError, match="forward reads the tensor 'gate.weight' of the module"):
         ft.train_step(state, batch)
+
+
+def test_predict_reading_a_constant_buffer_a_function_holds_gives_torchs_output() -> None:
+    # (RoPE's inv_freq held in a closure: the step reads it as it is, and so does predict)
+    class Rope(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(6, 3)
+            self.register_buffer("inv_freq", torch.linspace(0.5, 1.5, 3), persistent=False)
+            inv = self.inv_freq
+            self.rotate = lambda h: h * inv
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rotate(self.a(x))
+
+    torch.manual_seed(0)
+    model = Rope()
+    reference = copy.deepcopy(model)
+    state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
+    opt = torch.optim.SGD(reference.parameters(), 0.1, fused=True)
+    batch = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    for _ in range(2):
+        state, _ = ft.train_step(state, batch)
+        loss_fn(reference, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        expected = reference.eval()(x)
+    assert torch.equal(ft.predict(state, x), expected)
