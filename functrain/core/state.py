@@ -50,7 +50,7 @@ from functrain.core.replacement import (
     shared_storage,
     shares_storage,
 )
-from functrain.core.structure import CALL_GUARD, ORIGINAL, WEIGHTLESS, deepcopy_module
+from functrain.core.structure import CALL_GUARD, deepcopy_module, unmarked
 from functrain.distributed.data_parallel import DistConfig
 from functrain.distributed.materialize import InitFn
 from functrain.distributed.sharding import Sharding, gathered
@@ -951,9 +951,8 @@ class TrainState:
             for name, b in self.module.named_buffers():
                 memo[id(b)] = values[name].detach().clone()
             module = deepcopy_module(self.module, memo, computed=True)
-        module.__dict__.pop(WEIGHTLESS, None)  # it holds weights: a state made from it copies them
-        module.__dict__.pop(ORIGINAL, None)
         module._forward_pre_hooks.pop(module.__dict__.pop(CALL_GUARD, None), None)  # runs as is
+        unmarked(module)  # it holds weights: a state made from it copies them, checked anew
         module.eval()
         # the weight torch's old weight_norm and spectral_norm compute before a forward, from the
         # exported weights (eval mode: no power iteration), as their hooks compute it

@@ -45,6 +45,7 @@ __all__ = [
     "module_problems",
     "originals",
     "sparse_parameters",
+    "unmarked",
     "weightless",
 ]
 
@@ -193,6 +194,7 @@ def _copy_structure(module: nn.Module) -> nn.Module:
         raise
     except Exception:  # noqa: BLE001 - locks, open files, ...: run the module itself, as before
         return module
+    unmarked(structure)  # (a module exported from a state: its copy starts unchecked)
     object.__setattr__(structure, WEIGHTLESS, True)
     object.__setattr__(structure, ORIGINAL, weakref.ref(module))
     guard = refuse_unbound_calls(structure)
@@ -202,6 +204,14 @@ def _copy_structure(module: nn.Module) -> nn.Module:
     object.__setattr__(structure, _SPARSE, _sparse_of(structure))
     _parts.update((id(part), part) for part in structure.modules())
     return structure
+
+
+def unmarked(module: nn.Module) -> None:
+    """Drop what steps marked a structure with (its checks done, its gradient hooks, its original,
+    ...: the attributes named ``_functrain_*``) from `module`, a copy of one: a module exported
+    from a state, or a structure copied from such a module, starts unmarked."""
+    for key in [k for k in module.__dict__ if k.startswith("_functrain_")]:
+        del module.__dict__[key]
 
 
 def originals(structure: nn.Module) -> list[tuple[str, torch.Tensor]]:

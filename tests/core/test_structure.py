@@ -783,3 +783,23 @@ def test_predict_reading_a_constant_buffer_a_function_holds_gives_torchs_output(
     with torch.no_grad():
         expected = reference.eval()(x)
     assert torch.equal(ft.predict(state, x), expected)
+
+
+def test_a_state_made_from_an_exported_module_checks_its_first_forward_anew() -> None:
+    # (the export held the marks of the checks its state's structure had passed: a state made
+    # from it skipped the first forward's checks)
+    model = ReachingTheOriginal("helper-method-type")
+    state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
+    batch = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    state, _ = ft.train_step(state, batch)
+    exported = state.export_module()
+    assert not [k for k in vars(exported) if k.startswith("_functrain_")]
+    again = ft.TrainState.create(exported, ft.sgd(0.1), loss_fn)
+    assert not [
+        k for k in vars(again.module) if k.startswith(("_functrain_watched", "_functrain_r"))
+    ]
+    exported.fns = collections.deque([lambda x: torch.sigmoid(exported.gate(x))[:, :4]])
+    exported.how = "deque"
+    fresh = ft.TrainState.create(exported, ft.sgd(0.1), loss_fn)
+    with pytest.raises(ConfigError, match="forward reads the tensor 'gate.weight'"):
+        ft.train_step(fresh, batch)
