@@ -34,6 +34,9 @@ __all__ = ["chain"]
 def chain(*transforms: Transform) -> Transform:
     """Compose transforms: each one's output updates are the next one's input.
 
+    In a donated step, a transform with others after it (besides the scales folded into its
+    rate) runs without the in-place permission: they read the parameters it was given.
+
     Args:
         *transforms: the transforms, applied first to last.
 
@@ -93,6 +96,12 @@ def chain(*transforms: Transform) -> Transform:
                 # new parameters as a difference (which does not give the kernel's bits)
                 scales = tuple(_scale_of(transforms[j])(state[j]) for j in folds[i])
                 given_extras = plain._replace(rate_scales=scales + (outer if i == last else ()))
+            if given_extras.in_place and any(
+                j not in folds[i] for j in range(i + 1, len(transforms))
+            ):
+                # a transform after this one reads the parameters it was given (the new ones a
+                # fused kernel or a formula emits are a difference from them): not written here
+                given_extras = given_extras.kept()
             # each transform gets the step's extras if it takes them
             updates, s, given = update_reporting(t, updates, s, params, given_extras, keep)
             new_states.append(s)

@@ -611,3 +611,23 @@ def test_accumulate_measures_no_norm_where_its_report_is_not_asked_for(
         assert report is ft.NO_REPORT
     # clipping's own, of the window's mean (the first call runs the inner update to learn its form)
     assert [m[0].tolist() for m in measured] == [[1.5, 0.0], [3.0, 4.0]]
+
+
+@pytest.mark.parametrize("tail", ["clip_by_value", "scale"])
+def test_a_transform_after_a_fused_preset_steps_the_donated_state_as_the_pure_one(
+    tail: str,
+) -> None:
+    """In a donated step the preset does not write the parameters a transform after it reads:
+    what comes after it (a clipping of the update, a scale) is not lost."""
+    after = ft.clip_by_value(-1e-4, 1e-4) if tail == "clip_by_value" else ft.scale(0.5)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, generator=gen) for _ in range(5)]
+    results = []
+    for donate in (False, True):
+        torch.manual_seed(0)
+        tx = ft.chain(ft.adamw(1e-2), after)
+        state = ft.TrainState.create(torch.nn.Linear(3, 2), tx, _square_loss)
+        for batch in batches:
+            state, _ = ft.train_step(state, batch, donate=donate)
+        results.append(state.params)
+    assert_trees_equal(results[1], results[0], "params")
