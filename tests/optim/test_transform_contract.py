@@ -631,3 +631,40 @@ def test_a_transform_after_a_fused_preset_steps_the_donated_state_as_the_pure_on
             state, _ = ft.train_step(state, batch, donate=donate)
         results.append(state.params)
     assert_trees_equal(results[1], results[0], "params")
+
+
+_LAYER_SCALES = {"weight": 0.5}
+
+
+def _per_layer_scale(updates: Any, state: Any, params: Any = None) -> Any:
+    """A user's per-layer scaling written over the tree of updates, as optax's are."""
+    return {k: u * _LAYER_SCALES.get(k, 1.0) for k, u in updates.items()}, state
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "formula"])
+def test_a_users_transform_after_a_preset_gets_tensors_and_the_old_parameters(
+    donate: bool, fused: bool
+) -> None:
+    """A transform of the user's own after a preset in a chain is given the preset's update as a
+    tree of tensors (the new parameters less the old ones), in a donated step as in a pure one:
+    torch.optim.AdamW's step, its update scaled per layer by hand."""
+    scaled = ft.Transform(lambda params: ft.EmptyState(), _per_layer_scale)
+    tx = ft.chain(ft.adamw(1e-2, fused=fused), scaled)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, generator=gen) for _ in range(10)]
+    torch.manual_seed(0)
+    state = ft.TrainState.create(torch.nn.Linear(3, 2), tx, _square_loss)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), 1e-2, fused=fused)
+    for batch in batches:
+        state, _ = ft.train_step(state, batch, donate=donate)
+        before = {k: p.detach().clone() for k, p in model.named_parameters()}
+        opt.zero_grad()
+        _square_loss(model, batch).backward()
+        opt.step()
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p.copy_(before[k] + (p - before[k]) * _LAYER_SCALES.get(k, 1.0))
+    assert_trees_equal(state.params, dict(model.named_parameters()), "params")
