@@ -33,6 +33,7 @@ from functrain.tree import (
     same_structure,
     tree_flatten,
     tree_leaves,
+    tree_paths,
     tree_unflatten,
 )
 
@@ -359,7 +360,8 @@ def apply_updates(params: Tree, updates: Updates, *, in_place: bool = False) -> 
         A new tree with the structure of `params`.
 
     Raises:
-        StateMismatchError: the updates do not have the structure of the parameters.
+        StateMismatchError: the updates do not have the structure of the parameters, or a tensor
+            of them is not its parameter's shape (which `+` would broadcast).
 
     Example:
         >>> apply_updates({"w": torch.tensor([1.0])}, {"w": torch.tensor([0.5])})
@@ -378,6 +380,7 @@ def apply_updates(params: Tree, updates: Updates, *, in_place: bool = False) -> 
     else:
         check_same_structure(params, updates, "updates")
         u = tree_leaves(updates)
+        _check_shapes(params, p, u)
     u = [x if x.dtype == y.dtype else x.to(y.dtype) for x, y in zip(u, p, strict=True)]
     # torch._foreach_add rejects empty lists; a tree without leaves is returned as is
     return tree_unflatten(torch._foreach_add(p, u) if p else [], spec)
@@ -394,6 +397,19 @@ def stepped(p: list[torch.Tensor], step: ParamStep, in_place: bool = False) -> l
     if step.keep is None and in_place and not torch.compiler.is_compiling():
         return _apply_step_(p, step)
     return _apply_step(p, step)
+
+
+def _check_shapes(params: Tree, p: list[torch.Tensor], u: list[torch.Tensor]) -> None:
+    """Refuse updates that are not each their parameter's shape (which `+` would broadcast)."""
+    for i, (x, y) in enumerate(zip(u, p, strict=True)):
+        if not isinstance(x, torch.Tensor) or x.shape != y.shape:
+            name = tree_paths(params)[i]
+            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise StateMismatchError(
+                f"the update of {name} must have its parameter's shape {list(y.shape)}, got "
+                f"{got}; a transform returns one tensor per parameter, shaped as it (a reduction "
+                "kept as a broadcastable shape would move every element of the parameter alike)"
+            )
 
 
 def _check_spec(expected: Any, got: Any) -> None:

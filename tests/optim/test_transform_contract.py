@@ -668,3 +668,25 @@ def test_a_users_transform_after_a_preset_gets_tensors_and_the_old_parameters(
             for k, p in model.named_parameters():
                 p.copy_(before[k] + (p - before[k]) * _LAYER_SCALES.get(k, 1.0))
     assert_trees_equal(state.params, dict(model.named_parameters()), "params")
+
+
+@pytest.mark.parametrize("shape", ["0-d", "kept dim", "one more dim"])
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_an_update_not_shaped_as_its_parameter_is_refused(shape: str, donate: bool) -> None:
+    """An update that `+` would broadcast over its parameter (a reduction left 0-d or with a kept
+    dimension) or that would reshape it is refused, naming the parameter and both shapes."""
+    reshape = {
+        "0-d": lambda u: u.sum(),
+        "kept dim": lambda u: u.mean(0, keepdim=True),
+        "one more dim": lambda u: u.unsqueeze(0),
+    }[shape]
+
+    def update(updates: Any, state: Any, params: Any = None) -> Any:
+        return {k: reshape(-0.1 * u) for k, u in updates.items()}, state
+
+    tx = ft.Transform(lambda params: ft.EmptyState(), update)
+    state = ft.TrainState.create(torch.nn.Linear(3, 2), tx, _square_loss)
+    with pytest.raises(ft.StateMismatchError, match=r"the update of weight must have its "):
+        ft.train_step(state, torch.randn(4, 3), donate=donate)
+    with pytest.raises(ft.StateMismatchError, match=r"shape \[2, 3\]"):
+        ft.apply_updates({"w": torch.zeros(2, 3)}, {"w": reshape(torch.ones(2, 3))})
