@@ -20,6 +20,7 @@ torch.optim's own in-place ops: the same roundings.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any, TypeGuard
 
@@ -401,6 +402,11 @@ def stepped(p: list[torch.Tensor], step: ParamStep, in_place: bool = False) -> l
 
 def _check_shapes(params: Tree, p: list[torch.Tensor], u: list[torch.Tensor]) -> None:
     """Refuse updates that are not each their parameter's shape (which `+` would broadcast)."""
+    try:
+        if list(map(_SHAPE, u)) == list(map(_SHAPE, p)):  # (no Python frame per tensor)
+            return
+    except AttributeError:  # not a tensor: named below
+        pass
     for i, (x, y) in enumerate(zip(u, p, strict=True)):
         if not isinstance(x, torch.Tensor) or x.shape != y.shape:
             name = tree_paths(params)[i]
@@ -410,6 +416,9 @@ def _check_shapes(params: Tree, p: list[torch.Tensor], u: list[torch.Tensor]) ->
                 f"{got}; a transform returns one tensor per parameter, shaped as it (a reduction "
                 "kept as a broadcastable shape would move every element of the parameter alike)"
             )
+
+
+_SHAPE = operator.attrgetter("shape")
 
 
 def _check_spec(expected: Any, got: Any) -> None:
