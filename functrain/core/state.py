@@ -1093,11 +1093,7 @@ class TrainState:
             donated_to = (lineage and lineage[0]) or self.params.donated_to  # type: ignore[attr-defined]
         if donated_to is not None:
             raise DonatedStateError(
-                f"{call} got a TrainState that was donated to {donated_to}: "
-                "its tensors now hold the next state. "
-                "Use the state that call returned; to keep this one as well, "
-                "copy it first with state.clone(), "
-                "or call the step without donate=True"
+                f"{call} got a TrainState that was donated to {donated_to}: {_after(donated_to)}"
             )
         return lineage is not None and lineage[-1] is _LENT  # (`lends`' test, inline: each step)
 
@@ -1173,7 +1169,7 @@ class TrainState:
         if self._donated_to is not None:
             return
         if raised is not None:
-            call = f"{call}, which then raised {type(raised).__name__}"
+            call = f"{call}{_RAISED}{type(raised).__name__}"
         if not alone:
             lineage = getattr(self.step, _LINEAGE, None)
             if lineage is None:  # (states sharing the tensor itself: a tree map of this one)
@@ -1425,9 +1421,7 @@ class _Donated:
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
         raise DonatedStateError(
             f"state.{self._field} belongs to a TrainState that was donated to {self._call}: "
-            "its tensors now hold the next state. "
-            "Use the state that call returned; to keep this one as well, "
-            "copy it first with state.clone(), or call the step without donate=True"
+            f"{_after(self._call)}"
         )
 
     __getattr__ = __getitem__ = __iter__ = __len__ = __contains__ = __int__ = __float__ = (
@@ -1442,6 +1436,25 @@ class _Donated:
 
 # where a frozen weight's average waits (`ema_frozen`)
 _PARKED_AVERAGE = "ema_state|average|"
+
+
+_RAISED = ", which then raised "
+
+
+def _after(call: str) -> str:
+    """What a donated state's tensors hold after `call` (`retire` notes a call that raised), and
+    what to use instead."""
+    if _RAISED in call:
+        return (
+            "the step may have written some of its tensors before it raised, so they hold "
+            "neither this state nor a next one, and it returned none. Continue from a state "
+            "kept before the call (state.clone() taken before it, or a checkpoint); to keep "
+            "the given state whole when a step may raise, call it without donate=True"
+        )
+    return (
+        "its tensors now hold the next state. Use the state that call returned; to keep this "
+        "one as well, copy it first with state.clone(), or call the step without donate=True"
+    )
 
 
 @functools.lru_cache(maxsize=64)

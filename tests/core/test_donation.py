@@ -323,8 +323,13 @@ def test_a_donated_step_whose_update_raises_retires_the_state_it_gave_the_permis
     state = ft.TrainState.create(make_model(), tx, cross_entropy_loss_fn, nonfinite="none")
     with pytest.raises(_Refusal):
         ft.train_step(state, batches(1)[0], donate=True)
-    with pytest.raises(ft.DonatedStateError, match="which then raised _Refusal"):
+    with pytest.raises(ft.DonatedStateError, match="which then raised _Refusal") as raised:
         ft.train_step(state, batches(1)[0])
+    # (the call returned nothing: the message does not send the user to its result)
+    assert "neither this state nor a next one" in str(raised.value)
+    assert "the state that call returned" not in str(raised.value)
+    with pytest.raises(ft.DonatedStateError, match="kept before the call"):
+        len(state.params)
 
 
 def test_a_donated_step_that_halts_after_writing_retires_the_state() -> None:
