@@ -32,7 +32,7 @@ from functrain.optim.wrappers import (
     partition,
     skip_nonfinite,
 )
-from functrain.tree import leaves_by_path
+from functrain.tree import escape_key, leaves_by_path
 
 __all__ = [
     "DERIVED",
@@ -349,14 +349,21 @@ def optimizers_in(optimizer: Any) -> list[str]:
     return own + optimizers_in(others) if others is not None else own  # (muon's)
 
 
+class ByName(list[str]):
+    """The parameters whose slots a mapping keyed by their names holds (optax's layout: a state
+    that mirrors the parameters' tree), where a plain list of names is a sequence's, in order."""
+
+
 def slot_owners(init: Any, params: dict[str, torch.Tensor]) -> dict[str, list[str]] | None:
     """The sequences holding one slot per parameter in ``init(params)``'s leaves, each by its
     path with the names of the parameters whose slots it holds, in order: all of them (a state
-    laid out one slot per parameter), or a group's (`partition`'s, `masked`'s).
+    laid out one slot per parameter), or a group's (`partition`'s, `masked`'s); and the mappings
+    keyed by the parameters' names (`ByName`: a state that mirrors the parameters' tree).
 
-    Found as the sequences that lose their last entry when a parameter is left out: the last one
-    at once (one more ``init``), else, for a state laid out by group, each parameter in turn (on
-    the meta device: no memory). None where a leaf that goes is in no such sequence.
+    Found as the sequences that lose their last entry when a parameter is left out (or the
+    mappings that lose its name): the last one at once (one more ``init``), else, for a state
+    laid out by group, each parameter in turn (on the meta device: no memory). None where a leaf
+    that goes is in no such container.
 
     Example:
         >>> import functrain as ft
@@ -374,6 +381,8 @@ def slot_owners(init: Any, params: dict[str, torch.Tensor]) -> dict[str, list[st
     # (none shrinking proves nothing: the last parameter may be outside a group, `masked`'s)
     if owners and all(n == len(names) for n in owners.values()):
         return {container: list(names) for container in owners}
+    if owners and all(n == _KEYED for n in owners.values()) and _keyed_by_all(full, names, owners):
+        return {container: ByName(names) for container in owners}
     # laid out by group: which sequences each parameter's leaving shortens (probed on the meta
     # device where the transform's init takes it, else on the parameters)
     metas = {k: torch.empty_like(v, device="meta") for k, v in params.items()}
@@ -387,8 +396,8 @@ def slot_owners(init: Any, params: dict[str, torch.Tensor]) -> dict[str, list[st
             shrunk = _shrinking(full, init, probe, name)
             if shrunk is None:
                 break
-            for container in shrunk:
-                members.setdefault(container, []).append(name)
+            for container, n in shrunk.items():
+                members.setdefault(container, ByName() if n == _KEYED else []).append(name)
         else:
             return members
     return None
@@ -405,6 +414,7 @@ def _shrinking(
     except Exception:  # a transform that needs each of its parameters
         return None
     found: dict[str, int] = {}
+    key = escape_key(name)
     for path in full.keys() - less.keys():
         parts = path.split("/")
         for i in reversed(range(len(parts))):  # (the innermost index: a sequence's entry)
@@ -417,7 +427,11 @@ def _shrinking(
                 found[prefix] = n
                 break
         else:
-            return None
+            # a mapping keyed by the parameters' names (the innermost such key)
+            at = [i for i, part in enumerate(parts) if part == key]
+            if not at:
+                return None
+            found["/".join(parts[: at[-1]])] = _KEYED
     heads = tuple(prefix + "/" for prefix in found)
     if any(  # a leaf sized by all the weights (a flat buffer of them): no one weight's slot
         isinstance(t, torch.Tensor)
@@ -429,6 +443,23 @@ def _shrinking(
     ):
         return None
     return found
+
+
+# `_shrinking`'s length of a mapping keyed by the parameters' names
+_KEYED = -1
+
+
+def _keyed_by_all(full: dict[str, Any], names: list[str], owners: dict[str, int]) -> bool:
+    """Whether each mapping in `owners` holds a key for every parameter in `names`."""
+    keys = [escape_key(name) for name in names]
+    return all(
+        any(
+            path.startswith(_join(container, key) + "/") or path == _join(container, key)
+            for path in full
+        )
+        for container in owners
+        for key in keys
+    )
 
 
 # the field of `functrain.optim.wrappers.AccumulateState` holding a window's sums, one per weight
@@ -511,8 +542,16 @@ def resplit(
         )
     fresh = leaves_by_path(init(new_params))
     olds = leaves_by_path(old)
-    at_old = {c: {name: i for i, name in enumerate(names)} for c, names in had.items()}
+    at_old = {
+        c: {
+            name: escape_key(name) if isinstance(names, ByName) else i
+            for i, name in enumerate(names)
+        }
+        for c, names in had.items()
+    }
     kept = {name: dict(slots) for name, slots in parked.items() if name not in new_params}
+
+    keys = {escape_key(name): name for name in {*old_params, *new_params, *parked}}
 
     def slot(path: str, layout: dict[str, list[str]]) -> tuple[str, str, str] | None:
         """The container, weight and rest of `path` in `layout` (`slot_owners`), or None."""
@@ -520,7 +559,10 @@ def resplit(
             head = container + "/" if container else ""
             if path.startswith(head):
                 index, _, rest = path[len(head) :].partition("/")
-                if index.isdigit() and int(index) < len(names):
+                if isinstance(names, ByName):
+                    if keys.get(index) in names:
+                        return container, keys[index], rest
+                elif index.isdigit() and int(index) < len(names):
                     return container, names[int(index)], rest
         return None
 

@@ -18,6 +18,7 @@ from torch import nn
 import functrain as ft
 from functrain.checkpoint.format import write_tree
 from functrain.checkpoint.state_io import fingerprint
+from functrain.tree import leaves_by_path
 from tests.models import cross_entropy_loss_fn, make_mlp
 
 
@@ -1326,3 +1327,64 @@ def test_a_state_of_one_flat_buffer_is_refused_where_weights_are_matched_by_name
     like = ft.TrainState.create(Reversed(), _flat_momentum(), cross_entropy_loss_fn)
     with pytest.raises(ft.StateMismatchError, match=r"cannot be matched to them by name"):
         ft.load(ft.save(state, tmp_path / "c"), like=like)
+
+
+def _keyed_momentum() -> ft.Transform:
+    """A transform of one's own whose state mirrors the parameters' tree, as optax's do:
+    torch's SGD momentum (no count), one buffer per weight keyed by its name."""
+
+    def init(params: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        return {"momentum": {k: torch.zeros_like(p) for k, p in params.items()}}
+
+    def update(updates: Any, state: Any, params: Any = None) -> Any:
+        momentum = {
+            k: u.clone() if not state["momentum"][k].any() else state["momentum"][k] * 0.9 + u
+            for k, u in updates.items()
+        }
+        return {k: -0.1 * m for k, m in momentum.items()}, {"momentum": momentum}
+
+    return ft.Transform(init, update)
+
+
+class _KeyedMomentumByHand:
+    """`_keyed_momentum`'s ops in a torch loop: a weight without a gradient sits the step out."""
+
+    def __init__(self, params: Any) -> None:
+        self.params, self.momentum = list(params), {}
+
+    def step(self) -> None:
+        with torch.no_grad():
+            for p in self.params:
+                if p.grad is None:
+                    continue
+                m = self.momentum.get(p)
+                m = p.grad.clone() if m is None else m * 0.9 + p.grad
+                self.momentum[p] = m
+                p.copy_(p + -0.1 * m)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def test_freezing_with_a_state_keyed_by_the_weights_names_parks_their_slots(
+    tmp_path: Any,
+) -> None:
+    state = ft.TrainState.create(make_mlp(), _keyed_momentum(), cross_entropy_loss_fn)
+    for i, batch in enumerate(batches(6)):
+        if i == 2:
+            state = frozen_first_layer(state)
+            assert sorted(state.parked) == sorted(FIRST_LAYER)
+            kept = "/".join(leaves_by_path(state.opt_state))
+            assert not any(name in kept for name in FIRST_LAYER)
+        if i == 4:  # (a resume mid-freeze loads into a template frozen alike)
+            ft.save(state, tmp_path / "mid")
+            like = frozen_first_layer(
+                ft.TrainState.create(make_mlp(), _keyed_momentum(), cross_entropy_loss_fn)
+            )
+            state = ft.load(tmp_path / "mid", like=like)
+        state, _ = ft.train_step(state, batch)
+    model = torch_toggled(_KeyedMomentumByHand, 2, 99, n=6)
+    for name, p in model.named_parameters():
+        got = state.params[name] if name in state.params else state.frozen[name]
+        assert torch.equal(got, p), name
