@@ -43,8 +43,8 @@ import torch
 from functrain.errors import ConfigError
 from functrain.optim.batching import under_vmap
 from functrain.optim.planned import MembersPlanner, Planner
-from functrain.optim.updates import Updates
-from functrain.tree import LOCAL_NORMS, Norms, Tree, global_norm
+from functrain.optim.updates import Decoupled, NewParams, ParamStep, Updates, as_tensors
+from functrain.tree import LOCAL_NORMS, Norms, Tree, global_norm, tree_unflatten
 
 __all__ = [
     "Params",
@@ -558,7 +558,9 @@ def update_reporting(
     it (`Extras.reporting`, as a step's do). What a step calls its transform with, and a wrapper
     its inner transforms when it passes their reports on (`chain`, `masked`, `partition`,
     `skip_nonfinite`, `dynamic_loss_scale` and `accumulate` do: the last report with a value,
-    field by field).
+    field by field). A transform of the user's own (its update defined outside functrain) is
+    given lazy updates (a preset's before it) as a tree of tensors, the new parameters less the
+    old.
 
     Example:
         >>> import functrain as ft
@@ -580,6 +582,10 @@ def update_reporting(
     # update's closures (tabulate's table) then breaks the compiled graph
     update: Any = tx.update
     gate = {} if keep is None else {"keep": keep}
+    if isinstance(updates, (ParamStep, NewParams, Decoupled)) and not _takes_lazy(tx):
+        # a transform of the user's own is given a tree of tensors, as optax's are (after a
+        # preset in a `chain`, or inside a wrapper there: `skip_nonfinite`)
+        updates = tree_unflatten(as_tensors(updates, params), updates.spec)
     if isinstance(update, ExtrasUpdate):
         if update.reports:
             return update.fn(updates, state, params, extras=extras, **gate)
@@ -589,6 +595,18 @@ def update_reporting(
     else:
         new_updates, new_state = update(updates, state, params, **gate)
     return new_updates, new_state, NO_REPORT
+
+
+def _takes_lazy(tx: Transform) -> bool:
+    """Whether `tx`'s update is functrain's own, which takes the lazy update forms
+    (`ParamStep`, `NewParams`, `Decoupled`) a preset emits; a user's update (defined outside
+    functrain, with or without `with_extras`) is given a tree of tensors instead
+    (`update_reporting`)."""
+    update = getattr(tx, "update", None)
+    fn = update.fn if isinstance(update, ExtrasUpdate) else update
+    fn = getattr(fn, "__func__", fn)
+    module = str(getattr(fn, "__module__", None) or getattr(type(fn), "__module__", ""))
+    return module == "functrain" or module.startswith("functrain.")
 
 
 def is_transform(obj: object) -> bool:

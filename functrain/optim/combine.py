@@ -25,8 +25,7 @@ from functrain.optim.base import (
 from functrain.optim.naming import named
 from functrain.optim.planned import Chained, Prelude, Runner
 from functrain.optim.porting import torch_object_hint
-from functrain.optim.updates import Decoupled, NewParams, ParamStep, Updates, as_tensors
-from functrain.tree import tree_unflatten
+from functrain.optim.updates import Updates
 
 __all__ = ["chain"]
 
@@ -105,10 +104,8 @@ def chain(*transforms: Transform) -> Transform:
                 # a transform after this one reads the parameters it was given (the new ones a
                 # fused kernel or a formula emits are a difference from them): not written here
                 given_extras = given_extras.kept()
-            if isinstance(updates, (ParamStep, NewParams, Decoupled)) and not _takes_lazy(t):
-                # a transform of the user's own is given a tree of tensors, as optax's are
-                updates = tree_unflatten(as_tensors(updates, params), updates.spec)
-            # each transform gets the step's extras if it takes them
+            # each transform gets the step's extras if it takes them (a transform of the user's
+            # own, the updates as a tree of tensors: `update_reporting`)
             updates, s, given = update_reporting(t, updates, s, params, given_extras, keep)
             new_states.append(s)
             new_states.extend(state[j] for j in folds[i])
@@ -149,17 +146,6 @@ def chain(*transforms: Transform) -> Transform:
         rates=rates if grouped else None,
     )
     return Transform(init_fn, update, gated=gated)
-
-
-def _takes_lazy(tx: Transform) -> bool:
-    """Whether `tx`'s update is functrain's own, which takes the lazy update forms
-    (`ParamStep`, `NewParams`, `Decoupled`) a preset emits; a user's update (defined outside
-    functrain, with or without `with_extras`) is given a tree of tensors instead."""
-    update = getattr(tx, "update", None)
-    fn = update.fn if isinstance(update, ExtrasUpdate) else update
-    fn = getattr(fn, "__func__", fn)
-    module = str(getattr(fn, "__module__", None) or getattr(type(fn), "__module__", ""))
-    return module == "functrain" or module.startswith("functrain.")
 
 
 def _update_of(tx: Transform) -> ExtrasUpdate | None:

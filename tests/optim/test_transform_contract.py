@@ -670,6 +670,32 @@ def test_a_users_transform_after_a_preset_gets_tensors_and_the_old_parameters(
     assert_trees_equal(state.params, dict(model.named_parameters()), "params")
 
 
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_users_transform_in_a_wrapper_after_a_preset_gets_tensors(donate: bool) -> None:
+    """A wrapper of functrain's around the user's transform after a preset (`skip_nonfinite`)
+    hands it the preset's update as a tree of tensors: torch.optim.AdamW's step, its update
+    scaled per layer by hand."""
+    scaled = ft.Transform(lambda params: ft.EmptyState(), _per_layer_scale)
+    tx = ft.chain(ft.adamw(1e-2, fused=True), ft.skip_nonfinite(scaled))
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, generator=gen) for _ in range(5)]
+    torch.manual_seed(0)
+    state = ft.TrainState.create(torch.nn.Linear(3, 2), tx, _square_loss)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), 1e-2, fused=True)
+    for batch in batches:
+        state, _ = ft.train_step(state, batch, donate=donate)
+        before = {k: p.detach().clone() for k, p in model.named_parameters()}
+        opt.zero_grad()
+        _square_loss(model, batch).backward()
+        opt.step()
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p.copy_(before[k] + (p - before[k]) * _LAYER_SCALES.get(k, 1.0))
+    assert_trees_equal(state.params, dict(model.named_parameters()), "params")
+
+
 @pytest.mark.parametrize("shape", ["0-d", "kept dim", "one more dim"])
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 def test_an_update_not_shaped_as_its_parameter_is_refused(shape: str, donate: bool) -> None:
