@@ -2,8 +2,9 @@
 
 `generate` runs the state's module on its raw or EMA weights (bound to them as the loss function's
 model is: `functrain.core.binding.bound`), in eval mode and without gradients, one token at a
-time. Every random draw comes from a `torch.Generator` seeded from the explicit `seed`, so the
-same state, prompt and seed give the same tokens, and the caller's global RNG is left as it was.
+time. Every sampling draw comes from a `torch.Generator` seeded from the explicit `seed` (a draw
+of the forward's own from the state's generator), so the same state, prompt and seed give the same
+tokens, and the caller's global RNG is left as it was.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import IO, Any, Protocol
 
 import torch
 
-from functrain.core.binding import STEP_LOCK, BoundModel, bound
-from functrain.core.scope import modes_back, modes_of
+from functrain.core.binding import BoundModel, bound
+from functrain.core.scope import in_scope
 from functrain.core.state import TrainState
 from functrain.distributed.sharding import gathered
 from functrain.driver.callbacks import Callback, Run, on
@@ -197,7 +198,8 @@ def generate(
     The module runs on the state's raw (or EMA) weights, frozen parameters and buffers, in eval
     mode under `torch.no_grad`; its training flag and tensors are restored afterwards and the state
     is not modified. Draws come from a fresh `torch.Generator` seeded with
-    `seed`: the same arguments give the same tokens, and the global RNG is untouched.
+    `seed`: the same arguments give the same tokens, and the global RNG is untouched (a forward
+    that draws in eval mode, a noise layer, draws from the state's generator, as in `predict`).
 
     Args:
         state: the `TrainState` whose module maps ids ``[batch, time]`` to logits
@@ -266,25 +268,25 @@ def generate(
     tensors = {**weights, **frozen, **{k: b.clone() for k, b in buffers.items()}}
     forward = forward or _logits_of
     generator = torch.Generator(device=state.device).manual_seed(seed)
-    # the structure is shared with other threads' steps: its mode switched under their lock too
-    with STEP_LOCK:
-        was_training, modes = state.module.training, modes_of(state.module)
-        state.module.eval()
-        try:
-            with torch.no_grad(), bound(state.module, tensors) as model:
-                for _ in range(max_new_tokens):
-                    window = ids if context_size is None else ids[:, -context_size:]
-                    logits = forward(model, window)[:, -1, :]
-                    token = sample_logits(
-                        logits,
-                        temperature=temperature,
-                        top_k=top_k,
-                        top_p=top_p,
-                        generator=generator,
-                    )
-                    ids = torch.cat([ids, token.unsqueeze(-1)], dim=-1)
-        finally:
-            modes_back(state.module, was_training, modes)
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), bound(state.module, tensors) as model:
+            for _ in range(max_new_tokens):
+                window = ids if context_size is None else ids[:, -context_size:]
+                logits = forward(model, window)[:, -1, :]
+                token = sample_logits(
+                    logits,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    generator=generator,
+                )
+                ids = torch.cat([ids, token.unsqueeze(-1)], dim=-1)
+        return ids
+
+    # in the state's scope, as `predict` runs: eval mode, and a draw of the forward's own (a noise
+    # layer) from the state's generator, the caller's RNG and the module's modes restored after
+    ids = in_scope(state, False, lambda: run(ids))
     return ids.squeeze(0) if squeeze else ids
 
 

@@ -164,6 +164,31 @@ def test_generate_leaves_global_rng_and_state_untouched() -> None:
     assert torch.equal(state.params["weight"], weights)
 
 
+def test_a_forward_drawing_in_eval_mode_draws_from_the_states_generator() -> None:
+    class Noisy(torch.nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            out = super().forward(ids)
+            return out + 10 * torch.randn_like(out)  # drawn in eval mode too
+
+    torch.manual_seed(0)
+    module = Noisy(VOCAB, VOCAB)
+    state = ft.TrainState.create(module, ft.sgd(0.1), lm_loss)
+    # torch's loop: the global generator at the state's, the model in eval mode
+    caller = torch.get_rng_state()
+    torch.set_rng_state(state.rng)
+    ids, gen = torch.tensor([[0]]), torch.Generator().manual_seed(4)
+    module.eval()
+    with torch.no_grad():
+        for _ in range(12):
+            probs = module(ids)[:, -1, :].softmax(-1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], dim=-1)
+    module.train()
+    torch.set_rng_state(caller)
+    assert torch.equal(generate(state, [[0]], 12, seed=4), ids)
+    assert torch.equal(generate(state, [[0]], 12, seed=4), ids)
+    assert torch.equal(torch.get_rng_state(), caller)
+
+
 def test_generate_restores_training_flag_and_runs_in_eval_mode() -> None:
     seen: list[bool] = []
 
