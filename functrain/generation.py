@@ -9,6 +9,7 @@ tokens, and the caller's global RNG is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any, Protocol
@@ -16,6 +17,7 @@ from typing import IO, Any, Protocol
 import torch
 
 from functrain.core.binding import BoundModel, bound
+from functrain.core.loss import READS_CHECKED, OriginalReads
 from functrain.core.scope import in_scope
 from functrain.core.state import TrainState
 from functrain.distributed.sharding import gathered
@@ -221,7 +223,9 @@ def generate(
 
     Raises:
         ConfigError: bad sampling arguments, `use_ema` without EMA, a bad prompt, or
-            `max_new_tokens` / `context_size` out of range (all argument problems at once).
+            `max_new_tokens` / `context_size` out of range (all argument problems at once); at a
+            structure's first call, a forward that reads a tensor of the module given to
+            `create`, not the state's, as `functrain.predict` refuses it.
 
     Example:
         >>> import torch, functrain as ft
@@ -269,11 +273,19 @@ def generate(
     forward = forward or _logits_of
     generator = torch.Generator(device=state.device).manual_seed(seed)
 
+    # a structure's first call reads none of the tensors of the module it was copied from
+    checked = READS_CHECKED in state.module.__dict__
+
     def run(ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), bound(state.module, tensors) as model:
-            for _ in range(max_new_tokens):
+            for i in range(max_new_tokens):
                 window = ids if context_size is None else ids[:, -context_size:]
-                logits = forward(model, window)[:, -1, :]
+                with (
+                    contextlib.nullcontext()
+                    if checked or i
+                    else OriginalReads(state.module, tensors, "generate")
+                ):
+                    logits = forward(model, window)[:, -1, :]
                 token = sample_logits(
                     logits,
                     temperature=temperature,
@@ -287,6 +299,8 @@ def generate(
     # in the state's scope, as `predict` runs: eval mode, and a draw of the forward's own (a noise
     # layer) from the state's generator, the caller's RNG and the module's modes restored after
     ids = in_scope(state, False, lambda: run(ids))
+    if max_new_tokens and not checked:
+        object.__setattr__(state.module, READS_CHECKED, True)
     return ids.squeeze(0) if squeeze else ids
 
 

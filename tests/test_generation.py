@@ -3,6 +3,7 @@ callback."""
 
 from __future__ import annotations
 
+import collections
 import io
 from typing import Any
 
@@ -202,6 +203,25 @@ def test_generate_restores_training_flag_and_runs_in_eval_mode() -> None:
     assert module.training
     generate(state, [0], 2, temperature=0)
     assert seen == [False, False] and module.training
+
+
+def test_a_forward_reading_the_given_modules_weights_is_refused() -> None:
+    class Held(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(VOCAB, VOCAB)
+            # a function the state's copy cannot rebind: it reads this module's weight
+            self.fns = collections.deque([lambda ids: self.emb(ids)])
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.fns[0](ids)
+
+    state = ft.TrainState.create(Held(), ft.sgd(0.1), lm_loss)
+    state = state.replace(params={"emb.weight": shifted_embedding(1)})
+    with pytest.raises(ConfigError, match="generate's forward reads the tensor 'emb.weight'"):
+        generate(state, [0], 3, temperature=0)
+    with pytest.raises(ConfigError, match="generate's forward reads the tensor 'emb.weight'"):
+        generate(state, [0], 3, temperature=0)
 
 
 def test_use_ema_runs_the_ema_weights() -> None:

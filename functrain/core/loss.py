@@ -247,7 +247,7 @@ WATCHED = "_functrain_watched"
 # the attribute that marks a structure whose first forward without a graph (an evaluation) wrote
 # none of those tensors: later evaluations run bare, its first step still under `_WriteGuard`
 WRITES_WATCHED = "_functrain_writes_watched"
-# the attribute that marks a structure `predict` ran under `OriginalReads` once
+# the attribute that marks a structure `predict` or `generate` ran under `OriginalReads` once
 READS_CHECKED = "_functrain_reads_checked"
 
 _WRITTEN_FIRST = (
@@ -276,10 +276,10 @@ _FIRST_STEP = "the first step"
 
 class OriginalReads(TorchDispatchMode):
     """A forward refused at its first read of a tensor of the module the structure was copied
-    from (`originals`): `predict`'s first call on a structure runs under it, where no gradient
-    shows what the forward read (a function the copy could not rebind would run the user's
-    module's weights, never the state's). A buffer equal to the state's of its name is read as
-    the step reads it, a constant a function holds (RoPE's inv_freq): not refused."""
+    from (`originals`): `predict`'s and `generate`'s first call on a structure runs under it,
+    where no gradient shows what the forward read (a function the copy could not rebind would run
+    the user's module's weights, never the state's). A buffer equal to the state's of its name is
+    read as the step reads it, a constant a function holds (RoPE's inv_freq): not refused."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
