@@ -171,8 +171,21 @@ def _logits_of(model: BoundModel, ids: torch.Tensor) -> torch.Tensor:
     return model(ids)
 
 
+def _described(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"Tensor{list(value.shape)}"
+    return type(value).__name__
+
+
 def _as_ids(prompt_ids: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
-    ids = torch.as_tensor(prompt_ids, device=device)
+    try:
+        ids = torch.as_tensor(prompt_ids, device=device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(
+            "prompt_ids must be a 1-d [time] or 2-d [batch, time] tensor of int ids (prompts of "
+            f"one length: a batch of prompts of different lengths generated one by one), got "
+            f"{type(prompt_ids).__name__} ({e})"
+        ) from None
     if ids.dtype not in (torch.int64, torch.int32) or ids.ndim not in (1, 2) or ids.shape[-1] == 0:
         raise ConfigError(
             "prompt_ids must be a non-empty 1-d [time] or 2-d [batch, time] tensor of int ids, "
@@ -222,8 +235,10 @@ def generate(
         ``[batch, time + max_new_tokens]`` like `prompt_ids`, on the state's device.
 
     Raises:
-        ConfigError: bad sampling arguments, `use_ema` without EMA, a bad prompt, or
-            `max_new_tokens` / `context_size` out of range (all argument problems at once); at a
+        ConfigError: not a `TrainState`, a stacked state, bad sampling arguments or seed, `use_ema`
+            without EMA, a bad prompt (prompts of different lengths), or `max_new_tokens` /
+            `context_size` out of range (all argument problems at once); a forward whose output
+            is not logits ``[batch, time, vocab]`` (pass `forward`); at a
             structure's first call, a forward that reads a tensor of the module given to
             `create`, not the state's, as `functrain.predict` refuses it.
 
@@ -239,7 +254,19 @@ def generate(
         >>> torch.equal(same, generate(state, [[0], [2]], 4, temperature=2.0, top_p=0.9, seed=7))
         True
     """
+    if not isinstance(state, TrainState):
+        raise ConfigError(
+            f"generate expects a functrain.TrainState, got {type(state).__name__}; build one with "
+            "TrainState.create(...)"
+        )
     problems = _sampling_problems(temperature, top_k, top_p)
+    if state.members:
+        problems.append(
+            "generate runs one model, and this state holds stacked members: run them one by one, "
+            "[ft.generate(s, ...) for s in functrain.unstack(state)]"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        problems.append(f"seed must be an int (a torch.Generator's seed), got seed={seed!r}")
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, int)
@@ -285,7 +312,19 @@ def generate(
                     if checked or i
                     else OriginalReads(state.module, tensors, "generate")
                 ):
-                    logits = forward(model, window)[:, -1, :]
+                    out = forward(model, window)
+                if not (
+                    isinstance(out, torch.Tensor)
+                    and out.ndim == 3
+                    and out.shape[0] == window.shape[0]
+                ):
+                    raise ConfigError(
+                        "generate needs logits [batch, time, vocab] for the ids "
+                        f"{list(window.shape)}, got {_described(out)} from the forward; pass "
+                        "forward=lambda model, ids: model(ids).logits (or whatever gives them) "
+                        "where the module returns a tuple, a dict or an output object"
+                    )
+                logits = out[:, -1, :]
                 token = sample_logits(
                     logits,
                     temperature=temperature,

@@ -264,6 +264,40 @@ def test_errors_are_listed_together() -> None:
         generate(make_state(), [0], -1, temperature=-1, top_k=0, top_p=2.0)
 
 
+def test_generate_refuses_what_is_not_one_state() -> None:
+    with pytest.raises(ConfigError, match="expects a functrain.TrainState, got Embedding"):
+        generate(torch.nn.Embedding(VOCAB, VOCAB), [0], 3)  # type: ignore[arg-type]
+    stacked = ft.stack([make_state(1), make_state(2)])
+    with pytest.raises(ConfigError, match="functrain.unstack"):
+        generate(stacked, [0], 3, temperature=0)
+
+
+@pytest.mark.parametrize("seed", [1.5, True, "3", None, 2**64])
+def test_bad_seed_raises(seed: Any) -> None:
+    with pytest.raises(ConfigError, match="seed must be an int"):
+        generate(make_state(), [0], 3, seed=seed)
+
+
+def test_prompts_of_different_lengths_raise() -> None:
+    with pytest.raises(ConfigError, match="prompts of different lengths"):
+        generate(make_state(), [[0, 1, 2], [3]], 3)
+
+
+def test_a_forward_returning_no_logits_raises_naming_forward() -> None:
+    class Output(torch.nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> Any:
+            return {"logits": super().forward(ids)}
+
+    state = ft.TrainState.create(Output(VOCAB, VOCAB), ft.sgd(0.1), lm_loss)
+    with pytest.raises(ConfigError, match="got dict from the forward; pass forward="):
+        generate(state, [0], 3)
+    # a forward giving the last position's logits alone is enough
+    last = generate(state, [0], 3, temperature=0, forward=lambda m, ids: m(ids)["logits"][:, -1:])
+    assert torch.equal(
+        last, generate(state, [0], 3, temperature=0, forward=lambda m, ids: m(ids)["logits"])
+    )
+
+
 def test_sampling_without_generator_raises() -> None:
     with pytest.raises(ConfigError, match="needs an explicit generator"):
         sample_logits(torch.zeros(3), temperature=1.0, generator=None)
