@@ -915,7 +915,8 @@ class TrainState:
                 (they still take part in gathering sharded weights, one tensor at a time).
 
         Raises:
-            ConfigError: `use_ema` without EMA in the state.
+            ConfigError: `use_ema` without EMA in the state, or a stacked state (export
+                ``functrain.unstack``'s members one by one).
             DonatedStateError: the state was donated to a step.
 
         Example:
@@ -927,6 +928,12 @@ class TrainState:
             True
         """
         self.check_live("export_module")
+        if self.members:
+            raise ConfigError(
+                f"export_module builds one module, and this state holds {self.members} stacked "
+                "members (each weight with a leading member dimension): export them one by one, "
+                "[s.export_module() for s in functrain.unstack(state)]"
+            )
         weights, frozen = self.evaluated(use_ema)
         if weights is None:
             raise ConfigError(

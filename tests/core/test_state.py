@@ -227,6 +227,12 @@ def test_export_module_with_ema_requires_ema() -> None:
         state.export_module(use_ema=True)
 
 
+def test_export_module_of_a_stacked_state_is_refused() -> None:
+    states = [ft.TrainState.create(make_mlp(), ft.sgd(0.1), cross_entropy_loss_fn) for _ in "ab"]
+    with pytest.raises(ft.ConfigError, match=r"2 stacked members.*functrain.unstack"):
+        ft.stack(states).export_module()
+
+
 # ---------------------------------------------------------------- frozen parameters
 
 
