@@ -125,6 +125,8 @@ def sample_logits(
 ) -> torch.Tensor:
     """Draw one token id per row of `logits`, after temperature, top-k and top-p filtering.
 
+    Half-precision logits are filtered and sampled in float32, float64 ones in float64.
+
     Args:
         logits: ``[..., vocab]`` unnormalised log-probabilities.
         temperature: divides the logits; 0 is greedy decoding (the argmax, no draw).
@@ -157,7 +159,8 @@ def sample_logits(
     config_check(problems, "sample_logits")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scaled = logits.float() / temperature
+    # half-precision logits filtered and sampled in float32; float64 ones in their own dtype
+    scaled = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     if top_k is not None:
         scaled = top_k_filter(scaled, top_k)
     if top_p is not None:

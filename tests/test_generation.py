@@ -108,6 +108,18 @@ def test_temperature_towards_zero_equals_greedy() -> None:
         )
 
 
+def test_float64_logits_are_filtered_and_sampled_in_float64() -> None:
+    # two logits equal in float32: top-1 in float64 keeps the second
+    logits = torch.tensor([[1.0, 1.0 + 1e-12, -5.0]] * 4, dtype=torch.float64)
+    kept = logits.topk(1, dim=-1).indices
+    masked = torch.full_like(logits, float("-inf")).scatter(-1, kept, logits.gather(-1, kept))
+    probs = (masked / 0.7).softmax(-1)
+    expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(0))[:, 0]
+    gen = torch.Generator().manual_seed(0)
+    got = sample_logits(logits, temperature=0.7, top_k=1, generator=gen)
+    assert got.tolist() == expected.tolist() == [1, 1, 1, 1]
+
+
 def test_sampling_never_picks_a_filtered_token() -> None:
     logits = random_logits(3, (4000, 10))
     gen = torch.Generator().manual_seed(0)
