@@ -26,6 +26,7 @@ from functrain.optim.naming import named
 from functrain.optim.planned import Chained, Prelude, Runner
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.updates import Updates
+from functrain.tree import tree_map
 
 __all__ = ["chain"]
 
@@ -98,15 +99,19 @@ def chain(*transforms: Transform) -> Transform:
                 # new parameters as a difference (which does not give the kernel's bits)
                 scales = tuple(_scale_of(transforms[j])(state[j]) for j in folds[i])
                 given_extras = plain._replace(rate_scales=scales + (outer if i == last else ()))
-            if given_extras.in_place and any(
-                j not in folds[i] for j in range(i + 1, len(transforms))
+            given_params = params
+            if (
+                params is not None
+                and given_extras.in_place
+                and any(j not in folds[i] for j in range(i + 1, len(transforms)))
             ):
                 # a transform after this one reads the parameters it was given (the new ones a
-                # fused kernel or a formula emits are a difference from them): not written here
-                given_extras = given_extras.kept()
+                # fused kernel or a formula emits are a difference from them): this one writes
+                # new parameters into copies of them, its own state in place as before
+                given_params = tree_map(torch.clone, params)
             # each transform gets the step's extras if it takes them (a transform of the user's
             # own, the updates as a tree of tensors: `update_reporting`)
-            updates, s, given = update_reporting(t, updates, s, params, given_extras, keep)
+            updates, s, given = update_reporting(t, updates, s, given_params, given_extras, keep)
             new_states.append(s)
             new_states.extend(state[j] for j in folds[i])
             if given.grad_norm is not None:  # the last one reported

@@ -716,3 +716,23 @@ def test_an_update_not_shaped_as_its_parameter_is_refused(shape: str, donate: bo
         ft.train_step(state, torch.randn(4, 3), donate=donate)
     with pytest.raises(ft.StateMismatchError, match=r"shape \[2, 3\]"):
         ft.apply_updates({"w": torch.zeros(2, 3)}, {"w": reshape(torch.ones(2, 3))})
+
+
+@pytest.mark.parametrize("tail", ["clip_by_value", "scale"])
+def test_a_preset_with_a_transform_after_it_keeps_writing_its_moments_in_place(tail: str) -> None:
+    """In a donated step the preset writes its new parameters into copies (the transform after
+    it reads the ones it was given), its moments in place as alone: no moment is allocated."""
+    after = ft.clip_by_value(-1e-4, 1e-4) if tail == "clip_by_value" else ft.scale(0.5)
+    state = ft.TrainState.create(
+        torch.nn.Linear(3, 2), ft.chain(ft.adamw(1e-2), after), _square_loss
+    )
+    batch = torch.randn(4, 3)
+    state, _ = ft.train_step(state, batch, donate=True)
+
+    def moments(state: ft.TrainState) -> set[int]:
+        leaves = ft.tree.tree_leaves(state.opt_state)
+        return {t.untyped_storage().data_ptr() for t in leaves if t.numel() > 1}
+
+    before = moments(state)
+    state, _ = ft.train_step(state, batch, donate=True)
+    assert len(before) == 4 and moments(state) == before
