@@ -32,15 +32,17 @@ import torch
 
 from functrain.core.loss import (
     NO_GRADIENT,
+    READS_CHECKED,
     RunAgain,
     call_loss,
     check_scalar_metrics,
     checkpoint_refusal,
     gradients_of,
+    refuse_original_read,
     run_gradient_hooks,
 )
 from functrain.core.options import loss_divisor
-from functrain.core.structure import grad_hooks, sparse_parameters
+from functrain.core.structure import grad_hooks, originals, sparse_parameters
 from functrain.core.view import StepState
 from functrain.distributed import sharding as sharding_
 from functrain.distributed.data_parallel import DistConfig
@@ -202,6 +204,10 @@ def _with_graph(
             dict(zip(names, leaves)), buffers
         )
         check_scalar_metrics(aux)
+        if READS_CHECKED not in state.module.__dict__:  # (a structure's first step)
+            own = {**dict(zip(names, leaves)), **state.frozen, **buffers}
+            if refuse_original_read(originals(state.module), total, own, "loss_fn"):
+                object.__setattr__(state.module, READS_CHECKED, True)
         found = torch.autograd.grad(total, leaves, create_graph=exact, allow_unused=True)
     if not exact:  # the step keeps no graph: neither do the buffers it wrote
         _detach_written(buffers)

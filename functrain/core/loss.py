@@ -46,6 +46,7 @@ __all__ = [
     "own_gradients",
     "owns_all",
     "raise_written",
+    "refuse_original_read",
     "run_gradient_hooks",
     "samples_in",
     "split_loss",
@@ -380,29 +381,8 @@ class _WriteGuard(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def refuse_original_read(self, loss: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> bool:
-        """Raise where `loss`'s graph reaches a parameter of the module the structure was
-        copied from (the leaves a backward would write) besides one of `tensors` (the state's,
-        as bound: a loss reaching none of them is refused by the step as `NO_GRADIENT` says).
-
-        Returns whether the graph could show it: False for a loss with no graph to the state's
-        tensors (an evaluation's, under ``torch.no_grad()``), which reads the module unseen.
-        """
-        if not self.originals:
-            return True
-        if loss.grad_fn is None:
-            return False
-        theirs = {id(t): k for k, t in self.originals if isinstance(t, nn.Parameter)}
-        leaves = _graph_leaves(loss)
-        own = set(map(id, tensors.values()))
-        if not any(id(leaf) in own for leaf in leaves):
-            return False
-        for leaf in leaves:
-            key = theirs.get(id(leaf))
-            if key is not None:
-                raise ConfigError(
-                    _ORIGINAL_USED.format(name=self.name, what="reads", key=key, when=_FIRST_STEP)
-                )
-        return True
+        """`refuse_original_read` of the structure's `originals`."""
+        return refuse_original_read(self.originals, loss, tensors, self.name)
 
     def restore(self) -> None:
         """Give each rebound tensor its storage back; raise naming the first."""
@@ -412,6 +392,38 @@ class _WriteGuard(TorchDispatchMode):
                 self.watch[key].data = self.data[key]
         if rebound:
             raise ConfigError(_WRITTEN_FIRST.format(name=self.name, key=rebound[0]))
+
+
+def refuse_original_read(
+    originals: Sequence[tuple[str, torch.Tensor]],
+    loss: torch.Tensor,
+    tensors: Mapping[str, torch.Tensor],
+    name: str,
+) -> bool:
+    """Raise where `loss`'s graph reaches a parameter among `originals` (those of the module a
+    structure was copied from: the leaves a backward would write) besides one of `tensors` (the
+    state's, as bound: a loss reaching none of them is refused by the step as `NO_GRADIENT`
+    says).
+
+    Returns whether the graph could show it: False for a loss with no graph to the state's
+    tensors (an evaluation's, under ``torch.no_grad()``), which reads the module unseen.
+    """
+    if not originals:
+        return True
+    if loss.grad_fn is None:
+        return False
+    theirs = {id(t): k for k, t in originals if isinstance(t, nn.Parameter)}
+    leaves = _graph_leaves(loss)
+    own = set(map(id, tensors.values()))
+    if not any(id(leaf) in own for leaf in leaves):
+        return False
+    for leaf in leaves:
+        key = theirs.get(id(leaf))
+        if key is not None:
+            raise ConfigError(
+                _ORIGINAL_USED.format(name=name, what="reads", key=key, when=_FIRST_STEP)
+            )
+    return True
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor | None) -> bool:

@@ -803,3 +803,19 @@ def test_a_state_made_from_an_exported_module_checks_its_first_forward_anew() ->
     fresh = ft.TrainState.create(exported, ft.sgd(0.1), loss_fn)
     with pytest.raises(ConfigError, match="forward reads the tensor 'gate.weight'"):
         ft.train_step(fresh, batch)
+
+
+def test_a_differentiable_states_first_step_reading_the_module_given_to_create_is_refused() -> None:
+    state = ft.TrainState.create(
+        ReachingTheOriginal("deque"), ft.sgd(0.1), loss_fn, differentiable=True
+    )
+    batch = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    with pytest.raises(ConfigError, match="forward reads the tensor 'gate.weight'"):
+        ft.train_step(state, batch)
+    # (one that reads only its own trains, a graph through its step)
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    plain = ft.TrainState.create(
+        ClosingOverSelf("forward-hook"), ft.sgd(0.1), loss_fn, differentiable=True
+    )
+    stepped, _ = ft.train_step(plain.with_hyperparameters(lr=lr), (torch.randn(5, 6), batch[1]))
+    assert stepped.params["a.weight"].grad_fn is not None
