@@ -28,7 +28,7 @@ from functrain.errors import config_check
 from functrain.interop import scheduler_parts as P
 from functrain.interop.scheduler_parts import Part, Setting
 from functrain.optim.porting import momentum_cycle_note, schedule_call
-from functrain.optim.rates import as_float64, host_value
+from functrain.optim.rates import as_float64, host_value, with_host_form
 from functrain.optim.schedules import (
     Schedule,
     check_interval,
@@ -594,8 +594,10 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
     (``tests/interop/test_schedulers.py`` compares each with ``==`` at steps 0 to 200):
 
     * `MultiStepLR`, `ConstantLR`, `LambdaLR`, `MultiplicativeLR`, `CyclicLR`, `OneCycleLR` with
-      ``anneal_strategy="linear"``: bit for bit (`LambdaLR`: when its lambda's tensor ops round as
-      its Python ones do; ``+ - * / ** //`` do).
+      ``anneal_strategy="linear"``: bit for bit (`LambdaLR` alone: in an eager step on the CPU,
+      which calls its lambda with the int step, as torch does; elsewhere, and in a composite, when
+      its lambda's tensor ops round as its Python ones do: ``+ - * / //`` do, ``**`` and the
+      ``torch`` functions may not, by an ulp).
     * `OneCycleLR` (cos), `CosineAnnealingWarmRestarts`: torch's formula op for op, but
       ``torch.cos`` and ``math.cos`` differ in the last bit for about one argument in a thousand:
       within 1e-13 relative where the lr is not close to 0 (a trough with ``eta_min=0`` loses the
@@ -691,10 +693,12 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
             ``scale_fn``) is called with the int step, or, for a tensor step, with the step as a 0-d
             float64 tensor (so that Python-scalar arithmetic stays float64): it must then use tensor
             ops (``torch.minimum``, ``torch.where``, ``**``), not ``min``, ``if`` or ``math``
-            functions, to run under ``torch.compile``. A `LambdaLR` alone whose lambda cannot take
-            the tensor (it raises for step 0 as a tensor, which it is given once when the schedule
-            is built, as ``table[e]`` does) is called with the int step, as torch calls it, read
-            from the step counter as a plain function's learning rate is.
+            functions, to run under ``torch.compile``. A `LambdaLR` alone is called with the int
+            step in an eager step on the CPU, where the counter is read without waiting; one whose
+            lambda cannot take the tensor (it raises for step 0 as a tensor, which it is given
+            once when the schedule is built, as ``table[e]`` does) is called with the int step
+            everywhere, as torch calls it, read from the step counter as a plain function's
+            learning rate is.
 
     Returns:
         A `Schedule`.
@@ -852,4 +856,7 @@ def _lambda_schedule(base_lr: float, lr_lambda: Callable[[Any], Any]) -> Schedul
             return host_value(at_int, step)
         return base_lr * as_float64(lr_lambda(step.to(torch.float64)), step.device)
 
+    if tensor_steps:  # an eager step on the CPU calls it with the int step, as torch does: a
+        # tensor's ``**`` (and its functions) may round otherwise than Python's
+        with_host_form(schedule, lambda t: at_int(int(t)))
     return cast(Schedule, schedule)

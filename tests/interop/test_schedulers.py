@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as L
 
+import functrain as ft
 from functrain import schedules as S
 from functrain.interop import scheduler_parts as P
 from functrain.optim.rates import value_at
@@ -171,3 +172,36 @@ def test_an_exponential_decay_holds_where_torch_s_product_stops_changing() -> No
     assert schedule(1072) == 0.0
     assert schedule(10**9) == 0.0
     assert schedule(torch.tensor(10**9)).item() == 0.0
+
+
+def _inverse_sqrt(step: Any) -> Any:
+    """A warm-up then an inverse square root (the Transformer's): ``**`` on a tensor step rounds
+    otherwise than Python's at about a fifth of the steps."""
+    return min((step + 1) / 4, 4**0.5 / (step + 1) ** 0.5)
+
+
+@pytest.mark.parametrize("lr_lambda", [_inverse_sqrt, lambda step: (step + 1) ** -0.5])
+def test_a_lambda_alone_trains_as_lambdalr_in_an_eager_cpu_step(lr_lambda: Any) -> None:
+    expected = torch_lrs(L.LambdaLR, 0.1, {"lr_lambda": lr_lambda})
+    schedule = S.from_torch(L.LambdaLR, lr=0.1, lr_lambda=lr_lambda)
+    assert [value_at(schedule, torch.tensor(t)).item() for t in range(STEPS + 1)] == expected
+
+    # the step itself, against torch's loop, on float64 weights
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Linear(5, 3).double()
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(8, 5, generator=gen, dtype=torch.float64) for _ in range(30)]
+    model = make()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = L.LambdaLR(optimizer, lr_lambda)
+    for batch in batches:
+        model(batch).square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    state = ft.TrainState.create(make(), ft.sgd(schedule), lambda m, b: m(b).square().mean())
+    for batch in batches:
+        state, _ = ft.train_step(state, batch)
+    assert all(torch.equal(state.params[k], p) for k, p in model.named_parameters())
