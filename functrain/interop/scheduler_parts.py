@@ -424,10 +424,13 @@ def lambda_lr(s: Setting, lr_lambda: Callable[[Any], Any]) -> Part:
 
 def takes_tensor(lr_lambda: Callable[[Any], Any]) -> bool:
     """Whether a lambda computes with the step as a 0-d float64 tensor, decided once: called
-    with step 0 (torch calls it at step 0 too, building the scheduler). One written for torch's
-    int epochs may raise for a tensor (``table[e]``, ``range(e)``)."""
+    with step 0 (torch calls it at step 0 too, building the scheduler) on the meta device, which
+    refuses a read of the step on the host. One written for torch's int epochs may raise for a
+    tensor (``table[e]``, ``range(e)``), or read it (``float(e)``, ``if e < warmup``, ``min``,
+    ``math.cos``, as transformers' schedules do): a traced step would break its graph there and
+    compile again for every step."""
     try:
-        lr_lambda(torch.zeros((), dtype=torch.float64))
+        lr_lambda(torch.zeros((), dtype=torch.float64, device="meta"))
     except Exception:  # whatever the user's function raises for a tensor it cannot take
         return False
     return True

@@ -696,9 +696,10 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
             functions, to run under ``torch.compile``. A `LambdaLR` alone is called with the int
             step in an eager step on the CPU, where the counter is read without waiting; one whose
             lambda cannot take the tensor (it raises for step 0 as a tensor, which it is given
-            once when the schedule is built, as ``table[e]`` does) is called with the int step
-            everywhere, as torch calls it, read from the step counter as a plain function's
-            learning rate is.
+            once when the schedule is built, as ``table[e]`` does) or reads it on the host
+            (``float(e)``, ``if e < warmup``, ``min``, ``math`` functions: transformers'
+            ``get_*_schedule*`` lambdas) is called with the int step everywhere, as torch calls
+            it, read from the step counter as a plain function's learning rate is.
 
     Returns:
         A `Schedule`.
@@ -847,6 +848,8 @@ def _lambda_schedule(base_lr: float, lr_lambda: Callable[[Any], Any]) -> Schedul
     def at_int(step: int) -> float:
         return float(base_lr * lr_lambda(step))
 
+    # what an error names it: the function to tabulate
+    at_int.__name__ = f"(lambda step: {base_lr!r} * lr_lambda(step))"
     tensor_steps = P.takes_tensor(lr_lambda)
 
     def schedule(step: int | torch.Tensor) -> float | torch.Tensor:

@@ -205,3 +205,45 @@ def test_a_lambda_alone_trains_as_lambdalr_in_an_eager_cpu_step(lr_lambda: Any) 
     for batch in batches:
         state, _ = ft.train_step(state, batch)
     assert all(torch.equal(state.params[k], p) for k, p in model.named_parameters())
+
+
+def _warmup_then_linear(step: Any) -> float:
+    """transformers' ``get_linear_schedule_with_warmup`` lambda (3 of 20 steps warming up): it
+    reads the step on the host (``if``, ``float``)."""
+    if step < 3:
+        return float(step) / float(max(1, 3))
+    return max(0.0, float(20 - step) / float(max(1, 20 - 3)))
+
+
+def test_a_lambda_reading_its_step_on_the_host_compiles_to_one_graph_as_lambdalr() -> None:
+    from torch._dynamo.utils import counters
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(8, 5, generator=gen) for _ in range(12)]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    state = ft.TrainState.create(
+        model,
+        ft.sgd(S.from_torch(L.LambdaLR, lr=0.1, lr_lambda=_warmup_then_linear)),
+        lambda m, b: m(b).square().mean(),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    scheduler = L.LambdaLR(optimizer, _warmup_then_linear)
+    for batch in batches:
+        model(batch).square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    torch._dynamo.reset()
+    counters.clear()
+    step = ft.compile_step(backend="eager")  # the eager step's numerics
+    for batch in batches:
+        state, _ = step(state, batch)
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] == 1
+    assert all(torch.equal(state.params[k], p) for k, p in model.named_parameters())
+
+    # a stacked step cannot call it with an int: refused with the fix, not a vmap error
+    stacked = ft.stack([state, state])
+    with pytest.raises(ft.ConfigError, match="tabulate"):
+        ft.train_step(stacked, batches[0])
