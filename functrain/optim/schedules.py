@@ -882,7 +882,8 @@ def tabulate(fn: Callable[[int], float], steps: int) -> Schedule:
     once and kept in a float64 table (8 bytes a step) that the schedule reads by index: the values
     a plain function gives the eager step, bit for bit, in a compiled, captured or stacked step
     too, where the step is no Python int. Past the table the last value is held (as
-    `from_torch(MultiplicativeLR)` holds it): give `steps` >= the run's optimizer updates.
+    `from_torch(MultiplicativeLR)` holds it): give `steps` >= the run's optimizer updates. Before
+    step 0 the first value is held.
 
     Args:
         fn: ``fn(step: int) -> float``, e.g. the lambda of a `LambdaLR` times the base rate.
@@ -914,7 +915,7 @@ def tabulate(fn: Callable[[int], float], steps: int) -> Schedule:
             if held is None:
                 held = on[step.device] = table.to(step.device)
             return table_at(held, torch.clamp(step, 0, steps - 1))
-        return values[min(operator.index(step), steps - 1)]
+        return values[min(max(operator.index(step), 0), steps - 1)]
 
     schedule.name = f"tabulate({function_name(fn)}, steps={steps})"  # type: ignore[attr-defined]
     with_host_form(schedule, lambda t: values[min(max(int(t), 0), steps - 1)])

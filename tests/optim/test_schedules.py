@@ -1082,3 +1082,14 @@ def test_from_torch_bad_arguments_raise_config_error(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         S.from_torch(cls, **kwargs)
+
+
+def test_tabulate_holds_its_first_value_before_step_zero_at_int_and_tensor_steps() -> None:
+    def warm(step: int) -> float:
+        return 1e-3 * min(1.0, (step + 1) / 10)
+
+    schedule = S.tabulate(warm, steps=50)
+    for step in (-1, -7):
+        assert schedule(step) == warm(0)
+        assert schedule(torch.tensor(step)).item() == warm(0)
+    assert schedule(10_000) == schedule(torch.tensor(10_000)).item() == warm(49)
