@@ -31,8 +31,8 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.core.loss import (
+    GRAPH_READS_CHECKED,
     NO_GRADIENT,
-    READS_CHECKED,
     RunAgain,
     call_loss,
     check_scalar_metrics,
@@ -204,10 +204,10 @@ def _with_graph(
             dict(zip(names, leaves)), buffers
         )
         check_scalar_metrics(aux)
-        if READS_CHECKED not in state.module.__dict__:  # (a structure's first step)
+        if GRAPH_READS_CHECKED not in state.module.__dict__:  # (a structure's first step)
             own = {**dict(zip(names, leaves)), **state.frozen, **buffers}
             if refuse_original_read(originals(state.module), total, own, "loss_fn"):
-                object.__setattr__(state.module, READS_CHECKED, True)
+                object.__setattr__(state.module, GRAPH_READS_CHECKED, True)
         found = torch.autograd.grad(total, leaves, create_graph=exact, allow_unused=True)
     if not exact:  # the step keeps no graph: neither do the buffers it wrote
         _detach_written(buffers)

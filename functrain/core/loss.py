@@ -32,6 +32,7 @@ from functrain.tree import tree_leaves
 __all__ = [
     "AUTOCAST",
     "READS_CHECKED",
+    "GRAPH_READS_CHECKED",
     "BY_BACKWARD",
     "NO_GRADIENT",
     "OriginalReads",
@@ -250,6 +251,10 @@ WATCHED = "_functrain_watched"
 WRITES_WATCHED = "_functrain_writes_watched"
 # the attribute that marks a structure `predict` or `generate` ran under `OriginalReads` once
 READS_CHECKED = "_functrain_reads_checked"
+# the attribute that marks a structure whose differentiable step's loss was seen reaching none of
+# those tensors: its own, for `predict`'s and `generate`'s check is of another call (eval mode,
+# the forward alone) and shows nothing of what the loss function reads
+GRAPH_READS_CHECKED = "_functrain_graph_reads_checked"
 
 _WRITTEN_FIRST = (
     "{name} writes the state's tensor {key!r} in forward (a frozen teacher updated there, as MoCo "

@@ -819,3 +819,21 @@ def test_a_differentiable_states_first_step_reading_the_module_given_to_create_i
     )
     stepped, _ = ft.train_step(plain.with_hyperparameters(lr=lr), (torch.randn(5, 6), batch[1]))
     assert stepped.params["a.weight"].grad_fn is not None
+
+
+def test_a_differentiable_states_first_step_checks_its_loss_after_a_predict() -> None:
+    """A loss function that runs the module given to create for one layer: torch's loop trains
+    that layer; the state's step refuses it, a `predict` before it or not (whose check is of the
+    forward in eval mode, not of what the loss function reads)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    def reaching(model: Any, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(model[2](torch.tanh(net[0](x))), y)
+
+    state = ft.TrainState.create(net, ft.sgd(0.1), reaching, differentiable=True)
+    batch = (torch.randn(8, 3), torch.randn(8, 1))
+    ft.predict(state, batch[0])
+    with pytest.raises(ConfigError, match="reads the tensor '0.weight'"):
+        ft.train_step(state, batch)
