@@ -423,7 +423,9 @@ def refuse_original_read(
     if not any(id(leaf) in own for leaf in leaves):
         return False
     for leaf in leaves:
-        key = theirs.get(id(leaf))
+        # (a tensor of that module given to the state as its own, MAML's meta-weights: read as
+        # the state's)
+        key = theirs.get(id(leaf)) if id(leaf) not in own else None
         if key is not None:
             raise ConfigError(
                 _ORIGINAL_USED.format(name=name, what="reads", key=key, when=_FIRST_STEP)

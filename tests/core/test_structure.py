@@ -837,3 +837,29 @@ def test_a_differentiable_states_first_step_checks_its_loss_after_a_predict() ->
     ft.predict(state, batch[0])
     with pytest.raises(ConfigError, match="reads the tensor '0.weight'"):
         ft.train_step(state, batch)
+
+
+def test_meta_weights_that_are_the_modules_own_parameters_are_the_states() -> None:
+    """MAML whose meta-weights are the parameters of the module given to create (stepped by a
+    torch optimizer over ``net.parameters()``): the inner state's weights are those tensors, and
+    the meta-gradient through its step is the hand-written ``torch.func`` loop's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def mse(model: Any, batch: Any) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    support, query = [(torch.randn(10, 1), torch.randn(10, 1)) for _ in range(2)]
+    start = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters()}
+
+    def run(weights: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        return mse(lambda x: torch.func.functional_call(net, weights, (x,)), batch)
+
+    grads = torch.autograd.grad(run(start, support), list(start.values()), create_graph=True)
+    adapted = {k: p - 0.01 * g for (k, p), g in zip(start.items(), grads, strict=True)}
+    expected = torch.autograd.grad(run(adapted, query), list(start.values()))
+
+    inner = ft.TrainState.create(net, ft.sgd(0.01), mse, differentiable=True)
+    stepped, _ = ft.train_step(inner.replace(params=dict(net.named_parameters())), support)
+    got = torch.autograd.grad(ft.eval_step(stepped, query)["loss"], list(net.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
