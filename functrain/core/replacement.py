@@ -415,14 +415,23 @@ def _shrinking(
         return None
     found: dict[str, int] = {}
     key = escape_key(name)
+    # the containers still holding leaves without it (a sequence's last entry that is one of
+    # them did not go: a list holding a mapping keyed by the names, ``[{name: slot}, count]``)
+    left = {
+        "/".join(parts[:i])
+        for parts in (path.split("/") for path in less)
+        for i in range(1, len(parts) + 1)
+    }
     for path in full.keys() - less.keys():
         parts = path.split("/")
         for i in reversed(range(len(parts))):  # (the innermost index: a sequence's entry)
             if not parts[i].isdigit():
                 continue
             prefix, rest, n = "/".join(parts[:i]), "/".join(parts[i + 1 :]), int(parts[i]) + 1
-            if _join(prefix, str(n), rest) not in full and all(
-                _join(prefix, str(k), rest) in full for k in range(n)
+            if (
+                _join(prefix, str(n), rest) not in full
+                and _join(prefix, str(n - 1)) not in left
+                and all(_join(prefix, str(k), rest) in full for k in range(n))
             ):
                 found[prefix] = n
                 break

@@ -1388,3 +1388,29 @@ def test_freezing_with_a_state_keyed_by_the_weights_names_parks_their_slots(
     for name, p in model.named_parameters():
         got = state.params[name] if name in state.params else state.frozen[name]
         assert torch.equal(got, p), name
+
+
+def test_freezing_with_a_list_holding_a_mapping_keyed_by_the_weights_names() -> None:
+    """``[{name: momentum}, count]``: the list's first entry is no weight's slot (it holds them
+    all, by name); freezing parks the frozen weights' entries, the others train on as torch's."""
+
+    def init(params: dict[str, torch.Tensor]) -> list[Any]:
+        return [{k: torch.zeros_like(p) for k, p in params.items()}, torch.zeros(())]
+
+    def update(updates: Any, state: Any, params: Any = None) -> Any:
+        momentum = {
+            k: u.clone() if not state[0][k].any() else state[0][k] * 0.9 + u
+            for k, u in updates.items()
+        }
+        return {k: -0.1 * m for k, m in momentum.items()}, [momentum, state[1] + 1]
+
+    state = ft.TrainState.create(make_mlp(), ft.Transform(init, update), cross_entropy_loss_fn)
+    for i, batch in enumerate(batches(5)):
+        if i == 2:
+            state = frozen_first_layer(state)
+            assert sorted(state.parked) == sorted(FIRST_LAYER)
+        state, _ = ft.train_step(state, batch)
+    model = torch_toggled(_KeyedMomentumByHand, 2, 99, n=5)
+    for name, p in model.named_parameters():
+        got = state.params[name] if name in state.params else state.frozen[name]
+        assert torch.equal(got, p), name
