@@ -418,9 +418,12 @@ def refuse_original_read(
     if loss.grad_fn is None:
         return False
     theirs = {id(t): k for k, t in originals if isinstance(t, nn.Parameter)}
-    leaves = _graph_leaves(loss)
+    # (the walk stops at a tensor of the state's made by a graph, weights unrolled from earlier
+    # steps or meta-weights: what made them is no read of this step's)
+    made = {t.grad_fn for t in tensors.values() if t.grad_fn is not None}
+    leaves = _graph_leaves(loss, made)
     own = set(map(id, tensors.values()))
-    if not any(id(leaf) in own for leaf in leaves):
+    if not leaves.stopped and not any(id(leaf) in own for leaf in leaves):
         return False
     for leaf in leaves:
         # (a tensor of that module given to the state as its own, MAML's meta-weights: read as
@@ -627,14 +630,25 @@ def _accumulated(
     return grads
 
 
-def _graph_leaves(loss: torch.Tensor) -> list[torch.Tensor]:
-    """The leaves whose ``.grad`` a backward of `loss` would write (its AccumulateGrad nodes)."""
-    found, seen, todo = [], set(), [loss.grad_fn]
+class _Leaves(list[torch.Tensor]):
+    """`_graph_leaves`'s leaves, with the nodes it stopped at."""
+
+    stopped: set[Any]
+
+
+def _graph_leaves(loss: torch.Tensor, stops: set[Any] | None = None) -> _Leaves:
+    """The leaves whose ``.grad`` a backward of `loss` would write (its AccumulateGrad nodes);
+    the graph behind a node of `stops` not walked (those met: ``.stopped``)."""
+    found, seen, todo = _Leaves(), set(), [loss.grad_fn]
+    found.stopped = set()
     while todo:
         node = todo.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
+        if stops and node in stops:
+            found.stopped.add(node)
+            continue
         variable = getattr(node, "variable", None)
         if isinstance(variable, torch.Tensor):
             found.append(variable)

@@ -863,3 +863,21 @@ def test_meta_weights_that_are_the_modules_own_parameters_are_the_states() -> No
     stepped, _ = ft.train_step(inner.replace(params=dict(net.named_parameters())), support)
     got = torch.autograd.grad(ft.eval_step(stepped, query)["loss"], list(net.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_a_differentiable_step_of_weights_made_by_a_graph_checks_what_its_loss_reads() -> None:
+    """Inner weights computed from meta-weights (a graph behind each): a loss function running
+    the module given to create for one layer is refused at the first step, as with leaf weights
+    (torch's loop would train that layer)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    def reaching(model: Any, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(model[2](torch.tanh(net[0](x))), y)
+
+    state = ft.TrainState.create(net, ft.sgd(0.1), reaching, differentiable=True)
+    meta = {k: v.detach().clone().requires_grad_(True) for k, v in state.params.items()}
+    made = state.replace(params={k: v * 1.5 for k, v in meta.items()})
+    with pytest.raises(ConfigError, match="reads the tensor '0.weight'"):
+        ft.train_step(made, (torch.randn(8, 3), torch.randn(8, 1)))
