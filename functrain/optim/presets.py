@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from functrain.errors import config_check
+from functrain.errors import ConfigError, config_check
 from functrain.optim.base import LearningRate, Mask, Schedule, Transform
 from functrain.optim.checks import (
     check_decay,
@@ -78,6 +78,7 @@ from functrain.optim.rules.sparse import (
 from functrain.optim.rules.trace import SgdState, sgd_rule
 from functrain.optim.sweep import Sweep
 from functrain.optim.wrappers import partition
+from functrain.tree import leaves_by_path
 
 __all__ = [
     "adadelta",
@@ -542,7 +543,8 @@ def radam(
         decoupled_weight_decay: decay the parameters rather than add to the gradient.
         foreach: torch's implementation choice; ``True`` (or None) is this preset's;
             ``False`` (torch's single-tensor loop, which rounds the step differently) is a
-            `ConfigError`.
+            `ConfigError`. With float16 weights ``True`` is refused when the state is made (the
+            foreach kernels round their own way there); unset, the bits are torch's CPU default's.
         capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
             back to the host anyway, see `functrain.optim.choices`).
         differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
@@ -577,14 +579,19 @@ def radam(
     rate_dtype = _rate_dtype(lr, problems)
     config_check(problems, "radam")
     constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
-    return rule_transform(
-        radam_rule(b1, b2, eps, decoupled_weight_decay, maximize, rate_dtype),
+    return _no_foreach_bits_in(
+        rule_transform(
+            radam_rule(b1, b2, eps, decoupled_weight_decay, maximize, rate_dtype),
+            "radam",
+            constants,
+            schedule,
+            foreach=True,
+            mask=mask,
+            state_type=RadamState,
+        ),
         "radam",
-        constants,
-        schedule,
-        foreach=True,
-        mask=mask,
-        state_type=RadamState,
+        foreach,
+        (torch.float16,),
     )
 
 
@@ -621,8 +628,10 @@ def rmsprop(
             A number, or a schedule read at the count as a scheduled `lr` is.
         mask: which parameters get weight decay.
         maximize: ascend the objective (the gradients are negated first).
-        foreach: torch's implementation choice; either value gives torch's bits (its foreach and
-            single-tensor implementations agree).
+        foreach: torch's implementation choice; either value gives torch's bits in float32 and
+            float64 (its foreach and single-tensor implementations agree); with float16 or
+            bfloat16 weights ``True`` is refused when the state is made (its foreach kernels
+            round their own way there), and unset gives torch's single-tensor loop's bits.
         capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
             back to the host anyway, see `functrain.optim.choices`).
         differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
@@ -654,8 +663,13 @@ def rmsprop(
     if momentum:
         held["momentum"] = float(momentum)
     constants, schedule = held_rate(rate, held)
-    return rule_transform(
-        rule, "rmsprop", constants, schedule, lists=True, mask=mask, state_type=RmspropState
+    return _no_foreach_bits_in(
+        rule_transform(
+            rule, "rmsprop", constants, schedule, lists=True, mask=mask, state_type=RmspropState
+        ),
+        "rmsprop",
+        foreach,
+        _HALF,
     )
 
 
@@ -702,7 +716,9 @@ def adagrad(
         foreach: torch's implementation choice, given with ``fused=False`` implied: ``True``
             its foreach kernels' bits, ``False`` its single-tensor loop's (they round the step
             apart: ``(g * -clr) / std`` against ``-clr * (g / std)``); unset with
-            ``fused=False``, torch's own choice (foreach on CUDA, the loop on the CPU).
+            ``fused=False``, torch's own choice (foreach on CUDA, the loop on the CPU). With
+            float16 or bfloat16 weights ``True`` is refused when the state is made (the foreach
+            kernels round their own way there).
         differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
 
     Returns:
@@ -759,15 +775,20 @@ def adagrad(
         )
     else:
         constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
-        tx = rule_transform(
-            adagrad_rule(eps, lr_decay, initial_accumulator_value, maximize, rate_dtype),
+        tx = _no_foreach_bits_in(
+            rule_transform(
+                adagrad_rule(eps, lr_decay, initial_accumulator_value, maximize, rate_dtype),
+                "adagrad",
+                constants,
+                schedule,
+                foreach=foreach,
+                lists=True,
+                mask=mask,
+                state_type=AdagradState,
+            ),
             "adagrad",
-            constants,
-            schedule,
-            foreach=foreach,
-            lists=True,
-            mask=mask,
-            state_type=AdagradState,
+            foreach,
+            _HALF,
         )
     if weight_decay:
         return with_sparse_twin(tx, _SPARSE_DECAY.format("adagrad"))
@@ -781,6 +802,34 @@ def adagrad(
             maximize=maximize,
         ),
     )
+
+
+# the 16-bit dtypes whose rounding torch's foreach kernels take their own way in some presets
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _no_foreach_bits_in(
+    tx: Transform, name: str, foreach: bool | None, dtypes: tuple[torch.dtype, ...]
+) -> Transform:
+    """`tx`, whose ``init`` refuses weights of `dtypes` where ``foreach=True`` asks for torch's
+    foreach kernels' bits: in those dtypes they round otherwise than this preset's formula."""
+    if foreach is not True:
+        return tx
+
+    def init(params: Any) -> Any:
+        found = [k for k, p in leaves_by_path(params).items() if p.dtype in dtypes]
+        if found:
+            kinds = sorted({str(leaves_by_path(params)[k].dtype) for k in found})
+            raise ConfigError(
+                f"{name}(foreach=True) asks for torch's foreach kernels' bits, which {name} does "
+                f"not reproduce in {' and '.join(kinds)} (weights {', '.join(found[:3])}"
+                f"{', ...' if len(found) > 3 else ''}): their rounding there is their own. Leave "
+                f"foreach unset (or False) for torch's single-tensor loop, its CPU default, whose "
+                "bits it gives, or keep those weights in float32"
+            )
+        return tx.init(params)
+
+    return tx._replace(init=init)
 
 
 # why sgd and adagrad with weight decay take no sparse gradient (torch's own refusal, raw)

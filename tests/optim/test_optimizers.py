@@ -1371,3 +1371,51 @@ def test_torchs_own_test_configurations_match_bitwise(
 def test_fused_none_is_torchs_default_and_picks_the_fused_kernel(factory: Callable) -> None:
     assert isinstance(factory(fused=None).init(make_params()), FusedAdamState)
     assert not isinstance(factory(fused=False).init(make_params()), FusedAdamState)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        ("rmsprop", torch.float16),
+        ("rmsprop", torch.bfloat16),
+        ("adagrad", torch.float16),
+        ("adagrad", torch.bfloat16),
+        ("radam", torch.float16),
+    ],
+)
+def test_foreach_true_with_16_bit_weights_is_refused_where_its_bits_are_not_torchs(
+    name: str, dtype: torch.dtype
+) -> None:
+    # (torch's foreach kernels round their own way in 16 bits: refused when the state is made,
+    # never trained to other bits; unset, the preset gives torch's CPU default's bits)
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        ).to(dtype)
+
+    def loss(model: Any, batch: Any) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(model(batch[0]).float(), batch[1])
+
+    preset = getattr(ft, name)
+    with pytest.raises(ft.ConfigError, match=rf"{name}\(foreach=True\).*{str(dtype)[6:]}"):
+        ft.TrainState.create(build(), preset(1e-3, foreach=True), loss)
+    if name == "adagrad":
+        return
+    # (an eps float16 holds: torch's default 1e-8 is 0 there, and its steps NaN)
+    state = ft.TrainState.create(build(), preset(1e-3, eps=1e-4), loss)
+    model = build()
+    cls = getattr(torch.optim, {"rmsprop": "RMSprop", "radam": "RAdam"}[name])
+    opt = cls(model.parameters(), 1e-3, eps=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        batch = (
+            torch.randn(4, 6, generator=gen).to(dtype),
+            torch.randint(0, 3, (4,), generator=gen),
+        )
+        state, _ = ft.train_step(state, batch)
+        loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    for key, p in model.named_parameters():
+        assert torch.equal(state.params[key], p.detach()), key
