@@ -543,8 +543,7 @@ def radam(
         decoupled_weight_decay: decay the parameters rather than add to the gradient.
         foreach: torch's implementation choice; ``True`` (or None) is this preset's;
             ``False`` (torch's single-tensor loop, which rounds the step differently) is a
-            `ConfigError`. With float16 weights ``True`` is refused when the state is made (the
-            foreach kernels round their own way there); unset, the bits are torch's CPU default's.
+            `ConfigError`.
         capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
             back to the host anyway, see `functrain.optim.choices`).
         differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
@@ -579,19 +578,14 @@ def radam(
     rate_dtype = _rate_dtype(lr, problems)
     config_check(problems, "radam")
     constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
-    return _no_foreach_bits_in(
-        rule_transform(
-            radam_rule(b1, b2, eps, decoupled_weight_decay, maximize, rate_dtype),
-            "radam",
-            constants,
-            schedule,
-            foreach=True,
-            mask=mask,
-            state_type=RadamState,
-        ),
+    return rule_transform(
+        radam_rule(b1, b2, eps, decoupled_weight_decay, maximize, rate_dtype),
         "radam",
-        foreach,
-        (torch.float16,),
+        constants,
+        schedule,
+        foreach=True,
+        mask=mask,
+        state_type=RadamState,
     )
 
 
@@ -804,7 +798,7 @@ def adagrad(
     )
 
 
-# the 16-bit dtypes whose rounding torch's foreach kernels take their own way in some presets
+# the 16-bit dtypes where torch's foreach RMSprop and Adagrad round otherwise than their loops
 _HALF = (torch.float16, torch.bfloat16)
 
 

@@ -1380,7 +1380,6 @@ def test_fused_none_is_torchs_default_and_picks_the_fused_kernel(factory: Callab
         ("rmsprop", torch.bfloat16),
         ("adagrad", torch.float16),
         ("adagrad", torch.bfloat16),
-        ("radam", torch.float16),
     ],
 )
 def test_foreach_true_with_16_bit_weights_is_refused_where_its_bits_are_not_torchs(
@@ -1405,13 +1404,45 @@ def test_foreach_true_with_16_bit_weights_is_refused_where_its_bits_are_not_torc
     # (an eps float16 holds: torch's default 1e-8 is 0 there, and its steps NaN)
     state = ft.TrainState.create(build(), preset(1e-3, eps=1e-4), loss)
     model = build()
-    cls = getattr(torch.optim, {"rmsprop": "RMSprop", "radam": "RAdam"}[name])
+    cls = torch.optim.RMSprop
     opt = cls(model.parameters(), 1e-3, eps=1e-4)
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
         batch = (
             torch.randn(4, 6, generator=gen).to(dtype),
             torch.randint(0, 3, (4,), generator=gen),
+        )
+        state, _ = ft.train_step(state, batch)
+        loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    for key, p in model.named_parameters():
+        assert torch.equal(state.params[key], p.detach()), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_radam_foreach_true_trains_16_bit_weights_as_torchs_foreach_radam(
+    dtype: torch.dtype,
+) -> None:
+    # (radam's formula is torch's foreach RAdam's, in 16 bits too)
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        ).to(dtype)
+
+    def loss(model: Any, batch: Any) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(model(batch[0]).float(), batch[1])
+
+    kwargs = {"eps": 1e-3, "weight_decay": 0.01}
+    state = ft.TrainState.create(build(), ft.radam(1e-2, foreach=True, **kwargs), loss)
+    model = build()
+    opt = torch.optim.RAdam(model.parameters(), 1e-2, foreach=True, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        batch = (
+            torch.randn(16, 6, generator=gen).to(dtype),
+            torch.randint(0, 3, (16,), generator=gen),
         )
         state, _ = ft.train_step(state, batch)
         loss(model, batch).backward()
