@@ -1106,11 +1106,13 @@ def _transform(
                 f"{type(optimizer).__name__}, which has no weight decay: leave it None there"
             )
     config_check(problems, where)
-    if "fused" in inspect.signature(kind.preset).parameters:
-        used = implementation(group)
+    taken = inspect.signature(kind.preset).parameters
+    used = implementation(group)
+    if "fused" in taken:
         kwargs["fused"] = used == "fused"
-        if used != "fused":  # (torch's foreach kernels or its loop, whose bits differ on CUDA)
-            kwargs["foreach"] = used == "foreach"
+    if "foreach" in taken and used != "fused":
+        # (torch's foreach kernels or its loop, whose bits differ on CUDA, and in 16 bits)
+        kwargs["foreach"] = used == "foreach"
     if group.get("maximize"):
         kwargs["maximize"] = True
     return kind.preset(**kwargs)

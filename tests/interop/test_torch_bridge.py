@@ -775,3 +775,44 @@ def test_a_frozen_weights_parked_state_is_refused_in_export_and_exported_trainab
     torch_loop(model, opt, 3)
     for (name, p), q in zip(reference.named_parameters(), model.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adadelta, torch.optim.RMSprop])
+def test_a_foreach_optimizer_over_bfloat16_weights_continues_as_foreach_or_is_refused(
+    cls: type,
+) -> None:
+    # (torch's foreach Adadelta and RMSprop round otherwise than their loops in 16 bits:
+    # Adadelta's foreach form continues it, rmsprop has none and refuses these weights)
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        ).bfloat16()
+
+    def loss(model: Any, batch: Any) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(model(batch[0]).float(), batch[1])
+
+    model = build()
+    opt = cls(model.parameters(), lr=1e-2, eps=1e-3, foreach=True)
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(16, 6, generator=gen).bfloat16(), torch.randint(0, 3, (16,), generator=gen))
+        for _ in range(8)
+    ]
+    for batch in batches[:3]:
+        loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    converted = ft.from_torch_optimizer(opt, model)
+    if cls is torch.optim.RMSprop:
+        with pytest.raises(ConfigError, match=r"rmsprop\(foreach=True\).*bfloat16"):
+            converted.create_state(model, loss)
+        return
+    state = converted.create_state(model, loss)
+    for batch in batches[3:]:
+        state, _ = ft.train_step(state, batch)
+        loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    for key, p in model.named_parameters():
+        assert torch.equal(state.params[key], p.detach()), key
