@@ -27,9 +27,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from functrain.errors import config_check
+import torch
 
-__all__ = ["check_choices", "without_choices", "EXACT_BOTH", "FOREACH_ONLY", "SINGLE_ONLY"]
+from functrain.errors import ConfigError, config_check
+from functrain.tree import leaves_by_path
+
+__all__ = [
+    "check_choices",
+    "no_foreach_bits_in",
+    "without_choices",
+    "EXACT_BOTH",
+    "FOREACH_ONLY",
+    "SINGLE_ONLY",
+]
 
 EXACT_BOTH = frozenset({True, False})  # foreach values whose torch bits functrain gives
 FOREACH_ONLY = frozenset({True})
@@ -115,3 +125,34 @@ def without_choices(arguments: dict[str, Any]) -> dict[str, Any]:
     if arguments.get("foreach") is not None and "fused" in out:
         out["fused"] = False
     return out
+
+
+# the dtypes where torch's foreach kernels round otherwise than the preset's formula, by preset
+_FOREACH_OWN_BITS = {
+    "rmsprop": (torch.float16, torch.bfloat16),
+    "adagrad": (torch.float16, torch.bfloat16),
+}
+
+
+def no_foreach_bits_in(tx: Any, name: str, foreach: bool | None) -> Any:
+    """`tx` (the preset `name`'s transform, or its differentiable form), whose ``init`` refuses
+    weights of a dtype where ``foreach=True`` asks for torch's foreach kernels' bits and they
+    round otherwise than the preset's formula (RMSprop's and Adagrad's in 16 bits)."""
+    dtypes = _FOREACH_OWN_BITS.get(name, ())
+    if foreach is not True or not dtypes:
+        return tx
+
+    def init(params: Any) -> Any:
+        found = [k for k, p in leaves_by_path(params).items() if p.dtype in dtypes]
+        if found:
+            kinds = sorted({str(leaves_by_path(params)[k].dtype) for k in found})
+            raise ConfigError(
+                f"{name}(foreach=True) asks for torch's foreach kernels' bits, which {name} does "
+                f"not reproduce in {' and '.join(kinds)} (weights {', '.join(found[:3])}"
+                f"{', ...' if len(found) > 3 else ''}): their rounding there is their own. Leave "
+                f"foreach unset (or False) for torch's single-tensor loop, its CPU default, whose "
+                "bits it gives, or keep those weights in float32"
+            )
+        return tx.init(params)
+
+    return tx._replace(init=init)

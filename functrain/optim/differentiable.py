@@ -53,6 +53,7 @@ from functrain.optim.checks import (
     is_real,
     tensor_problem,
 )
+from functrain.optim.choices import no_foreach_bits_in
 from functrain.optim.naming import held_transforms, recorded_call
 from functrain.optim.rates import first_rate
 from functrain.optim.rules.formula import (
@@ -196,7 +197,7 @@ def differentiable_form(optimizer: Transform) -> Transform:
 
     # named as the arithmetic it follows: the preset's fused=False, where it has that option
     follows = call.again(fused=False).name if "fused" in arguments else optimizer.name
-    return rule_transform(
+    tx = rule_transform(
         rule,
         f"differentiable({follows})",
         constants,
@@ -205,6 +206,9 @@ def differentiable_form(optimizer: Transform) -> Transform:
         mask=arguments.get("mask"),
         state_type=DifferentiableState,
     )
+    # (torch's foreach kernels' bits, asked for where the formula gives others: refused as by
+    # the preset)
+    return no_foreach_bits_in(tx, name, arguments.get("foreach"))
 
 
 # the wrappers whose optimizers a differentiable state trains in their differentiable forms, by

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from functrain.errors import ConfigError, config_check
+from functrain.errors import config_check
 from functrain.optim.base import LearningRate, Mask, Schedule, Transform
 from functrain.optim.checks import (
     check_decay,
@@ -39,7 +39,13 @@ from functrain.optim.checks import (
     check_unit,
     tensor_problem,
 )
-from functrain.optim.choices import FOREACH_ONLY, SINGLE_ONLY, check_choices, without_choices
+from functrain.optim.choices import (
+    FOREACH_ONLY,
+    SINGLE_ONLY,
+    check_choices,
+    no_foreach_bits_in,
+    without_choices,
+)
 from functrain.optim.combine import chain
 from functrain.optim.naming import named
 from functrain.optim.porting import replaces
@@ -78,7 +84,6 @@ from functrain.optim.rules.sparse import (
 from functrain.optim.rules.trace import SgdState, sgd_rule
 from functrain.optim.sweep import Sweep
 from functrain.optim.wrappers import partition
-from functrain.tree import leaves_by_path
 
 __all__ = [
     "adadelta",
@@ -657,13 +662,12 @@ def rmsprop(
     if momentum:
         held["momentum"] = float(momentum)
     constants, schedule = held_rate(rate, held)
-    return _no_foreach_bits_in(
+    return no_foreach_bits_in(
         rule_transform(
             rule, "rmsprop", constants, schedule, lists=True, mask=mask, state_type=RmspropState
         ),
         "rmsprop",
         foreach,
-        _HALF,
     )
 
 
@@ -769,7 +773,7 @@ def adagrad(
         )
     else:
         constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
-        tx = _no_foreach_bits_in(
+        tx = no_foreach_bits_in(
             rule_transform(
                 adagrad_rule(eps, lr_decay, initial_accumulator_value, maximize, rate_dtype),
                 "adagrad",
@@ -782,7 +786,6 @@ def adagrad(
             ),
             "adagrad",
             foreach,
-            _HALF,
         )
     if weight_decay:
         return with_sparse_twin(tx, _SPARSE_DECAY.format("adagrad"))
@@ -796,34 +799,6 @@ def adagrad(
             maximize=maximize,
         ),
     )
-
-
-# the 16-bit dtypes where torch's foreach RMSprop and Adagrad round otherwise than their loops
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _no_foreach_bits_in(
-    tx: Transform, name: str, foreach: bool | None, dtypes: tuple[torch.dtype, ...]
-) -> Transform:
-    """`tx`, whose ``init`` refuses weights of `dtypes` where ``foreach=True`` asks for torch's
-    foreach kernels' bits: in those dtypes they round otherwise than this preset's formula."""
-    if foreach is not True:
-        return tx
-
-    def init(params: Any) -> Any:
-        found = [k for k, p in leaves_by_path(params).items() if p.dtype in dtypes]
-        if found:
-            kinds = sorted({str(leaves_by_path(params)[k].dtype) for k in found})
-            raise ConfigError(
-                f"{name}(foreach=True) asks for torch's foreach kernels' bits, which {name} does "
-                f"not reproduce in {' and '.join(kinds)} (weights {', '.join(found[:3])}"
-                f"{', ...' if len(found) > 3 else ''}): their rounding there is their own. Leave "
-                f"foreach unset (or False) for torch's single-tensor loop, its CPU default, whose "
-                "bits it gives, or keep those weights in float32"
-            )
-        return tx.init(params)
-
-    return tx._replace(init=init)
 
 
 # why sgd and adagrad with weight decay take no sparse gradient (torch's own refusal, raw)

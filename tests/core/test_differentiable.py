@@ -997,3 +997,35 @@ def test_a_chain_after_clipping_trains_as_the_ordinary_chain_bit_for_bit() -> No
     for k in theirs.params:
         assert torch.equal(ours.params[k].detach(), theirs.params[k]), k
     assert float(ours.hyperparameters["lr"]) == 0.01  # (one optimizer: its names alone)
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "adagrad"])
+def test_foreach_true_over_16_bit_weights_is_refused_as_by_the_ordinary_state(name: str) -> None:
+    # (torch's foreach RMSprop and Adagrad round otherwise than their loops in 16 bits, whose
+    # arithmetic the differentiable form runs: refused, never trained to the loop's bits)
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Linear(6, 3).bfloat16()
+
+    def loss(model: Any, batch: Any) -> torch.Tensor:
+        return model(batch).float().pow(2).mean()
+
+    preset = getattr(ft, name)
+    torch_run = getattr(torch.optim, {"rmsprop": "RMSprop", "adagrad": "Adagrad"}[name])
+    model = build()
+    opt = torch_run(model.parameters(), 1e-2, eps=1e-3, foreach=True)
+    batch = torch.randn(16, 6).bfloat16()
+    state = ft.TrainState.create(
+        build(), preset(1e-2, eps=1e-3, foreach=False), loss, differentiable=True
+    )
+    for _ in range(4):
+        state, _ = ft.train_step(state, batch)
+        loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    # (the loop's bits are not torch's foreach kernels')
+    assert not torch.equal(state.params["weight"].detach(), model.weight.detach())
+    with pytest.raises(ft.ConfigError, match=rf"{name}\(foreach=True\).*bfloat16"):
+        ft.TrainState.create(
+            build(), preset(1e-2, eps=1e-3, foreach=True), loss, differentiable=True
+        )
