@@ -30,7 +30,13 @@ import torch
 from functrain.errors import ConfigError
 from functrain.optim.base import Schedule
 from functrain.optim.checks import check_learning_rate
-from functrain.optim.rates import as_float64, mark_tensor_steps, value_at
+from functrain.optim.rates import (
+    as_float64,
+    function_name,
+    is_plain_function,
+    mark_tensor_steps,
+    value_at,
+)
 
 __all__ = [
     "Sweep",
@@ -81,9 +87,7 @@ class Sweep:
 
     def __init__(self, values: Sequence[float | Schedule]) -> None:
         self.values = tuple(values)
-        self.name = (
-            "sweep([" + ", ".join(getattr(v, "name", None) or repr(v) for v in self.values) + "])"
-        )
+        self.name = "sweep([" + ", ".join(_value_name(v) for v in self.values) + "])"
         _LIVE[self.name] = self
         mark_tensor_steps(self)
 
@@ -115,6 +119,17 @@ class Sweep:
 
     def __repr__(self) -> str:
         return self.name
+
+
+def _value_name(value: float | Schedule) -> str:
+    """A member's value as the sweep's name shows it: the same in every process.
+
+    A plain function by its values (`function_name`), as an optimizer names one, not by its
+    repr, whose address would make a checkpoint's fingerprint another process's.
+    """
+    if callable(value) and is_plain_function(value):
+        return function_name(value)
+    return getattr(value, "name", None) or repr(value)
 
 
 def sweep(values: Sequence[float | Schedule]) -> Sweep:

@@ -172,3 +172,16 @@ def test_a_preset_whose_update_vmap_cannot_batch_is_refused_at_stack(preset):
     states = [make_state(seed, getattr(ft, preset)(1e-2)) for seed in range(2)]
     with pytest.raises(ft.ConfigError, match=rf"^{preset} cannot train a stacked state: .* one by"):
         ft.stack(states)
+
+
+def test_a_sweep_of_plain_functions_is_named_by_their_values_so_its_checkpoint_loads(tmp_path):
+    def rates():  # each call: new function objects, as each process of a resumed run has
+        return [lambda step: 0.1 if step < 2 else 0.01, lambda step: 0.05 / (1 + step)]
+
+    saved = train(ft.stack([make_state(k, ft.adamw(ft.sweep(rates()))) for k in range(2)]))
+    ft.save(saved, tmp_path / "ck")
+    like = ft.stack([make_state(k, ft.adamw(ft.sweep(rates()))) for k in range(2)])
+    assert " at 0x" not in like.optimizer.name
+    loaded = ft.load(tmp_path / "ck", like=like)
+    for name, weight in saved.params.items():
+        assert torch.equal(loaded.params[name], weight)
