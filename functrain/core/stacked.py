@@ -43,7 +43,7 @@ from functrain.errors import ConfigError
 from functrain.optim.base import Transform, is_transform
 from functrain.optim.batching import register
 from functrain.optim.naming import Call, describe_value, recorded_call
-from functrain.optim.presets import adam, adamw
+from functrain.optim.presets import adagrad, adam, adamw, rmsprop, sgd
 from functrain.optim.rules.formula import RuleState
 from functrain.optim.rules.fused import on_device
 from functrain.optim.sweep import holds_sweep, sweep, sweeps_in
@@ -619,10 +619,15 @@ def _shapes(tree: Any) -> tuple:
 # ---------------------------------------------------------------- members differing in a sweep
 
 # what a sweep carries (`functrain.optim.sweep`): the learning rate of every optimizer, and the
-# weight decay of the fused adam/adamw (their presets refuse a weight-decay sweep otherwise)
+# weight decay of the fused adam/adamw (their presets refuse a weight-decay sweep otherwise), of
+# sgd, adagrad and rmsprop
 _SWEPT_RATES = ("lr", "learning_rate")
-_SWEPT_DECAYS = (adam, adamw)
-_SWEEPABLE = "a sweep carries lr, of any optimizer, and weight_decay, of the fused adam/adamw"
+_SWEPT_DECAYS = (adam, adamw, sgd, adagrad, rmsprop)
+_FUSED_DECAYS = (adam, adamw)  # (whose weight-decay sweep runs through the fused kernel only)
+_SWEEPABLE = (
+    "a sweep carries lr, of any optimizer, and weight_decay, of the fused adam/adamw, of sgd, "
+    "adagrad and rmsprop"
+)
 
 
 class _Merged(NamedTuple):
@@ -749,7 +754,7 @@ def _merged_value(
         return _merged_transform(path + ".", values, findings)
     listed = ", ".join(texts)
     text = f"functrain.sweep([{listed}])"
-    if name == "weight_decay" and call.factory in _SWEPT_DECAYS and not _fused(call):
+    if name == "weight_decay" and call.factory in _FUSED_DECAYS and not _fused(call):
         findings.apart.append(
             f"the members' optimizers differ in {path} ({listed}), which a sweep carries only "
             "in the fused adam/adamw, not with fused=False: create the members with "

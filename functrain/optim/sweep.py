@@ -4,9 +4,7 @@ For ``lr=`` of any optimizer, a sweep is a schedule (``step -> value``) that a s
 (`functrain.stack`) evaluates for each member: member ``k`` gets ``values[k]``, a float or a
 schedule of its own. For ``weight_decay=`` of the fused `adam`/`adamw` (the default), member
 ``k`` gets the float ``values[k]``: the kernel runs member by member and takes each member's value
-(with ``fused=False`` they refuse one); `sgd`, `adagrad` and `rmsprop` take one as well,
-written so by hand (`functrain.stack` sweeps the weight decay of members created apart only for
-`adam`/`adamw`).
+(with ``fused=False`` they refuse one); `sgd`, `adagrad` and `rmsprop` take one as well.
 Under the stacked step's ``vmap`` the member's index is a batched tensor, so one traced step serves
 every value: no recompilation per value, and a sweep composes with schedules (give each member a
 schedule, e.g. the same warmup-cosine shape at different peaks).

@@ -67,6 +67,29 @@ def test_members_differing_in_the_weight_decay_of_adamw_train_as_its_sweep():
     assert_states_equal(train(by_hand), train(auto))
 
 
+@pytest.mark.parametrize(
+    "preset",
+    [
+        lambda d: ft.sgd(0.1, momentum=0.9, weight_decay=d),
+        lambda d: ft.sgd(0.1, weight_decay=d, fused=False),
+        lambda d: ft.adagrad(0.1, weight_decay=d),
+        lambda d: ft.rmsprop(0.01, weight_decay=d),
+    ],
+    ids=["sgd", "sgd-unfused", "adagrad", "rmsprop"],
+)
+def test_members_differing_in_the_weight_decay_of_sgd_adagrad_rmsprop_train_as_alone(preset):
+    # (each member to the batched products' rounding of the member trained alone, as the
+    # ensembles guide states)
+    decays = [0.0, 0.5]
+    members = [make_state(k, preset(d)) for k, d in enumerate(decays)]
+    stacked = train(ft.stack(members))
+    assert "sweep([0.0, 0.5])" in stacked.optimizer.name
+    for k, member in enumerate(ft.unstack(stacked)):
+        alone = train(make_state(k, preset(decays[k])))
+        for name, p in alone.params.items():
+            torch.testing.assert_close(member.params[name], p, rtol=1e-5, atol=1e-7)
+
+
 def test_members_of_one_module_differing_in_lr_are_not_warned_about():
     module = nn.Linear(3, 2)  # one start on purpose: the members differ in their rate
     with warnings.catch_warnings():
@@ -83,8 +106,8 @@ def test_a_hyperparameter_no_sweep_carries_is_named_and_its_members_kept_apart()
         ft.ConfigError,
         match=re.escape(
             "the members' optimizers differ in b1 (0.9, 0.95), which no sweep carries (a sweep "
-            "carries lr, of any optimizer, and weight_decay, of the fused adam/adamw): members "
-            "that differ in b1 are trained apart"
+            "carries lr, of any optimizer, and weight_decay, of the fused adam/adamw, of sgd, "
+            "adagrad and rmsprop): members that differ in b1 are trained apart"
         ),
     ):
         ft.stack(members)
