@@ -374,8 +374,9 @@ def slot_owners(init: Any, params: dict[str, torch.Tensor]) -> dict[str, list[st
     names = list(params)
     if not names:
         return {}
-    full = leaves_by_path(init(params))
-    owners = _shrinking(full, init, params, names[-1])
+    tree = init(params)
+    full, named = leaves_by_path(tree), _named_entries(tree)
+    owners = _shrinking(full, init, params, names[-1], named)
     if owners is None:
         return None
     # (none shrinking proves nothing: the last parameter may be outside a group, `masked`'s)
@@ -388,12 +389,13 @@ def slot_owners(init: Any, params: dict[str, torch.Tensor]) -> dict[str, list[st
     metas = {k: torch.empty_like(v, device="meta") for k, v in params.items()}
     for probe in (metas, params):
         try:
-            full = leaves_by_path(init(probe))
+            tree = init(probe)
         except Exception:  # (an init that reads its parameters' values)
             continue
+        full, named = leaves_by_path(tree), _named_entries(tree)
         members: dict[str, list[str]] = {}
         for name in names:
-            shrunk = _shrinking(full, init, probe, name)
+            shrunk = _shrinking(full, init, probe, name, named)
             if shrunk is None:
                 break
             for container, n in shrunk.items():
@@ -404,11 +406,16 @@ def slot_owners(init: Any, params: dict[str, torch.Tensor]) -> dict[str, list[st
 
 
 def _shrinking(
-    full: dict[str, Any], init: Any, params: dict[str, torch.Tensor], name: str
+    full: dict[str, Any],
+    init: Any,
+    params: dict[str, torch.Tensor],
+    name: str,
+    named: set[str],
 ) -> dict[str, int] | None:
     """The sequences of ``init(params)``'s leaves (`full`) that lose their last entry when
     parameter `name` is left out, each by its path with its length; None where a leaf that goes
-    is in no such sequence."""
+    is in no such sequence. `named`: the paths of a mapping's entries keyed by a string
+    (`_named_entries`), no sequence's entries however they read."""
     try:
         less = leaves_by_path(init({k: v for k, v in params.items() if k != name}))
     except Exception:  # a transform that needs each of its parameters
@@ -425,7 +432,7 @@ def _shrinking(
     for path in full.keys() - less.keys():
         parts = path.split("/")
         for i in reversed(range(len(parts))):  # (the innermost index: a sequence's entry)
-            if not parts[i].isdigit():
+            if not parts[i].isdigit() or "/".join(parts[: i + 1]) in named:
                 continue
             prefix, rest, n = "/".join(parts[:i]), "/".join(parts[i + 1 :]), int(parts[i]) + 1
             if (
@@ -456,6 +463,20 @@ def _shrinking(
 
 # `_shrinking`'s length of a mapping keyed by the parameters' names
 _KEYED = -1
+
+
+def _named_entries(tree: Any) -> set[str]:
+    """The paths of `tree`'s mapping entries keyed by a string: a key of digits (weights named
+    ``"0"``, ``"1"``: an ``nn.ParameterList``'s) is a name, though a path writes it as it writes
+    a sequence's index."""
+    flat = pytree.tree_flatten_with_path(tree)[0]
+    found = set()
+    for (path, _), joined in zip(flat, leaves_by_path(tree), strict=True):
+        parts = joined.split("/")  # (one per entry: a key's "/" is escaped)
+        for i, entry in enumerate(path):
+            if isinstance(entry, pytree.MappingKey) and isinstance(entry.key, str):
+                found.add("/".join(parts[: i + 1]))
+    return found
 
 
 def _keyed_by_all(full: dict[str, Any], names: list[str], owners: dict[str, int]) -> bool:

@@ -1414,3 +1414,37 @@ def test_freezing_with_a_list_holding_a_mapping_keyed_by_the_weights_names() -> 
     for name, p in model.named_parameters():
         got = state.params[name] if name in state.params else state.frozen[name]
         assert torch.equal(got, p), name
+
+
+def test_freezing_with_a_state_keyed_by_digit_names_parks_each_weights_own_slots() -> None:
+    """Weights named ``"1"``, ``"0"``, ``"2"`` (in that order) and a state keyed by their names:
+    the mapping's entry ``"0"`` is the weight ``"0"``'s slot, not the first weight's; freezing
+    ``"0"`` leaves the others training on their own momentum, as torch's loop does."""
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        module = nn.Module()
+        for name in ("1", "0", "2"):
+            module.register_parameter(name, nn.Parameter(torch.randn(3)))
+        return module
+
+    def loss_fn(model: Any, x: torch.Tensor) -> torch.Tensor:
+        weights = dict(model.named_parameters())
+        return sum(((weights[k] * x * (i + 1)).sum() ** 2 for i, k in enumerate("102")), x.sum())
+
+    xs = [torch.randn(3, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    model = make()
+    by_hand = _KeyedMomentumByHand(model.parameters())
+    state = ft.TrainState.create(make(), _keyed_momentum(), loss_fn)
+    for i, x in enumerate(xs):
+        if i == 2:
+            model.get_parameter("0").requires_grad_(False)
+            params = dict(state.params)
+            state = state.replace(params=params, frozen={"0": params.pop("0")})
+        by_hand.zero_grad()
+        loss_fn(model, x).backward()
+        by_hand.step()
+        state, _ = ft.train_step(state, x)
+    for name, p in model.named_parameters():
+        got = state.params[name] if name in state.params else state.frozen[name]
+        assert torch.equal(got, p), name
