@@ -131,13 +131,15 @@ def without_choices(arguments: dict[str, Any]) -> dict[str, Any]:
 _FOREACH_OWN_BITS = {
     "rmsprop": (torch.float16, torch.bfloat16),
     "adagrad": (torch.float16, torch.bfloat16),
+    "adamax": (torch.float16,),
 }
 
 
 def no_foreach_bits_in(tx: Any, name: str, foreach: bool | None) -> Any:
     """`tx` (the preset `name`'s transform, or its differentiable form), whose ``init`` refuses
     weights of a dtype where ``foreach=True`` asks for torch's foreach kernels' bits and they
-    round otherwise than the preset's formula (RMSprop's and Adagrad's in 16 bits)."""
+    round otherwise than the preset's formula (RMSprop's and Adagrad's in 16 bits, Adamax's in
+    float16)."""
     dtypes = _FOREACH_OWN_BITS.get(name, ())
     if foreach is not True or not dtypes:
         return tx

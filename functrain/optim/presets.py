@@ -1031,8 +1031,10 @@ def adamax(
             A number, or a schedule read at the count as a scheduled `lr` is.
         maximize: ascend the objective.
         mask: which parameters get weight decay.
-        foreach: torch's implementation choice; either value gives torch's bits (its foreach and
-            single-tensor implementations agree).
+        foreach: torch's implementation choice; either value gives torch's bits in float32 (its
+            foreach and single-tensor implementations agree); with float16 weights ``True`` is
+            refused when the state is made (its foreach kernels round their own way there), and
+            unset gives torch's single-tensor loop's bits.
         capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
             back to the host anyway, see `functrain.optim.choices`).
         differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
@@ -1058,14 +1060,18 @@ def adamax(
     check_decay(problems, "weight_decay", weight_decay)
     config_check(problems, "adamax")
     constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
-    return rule_transform(
-        adamax_rule(b1, b2, eps, maximize),
+    return no_foreach_bits_in(
+        rule_transform(
+            adamax_rule(b1, b2, eps, maximize),
+            "adamax",
+            constants,
+            schedule,
+            lists=True,
+            mask=mask,
+            state_type=AdamaxState,
+        ),
         "adamax",
-        constants,
-        schedule,
-        lists=True,
-        mask=mask,
-        state_type=AdamaxState,
+        foreach,
     )
 
 

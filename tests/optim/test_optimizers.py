@@ -1420,6 +1420,40 @@ def test_foreach_true_with_16_bit_weights_is_refused_where_its_bits_are_not_torc
         assert torch.equal(state.params[key], p.detach()), key
 
 
+def test_adamax_foreach_true_with_float16_weights_is_refused() -> None:
+    # (torch's foreach Adamax rounds its own way in float16, where adamax gives its loop's bits:
+    # refused when the state is made; unset, the loop's bits)
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Linear(32, 16).half()
+
+    def loss(model: Any, batch: Any) -> torch.Tensor:
+        return (model(batch[0]).float() - batch[1]).square().mean()
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(16, 32, generator=gen).half(), torch.randn(16, 16, generator=gen))
+        for _ in range(6)
+    ]
+    with pytest.raises(ft.ConfigError, match=r"adamax\(foreach=True\).*float16"):
+        ft.TrainState.create(build(), ft.adamax(1e-2, eps=1e-3, foreach=True), loss)
+    state = ft.TrainState.create(build(), ft.adamax(1e-2, eps=1e-3), loss)
+    models = {foreach: build() for foreach in (True, False)}
+    opts = {
+        foreach: torch.optim.Adamax(m.parameters(), 1e-2, eps=1e-3, foreach=foreach)
+        for foreach, m in models.items()
+    }
+    for batch in batches:
+        state, _ = ft.train_step(state, batch)
+        for foreach, model in models.items():
+            loss(model, batch).backward()
+            opts[foreach].step()
+            opts[foreach].zero_grad()
+    ours = [state.params[k] for k, _ in models[False].named_parameters()]
+    assert all(torch.equal(a, p) for a, p in zip(ours, models[False].parameters(), strict=True))
+    assert not all(torch.equal(a, p) for a, p in zip(ours, models[True].parameters(), strict=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_radam_foreach_true_trains_16_bit_weights_as_torchs_foreach_radam(
     dtype: torch.dtype,
