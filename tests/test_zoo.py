@@ -330,3 +330,27 @@ def test_a_compiled_resnet_step_follows_the_eager_step() -> None:
         torch.testing.assert_close(
             compiled.params[name], p, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
         )
+
+
+def test_a_compiled_llama_step_follows_a_torch_loop() -> None:
+    """Llama's forward slices its ModuleList (``self.layers[:n]``): the registration hooks that
+    clear the eager bindings' plans, traced by dynamo, made it fail the trace ("SpeculationLog
+    diverged") before the first step."""
+    torch.manual_seed(0)
+    net = llama()
+    gen = torch.Generator().manual_seed(1)
+    data = []
+    for _ in range(3):
+        ids = torch.randint(0, 64, (4, 12), generator=gen)
+        data.append({"input_ids": ids, "labels": ids})
+    reference = copy.deepcopy(net)
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, fused=True)
+    state = ft.TrainState.create(net, ft.adamw(1e-3), own_loss_fn, seed=0)
+    step = ft.compile_step(backend="aot_eager")
+    for batch in data:
+        opt.zero_grad()
+        own_loss_fn(reference, batch).backward()
+        opt.step()
+        state, _ = step(state, batch)
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-5, atol=1e-5)

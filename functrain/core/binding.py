@@ -126,16 +126,27 @@ def bound_now() -> bool:
     return _open[0] > 0
 
 
+# a registration while dynamo traces a forward (``self.layers[:n]``, a ModuleList built in it) is
+# of a module the graph never builds when it runs, and a traced binding reads no plan: the hooks
+# leave the plans alone there (dynamo tracing the clearing of the weak dictionary loses its place
+# in the frame it restarts: "SpeculationLog diverged")
+
+
 def _forget_plans(*_: Any) -> None:
-    _plans.clear()
+    if not torch.compiler.is_compiling():
+        _plans.clear()
 
 
 def _parameter_registered(*_: Any) -> None:
+    if torch.compiler.is_compiling():
+        return
     _registrations[0] += 1
     _plans.clear()
 
 
 def _buffer_registered(module: nn.Module, name: str, value: Any) -> None:
+    if torch.compiler.is_compiling():
+        return
     _registrations[0] += 1
     # a forward rebinding a buffer it holds (``self.h = h.detach()``) keeps the structure: the
     # binding puts the slot back on leaving, so the plan stays (planning every step would cost as
