@@ -9,7 +9,6 @@ tokens, and the caller's global RNG is left as it was.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any, Protocol
@@ -17,7 +16,7 @@ from typing import IO, Any, Protocol
 import torch
 
 from functrain.core.binding import BoundModel, bound
-from functrain.core.loss import READS_CHECKED, OriginalReads
+from functrain.core.loss import reads_checked
 from functrain.core.scope import in_scope
 from functrain.core.state import TrainState
 from functrain.distributed.sharding import gathered
@@ -303,18 +302,13 @@ def generate(
     forward = forward or _logits_of
     generator = torch.Generator(device=state.device).manual_seed(seed)
 
-    # a structure's first call reads none of the tensors of the module it was copied from
-    checked = READS_CHECKED in state.module.__dict__
-
     def run(ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), bound(state.module, tensors) as model:
-            for i in range(max_new_tokens):
+            for _ in range(max_new_tokens):
                 window = ids if context_size is None else ids[:, -context_size:]
-                with (
-                    contextlib.nullcontext()
-                    if checked or i
-                    else OriginalReads(state.module, tensors, "generate")
-                ):
+                # a structure's first call reads none of the tensors of the module it was copied
+                # from (checked at its first forward, `reads_checked`)
+                with reads_checked(state.module, tensors, "generate"):
                     out = forward(model, window)
                 if not (
                     isinstance(out, torch.Tensor)
@@ -341,8 +335,6 @@ def generate(
     # in the state's scope, as `predict` runs: eval mode, and a draw of the forward's own (a noise
     # layer) from the state's generator, the caller's RNG and the module's modes restored after
     ids = in_scope(state, False, lambda: run(ids))
-    if max_new_tokens and not checked:
-        object.__setattr__(state.module, READS_CHECKED, True)
     return ids.squeeze(0) if squeeze else ids
 
 

@@ -10,6 +10,7 @@ body and its planned form, the compiled body and a stacked state's body under vm
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
 import os
@@ -36,6 +37,7 @@ __all__ = [
     "BY_BACKWARD",
     "NO_GRADIENT",
     "OriginalReads",
+    "reads_checked",
     "WATCHED",
     "WRITES_WATCHED",
     "RunAgain",
@@ -249,7 +251,8 @@ WATCHED = "_functrain_watched"
 # the attribute that marks a structure whose first forward without a graph (an evaluation) wrote
 # none of those tensors: later evaluations run bare, its first step still under `_WriteGuard`
 WRITES_WATCHED = "_functrain_writes_watched"
-# the attribute that marks a structure `predict` or `generate` ran under `OriginalReads` once
+# the attribute that marks a structure whose forward ran under `OriginalReads` once (`predict`'s,
+# `generate`'s: `reads_checked`)
 READS_CHECKED = "_functrain_reads_checked"
 # the attribute that marks a structure whose differentiable step's loss was seen reaching none of
 # those tensors: its own, for `predict`'s and `generate`'s check is of another call (eval mode,
@@ -308,7 +311,12 @@ class OriginalReads(TorchDispatchMode):
             for k, t in found
             if (at := _storage(t)) not in own and at not in constant and at not in (-1, 0)
         }
-        self.name = name
+        self.name, self.structure = name, structure
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        if exc[0] is None:  # a forward that read none of them: the structure's later calls run bare
+            object.__setattr__(self.structure, READS_CHECKED, True)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -321,6 +329,17 @@ class OriginalReads(TorchDispatchMode):
                         )
                     )
         return func(*args, **kwargs)
+
+
+def reads_checked(
+    structure: nn.Module, tensors: Mapping[str, torch.Tensor], name: str
+) -> contextlib.AbstractContextManager[Any]:
+    """Where a forward of `structure` on `tensors` runs (`name`: `predict`, `generate`): on its
+    first call, under `OriginalReads`, which marks it checked once a forward returns; a null
+    context after."""
+    if READS_CHECKED in structure.__dict__:
+        return contextlib.nullcontext()
+    return OriginalReads(structure, tensors, name)
 
 
 class _WriteGuard(TorchDispatchMode):

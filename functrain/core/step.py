@@ -27,7 +27,7 @@ import torch.autograd.forward_ad as fwAD
 from functrain.core.binding import bound, unbind
 from functrain.core.body import SWEEP_ALONE, eval_body, forward_buffers, train_body
 from functrain.core.donation import DONATED, retire, step_in_scope
-from functrain.core.loss import READS_CHECKED, OriginalReads, RunAgain
+from functrain.core.loss import RunAgain, reads_checked
 from functrain.core.program import body_step, program_for
 from functrain.core.scope import enter, in_scope, leave, outside_graph
 from functrain.core.stacked_step import refuse_per_member, stacked_eval_step, stacked_train_step
@@ -329,19 +329,16 @@ def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any)
         gathered = state.dist is not None and state.dist.sharding == "full"
         tensors = {**weights, **frozen, **buffers}
         binding = bound(state.module, tensors)
-        # a structure's first call reads none of the tensors of the module it was copied from
-        checked = gathered or READS_CHECKED in state.module.__dict__
         with (
             contextlib.nullcontext() if state.options.differentiable else torch.no_grad(),
             sharding_.gathering_on_use(weights) if gathered else contextlib.nullcontext(),
             binding as model,
+            # a structure's first call reads none of the tensors of the module it was copied from
             contextlib.nullcontext()
-            if checked
-            else OriginalReads(state.module, tensors, "predict"),
+            if gathered
+            else reads_checked(state.module, tensors, "predict"),
         ):
             out = model(*args, **kwargs)
-        if not checked:
-            object.__setattr__(state.module, READS_CHECKED, True)
         leave(scope)
     except BaseException:
         # again where an interrupt stopped them at their entry; else nothing

@@ -145,12 +145,12 @@ def no_foreach_bits_in(tx: Any, name: str, foreach: bool | None) -> Any:
         return tx
 
     def init(params: Any) -> Any:
-        found = [k for k, p in leaves_by_path(params).items() if p.dtype in dtypes]
+        found = {k: p.dtype for k, p in leaves_by_path(params).items() if p.dtype in dtypes}
         if found:
-            kinds = sorted({str(leaves_by_path(params)[k].dtype) for k in found})
+            kinds = sorted(map(str, set(found.values())))
             raise ConfigError(
                 f"{name}(foreach=True) asks for torch's foreach kernels' bits, which {name} does "
-                f"not reproduce in {' and '.join(kinds)} (weights {', '.join(found[:3])}"
+                f"not reproduce in {' and '.join(kinds)} (weights {', '.join(list(found)[:3])}"
                 f"{', ...' if len(found) > 3 else ''}): their rounding there is their own. Leave "
                 f"foreach unset (or False) for torch's single-tensor loop, its CPU default, whose "
                 "bits it gives, or keep those weights in float32"
