@@ -74,8 +74,9 @@ Parts = tuple[dict[str, Any], dict[str, torch.Tensor]]
 OWN_TX_METRICS = frozenset({"lr", "skipped", "total_skipped", "micro_step", "grad_norm"})
 
 
-def check_gradients(state: StepState, batch: Any) -> None:
-    """The loss function and its backward once, eagerly, on copies of the buffers: its checks.
+def check_gradients(state: StepState, batch: Any) -> torch.Tensor:
+    """The loss function and its backward once, eagerly, on copies of the buffers: its checks,
+    and the loss (detached), which a compiled step's first call is compared with.
 
     What a traced step cannot check itself: inside ``torch.func.grad``, which it differentiates
     with, an exception does not trace (torch's own error comes out instead of the `LossError`),
@@ -88,9 +89,10 @@ def check_gradients(state: StepState, batch: Any) -> None:
         LossError: as `train_step` raises it.
     """
     try:
-        gradients(state, batch, forward_buffers(state), loss_scale(state))
+        loss = gradients(state, batch, forward_buffers(state), loss_scale(state))[1]
     except RunAgain:  # reentrant activation checkpointing, now known: its backward's way
-        gradients(state, batch, forward_buffers(state), loss_scale(state))
+        loss = gradients(state, batch, forward_buffers(state), loss_scale(state))[1]
+    return loss.detach()
 
 
 def forward_buffers(state: StepState, use_ema: bool = False) -> dict[str, torch.Tensor]:

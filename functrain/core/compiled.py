@@ -85,7 +85,7 @@ from functrain.core.view import StateView, parts_of, statics_of
 from functrain.errors import ConfigError, FunctrainError
 from functrain.optim.base import NO_EXTRAS, Extras
 from functrain.optim.sweep import holds_sweep
-from functrain.optim.zeros import stored
+from functrain.optim.zeros import is_shared, stored
 from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["compile_step", "CompiledStep", "EagerStepWarning"]
@@ -100,7 +100,8 @@ _TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 class EagerStepWarning(UserWarning):
     """`compile_step` runs a state's steps eagerly (`functrain.train_step`): its module holds a
-    module whose step inductor makes slower (`compile_step`'s ``eager_for``)."""
+    module whose step inductor makes slower (`compile_step`'s ``eager_for``), or its compiled
+    step's loss was not the eager step's (torch compiled it wrongly)."""
 
 
 def _eager_module(module: nn.Module, kinds: tuple[type[nn.Module], ...]) -> str | None:
@@ -194,16 +195,18 @@ def refuse_untraced(state: TrainState) -> None:
         raise ConfigError("compile_step cannot run this module:\n  - " + "\n  - ".join(problems))
 
 
-def _unless_out_of_memory(check: Callable[[], None]) -> None:
-    """`check()`, skipped where the eager step it runs does not fit in the device's memory.
+def _unless_out_of_memory(check: Callable[[], Any]) -> Any:
+    """`check()` and what it returns, skipped (None) where the eager step it runs or the copies
+    it makes do not fit in the device's memory.
 
     A compiled step may fit where the eager one does not (fused kernels keep fewer activations):
     the check is then left out, and the compiled step runs as it would without it.
     """
     try:
-        check()
+        return check()
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
+        return None
 
 
 def _after_failure(
@@ -211,7 +214,7 @@ def _after_failure(
     attempt: _Attempt,
     retiring: TrainState | None,
     scope: Scope | None,
-    check: Callable[[], None],
+    check: Callable[[], object],
 ) -> FunctrainError | None:
     """What a compiled call that raised `error` leaves: saved-tensor hooks allowed again where
     they were (`_enable_hooks_again`), a donated state (`retiring`) retired where the graph may
@@ -326,6 +329,10 @@ class CompiledStep:
         self._inductor = backend == "inductor"
         # per configuration: the objects its key holds by id (kept alive), and what was compiled
         self._cores: dict[tuple, tuple[tuple, Watched]] = {}
+        # per configuration: the batch shapes whose first compiled call gave the eager step's
+        # loss (`_same_loss`), and the configurations whose did not, which run eagerly
+        self._checked: dict[tuple, set[tuple]] = {}
+        self._miscompiled: set[tuple] = set()
 
     def __call__(
         self, state: TrainState, batch: Any, *, donate: bool = False
@@ -388,6 +395,8 @@ class CompiledStep:
         self, state: TrainState, batch: Any, donate: bool
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         key, core, first = self._core_for(state, donate)
+        if key in self._miscompiled:
+            return train_step(state, batch, donate=donate)
         counters = (
             state.step,
             state.micro_step,
@@ -395,14 +404,21 @@ class CompiledStep:
             state.samples_seen,
             state.skipped,
         )
+        shapes = _shapes(batch)
+        checking = first or shapes not in self._checked.get(key, ())
         scope = enter(state, True)
-        if first:
+        expected: torch.Tensor | None = None
+        if checking:
             try:
-                self._checked_first(key, scope, state, lambda: check_gradients(state, batch))
+                check = functools.partial(check_gradients, state, batch)
+                expected = self._checked_first(key, scope, state, check, drop=first)
             except BaseException:
                 leave(scope)
                 raise
         attempt = _Attempt()
+        run: Callable[..., Any] = core
+        if expected is not None and state.dist is None:  # (see `_same_loss`)
+            run = _compared(core, expected, state, donate)
         try:
             if donate:  # a save still reading these tensors (looked for in the scope's lock)
                 wait_until_unheld(state)
@@ -410,7 +426,7 @@ class CompiledStep:
             # layout
             opt_state = stored(state.opt_state)
             attempt.begin()
-            new, metrics = core(
+            new, metrics = run(
                 state.params,
                 state.frozen,
                 state.buffers,
@@ -419,12 +435,19 @@ class CompiledStep:
                 counters,
                 batch,
             )
+        except _Miscompiled as wrong:  # the state as it was: this configuration runs eagerly
+            leave(scope)
+            self._miscompiled.add(key)
+            _warn_miscompiled(*wrong.args)
+            return train_step(state, batch, donate=donate)
         except BaseException as error:
             check = functools.partial(check_gradients, state, batch)
             found = _after_failure(error, attempt, state if donate else None, scope, check)
             if found is not None:
                 raise found from error
             raise
+        if checking:
+            self._checked.setdefault(key, set()).add(shapes)
         # a donated state retired in the scope: a save, which takes its lock, never reads it
         return leave_with(scope, state, new, state if donate else None, _DONATED), metrics
 
@@ -447,11 +470,21 @@ class CompiledStep:
                 return compiled_fn(compiled_tensors, batch)
 
             found = self._kept(key, state, body, "stacked_core")
-            try:  # the checks a traced step cannot make, once per configuration
-                _unless_out_of_memory(lambda: check_stacked_gradients(state, batch))
+            first = True
+        elif key in self._miscompiled:
+            return train_step(state, batch, donate=donate)
+        else:
+            first = False
+        shapes = _shapes(batch)
+        checking = first or shapes not in self._checked.get(key, ())
+        expected = None
+        if checking:
+            try:  # the checks a traced step cannot make, once per configuration and batch shape
+                expected = _unless_out_of_memory(lambda: check_stacked_gradients(state, batch))
                 refuse_untraced(state)
             except BaseException:
-                self._cores.pop(key, None)
+                if first:
+                    self._cores.pop(key, None)
                 raise
         if donate:
             wait_until_unheld(state)  # an async save still reading these tensors
@@ -459,9 +492,15 @@ class CompiledStep:
         run = attempt.calling(found)
         if donate:  # a graph that raised once it may have run: its state retired in the scope
             run = _retiring(run, attempt, state)
+        if expected is not None:
+            run = _compared(run, expected, state, donate)
         try:
             # (a donated state retired in the scope, whose lock a save takes)
             result = stacked_train_step(state, batch, compiled=run, donate=donate, call=_DONATED)
+        except _Miscompiled as wrong:  # the state as it was
+            self._miscompiled.add(key)
+            _warn_miscompiled(*wrong.args)
+            return train_step(state, batch, donate=donate)
         except BaseException as error:  # traced: dynamo words torch's error its own way
             if isinstance(error, Exception) and learned_module_order(error, state):
                 _enable_hooks_again(attempt.hooks)
@@ -471,6 +510,8 @@ class CompiledStep:
             if diagnosed is not None:
                 raise diagnosed from error
             raise
+        if checking:
+            self._checked.setdefault(key, set()).add(shapes)
         return result
 
     def _sharded(
@@ -583,19 +624,27 @@ class CompiledStep:
         return compiled
 
     def _checked_first(
-        self, key: tuple, scope: Scope, state: TrainState, check: Callable[[], None]
-    ) -> None:
-        """`check()` (`check_gradients`) before a configuration's first compiled call.
+        self,
+        key: tuple,
+        scope: Scope,
+        state: TrainState,
+        check: Callable[[], Any],
+        drop: bool = True,
+    ) -> Any:
+        """`check()` (`check_gradients`) before a configuration's first compiled call (or its first
+        of a batch shape), and what it returns (None where it did not fit in the device's memory).
 
         The generator it draws from is put back (the step draws what it would have drawn); if it
-        raises, the configuration is dropped, so that its next call is checked again.
+        raises and `drop`, the configuration is dropped, so that its next call is checked again.
         """
         saved = scope.generator.get_state()
         try:
-            _unless_out_of_memory(check)
+            found = _unless_out_of_memory(check)
             refuse_untraced(state)
+            return found
         except BaseException:
-            self._cores.pop(key, None)
+            if drop:
+                self._cores.pop(key, None)
             raise
         finally:
             scope.generator.set_state(saved)
@@ -700,6 +749,83 @@ def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
             kept.append(b)
         out[name] = tree_unflatten(kept, spec)
     return out
+
+
+def _shapes(batch: Any) -> tuple:
+    """The shapes and dtypes of `batch`'s tensors: a compiled step traces each anew."""
+    return tuple((x.shape, x.dtype) for x in tree_leaves(batch) if isinstance(x, torch.Tensor))
+
+
+class _Kept:
+    """Copies of what a donated compiled call writes (the state's weights, buffers, optimizer
+    state and EMA), to put back if the call's loss shows its graph miscompiled; nothing for a
+    pure call, which writes none of them."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, state: TrainState, opt_state: Any, donate: bool) -> None:
+        written = (state.params, state.buffers, opt_state, state.ema_state) if donate else ()
+        leaves = tree_leaves(written)
+        # (zeros shared by their elements are never written)
+        self.pairs = [
+            (x, x.clone()) for x in leaves if isinstance(x, torch.Tensor) and not is_shared(x)
+        ]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for given, copy in self.pairs:
+                given.copy_(copy)
+
+
+class _Miscompiled(Exception):
+    """A compiled call whose loss is not the eager step's: ``(got, expected)``."""
+
+
+def _compared(
+    run: Callable[..., Any], expected: torch.Tensor, state: TrainState, donate: bool
+) -> Callable[..., Any]:
+    """`run` (a compiled call of `state`'s step), which raises `_Miscompiled` with `state` as it
+    was where its loss is not `expected` (`_same_loss`)."""
+
+    def call(*args: Any) -> Any:
+        kept = _unless_out_of_memory(lambda: _Kept(state, state.opt_state, donate))
+        new, metrics = run(*args)
+        if kept is not None and not _same_loss(metrics["loss"], expected):
+            kept.restore()
+            raise _Miscompiled(metrics["loss"], expected)
+        return new, metrics
+
+    return call
+
+
+def _same_loss(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether a compiled step's loss (a stacked state's ``[K]``) is the eager step's on the same
+    state, batch and draws, as far as a compiled graph's other order of sums allows (one host
+    read, at a first call). Not of a state in a process group: its step's loss is averaged over
+    the ranks, the eager check's is this rank's."""
+    rtol = {torch.float16: 4e-3, torch.bfloat16: 3e-2}.get(expected.dtype, 1e-4)
+    got, expected = got.detach().double(), expected.double()
+    close = torch.isclose(got, expected, rtol=rtol, atol=1e-6) | (got.isnan() & expected.isnan())
+    return bool(close.all())
+
+
+def _warn_miscompiled(got: torch.Tensor, expected: torch.Tensor) -> None:
+    warnings.warn(
+        f"compile_step runs this configuration's steps eagerly, as functrain.train_step: its "
+        f"compiled step computed the loss {_values(got)} where the eager step computes "
+        f"{_values(expected)} on the same state, batch and random draws, so torch compiled "
+        "it wrongly (torch 2.13's inductor can read a dropout mask after BatchNorm before it is "
+        "drawn: docs/explanation/performance.md), or the loss function draws from a generator "
+        "of its own (a step's draws come from torch's default one); the state was put back and "
+        "this step run eagerly. compile_step(backend='aot_eager') may compile it right",
+        EagerStepWarning,
+        stacklevel=4,
+    )
+
+
+def _values(t: torch.Tensor) -> str:
+    """`t`'s values to 7 digits (a stacked state's losses as a list)."""
+    return ", ".join(f"{v:.7g}" for v in t.detach().double().flatten().tolist())
 
 
 def _counter(t: torch.Tensor) -> bool:
@@ -807,7 +933,15 @@ def compile_step(
     make: the loss function's result and metrics, the batch, and a loss that depends on no
     trainable parameter (inside ``torch.func.grad`` it gives zero gradients without a word). Its
     errors are `train_step`'s, as are those of a batch shape traced later that the loss function
-    cannot take.
+    cannot take. Its loss, on the same state, batch and random draws, is then compared with the
+    compiled step's (one host read): where they differ beyond a compiled graph's rounding, torch
+    compiled the step wrongly (torch 2.13's inductor can read a dropout mask before it is drawn),
+    so the state is put back, and the step and every later one of that configuration run as
+    `train_step` runs them, with an `EagerStepWarning`. The first call of each later batch shape
+    (a last partial batch, which traces a graph of its own) is checked the same way. A donated
+    call keeps copies of what its graph writes for that one call (left out where they do not fit
+    in the device's memory); a state in a process group, whose loss is averaged over the ranks,
+    is not compared.
 
     With ``capture=True`` the whole step (forward, backward, update, the non-finite checks, EMA and
     counters) is also recorded as a CUDA graph, and each call replays it: one launch instead of a
@@ -880,7 +1014,8 @@ def compile_step(
 
     Warns:
         RecompileWarning: the step was compiled again because a value it reads changed.
-        EagerStepWarning: a state's module holds a module of `eager_for`: its steps run eagerly.
+        EagerStepWarning: a state's module holds a module of `eager_for`, or a compiled call's
+            loss was not the eager step's (see above): its steps run eagerly.
 
     Example:
         >>> import torch, functrain as ft

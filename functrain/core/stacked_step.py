@@ -381,8 +381,9 @@ def again_in_module_order(state: StepState, run: Callable[[], _T]) -> _T:
     return run()
 
 
-def check_stacked_gradients(state: TrainState, batch: Any) -> None:
-    """`functrain.core.body.check_gradients` for a stacked state: its forward and backward, eagerly.
+def check_stacked_gradients(state: TrainState, batch: Any) -> torch.Tensor:
+    """`functrain.core.body.check_gradients` for a stacked state: its forward and backward, eagerly,
+    and the members' ``[K]`` losses (detached).
 
     On copies of the buffers, with the members' random streams and the caller's generator left as
     they were (`compile_step` runs it once per stacked configuration it compiles).
@@ -392,19 +393,19 @@ def check_stacked_gradients(state: TrainState, batch: Any) -> None:
         LossError: as `train_step` raises it.
     """
 
-    def run() -> None:
+    def run() -> torch.Tensor:
         members = state.rng.shape[0]
         given, per_member = member_batch(batch, members)
         buffers = forward_buffers(state)
-        in_scope(
+        return in_scope(
             state,
             True,
             lambda: member_gradients(
                 state, given, per_member, members_apart(state), buffers, loss_scale(state)
             ),
-        )
+        )[1].detach()
 
-    again_in_module_order(state, run)
+    return again_in_module_order(state, run)
 
 
 def module_order(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -687,3 +687,115 @@ def test_a_compiled_step_measures_gradients_a_transform_wrote_in_place_again(bac
     )
     for name, p in eager.params.items():
         torch.testing.assert_close(compiled.params[name], p)
+
+
+# ------------------------------------------------------- a graph torch compiled wrongly
+
+
+def _loss_doubled(rows: int | None) -> Any:
+    """A torch.compile backend that runs dynamo's graph as it is and doubles its floating results
+    of one or two elements (the loss, a stacked state's two losses, among them): a miscompile,
+    in every graph or (`rows`) in those whose inputs hold a tensor of that many rows (a batch of
+    that size)."""
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        if rows is not None and not any(
+            isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == rows for t in example_inputs
+        ):
+            return gm
+
+        def run(*args: Any) -> Any:
+            out = gm(*args)
+            return type(out)(
+                o * 2
+                if isinstance(o, torch.Tensor) and o.numel() <= 2 and o.is_floating_point()
+                else o
+                for o in out
+            )
+
+        return run
+
+    return backend
+
+
+torch._dynamo.register_backend(_loss_doubled(None), name="functrain_test_loss_doubled")
+torch._dynamo.register_backend(_loss_doubled(7), name="functrain_test_loss_doubled_at_7_rows")
+
+
+def _dropout_mlp() -> ft.TrainState:
+    return ft.TrainState.create(make_mlp(dropout=0.5), ft.adamw(1e-2), cross_entropy_with_accuracy)
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_a_step_compiled_wrongly_is_put_back_and_runs_eagerly_with_a_warning(donate: bool) -> None:
+    # the first compiled call's loss differs from the eager check's on the same draws: the state
+    # as it was (a donated graph wrote into it), the step and every later one run as train_step
+    state = _dropout_mlp()
+    reference = state.clone()
+    step = ft.compile_step(backend="functrain_test_loss_doubled")
+    batches = classification_batches((8, 6), 3)
+    snap = snapshot(state)
+    with pytest.warns(ft.EagerStepWarning, match=r"computed the loss [\d.]+ where the eager"):
+        state, metrics = step(state, batches[0], donate=donate)
+    if not donate:
+        assert_unchanged(snap)
+    reference, expected = ft.train_step(reference, batches[0])
+    ft.testing.assert_states_equal(state, reference)
+    assert torch.equal(metrics["loss"], expected["loss"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        for batch in batches[1:]:
+            state, metrics = step(state, batch, donate=donate)
+            reference, expected = ft.train_step(reference, batch)
+    ft.testing.assert_states_equal(state, reference)
+    assert torch.equal(metrics["loss"], expected["loss"])
+
+
+def test_a_batch_shape_compiled_wrongly_is_caught_at_its_first_call() -> None:
+    # a last partial batch traces a graph of its own: checked as the first one was
+    state = _dropout_mlp()
+    step = ft.compile_step(backend="functrain_test_loss_doubled_at_7_rows")
+    state, _ = step(state, classification_batches((8, 6), 1)[0], donate=True)
+    before = state.clone()
+    partial = classification_batches((7, 6), 1, seed=2)[0]
+    with pytest.warns(ft.EagerStepWarning, match="computed the loss"):
+        state, metrics = step(state, partial, donate=True)
+    reference, expected = ft.train_step(before, partial)
+    ft.testing.assert_states_equal(state, reference)
+    assert torch.equal(metrics["loss"], expected["loss"])
+
+
+def test_a_stacked_step_compiled_wrongly_is_put_back_and_runs_eagerly() -> None:
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+        states.append(ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_with_accuracy))
+    state = ft.stack(states)
+    reference = state.clone()
+    step = ft.compile_step(backend="functrain_test_loss_doubled")
+    batch = classification_batches((8, 6), 1)[0]
+    with pytest.warns(ft.EagerStepWarning, match=r"computed the loss [\d.]+, [\d.]+ where"):
+        state, metrics = step(state, batch, donate=True)
+    reference, expected = ft.train_step(reference, batch)
+    ft.testing.assert_states_equal(state, reference)
+    assert torch.equal(metrics["loss"], expected["loss"])
+
+
+@needs_cxx
+def test_a_batchnorm_and_dropout_model_trains_with_its_dropout_under_inductor() -> None:
+    # torch 2.13's inductor compiles this donated AdamW step so that the dropout reads its mask
+    # before it is drawn (a loss that no longer depends on the seed): the step gives the eager
+    # step's loss, compiled right or run eagerly
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(784, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10)
+    )
+    state = ft.TrainState.create(model, ft.adamw(1e-3), cross_entropy_with_accuracy, seed=1)
+    gen = torch.Generator().manual_seed(5)
+    batch = (torch.randn(64, 784, generator=gen), torch.randint(0, 10, (64,), generator=gen))
+    _, expected = ft.train_step(state, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ft.EagerStepWarning)
+        _, metrics = ft.compile_step()(state, batch, donate=True)
+    torch.testing.assert_close(metrics["loss"], expected["loss"], rtol=1e-4, atol=1e-6)
