@@ -408,6 +408,11 @@ def _check_shapes(params: Tree, p: list[torch.Tensor], u: list[torch.Tensor]) ->
     except AttributeError:  # not a tensor: named below
         pass
     for i, (x, y) in enumerate(zip(u, p, strict=True)):
+        if not isinstance(y, torch.Tensor):
+            raise StateMismatchError(
+                f"the parameter {tree_paths(params)[i]} is {type(y).__name__}, not a tensor; "
+                "apply_updates moves a tree of tensors: leave what is not one out of the tree"
+            )
         if not isinstance(x, torch.Tensor) or x.shape != y.shape:
             name = tree_paths(params)[i]
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

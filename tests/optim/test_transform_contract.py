@@ -718,6 +718,11 @@ def test_an_update_not_shaped_as_its_parameter_is_refused(shape: str, donate: bo
         ft.apply_updates({"w": torch.zeros(2, 3)}, {"w": reshape(torch.ones(2, 3))})
 
 
+def test_a_parameter_tree_holding_none_is_refused_by_name() -> None:
+    with pytest.raises(ft.StateMismatchError, match=r"the parameter b is NoneType, not a tensor"):
+        ft.apply_updates({"w": torch.zeros(2), "b": None}, {"w": torch.ones(2), "b": None})
+
+
 @pytest.mark.parametrize("tail", ["clip_by_value", "scale"])
 def test_a_preset_with_a_transform_after_it_keeps_writing_its_moments_in_place(tail: str) -> None:
     """In a donated step the preset writes its new parameters into copies (the transform after
