@@ -544,10 +544,18 @@ class CompiledStep:
                 f"{what}: leave capture out (compile_step() compiles its step)"
             )
         scope = enter(state, True)
+
+        def configure(given: TrainState) -> tuple[tuple, Body]:
+            """The configuration's key and its body for a graph (`_core_for`'s captured one),
+            checked at its first call as a compiled step's is (`_checked_first`)."""
+            key, core, first = self._core_for(given, False, captured=True)
+            if first:
+                check = functools.partial(check_gradients, given, batch)
+                self._checked_first(key, scope, given, check)
+            return key, core
+
         try:
-            new, metrics, home = captures.step(
-                state, batch, donate, scope.generator, self._captured_core_for
-            )
+            new, metrics, home = captures.step(state, batch, donate, scope.generator, configure)
         except BaseException:
             leave(scope)
             raise
@@ -704,11 +712,6 @@ class CompiledStep:
 
         prefix = "captured_core" if captured else "train_core"
         return key, self._kept(key, state, body, prefix), True
-
-    def _captured_core_for(self, state: TrainState) -> tuple[tuple, Body]:
-        """The configuration's key and its body for a graph (`_core_for`'s captured one)."""
-        key, core, _ = self._core_for(state, False, captured=True)
-        return key, core
 
 
 def _own_code(body: Callable[..., Any], prefix: str) -> types.FunctionType:
@@ -941,7 +944,7 @@ def compile_step(
     (a last partial batch, which traces a graph of its own) is checked the same way. A donated
     call keeps copies of what its graph writes for that one call (left out where they do not fit
     in the device's memory); a state in a process group, whose loss is averaged over the ranks,
-    is not compared.
+    and a captured step (``capture=True``, whose first call records a graph) are not compared.
 
     With ``capture=True`` the whole step (forward, backward, update, the non-finite checks, EMA and
     counters) is also recorded as a CUDA graph, and each call replays it: one launch instead of a

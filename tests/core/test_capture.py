@@ -131,6 +131,21 @@ def test_a_captured_step_refuses_stacked_states() -> None:
         captured(ReplayedCalls())(stacked, batches(1)[0])
 
 
+@pytest.mark.parametrize("donate", [False, True])
+def test_a_captured_step_refuses_a_loss_of_no_trainable_weight_before_it_runs(donate: bool) -> None:
+    # the loss closes over the module given to create: its graph reaches none of the state's
+    # weights, which torch.func.grad would give zero gradients (a step that trains nothing)
+    model = make_mlp()
+    state = ft.TrainState.create(
+        model, ft.sgd(0.1), lambda _, batch: cross_entropy_with_accuracy(model, batch)
+    )
+    recorder = ReplayedCalls()
+    with pytest.raises(ft.LossError, match="does not depend on any trainable parameter"):
+        captured(recorder)(state, batches(1)[0], donate=donate)
+    assert recorder.warm_ups == recorder.records == 0
+    assert state.params["0.weight"] is not None  # (a donated state stays usable)
+
+
 def test_a_batch_value_that_cannot_be_hashed_is_refused() -> None:
     def loss_of_the_pair(model: Any, batch: Any) -> torch.Tensor:
         return cross_entropy_with_accuracy(model, batch[:2])[0]
