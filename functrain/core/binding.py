@@ -674,11 +674,19 @@ class BoundModel:
             ) from e
 
     def __setattr__(self, name: str, value: Any) -> None:
+        module = self._functrain_module
+        buffer = module is not None and name in getattr(module, "_buffers", {})
         raise ConfigError(
             f"cannot assign {name!r} on the model given to loss_fn ({self._functrain_name()}): "
             "its structure is shared by every step and a compiled step would not see the change; "
-            "set attributes on the module before TrainState.create, or carry per-step values in "
-            "the batch or in state.user"
+            + (
+                f"{name!r} is a buffer: rebind it in a method of the module instead (its forward, "
+                f"or one loss_fn calls: def update(self, x): self.{name} = ...), and the step "
+                "carries the new value into the new state"
+                if buffer
+                else "set attributes on the module before TrainState.create, or carry per-step "
+                "values in the batch or in state.user"
+            )
         )
 
     def __delattr__(self, name: str) -> None:

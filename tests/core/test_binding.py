@@ -262,6 +262,45 @@ def test_the_module_is_left_as_it_was_also_when_the_loss_raises():
     assert all(t.is_meta for t in before.values())
 
 
+def test_assigning_a_buffer_on_the_model_names_the_method_that_rebinds_it() -> None:
+    class Centered(nn.Module):  # DINO's loss: a center moved from the teacher's outputs
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.register_buffer("center", torch.zeros(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) - self.center
+
+        def update_center(self, out: torch.Tensor) -> None:
+            self.center = 0.9 * self.center + 0.1 * out.detach().mean(0)
+
+    def assigning(model: Any, x: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        model.center = 0.9 * model.center + 0.1 * out.detach().mean(0)
+        return out.square().mean()
+
+    def calling(model: Any, x: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        model.update_center(out)
+        return out.square().mean()
+
+    torch.manual_seed(0)
+    module, x = Centered(), torch.randn(8, 4)
+    state = ft.TrainState.create(module, ft.sgd(0.1), assigning)
+    with pytest.raises(ft.ConfigError, match=r"'center' is a buffer: rebind it in a method"):
+        ft.train_step(state, x)
+    new, _ = ft.train_step(state.replace(loss_fn=calling), x)  # the way the message names
+    reference = copy.deepcopy(module)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    out = reference(x)
+    reference.update_center(out)
+    out.square().mean().backward()
+    optimizer.step()
+    assert torch.equal(new.buffers["center"], reference.center)
+    assert all(torch.equal(new.params[k], p) for k, p in reference.named_parameters())
+
+
 def test_assigning_on_the_model_or_using_it_after_the_call_is_refused():
     kept: list[Any] = []
 
