@@ -218,6 +218,13 @@ class StepOptions:
         if self.ema_decay is not None and not self._valid_ema_decay:
             problems.append(
                 f"ema_decay must be a number in [0, 1) or None, got ema_decay={self.ema_decay!r}"
+                + (
+                    "; a decay that changes with the step (DINO's or BYOL's momentum schedule) "
+                    "is a teacher kept in your loop: pass its weights in the batch and move them "
+                    "from state.params after each step (the porting guide, DINO's teacher)"
+                    if callable(self.ema_decay)
+                    else ""
+                )
             )
         return (
             problems

@@ -353,6 +353,13 @@ def test_options_of_the_wrong_type_are_listed_in_one_config_error() -> None:
         ("ema_decay", [0.9], "ema_decay must be a number in [0, 1) or None, got ema_decay=[0.9]"),
         ("ema_decay", False, "ema_decay must be a number in [0, 1) or None, got ema_decay=False"),
         (
+            "ema_decay",
+            abs,  # a schedule, as DINO's momentum: refused with the way to keep one
+            "ema_decay must be a number in [0, 1) or None, got ema_decay=<built-in function abs>; "
+            "a decay that changes with the step (DINO's or BYOL's momentum schedule) is a teacher "
+            "kept in your loop",
+        ),
+        (
             "clip_grad_norm",
             [1],
             "clip_grad_norm must be a number > 0 or None, got clip_grad_norm=[1]",
