@@ -341,9 +341,12 @@ class TrainState:
             ema_warmup: ramp the EMA decay up over the first steps, as `ema_convention` does
                 (see `functrain.ema`).
             swa_start: keep the equal average of the parameters after each update from this one on
-                (counted from 0), as `torch.optim.swa_utils.AveragedModel` averages them (see
-                `functrain.swa`), in the EMA's place: ``use_ema=True`` evaluates and exports it.
-                Not with `ema_decay`.
+                (counted from 0), as `torch.optim.swa_utils.AveragedModel` averages them when
+                ``update_parameters`` follows every ``optimizer.step()`` (see `functrain.swa`), in
+                the EMA's place: ``use_ema=True`` evaluates and exports it. Not with `ema_decay`.
+                torch's documented recipe averages once an epoch, which this is not: keep such an
+                average in your loop (``AveragedModel(state.export_module())``, its
+                ``update_parameters(state.export_module())`` where the recipe calls it).
             ema_convention: how the EMA starts and warms up, bit for bit with the loop it names:
                 ``"functrain"`` (from the initial weights, every update averaged), ``"torch"``
                 (`torch.optim.swa_utils.AveragedModel` with ``get_ema_multi_avg_fn(ema_decay)``:

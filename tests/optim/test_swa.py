@@ -134,3 +134,45 @@ def test_from_torch_optimizer_continues_a_live_swalr():
         swa_scheduler.step()
     for name, p in net.named_parameters():
         assert torch.equal(state.params[name], p), name
+
+
+def test_the_documented_once_an_epoch_recipe_is_the_loop_own_average_not_swa_start():
+    """torch's docs average once an epoch: the loop keeps that average, swa_start is another."""
+    epochs, per_epoch, first = 6, 3, 2
+    net, data = model(), batches(per_epoch)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, fused=True)
+    swa_model = AveragedModel(net)
+    scheduler = MultiStepLR(opt, milestones=[2], gamma=0.5)
+    swa_scheduler = SWALR(opt, swa_lr=SWA_LR, anneal_epochs=2)
+    for epoch in range(epochs):
+        for batch in data:
+            opt.zero_grad()
+            loss_fn(net, batch).backward()
+            opt.step()
+        if epoch > first:
+            swa_model.update_parameters(net)
+            swa_scheduler.step()
+        else:
+            scheduler.step()
+
+    before = from_torch(MultiStepLR, lr=0.1, milestones=[2], gamma=0.5)
+    switch = first + 1
+    by_epoch = join([before, swalr(SWA_LR, lr=before(switch), anneal_epochs=2)], [switch])
+    rate = ft.schedules.per_epoch(by_epoch, steps_per_epoch=per_epoch)
+    state = ft.TrainState.create(model(), ft.sgd(rate, momentum=0.9), loss_fn)
+    average = AveragedModel(state.export_module())
+    every_update = ft.TrainState.create(
+        model(), ft.sgd(rate, momentum=0.9), loss_fn, swa_start=switch * per_epoch
+    )
+    for epoch in range(epochs):
+        for batch in data:
+            state, _ = ft.train_step(state, batch)
+            every_update, _ = ft.train_step(every_update, batch)
+        if epoch > first:
+            average.update_parameters(state.export_module())
+    for (name, p), theirs in zip(
+        average.module.named_parameters(), swa_model.module.parameters(), strict=True
+    ):
+        assert torch.equal(p, theirs), name
+    assert int(average.n_averaged) == int(swa_model.n_averaged) == epochs - first - 1
+    assert not torch.equal(every_update.ema_params["0.weight"], swa_model.module[0].weight)
