@@ -65,6 +65,7 @@ from functrain.optim.naming import (
     FUNCTION_RATES,
     as_saved,
     chosen_conventions,
+    function_choices,
     function_rates,
     saved_conventions,
 )
@@ -131,7 +132,9 @@ def fingerprint(state: TrainState) -> dict[str, Any]:
 
     Where a plain function is a learning rate, also ``"rates"``: the digest of each such function's
     values where a run resumed from this state reads them (`rates.resumed_digest`), with the counts
-    they start from (``"from"``), which a load reads the template's functions at again.
+    they start from (``"from"``), which a load reads the template's functions at again. Where a
+    function is a mask or a partition's labels, also ``"choices"``: what each decides for each
+    parameter (`function_choices`).
 
     Example:
         >>> import functrain as ft
@@ -154,7 +157,49 @@ def fingerprint(state: TrainState) -> dict[str, Any]:
             "values": [digest for digest, _ in digests],
             "steps": [covered for _, covered in digests],
         }
+    choices = _choices(state)
+    if choices:
+        recorded["choices"] = choices
     return recorded
+
+
+def _choices(state: TrainState) -> list[list[Any]]:
+    """`function_choices` of the state's transform, for parameters of a member's shape (on the meta
+    device: a mask decides by a parameter's name and form)."""
+    stacked = bool(state.members)
+    forms = {
+        name: torch.empty(p.shape[1:] if stacked else p.shape, dtype=p.dtype, device="meta")
+        for name, p in state.params.items()
+    }
+    return function_choices(state.tx, forms)
+
+
+def _choice_problems(saved: Mapping[str, Any], like: TrainState) -> list[str]:
+    """The masks and partition labels of `like` that decide otherwise than the checkpoint's; none
+    where the checkpoint records no decisions (written before they were recorded)."""
+    record = saved.get("choices")
+    if record is None:
+        return []
+    ours = _choices(like)
+    if record == ours:
+        return []
+    names = list(like.params)
+    differ = sorted(
+        {
+            names[i]
+            for theirs, mine in zip(record, ours, strict=False)
+            if isinstance(theirs, list) and len(theirs) == len(mine)
+            for i, (a, b) in enumerate(zip(theirs, mine, strict=True))
+            if a != b
+        }
+    )
+    where = f" for {differ[:8]}" if differ else ""
+    return [
+        f"a mask or a partition's labels decides otherwise than the checkpoint's{where}, though "
+        f"the optimizer's name is the checkpoint's: checkpoint has {record!r}, template has "
+        f"{ours!r}; to resume, give the functions it trained with (ft.load_weights starts a new "
+        "run from its weights with these)"
+    ]
 
 
 def _static_fingerprint(state: TrainState) -> dict[str, Any]:
@@ -694,6 +739,7 @@ def _load(
         problems += _fingerprint_problems(manifest["fingerprint"], _static_fingerprint(like))
         if manifest["fingerprint"].get("transform") == like.tx.name:  # named alike: read further
             problems += _rate_problems(manifest["fingerprint"], like)
+            problems += _choice_problems(manifest["fingerprint"], like)
     if problems:
         fix = (
             _recorded_fix(manifest["fingerprint"], like)

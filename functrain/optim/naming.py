@@ -30,8 +30,13 @@ __all__ = [
     "saved_conventions",
     "chosen_conventions",
     "function_rates",
+    "function_choices",
     "FUNCTION_RATES",
 ]
+
+# the arguments that take a function of each parameter, ``(path, param) -> decision``: a mask's
+# ``bool``, a partition's group name
+_CHOICE_ARGUMENTS = ("mask", "labels")
 
 # the attribute of a named transform's update function that keeps its calls, by name
 _CALLS = "_functrain_calls"
@@ -344,6 +349,49 @@ def function_rates(transform: Transform) -> tuple[Callable[[int], Any], ...]:
 
     walk(transform, "")
     return tuple(found)
+
+
+def function_choices(transform: Transform, params: dict[str, torch.Tensor]) -> list[list[Any]]:
+    """What each function given as a mask or a partition's labels in `transform` decides for each
+    of `params`, in the order of its recorded calls, depth first.
+
+    A checkpoint records them (its fingerprint's ``"choices"``): two masks are named alike
+    (``mask=<lambda>``) whatever they decide. Each decision is a bool or a str as the function
+    gave it (a mask's coerced to bool), or None where the function raises for that parameter.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = ft.adamw(1e-3, mask=lambda name, p: p.ndim == 2)
+        >>> function_choices(tx, {"w": torch.zeros(2, 2), "b": torch.zeros(2)})
+        [[True, False]]
+    """
+    found: list[list[Any]] = []
+
+    def decide(fn: Callable[..., Any], key: str, name: str, p: torch.Tensor) -> Any:
+        try:
+            decision = fn(name, p)
+        except Exception:  # noqa: BLE001 - recorded as such: one that raises decides nothing
+            return None
+        if key == "mask":
+            return bool(decision)
+        return decision if isinstance(decision, str) else repr(decision)
+
+    def walk(value: Any, key: str) -> None:
+        if key in _CHOICE_ARGUMENTS and callable(value) and not isinstance(value, Transform):
+            found.append([decide(value, key, name, p) for name, p in params.items()])
+        elif isinstance(value, Transform):  # a NamedTuple: before tuples
+            call = recorded_call(value)
+            for name, argument in call.arguments.items() if call is not None else ():
+                walk(argument, name)
+        elif isinstance(value, tuple | list):
+            for item in value:
+                walk(item, "")
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item, "")
+
+    walk(transform, "")
+    return found
 
 
 def chosen_conventions(transform: Transform) -> tuple[str, ...]:

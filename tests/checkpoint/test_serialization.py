@@ -1609,6 +1609,57 @@ def test_other_hyperparameters_alone_are_reported(tmp_path: Path) -> None:
         ft.load(path, like=template)
 
 
+def _masked_run(tmp_path: Path, mask: Callable[[str, torch.Tensor], bool]) -> ft.TrainState:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    return ft.TrainState.create(model, ft.adamw(0.1, weight_decay=0.5, mask=mask), loss_fn)
+
+
+def test_a_mask_or_labels_deciding_otherwise_under_the_same_name_is_refused(
+    tmp_path: Path,
+) -> None:
+    # two functions are named alike (mask=<lambda>), whatever they decide
+    saved = _masked_run(tmp_path, lambda name, p: p.ndim == 2)
+    batch = (torch.randn(8, 4), torch.randn(8, 4))
+    saved, _ = ft.train_step(saved, batch)
+    path = ft.save(saved, tmp_path / "c")
+    other = _masked_run(tmp_path, lambda name, p: p.ndim == 1)
+    assert other.tx.name == saved.tx.name
+    with pytest.raises(
+        StateMismatchError, match=r"decides otherwise .* for \['0.bias', '0.weight'"
+    ):
+        ft.load(path, like=other)
+    # another function deciding the same resumes as torch's AdamW with decay on the matrices only
+    resumed = ft.load(path, like=_masked_run(tmp_path, lambda name, p: "weight" in name))
+    resumed, _ = ft.train_step(resumed, batch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    matrices = [p for p in model.parameters() if p.ndim == 2]
+    vectors = [p for p in model.parameters() if p.ndim == 1]
+    opt = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": 0.5}, {"params": vectors, "weight_decay": 0.0}],
+        lr=0.1,
+    )
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(resumed.params[name], p.detach()), name
+
+    # a partition's labels likewise
+    def split(labels: Callable[[str, torch.Tensor], str]) -> ft.TrainState:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        tx = ft.partition(labels, a=ft.sgd(0.1, momentum=0.9), b=ft.sgd(0.01, momentum=0.9))
+        return ft.TrainState.create(model, tx, loss_fn)
+
+    first = split(lambda name, p: "a" if name.startswith("0.") else "b")
+    path = ft.save(ft.train_step(first, batch)[0], tmp_path / "p")
+    with pytest.raises(StateMismatchError, match="partition's labels decides otherwise"):
+        ft.load(path, like=split(lambda name, p: "b" if name.startswith("0.") else "a"))
+
+
 def test_plain_tree_mismatch_lists_missing_extra_shape_dtype_and_kind(tmp_path: Path) -> None:
     path = ft.save(
         {
