@@ -69,7 +69,13 @@ from functrain.optim.naming import (
     function_rates,
     saved_conventions,
 )
-from functrain.optim.rates import MAX_STARTS, RESUMED_STEPS, function_name, resumed_digest
+from functrain.optim.rates import (
+    MAX_STARTS,
+    RATE_ARGUMENTS,
+    RESUMED_STEPS,
+    function_name,
+    resumed_digest,
+)
 from functrain.optim.rules.formula import RuleState
 from functrain.tree import leaves_by_path
 
@@ -127,14 +133,21 @@ def _warn_versions(manifest: dict[str, Any], path: Any) -> None:
         )
 
 
+# the fingerprint's records of plain functions given as hyperparameters, by the arguments that
+# take them: a load reads the template's at the checkpoint's counts (`_rate_problems`)
+_FUNCTION_RECORDS = {"rates": RATE_ARGUMENTS, "decays": ("weight_decay",)}
+_RECORDED_AS = {"rates": "learning rate", "decays": "weight decay"}
+
+
 def fingerprint(state: TrainState) -> dict[str, Any]:
     """A JSON-able description of a state's static parts, recorded in its checkpoints.
 
     Where a plain function is a learning rate, also ``"rates"``: the digest of each such function's
     values where a run resumed from this state reads them (`rates.resumed_digest`), with the counts
-    they start from (``"from"``), which a load reads the template's functions at again. Where a
-    function is a mask or a partition's labels, also ``"choices"``: what each decides for each
-    parameter (`function_choices`).
+    they start from (``"from"``), which a load reads the template's functions at again; likewise
+    ``"decays"`` where a plain function is a weight decay. Where a function is a mask or a
+    partition's labels, also ``"choices"``: what each decides for each parameter
+    (`function_choices`).
 
     Example:
         >>> import functrain as ft
@@ -148,15 +161,16 @@ def fingerprint(state: TrainState) -> dict[str, Any]:
         ([0], 1)
     """
     recorded = _static_fingerprint(state)
-    functions = function_rates(state.tx)
-    if functions:
-        starts = _rate_starts(state)
-        digests = [resumed_digest(fn, starts) for fn in functions]
-        recorded["rates"] = {
-            "from": starts,
-            "values": [digest for digest, _ in digests],
-            "steps": [covered for _, covered in digests],
-        }
+    for key, arguments in _FUNCTION_RECORDS.items():
+        functions = function_rates(state.tx, arguments)
+        if functions:
+            starts = _rate_starts(state)
+            digests = [resumed_digest(fn, starts) for fn in functions]
+            recorded[key] = {
+                "from": starts,
+                "values": [digest for digest, _ in digests],
+                "steps": [covered for _, covered in digests],
+            }
     choices = _choices(state)
     if choices:
         recorded["choices"] = choices
@@ -242,14 +256,16 @@ def _rate_starts(state: TrainState) -> list[int]:
     return ordered
 
 
-def _rate_problems(saved: Mapping[str, Any], like: TrainState) -> list[str]:
-    """The plain-function learning rates of `like` whose values differ from the checkpoint's where
-    a run resumed from it reads them (its ``"rates"``, read at its own counts); none where the
-    checkpoint records no such digests (written before they were recorded)."""
-    record = saved.get("rates")
+def _rate_problems(saved: Mapping[str, Any], like: TrainState, key: str = "rates") -> list[str]:
+    """The plain-function learning rates of `like` (or weight decays, `key` ``"decays"``) whose
+    values differ from the checkpoint's where a run resumed from it reads them (its ``"rates"``,
+    read at its own counts); none where the checkpoint records no such digests (written before
+    they were recorded)."""
+    record = saved.get(key)
     if record is None:
         return []
-    functions = function_rates(like.tx)
+    what = _RECORDED_AS[key]
+    functions = function_rates(like.tx, _FUNCTION_RECORDS[key])
     starts, digests, covered = (
         record.get(k) if isinstance(record, dict) else None for k in ("from", "values", "steps")
     )
@@ -265,18 +281,23 @@ def _rate_problems(saved: Mapping[str, Any], like: TrainState) -> list[str]:
         and len(covered) == len(digests)
         and all(c is None or (type(c) is int and c > 0) for c in covered)
     ):
-        return [f"the checkpoint's record of its learning rates is malformed: {str(record)[:200]}"]
+        return [f"the checkpoint's record of its {what}s is malformed: {str(record)[:200]}"]
     if len(digests) != len(functions):
         return [
-            f"the checkpoint's optimizer has {len(digests)} plain functions as learning rates, "
+            f"the checkpoint's optimizer has {len(digests)} plain functions as {what}s, "
             f"the template's {len(functions)}"
         ]
     last = starts[-1] + RESUMED_STEPS - 1
+    named = (
+        "though its name, which records steps 0 to 1,023 and the powers of two to 65,536, is the "
+        "checkpoint's"
+        if key == "rates"
+        else "though the optimizer's name, which names it alone, is the checkpoint's"
+    )
     return [
-        f"learning rate {function_name(fn)} differs from the checkpoint's where a run resumed "
+        f"{what} {function_name(fn)} differs from the checkpoint's where a run resumed "
         f"from it reads it: at some of steps {starts[0]:,} to {last:,} (each read) or beyond "
-        "(sampled to 2**40), though its name, which records steps 0 to 1,023 and the powers of "
-        "two to 65,536, is the checkpoint's; to resume, give the function it trained with"
+        f"(sampled to 2**40), {named}; to resume, give the function it trained with"
         for fn, digest, steps in zip(functions, digests, covered, strict=True)
         if resumed_digest(fn, starts, steps)[0] != digest
     ]
@@ -739,6 +760,7 @@ def _load(
         problems += _fingerprint_problems(manifest["fingerprint"], _static_fingerprint(like))
         if manifest["fingerprint"].get("transform") == like.tx.name:  # named alike: read further
             problems += _rate_problems(manifest["fingerprint"], like)
+            problems += _rate_problems(manifest["fingerprint"], like, "decays")
             problems += _choice_problems(manifest["fingerprint"], like)
     if problems:
         fix = (

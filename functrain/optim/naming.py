@@ -319,8 +319,11 @@ def _walk(value: Any, found: set[str]) -> None:
             _walk(item, found)
 
 
-def function_rates(transform: Transform) -> tuple[Callable[[int], Any], ...]:
-    """Each plain function given as a learning rate in `transform`'s recorded calls, in order.
+def function_rates(
+    transform: Transform, arguments: tuple[str, ...] = RATE_ARGUMENTS
+) -> tuple[Callable[[int], Any], ...]:
+    """Each plain function given as a learning rate (or as one of `arguments`, such as
+    ``("weight_decay",)``) in `transform`'s recorded calls, in order.
 
     The calls are walked as they were made, depth first, arguments in their signature's order:
     two transforms of the same name give their functions in the same order.
@@ -334,7 +337,7 @@ def function_rates(transform: Transform) -> tuple[Callable[[int], Any], ...]:
     found: list[Callable[[int], Any]] = []
 
     def walk(value: Any, key: str) -> None:
-        if key in RATE_ARGUMENTS and is_plain_function(value):
+        if key in arguments and is_plain_function(value):
             found.append(value)
         elif isinstance(value, Transform):  # a NamedTuple: before tuples
             call = recorded_call(value)

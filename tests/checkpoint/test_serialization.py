@@ -1660,6 +1660,35 @@ def test_a_mask_or_labels_deciding_otherwise_under_the_same_name_is_refused(
         ft.load(path, like=split(lambda name, p: "b" if name.startswith("0.") else "a"))
 
 
+def test_a_weight_decay_function_of_other_values_under_the_same_name_is_refused(
+    tmp_path: Path,
+) -> None:
+    # a plain function given as weight_decay is named alone (weight_decay=<lambda>)
+    def run(decay: Callable[[int], float]) -> ft.TrainState:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        return ft.TrainState.create(model, ft.sgd(0.1, weight_decay=decay), loss_fn)
+
+    batch = (torch.randn(8, 4), torch.randn(8, 4))
+    saved, _ = ft.train_step(run(lambda step: 0.01), batch)
+    path = ft.save(saved, tmp_path / "c")
+    other = run(lambda step: 0.5 if step > 100 else 0.01)
+    assert other.tx.name == saved.tx.name
+    with pytest.raises(StateMismatchError, match=r"weight decay <lambda>.* differs from the"):
+        ft.load(path, like=other)
+    # the same values resume as torch's SGD with that decay
+    resumed, _ = ft.train_step(ft.load(path, like=run(lambda step: 0.01 + 0 * step)), batch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.01)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(resumed.params[name], p.detach()), name
+
+
 def test_plain_tree_mismatch_lists_missing_extra_shape_dtype_and_kind(tmp_path: Path) -> None:
     path = ft.save(
         {
