@@ -125,9 +125,15 @@ def initial_fields(
     if dist_config is not None:
         # the meta tensors too: those that hold values are broadcast one by one, and every rank
         # must take part
+        # (which tensors train too: ranks that freeze different weights of one shape would
+        # otherwise pass, and average the gradients of different weights)
+        kinds = {
+            **{k: ("param", v) for k, v in params.items()},
+            **{k: ("frozen", v) for k, v in frozen.items()},
+            **{k: ("buffer", v) for k, v in module.named_buffers()},
+        }
         shapes = {
-            k: (tuple(v.shape), str(v.dtype), v.is_meta)
-            for k, v in {**params, **frozen, **dict(module.named_buffers())}.items()
+            k: (kind, tuple(v.shape), str(v.dtype), v.is_meta) for k, (kind, v) in kinds.items()
         }
         # (the seed too: each rank's dropout stream is drawn from the shared one, and a
         # checkpoint holds rank 0's)

@@ -246,7 +246,8 @@ def broadcast_tensors(
 def check_same_model(description: str, config: DistConfig) -> None:
     """Raise `ConfigError` if the ranks built different models.
 
-    The models are compared by `description`: names, shapes, dtypes, optimizer, options, seed.
+    The models are compared by `description`: names, shapes, dtypes, which tensors train,
+    optimizer, options, seed.
     """
     digest = int.from_bytes(hashlib.sha256(description.encode()).digest()[:7], "big")
     mine = torch.tensor(
@@ -256,10 +257,12 @@ def check_same_model(description: str, config: DistConfig) -> None:
     highest, lowest = mine.tolist()
     if highest != digest or -lowest != digest:
         raise ConfigError(
-            f"rank {config.rank}: the ranks disagree on the model structure, optimizer, options "
-            f"or seed (digest {digest:x} here); every rank must build the same module, optimizer "
-            "and options with the same seed (not seed=rank: functrain draws each rank's dropout "
-            "stream from the state's own, and a checkpoint holds one stream for every rank)"
+            f"rank {config.rank}: the ranks disagree on the model structure (names, shapes, "
+            "dtypes, which weights train), optimizer, options or seed (digest "
+            f"{digest:x} here); every rank must build the same module, freeze the same weights, "
+            "and pass the same optimizer and options with the same seed (not seed=rank: "
+            "functrain draws each rank's dropout stream from the state's own, and a checkpoint "
+            "holds one stream for every rank)"
         )
 
 

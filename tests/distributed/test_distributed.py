@@ -207,6 +207,8 @@ def test_ranks_that_build_different_models_get_a_clear_error(tmp_path: Path) -> 
         assert "disagree on the model structure" in text
         text = (tmp_path / f"rank{rank}" / "seed.txt").read_text()
         assert "with the same seed (not seed=rank" in text
+        text = (tmp_path / f"rank{rank}" / "frozen.txt").read_text()
+        assert "which weights train" in text
 
 
 def test_a_global_batch_the_world_size_does_not_divide_is_refused(tmp_path: Path) -> None:

@@ -790,6 +790,14 @@ def main() -> None:
             ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn, seed=rank)
         except ft.ConfigError as e:
             (mine / "seed.txt").write_text(str(e))
+        # each rank freezes another layer of the same shapes: the same tensors, trained apart
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+        model[2 if rank == 0 else 0].requires_grad_(False)
+        try:
+            ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
+        except ft.ConfigError as e:
+            (mine / "frozen.txt").write_text(str(e))
     elif scenario == "indivisible":
         state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
         try:
