@@ -71,6 +71,7 @@ from functrain.errors import (
     ImmutableStateError,
     LossError,
     NonFiniteError,
+    PeerFailedError,
     StateMismatchError,
     WeightlessModuleError,
 )
@@ -345,4 +346,5 @@ __all__ = [
     "NonFiniteError",
     "StateMismatchError",
     "WeightlessModuleError",
+    "PeerFailedError",
 ]

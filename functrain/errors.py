@@ -23,6 +23,7 @@ __all__ = [
     "DonatedStateError",
     "ImmutableStateError",
     "WeightlessModuleError",
+    "PeerFailedError",
 ]
 
 
@@ -127,6 +128,15 @@ class ImmutableStateError(FunctrainError, TypeError, FrozenInstanceError):
     A state is a value: its fields, and its mappings (``params``, ``frozen``, ``buffers``,
     ``driver``, ``user``), are shared by every state made from it and refuse changes. The
     message names the change and the ``state.replace(...)`` that makes it.
+    """
+
+
+class PeerFailedError(FunctrainError, RuntimeError):
+    """A collective of `fit` under torch.distributed failed because another rank left it.
+
+    Another rank raised, was stopped or ran out of data while this one waited for it; the message
+    says so and points at that rank's log, where the first error is. The collective's own error is
+    the ``__cause__``.
     """
 
 

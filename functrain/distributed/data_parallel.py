@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from functrain.distributed.backend import backend_devices, collective_device
-from functrain.errors import ConfigError
+from functrain.errors import ConfigError, PeerFailedError
 
 __all__ = [
     "DistConfig",
@@ -48,6 +48,7 @@ __all__ = [
     "gather_objects",
     "reduce_sums",
     "barrier",
+    "peer_failure",
 ]
 
 
@@ -273,6 +274,30 @@ def reduce_sums(values: torch.Tensor, config: DistConfig | None) -> torch.Tensor
     out = values.to(collective_device(config.group), copy=True)
     dist.all_reduce(out, group=config.group)
     return out.to(values.device)
+
+
+# what gloo raises on a rank whose collective another rank left (it exited, or never came)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting")
+
+
+def peer_failure(error: BaseException, config: DistConfig | None) -> PeerFailedError | None:
+    """The `PeerFailedError` to raise for `error`, a collective's, when another rank left it.
+
+    None when `error` is something else (then it propagates as it is), or without a group.
+    """
+    if config is None or not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    if not any(sign in text for sign in _PEER_GONE):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return PeerFailedError(
+        f"rank {config.rank}: a collective across the {config.world_size} ranks failed because "
+        f"another rank left it ({first[:300]}); expected every rank to run the same steps, "
+        "evaluations and saves, got a rank that raised, was stopped or ran out of data first: "
+        "its log shows the first error. Give every rank the same number of batches, and let an "
+        "error on one rank end the run (torchrun stops the other ranks when one fails)"
+    )
 
 
 def barrier(group: Any) -> None:

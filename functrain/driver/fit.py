@@ -29,7 +29,7 @@ from functrain.checkpoint.state_io import load
 from functrain.core.donation import retire
 from functrain.core.stacked import host_count, num_members
 from functrain.core.state import LossFn, TrainState, lends
-from functrain.distributed.data_parallel import barrier
+from functrain.distributed.data_parallel import barrier, peer_failure
 from functrain.driver.arguments import empty_data_problem, fit_problems
 from functrain.driver.callbacks import (
     Callback,
@@ -423,7 +423,12 @@ def fit(
         )
         if main and logging.verbosity != "silent" and (line := loop.resumed_line()) is not None:
             print(line, flush=True)
-        loop.run()
+        try:
+            loop.run()
+        except RuntimeError as error:
+            if (failure := peer_failure(error, state.dist)) is not None:
+                raise failure from error
+            raise
     finally:
         if manager is not None:
             manager.close()  # an async save committed (or its failure raised) before the line
@@ -434,7 +439,12 @@ def fit(
         # alone where they are lent (`TrainState.lend`): the steps then wrote none of them
         retire(given, _DONATED, alone=lends(given))
     if state.dist is not None:
-        barrier(state.dist.group)  # rank 0's last checkpoint is committed
+        try:
+            barrier(state.dist.group)  # rank 0's last checkpoint is committed
+        except RuntimeError as error:
+            if (failure := peer_failure(error, state.dist)) is not None:
+                raise failure from error
+            raise
     result = _result(loop, manager, tests)
     if loop.signals.preempted_by is not None:
         raise Preempted(loop.signals.preempted_by, result, loop.saved)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import functrain as ft
-from tests.processes import checkout_env, torchrun
+from tests.processes import checkout_env, free_port, torchrun
 
 WORKER = Path(__file__).parent / "workers" / "worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -209,6 +209,32 @@ def test_ranks_that_build_different_models_get_a_clear_error(tmp_path: Path) -> 
         assert "with the same seed (not seed=rank" in text
         text = (tmp_path / f"rank{rank}" / "frozen.txt").read_text()
         assert "which weights train" in text
+
+
+def test_a_rank_whose_peer_raised_in_fit_gets_a_peer_failed_error(tmp_path: Path) -> None:
+    """Rank 1 raises in its loss and exits; rank 0, waiting in the step's all-reduce, raises a
+    `PeerFailedError` pointing at the other rank's log, not gloo's raw connection error. Started
+    as plain processes: torchrun would stop rank 0 itself."""
+    env = checkout_env(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "peer_fails", str(tmp_path)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        for w in workers:
+            w.wait(timeout=120)
+    finally:
+        for w in workers:
+            w.kill()
+    assert (tmp_path / "rank1" / "error.txt").read_text().startswith("BatchError")
+    text = (tmp_path / "rank0" / "error.txt").read_text()
+    assert text.startswith("PeerFailedError: rank 0: a collective across the 2 ranks failed"), text
+    assert "its log shows the first error" in text
 
 
 def test_a_global_batch_the_world_size_does_not_divide_is_refused(tmp_path: Path) -> None:

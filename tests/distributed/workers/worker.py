@@ -798,6 +798,25 @@ def main() -> None:
             ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
         except ft.ConfigError as e:
             (mine / "frozen.txt").write_text(str(e))
+    elif scenario == "peer_fails":
+        # rank 1's loss raises on its third batch, after which its process ends
+        calls = []
+
+        def failing(model, batch):
+            calls.append(1)
+            if rank == 1 and len(calls) == 3:
+                raise ValueError("a bad batch on rank 1")
+            return loss_fn(model, batch)
+
+        state = ft.TrainState.create(mlp(), ft.adamw(1e-2), failing)
+        try:
+            ft.fit(
+                state, dataset(), batch_size=16, max_epochs=2, progress=False, verbosity="silent"
+            )
+        except Exception as e:
+            mine.mkdir(parents=True)
+            (mine / "error.txt").write_text(f"{type(e).__name__}: {e}")
+        return  # the group lost a rank: no barrier
     elif scenario == "indivisible":
         state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
         try:
