@@ -107,10 +107,24 @@ def commit_or_raise(tmp: Path, target: Path) -> None:
 
 def not_written(target: Path, error: OSError) -> CheckpointError:
     """The error of a save to `target` that failed with `error`: the checkpoint there is intact."""
+    why = ""
+    if error.errno == errno.ENAMETOOLONG and len(os.fsencode(target.name)) > _NAME_ROOM:
+        why = (
+            f"; a save writes beside {target.name[:16]!r}... ({len(os.fsencode(target.name))} "
+            f"bytes) under temporary names up to {_TMP_EXTRA} bytes longer "
+            f"({TMP_PREFIX}<name>-<pid>-<8 hex digits>), which most file systems allow up to 255 "
+            f"bytes: name the checkpoint in at most {_NAME_ROOM} bytes"
+        )
     return CheckpointError(
-        f"could not write checkpoint {str(target)!r}: {error}; the previous checkpoint there (if "
-        "any) is intact"
+        f"could not write checkpoint {str(target)!r}: {error}{why}; the previous checkpoint there "
+        "(if any) is intact"
     )
+
+
+# what the temporary names beside a checkpoint add to its name at most (`.tmp-<name>-<pid>-<8
+# hex>`, a pid of up to 7 digits), and the room that leaves within 255 bytes
+_TMP_EXTRA = len(TMP_PREFIX) + 1 + 7 + 1 + 8
+_NAME_ROOM = 255 - _TMP_EXTRA
 
 
 def _replace(new: Path, target: Path) -> Path:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import functrain as ft
 from functrain.checkpoint import commit as atomic
@@ -395,3 +396,16 @@ def test_read_only_parent_directory_is_a_checkpoint_error(
         and sorted(os.listdir(parent)) == ["ckpt"]
     )
     assert STATES["check_consistent"](ft.load(path, like=base)) == 1
+
+
+def test_a_name_with_no_room_for_the_temporary_names_says_how_long_a_name_may_be(
+    tmp_path: Path,
+) -> None:
+    # 240 bytes: a name the file system takes (a directory of it is made), and the temporary
+    # directory beside it, `.tmp-<name>-<pid>-<8 hex>`, one it does not
+    (tmp_path / ("y" * 240)).mkdir()
+    state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
+    with pytest.raises(CheckpointError, match=r"name the checkpoint in at most 233 bytes"):
+        ft.save(state, tmp_path / ("x" * 240))
+    assert sorted(os.listdir(tmp_path)) == ["y" * 240]
+    ft.save(state, tmp_path / ("x" * 233))
