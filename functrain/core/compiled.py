@@ -218,8 +218,9 @@ def _after_failure(
 ) -> FunctrainError | None:
     """What a compiled call that raised `error` leaves: saved-tensor hooks allowed again where
     they were (`_enable_hooks_again`), a donated state (`retiring`) retired where the graph may
-    have run, `scope` left, and `train_step`'s error for a compile that failed on what the loss
-    function did, if it has one (None: raise `error`).
+    have run, `scope` left, and the refusal of activation checkpointing where `error` came from it
+    (while compiling, or while running a graph a backend runs as Python), else `train_step`'s error
+    for a compile that failed on what the loss function did, if it has one (None: raise `error`).
 
     The graph writes into a donated state's tensors, and which it had written when it raised
     cannot be told (inductor's kernels write in place; the version counters move only after the
@@ -236,8 +237,9 @@ def _after_failure(
     _enable_hooks_again(attempt.hooks)
     found: FunctrainError | None = None
     own = not isinstance(error, Exception) or isinstance(error, FunctrainError)
-    if not own and attempt.compile_failed():
+    if not own:  # (a backend that runs the graph as Python, "eager", meets it while running)
         found = checkpoint_refusal(error, "compiled")
+    if not own and attempt.compile_failed():
         saved = scope.generator.get_state() if scope is not None else None
         try:
             if found is None:

@@ -216,15 +216,17 @@ def test_a_reentrant_backward_leaves_the_tensors_the_loss_closes_over_alone() ->
     assert scale.grad is not None and float(scale.grad) == 7.0
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "eager"])
 @pytest.mark.parametrize(("case", "reentrant"), WAYS[:2], ids=IDS[:2])
 def test_compile_step_trains_checkpointing_as_the_eager_step_or_refuses_naming_it(
-    case: str, reentrant: bool
+    case: str, reentrant: bool, backend: str
 ) -> None:
     # torch 2.11's dynamo traces checkpointing inside torch.func.grad; torch 2.13 cannot run its
-    # saved-tensor hooks there, and the compiled step refuses before it writes anything
+    # saved-tensor hooks there, and the compiled step refuses before it writes anything (with
+    # backend="eager", whose graph runs as Python, when the graph meets them)
     state = eager = create(case, reentrant)
     before = state.clone()
-    step = ft.compile_step(backend="aot_eager")  # the eager step's numerics
+    step = ft.compile_step(backend=backend)  # the eager step's numerics
     for i, batch in enumerate(CASES[case][2]()):
         try:
             state, _ = step(state, batch)
