@@ -14,7 +14,9 @@ The site itself is built by ``make docs`` (``mkdocs build --strict``), which CI 
 from __future__ import annotations
 
 import importlib.util
+import posixpath
 import re
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,41 @@ def test_the_checkpoint_format_names_every_saved_field_of_a_train_state():
 def test_readme_links_into_the_docs_resolve():
     links = re.findall(r"\]\(((?!https?:|#)[^)#]+)", (ROOT / "README.md").read_text())
     assert [link for link in links if not (ROOT / link).exists()] == []
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors of a page's headings, as the site's ``toc`` extension makes them."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    anchors = set()
+    for heading in re.findall(r"^#{1,6} +(.+?)\s*$", text, flags=re.M):
+        named = re.search(r"\{#([\w-]+)\}$", heading)
+        if named:
+            anchors.add(named.group(1))
+            continue
+        words = re.sub(r"\[([^\]]*)\](?:\[[^\]]*\]|\([^)]*\))", r"\1", heading.replace("`", ""))
+        words = unicodedata.normalize("NFKD", words).encode("ascii", "ignore").decode()
+        words = re.sub(r"[^\w\s-]", "", words).strip().lower()
+        anchors.add(re.sub(r"[-\s]+", "-", words))
+    return anchors
+
+
+def test_links_into_a_page_name_a_heading_it_has():
+    """What ``mkdocs build --strict`` checks of the anchors, without the docs extra."""
+    sources = {"explanation/benchmarks.md": ROOT / "benchmarks" / "README.md"}  # (generated)
+    broken = []
+    for page in PAGES:
+        text = re.sub(r"^```.*?^```", "", (DOCS / page).read_text(), flags=re.S | re.M)
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", text):
+            target = target or posixpath.basename(page)
+            if anchor.startswith("functrain."):  # the reference's, made from the docstrings
+                continue
+            linked = posixpath.normpath(posixpath.join(posixpath.dirname(page), target))
+            path = sources.get(linked, DOCS / linked)
+            if linked.startswith("examples/"):  # pages made from the notebooks and scripts
+                continue
+            if not path.exists() or anchor not in heading_anchors(path.read_text()):
+                broken.append(f"{page}: {target}#{anchor}")
+    assert broken == []
 
 
 def load_hooks():
