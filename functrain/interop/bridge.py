@@ -310,10 +310,11 @@ def from_torch_optimizer(
         ConfigError: the optimizer is of another class, two optimizers share a parameter, torch's
             implementation is not one functrain continues bit for bit (or ``capturable`` or
             ``differentiable`` is set), a parameter is not the module's or is listed twice in a
-            group, parameters of one group took different numbers of steps, a group took none
-            where others did (its parameters had no gradient: freeze them), `SGD` or `Muon`
-            has a schedule and no `step`, or the scheduler cannot be read back (a
-            `ReduceLROnPlateau`: see `reduce_on_plateau`), stepped a different number of times
+            group, a parameter of a group has no state where the others have (it had no gradient
+            yet: freeze it), a group took none where others did (its parameters had no
+            gradient: freeze them), `SGD` or `Muon` has a schedule and no `step`, or the
+            scheduler cannot be read back (a `ReduceLROnPlateau`: see `reduce_on_plateau`),
+            stepped a different number of times
             (of epochs, with `steps_per_epoch`), is a `CosineAnnealingWarmRestarts` not where
             whole steps bring it (stepped with fractional epochs, or built with
             ``last_epoch=``), or its schedule's lr at the count is not a group's ``lr``, or

@@ -99,8 +99,9 @@ class TorchClass(NamedTuple):
         int_step: torch keeps the ``step`` as a Python int (SparseAdam), not a tensor.
         own_steps: the torch implementations (``"fused"``, ``"foreach"``, ``"single"``) whose
             functrain preset keeps each parameter's own step, as torch does
-            (`functrain.optim.rules.formula.Rule.own_steps`): a group whose parameters took
-            different numbers of steps (some sat out) continues.
+            (`functrain.optim.rules.formula.Rule.own_steps`), or whose arithmetic reads no step
+            (RMSprop's, Adadelta's, Rprop's): a group whose parameters took different numbers
+            of steps (some sat out) continues.
     """
 
     preset: Callable[..., Transform]
@@ -136,6 +137,8 @@ def _pair(name: str) -> Callable[[Any], tuple[float, float]]:
 
 
 _FUSED = frozenset({"fused", "foreach", "single"})
+# (an optimizer whose update reads no step: each parameter's count is torch's bookkeeping only)
+_NO_STEP = frozenset({"foreach", "single"})
 
 TORCH_CLASSES: dict[type, TorchClass] = {
     torch.optim.SGD: TorchClass(
@@ -156,7 +159,10 @@ TORCH_CLASSES: dict[type, TorchClass] = {
         own_steps=_FUSED,
     ),
     torch.optim.RMSprop: TorchClass(
-        rmsprop, _pick("alpha", "eps", "momentum", "centered", "weight_decay"), (RmspropState,)
+        rmsprop,
+        _pick("alpha", "eps", "momentum", "centered", "weight_decay"),
+        (RmspropState,),
+        own_steps=_NO_STEP,
     ),
     torch.optim.Adagrad: TorchClass(
         adagrad,
@@ -195,7 +201,7 @@ TORCH_CLASSES: dict[type, TorchClass] = {
         own_steps=_FUSED,
     ),
     torch.optim.Adadelta: TorchClass(
-        adadelta, _pick("rho", "eps", "weight_decay"), (AdadeltaState,)
+        adadelta, _pick("rho", "eps", "weight_decay"), (AdadeltaState,), own_steps=_NO_STEP
     ),
     torch.optim.ASGD: TorchClass(
         asgd,
@@ -208,6 +214,7 @@ TORCH_CLASSES: dict[type, TorchClass] = {
         rprop,
         lambda g: dict(etas=_pair("etas")(g), step_sizes=_pair("step_sizes")(g)),
         (RpropState,),
+        own_steps=_NO_STEP,
     ),
     torch.optim.Adafactor: TorchClass(
         adafactor,
