@@ -985,7 +985,7 @@ def _counts(
 
     From torch's ``step`` (one value per group); SGD's and Muon's from `step`.
     """
-    counts = []
+    counts, own_groups = [], []
     for k, g in enumerate(groups):
         kind = torch_class(optimizer)
         if kind.counted:  # type: ignore[union-attr]
@@ -994,6 +994,7 @@ def _counts(
             if own and seen and None not in seen:
                 # each parameter's own step (`_filled`); the group counts the updates it took
                 seen = {max(seen)}  # type: ignore[type-var]
+                own_groups.append(k)
             if len(seen) > 1:
                 shown = sorted(str(s) for s in seen)
                 config_check(
@@ -1005,20 +1006,27 @@ def _counts(
                     where,
                 )
             count = (seen.pop() if seen else None) or 0  # (no parameter: a group all frozen)
-            if step is not None and step != count:
-                config_check(
-                    [
-                        f"step={step!r} disagrees with param_groups[{k}]'s state, which took "
-                        f"{count} steps"
-                    ],
-                    where,
-                )
         else:
             # torch makes a buffer at a parameter's first step with a gradient: a sparse table not
             # looked up yet has none (`_filled` keeps that; a dense state refuses it there)
             buffers = [s.get("momentum_buffer") is not None for s in g.state]
             count = step if step is not None else int(any(buffers))
         counts.append(count)
+    # every optimizer.step() visits each group, and its scheduler steps them all: a group whose
+    # parameters all sat out some updates (frozen) took them too, each parameter its own step
+    took = max((counts[k] for k in own_groups), default=0)
+    for k in own_groups:
+        counts[k] = took
+    counted = torch_class(optimizer).counted  # type: ignore[union-attr]
+    for k, count in enumerate(counts):
+        if step is not None and counted and step != count:
+            config_check(
+                [
+                    f"step={step!r} disagrees with param_groups[{k}]'s state, which took "
+                    f"{count} steps"
+                ],
+                where,
+            )
     return counts
 
 

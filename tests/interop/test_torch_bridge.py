@@ -517,6 +517,41 @@ def test_a_group_whose_parameters_took_different_steps_continues(make: Any) -> N
     assert_trees_equal(state.params, {n: p.detach() for n, p in expected.named_parameters()})
 
 
+@pytest.mark.parametrize(
+    "cls", [torch.optim.AdamW, torch.optim.NAdam, torch.optim.RMSprop], ids=lambda c: c.__name__
+)
+def test_a_group_frozen_whole_for_a_while_continues_with_its_scheduler(cls: type) -> None:
+    """The first layer's group sat out updates 1 to 3 (all its weights frozen): torch's
+    scheduler stepped it all the same, and the run continues at the scheduler's count."""
+
+    def run(model: torch.nn.Module, steps: int) -> tuple[Any, Any]:
+        named = list(model.named_parameters())
+        optimizer = cls(
+            [
+                {"params": [p for n, p in named if n.startswith("0.")]},
+                {"params": [p for n, p in named if not n.startswith("0.")], "lr": 0.02},
+            ],
+            lr=0.01,
+        )
+        scheduler = L.LambdaLR(optimizer, lambda it: 1 / (1 + 0.1 * it))
+        for i, batch in enumerate(DATA[:steps]):
+            for p in model[0].parameters():
+                p.requires_grad_(not 1 <= i < 4)
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+            optimizer.step()
+            scheduler.step()
+        return optimizer, scheduler
+
+    model = make_model()
+    optimizer, scheduler = run(model, STEPS)
+    converted = ft.from_torch_optimizer(optimizer, model, scheduler=scheduler)
+    state = functrain_steps(converted.create_state(model, loss_fn), DATA[STEPS:])
+    expected = make_model()
+    run(expected, 2 * STEPS)
+    assert_trees_equal(state.params, {n: p.detach() for n, p in expected.named_parameters()})
+
+
 def test_a_group_whose_parameters_have_no_state_beside_others_is_refused() -> None:
     """A parameter without torch's state (no gradient yet) beside ones with it: functrain's
     step would give it a zero gradient where torch skips it."""
