@@ -418,16 +418,16 @@ class CompiledStep:
                 leave(scope)
                 raise
         attempt = _Attempt()
-        run: Callable[..., Any] = core
+        run: Callable[..., Any] = attempt.calling(core)
         if expected is not None and state.dist is None:  # (see `_same_loss`)
-            run = _compared(core, expected, state, donate)
+            # (its copies made before the attempt begins: an interrupt there leaves the state)
+            run = _compared(run, expected, state, donate)
         try:
             if donate:  # a save still reading these tensors (looked for in the scope's lock)
                 wait_until_unheld(state)
             # zeros a fresh state holds without storage get it here: one graph for every call's
             # layout
             opt_state = stored(state.opt_state)
-            attempt.begin()
             new, metrics = run(
                 state.params,
                 state.frozen,

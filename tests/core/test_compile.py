@@ -799,3 +799,27 @@ def test_a_batchnorm_and_dropout_model_trains_with_its_dropout_under_inductor() 
         warnings.simplefilter("ignore", ft.EagerStepWarning)
         _, metrics = ft.compile_step()(state, batch, donate=True)
     torch.testing.assert_close(metrics["loss"], expected["loss"], rtol=1e-4, atol=1e-6)
+
+
+def test_an_interrupt_while_a_donated_first_call_copies_the_state_leaves_it_usable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the copies a donated first call keeps are made before its graph runs: a Ctrl-C there
+    # leaves the state as it was, usable, not retired as if the graph had written it
+    import functrain.core.compiled as compiled
+
+    state = _dropout_mlp()
+    reference = state.clone()
+    batch = classification_batches((8, 6), 1)[0]
+
+    def interrupted(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compiled._Kept, "__init__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ft.compile_step(backend="eager")(state, batch, donate=True)
+    monkeypatch.undo()
+    state, metrics = ft.train_step(state, batch)
+    reference, expected = ft.train_step(reference, batch)
+    ft.testing.assert_states_equal(state, reference)
+    assert torch.equal(metrics["loss"], expected["loss"])
