@@ -795,7 +795,7 @@ def _compared(
     def call(*args: Any) -> Any:
         kept = _unless_out_of_memory(lambda: _Kept(state, state.opt_state, donate))
         new, metrics = run(*args)
-        if kept is not None and not _same_loss(metrics["loss"], expected):
+        if kept is not None and not _same_loss(metrics["loss"], expected, state.options.precision):
             kept.restore()
             raise _Miscompiled(metrics["loss"], expected)
         return new, metrics
@@ -803,12 +803,20 @@ def _compared(
     return call
 
 
-def _same_loss(got: torch.Tensor, expected: torch.Tensor) -> bool:
+# how far a compiled step's loss may be from the eager step's, by the dtype it is computed in
+_RTOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _same_loss(got: torch.Tensor, expected: torch.Tensor, precision: str = "fp32") -> bool:
     """Whether a compiled step's loss (a stacked state's ``[K]``) is the eager step's on the same
-    state, batch and draws, as far as a compiled graph's other order of sums allows (one host
-    read, at a first call). Not of a state in a process group: its step's loss is averaged over
-    the ranks, the eager check's is this rank's."""
-    rtol = {torch.float16: 4e-3, torch.bfloat16: 3e-2}.get(expected.dtype, 1e-4)
+    state, batch and draws, as far as a compiled graph's other order of sums and roundings allows
+    (one host read, at a first call): that of the loss's dtype, or of the `precision` the forward
+    runs under autocast in (a float32 loss of a bf16 forward, where inductor keeps float32 between
+    fused ops that eager rounds to bf16). Not of a state in a process group: its step's loss is
+    averaged over the ranks, the eager check's is this rank's."""
+    computed = _AUTOCAST.get(precision, expected.dtype)
+    rtol = max(_RTOL.get(expected.dtype, 1e-4), _RTOL.get(computed, 1e-4))
     got, expected = got.detach().double(), expected.double()
     close = torch.isclose(got, expected, rtol=rtol, atol=1e-6) | (got.isnan() & expected.isnan())
     return bool(close.all())
@@ -821,8 +829,10 @@ def _warn_miscompiled(got: torch.Tensor, expected: torch.Tensor) -> None:
         f"{_values(expected)} on the same state, batch and random draws, so torch compiled "
         "it wrongly (torch 2.13's inductor can read a dropout mask after BatchNorm before it is "
         "drawn: docs/explanation/performance.md), or the loss function draws from a generator "
-        "of its own (a step's draws come from torch's default one); the state was put back and "
-        "this step run eagerly. compile_step(backend='aot_eager') may compile it right",
+        "of its own (a step's draws come from torch's default one), or runs under an autocast "
+        "of its own (compiled kernels round otherwise: TrainState.create(precision='bf16') "
+        "or 'fp16' instead); the state was put back and this step run eagerly. "
+        "compile_step(backend='aot_eager') may compile it right",
         EagerStepWarning,
         stacklevel=4,
     )
@@ -939,14 +949,16 @@ def compile_step(
     trainable parameter (inside ``torch.func.grad`` it gives zero gradients without a word). Its
     errors are `train_step`'s, as are those of a batch shape traced later that the loss function
     cannot take. Its loss, on the same state, batch and random draws, is then compared with the
-    compiled step's (one host read): where they differ beyond a compiled graph's rounding, torch
-    compiled the step wrongly (torch 2.13's inductor can read a dropout mask before it is drawn),
-    so the state is put back, and the step and every later one of that configuration run as
-    `train_step` runs them, with an `EagerStepWarning`. The first call of each later batch shape
-    (a last partial batch, which traces a graph of its own) is checked the same way. A donated
-    call keeps copies of what its graph writes for that one call (left out where they do not fit
-    in the device's memory); a state in a process group, whose loss is averaged over the ranks,
-    and a captured step (``capture=True``, whose first call records a graph) are not compared.
+    compiled step's (one host read): where they differ beyond a compiled graph's rounding (of
+    the loss's dtype, or of the state's ``precision``: a bf16 forward's compiled kernels round
+    less often than eager ones), torch compiled the step wrongly (torch 2.13's inductor can read
+    a dropout mask before it is drawn), so the state is put back, and the step and every later
+    one of that configuration run as `train_step` runs them, with an `EagerStepWarning`. The
+    first call of each later batch shape (a last partial batch, which traces a graph of its own)
+    is checked the same way. A donated call keeps copies of what its graph writes for that one
+    call (left out where they do not fit in the device's memory); a state in a process group,
+    whose loss is averaged over the ranks, and a captured step (``capture=True``, whose first
+    call records a graph) are not compared.
 
     With ``capture=True`` the whole step (forward, backward, update, the non-finite checks, EMA and
     counters) is also recorded as a CUDA graph, and each call replays it: one launch instead of a

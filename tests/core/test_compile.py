@@ -823,3 +823,31 @@ def test_an_interrupt_while_a_donated_first_call_copies_the_state_leaves_it_usab
     reference, expected = ft.train_step(reference, batch)
     ft.testing.assert_states_equal(state, reference)
     assert torch.equal(metrics["loss"], expected["loss"])
+
+
+@needs_cxx
+def test_a_bf16_step_compiled_right_is_not_taken_for_a_miscompile() -> None:
+    # under precision="bf16" inductor keeps float32 between fused ops where eager rounds each to
+    # bf16: the float32 loss differs from the eager step's by that rounding, and the step stays
+    # compiled, without a warning
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(256, 512),
+        nn.GELU(),
+        nn.LayerNorm(512),
+        nn.Linear(512, 512),
+        nn.SiLU(),
+        nn.LayerNorm(512),
+        nn.Linear(512, 10),
+    )
+    state = ft.TrainState.create(
+        model, ft.adamw(1e-3), cross_entropy_with_accuracy, precision="bf16"
+    )
+    gen = torch.Generator().manual_seed(5)
+    batch = (torch.randn(64, 256, generator=gen), torch.randint(0, 10, (64,), generator=gen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ft.EagerStepWarning)
+        _, metrics = ft.compile_step()(state, batch)
+    _, expected = ft.train_step(state, batch)
+    assert not torch.equal(metrics["loss"], expected["loss"])  # compiled numerics, not eager ones
+    torch.testing.assert_close(metrics["loss"], expected["loss"], rtol=3e-2, atol=1e-6)
