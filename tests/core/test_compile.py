@@ -825,11 +825,17 @@ def test_an_interrupt_while_a_donated_first_call_copies_the_state_leaves_it_usab
     assert torch.equal(metrics["loss"], expected["loss"])
 
 
+def _autocast_loss(model: Any, batch: Any) -> Any:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return cross_entropy_with_accuracy(model, batch)
+
+
 @needs_cxx
-def test_a_bf16_step_compiled_right_is_not_taken_for_a_miscompile() -> None:
-    # under precision="bf16" inductor keeps float32 between fused ops where eager rounds each to
-    # bf16: the float32 loss differs from the eager step's by that rounding, and the step stays
-    # compiled, without a warning
+@pytest.mark.parametrize("autocast", ["precision", "own"])
+def test_a_bf16_step_compiled_right_is_not_taken_for_a_miscompile(autocast: str) -> None:
+    # under bf16 autocast (the state's precision="bf16", or the loss function's own) inductor
+    # keeps float32 between fused ops where eager rounds each to bf16: the float32 loss differs
+    # from the eager step's by that rounding, and the step stays compiled, without a warning
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(256, 512),
@@ -841,7 +847,10 @@ def test_a_bf16_step_compiled_right_is_not_taken_for_a_miscompile() -> None:
         nn.Linear(512, 10),
     )
     state = ft.TrainState.create(
-        model, ft.adamw(1e-3), cross_entropy_with_accuracy, precision="bf16"
+        model,
+        ft.adamw(1e-3),
+        cross_entropy_with_accuracy if autocast == "precision" else _autocast_loss,
+        precision="bf16" if autocast == "precision" else "fp32",
     )
     gen = torch.Generator().manual_seed(5)
     batch = (torch.randn(64, 256, generator=gen), torch.randint(0, 10, (64,), generator=gen))
