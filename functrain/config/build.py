@@ -138,10 +138,10 @@ def build_run(
     Raises:
         ConfigError: every problem found, each naming its dotted key and what was expected: a
             missing or malformed section, a ``_target_`` under a top-level key that is no
-            section, a ``_target_`` that does not import, a key its target does not take, a
-            required one missing, a target of a type its key does not take, a target no config
-            may name, a target safe mode refuses, a target that failed, or a built object of the
-            wrong kind.
+            section, a top-level mapping named close to a missing section whose keys it holds,
+            a ``_target_`` that does not import, a key its target does not take, a required one
+            missing, a target of a type its key does not take, a target no config may name, a
+            target safe mode refuses, a target that failed, or a built object of the wrong kind.
 
     Example:
         >>> cfg = {
@@ -263,6 +263,7 @@ def _layout_problems(config: dict[str, Any]) -> list[str]:
     p.extend(_keyword_problems(config, "state", "TrainState.create"))
     p.extend(_keyword_problems(config, "fit", "fit"))
     p.extend(_unbuilt_problems(config))
+    p.extend(_misspelt_problems(config))
     return p
 
 
@@ -301,6 +302,34 @@ def _unbuilt_problems(config: dict[str, Any]) -> list[str]:
                 f"{', '.join(SECTIONS)}, and a top-level key of your own holds values that they "
                 "interpolate"
             )
+    return p
+
+
+def _misspelt_problems(config: dict[str, Any]) -> list[str]:
+    """A top-level mapping named close to a section the config lacks, holding keys that section
+    takes (``sate: {clip_grad_norm: 1.0}``): nothing reads it, and the run would train without
+    them.
+
+    One that holds a ``_target_`` is `_unbuilt_problems`'.
+    """
+    p = []
+    for key, value in config.items():
+        if key in SECTIONS or not isinstance(value, dict) or _targets(value, key):
+            continue
+        for section in ("state", "data", "fit"):
+            takes = section_arguments(section) or []
+            if (
+                section not in config
+                and did_you_mean(key, [section], cutoff=0.7)
+                and any(k in takes for k in value)
+            ):
+                p.append(
+                    f"{key}: a run has no section {key!r} (did you mean {section!r}?), and the "
+                    f"config has no {section}: its keys ({', '.join(map(str, value))}) would be "
+                    f"read by nothing; name it {section}, or give a mapping of your own a name "
+                    "further from the sections'"
+                )
+                break
     return p
 
 

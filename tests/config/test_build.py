@@ -70,6 +70,17 @@ def test_a_target_under_a_misspelt_section_is_reported_with_the_section_meant() 
     ]
 
 
+def test_a_misspelt_section_without_a_target_is_refused_not_ignored() -> None:
+    config = run_config(sate={"clip_grad_norm": 1.0, "ema_decay": 0.99}, stats={"mean": 0.5})
+    assert "state" not in config
+    assert problems(config) == [
+        "sate: a run has no section 'sate' (did you mean 'state'?), and the config has no "
+        "state: its keys (clip_grad_norm, ema_decay) would be read by nothing; name it state, or "
+        "give a mapping of your own a name further from the sections'"
+    ]
+    ft.build_run(run_config(state={"clip_grad_norm": 1.0}, stats={"mean": 0.5}))  # spelt right
+
+
 def test_a_target_under_a_key_of_your_own_is_reported_with_the_other_problems() -> None:
     schedule = {"_target_": "functrain.schedules.cosine_decay", "init_value": 0.1, "decay_steps": 4}
     config = run_config(lr=0.1, extras={"schedules": [schedule]}, seed="zero")
