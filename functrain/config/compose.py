@@ -116,10 +116,11 @@ def load_config(
         ConfigError: Hydra is not installed, the file is missing, not UTF-8 or not YAML (it, or a
             file of its config groups: named with the line), nests deeper than 32 levels or
             holds aliases that expand it by more than 10,000 values (`functrain.config.limits`),
-            or holds a tag that is not plain YAML (``!!python/object/apply``); an override does not
-            parse or names a key that is not there (close to one that is: the message says which;
-            else ``+key=`` adds one), or an interpolation does not resolve; each names the key or
-            override.
+            holds a tag that is not plain YAML (``!!python/object/apply``) or a number YAML 1.1
+            reads otherwise than its digits (``010``, octal; ``1:30``, base 60); an override does
+            not parse or names a key that is not there (close to one that is: the message says
+            which; else ``+key=`` adds one), or an interpolation does not resolve; each names the
+            key or override.
 
     Example:
         >>> import tempfile, pathlib

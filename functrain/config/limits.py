@@ -9,7 +9,9 @@ it) refuse both before anything is built from them, with a `ConfigError` naming 
 
 - nesting deeper than `MAX_DEPTH` mappings and lists (a run's config nests about ten);
 - aliases that add more than `MAX_ALIAS_VALUES` values to those written (reusing a block a few
-  times adds hundreds), or that refer to a node holding themselves (a cycle).
+  times adds hundreds), or that refer to a node holding themselves (a cycle);
+- a number that YAML 1.1 reads otherwise than its digits say: a leading 0 (``seed: 010`` is 8,
+  octal) or colons (``max_time: 1:30`` is 90, base 60).
 
 OmegaConf's interpolations expand as aliases do (``b: '${a}${a}${a}'``, each level ten times the
 last): `interpolation_problem` refuses a config whose interpolations, resolved, would hold more than
@@ -157,7 +159,41 @@ def _bounded(base: type) -> type:
             _check_aliases(node)
             return node
 
+        def compose_scalar_node(self, anchor: Any) -> Any:
+            node = super().compose_scalar_node(anchor)
+            base = _yaml11_base(node)
+            if base is not None:
+                number = (
+                    self.construct_yaml_int(node)
+                    if node.tag.endswith(":int")
+                    else self.construct_yaml_float(node)
+                )
+                raise ConfigError(
+                    f"{_where(node.start_mark)}: {node.value} reads as {number!r} here (YAML "
+                    f"1.1, which config files are read by, takes {base}), where the command line "
+                    f"reads it as the text {node.value!r}; write the number you mean ({number!r}, "
+                    f"or without the {'colons' if ':' in node.value else 'leading 0'}), or quote "
+                    "it for the text"
+                )
+            return node
+
     return BoundedLoader
+
+
+def _yaml11_base(node: Any) -> str | None:
+    """How YAML 1.1 reads the plain number `node` unlike its digits, or None.
+
+    A leading 0 is octal (``010`` is 8) and colons are base 60 (``1:30`` is 90); YAML 1.2 and
+    Hydra's override grammar read both otherwise.
+    """
+    if not node.tag.endswith((":int", ":float")):
+        return None
+    digits = node.value.lstrip("+-").replace("_", "")
+    if ":" in digits:
+        return "digits between colons as base 60"
+    if node.tag.endswith(":int") and len(digits) > 1 and digits[0] == "0" and digits.isdigit():
+        return "a number with a leading 0 as octal"
+    return None
 
 
 def _check_aliases(root: Any) -> None:

@@ -57,6 +57,26 @@ def test_a_hostile_or_broken_yaml_file_is_a_config_error_naming_its_file_and_lin
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize(
+    ("written", "read"), [("010", 8), ("1:30", 90), ("-1:00:00", -3600), ("1:30.5", 90.5)]
+)
+def test_a_number_yaml_1_1_reads_otherwise_than_its_digits_is_refused(
+    tmp_path: Path, written: str, read: float
+) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(f"seed: 0\nfit:\n  max_time: {written}\n")
+    with pytest.raises(
+        ft.ConfigError,
+        match=f"^config file {re.escape(repr(str(path)))}, line 3: {re.escape(written)} reads "
+        f"as {re.escape(repr(read))} here",
+    ):
+        ft.load_config(path)
+    # quoted, or written as the number, it is what it says
+    path.write_text(f"seed: 0\nfit:\n  max_time: '{written}'\n  other: {read}\n")
+    assert ft.load_config(path)["fit"] == {"max_time": written, "other": read}
+    assert ft.load_config(path, [f"fit.max_time={written}"])["fit"]["max_time"] == written
+
+
 def test_the_billion_laughs_is_a_few_hundred_bytes() -> None:
     assert len(billion_laughs()) < 450
 
