@@ -39,7 +39,9 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import attrs
@@ -385,7 +387,8 @@ def _binding_problems(node: dict[str, Any], key: str, trust: _Trust) -> list[str
         target = hydra.utils.get_object(path)
     except Exception as e:  # noqa: BLE001 - any import failure is the config's problem to report
         return [
-            f"{key}._target_: expected an importable class or function, got {path!r} ({_cause(e)})"
+            f"{key}._target_: expected an importable class or function, got {path!r} "
+            f"({_cause(e)}){_cwd_hint(e)}"
         ]
     finally:
         quiet.disabled = was
@@ -430,6 +433,26 @@ def _binding_problems(node: dict[str, Any], key: str, trust: _Trust) -> list[str
             f"{', '.join(names) or 'no arguments'}{hint}"
         ]
     return []
+
+
+def _cwd_hint(error: BaseException) -> str:
+    """Where a module that did not import is in the working directory, which is not on
+    ``sys.path`` (the ``functrain`` command's; ``python -m functrain`` puts it there): the fix."""
+    cause = error.__cause__ or error
+    name = getattr(cause, "name", None)
+    if not isinstance(cause, ModuleNotFoundError) or not isinstance(name, str):
+        return ""
+    top = name.partition(".")[0]
+    here = Path.cwd()
+    if not ((here / f"{top}.py").is_file() or (here / top).is_dir()):
+        return ""
+    if any(Path(entry or ".").resolve() == here.resolve() for entry in sys.path):
+        return ""
+    return (
+        f"; {top} is in the working directory, which is not on Python's path (the functrain "
+        "command's; python -m functrain run puts it there): run python -m functrain run, or "
+        "add the directory with PYTHONPATH=."
+    )
 
 
 def _got(value: Any) -> str:

@@ -290,3 +290,37 @@ def test_a_run_sent_sigterm_from_outside_loses_no_completed_update_and_resumes_e
         == f"functrain run: terminated (SIGTERM); run the same command to resume (from {latest})\n"
     )
     resumes_exactly(tmp_path, uninterrupted)
+
+
+def test_a_module_in_the_working_directory_that_the_command_cannot_import_says_how_to_add_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    (tmp_path / "mymodel_in_cwd.py").write_text(
+        "import torch\n\ndef net() -> torch.nn.Module:\n    return torch.nn.Linear(3, 2)\n"
+    )
+    config = write_config(tmp_path, resume=False)
+    config.write_text(
+        config.read_text().replace(
+            "{_target_: torch.nn.Linear, in_features: 3, out_features: 2}",
+            "{_target_: mymodel_in_cwd.net}",
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    # the console script's path: its own folder first, not the working directory
+    monkeypatch.setattr(
+        sys, "path", [p for p in sys.path if p and Path(p).resolve() != tmp_path.resolve()]
+    )
+    assert main(["run", str(config), "fit.max_steps=1", "~callbacks"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "model._target_: expected an importable class or function, got 'mymodel_in_cwd.net'" in err
+    )
+    assert (
+        "mymodel_in_cwd is in the working directory, which is not on Python's path (the "
+        "functrain command's; python -m functrain run puts it there): run python -m functrain "
+        "run, or add the directory with PYTHONPATH=." in err
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # as PYTHONPATH=. does
+    assert main(["run", str(config), "fit.max_steps=1", "~callbacks"]) == 0
