@@ -217,6 +217,10 @@ REFUSED: dict[str, str] = {
             "tempfile",
             "torch.export.save",
             "torch.from_file",
+            "torch.storage.TypedStorage.from_file",  # and the typed storages' (FloatStorage, ...)
+            "torch.UntypedStorage.from_file",  # a builtin of no module: refused by its paths
+            "torch.storage.UntypedStorage.from_file",
+            "torch._C.StorageBase.from_file",
             "torch.jit.save",
             "torch.save",
             "urllib.request",

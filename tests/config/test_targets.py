@@ -160,6 +160,18 @@ REFUSED_TRUSTED = {
         f"numpy.lib._npyio_impl.load is in numpy.lib._npyio_impl, which {_PICKLES}",
     ),
     "yaml": ("yaml.unsafe_load", f"yaml.unsafe_load is in yaml, which {_PICKLES}"),
+    "storage_from_file": (
+        "torch.UntypedStorage.from_file",
+        f"torch.UntypedStorage.from_file {_FILES}",
+    ),
+    "storage_from_file_by_its_home": (
+        "torch.storage.UntypedStorage.from_file",
+        f"torch.storage.UntypedStorage.from_file {_FILES}",
+    ),
+    "typed_storage_from_file": (
+        "torch.FloatStorage.from_file",
+        f"torch.FloatStorage.from_file is torch.storage.TypedStorage.from_file, which {_FILES}",
+    ),
     "special_name": (
         "builtins.object.__subclasses__",
         "builtins.object.__subclasses__ names the special attribute '__subclasses__', through "
@@ -213,6 +225,17 @@ def test_what_a_trusted_config_may_name_beside_the_refused(path: str) -> None:
 
     assert refused_path_problem(path) is None
     assert refused_target_problem(path, hydra.utils.get_object(path)) is None
+
+
+@pytest.mark.parametrize("path", ["torch.UntypedStorage.from_file", "torch.FloatStorage.from_file"])
+def test_a_storage_from_a_shared_file_is_refused_before_it_creates_the_file(
+    tmp_path: Path, path: str
+) -> None:
+    target = tmp_path / "created"
+    config = run_config(callbacks=[{"_target_": path, "_args_": [str(target), True, 64]}])
+    with pytest.raises(ft.ConfigError, match="writes, moves or deletes files"):
+        ft.build_run(config)
+    assert not target.exists()
 
 
 @pytest.mark.parametrize("safe", [False, True])
