@@ -19,7 +19,8 @@ last): `interpolation_problem` refuses a config whose interpolations, resolved, 
 
 `yaml_problem` words PyYAML's own errors the same way: a syntax error, and a tag that is not plain
 YAML (``!!python/object/apply:os.system``; OmegaConf's loader is PyYAML's safe loader, which
-constructs none of them, and says so here). `text_problem` checks that a file is UTF-8.
+constructs none of them but the tags of paths OmegaConf adds, dropped here, and says so here).
+`text_problem` checks that a file is UTF-8.
 """
 
 from __future__ import annotations
@@ -177,7 +178,17 @@ def _bounded(base: type) -> type:
                 )
             return node
 
+    # OmegaConf's loader constructs the Python tags of paths (!!python/object/apply:pathlib.Path):
+    # a config holds plain YAML values only, so those tags are refused as every other one is
+    BoundedLoader.yaml_constructors = {
+        tag: construct
+        for tag, construct in BoundedLoader.yaml_constructors.items()
+        if not (tag or "").startswith(_PYTHON_TAGS)
+    }
     return BoundedLoader
+
+
+_PYTHON_TAGS = "tag:yaml.org,2002:python/"
 
 
 def _yaml11_base(node: Any) -> str | None:

@@ -38,6 +38,10 @@ FILES = {
         "a: 1\nb: !!python/object/apply:os.system [touch pwned]\n",
         r"line 2: the tag !!python/object/apply:os.system is not plain YAML",
     ),
+    "path_tag": (  # (OmegaConf's own loader constructs the tags of paths)
+        "fit: {checkpoint_dir: !!python/object/apply:pathlib.Path [/tmp/x]}\n",
+        r"line 1: the tag !!python/object/apply:pathlib.Path is not plain YAML",
+    ),
     "syntax": ("a: 1\nb: [1, 2\nc: 3\n", r"line 3: not valid YAML: expected ',' or '\]'"),
 }
 
