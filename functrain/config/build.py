@@ -224,9 +224,12 @@ _MISSING = object()
 def _select(config: dict[str, Any], key: str) -> Any:
     node: Any = config
     for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
             return _MISSING
-        node = node[part]
     return node
 
 
@@ -507,9 +510,12 @@ def _instantiate(key: str, node: Any, problems: list[str]) -> Any:
 
 
 def _full_key(error: BaseException) -> str:
+    """The dotted key of the node whose target failed, as Hydra's error gives it (the positional
+    arguments' ``_args_0`` as ``_args_.0``)."""
     for line in reversed(str(error).splitlines()):
         if line.strip().startswith("full_key:"):
-            return dotted(line.split(":", 1)[1].strip())
+            key = dotted(line.split(":", 1)[1].strip())
+            return re.sub(r"(^|\.)_args_(\d+)(?=\.|$)", r"\1_args_.\2", key)
     return ""
 
 

@@ -198,6 +198,21 @@ def test_bad_configs_are_config_errors_naming_each_key(tmp_path: Path) -> None:
         match=r"optimizer: functrain.adamw failed: ConfigError: .*weight_decay must be >= 0",
     ):
         ft.build_run({**good, "optimizer": {**good["optimizer"], "weight_decay": -1.0}})
+    # a target among another's positional arguments, by its index and its own target
+    randn = {"_target_": "torch.randn", "_args_": [-1, 3]}
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"data.train._args_.0: torch.randn failed: RuntimeError: .*negative dimension",
+    ):
+        ft.build_run(
+            {
+                **good,
+                "data": {
+                    **good["data"],
+                    "train": {"_target_": "torch.utils.data.TensorDataset", "_args_": [randn]},
+                },
+            }
+        )
     # fit's own checks, before any training, keyed by the argument
     with pytest.raises(
         ft.ConfigError,
