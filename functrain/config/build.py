@@ -60,6 +60,7 @@ from functrain.config.targets import (
 )
 from functrain.core.state import TrainState
 from functrain.driver.arguments import fit_problems
+from functrain.driver.callbacks import check_callback
 from functrain.driver.fit import FitResult, fit
 from functrain.driver.options import SEED_RANGE
 from functrain.driver.run_config import json_config
@@ -566,4 +567,10 @@ def _kind_problems(built: dict[str, Any]) -> list[str]:
     for key, ok, expected in checks:
         if built.get(key) is not None and not ok(built[key]):
             p.append(f"{key}: expected {expected}, got {type(built[key]).__name__}")
+    callbacks = built.get("callbacks")
+    for i, callback in enumerate(callbacks if isinstance(callbacks, list) else []):
+        try:
+            check_callback(callback)
+        except ConfigError as e:
+            p.append(f"callbacks.{i}: {e}")
     return p

@@ -198,6 +198,9 @@ def test_bad_configs_are_config_errors_naming_each_key(tmp_path: Path) -> None:
         match=r"optimizer: functrain.adamw failed: ConfigError: .*weight_decay must be >= 0",
     ):
         ft.build_run({**good, "optimizer": {**good["optimizer"], "weight_decay": -1.0}})
+    # an object that is not a callback, by its index, before anything trains
+    with pytest.raises(ft.ConfigError, match=r"callbacks.0: OrderedDict is not a callback"):
+        ft.build_run({**good, "callbacks": [{"_target_": "collections.OrderedDict"}]})
     # a target among another's positional arguments, by its index and its own target
     randn = {"_target_": "torch.randn", "_args_": [-1, 3]}
     with pytest.raises(
