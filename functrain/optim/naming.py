@@ -360,7 +360,8 @@ def function_choices(transform: Transform, params: dict[str, torch.Tensor]) -> l
 
     A checkpoint records them (its fingerprint's ``"choices"``): two masks are named alike
     (``mask=<lambda>``) whatever they decide. Each decision is a bool or a str as the function
-    gave it (a mask's coerced to bool), or None where the function raises for that parameter.
+    gave it (a mask's coerced to bool), or None where the function raises for that parameter or
+    a mask's answer has no truth value there (a tensor of a meta-device parameter's).
 
     Example:
         >>> import functrain as ft
@@ -371,12 +372,12 @@ def function_choices(transform: Transform, params: dict[str, torch.Tensor]) -> l
     found: list[list[Any]] = []
 
     def decide(fn: Callable[..., Any], key: str, name: str, p: torch.Tensor) -> Any:
-        try:
+        try:  # (a mask's tensor of the meta device's stand-in has no value to coerce)
             decision = fn(name, p)
+            if key == "mask":
+                return bool(decision)
         except Exception:  # noqa: BLE001 - recorded as such: one that raises decides nothing
             return None
-        if key == "mask":
-            return bool(decision)
         return decision if isinstance(decision, str) else repr(decision)
 
     def walk(value: Any, key: str) -> None:

@@ -1660,6 +1660,28 @@ def test_a_mask_or_labels_deciding_otherwise_under_the_same_name_is_refused(
         ft.load(path, like=split(lambda name, p: "b" if name.startswith("0.") else "a"))
 
 
+def test_a_mask_that_reads_values_saves_and_resumes_as_torch(tmp_path: Path) -> None:
+    # the mask answers with a tensor of the parameter's values, which an update takes as a bool;
+    # the checkpoint records it on meta-device parameters, which hold no values to read
+    def by_values(name: str, p: torch.Tensor) -> torch.Tensor:
+        return (p != 0).all()
+
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 4, generator=gen), torch.randn(8, 4, generator=gen))
+    saved, _ = ft.train_step(_masked_run(tmp_path, by_values), batch)
+    path = ft.save(saved, tmp_path / "c")
+    resumed, _ = ft.train_step(ft.load(path, like=_masked_run(tmp_path, by_values)), batch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5, fused=True)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(resumed.params[name], p.detach()), name
+
+
 def test_a_weight_decay_function_of_other_values_under_the_same_name_is_refused(
     tmp_path: Path,
 ) -> None:
