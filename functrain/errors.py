@@ -134,9 +134,9 @@ class ImmutableStateError(FunctrainError, TypeError, FrozenInstanceError):
 class PeerFailedError(FunctrainError, RuntimeError):
     """A collective of `fit` under torch.distributed failed because another rank left it.
 
-    Another rank raised, was stopped or ran out of data while this one waited for it; the message
-    says so and points at that rank's log, where the first error is. The collective's own error is
-    the ``__cause__``.
+    Another rank raised, was stopped or ran out of data while this one waited for it, or did not
+    reach the collective within the process group's timeout; the message says which, and points at
+    that rank's log or at the timeout. The collective's own error is the ``__cause__``.
     """
 
 

@@ -281,7 +281,8 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Timed ou
 
 
 def peer_failure(error: BaseException, config: DistConfig | None) -> PeerFailedError | None:
-    """The `PeerFailedError` to raise for `error`, a collective's, when another rank left it.
+    """The `PeerFailedError` to raise for `error`, a collective's, when another rank left it or
+    did not reach it within the group's timeout.
 
     None when `error` is something else (then it propagates as it is), or without a group.
     """
@@ -291,6 +292,17 @@ def peer_failure(error: BaseException, config: DistConfig | None) -> PeerFailedE
     if not any(sign in text for sign in _PEER_GONE):
         return None
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    if "Timed out waiting" in text:  # the other rank may still be running, only slower
+        return PeerFailedError(
+            f"rank {config.rank}: a collective across the {config.world_size} ranks failed "
+            f"because another rank did not reach it within the group's timeout ({first[:300]}); "
+            "expected every rank to reach each step, evaluation and save within it, got a rank "
+            "that was slower (work of its own: an evaluation, save or callback on that rank "
+            "alone), or that raised, was stopped or ran out of data first, which its log shows. "
+            "Give the process group a longer timeout (torch.distributed.init_process_group("
+            "timeout=...)) or keep such work off the ranks' shared steps, and give every rank the "
+            "same number of batches"
+        )
     return PeerFailedError(
         f"rank {config.rank}: a collective across the {config.world_size} ranks failed because "
         f"another rank left it ({first[:300]}); expected every rank to run the same steps, "

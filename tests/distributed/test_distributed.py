@@ -237,6 +237,23 @@ def test_a_rank_whose_peer_raised_in_fit_gets_a_peer_failed_error(tmp_path: Path
     assert "its log shows the first error" in text
 
 
+def test_a_collective_that_timed_out_names_the_timeout_not_a_rank_that_left() -> None:
+    # gloo's error on a rank whose peer is still running, only slower than the group's timeout
+    # (an evaluation or a callback of its own): that peer's log shows no error to look for
+    from functrain.distributed.data_parallel import DistConfig, peer_failure
+
+    timed_out = RuntimeError(
+        "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 4000ms "
+        "for recv operation to complete"
+    )
+    failure = peer_failure(timed_out, DistConfig(2, 0))
+    assert isinstance(failure, ft.PeerFailedError)
+    text = str(failure)
+    assert "did not reach it within the group's timeout" in text
+    assert "init_process_group(timeout=...)" in text
+    assert "left it" not in text
+
+
 def test_a_global_batch_the_world_size_does_not_divide_is_refused(tmp_path: Path) -> None:
     launch(2, "indivisible", str(tmp_path))
     text = (tmp_path / "rank0" / "error.txt").read_text()
