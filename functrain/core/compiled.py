@@ -894,7 +894,10 @@ def _inductor_options(mode: str | None, options: dict[str, Any]) -> dict[str, An
     rule, not by timing them on the device, so a step compiled again, as a resumed run in a fresh
     process compiles it, computes the same bits), unless the mode or the options ask for tuning
     by time (`_TUNING`, set there or in inductor's own configuration: inductor refuses to time
-    kernels in its deterministic mode); and on torch before 2.13 ``loop_ordering_after_fusion``
+    kernels in its deterministic mode); ``fallback_random`` (a random op draws as torch's eager
+    one does, from the step's generator: the same noise, masks and indices as `train_step`,
+    where inductor's own random kernels draw others, which the first call's loss comparison
+    would take for a miscompile); and on torch before 2.13 ``loop_ordering_after_fusion``
     off (2.11's CUDA scheduler fails an assertion on fused nodes, ``reorder_loops_by_dep_pair``,
     on steps with EMA or loss scaling; 2.13's has no such assertion).
     """
@@ -915,6 +918,8 @@ def _inductor_options(mode: str | None, options: dict[str, Any]) -> dict[str, An
         tuned.get(name, _configured(inductor_config, name)) for name in _TUNING
     ):
         defaults["deterministic"] = True
+    if hasattr(inductor_config, "fallback_random"):
+        defaults["fallback_random"] = True
     if hasattr(inductor_config, "loop_ordering_after_fusion") and _TORCH_RELEASE < (2, 13):
         defaults["loop_ordering_after_fusion"] = False
     return {**chosen, **defaults, **options}
@@ -1001,7 +1006,8 @@ def compile_step(
             defaults: ``deterministic=True`` (kernels chosen by a fixed rule, not by timing them
             on the device, so the step compiled again in another process, a resumed run's,
             computes the same bits; not set when the mode or `options` ask for tuning, which
-            chooses by time); before torch 2.13, ``loop_ordering_after_fusion=False``; and for a
+            chooses by time); ``fallback_random=True`` (random ops draw what `train_step`'s
+            draw); before torch 2.13, ``loop_ordering_after_fusion=False``; and for a
             state on CUDA ``allow_buffer_reuse=False`` (inductor would reuse the CPU tensors
             that CUDA's efficient attention returns as memory for the step's own results).
         capture: record each step as a CUDA graph and replay it (see above).

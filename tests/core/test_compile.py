@@ -860,3 +860,26 @@ def test_a_bf16_step_compiled_right_is_not_taken_for_a_miscompile(autocast: str)
     _, expected = ft.train_step(state, batch)
     assert not torch.equal(metrics["loss"], expected["loss"])  # compiled numerics, not eager ones
     torch.testing.assert_close(metrics["loss"], expected["loss"], rtol=3e-2, atol=1e-6)
+
+
+@needs_cxx
+def test_a_loss_that_draws_noise_compiles_with_the_eager_steps_draws() -> None:
+    # a diffusion loss draws its noise, timesteps and indices in the loss function: inductor's
+    # own random kernels would draw others, and the first call's comparison would run it eagerly
+    def denoising(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn_like(x)
+        t = torch.rand(x.shape[0], 1)
+        keep = torch.bernoulli(torch.full_like(x, 0.9))
+        order = torch.randint(0, x.shape[0], (x.shape[0],))
+        noisy = ((1 - t) * x + t * noise) * keep
+        return F.mse_loss(model(torch.cat([noisy, t], 1)[order]), noise[order])
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 32), nn.SiLU(), nn.Linear(32, 6))
+    state = ft.TrainState.create(model, ft.adamw(1e-3), denoising, seed=4)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(64, 6, generator=gen) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ft.EagerStepWarning)
+        compiled, eager = step_alongside_eager(ft.compile_step(), state, batches)
+    assert_states_close(compiled, eager, rtol=1e-5, atol=1e-6)
