@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
+from torch._C._dynamo.eval_frame import get_eval_frame_callback
 
 from functrain.core.binding import bound, unbind
 from functrain.core.body import SWEEP_ALONE, eval_body, forward_buffers, train_body
@@ -189,7 +190,9 @@ def _differentiable_step(
             "state's steps under torch.func.vmap over the tasks' batches or over its "
             'hyperparameters\' values (see the guide "Differentiating through training")'
         )
-    if torch.compiler.is_compiling():
+    # (torch.compile falls back to running this frame eagerly at the refusal, compiling the
+    # frames it calls: there its frame-evaluation callback is still set)
+    if torch.compiler.is_compiling() or get_eval_frame_callback() is not None:
         raise ConfigError(
             "a differentiable state's step is not compiled: call functrain.train_step eagerly "
             "(torch.compile of an unrolled inner loop traces every step anew)"

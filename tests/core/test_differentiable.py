@@ -766,6 +766,16 @@ def test_a_donated_or_compiled_differentiable_step_is_refused() -> None:
         ft.compile_step(backend="eager")(state, batch)
 
 
+def test_a_differentiable_step_under_torch_compile_is_refused() -> None:
+    # torch.compile runs the refusing frame again eagerly and compiles the frames it calls: the
+    # step must be refused there too, not run with its update compiled
+    (batch, _) = _batches()
+    state = ft.TrainState.create(_net(), ft.adam(0.1), _squared_error, differentiable=True)
+    with pytest.raises(ft.ConfigError, match="is not compiled"):
+        torch.compile(ft.train_step, backend="eager")(state, batch)
+    ft.train_step(state, batch)  # eagerly, after the refusal
+
+
 def test_fit_trains_a_differentiable_state_without_donating_it() -> None:
     (batch, _) = _batches(torch.float32)
     data = torch.utils.data.TensorDataset(*batch)
