@@ -32,6 +32,7 @@ _LABEL_DTYPE = re.compile(
 _LABEL_SHAPE = re.compile(r"1D target tensor expected, multi-target not supported")
 _DTYPE = re.compile(r"dtype|scalar type|Input type \(\w+\) and \w+ type")
 _BATCHNORM = "Expected more than 1 value per channel when training"
+_BATCHNORM_VMAP = "Batch norm got a batched tensor as input while the running_mean"
 _BATCH_TYPES = frozenset({"tuple", "list", "dict", "str", "int", "NoneType"})
 
 
@@ -103,6 +104,14 @@ def _hint(
             "a BatchNorm layer in training mode got a batch of 1 sample: it needs more than one "
             "value per channel for the batch's statistics; drop the last incomplete batch "
             "(fit(..., drop_last=True), DataLoader(..., drop_last=True)) or use a bigger batch"
+        )
+    if _BATCHNORM_VMAP in text:
+        return (
+            "a BatchNorm layer in training mode ran under torch.func.vmap (over tasks, examples "
+            "or hyperparameter values), and its running statistics are one set the state holds, "
+            "which each batched call would update: step the tasks one by one in a loop instead "
+            "of under vmap (torch's vmap of BatchNorm's double backward is not exact either, "
+            "with track_running_stats=False: a meta-gradient through it is wrong)"
         )
     label_dtype = _LABEL_DTYPE.search(text)
     if label_dtype:

@@ -59,6 +59,21 @@ def test_batchnorm_on_a_batch_of_one_says_drop_last_or_a_bigger_batch() -> None:
     )
 
 
+def test_batchnorm_under_vmap_over_tasks_says_to_step_them_in_a_loop() -> None:
+    # torch refuses to update one set of running statistics from a batched call
+    module = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+    state = ft.TrainState.create(module, ft.sgd(0.1), lambda m, b: m(b).sum(), differentiable=True)
+    with pytest.raises(ft.BatchError) as info:
+        torch.func.vmap(lambda x: ft.train_step(state, x)[0].params)(torch.randn(3, 5, 6))
+    message = str(info.value)
+    assert "Batch norm got a batched tensor" in message
+    assert message.endswith(
+        "step the tasks one by one in a loop instead of under vmap (torch's vmap of BatchNorm's "
+        "double backward is not exact either, with track_running_stats=False: a meta-gradient "
+        "through it is wrong)"
+    )
+
+
 def test_float_labels_for_cross_entropy_say_int64_class_indices_or_probabilities() -> None:
     message = failure(cross_entropy_loss_fn, (torch.randn(4, 6), labels(dtype=torch.float32)))
     assert message.endswith(
