@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch._C._dynamo.eval_frame import get_eval_frame_callback
 
 from functrain.core.binding import bound, unbind
 from functrain.core.body import SWEEP_ALONE, eval_body, forward_buffers, train_body
@@ -38,6 +37,13 @@ from functrain.errors import ConfigError
 from functrain.optim.batching import differentiating
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import stored
+
+# torch.compile's frame-evaluation callback (torch's private hook, where it has one): set where
+# dynamo gave up tracing a frame and runs it eagerly, compiling the frames it calls; called
+# inline, a builtin, so that no frame of ours is compiled to read it
+_EVAL_FRAME_CALLBACK = getattr(
+    getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None), "get_eval_frame_callback", None
+)
 
 __all__ = ["train_step", "eval_step", "predict", "train_loss"]
 
@@ -192,7 +198,9 @@ def _differentiable_step(
         )
     # (torch.compile falls back to running this frame eagerly at the refusal, compiling the
     # frames it calls: there its frame-evaluation callback is still set)
-    if torch.compiler.is_compiling() or get_eval_frame_callback() is not None:
+    if torch.compiler.is_compiling() or (
+        _EVAL_FRAME_CALLBACK is not None and _EVAL_FRAME_CALLBACK() is not None
+    ):
         raise ConfigError(
             "a differentiable state's step is not compiled: call functrain.train_step eagerly "
             "(torch.compile of an unrolled inner loop traces every step anew)"
