@@ -329,6 +329,8 @@ class CompiledStep:
         self._compile = functools.partial(torch.compile, dynamic=False, backend=backend, mode=mode)
         self._options = options
         self._inductor = backend == "inductor"
+        # inductor's own random kernels asked for: they draw other values than the eager check's
+        self._own_draws = self._inductor and options.get("fallback_random") is False
         # per configuration: the objects its key holds by id (kept alive), and what was compiled
         self._cores: dict[tuple, tuple[tuple, Watched]] = {}
         # per configuration: the batch shapes whose first compiled call gave the eager step's
@@ -440,7 +442,7 @@ class CompiledStep:
         except _Miscompiled as wrong:  # the state as it was: this configuration runs eagerly
             leave(scope)
             self._miscompiled.add(key)
-            _warn_miscompiled(*wrong.args)
+            _warn_miscompiled(wrong.args[0], wrong.args[1], own_draws=self._own_draws)
             return train_step(state, batch, donate=donate)
         except BaseException as error:
             check = functools.partial(check_gradients, state, batch)
@@ -501,7 +503,7 @@ class CompiledStep:
             result = stacked_train_step(state, batch, compiled=run, donate=donate, call=_DONATED)
         except _Miscompiled as wrong:  # the state as it was
             self._miscompiled.add(key)
-            _warn_miscompiled(*wrong.args)
+            _warn_miscompiled(wrong.args[0], wrong.args[1], own_draws=self._own_draws)
             return train_step(state, batch, donate=donate)
         except BaseException as error:  # traced: dynamo words torch's error its own way
             if isinstance(error, Exception) and learned_module_order(error, state):
@@ -826,13 +828,23 @@ def _same_loss(got: torch.Tensor, expected: torch.Tensor, precision: str = "fp32
     return bool(close.all())
 
 
-def _warn_miscompiled(got: torch.Tensor, expected: torch.Tensor) -> None:
+def _warn_miscompiled(got: torch.Tensor, expected: torch.Tensor, own_draws: bool = False) -> None:
+    """Say that a configuration runs eagerly; `own_draws`: the step was compiled with
+    ``fallback_random=False``, whose random kernels draw otherwise than the eager check."""
+    if own_draws:
+        why = (
+            "compile_step(options={'fallback_random': False}) gives inductor its own random "
+            "kernels, which draw other values than the eager step's (leave fallback_random out "
+            "to draw them as train_step does), or torch compiled it wrongly"
+        )
+    else:
+        why = "torch compiled it wrongly"
     warnings.warn(
         f"compile_step runs this configuration's steps eagerly, as functrain.train_step: its "
         f"compiled step computed the loss {_values(got)} where the eager step computes "
-        f"{_values(expected)} on the same state, batch and random draws, so torch compiled "
-        "it wrongly (torch 2.13's inductor can read a dropout mask after BatchNorm before it is "
-        "drawn: docs/explanation/performance.md), or the loss function draws from a generator "
+        f"{_values(expected)} on the same state, batch and random draws, so {why} (torch "
+        "2.13's inductor can read a dropout mask after BatchNorm before it is drawn: "
+        "docs/explanation/performance.md), or the loss function draws from a generator "
         "of its own (a step's draws come from torch's default one), or runs under an autocast "
         "of its own whose compiled kernels round far otherwise (TrainState.create(precision="
         "'bf16') or 'fp16' instead); the state was put back and this step run eagerly. "

@@ -883,3 +883,19 @@ def test_a_loss_that_draws_noise_compiles_with_the_eager_steps_draws() -> None:
         warnings.simplefilter("error", ft.EagerStepWarning)
         compiled, eager = step_alongside_eager(ft.compile_step(), state, batches)
     assert_states_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+@needs_cxx
+def test_a_step_with_inductors_own_draws_says_so_when_it_runs_eagerly() -> None:
+    # options={"fallback_random": False}: inductor's random kernels draw other values than the
+    # eager check's, and the warning names that option, not a miscompile alone
+    def noisy(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(model(x), torch.rand_like(x))
+
+    torch.manual_seed(0)
+    state = ft.TrainState.create(nn.Linear(6, 6), ft.sgd(0.1), noisy, seed=2)
+    batch = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(ft.EagerStepWarning, match="fallback_random.*False") as caught:
+        compiled, _ = ft.compile_step(options={"fallback_random": False})(state, batch)
+    assert len(caught) == 1
+    assert set(compiled.params) == {"weight", "bias"}
