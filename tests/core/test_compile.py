@@ -899,3 +899,40 @@ def test_a_step_with_inductors_own_draws_says_so_when_it_runs_eagerly() -> None:
         compiled, _ = ft.compile_step(options={"fallback_random": False})(state, batch)
     assert len(caught) == 1
     assert set(compiled.params) == {"weight", "bias"}
+
+
+def test_check_loss_false_trusts_the_compiled_step_and_a_bad_value_is_refused() -> None:
+    state = _dropout_mlp()
+    batch = classification_batches((8, 6), 1)[0]
+    step = ft.compile_step(backend="functrain_test_loss_doubled", check_loss=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ft.EagerStepWarning)
+        _, metrics = step(state, batch)
+    _, expected = ft.train_step(state, batch)
+    assert torch.equal(metrics["loss"], 2 * expected["loss"])  # the graph's, not compared
+    with pytest.raises(ft.ConfigError, match=r"check_loss=...\) takes True or False, got 1"):
+        ft.compile_step(check_loss=1)  # type: ignore[arg-type]
+
+
+@needs_cxx
+def test_a_near_cancelling_critic_loss_compiled_right_is_not_taken_for_a_miscompile() -> None:
+    # a WGAN critic's loss, a difference of two means of about 20 that nearly cancel: compiled
+    # kernels round the terms otherwise (the losses differ by about 2e-6 where they are near 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 1))
+    with torch.no_grad():
+        model[-1].bias.fill_(20.0)
+
+    def critic_loss(model: Any, batch: Any) -> torch.Tensor:
+        real, fake = batch
+        return model(fake).mean() - model(real).mean()
+
+    state = ft.TrainState.create(model, ft.adamw(1e-4), critic_loss)
+    gen = torch.Generator().manual_seed(1)
+    real = torch.randn(4096, 64, generator=gen)
+    batch = (real, real + 1e-3 * torch.randn(4096, 64, generator=gen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ft.EagerStepWarning)
+        _, metrics = ft.compile_step()(state, batch)
+    _, expected = ft.train_step(state, batch)
+    torch.testing.assert_close(metrics["loss"], expected["loss"], rtol=0, atol=1e-5)
