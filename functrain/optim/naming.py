@@ -325,8 +325,8 @@ def function_rates(
     """Each plain function given as a learning rate (or as one of `arguments`, such as
     ``("weight_decay",)``) in `transform`'s recorded calls, in order.
 
-    The calls are walked as they were made, depth first, arguments in their signature's order:
-    two transforms of the same name give their functions in the same order.
+    In the order `_arguments` walks them: two transforms of the same name give their functions in
+    the same order.
 
     Example:
         >>> import functrain as ft
@@ -334,11 +334,23 @@ def function_rates(
         >>> function_rates(ft.accumulate(ft.chain(ft.sgd(warm), ft.adam(0.1)), 2)) == (warm,)
         True
     """
-    found: list[Callable[[int], Any]] = []
+    return tuple(
+        value
+        for _, value in _arguments(
+            transform, lambda key, value: key in arguments and is_plain_function(value)
+        )
+    )
+
+
+def _arguments(transform: Transform, wanted: Callable[[str, Any], bool]) -> list[tuple[str, Any]]:
+    """The arguments of `transform`'s recorded calls that ``wanted(name, value)`` picks, as
+    ``(name, value)``: the calls walked as they were made, depth first, each call's arguments in
+    its signature's order (two transforms of the same name give them in the same order)."""
+    found: list[tuple[str, Any]] = []
 
     def walk(value: Any, key: str) -> None:
-        if key in arguments and is_plain_function(value):
-            found.append(value)
+        if wanted(key, value):
+            found.append((key, value))
         elif isinstance(value, Transform):  # a NamedTuple: before tuples
             call = recorded_call(value)
             for name, argument in call.arguments.items() if call is not None else ():
@@ -351,7 +363,7 @@ def function_rates(
                 walk(item, "")
 
     walk(transform, "")
-    return tuple(found)
+    return found
 
 
 def function_choices(transform: Transform, params: dict[str, torch.Tensor]) -> list[list[Any]]:
@@ -369,7 +381,6 @@ def function_choices(transform: Transform, params: dict[str, torch.Tensor]) -> l
         >>> function_choices(tx, {"w": torch.zeros(2, 2), "b": torch.zeros(2)})
         [[True, False]]
     """
-    found: list[list[Any]] = []
 
     def decide(fn: Callable[..., Any], key: str, name: str, p: torch.Tensor) -> Any:
         try:  # (a mask's tensor of the meta device's stand-in has no value to coerce)
@@ -380,22 +391,13 @@ def function_choices(transform: Transform, params: dict[str, torch.Tensor]) -> l
             return None
         return decision if isinstance(decision, str) else repr(decision)
 
-    def walk(value: Any, key: str) -> None:
-        if key in _CHOICE_ARGUMENTS and callable(value) and not isinstance(value, Transform):
-            found.append([decide(value, key, name, p) for name, p in params.items()])
-        elif isinstance(value, Transform):  # a NamedTuple: before tuples
-            call = recorded_call(value)
-            for name, argument in call.arguments.items() if call is not None else ():
-                walk(argument, name)
-        elif isinstance(value, tuple | list):
-            for item in value:
-                walk(item, "")
-        elif isinstance(value, dict):
-            for item in value.values():
-                walk(item, "")
+    def chosen(key: str, value: Any) -> bool:
+        return key in _CHOICE_ARGUMENTS and callable(value) and not isinstance(value, Transform)
 
-    walk(transform, "")
-    return found
+    return [
+        [decide(fn, key, name, p) for name, p in params.items()]
+        for key, fn in _arguments(transform, chosen)
+    ]
 
 
 def chosen_conventions(transform: Transform) -> tuple[str, ...]:
