@@ -443,9 +443,7 @@ class CompiledStep:
             )
         except _Miscompiled as wrong:  # the state as it was: this configuration runs eagerly
             leave(scope)
-            self._miscompiled.add(key)
-            _warn_miscompiled(wrong.args[0], wrong.args[1], own_draws=self._own_draws)
-            return train_step(state, batch, donate=donate)
+            return self._eagerly(key, wrong, state, batch, donate)
         except BaseException as error:
             check = functools.partial(check_gradients, state, batch)
             found = _after_failure(error, attempt, state if donate else None, scope, check)
@@ -504,9 +502,7 @@ class CompiledStep:
             # (a donated state retired in the scope, whose lock a save takes)
             result = stacked_train_step(state, batch, compiled=run, donate=donate, call=_DONATED)
         except _Miscompiled as wrong:  # the state as it was
-            self._miscompiled.add(key)
-            _warn_miscompiled(wrong.args[0], wrong.args[1], own_draws=self._own_draws)
-            return train_step(state, batch, donate=donate)
+            return self._eagerly(key, wrong, state, batch, donate)
         except BaseException as error:  # traced: dynamo words torch's error its own way
             if isinstance(error, Exception) and learned_module_order(error, state):
                 _enable_hooks_again(attempt.hooks)
@@ -519,6 +515,16 @@ class CompiledStep:
         if checking:
             self._checked.setdefault(key, set()).add(shapes)
         return result
+
+    def _eagerly(
+        self, key: tuple, wrong: _Miscompiled, state: TrainState, batch: Any, donate: bool
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """`state`'s step as `train_step` runs it, and every later one of its configuration
+        (`key`), whose compiled call's loss was not the eager step's (`wrong`), said once."""
+        self._miscompiled.add(key)
+        got, expected = wrong.args
+        _warn_miscompiled(got, expected, own_draws=self._own_draws)
+        return train_step(state, batch, donate=donate)
 
     def _sharded(
         self, state: TrainState, batch: Any, donate: bool
@@ -857,7 +863,7 @@ def _warn_miscompiled(got: torch.Tensor, expected: torch.Tensor, own_draws: bool
         "this step run eagerly. compile_step(backend='aot_eager') may compile it right, and "
         "compile_step(check_loss=False) trusts the compiled step without comparing",
         EagerStepWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
