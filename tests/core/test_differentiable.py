@@ -771,8 +771,11 @@ def test_a_differentiable_step_under_torch_compile_is_refused() -> None:
     # step must be refused there too, not run with its update compiled
     (batch, _) = _batches()
     state = ft.TrainState.create(_net(), ft.adam(0.1), _squared_error, differentiable=True)
-    with pytest.raises(ft.ConfigError, match="is not compiled"):
-        torch.compile(ft.train_step, backend="eager")(state, batch)
+    try:
+        with pytest.raises(ft.ConfigError, match="is not compiled"):
+            torch.compile(ft.train_step, backend="eager")(state, batch)
+    finally:  # (dynamo keeps what it compiled of train_step's frames: later tests start afresh)
+        torch._dynamo.reset()
     ft.train_step(state, batch)  # eagerly, after the refusal
 
 
