@@ -1615,6 +1615,22 @@ def _masked_run(tmp_path: Path, mask: Callable[[str, torch.Tensor], bool]) -> ft
     return ft.TrainState.create(model, ft.adamw(0.1, weight_decay=0.5, mask=mask), loss_fn)
 
 
+def _assert_two_steps_of_torch(
+    resumed: ft.TrainState, batch: Any, optimizer: Callable[[nn.Module], torch.optim.Optimizer]
+) -> None:
+    """`resumed`'s weights are those of two steps on `batch` of torch's `optimizer(model)`, from
+    the two-layer model `_masked_run` builds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    opt = optimizer(model)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(resumed.params[name], p.detach()), name
+
+
 def test_a_mask_or_labels_deciding_otherwise_under_the_same_name_is_refused(
     tmp_path: Path,
 ) -> None:
@@ -1632,20 +1648,17 @@ def test_a_mask_or_labels_deciding_otherwise_under_the_same_name_is_refused(
     # another function deciding the same resumes as torch's AdamW with decay on the matrices only
     resumed = ft.load(path, like=_masked_run(tmp_path, lambda name, p: "weight" in name))
     resumed, _ = ft.train_step(resumed, batch)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    matrices = [p for p in model.parameters() if p.ndim == 2]
-    vectors = [p for p in model.parameters() if p.ndim == 1]
-    opt = torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": 0.5}, {"params": vectors, "weight_decay": 0.0}],
-        lr=0.1,
+    _assert_two_steps_of_torch(
+        resumed,
+        batch,
+        lambda model: torch.optim.AdamW(
+            [
+                {"params": [p for p in model.parameters() if p.ndim == 2], "weight_decay": 0.5},
+                {"params": [p for p in model.parameters() if p.ndim == 1], "weight_decay": 0.0},
+            ],
+            lr=0.1,
+        ),
     )
-    for _ in range(2):
-        opt.zero_grad()
-        loss_fn(model, batch).backward()
-        opt.step()
-    for name, p in model.named_parameters():
-        assert torch.equal(resumed.params[name], p.detach()), name
 
     # a partition's labels likewise
     def split(labels: Callable[[str, torch.Tensor], str]) -> ft.TrainState:
@@ -1671,15 +1684,11 @@ def test_a_mask_that_reads_values_saves_and_resumes_as_torch(tmp_path: Path) -> 
     saved, _ = ft.train_step(_masked_run(tmp_path, by_values), batch)
     path = ft.save(saved, tmp_path / "c")
     resumed, _ = ft.train_step(ft.load(path, like=_masked_run(tmp_path, by_values)), batch)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5, fused=True)
-    for _ in range(2):
-        opt.zero_grad()
-        loss_fn(model, batch).backward()
-        opt.step()
-    for name, p in model.named_parameters():
-        assert torch.equal(resumed.params[name], p.detach()), name
+    _assert_two_steps_of_torch(
+        resumed,
+        batch,
+        lambda model: torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5, fused=True),
+    )
 
 
 def test_a_weight_decay_function_of_other_values_under_the_same_name_is_refused(
@@ -1700,15 +1709,11 @@ def test_a_weight_decay_function_of_other_values_under_the_same_name_is_refused(
         ft.load(path, like=other)
     # the same values resume as torch's SGD with that decay
     resumed, _ = ft.train_step(ft.load(path, like=run(lambda step: 0.01 + 0 * step)), batch)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.01)
-    for _ in range(2):
-        opt.zero_grad()
-        loss_fn(model, batch).backward()
-        opt.step()
-    for name, p in model.named_parameters():
-        assert torch.equal(resumed.params[name], p.detach()), name
+    _assert_two_steps_of_torch(
+        resumed,
+        batch,
+        lambda model: torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.01),
+    )
 
 
 def test_plain_tree_mismatch_lists_missing_extra_shape_dtype_and_kind(tmp_path: Path) -> None:
