@@ -861,7 +861,8 @@ def _warn_miscompiled(got: torch.Tensor, expected: torch.Tensor, own_draws: bool
         "'bf16') or 'fp16' instead), or the loss is a difference of large terms that nearly "
         "cancel (a critic's), whose rounding compiled kernels change; the state was put back and "
         "this step run eagerly. compile_step(backend='aot_eager') may compile it right, and "
-        "compile_step(check_loss=False) trusts the compiled step without comparing",
+        "compile_step(check_loss=False) trusts the compiled step without comparing ("
+        "fit(compile=functrain.compile_step(check_loss=False)) in fit)",
         EagerStepWarning,
         stacklevel=5,
     )

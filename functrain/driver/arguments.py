@@ -69,7 +69,9 @@ def fit_problems(
         ),
         *member_problems(state, data),
         *_window_problems(state, options.batching.partial_window),
-        *_donation_problems(state, options.execution.donate, options.execution.compile),
+        *_donation_problems(
+            state, options.execution.donate, options.execution.compile is not False
+        ),
     ]
     return (None if problems else options), problems
 

@@ -26,6 +26,7 @@ from functrain.checkpoint.format import read_manifest
 from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.sharded import has_dtensors
 from functrain.checkpoint.state_io import load
+from functrain.core.compiled import CompiledStep
 from functrain.core.donation import retire
 from functrain.core.stacked import host_count, num_members
 from functrain.core.state import LossFn, TrainState, lends
@@ -215,7 +216,7 @@ def fit(
     verbosity: Literal["silent", "minimal", "standard", "verbose"] = "minimal",
     log_file: str | Path | None = None,
     resume: bool = False,
-    compile: bool = False,
+    compile: bool | CompiledStep = False,
     donate: bool = False,
     device: str | torch.device | None = None,
     stop_on_nonfinite: Literal["eval", "train", "none"] = "eval",

@@ -21,7 +21,7 @@ import attrs
 import torch
 
 from functrain.checkpoint.manager import CheckpointManager
-from functrain.core.compiled import compile_step
+from functrain.core.compiled import CompiledStep, compile_step
 from functrain.core.stacked import host_count, member_columns
 from functrain.core.state import TrainState
 from functrain.core.step import train_step
@@ -65,7 +65,14 @@ class Loop:
         self.resumed_from = resumed_from  # the checkpoint a resumed run goes on from
         self.device = device or state.device
         self.train, self.evals, self.manager, self.hooks = train, evals, manager, hooks
-        self.step_fn = compile_step() if options.execution.compile else train_step
+        compiled = options.execution.compile  # False, True or a compile_step() of the caller's
+        self.step_fn = (
+            compiled
+            if isinstance(compiled, CompiledStep)
+            else compile_step()
+            if compiled
+            else train_step
+        )
         # the optimizer's own metrics measure updates, as the rate does (averaged over updates)
         own = set(transform_metrics(state.opt_state)) - {"skipped"}
         self.ledger = Ledger.from_tree(state.driver, self.stopping.early_stopping, own)

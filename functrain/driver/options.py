@@ -32,6 +32,7 @@ import torch
 
 from functrain.checkpoint.directory import is_committed
 from functrain.checkpoint.format import MANIFEST
+from functrain.core.compiled import CompiledStep
 from functrain.core.state import LossFn
 from functrain.driver.evaluation import EvalMetric
 from functrain.driver.run_config import json_config
@@ -360,6 +361,15 @@ def _device(name: str, value: Any) -> list[str]:
     ]
 
 
+def _compiled(name: str, value: Any) -> list[str]:
+    if isinstance(value, (bool, CompiledStep)):
+        return []
+    return [
+        f"{name} must be True, False or a functrain.compile_step(...) (to choose its backend, "
+        f"mode or check_loss), got {name}={value!r}"
+    ]
+
+
 def early_stopping_of(value: Any) -> tuple[EarlyStopping | None, list[str]]:
     """`value` as an `EarlyStopping`, with the problems found (the value is None if any).
 
@@ -650,7 +660,9 @@ class Execution(_Group):
 
     Attributes:
         compile: step with `functrain.compile_step()` (the step body compiled once, a graph per
-            batch shape; of a sharded state, its loss function and backward).
+            batch shape; of a sharded state, its loss function and backward), or with the
+            `CompiledStep` given: ``compile=ft.compile_step(mode="max-autotune")`` chooses its
+            backend, mode or ``check_loss`` (recorded in `run.config` as True).
         donate: give `state` up to the run (see `fit`): its tensors hold the run's first step,
             and a later use raises `DonatedStateError` (keep a copy with ``state.clone()``
             first if you need one). The results are bit for bit those without it. A run that
@@ -661,7 +673,7 @@ class Execution(_Group):
             target, so `loss_fn` needs no ``.to(device)``.
     """
 
-    compile: bool = option(False)
+    compile: bool | CompiledStep = option(False, check=_compiled)
     donate: bool = option(False)
     device: str | torch.device | None = option(None, check=_device)
 
@@ -704,10 +716,12 @@ class FitOptions:
             (2, 50, False)
         """
         return {
-            f.name: getattr(group, f.name)
+            # (a compile_step() given: the run is compiled, as with True)
+            f.name: True if isinstance(value, CompiledStep) else value
             for group in attrs.astuple(self, recurse=False)
             for f in attrs.fields(type(group))
             if f.metadata["plain"]
+            for value in (getattr(group, f.name),)
         }
 
 

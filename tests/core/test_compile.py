@@ -782,6 +782,50 @@ def test_a_stacked_step_compiled_wrongly_is_put_back_and_runs_eagerly() -> None:
     assert torch.equal(metrics["loss"], expected["loss"])
 
 
+@pytest.mark.parametrize("check_loss", [True, False])
+def test_fit_steps_with_the_compile_step_it_is_given(check_loss: bool) -> None:
+    # fit(compile=compile_step(...)) runs that step: its backend (here one that computes the loss
+    # wrongly) and its check_loss; run.config records the run as compiled
+    data = torch.utils.data.TensorDataset(
+        torch.randn(16, 6, generator=torch.Generator().manual_seed(3)),
+        torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(4)),
+    )
+    step = ft.compile_step(backend="functrain_test_loss_doubled", check_loss=check_loss)
+    seen: list[Any] = []
+
+    class Config(ft.Callback):
+        def on_train_begin(self, run: Any) -> None:
+            seen.append(run.config["compile"])
+
+    options = dict(batch_size=8, max_epochs=1, progress=False, verbosity="silent", donate=True)
+    eager = ft.fit(_dropout_mlp(), data, **options).state  # type: ignore[arg-type]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = ft.fit(
+            _dropout_mlp(),
+            data,
+            compile=step,
+            callbacks=[Config()],
+            **options,  # type: ignore[arg-type]
+        ).state
+    said = [w for w in caught if issubclass(w.category, ft.EagerStepWarning)]
+    assert seen == [True]
+    if check_loss:  # caught, put back and run eagerly: the eager run's bits
+        assert len(said) == 1 and "fit(compile=functrain.compile_step(check_loss=False))" in str(
+            said[0].message
+        )
+        ft.testing.assert_states_equal(state, eager, ignore=("driver",))  # (its timings)
+    else:  # trusted: the backend's losses are reported (doubled) and no warning
+        assert not said
+        assert int(state.step) == 2
+
+
+def test_fit_refuses_a_compile_that_is_no_compile_step() -> None:
+    data = torch.utils.data.TensorDataset(torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    with pytest.raises(ft.ConfigError, match=r"compile must be True, False or a functrain"):
+        ft.fit(_dropout_mlp(), data, batch_size=8, compile="inductor")  # type: ignore[arg-type]
+
+
 @needs_cxx
 def test_a_batchnorm_and_dropout_model_trains_with_its_dropout_under_inductor() -> None:
     # torch 2.13's inductor compiles this donated AdamW step so that the dropout reads its mask
