@@ -53,9 +53,13 @@ __all__ = [
     "run_gradient_hooks",
     "samples_in",
     "split_loss",
+    "STEP_METRICS",
 ]
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# the names of the step's own metrics, which a loss function's metrics would overwrite
+STEP_METRICS = frozenset({"loss", "lr", "skipped", "grad_norm"})
 
 # why a loss without gradients is refused
 NO_GRADIENT = (
@@ -76,8 +80,8 @@ def split_loss(out: Any, name: str = "loss_fn") -> tuple[torch.Tensor, dict[str,
     dict's entries (a model's output holds its logits).
 
     Raises:
-        LossError: the loss is not a scalar floating-point tensor (a dict included), or the metrics
-            are not 0-d tensors.
+        LossError: the loss is not a scalar floating-point tensor (a dict included), the metrics
+            are not 0-d tensors, or a metric has the name of one of the step's own.
     """
     if type(out) is torch.Tensor and out.ndim == 0 and out.is_floating_point():
         return out, {}  # the usual loss: none of the checks below can fail
@@ -98,6 +102,14 @@ def split_loss(out: Any, name: str = "loss_fn") -> tuple[torch.Tensor, dict[str,
         raise LossError(
             f"{name}'s metrics must be a dict of tensors (keep them as tensors, do not call "
             f".item()), got {bad}"
+        )
+    taken = [k for k in aux if k in STEP_METRICS or (isinstance(k, str) and k.startswith("lr/"))]
+    if taken:
+        raise LossError(
+            f"{name}'s metrics must not reuse the names of the step's own metrics (loss, lr, "
+            f"lr/<group>, skipped, grad_norm), got {', '.join(repr(k) for k in taken)}: the step "
+            "reports its loss under 'loss' (what evaluation and early stopping compare); rename "
+            f"each ({{'my_{taken[0]}': ...}})"
         )
     if not torch.compiler.is_compiling():  # traced: `gradients` checks, outside torch.func.grad
         check_scalar_metrics(aux, name)

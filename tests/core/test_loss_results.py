@@ -148,3 +148,29 @@ def test_out_of_memory_in_the_loss_comes_out_as_torch_raised_it_not_as_a_batch_e
         ft.train_step(state, BATCH)
     with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):
         ft.eval_step(state, BATCH)
+
+
+@pytest.mark.parametrize("name", ["loss", "lr", "skipped", "grad_norm", "lr/head"])
+def test_a_metric_named_as_one_of_the_steps_own_is_refused_not_reported_in_its_place(
+    name: str,
+) -> None:
+    # a hand loop reports the loss it trains on; the metric of the same name must not replace it
+    def loss_fn(model: Any, batch: Any) -> Any:
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        return loss, {name: torch.tensor(123.0)}
+
+    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn)
+    expected = re.escape(f"got {name!r}: the step reports its loss under 'loss'")
+    for step in (ft.train_step, ft.compile_step(backend="eager")):
+        with pytest.raises(ft.LossError, match=expected):
+            step(state, BATCH)
+    with pytest.raises(ft.LossError, match=expected):
+        ft.eval_step(state, BATCH)
+    with pytest.raises(ft.LossError, match=expected.replace("loss_fn", "eval_fn")):
+        ft.eval_step(state, BATCH, eval_fn=loss_fn)
+    renamed = ft.TrainState.create(
+        make_mlp(), ft.sgd(0.1), lambda m, b: (loss_fn(m, b)[0], {f"my_{name}": torch.tensor(1.0)})
+    )
+    model = make_mlp()
+    _, metrics = ft.train_step(renamed, BATCH)
+    assert torch.equal(metrics["loss"], F.cross_entropy(model(BATCH[0]), BATCH[1]).detach())
