@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from functrain.errors import ConfigError, StateMismatchError
+from functrain.errors import ConfigError, StateMismatchError, config_check
 from functrain.optim.combine import chain
 from functrain.optim.naming import recorded_call
 from functrain.optim.rules.formula import checked_parked
@@ -37,6 +37,7 @@ from functrain.tree import escape_key, leaves_by_path
 __all__ = [
     "DERIVED",
     "refuse_derived",
+    "refuse_bad_counters",
     "ordered_like",
     "carried",
     "parked_carried",
@@ -67,6 +68,40 @@ def refuse_derived(changes: dict[str, Any]) -> None:
             f"replace that instead (a {name} given by hand could disagree with the state's "
             "optimizer state and options, and a step would not say so)"
         )
+
+
+def refuse_bad_counters(changes: dict[str, Any], current: dict[str, torch.Tensor]) -> None:
+    """Raise one `ConfigError` for each counter in `changes` that is no count: an int >= 0, or an
+    integer tensor of the counter's shape (`current`, by name) or 0-d.
+
+    A tensor's values are not read (that would wait for its device): its dtype and shape are.
+    """
+    problems = []
+    for name, value in changes.items():
+        if name not in current:
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value < 2**63:
+                problems.append(f"{name} must be an int in [0, 2**63), got {name}={value}")
+        elif isinstance(value, torch.Tensor):
+            shape = tuple(current[name].shape)
+            if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+                problems.append(
+                    f"{name} must be a count, got a tensor of dtype {value.dtype}: give an int "
+                    f"({name}=int(value)) or an integer tensor"
+                )
+            elif tuple(value.shape) not in ((), shape):
+                problems.append(
+                    f"{name} must hold one count"
+                    + (f" per member, shape {list(shape)}" if shape else "")
+                    + f", got a tensor of shape {list(value.shape)}"
+                )
+        else:
+            problems.append(
+                f"{name} must be an int >= 0 or an integer tensor, got {type(value).__name__} "
+                f"{value!r}: give {name}=int(...)"
+            )
+    config_check(problems, "TrainState.replace")
 
 
 def ordered_like(given: dict[str, torch.Tensor], order: dict[str, Any]) -> dict[str, torch.Tensor]:

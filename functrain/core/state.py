@@ -45,6 +45,7 @@ from functrain.core.replacement import (
     counting,
     ordered_like,
     parked_carried,
+    refuse_bad_counters,
     refuse_derived,
     resplit,
     shared_storage,
@@ -540,7 +541,8 @@ class TrainState:
 
         Raises:
             ConfigError: a derived field, tensors that share storage, invalid options, tensors that
-                require grad in an ordinary state's stepped fields.
+                require grad in an ordinary state's stepped fields, a counter that is no count
+                (negative, a float, a tensor of another shape).
             StateMismatchError: an optimizer or options whose state does not fit this one's.
             DonatedStateError: this state was donated to a step.
 
@@ -557,6 +559,7 @@ class TrainState:
         """
         self.check_live("TrainState.replace")
         refuse_derived(changes)
+        refuse_bad_counters(changes, {name: getattr(self, name) for name in COUNTERS})
         if not self.options.differentiable:
             refuse_graph_tensors(changes, "TrainState.replace")
         for name in COUNTERS:  # each state's own: a write into one changes no other state

@@ -572,3 +572,27 @@ def test_another_models_tree_through_with_tree_is_a_state_mismatch_naming_the_fi
         ft.predict(state.with_tree(state.tree()), torch.ones(1, 2)),
         ft.predict(state, torch.ones(1, 2)),
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "got"),
+    [
+        (-1, "must be an int in [0, 2**63), got step=-1"),
+        (2**64, "must be an int in [0, 2**63)"),
+        (1.5, "must be an int >= 0 or an integer tensor, got float 1.5: give step=int(...)"),
+        ("3", "must be an int >= 0 or an integer tensor, got str '3'"),
+        (True, "must be an int >= 0 or an integer tensor, got bool True"),
+        (torch.tensor(2.5), "must be a count, got a tensor of dtype torch.float32"),
+        (torch.tensor([1, 2]), "must hold one count, got a tensor of shape [2]"),
+    ],
+)
+def test_replace_refuses_a_counter_that_is_no_count_before_any_step(
+    value: object, got: str
+) -> None:
+    # a hand loop's step count is a non-negative int: a negative one would run a warm-up schedule
+    # at steps before its first (a learning rate of 0), a fractional one between its steps
+    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), cross_entropy_loss_fn)
+    with pytest.raises(ft.ConfigError, match=re.escape(got)):
+        state.replace(step=value)
+    assert int(state.replace(step=3).step) == 3
+    assert int(state.replace(step=torch.tensor(4)).step) == 4
