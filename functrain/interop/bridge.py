@@ -997,11 +997,19 @@ def _counts(
                 own_groups.append(k)
             if len(seen) > 1:
                 shown = sorted(str(s) for s in seen)
+                most = max(int(s["step"]) for s in g.state if "step" in s)
+                behind = [
+                    n
+                    for n, s in zip(g.names, g.state, strict=True)
+                    if "step" not in s or int(s["step"]) != most
+                ]
                 config_check(
                     [
                         f"param_groups[{k}]: its parameters took different numbers of steps "
                         f"({', '.join(shown)}: some had no gradient); functrain updates a group "
-                        "together"
+                        f"together: {listed(behind)} took fewer than {most}; freeze them before "
+                        "converting (requires_grad_(False): the converted run keeps them fixed, "
+                        "as torch does), or convert once they have taken a step"
                     ],
                     where,
                 )
@@ -1286,7 +1294,9 @@ def _refuse_partial_buffers(group: _Group) -> None:
         raise ConfigError(
             f"from_torch_optimizer: {', '.join(missing[:3])} of a parameter group have no "
             "momentum buffer while the others have one (they had no gradient yet); functrain's "
-            "momentum updates a group together: convert once every parameter has taken a step"
+            "momentum updates a group together: freeze them before converting "
+            "(requires_grad_(False): the converted run keeps them fixed, as torch does), or "
+            "convert once every parameter has taken a step"
         )
 
 

@@ -561,9 +561,27 @@ def test_a_group_whose_parameters_have_no_state_beside_others_is_refused() -> No
     optimizer.step()
     with pytest.raises(
         ConfigError,
-        match=r"its parameters took different numbers of steps \(1, None: some had no gradient\)",
+        match=r"its parameters took different numbers of steps \(1, None: some had no gradient\)"
+        r"; functrain updates a group together: 0\.bias, 2\.weight, 2\.bias took fewer than 1; "
+        r"freeze them before converting \(requires_grad_\(False\)",
     ):
         ft.from_torch_optimizer(optimizer, model)
+    for p in (model[0].bias, model[2].weight, model[2].bias):  # the fix the message gives
+        p.requires_grad_(False)
+    assert ft.from_torch_optimizer(optimizer, model).names == ("0.weight",)
+
+
+def test_sgd_parameters_without_a_momentum_buffer_beside_others_are_refused() -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    optimizer.step()
+    with pytest.raises(
+        ConfigError,
+        match=r"0\.bias, 2\.weight, 2\.bias of a parameter group have no momentum buffer .*"
+        r"freeze them before converting \(requires_grad_\(False\)",
+    ):
+        ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn)
 
 
 def test_export_to_a_mismatched_torch_optimizer_is_refused() -> None:
