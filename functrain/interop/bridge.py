@@ -746,7 +746,8 @@ def _scheduled(
             _swalr_continued(scheduler, group, counts, steps_per_epoch)
             for group in optimizer.param_groups
         ]
-    config_check(_step_problems(scheduler, counts, steps_per_epoch), where)
+    counted = torch_class(optimizer).counted  # type: ignore[union-attr]
+    config_check(_step_problems(scheduler, counts, steps_per_epoch, counted), where)
     config_check(_restart_problems(scheduler), where)
     schedules = []
     for k, group in enumerate(optimizer.param_groups):
@@ -878,18 +879,39 @@ def _swalr_continued(
     return schedule if steps_per_epoch is None else per_epoch(schedule, steps_per_epoch)
 
 
-def _step_problems(scheduler: Any, counts: Sequence[int], steps_per_epoch: int | None) -> list[str]:
-    """A scheduler whose count is not the optimizer's (its epochs', with `steps_per_epoch`)."""
+def _step_problems(
+    scheduler: Any, counts: Sequence[int], steps_per_epoch: int | None, counted: bool = True
+) -> list[str]:
+    """A scheduler whose count is not the optimizer's (its epochs', with `steps_per_epoch`).
+
+    `counted`: the optimizer keeps its count (else the count is `from_torch_optimizer`'s ``step``).
+    """
     steps = _scheduler_steps(scheduler)
     count = max(counts)
     if steps_per_epoch is None:
         if steps is None or all(steps == c for c in counts):
             return []
+        if not counted:
+            return [
+                f"the scheduler stepped {steps} times, where step={count} says the optimizer "
+                f"stepped {count} (torch's {type(scheduler.optimizer).__name__} keeps no count "
+                f"of its own): pass step={steps} for a scheduler stepped once per optimizer "
+                "step, steps_per_epoch=<optimizer steps per epoch> for one stepped once an "
+                "epoch, or lr= yourself"
+            ]
+        skipped = (
+            f"; the scheduler of torch's AMP recipe, stepped every iteration, also counts the "
+            f"{steps - count} steps GradScaler skipped: pass lr= the schedule read that many "
+            f"steps on (lr=lambda s: <its lr at s + {steps - count}>) and create the state "
+            "with schedule_count='steps', which counts the skipped steps from here on"
+            if steps > count
+            else ""
+        )
         return [
             f"the scheduler stepped {steps} times, the optimizer {count}: functrain runs a "
             "schedule on the update count; step the scheduler once per optimizer step, pass "
             "steps_per_epoch=<optimizer steps per epoch> for one stepped once an epoch, or pass "
-            "lr= yourself"
+            f"lr= yourself{skipped}"
         ]
     epochs = [c // steps_per_epoch for c in counts]
     if steps is None or all(steps == e for e in epochs):

@@ -19,7 +19,7 @@ from torch.optim import lr_scheduler as L
 import functrain as ft
 from functrain.errors import ConfigError
 from tests.comparisons import assert_trees_equal
-from tests.models import loss_fn
+from tests.models import cross_entropy_loss_fn, loss_fn, make_tanh_mlp, tanh_mlp_batches
 
 torch.manual_seed(0)
 DATA = [(torch.randn(16, 6), torch.randn(16, 3)) for _ in range(16)]
@@ -359,3 +359,61 @@ def test_a_lambda_of_torchs_int_epoch_indexing_a_table_continues_bit_for_bit() -
         torch_step(expected, expected_opt, batch, expected_scheduler)
     assert rates == [float(torch.tensor(r, dtype=torch.float32)) for r in torch_rates[K:]]
     assert_trees_equal(state.params, {n: p.detach() for n, p in expected.named_parameters()})
+
+
+def test_an_amp_run_whose_scheduler_counts_the_skipped_steps_is_refused_with_the_shift() -> None:
+    """torch's AMP recipe steps its scheduler every iteration, an overflow's too, while the
+    optimizer counts the steps it took: the refusal says by how much the schedule is ahead, and
+    the shifted schedule with ``schedule_count="steps"`` continues torch's run."""
+    settings = {"init_scale": 2.0**24, "growth_interval": 3}  # overflows at the start
+
+    def amp_steps(model: Any, optimizer: Any, scaler: Any, scheduler: Any, batches: Any) -> None:
+        for batch in batches:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = cross_entropy_loss_fn(model, batch)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+
+    batches = tanh_mlp_batches(14)
+    model = make_tanh_mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-2, fused=True)
+    scheduler = L.LambdaLR(optimizer, lambda s: 1 / (1 + s))
+    scaler = torch.amp.GradScaler("cpu", **settings)
+    amp_steps(model, optimizer, scaler, scheduler, batches[:9])
+    assert optimizer.state[model[0].weight]["step"] == 3  # six overflows skipped
+    with pytest.raises(
+        ConfigError,
+        match=r"the scheduler stepped 9 times, the optimizer 3: .* also counts the 6 steps "
+        r"GradScaler skipped: pass lr= the schedule read that many steps on "
+        r"\(lr=lambda s: <its lr at s \+ 6>\) and create the state with schedule_count='steps'",
+    ):
+        ft.from_torch_optimizer(optimizer, model, scheduler=scheduler)
+    converted = ft.from_torch_optimizer(optimizer, model, lr=lambda s: 1e-2 * (1 / (1 + (s + 6))))
+    state = converted.create_state(
+        copy.deepcopy(model),
+        cross_entropy_loss_fn,
+        precision="fp16",
+        loss_scale={**settings, "init_scale": scaler.get_scale()},
+        schedule_count="steps",
+    )
+    for batch in batches[9:]:
+        state, _ = ft.train_step(state, batch)
+    amp_steps(model, optimizer, scaler, scheduler, batches[9:])
+    assert_trees_equal(state.params, {n: p.detach() for n, p in model.named_parameters()})
+
+
+def test_an_sgd_step_that_disagrees_with_its_scheduler_is_refused_as_the_step_given() -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = L.StepLR(optimizer, 2, 0.5)
+    for batch in DATA[:K]:
+        torch_step(model, optimizer, batch, scheduler)
+    with pytest.raises(
+        ConfigError,
+        match=r"the scheduler stepped 8 times, where step=7 says the optimizer stepped 7 "
+        r"\(torch's SGD keeps no count of its own\): pass step=8",
+    ):
+        ft.from_torch_optimizer(optimizer, model, scheduler=scheduler, step=K - 1)
