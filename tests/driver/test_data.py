@@ -632,6 +632,34 @@ def test_a_replay_seeds_torch_python_and_numpy_where_the_batches_are_made(worker
     assert len(set(whole[:, 2].tolist())) == 16  # the draws are there to compare
 
 
+class NumpyShuffled(torch.utils.data.Sampler[int]):
+    """An order drawn from numpy's and Python's global generators, in the process iterating it."""
+
+    def __iter__(self) -> Any:
+        order = np.random.permutation(16).tolist()
+        random.shuffle(order)
+        return iter(order)
+
+    def __len__(self) -> int:
+        return 16
+
+
+def test_a_replay_seeds_a_sampler_drawing_from_numpy_and_random_with_workers() -> None:
+    # with workers the sampler still draws in this process: its order is the epoch's
+    def replayed(start: int) -> list[float]:
+        data = torch.utils.data.TensorDataset(torch.arange(16.0))
+        loader = Replayed(data, batch_size=2, sampler=NumpyShuffled(), num_workers=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if start else "error")
+            return torch.cat([b[0] for b in IterableSource(loader).epoch(1, start=start)]).tolist()
+
+    np.random.seed(1), random.seed(1)
+    whole = replayed(0)
+    np.random.seed(2), random.seed(2)  # the caller's: not the replay's
+    assert replayed(3) == whole[6:]
+    assert sorted(whole) == [float(i) for i in range(16)]
+
+
 def test_the_replay_warning_is_short_and_only_where_the_checkpoint_cannot_check_it() -> None:
     here = IterableSource(Replayed(Draws(), batch_size=2))
     unchecked = (

@@ -58,9 +58,9 @@ class IterableSource:
     replayed batches are those of the interrupted epoch, an epoch draws from generators seeded
     from (seed, epoch) (`EpochStream`): torch's global generator and the `torch.Generator`
     objects a `DataLoader` and its sampler hold (a `RandomSampler`'s order and the workers' seeds
-    come from them); where the source runs in this process (no workers), Python's and numpy's
-    global generators are seeded for each batch from (seed, epoch, position), the caller's put
-    back after. A loader's workers
+    come from them); in this process (where the source runs, or with workers where its sampler
+    draws), Python's and numpy's global generators are seeded for each batch from (seed, epoch,
+    position), the caller's put back after. A loader's workers
     are seeded by torch from their base seed, drawn in that stream. A sampler or dataset with
     ``set_epoch`` (a `DistributedSampler`) is told the epoch first. Lists and tuples are iterated
     as they are.
@@ -175,11 +175,10 @@ class IterableSource:
         stream = EpochStream(
             mix(self.seed, epoch), generators_of(self.source), python_and_numpy=False
         )
-        # Python's and numpy's generators matter where the data is made (workers seed their own):
-        # seeded for each draw from its place, as a Batcher's batches are (a stream of them would
-        # save and restore numpy's state twice as often)
-        here = getattr(self.source, "num_workers", 0) == 0
-        seeds = (mix(self.seed, epoch, position) if here else None for position in count(-1))
+        # Python's and numpy's generators, seeded for each draw from its place, as a Batcher's
+        # batches are (a stream of them would save and restore numpy's state twice as often): in
+        # this process the data is made, or, with workers (which seed their own), a sampler draws
+        seeds = (mix(self.seed, epoch, position) for position in count(-1))
         it = stream.draw(partial(_with_seed, partial(iter, self.source), next(seeds)))
         while True:
             batch = stream.draw(partial(_with_seed, partial(next, it, EXHAUSTED), next(seeds)))
