@@ -19,6 +19,7 @@ from functrain.driver.data import (
     IterableSource,
     MemberSource,
     batch_size_problems,
+    loading_problems,
     member_problems,
 )
 from functrain.driver.evaluation import evaluation_problems
@@ -66,6 +67,12 @@ def fit_problems(
             (eval_data, test_data),
             options.batching.batch_size,
             options.batching.eval_batch_size,
+        ),
+        *loading_problems(
+            train_data,
+            options.batching.shuffle,
+            options.batching.drop_last,
+            options.batching.num_workers,
         ),
         *member_problems(state, data),
         *_window_problems(state, options.batching.partial_window),

@@ -546,11 +546,14 @@ class Batching(_Group):
             where no data would use it: a `DataLoader` or a list of batches makes its own
             batches.
         eval_batch_size: the same for `eval_data` and `test_data` (None: `batch_size`).
-        shuffle: shuffle map-style training data each epoch.
-        drop_last: drop the last, short batch of map-style training data.
+        shuffle: shuffle map-style training data each epoch; ``False`` with a `DataLoader` that
+            shuffles is refused (a `ConfigError`: build it with ``shuffle=False``).
+        drop_last: drop the last, short batch of map-style training data; ``True`` with a
+            `DataLoader` built with ``drop_last=False`` is refused.
         data_seed: the seed of the data's order (map-style data, a DataLoader) and of the
             randomness drawn while loading it.
-        num_workers: worker processes loading map-style training data.
+        num_workers: worker processes loading map-style training data; refused with data
+            batched already (a `DataLoader` loads with its own ``num_workers``).
         partial_window: under gradient accumulation (``accumulate_steps=N`` at create), what an
             epoch whose batches are not a multiple of N does with its last, partial window:
             ``"carry"`` carries it on into the next epoch (the window counts batches, not

@@ -632,6 +632,25 @@ def test_a_replay_seeds_torch_python_and_numpy_where_the_batches_are_made(worker
     assert len(set(whole[:, 2].tolist())) == 16  # the draws are there to compare
 
 
+def test_loading_options_a_dataloader_would_not_follow_are_refused() -> None:
+    data = torch.utils.data.TensorDataset(torch.arange(10.0), torch.zeros(10))
+    state = ft.TrainState.create(
+        torch.nn.Linear(1, 1), ft.sgd(0.1), lambda m, b: m(b[0][:, None]).sum()
+    )
+    quiet = {"max_epochs": 1, "progress": False, "verbosity": "silent"}
+    loader = DataLoader(data, batch_size=4, shuffle=True)
+    for given, refused in [
+        ({"shuffle": False}, r"shuffle=False would be ignored: train_data is a DataLoader that"),
+        ({"drop_last": True}, r"drop_last=True would be ignored: train_data is a DataLoader bu"),
+        ({"num_workers": 2}, r"num_workers=2 would be ignored: train_data is a DataLoader, wh"),
+    ]:
+        with pytest.raises(ConfigError, match=refused):
+            ft.fit(state, loader, **given, **quiet)
+    # what the data does anyway is not refused: a list of batches is never shuffled
+    ft.fit(state, list(DataLoader(data, batch_size=4)), shuffle=False, **quiet)
+    ft.fit(state, DataLoader(data, batch_size=4, drop_last=True), drop_last=True, **quiet)
+
+
 class NumpyShuffled(torch.utils.data.Sampler[int]):
     """An order drawn from numpy's and Python's global generators, in the process iterating it."""
 

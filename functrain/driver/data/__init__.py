@@ -15,7 +15,8 @@ Each source's batch order and randomness are pure functions of the run.
 - `members`: `member_data` gives each member of a stacked state its own data; `MemberSource` reads
   the members' sources in lockstep and stacks each step's batches into one `PerMember` batch.
 - `source`: `as_source`, the source `fit` reads any data it accepts through; `is_batched`, whether
-  data comes batched (a `batch_size` given with it would be ignored: `batch_size_problems`).
+  data comes batched (a `batch_size` given with it would be ignored: `batch_size_problems`; a
+  ``shuffle``, ``drop_last`` or ``num_workers`` it would not follow: `loading_problems`).
 - `devices`: `batch_device` and `to_device`, where batches go.
 
 `Batcher` and `DataLoaderSource` load every batch with the global generators seeded from its place
@@ -38,7 +39,12 @@ from functrain.driver.data.members import (
     samples_per_member,
     stacked_batch,
 )
-from functrain.driver.data.source import as_source, batch_size_problems, is_batched
+from functrain.driver.data.source import (
+    as_source,
+    batch_size_problems,
+    is_batched,
+    loading_problems,
+)
 from functrain.driver.data.stateful import (
     StatefulSource,
     is_stateful,
@@ -63,6 +69,7 @@ __all__ = [
     "generators_of",
     "is_batched",
     "is_stateful",
+    "loading_problems",
     "loader_problem",
     "member_data",
     "member_problems",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from functrain.driver.data.batcher import Batcher
 from functrain.driver.data.iterable import IterableSource
@@ -119,6 +119,42 @@ def batch_size_problems(
         problems.append(_ignored("batch_size", batch_size, "train_data", train))
     if eval_batch_size is not None and given and not samples:
         problems.append(_ignored("eval_batch_size", eval_batch_size, "eval_data", given[0]))
+    return problems
+
+
+def loading_problems(train: Any, shuffle: bool, drop_last: bool, num_workers: int) -> list[str]:
+    """`fit`'s ``shuffle``, ``drop_last`` and ``num_workers`` where the training data, batched
+    already, would not do what they say: they act on map-style data `fit` batches alone.
+
+    Example:
+        >>> loader = DataLoader(range(8), batch_size=4, shuffle=True)
+        >>> [problem] = loading_problems(loader, False, False, 0)
+        >>> problem.split(":")[0]
+        'shuffle=False would be ignored'
+    """
+    if train is None or not is_batched(train):
+        return []
+    kind, loader = type(train).__name__, train if isinstance(train, DataLoader) else None
+    where = "set it where the DataLoader is built" if loader is not None else "batch it so"
+    problems = []
+    if not shuffle and loader is not None and isinstance(loader.sampler, RandomSampler):
+        problems.append(
+            f"shuffle=False would be ignored: train_data is a {kind} that shuffles (shuffle=True "
+            "where it is built); build it with shuffle=False, or give fit the dataset itself "
+            "(loader.dataset) with batch_size=... and shuffle=False"
+        )
+    if drop_last and loader is not None and not loader.drop_last:
+        problems.append(
+            f"drop_last=True would be ignored: train_data is a {kind} built with "
+            "drop_last=False; build it with drop_last=True, or give fit the dataset itself "
+            "(loader.dataset) with batch_size=... and drop_last=True"
+        )
+    if num_workers and getattr(train, "num_workers", None) != num_workers:
+        problems.append(
+            f"num_workers={num_workers} would be ignored: train_data is a {kind}, which loads "
+            f"its batches itself; drop num_workers=... ({where}), or give fit a map-style "
+            "dataset with batch_size=... for its workers to load"
+        )
     return problems
 
 
