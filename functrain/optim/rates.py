@@ -29,6 +29,7 @@ from __future__ import annotations
 import array
 import functools
 import hashlib
+import inspect
 import math
 import operator
 import struct
@@ -243,7 +244,16 @@ def _host_value(fn: Callable[[int], Any], count: torch.Tensor) -> torch.Tensor:
     if under_vmap() or (count.is_cuda and torch.cuda.is_current_stream_capturing()) or count.ndim:
         raise ConfigError(_NO_HOST_STEP.format(name=_plain_name(fn)))
     step = int(count)  # the one host read of a plain function's step, as LambdaLR's
-    given = fn(step)
+    try:
+        given = fn(step)
+    except TypeError:
+        if _takes_a_step(fn):
+            raise  # (the function's own error)
+        raise ConfigError(
+            f"the schedule {_plain_name(fn)} must take one argument, the step (an int), as "
+            f"LambdaLR's function does; it cannot be called as {_plain_name(fn)}({step}): write "
+            "lambda step: ..."
+        ) from None
     try:
         value = float(given)
     except (TypeError, ValueError, RuntimeError):  # (not a number, nor a one-element tensor)
@@ -252,6 +262,17 @@ def _host_value(fn: Callable[[int], Any], count: torch.Tensor) -> torch.Tensor:
             f"{given!r} at step {step}"
         ) from None
     return as_float64(value, count.device)
+
+
+def _takes_a_step(fn: Callable[..., Any]) -> bool:
+    """Whether `fn` can be called with one positional argument (True where that is unknown)."""
+    try:
+        inspect.signature(fn).bind(0)
+    except TypeError:
+        return False
+    except ValueError:  # (no signature to read: a builtin's)
+        return True
+    return True
 
 
 # the functions `host_rate` calls, by their ids: held weakly where they can be (a configuration's

@@ -366,6 +366,20 @@ def test_a_decay_schedule_trains_as_the_package_writing_it_into_the_group(
 
 
 @pytest.mark.parametrize("argument", ["lr", "weight_decay"])
+def test_a_schedule_that_takes_no_step_is_refused_and_its_own_errors_come_out(
+    argument: str,
+) -> None:
+    # LambdaLR's function takes the step: one of another signature is named with the fix, where
+    # a TypeError inside a function that takes it is the function's own
+    for wrong in (lambda a, b: 0.01, lambda: 0.01):
+        with pytest.raises(ConfigError, match=rf"{argument}: the schedule .* must take one arg"):
+            ft.adamw(**{"lr": 0.01, argument: wrong})
+    with pytest.raises(TypeError, match="unsupported operand"):
+        tx = ft.adamw(**{"lr": 0.01, argument: lambda step: None + step})
+        ft.train_step(ft.TrainState.create(make_model(), tx, loss_fn), BATCHES[0])
+
+
+@pytest.mark.parametrize("argument", ["lr", "weight_decay"])
 def test_a_schedule_that_gives_no_number_is_refused_naming_it(argument: str) -> None:
     given = {"lr": 0.01, argument: lambda it: "x"}
     with pytest.raises(ConfigError, match=rf"{argument}: the schedule .* gives 'x' at step 0"):
