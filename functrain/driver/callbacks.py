@@ -196,6 +196,11 @@ def check_callback(callback: Any) -> list[str]:
     Raises:
         ConfigError: a hook has the wrong signature, or the object implements no hook.
     """
+    if isinstance(callback, type):
+        raise ConfigError(
+            f"callbacks takes callback objects, got the class {callback.__name__}: pass "
+            f"{callback.__name__}(...)"
+        )
     # a hook counts unless it is `Callback`'s no-op; `on()` sets its hook on the instance, not the
     # class
     hooks = [

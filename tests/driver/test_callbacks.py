@@ -96,6 +96,11 @@ def test_an_object_without_hooks_is_not_a_callback() -> None:
         quiet_fit(make_state(), sum_dataset(), max_epochs=1, callbacks=[object()])
 
 
+def test_a_callback_class_given_for_its_object_is_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match=r"got the class LRMonitor: pass LRMonitor\(\.\.\.\)"):
+        quiet_fit(make_state(), sum_dataset(), max_epochs=1, callbacks=[ft.LRMonitor])
+
+
 def test_a_plain_class_with_hook_methods_is_a_callback() -> None:
     class Counter:
         def __init__(self) -> None:
