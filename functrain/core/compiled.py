@@ -64,7 +64,7 @@ from functrain.core.capture import (
     write_back,
 )
 from functrain.core.create import STEP_COUNTERS
-from functrain.core.donation import step_in_scope, wait_until_unheld
+from functrain.core.donation import refuse_donate, step_in_scope, wait_until_unheld
 from functrain.core.guards import Spent, Watched, guard_filter, refuse_if_spent
 from functrain.core.loss import call_loss, check_scalar_metrics, checkpoint_refusal
 from functrain.core.scope import Scope, enter, leave, leave_with
@@ -348,6 +348,8 @@ class CompiledStep:
                 "a compiled step expects a functrain.TrainState as its first argument, "
                 f"got {type(state).__name__}"
             )
+        if donate is not False and donate is not True:
+            refuse_donate(donate, "a compiled step")
         if state.check_live("a compiled step") and donate:
             # it lends tensors a donated step writes to live states (`TrainState.check_live`):
             # computed as a pure step, and the given state retired alone

@@ -29,6 +29,7 @@ from functrain.core.binding import STEP_LOCK
 from functrain.core.scope import enter, leave, leave_with, outside_graph
 from functrain.core.state import TrainState
 from functrain.distributed.sharding import is_sharded
+from functrain.errors import ConfigError
 from functrain.optim.base import Extras
 from functrain.tree import tree_leaves
 
@@ -38,6 +39,7 @@ __all__ = [
     "hold",
     "hold_live",
     "is_held",
+    "refuse_donate",
     "retire",
     "step_in_scope",
     "wait_until_unheld",
@@ -45,6 +47,17 @@ __all__ = [
 
 DONATED = "functrain.train_step(..., donate=True)"
 """What an eager step retires the state it was given with ``donate=True`` to."""
+
+
+def refuse_donate(donate: object, where: str) -> None:
+    """Raise unless `donate` is True or False: a truthy string from a config ("no") would give
+    the state up."""
+    raise ConfigError(
+        f"{where}'s donate must be True or False, got donate={donate!r}: a step given donate "
+        "gives its state up, so no other value is taken for one (bool(...) it where it comes "
+        "from a config)"
+    )
+
 
 _held: Counter[int] = Counter()
 _released = threading.Condition()

@@ -26,7 +26,7 @@ import torch.autograd.forward_ad as fwAD
 
 from functrain.core.binding import bound, unbind
 from functrain.core.body import SWEEP_ALONE, eval_body, forward_buffers, train_body
-from functrain.core.donation import DONATED, retire, step_in_scope
+from functrain.core.donation import DONATED, refuse_donate, retire, step_in_scope
 from functrain.core.loss import RunAgain, reads_checked
 from functrain.core.program import body_step, program_for
 from functrain.core.scope import enter, in_scope, leave, outside_graph
@@ -125,6 +125,8 @@ def train_step(
             "train_step expects a functrain.TrainState as its first argument, "
             f"got {type(state).__name__}; build one with TrainState.create(...)"
         )
+    if donate is not False and donate is not True:
+        refuse_donate(donate, "train_step")
     if state.check_live("train_step") and donate:
         # it lends tensors a donated step writes to live states (`lend`): computed as a pure
         # step, and the given state retired alone

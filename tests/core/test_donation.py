@@ -790,3 +790,14 @@ def test_a_donated_state_is_retired_before_its_step_releases_the_lock(
     retired_at_release = _watch_releases(monkeypatch, state)
     step(state, batches(2)[1], donate=True)
     assert retired_at_release == [True]
+
+
+@pytest.mark.parametrize("donate", ["no", 1, None])
+def test_a_donate_that_is_no_bool_is_refused_and_the_state_kept(donate: Any) -> None:
+    # a truthy string from a config would give the state up: only True or False is taken
+    state = ft.TrainState.create(make_model(), ft.sgd(0.1), cross_entropy_loss_fn)
+    batch = batches(1)[0]
+    for step in (ft.train_step, ft.compile_step(backend="eager")):
+        with pytest.raises(ft.ConfigError, match=r"donate must be True or False, got donate="):
+            step(state, batch, donate=donate)
+        state.check_live("the test")  # still the caller's
