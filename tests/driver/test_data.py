@@ -10,7 +10,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
 import functrain as ft
 from functrain.driver import seeding
@@ -649,6 +657,31 @@ def test_loading_options_a_dataloader_would_not_follow_are_refused() -> None:
     # what the data does anyway is not refused: a list of batches is never shuffled
     ft.fit(state, list(DataLoader(data, batch_size=4)), shuffle=False, **quiet)
     ft.fit(state, DataLoader(data, batch_size=4, drop_last=True), drop_last=True, **quiet)
+
+
+def test_shuffling_samplers_and_batch_samplers_are_told_as_the_loader_iterates_them() -> None:
+    # torch's DataLoader draws its order from its batch sampler's sampler: a DistributedSampler or
+    # a batch_sampler over a RandomSampler shuffles as shuffle=True does, and a batch_sampler built
+    # with drop_last=True drops the short batch whatever the loader's own drop_last says
+    data = torch.utils.data.TensorDataset(torch.arange(10.0), torch.zeros(10))
+    state = ft.TrainState.create(
+        torch.nn.Linear(1, 1), ft.sgd(0.1), lambda m, b: m(b[0][:, None]).sum()
+    )
+    quiet = {"max_epochs": 1, "progress": False, "verbosity": "silent"}
+    spread = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True)
+    for loader in [
+        DataLoader(data, batch_size=4, sampler=spread),
+        DataLoader(data, batch_sampler=BatchSampler(RandomSampler(data), 4, False)),
+    ]:
+        assert [len(b[0]) for b in loader] == [4, 4, 2]
+        with pytest.raises(ConfigError, match=r"shuffle=False would be ignored"):
+            ft.fit(state, loader, shuffle=False, **quiet)
+    dropping = DataLoader(data, batch_sampler=BatchSampler(SequentialSampler(data), 4, True))
+    assert [b[0].tolist() for b in dropping] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
+    ft.fit(state, dropping, drop_last=True, shuffle=False, **quiet)
+    unbatched = DataLoader(list(DataLoader(data, batch_size=4)), batch_size=None)
+    with pytest.raises(ConfigError, match=r"drop_last=True would be ignored"):
+        ft.fit(state, unbatched, drop_last=True, **quiet)
 
 
 class NumpyShuffled(torch.utils.data.Sampler[int]):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SubsetRandomSampler
 
 from functrain.driver.data.batcher import Batcher
 from functrain.driver.data.iterable import IterableSource
@@ -137,13 +137,21 @@ def loading_problems(train: Any, shuffle: bool, drop_last: bool, num_workers: in
     kind, loader = type(train).__name__, train if isinstance(train, DataLoader) else None
     where = "set it where the DataLoader is built" if loader is not None else "batch it so"
     problems = []
-    if not shuffle and loader is not None and isinstance(loader.sampler, RandomSampler):
+    if not shuffle and loader is not None and _shuffles(loader):
         problems.append(
             f"shuffle=False would be ignored: train_data is a {kind} that shuffles (shuffle=True "
-            "where it is built); build it with shuffle=False, or give fit the dataset itself "
-            "(loader.dataset) with batch_size=... and shuffle=False"
+            "where it is built, or a shuffling sampler); build it with shuffle=False, or give fit "
+            "the dataset itself (loader.dataset) with batch_size=... and shuffle=False"
         )
-    if drop_last and loader is not None and not loader.drop_last:
+    # a batch_sampler of the caller's drops (or not) by its own drop_last, not the loader's
+    drops = (
+        None
+        if loader is None
+        else loader.drop_last
+        if loader.batch_sampler is None
+        else getattr(loader.batch_sampler, "drop_last", None)
+    )
+    if drop_last and loader is not None and drops is False:
         problems.append(
             f"drop_last=True would be ignored: train_data is a {kind} built with "
             "drop_last=False; build it with drop_last=True, or give fit the dataset itself "
@@ -156,6 +164,17 @@ def loading_problems(train: Any, shuffle: bool, drop_last: bool, num_workers: in
             "dataset with batch_size=... for its workers to load"
         )
     return problems
+
+
+def _shuffles(loader: DataLoader) -> bool:
+    """Whether `loader` draws its samples in a random order: its sampler (its batch sampler's, where
+    it has one of the caller's) is a `RandomSampler`, a `SubsetRandomSampler`, or a
+    `DistributedSampler` built with ``shuffle=True``. Other samplers of the caller's are not told
+    apart."""
+    sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
+    if isinstance(sampler, DistributedSampler):
+        return bool(sampler.shuffle)
+    return isinstance(sampler, RandomSampler | SubsetRandomSampler)
 
 
 def _ignored(argument: str, size: int, name: str, data: Any) -> str:
