@@ -532,7 +532,8 @@ class TrainState:
         the EMA over where their layout fits (the moments and counts kept, the settings a state
         holds, such as its learning rate, the new ones'). The fields built from others (`tx`,
         `averager`, `dist`) are refused, and so are tensors that share storage under two names.
-        The next step decides what it runs afresh.
+        A counter given as an int or an integer tensor takes the counter's dtype (int64), and one
+        value per member of a stacked state. The next step decides what it runs afresh.
 
         The new state shares the tensors it was not given with this one: a donated step on
         either retires both (`DonatedStateError` at the other's next use), where it may write
@@ -568,6 +569,11 @@ class TrainState:
                 # the counter's dtype and device, and one value per member of a stacked state
                 changes[name] = torch.full_like(getattr(self, name), value)
             elif isinstance(value, torch.Tensor):
+                # in the counter's dtype (a uint8 count would wrap at 256) and shape (a 0-d one
+                # for each member of a stacked state), as an int is
+                current = getattr(self, name)
+                if value.dtype != current.dtype or value.shape != current.shape:
+                    value = value.to(current.dtype).expand(current.shape)
                 changes[name] = own = value.clone()
                 if name == "step" and value is self.step:  # a donation of either is seen by both
                     _same_lineage(own, value)

@@ -596,3 +596,16 @@ def test_replace_refuses_a_counter_that_is_no_count_before_any_step(
         state.replace(step=value)
     assert int(state.replace(step=3).step) == 3
     assert int(state.replace(step=torch.tensor(4)).step) == 4
+
+
+def test_a_counter_given_as_a_tensor_counts_as_the_states_own_does() -> None:
+    # a hand loop's count goes on past 255 and is one per member of a stacked state: a uint8
+    # tensor must not wrap to 0 (a warm-up from its start), a 0-d one must count every member
+    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), cross_entropy_loss_fn)
+    batch = (torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))
+    stepped, _ = ft.train_step(state.replace(step=torch.tensor(255, dtype=torch.uint8)), batch)
+    assert stepped.step.dtype == torch.int64 and int(stepped.step) == 256
+    stacked = ft.stack([state, state.clone()])
+    given, _ = ft.train_step(stacked.replace(step=torch.tensor(3)), batch)
+    expected, _ = ft.train_step(stacked.replace(step=3), batch)
+    assert torch.equal(given.step, expected.step) and given.step.tolist() == [4, 4]
