@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -355,6 +356,8 @@ def from_torch_optimizer(
     if scheduler is not None and lr is not None:
         config_check(["pass lr= or scheduler=, not both"], where)
     config_check(_epoch_problems(steps_per_epoch, scheduler), where)
+    config_check(_step_argument_problems(step), where)
+    step = None if step is None else int(step)  # (a numpy integer of the caller's loop)
     slots = [(i, o, k) for i, o in enumerate(optimizers) for k in range(len(o.param_groups))]
     places = [_place(where, len(optimizers), i, k) for i, _, k in slots]
     rates = _rates(lr, len(slots), where)
@@ -559,6 +562,18 @@ def _optimizers(
             )
         seen |= ids
     return optimizers
+
+
+def _step_argument_problems(step: Any) -> list[str]:
+    """What is wrong with `from_torch_optimizer`'s `step`: a count of optimizer steps, or None."""
+    if step is None or (
+        isinstance(step, numbers.Integral) and not isinstance(step, bool) and 0 <= int(step) < 2**63
+    ):
+        return []
+    return [
+        f"step must be an int in [0, 2**63) (the optimizer steps torch took) or None, got "
+        f"step={step!r}"
+    ]
 
 
 def _epoch_problems(steps_per_epoch: Any, scheduler: Any) -> list[str]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch.optim import lr_scheduler as L
@@ -417,3 +419,18 @@ def test_an_sgd_step_that_disagrees_with_its_scheduler_is_refused_as_the_step_gi
         r"\(torch's SGD keeps no count of its own\): pass step=8",
     ):
         ft.from_torch_optimizer(optimizer, model, scheduler=scheduler, step=K - 1)
+
+
+@pytest.mark.parametrize(("step", "got"), [(-3, "step=-3"), (2.5, "step=2.5"), (True, "step=True")])
+def test_a_step_that_is_no_count_of_optimizer_steps_is_refused(step: Any, got: str) -> None:
+    # torch's SGD took K steps: a count below 0, between two steps or a flag is none of them
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for batch in DATA[:K]:
+        torch_step(model, optimizer, batch)
+    with pytest.raises(ConfigError, match=re.escape("step must be an int in [0, 2**63) (the")):
+        ft.from_torch_optimizer(optimizer, model, step=step)
+    with pytest.raises(ConfigError, match=re.escape(got)):
+        ft.from_torch_optimizer(optimizer, model, step=step)
+    converted = ft.from_torch_optimizer(optimizer, model, step=np.int64(K))
+    assert int(converted.create_state(model, loss_fn).step) == K == converted.step
