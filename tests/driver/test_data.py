@@ -733,3 +733,26 @@ def test_the_replay_warning_is_short_and_only_where_the_checkpoint_cannot_check_
         r"workers were seeded once, .* pass persistent_workers=False to resume exactly",
     ):
         list(persistent.epoch(1))  # the workers a resumed run starts differ from the straight's
+
+
+def test_a_run_that_trained_on_a_shuffling_loader_with_shuffle_false_resumes_as_refused_says(
+    tmp_path: Any,
+) -> None:
+    # such a run trained on the loader's shuffled batches: its checkpoint resumes on that order
+    # alone, which dropping shuffle=False gives, bit for bit with the run uninterrupted
+    data = TensorDataset(torch.randn(32, 3), torch.randn(32, 1))
+    quiet = {"progress": False, "verbosity": "silent"}
+
+    def state() -> ft.TrainState:
+        torch.manual_seed(1)
+        return ft.TrainState.create(torch.nn.Linear(3, 1), ft.sgd(0.1), loss_fn)
+
+    def loader() -> DataLoader:
+        return DataLoader(data, batch_size=4, shuffle=True)
+
+    ft.fit(state(), loader(), max_steps=6, checkpoint_dir=tmp_path, save_every=6, **quiet)
+    with pytest.raises(ConfigError, match=r"\(a run resumed from checkpoints it wrote\), drop "):
+        ft.fit(state(), loader(), shuffle=False, max_steps=12, checkpoint_dir=tmp_path, **quiet)
+    resumed = ft.fit(state(), loader(), max_steps=12, checkpoint_dir=tmp_path, resume=True, **quiet)
+    whole = ft.fit(state(), loader(), max_steps=12, **quiet)
+    ft.testing.assert_states_equal(resumed.state, whole.state, ignore=("driver",))

@@ -141,7 +141,9 @@ def loading_problems(train: Any, shuffle: bool, drop_last: bool, num_workers: in
         problems.append(
             f"shuffle=False would be ignored: train_data is a {kind} that shuffles (shuffle=True "
             "where it is built, or a shuffling sampler); build it with shuffle=False, or give fit "
-            "the dataset itself (loader.dataset) with batch_size=... and shuffle=False"
+            "the dataset itself (loader.dataset) with batch_size=... and shuffle=False; to go on "
+            "with the loader's shuffled order (a run resumed from checkpoints it wrote), drop "
+            "shuffle=False"
         )
     # a batch_sampler of the caller's drops (or not) by its own drop_last, not the loader's
     drops = (
