@@ -108,9 +108,18 @@ def take_step_lock() -> bool:
 # covers; (attribute dict, name) of each plain attribute holding some slot, restored on leaving
 # (and the alias slots alone, for a traced binding)
 # (and the alias slots alone, for a traced binding); the number of parameter slots, which come
-# first, and of registered slots (parameters then buffers), which a forward may rebind
+# first, and of registered slots (parameters then buffers), which a forward may rebind; the
+# (buffer table's id, name) of each buffer registered as None, which a forward may set
 _Slots = tuple[tuple[Any, Any, str], ...]
-_Plan = tuple[_Slots, frozenset[str], tuple[tuple[dict, str], ...], _Slots, int, int]
+_Plan = tuple[
+    _Slots,
+    frozenset[str],
+    tuple[tuple[dict, str], ...],
+    _Slots,
+    int,
+    int,
+    frozenset[tuple[int, str]],
+]
 
 _plans: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
 
@@ -179,6 +188,12 @@ def _make_plan(module: nn.Module) -> _Plan:
             parameters = len(slots)
     aliases, attributes = _alias_slots(module, canonical)
     registered = tuple(slots.values())
+    unset = frozenset(
+        (id(sub._buffers), local)
+        for sub in owners.values()
+        for local, value in sub._buffers.items()
+        if value is None
+    )
     return (
         registered + aliases,
         frozenset(key for _, _, key in registered),
@@ -186,6 +201,7 @@ def _make_plan(module: nn.Module) -> _Plan:
         aliases,
         parameters,
         len(registered),
+        unset,
     )
 
 
@@ -304,11 +320,13 @@ class _Binding:
         "_seen",
         "_locked",
         "_bound",
+        "_unset",
     )
 
     def __init__(self, module: nn.Module, plan: _Plan, tensors: dict) -> None:
         self._module, self._slots, self._tensors = module, plan[0], tensors
         self._attributes, self._parameters, self._registered = plan[2], plan[4], plan[5]
+        self._unset = plan[6]
         self._bound = False
 
     def __enter__(self) -> BoundModel:
@@ -342,7 +360,9 @@ class _Binding:
             return
         try:
             # a parameter or buffer registered during the block: perhaps one of ours rebound
-            rebound = self._rebound() if kind is None and _registrations[0] != self._seen else None
+            changed = kind is None and _registrations[0] != self._seen
+            rebound = self._rebound() if changed else None
+            added = self._added() if changed else None
         finally:  # the slots put back without a Python call: an interrupt cannot stop it halfway
             self._bound = False
             _open[0] -= 1
@@ -356,8 +376,30 @@ class _Binding:
             self._model._functrain_open[0] = False
             if self._locked:
                 STEP_LOCK.release()
+        if added:
+            refuse_added(added)
         if rebound:
             carry_rebound(self._tensors, rebound)
+
+    def _added(self) -> list[tuple[str, dict, str, bool]]:
+        """The buffers the block gave a tensor that the state holds none for, each put back.
+
+        ``(name, table, local, registered as None before)``: a buffer registered as None and
+        set in the forward, or one the forward registered.
+        """
+        held = {(id(table), local) for table, local, _ in self._slots[: self._registered]}
+        added = []
+        for prefix, sub in self._module.named_modules(remove_duplicate=False):
+            table = sub._buffers
+            for local, value in list(table.items()):
+                if value is not None and (id(table), local) not in held:
+                    was_none = (id(table), local) in self._unset
+                    if was_none:
+                        table[local] = None
+                    else:
+                        del table[local]
+                    added.append((f"{prefix}.{local}" if prefix else local, table, local, was_none))
+        return added
 
     def _rebound(self) -> list[tuple[str, bool, Any]]:
         """The registered slots the block rebound: ``(name, is a parameter, what it holds now)``."""
@@ -427,6 +469,28 @@ def carry_rebound(tensors: dict[str, torch.Tensor], rebound: list[tuple[str, boo
             if not (torch.compiler.is_compiling() or under_vmap()) and _shares_memory(old, new):
                 new = new.clone()  # e.g. a view of the buffer itself: copied whole first
             old.copy_(new)
+
+
+def refuse_added(added: list[tuple[str, dict, str, bool]]) -> None:
+    """Refuse the buffers a forward set that the state holds no tensor for (`_Binding._added`).
+
+    Raises:
+        ConfigError: a buffer registered as None that the forward set to a tensor, or a buffer
+            the forward registered: torch's module keeps it, but the state has no tensor to
+            carry it in (it would stay on the module's structure, shared by every state made
+            from the module and in no checkpoint).
+    """
+    named = ", ".join(
+        f"{name!r} ({'registered as None' if was_none else 'registered in forward'})"
+        for name, _, _, was_none in added
+    )
+    raise ConfigError(
+        f"the forward sets the buffer {named}, for which the state holds no tensor: torch's "
+        "module would keep it, but a step has nowhere to carry it (not in the new state, nor "
+        "in its checkpoints); register it before TrainState.create with the shape and dtype it "
+        "keeps (register_buffer('name', torch.zeros(...))), or keep the value in state.user; "
+        "nothing was carried"
+    )
 
 
 def _rebinding_problem(name: str, parameter: bool, new: Any, old: torch.Tensor) -> str | None:

@@ -529,6 +529,49 @@ def test_a_rebinding_a_step_cannot_carry_is_refused_with_the_state_as_it_was(
     assert set(dict(state.module.named_parameters())) == {"lin.weight", "lin.bias"}
 
 
+class SettingUnheld(nn.Module):
+    """A forward that gives a buffer the state holds no tensor for a value, as torch keeps it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("stat", None)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "none":  # a buffer registered as None, set in forward
+            self.stat = x.mean(0).detach()
+        else:  # a buffer the forward registers
+            self.lin.register_buffer("seen", x.mean(0).detach())
+        return self.lin(x).sum()
+
+
+@pytest.mark.parametrize(
+    "how, words",
+    [
+        ("none", r"sets the buffer 'stat' \(registered as None\), for which the state holds no"),
+        ("new", r"sets the buffer 'lin\.seen' \(registered in forward\), for which the state"),
+    ],
+)
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_buffer_the_state_holds_no_tensor_for_set_in_forward_is_refused(
+    how: str, words: str, donate: bool
+) -> None:
+    torch.manual_seed(0)
+    model = SettingUnheld(how)
+    reference = copy.deepcopy(model)
+    reference(torch.randn(2, 3))  # torch's module keeps the value: the state could not
+    assert len(dict(reference.named_buffers())) == 1
+    state = ft.TrainState.create(model, ft.adamw(0.1), lambda m, x: m(x))
+    before = state.clone()
+    with pytest.raises(ft.ConfigError, match=words + ".*register it before TrainState.create"):
+        ft.train_step(state, torch.randn(2, 3), donate=donate)
+    assert ft.diff_states(before, state) == []
+    # the structure is as it was, holding no value another state would read
+    assert state.module.stat is None and dict(state.module.named_buffers()) == {}
+    assert isinstance(state.export_module(), SettingUnheld)
+
+
 def test_a_compiled_step_and_a_stacked_state_refuse_a_rebound_buffer_naming_train_step():
     def states() -> list[ft.TrainState]:
         return [
