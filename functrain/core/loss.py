@@ -54,12 +54,18 @@ __all__ = [
     "samples_in",
     "split_loss",
     "STEP_METRICS",
+    "STEP_PREFIXES",
 ]
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-# the names of the step's own metrics, which a loss function's metrics would overwrite
-STEP_METRICS = frozenset({"loss", "lr", "skipped", "grad_norm"})
+# the names of the metrics a step reports itself (its loss, rate, norm, skip flag, and those of
+# functrain's transforms), which a loss function's metrics would overwrite, and the prefixes of its
+# per-group ones (``lr/<group>``, ``TrainState.create(grad_stats=)``'s)
+STEP_METRICS = frozenset(
+    {"loss", "lr", "skipped", "grad_norm", "total_skipped", "loss_scale", "micro_step", "lr_scale"}
+)
+STEP_PREFIXES = ("lr/", "grad_norm/", "update_ratio/")
 
 # why a loss without gradients is refused
 NO_GRADIENT = (
@@ -103,13 +109,16 @@ def split_loss(out: Any, name: str = "loss_fn") -> tuple[torch.Tensor, dict[str,
             f"{name}'s metrics must be a dict of tensors (keep them as tensors, do not call "
             f".item()), got {bad}"
         )
-    taken = [k for k in aux if k in STEP_METRICS or (isinstance(k, str) and k.startswith("lr/"))]
+    taken = [
+        k for k in aux if k in STEP_METRICS or (isinstance(k, str) and k.startswith(STEP_PREFIXES))
+    ]
     if taken:
         raise LossError(
-            f"{name}'s metrics must not reuse the names of the step's own metrics (loss, lr, "
-            f"lr/<group>, skipped, grad_norm), got {', '.join(repr(k) for k in taken)}: the step "
-            "reports its loss under 'loss' (what evaluation and early stopping compare); rename "
-            f"each ({{'my_{taken[0]}': ...}})"
+            f"{name}'s metrics must not reuse the names of the metrics a step reports itself "
+            f"({', '.join(sorted(STEP_METRICS))}, and lr/, grad_norm/, update_ratio/ followed by "
+            f"a group), got {', '.join(repr(k) for k in taken)}: the step reports its loss under "
+            "'loss' (what evaluation and early stopping compare) and its optimizer's numbers "
+            f"under the others; rename each ({{'my_{taken[0]}': ...}})"
         )
     if not torch.compiler.is_compiling():  # traced: `gradients` checks, outside torch.func.grad
         check_scalar_metrics(aux, name)

@@ -150,7 +150,11 @@ def test_out_of_memory_in_the_loss_comes_out_as_torch_raised_it_not_as_a_batch_e
         ft.eval_step(state, BATCH)
 
 
-@pytest.mark.parametrize("name", ["loss", "lr", "skipped", "grad_norm", "lr/head"])
+@pytest.mark.parametrize(
+    "name",
+    ["loss", "lr", "skipped", "grad_norm", "lr/head", "total_skipped", "loss_scale"]
+    + ["micro_step", "lr_scale", "grad_norm/0", "update_ratio/0"],
+)
 def test_a_metric_named_as_one_of_the_steps_own_is_refused_not_reported_in_its_place(
     name: str,
 ) -> None:
