@@ -267,6 +267,8 @@ def _retiring(run: Callable[..., Any], attempt: _Attempt, state: TrainState) -> 
     def call(*args: Any) -> Any:
         try:
             return run(*args)
+        except (_Miscompiled, _Failed):  # (the state put back as it was)
+            raise
         except BaseException as error:
             if attempt.may_have_run() and not isinstance(error, Spent) and not view_refused(error):
                 state.retire(_DONATED, error)
@@ -443,7 +445,8 @@ class CompiledStep:
                 counters,
                 batch,
             )
-        except _Miscompiled as wrong:  # the state as it was: this configuration runs eagerly
+        except (_Miscompiled, _Failed) as wrong:  # the state as it was: it runs eagerly
+            _enable_hooks_again(attempt.hooks)
             leave(scope)
             return self._eagerly(key, wrong, state, batch, donate)
         except BaseException as error:
@@ -451,6 +454,8 @@ class CompiledStep:
             found = _after_failure(error, attempt, state if donate else None, scope, check)
             if found is not None:
                 raise found from error
+            if _torch_failed(error, attempt):
+                return self._eagerly(key, error, state, batch, donate)
             raise
         if checking:
             self._checked.setdefault(key, set()).add(shapes)
@@ -496,14 +501,15 @@ class CompiledStep:
             wait_until_unheld(state)  # an async save still reading these tensors
         attempt = _Attempt()
         run = attempt.calling(found)
-        if donate:  # a graph that raised once it may have run: its state retired in the scope
-            run = _retiring(run, attempt, state)
         if expected is not None and self._check_loss:
             run = _compared(run, expected, state, donate)
+        if donate:  # a graph that raised once it may have run: its state retired in the scope
+            run = _retiring(run, attempt, state)
         try:
             # (a donated state retired in the scope, whose lock a save takes)
             result = stacked_train_step(state, batch, compiled=run, donate=donate, call=_DONATED)
-        except _Miscompiled as wrong:  # the state as it was
+        except (_Miscompiled, _Failed) as wrong:  # the state as it was
+            _enable_hooks_again(attempt.hooks)
             return self._eagerly(key, wrong, state, batch, donate)
         except BaseException as error:  # traced: dynamo words torch's error its own way
             if isinstance(error, Exception) and learned_module_order(error, state):
@@ -513,19 +519,35 @@ class CompiledStep:
             diagnosed = _after_failure(error, attempt, state if donate else None, None, check)
             if diagnosed is not None:
                 raise diagnosed from error
+            if _torch_failed(error, attempt):
+                return self._eagerly(key, error, state, batch, donate)
             raise
         if checking:
             self._checked.setdefault(key, set()).add(shapes)
         return result
 
     def _eagerly(
-        self, key: tuple, wrong: _Miscompiled, state: TrainState, batch: Any, donate: bool
+        self, key: tuple, why: BaseException, state: TrainState, batch: Any, donate: bool
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """`state`'s step as `train_step` runs it, and every later one of its configuration
-        (`key`), whose compiled call's loss was not the eager step's (`wrong`), said once."""
+        (`key`), whose compiled call's loss was not the eager step's (`why`: `_Miscompiled`) or
+        which torch failed to compile (`why`: its error, where the eager step runs), said once."""
         self._miscompiled.add(key)
-        got, expected = wrong.args
-        _warn_miscompiled(got, expected, own_draws=self._own_draws)
+        if isinstance(why, _Miscompiled):
+            got, expected = why.args
+            _warn_miscompiled(got, expected, own_draws=self._own_draws)
+        else:
+            error = why.args[0] if isinstance(why, _Failed) else why
+            first = (str(error).strip().splitlines() or [""])[0][:300]
+            warnings.warn(
+                f"compile_step runs this configuration's steps eagerly, as functrain.train_step: "
+                f"torch failed to compile or run its compiled step ({type(error).__name__}: "
+                f"{first}) where the eager step runs; the state was put back as it was. Another "
+                "backend (compile_step(backend='aot_eager')) may compile it; torch.compile of "
+                "the step's loss and backward shows torch's whole error",
+                EagerStepWarning,
+                stacklevel=4,
+            )
         return train_step(state, batch, donate=donate)
 
     def _sharded(
@@ -742,6 +764,18 @@ def _own_code(body: Callable[..., Any], prefix: str) -> types.FunctionType:
     return types.FunctionType(code, body.__globals__, name, body.__defaults__, body.__closure__)
 
 
+def _torch_failed(error: BaseException, attempt: _Attempt) -> bool:
+    """Whether `error` is torch's, raised by a compile that failed before anything ran, where the
+    step's eager check found nothing wrong (`_after_failure` gave no error of its own): the step
+    then runs eagerly. Interrupts, functrain's refusals and errors of a graph that may have run
+    are raised."""
+    return (
+        isinstance(error, Exception)
+        and not isinstance(error, FunctrainError)
+        and attempt.compile_failed()
+    )
+
+
 def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
     """The donated step's new tensors copied into the given ones (graph inputs), then returned.
 
@@ -798,15 +832,33 @@ class _Miscompiled(Exception):
     """A compiled call whose loss is not the eager step's: ``(got, expected)``."""
 
 
+class _Failed(Exception):
+    """A configuration's first compiled call, which raised torch's error (its one argument) while
+    torch compiled or ran it, its state put back as it was (`_Kept`)."""
+
+
 def _compared(
     run: Callable[..., Any], expected: torch.Tensor, state: TrainState, donate: bool
 ) -> Callable[..., Any]:
     """`run` (a compiled call of `state`'s step), which raises `_Miscompiled` with `state` as it
-    was where its loss is not `expected` (`_same_loss`)."""
+    was where its loss is not `expected` (`_same_loss`), and `_Failed` where torch raised while
+    it compiled or ran the graph (dynamo runs a frame it cannot trace as Python, and compiles the
+    frames it calls: torch's error may come from a graph that ran)."""
 
     def call(*args: Any) -> Any:
         kept = _unless_out_of_memory(lambda: _Kept(state, state.opt_state, donate))
-        new, metrics = run(*args)
+        try:
+            new, metrics = run(*args)
+        except Exception as error:
+            if (
+                kept is None
+                or isinstance(error, FunctrainError)
+                or view_refused(error)  # (run again in the module's order)
+                or checkpoint_refusal(error, "compiled") is not None  # (refused with its fix)
+            ):
+                raise
+            kept.restore()  # (torch's error while it compiled or ran the graph)
+            raise _Failed(error) from error
         if kept is not None and not _same_loss(metrics["loss"], expected, state.options.precision):
             kept.restore()
             raise _Miscompiled(metrics["loss"], expected)
@@ -996,7 +1048,10 @@ def compile_step(
     is checked the same way. A donated call keeps copies of what its graph writes for that one
     call (left out where they do not fit in the device's memory); a state in a process group,
     whose loss is averaged over the ranks, and a captured step (``capture=True``, whose first
-    call records a graph) are not compared.
+    call records a graph) are not compared. Where torch raises while it compiles or runs that
+    first call (a bug of its own on a model the eager step trains: the error is not the eager
+    check's), the state is put back the same way and the configuration runs as `train_step`,
+    with an `EagerStepWarning` naming torch's error; activation checkpointing is refused instead.
 
     With ``capture=True`` the whole step (forward, backward, update, the non-finite checks, EMA and
     counters) is also recorded as a CUDA graph, and each call replays it: one launch instead of a

@@ -722,6 +722,29 @@ torch._dynamo.register_backend(_loss_doubled(None), name="functrain_test_loss_do
 torch._dynamo.register_backend(_loss_doubled(7), name="functrain_test_loss_doubled_at_7_rows")
 
 
+_FAILED_COMPILES = [0]
+
+
+def _fails(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+    """A torch.compile backend that cannot compile (as torch's own fail on some models)."""
+    _FAILED_COMPILES[0] += 1
+    raise RuntimeError("expected m1 and m2 to have the same dtype (a compile that fails)")
+
+
+def _fails_running(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+    """A torch.compile backend whose graphs compile and raise when they run."""
+    _FAILED_COMPILES[0] += 1
+
+    def run(*args: Any) -> Any:
+        raise RuntimeError("expected m1 and m2 to have the same dtype (a graph that fails)")
+
+    return run
+
+
+torch._dynamo.register_backend(_fails, name="functrain_test_fails")
+torch._dynamo.register_backend(_fails_running, name="functrain_test_fails_running")
+
+
 def _dropout_mlp() -> ft.TrainState:
     return ft.TrainState.create(make_mlp(dropout=0.5), ft.adamw(1e-2), cross_entropy_with_accuracy)
 
@@ -749,6 +772,46 @@ def test_a_step_compiled_wrongly_is_put_back_and_runs_eagerly_with_a_warning(don
             reference, expected = ft.train_step(reference, batch)
     ft.testing.assert_states_equal(state, reference)
     assert torch.equal(metrics["loss"], expected["loss"])
+
+
+@pytest.mark.parametrize("backend", ["functrain_test_fails", "functrain_test_fails_running"])
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("donate", [False, True])
+def test_a_step_torch_fails_to_compile_runs_eagerly_with_a_warning(
+    donate: bool, stacked: bool, backend: str
+) -> None:
+    # a compile that fails, or a graph that raises once it runs: the state as it was, this step
+    # and every later one of the configuration run as train_step (bit for bit), and the compile
+    # is not tried again
+    state = _dropout_mlp()
+    if stacked:
+        state = ft.stack([state, _dropout_mlp()])
+    reference = state.clone()
+    step = ft.compile_step(backend=backend)
+    batches = classification_batches((8, 6), 3)
+    _FAILED_COMPILES[0] = 0
+    with pytest.warns(
+        ft.EagerStepWarning, match=r"torch failed to compile or run its compiled step \(\w+: "
+    ):
+        state, metrics = step(state, batches[0], donate=donate)
+    reference, expected = ft.train_step(reference, batches[0])
+    ft.testing.assert_states_equal(state, reference)
+    assert torch.equal(metrics["loss"], expected["loss"])
+    tries = _FAILED_COMPILES[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        for batch in batches[1:]:
+            state, metrics = step(state, batch, donate=donate)
+            reference, expected = ft.train_step(reference, batch)
+    ft.testing.assert_states_equal(state, reference)
+    assert torch.equal(metrics["loss"], expected["loss"])
+    assert _FAILED_COMPILES[0] == tries >= 1
+
+
+def test_a_bad_batch_under_a_failing_compile_raises_the_eager_steps_error() -> None:
+    state = _dropout_mlp()
+    with pytest.raises(ft.BatchError):
+        ft.compile_step(backend="functrain_test_fails")(state, (torch.randn(8, 5), torch.zeros(8)))
 
 
 def test_a_batch_shape_compiled_wrongly_is_caught_at_its_first_call() -> None:
