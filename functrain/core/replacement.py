@@ -38,6 +38,7 @@ __all__ = [
     "DERIVED",
     "refuse_derived",
     "refuse_bad_counters",
+    "refuse_misfits",
     "ordered_like",
     "carried",
     "parked_carried",
@@ -67,6 +68,48 @@ def refuse_derived(changes: dict[str, Any]) -> None:
             f"TrainState.replace got {name}=..., which the state builds from {DERIVED[name]}: "
             f"replace that instead (a {name} given by hand could disagree with the state's "
             "optimizer state and options, and a step would not say so)"
+        )
+
+
+def refuse_misfits(changes: dict[str, Any], rng: torch.Tensor, opt_state: Any) -> None:
+    """Raise for an `rng` that is no generator state of `rng`'s size, or an `opt_state` of another
+    structure than `opt_state`'s where the optimizer, its options and the weights it trains stay
+    (a new optimizer or a weight moved to or from `frozen` lays its state out anew).
+
+    Raises:
+        ConfigError: the `rng` (`torch.get_rng_state()` gives one).
+        StateMismatchError: the `opt_state` (another optimizer's, or None).
+    """
+    given = changes.get("rng", rng)
+    if not (
+        isinstance(given, torch.Tensor) and given.dtype == torch.uint8 and given.shape == rng.shape
+    ):
+        got = (
+            f"a {given.dtype} tensor of shape {list(given.shape)}"
+            if isinstance(given, torch.Tensor)
+            else type(given).__name__
+        )
+        raise ConfigError(
+            f"TrainState.replace got rng={got}: the state's rng is a generator state, a uint8 "
+            f"tensor of shape {list(rng.shape)} (state.rng, or torch.get_rng_state() on the CPU); "
+            "to reseed, create the state with seed=..."
+        )
+    if "opt_state" not in changes or not changes.keys().isdisjoint(
+        ("optimizer", "options", "params", "frozen")
+    ):
+        return
+    new = changes["opt_state"]
+    if pytree.tree_structure(new) != pytree.tree_structure(opt_state):
+        got, expected = type(new).__name__, type(opt_state).__name__
+        raise StateMismatchError(
+            "TrainState.replace got an opt_state that does not fit the state's optimizer: "
+            + (
+                f"a {got} where state.opt_state is a {expected}"
+                if got != expected
+                else f"a {got} laid out otherwise than state.opt_state"
+            )
+            + "; give the optimizer state of this optimizer (state.opt_state, a checkpoint's), "
+            "or pass optimizer= to change the optimizer (its state is carried over where it fits)"
         )
 
 

@@ -47,6 +47,7 @@ from functrain.core.replacement import (
     parked_carried,
     refuse_bad_counters,
     refuse_derived,
+    refuse_misfits,
     resplit,
     shared_storage,
     shares_storage,
@@ -561,6 +562,8 @@ class TrainState:
         self.check_live("TrainState.replace")
         refuse_derived(changes)
         refuse_bad_counters(changes, {name: getattr(self, name) for name in COUNTERS})
+        if not changes.keys().isdisjoint(("rng", "opt_state")):
+            refuse_misfits(changes, self.rng, self.opt_state)
         if not self.options.differentiable:
             refuse_graph_tensors(changes, "TrainState.replace")
         for name in COUNTERS:  # each state's own: a write into one changes no other state

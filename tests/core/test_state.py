@@ -609,3 +609,21 @@ def test_a_counter_given_as_a_tensor_counts_as_the_states_own_does() -> None:
     given, _ = ft.train_step(stacked.replace(step=torch.tensor(3)), batch)
     expected, _ = ft.train_step(stacked.replace(step=3), batch)
     assert torch.equal(given.step, expected.step) and given.step.tolist() == [4, 4]
+
+
+def test_replace_refuses_an_rng_or_opt_state_that_does_not_fit_before_any_step() -> None:
+    # a step would fail deep in torch's generator or in the optimizer's update with a raw error
+    state = ft.TrainState.create(make_mlp(), ft.adamw(1e-2), cross_entropy_loss_fn)
+    other = ft.TrainState.create(make_mlp(), ft.sgd(0.1, momentum=0.9), cross_entropy_loss_fn)
+    for rng in (torch.zeros(3), None, state.rng[:-1], state.rng.float()):
+        with pytest.raises(ft.ConfigError, match=r"got rng=.*a uint8 tensor of shape"):
+            state.replace(rng=rng)
+    for opt_state in (other.opt_state, None):
+        with pytest.raises(ft.StateMismatchError, match="opt_state that does not fit"):
+            state.replace(opt_state=opt_state)
+    # what fits is taken: the state's own, another run's of this optimizer, and a new optimizer's
+    batch = (torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))
+    stepped, _ = ft.train_step(state, batch)
+    moved = state.replace(opt_state=stepped.opt_state, rng=torch.get_rng_state())
+    assert moved.opt_state is not state.opt_state
+    state.replace(optimizer=ft.sgd(0.1, momentum=0.9), opt_state=other.opt_state)
