@@ -97,6 +97,28 @@ def test_worker_processes_yield_the_same_batches() -> None:
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
+class VariableLengths(Dataset):
+    """Sequences of lengths 1, 2, ...: torch's default collation cannot stack them."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.arange(float(i + 1)), torch.tensor(i)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_samples_of_different_shapes_are_refused_with_the_padding_fix(workers: int) -> None:
+    batches = Batcher(VariableLengths(), 4, num_workers=workers).epoch(0)
+    with pytest.raises(
+        ConfigError, match=r"different shapes \(sample 0's tensors \[\(\d+,\), \(\)\]"
+    ):
+        next(iter(batches))
+    # samples of one shape collate as torch's default does
+    same = Batcher(TensorDataset(torch.zeros(8, 3)), 4, shuffle=False, num_workers=workers)
+    assert next(iter(same.epoch(0)))[0].shape == (4, 3)
+
+
 def test_shards_slice_each_global_batch() -> None:
     data = TensorDataset(torch.arange(20.0))
     whole = ids(Batcher(data, 8, seed=5).epoch(1))

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils.data import TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
@@ -26,7 +27,7 @@ from functrain.driver.seeding import (
     read_samples,
     sample_seeds,
 )
-from functrain.errors import config_check
+from functrain.errors import ConfigError, config_check
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -45,6 +46,29 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Te
     gen = torch.Generator()
     gen.manual_seed((seed * _MIX + epoch * 0x632BE59BD9B4E019 + 1) % (2**63))
     return torch.randperm(n, generator=gen)
+
+
+def collated(samples: list[Any]) -> Any:
+    """torch's default collation of `samples` into a batch; samples of different shapes, which it
+    cannot stack, are a `ConfigError` with the fix (a collate function that pads them)."""
+    try:
+        return default_collate(samples)
+    except RuntimeError:
+        shapes = [
+            [tuple(x.shape) for x in pytree.tree_leaves(s) if isinstance(x, torch.Tensor)]
+            for s in samples
+        ]
+        if all(shape == shapes[0] for shape in shapes):
+            raise
+        differ = next(k for k, shape in enumerate(shapes) if shape != shapes[0])
+        raise ConfigError(
+            f"fit's batching stacks a batch's samples into one tensor each, and these samples "
+            f"have different shapes (sample 0's tensors {shapes[0]}, sample {differ}'s "
+            f"{shapes[differ]}): variable-length samples "
+            "need a collate function that pads them; give fit a torch.utils.data.DataLoader("
+            "dataset, batch_size=..., shuffle=True, collate_fn=...) as train_data (resumed "
+            "exactly, as fit's own batching), or make every sample one shape"
+        ) from None
 
 
 class Batcher:
@@ -115,7 +139,7 @@ class Batcher:
         )
         self.num_workers, self.collate_fn, self.pin_memory, self.shard = (
             num_workers,
-            collate_fn or default_collate,
+            collate_fn or collated,
             pin_memory,
             shard,
         )
@@ -186,7 +210,7 @@ class Batcher:
         if (
             isinstance(self.dataset, TensorDataset)
             and self.num_workers == 0
-            and self.collate_fn is default_collate
+            and self.collate_fn is collated
         ):
             # slice the tensors directly: one gather per tensor instead of per-sample collation (it
             # draws nothing)
