@@ -427,9 +427,9 @@ class CompiledStep:
                 raise
         attempt = _Attempt()
         run: Callable[..., Any] = attempt.calling(core)
-        if expected is not None and self._check_loss and state.dist is None:  # (`_same_loss`)
+        if expected is not None and state.dist is None:  # (`_same_loss`)
             # (its copies made before the attempt begins: an interrupt there leaves the state)
-            run = _compared(run, expected, state, donate)
+            run = _compared(run, expected if self._check_loss else None, state, donate)
         try:
             if donate:  # a save still reading these tensors (looked for in the scope's lock)
                 wait_until_unheld(state)
@@ -501,8 +501,8 @@ class CompiledStep:
             wait_until_unheld(state)  # an async save still reading these tensors
         attempt = _Attempt()
         run = attempt.calling(found)
-        if expected is not None and self._check_loss:
-            run = _compared(run, expected, state, donate)
+        if expected is not None:
+            run = _compared(run, expected if self._check_loss else None, state, donate)
         if donate:  # a graph that raised once it may have run: its state retired in the scope
             run = _retiring(run, attempt, state)
         try:
@@ -838,10 +838,11 @@ class _Failed(Exception):
 
 
 def _compared(
-    run: Callable[..., Any], expected: torch.Tensor, state: TrainState, donate: bool
+    run: Callable[..., Any], expected: torch.Tensor | None, state: TrainState, donate: bool
 ) -> Callable[..., Any]:
     """`run` (a compiled call of `state`'s step), which raises `_Miscompiled` with `state` as it
-    was where its loss is not `expected` (`_same_loss`), and `_Failed` where torch raised while
+    was where its loss is not `expected` (`_same_loss`; None: not compared,
+    ``compile_step(check_loss=False)``), and `_Failed` where torch raised while
     it compiled or ran the graph (dynamo runs a frame it cannot trace as Python, and compiles the
     frames it calls: torch's error may come from a graph that ran)."""
 
@@ -859,7 +860,11 @@ def _compared(
                 raise
             kept.restore()  # (torch's error while it compiled or ran the graph)
             raise _Failed(error) from error
-        if kept is not None and not _same_loss(metrics["loss"], expected, state.options.precision):
+        if (
+            kept is not None
+            and expected is not None
+            and not _same_loss(metrics["loss"], expected, state.options.precision)
+        ):
             kept.restore()
             raise _Miscompiled(metrics["loss"], expected)
         return new, metrics
@@ -1106,7 +1111,7 @@ def compile_step(
         check_loss: compare a configuration's first compiled call's loss (and each later batch
             shape's) with the eager step's, and run a configuration whose differs eagerly (see
             above). ``False`` trusts the compiled step: the eager check still runs, its loss is
-            not compared.
+            not compared (a first call torch fails to compile or run still runs eagerly).
 
     Returns:
         A `CompiledStep`, called like `train_step` and with its contract (pure, no host sync, the

@@ -808,6 +808,23 @@ def test_a_step_torch_fails_to_compile_runs_eagerly_with_a_warning(
     assert _FAILED_COMPILES[0] == tries >= 1
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_graph_torch_fails_to_run_runs_eagerly_without_the_loss_check(stacked: bool) -> None:
+    # check_loss=False leaves the loss uncompared, not the state put back: a donated state whose
+    # first compiled call raised torch's error is trained on as train_step trains it
+    state = _dropout_mlp()
+    if stacked:
+        state = ft.stack([state, _dropout_mlp()])
+    reference = state.clone()
+    step = ft.compile_step(backend="functrain_test_fails_running", check_loss=False)
+    batch = classification_batches((8, 6), 1)[0]
+    with pytest.warns(ft.EagerStepWarning, match="torch failed to compile or run"):
+        state, metrics = step(state, batch, donate=True)
+    reference, expected = ft.train_step(reference, batch)
+    ft.testing.assert_states_equal(state, reference)
+    assert torch.equal(metrics["loss"], expected["loss"])
+
+
 def test_a_bad_batch_under_a_failing_compile_raises_the_eager_steps_error() -> None:
     state = _dropout_mlp()
     with pytest.raises(ft.BatchError):
