@@ -767,11 +767,11 @@ def _own_code(body: Callable[..., Any], prefix: str) -> types.FunctionType:
 def _torch_failed(error: BaseException, attempt: _Attempt) -> bool:
     """Whether `error` is torch's, raised by a compile that failed before anything ran, where the
     step's eager check found nothing wrong (`_after_failure` gave no error of its own): the step
-    then runs eagerly. Interrupts, functrain's refusals and errors of a graph that may have run
-    are raised."""
+    then runs eagerly. Interrupts, functrain's refusals, running out of the device's memory (no
+    fault of torch's compile) and errors of a graph that may have run are raised."""
     return (
         isinstance(error, Exception)
-        and not isinstance(error, FunctrainError)
+        and not isinstance(error, (FunctrainError, torch.OutOfMemoryError))
         and attempt.compile_failed()
     )
 
@@ -842,7 +842,7 @@ def _compared(
 ) -> Callable[..., Any]:
     """`run` (a compiled call of `state`'s step), which raises `_Miscompiled` with `state` as it
     was where its loss is not `expected` (`_same_loss`; None: not compared,
-    ``compile_step(check_loss=False)``), and `_Failed` where torch raised while
+    ``compile_step(check_loss=False)``), and `_Failed` where torch raised (not out of memory) while
     it compiled or ran the graph (dynamo runs a frame it cannot trace as Python, and compiles the
     frames it calls: torch's error may come from a graph that ran)."""
 
@@ -853,7 +853,7 @@ def _compared(
         except Exception as error:
             if (
                 kept is None
-                or isinstance(error, FunctrainError)
+                or isinstance(error, (FunctrainError, torch.OutOfMemoryError))
                 or view_refused(error)  # (run again in the module's order)
                 or checkpoint_refusal(error, "compiled") is not None  # (refused with its fix)
             ):

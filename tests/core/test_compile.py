@@ -741,6 +741,16 @@ def _fails_running(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
     return run
 
 
+def _out_of_memory(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+    """A torch.compile backend whose graphs run out of the device's memory."""
+
+    def run(*args: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    return run
+
+
+torch._dynamo.register_backend(_out_of_memory, name="functrain_test_out_of_memory")
 torch._dynamo.register_backend(_fails, name="functrain_test_fails")
 torch._dynamo.register_backend(_fails_running, name="functrain_test_fails_running")
 
@@ -823,6 +833,21 @@ def test_a_graph_torch_fails_to_run_runs_eagerly_without_the_loss_check(stacked:
     reference, expected = ft.train_step(reference, batch)
     ft.testing.assert_states_equal(state, reference)
     assert torch.equal(metrics["loss"], expected["loss"])
+
+
+def test_a_compiled_step_out_of_memory_raises_and_is_not_run_eagerly_after() -> None:
+    # running out of memory is no fault of torch's compile: raised as torch.optim's step raises
+    # it, and the configuration is still compiled (a smaller batch after it is not run eagerly)
+    state = _dropout_mlp()
+    before = state.clone()
+    step = ft.compile_step(backend="functrain_test_out_of_memory")
+    batches = classification_batches((8, 6), 1) + classification_batches((4, 6), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ft.EagerStepWarning)
+        for batch in batches:
+            with pytest.raises(torch.OutOfMemoryError):
+                step(state, batch)
+    ft.testing.assert_states_equal(state, before)
 
 
 def test_a_bad_batch_under_a_failing_compile_raises_the_eager_steps_error() -> None:
