@@ -196,11 +196,6 @@ def check_callback(callback: Any) -> list[str]:
     Raises:
         ConfigError: a hook has the wrong signature, or the object implements no hook.
     """
-    if isinstance(callback, type):
-        raise ConfigError(
-            f"callbacks takes callback objects, got the class {callback.__name__}: pass "
-            f"{callback.__name__}(...)"
-        )
     # a hook counts unless it is `Callback`'s no-op; `on()` sets its hook on the instance, not the
     # class
     hooks = [
@@ -218,6 +213,11 @@ def check_callback(callback: Any) -> list[str]:
         try:
             inspect.signature(getattr(callback, hook)).bind(object())
         except TypeError:
+            if isinstance(callback, type):  # its hooks are methods of its objects
+                raise ConfigError(
+                    f"callbacks takes callback objects, got the class {callback.__name__}: pass "
+                    f"{callback.__name__}(...)"
+                ) from None
             sig = inspect.signature(getattr(callback, hook))
             raise ConfigError(
                 f"{type(callback).__name__}.{hook}{sig} must accept one argument, the run: def "

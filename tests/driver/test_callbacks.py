@@ -101,6 +101,19 @@ def test_a_callback_class_given_for_its_object_is_refused_with_the_fix() -> None
         quiet_fit(make_state(), sum_dataset(), max_epochs=1, callbacks=[ft.LRMonitor])
 
 
+def test_a_class_of_static_hooks_is_a_callback() -> None:
+    # its hooks take the run as they are: the class is the callback (as a namespace)
+    seen: list[int] = []
+
+    class Epochs:
+        @staticmethod
+        def on_epoch_end(run: Any) -> None:
+            seen.append(run.epoch)
+
+    quiet_fit(make_state(), sum_dataset(), max_epochs=2, callbacks=[Epochs])
+    assert seen == [1, 2]
+
+
 def test_a_plain_class_with_hook_methods_is_a_callback() -> None:
     class Counter:
         def __init__(self) -> None:
