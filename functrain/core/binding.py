@@ -384,15 +384,18 @@ class _Binding:
     def _added(self) -> list[tuple[str, dict, str, bool]]:
         """The buffers the block gave a tensor that the state holds none for, each put back.
 
-        ``(name, table, local, registered as None before)``: a buffer registered as None and
-        set in the forward, or one the forward registered.
+        ``(name, table, local, registered as None before)``: a persistent buffer registered as
+        None and set in the forward, or one the forward registered.
         """
         held = {(id(table), local) for table, local, _ in self._slots[: self._registered]}
         added = []
         for prefix, sub in self._module.named_modules(remove_duplicate=False):
             table = sub._buffers
+            # (a non-persistent one, a cache such as a causal mask made on first use, which
+            # torch's state_dict leaves out too, stays on the module's structure)
+            cached = sub._non_persistent_buffers_set
             for local, value in list(table.items()):
-                if value is not None and (id(table), local) not in held:
+                if value is not None and (id(table), local) not in held and local not in cached:
                     was_none = (id(table), local) in self._unset
                     if was_none:
                         table[local] = None

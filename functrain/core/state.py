@@ -971,7 +971,8 @@ class TrainState:
                     values[name].detach().clone(), requires_grad=p.requires_grad
                 )
             for name, b in self.module.named_buffers():
-                memo[id(b)] = values[name].detach().clone()
+                # (a non-persistent cache the forward set, a causal mask: the structure's own)
+                memo[id(b)] = (values[name] if name in values else b).detach().clone()
             module = deepcopy_module(self.module, memo, computed=True)
         module._forward_pre_hooks.pop(module.__dict__.pop(CALL_GUARD, None), None)  # runs as is
         unmarked(module)  # it holds weights: a state made from it copies them, checked anew

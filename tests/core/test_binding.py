@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import functrain as ft
 from functrain.core.binding import call_with
@@ -570,6 +571,52 @@ def test_a_buffer_the_state_holds_no_tensor_for_set_in_forward_is_refused(
     # the structure is as it was, holding no value another state would read
     assert state.module.stat is None and dict(state.module.named_buffers()) == {}
     assert isinstance(state.export_module(), SettingUnheld)
+
+
+class LazyMask(nn.Module):
+    """A causal mask cached on first use in a non-persistent buffer registered as None, as many
+    attention modules keep it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 8)
+        self.register_buffer("mask", None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        if self.mask is None or self.mask.shape[0] < t:
+            self.mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+        q, k, v = self.qkv(x).chunk(3, -1)
+        weights = (q @ k.transpose(1, 2)).masked_fill(self.mask[:t, :t], float("-inf"))
+        return self.out(weights.softmax(-1) @ v)
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_non_persistent_cache_set_in_forward_trains_and_exports_as_torch_keeps_it(
+    donate: bool,
+) -> None:
+    # torch's state_dict leaves such a buffer out: the cache stays on the module's structure
+    torch.manual_seed(0)
+    model = LazyMask()
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(reference.parameters(), 1e-2)
+
+    def loss_fn(m: nn.Module, b: Any) -> torch.Tensor:
+        return F.mse_loss(m(b[0]), b[1])
+
+    state = ft.TrainState.create(model, ft.adamw(1e-2), loss_fn)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        batch = (torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 8, generator=gen))
+        state, _ = ft.train_step(state, batch, donate=donate)
+        optimizer.zero_grad()
+        loss_fn(reference, batch).backward()
+        optimizer.step()
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        assert torch.equal(state.export_module()(x), reference(x))
 
 
 def test_a_compiled_step_and_a_stacked_state_refuse_a_rebound_buffer_naming_train_step():
