@@ -132,6 +132,11 @@ class Loop:
         self.signals = StopSignals(enabled=False)  # those `run` takes while it runs
         self.saved: Path | None = None  # the checkpoint the last save wrote (or writes, async)
         self.interrupted = False  # a signal or a KeyboardInterrupt ended the run
+        # False from a step's start until its update's evaluation, saves and hooks are done (an
+        # epoch's end, the final save likewise): an interrupt landing then (a second Ctrl-C)
+        # finds records that miss part of that update, which no checkpoint may hold
+        self._settled = True
+        self.kept_previous = False  # an interrupt at such a moment saved nothing
         # the length of the partial window under way with partial_window="over_length", else None
         self._short_window: int | None = None
         self._saved_at: tuple[int, int, int, dict[str, Any]] | None = None
@@ -203,7 +208,9 @@ class Loop:
         checkpoint directory, stop reason ``"interrupted"`` (``"terminated"`` for SIGTERM,
         ``"requeue"`` for SIGUSR1: `fit` then raises `Preempted`). Raised inside a donated step
         that had begun writing the state, the interrupt propagates (there is no completed state
-        to hand back).
+        to hand back). One that lands before the update under way is done (a second Ctrl-C in its
+        step, evaluation, saves or hooks, an epoch's end or the final save) saves nothing: a
+        resume goes on from the last checkpoint.
         """
         # ranks would stop at different updates: under torch.distributed a signal acts at once
         with StopSignals(enabled=self.state.dist is None) as self.signals:
@@ -230,6 +237,12 @@ class Loop:
             raise error from None
         signum = error.signum if isinstance(error, Preempted) else signal.SIGINT
         self.stop_reason, self.interrupted = STOP_REASONS[signum], True
+        if not self._settled:
+            # inside an update's evaluation, saves or hooks, an epoch's end or the final save (a
+            # second Ctrl-C acts at once): the records miss part of what the uninterrupted run
+            # does there, so nothing is saved; a resume goes on from the last checkpoint
+            self.kept_previous = True
+            return
         if self.ledger.window.count:
             self._log(partial=True)
         self.state = self.state.replace(driver=self._driver_tree())
@@ -255,6 +268,12 @@ class Loop:
         where = f"step {self.step} (epoch {self.epoch}, batch {self.pos})"
         if self.manager is None:
             kept = "nothing was saved (no checkpoint_dir)"
+        elif self.kept_previous:
+            kept = (
+                "nothing was saved (it came before the update's evaluation, saves and hooks were "
+                "done); fit(..., resume=True) goes on from the last checkpoint"
+                + (f", {self.saved}" if self.saved is not None else "")
+            )
         elif self.saved is None:
             kept = "nothing was saved"
         else:
@@ -425,6 +444,7 @@ class Loop:
         try:
             donate = self._owns_state()  # asked first: an argument being passed is a reference too
             self.stepped = True
+            self._settled = False
             self.state, metrics = self._stepped(self.state, batch, donate)
         except NonFiniteError as e:
             raise NonFiniteError(
@@ -443,6 +463,7 @@ class Loop:
         self.fire("on_batch_end")
         self.run_ctx.logs = None
         if not update_done:
+            self._settled = True
             return
         evaluating, save_every = self.evaluating, self.options.checkpointing.save_every
         if (
@@ -458,6 +479,7 @@ class Loop:
             self.stop_reason = self.stop_reason or "max_steps"
         if self._deadline is not None and time.monotonic() >= self._deadline:
             self.stop_reason = self.stop_reason or "max_time"
+        self._settled = True
         self._stop_if_interrupted()
 
     def _stop_if_interrupted(self) -> None:
@@ -503,6 +525,7 @@ class Loop:
         return window.totals()["lr"] if window.count and "lr" in window.keys else 0.0
 
     def _end_epoch(self) -> None:
+        self._settled = False
         self._check_lr(self._window_lr(self.ledger.epoch_sums))
         self.epoch += 1
         self.pos = 0
@@ -523,6 +546,7 @@ class Loop:
             self.stop_reason = self.stop_reason or "max_epochs"
         self.fire("on_epoch_end")
         self._save_hook_writes()
+        self._settled = True
 
     def _evaluate(self) -> None:
         t0 = time.perf_counter()
@@ -669,6 +693,7 @@ class Loop:
             self.fire("on_save")
 
     def _finish(self) -> None:
+        self._settled = False
         if self.ledger.window.count:
             # the run's last, partial log interval becomes a train row marked "partial"; the window
             # keeps its sums, so a run resumed from the final checkpoint drops that row and goes on

@@ -13,6 +13,7 @@ import pytest
 import functrain as ft
 from functrain.driver.preemption import StopSignals
 from tests.driver.runs import dataset, linear_state, quiet_fit
+from tests.models import loss_fn
 
 OPTIONS = {"max_epochs": 4, "log_every": 2}  # 3 updates an epoch
 
@@ -136,6 +137,56 @@ def test_a_second_ctrl_c_inside_a_callback_acts_at_once() -> None:
     )
     assert result.stop_reason == "interrupted"
     assert hooks.after == ["first"]  # the evaluation due at update 2 did not run
+
+
+class TwiceInAnEvaluation:
+    """An `eval_fn` (the fit's loss) that gets Ctrl-C twice in the evaluation after update
+    `step`: the first is recorded, the second acts at once, in the middle of the evaluation."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.evaluations, self.done = step, 0, False
+
+    def __call__(self, model: Any, batch: Any) -> Any:
+        if not self.done and self.evaluations == self.step // 3 - 1:  # 3 updates an epoch
+            self.done = True
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return loss_fn(model, batch)
+
+    def count(self, run: ft.Run) -> None:
+        self.evaluations += 1
+
+
+@pytest.mark.usefixtures("default_handlers")
+def test_a_second_ctrl_c_in_an_evaluation_saves_no_checkpoint_that_skips_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    options = {
+        **OPTIONS,
+        "eval_data": dataset(1),
+        "early_stopping": ft.EarlyStopping("val_loss", patience=3),
+        "checkpoint_dir": tmp_path,
+    }
+    whole = quiet_fit(
+        linear_state(ft.adamw(0.05)), dataset(), **{**options, "checkpoint_dir": None}
+    )
+    twice = TwiceInAnEvaluation(6)
+    first = quiet_fit(
+        linear_state(ft.adamw(0.05)),
+        dataset(),
+        eval_fn=twice,
+        callbacks=[ft.on("eval_end")(twice.count)],
+        verbosity="minimal",
+        **options,
+    )
+    assert first.stop_reason == "interrupted" and int(first.state.step) == 6
+    # the evaluation of epoch 2 never ended: the checkpoint of epoch 1 is the one to go on from
+    assert first.checkpoints["latest"] == tmp_path / "ckpt-000000003-001000000"
+    assert "nothing was saved" in capsys.readouterr().out
+    resumed = quiet_fit(linear_state(ft.adamw(0.05)), dataset(), resume=True, **options)
+    assert resumed.history.metrics_only() == whole.history.metrics_only()
+    assert resumed.best == whole.best
+    assert ft.diff_states(whole.state, resumed.state, ignore=("driver/history",)) == []
 
 
 @pytest.mark.usefixtures("default_handlers")
