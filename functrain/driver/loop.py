@@ -208,9 +208,9 @@ class Loop:
         checkpoint directory, stop reason ``"interrupted"`` (``"terminated"`` for SIGTERM,
         ``"requeue"`` for SIGUSR1: `fit` then raises `Preempted`). Raised inside a donated step
         that had begun writing the state, the interrupt propagates (there is no completed state
-        to hand back). One that lands before the update under way is done (a second Ctrl-C in its
-        step, evaluation, saves or hooks, an epoch's end or the final save) saves nothing: a
-        resume goes on from the last checkpoint.
+        to hand back). One that lands after a step, before its update is done (a second Ctrl-C in
+        its evaluation, saves or hooks, an epoch's end or the final save) saves nothing: a resume
+        goes on from the last checkpoint.
         """
         # ranks would stop at different updates: under torch.distributed a signal acts at once
         with StopSignals(enabled=self.state.dist is None) as self.signals:
@@ -445,7 +445,12 @@ class Loop:
             donate = self._owns_state()  # asked first: an argument being passed is a reference too
             self.stepped = True
             self._settled = False
-            self.state, metrics = self._stepped(self.state, batch, donate)
+            try:
+                self.state, metrics = self._stepped(self.state, batch, donate)
+            except BaseException:
+                # (raised in the step: the state in hand and the records are those before it)
+                self._settled = True
+                raise
         except NonFiniteError as e:
             raise NonFiniteError(
                 f"halted at update {self.step + 1} (epoch {self.epoch}, batch {self.pos}): {e}"

@@ -189,6 +189,26 @@ def test_a_second_ctrl_c_in_an_evaluation_saves_no_checkpoint_that_skips_it(
     assert ft.diff_states(whole.state, resumed.state, ignore=("driver/history",)) == []
 
 
+def test_a_ctrl_c_inside_a_step_saves_the_last_completed_update(tmp_path: Path) -> None:
+    # the interrupted step never finished: the state in hand and its records are those of the
+    # update before it, which is saved, and a resume from it is the whole run
+    calls = [0]
+
+    def interrupted_at_five(model: Any, batch: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        return loss_fn(model, batch)
+
+    options = {**OPTIONS, "checkpoint_dir": tmp_path}
+    whole = quiet_fit(linear_state(ft.adamw(0.05)), dataset(), **OPTIONS)
+    first = quiet_fit(linear_state(ft.adamw(0.05), interrupted_at_five), dataset(), **options)
+    assert first.stop_reason == "interrupted" and int(first.state.step) == 4
+    assert first.checkpoints["latest"].name.startswith("ckpt-000000004")
+    resumed = quiet_fit(linear_state(ft.adamw(0.05)), dataset(), resume=True, **options)
+    assert ft.diff_states(whole.state, resumed.state, ignore=("driver/history",)) == []
+
+
 @pytest.mark.usefixtures("default_handlers")
 def test_a_preempted_fit_without_a_checkpoint_dir_says_nothing_was_saved(
     capsys: pytest.CaptureFixture[str],
