@@ -32,6 +32,7 @@ does a resumed run that had finished): what those write is not replayed from the
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import stat
 import sys
@@ -407,18 +408,25 @@ class JsonlLogger(Callback):
     def _flush_new(self, run: Run) -> None:
         if self._file is None:
             return
-        for kind, rows in run.history.rows.items():
-            for row in rows[self._seen[kind] :]:
-                clean = {
-                    k: (
-                        str(v)
-                        if isinstance(v, float) and v != v or v in (float("inf"), float("-inf"))
-                        else v
-                    )
-                    for k, v in row.items()
-                }
-                self._file.write(orjson.dumps({"kind": kind, **clean}) + b"\n")
+        new = []
+        for order, (kind, rows) in enumerate(run.history.rows.items()):
+            new += [
+                (row.get("step", math.inf), order, n, kind, row)
+                for n, row in enumerate(rows[self._seen.get(kind, 0) :])
+            ]
             self._seen[kind] = len(rows)
+        # in the run's order (a resumed run's history, written at once: by step, a step's
+        # training row before its evaluation, its evaluation before its epoch's row)
+        for *_, kind, row in sorted(new, key=lambda r: r[:3]):
+            clean = {
+                k: (
+                    str(v)
+                    if isinstance(v, float) and v != v or v in (float("inf"), float("-inf"))
+                    else v
+                )
+                for k, v in row.items()
+            }
+            self._file.write(orjson.dumps({"kind": kind, **clean}) + b"\n")
         self._file.flush()
 
     def on_batch_end(self, run: Run) -> None:

@@ -508,6 +508,11 @@ def test_jsonl_log_of_a_resumed_run_holds_each_row_once(tmp_path: Path) -> None:
         == [r["step"] for r in resumed.history.rows["train"]]
         == [r["step"] for r in straight.history.rows["train"]]
     )
+    # in the straight run's order, rows of every kind (the history written at the resume's start)
+    order = [(r["kind"], r["step"]) for r in rows]
+    whole = (tmp_path / "straight.jsonl").read_text().splitlines()
+    assert order == [(r["kind"], r["step"]) for r in map(json.loads, whole)]
+    assert len({kind for kind, _ in order}) > 1
 
 
 # ---------------------------------------------------------------- a run ended by an exception
