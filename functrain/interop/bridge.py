@@ -1858,13 +1858,15 @@ def _preset_implementation_problems(
 ) -> list[str]:
     """A torch group whose implementation (fused or not) is not the one the preset reproduces.
 
-    A fused preset (``fused=True``, the default of `sgd`, `adam`, `adamw`, `adagrad`) is torch's
-    fused kernel; ``fused=False`` its single-tensor loop or foreach form (the same bits). `sgd`
+    A fused preset (``fused=True`` or None, the default of `sgd`, `adam`, `adamw`, `adagrad`) is
+    torch's fused kernel; ``fused=False`` (or ``foreach`` given) its single-tensor loop or foreach
+    form (the same bits). `sgd`
     with dampening runs its foreach form whatever ``fused`` says: not checked.
     """
     if "fused" not in call.arguments or call.arguments.get("dampening"):
         return []
-    fused = bool(call.arguments["fused"])
+    # (``foreach`` given selects the unfused form whatever ``fused`` says; None is the kernel)
+    fused = call.arguments["fused"] is not False and call.arguments.get("foreach") is None
     used = implementation(group)
     if fused == (used == "fused"):
         return []

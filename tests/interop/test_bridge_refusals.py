@@ -259,8 +259,12 @@ def functrain_run(tx: ft.Transform, steps: int) -> ft.TrainState:
         (ft.adamw(1e-2), False, r"build torch.optim.AdamW\(..., fused=True\)"),
         (ft.adamw(1e-2, fused=False), True, r"build torch.optim.AdamW\(..., fused=False\)"),
         (ft.sgd(0.05, momentum=0.9), False, r"build torch.optim.SGD\(..., fused=True\)"),
+        # foreach given is the unfused form, fused=None the kernel, as the presets run them
+        (ft.adamw(1e-2, foreach=True), True, r"build torch.optim.AdamW\(..., fused=False\)"),
+        (ft.sgd(0.05, 0.9, foreach=False), True, r"build torch.optim.SGD\(..., fused=False\)"),
+        (ft.adamw(1e-2, fused=None), False, r"build torch.optim.AdamW\(..., fused=True\)"),
     ],
-    ids=["fused_preset", "unfused_preset", "sgd"],
+    ids=["fused_preset", "unfused_preset", "sgd", "foreach_preset", "sgd_foreach", "fused_none"],
 )
 def test_export_refuses_a_torch_implementation_the_preset_does_not_reproduce(
     tx: ft.Transform, fused: bool, fix: str
