@@ -83,3 +83,39 @@ def test_a_bfloat16_model_trains_as_torch_optim_trains_it(name: str) -> None:
     for k, p in theirs.named_parameters():
         assert torch.equal(pure.params[k], p.detach()), ("pure", k)
         assert torch.equal(donated.params[k], p.detach()), ("donated", k)
+
+
+class _Scaled(torch.nn.Module):
+    """The bfloat16 model times a 0-d bfloat16 parameter (a temperature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _model()
+        self.temperature = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) * self.temperature
+
+
+def test_asgd_keeps_a_0d_bfloat16_parameters_average_in_bfloat16_as_torch(tmp_path: Any) -> None:
+    # (the average's product by the float32 rate, torch's in-place ``mul_``, stays bfloat16)
+    state = ft.TrainState.create(_Scaled(), ft.asgd(0.01, t0=2), _loss)
+    theirs = _Scaled()
+    opt = torch.optim.ASGD(theirs.parameters(), 0.01, t0=2, foreach=False)
+    for step in range(8):
+        batch = _batch(step)
+        state, _ = ft.train_step(state, batch)
+        opt.zero_grad()
+        _loss(theirs, batch).backward()
+        opt.step()
+    names = [k for k, _ in theirs.named_parameters()]
+    averages = state.opt_state.inner.slots["ax"]
+    for i, (k, p) in enumerate(theirs.named_parameters()):
+        assert torch.equal(state.params[k], p.detach()), k
+        ax = opt.state[p]["ax"]
+        assert averages[i].dtype == ax.dtype and torch.equal(averages[i], ax), names[i]
+    ft.save(state, tmp_path / "c")
+    like = ft.TrainState.create(_Scaled(), ft.asgd(0.01, t0=2), _loss)
+    assert torch.equal(
+        ft.load(tmp_path / "c", like=like).opt_state.inner.slots["ax"][0], averages[0]
+    )

@@ -132,7 +132,9 @@ def asgd_rule(lr: float, lambd: float, alpha: float, t0: float, maximize: bool) 
             m["ax"],
             _one_as_first(mu, read),
             p,
-            lambda: ops.add(m["ax"], ops.mul(ops.out.sub(p, m["ax"]), mu)),
+            # (rounded to the average's dtype, as torch's in-place ``mul_`` keeps it: a 0-d half
+            # parameter times the float32 rate would otherwise promote to float32)
+            lambda: ops.add(m["ax"], ops.mul(ops.out.sub(p, m["ax"]), mu).to(m["ax"].dtype)),
         )
         if isinstance(t, int) and h["lr"].tensor is None:  # (torch's Python floats)
             lr = h["lr"].value
