@@ -84,6 +84,7 @@ from functrain.optim.rules.sparse import (
 from functrain.optim.rules.trace import SgdState, sgd_rule
 from functrain.optim.sweep import Sweep
 from functrain.optim.wrappers import partition
+from functrain.tree import leaves_by_path
 
 __all__ = [
     "adadelta",
@@ -1308,7 +1309,8 @@ def adafactor(
         A `Transform`.
 
     Raises:
-        ConfigError: a hyperparameter is out of range.
+        ConfigError: a hyperparameter is out of range; at ``init`` (`TrainState.create`), a
+            complex weight or one with no elements, which torch's Adafactor cannot train.
 
     Example:
         >>> import torch, functrain as ft
@@ -1335,7 +1337,7 @@ def adafactor(
     check_decay(problems, "weight_decay", weight_decay)
     config_check(problems, "adafactor")
     constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
-    return rule_transform(
+    tx = rule_transform(
         adafactor_rule(float(beta2_decay), eps[0], float(eps[1]), float(d), maximize),
         "adafactor",
         constants,
@@ -1343,6 +1345,28 @@ def adafactor(
         mask=mask,
         state_type=AdafactorState,
     )
+    return _adafactor_weights(tx)
+
+
+def _adafactor_weights(tx: Transform) -> Transform:
+    """`tx` (`adafactor`'s transform), whose ``init`` refuses the weights torch's Adafactor
+    cannot train: a complex one (torch refuses it) and one with no elements (torch's step divides
+    by its size, a ZeroDivisionError)."""
+
+    def init(params: Any) -> Any:
+        problems = [
+            f"{k}: a complex weight ({p.dtype}); torch's Adafactor does not support complex "
+            "parameters: train it with another optimizer (ft.partition), or as two real ones"
+            if p.is_complex()
+            else f"{k}: a weight with no elements (shape {tuple(p.shape)}); torch's Adafactor "
+            "divides by its size: leave it out of training (trainable=) or give it elements"
+            for k, p in leaves_by_path(params).items()
+            if isinstance(p, torch.Tensor) and (p.is_complex() or p.numel() == 0)
+        ]
+        config_check(problems, "adafactor")
+        return tx.init(params)
+
+    return tx._replace(init=init)
 
 
 def is_matrix(name: str, param: torch.Tensor) -> str:

@@ -477,6 +477,28 @@ def test_hyperparameters_out_of_range_are_config_errors_naming_them(
         make()
 
 
+@pytest.mark.parametrize(
+    ("weight", "message"),
+    [
+        (torch.zeros(0, 4), r"w: a weight with no elements \(shape \(0, 4\)\)"),
+        (torch.zeros(2, 0, 3), r"w: a weight with no elements \(shape \(2, 0, 3\)\)"),
+        (torch.zeros(4, dtype=torch.complex64), r"w: a complex weight \(torch.complex64\)"),
+    ],
+    ids=["empty_matrix", "empty_3d", "complex"],
+)
+def test_adafactor_refuses_at_create_the_weights_torchs_adafactor_cannot_train(
+    weight: torch.Tensor, message: str
+) -> None:
+    torch_weight = torch.nn.Parameter(weight.clone())
+    torch_weight.grad = torch.zeros_like(weight)
+    with pytest.raises((ZeroDivisionError, RuntimeError)):  # torch's, at its first step
+        torch.optim.Adafactor([torch_weight], lr=0.01).step()
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(weight)
+    with pytest.raises(ft.ConfigError, match=message):
+        ft.TrainState.create(model, ft.adafactor(0.01), lambda m, b: m.w.abs().sum())
+
+
 def test_names_record_every_argument_for_checkpoints() -> None:
     assert (
         ft.adamax(lr=1e-2).name
