@@ -319,7 +319,8 @@ def adam(
 
     Args:
         lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
-        b1: first-moment decay (torch's ``betas[0]``; a 1-element tensor is read as its value).
+        b1: first-moment decay (torch's ``betas[0]``; a 1-element tensor is read as its value
+            by the fused kernel; ``fused=False`` takes numbers only).
         b2: second-moment decay (``betas[1]``, likewise).
         eps: denominator epsilon.
         weight_decay: L2 coefficient added to the gradient (see `adamw` for the decoupled kind).
@@ -399,7 +400,8 @@ def adamw(
 
     Args:
         lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
-        b1: first-moment decay (torch's ``betas[0]``; a 1-element tensor is read as its value).
+        b1: first-moment decay (torch's ``betas[0]``; a 1-element tensor is read as its value
+            by the fused kernel; ``fused=False`` takes numbers only).
         b2: second-moment decay (``betas[1]``, likewise).
         eps: denominator epsilon.
         weight_decay: decoupled decay coefficient.
@@ -479,6 +481,7 @@ def _adam(
     kernels off the CPU, the loop on it; on the CPU the two give the same bits in float32).
     """
     _check_renamed(name, lr)
+    tensors = [k for k, beta in (("b1", b1), ("b2", b2)) if isinstance(beta, torch.Tensor)]
     b1, b2 = _value(b1), _value(b2)
     _check_adam(name, b1, b2, eps, weight_decay)
     if fused or fused is None:  # None: torch's "choose for me"; the fused kernel is the choice
@@ -498,6 +501,21 @@ def _adam(
         problems.append(
             f"a weight-decay sweep ({weight_decay.name}) runs only through the fused kernels: "
             f"use {name} with fused=True (the default); fused=False takes one weight decay"
+        )
+    if tensors:
+        # (torch's single-tensor loop computes its moments with tensor betas in their dtype; its
+        # foreach one refuses them)
+        problems.append(
+            f"{' and '.join(tensors)} given as tensors with fused=False: torch's non-fused "
+            f"{'AdamW' if name == 'adamw' else 'Adam'} computes with tensor betas in their dtype "
+            "(its foreach form refuses them), which the formula does not follow; give them as "
+            f"numbers ({tensors[0]}=float({tensors[0]})) or keep fused=True, whose kernel reads "
+            "their value"
+        )
+    if foreach and isinstance(lr, torch.Tensor):
+        problems.append(
+            "lr given as a tensor with foreach=True, which torch refuses (capturable=False); give "
+            "lr as a number, or leave foreach unset"
         )
     rate = _rate(lr, problems)
     rate_dtype = _rate_dtype(lr, problems)

@@ -1176,6 +1176,26 @@ def test_a_tensor_beta_that_holds_no_readable_value_is_refused() -> None:
         ft.adam(b1=torch.empty((), device="meta"))
 
 
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_tensor_betas_or_a_tensor_lr_the_unfused_formula_does_not_follow_are_refused(cls) -> None:
+    preset = ft.adamw if cls is torch.optim.AdamW else ft.adam
+    betas = (torch.tensor(0.8), torch.tensor(0.99))
+    # torch's single-tensor loop computes with tensor betas in float32: another run than floats'
+    torch_params, _ = run_torch(lambda p: cls(p.values(), 0.01, betas=betas, foreach=False))
+    as_numbers, _ = run_torch(lambda p: cls(p.values(), 0.01, betas=(0.8, 0.99), foreach=False))
+    assert any(not torch.equal(a, b) for a, b in zip(torch_params.values(), as_numbers.values()))
+    fused, _ = run_torch(lambda p: cls(p.values(), 0.01, betas=betas, fused=True))
+    ours, _ = run_functrain(preset(0.01, *betas))  # the kernel reads their value, as torch's
+    assert_trees_equal(list(ours.values()), list(fused.values()), "params")
+    for foreach in (None, False, True):
+        with pytest.raises(ft.ConfigError, match=r"b1 and b2 given as tensors with fused=False"):
+            preset(0.01, *betas, fused=False, foreach=foreach)
+    with pytest.raises(ValueError, match="lr as a Tensor is not supported"):
+        cls([torch.nn.Parameter(torch.ones(1))], torch.tensor(0.01), foreach=True)
+    with pytest.raises(ft.ConfigError, match=r"lr given as a tensor with foreach=True"):
+        preset(torch.tensor(0.01), foreach=True)
+
+
 def test_a_tensor_lr_names_its_exact_value_and_dtype() -> None:
     # torch computes in the tensor's dtype where it takes one, so a float lr is another optimizer
     assert ft.adagrad(torch.tensor(0.1)).name.startswith(
