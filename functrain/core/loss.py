@@ -109,9 +109,14 @@ def split_loss(out: Any, name: str = "loss_fn") -> tuple[torch.Tensor, dict[str,
             f"{name}'s metrics must be a dict of tensors (keep them as tensors, do not call "
             f".item()), got {bad}"
         )
-    taken = [
-        k for k in aux if k in STEP_METRICS or (isinstance(k, str) and k.startswith(STEP_PREFIXES))
-    ]
+    if name == "eval_fn":  # (an evaluation reports the loss alone of the step's own)
+        taken = [k for k in aux if k == "loss"]
+    else:
+        taken = [
+            k
+            for k in aux
+            if k in STEP_METRICS or (isinstance(k, str) and k.startswith(STEP_PREFIXES))
+        ]
     if taken:
         raise LossError(
             f"{name}'s metrics must not reuse the names of the metrics a step reports itself "
