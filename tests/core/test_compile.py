@@ -784,11 +784,18 @@ def test_a_step_compiled_wrongly_is_put_back_and_runs_eagerly_with_a_warning(don
     assert torch.equal(metrics["loss"], expected["loss"])
 
 
-@pytest.mark.parametrize("backend", ["functrain_test_fails", "functrain_test_fails_running"])
+@pytest.mark.parametrize(
+    ("backend", "check_loss"),
+    [
+        ("functrain_test_fails", True),
+        ("functrain_test_fails_running", True),
+        ("functrain_test_fails_running", False),  # the loss uncompared, the state put back
+    ],
+)
 @pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("donate", [False, True])
 def test_a_step_torch_fails_to_compile_runs_eagerly_with_a_warning(
-    donate: bool, stacked: bool, backend: str
+    donate: bool, stacked: bool, backend: str, check_loss: bool
 ) -> None:
     # a compile that fails, or a graph that raises once it runs: the state as it was, this step
     # and every later one of the configuration run as train_step (bit for bit), and the compile
@@ -797,7 +804,7 @@ def test_a_step_torch_fails_to_compile_runs_eagerly_with_a_warning(
     if stacked:
         state = ft.stack([state, _dropout_mlp()])
     reference = state.clone()
-    step = ft.compile_step(backend=backend)
+    step = ft.compile_step(backend=backend, check_loss=check_loss)
     batches = classification_batches((8, 6), 3)
     _FAILED_COMPILES[0] = 0
     with pytest.warns(
@@ -816,23 +823,6 @@ def test_a_step_torch_fails_to_compile_runs_eagerly_with_a_warning(
     ft.testing.assert_states_equal(state, reference)
     assert torch.equal(metrics["loss"], expected["loss"])
     assert _FAILED_COMPILES[0] == tries >= 1
-
-
-@pytest.mark.parametrize("stacked", [False, True])
-def test_a_graph_torch_fails_to_run_runs_eagerly_without_the_loss_check(stacked: bool) -> None:
-    # check_loss=False leaves the loss uncompared, not the state put back: a donated state whose
-    # first compiled call raised torch's error is trained on as train_step trains it
-    state = _dropout_mlp()
-    if stacked:
-        state = ft.stack([state, _dropout_mlp()])
-    reference = state.clone()
-    step = ft.compile_step(backend="functrain_test_fails_running", check_loss=False)
-    batch = classification_batches((8, 6), 1)[0]
-    with pytest.warns(ft.EagerStepWarning, match="torch failed to compile or run"):
-        state, metrics = step(state, batch, donate=True)
-    reference, expected = ft.train_step(reference, batch)
-    ft.testing.assert_states_equal(state, reference)
-    assert torch.equal(metrics["loss"], expected["loss"])
 
 
 def test_a_compiled_step_out_of_memory_raises_and_is_not_run_eagerly_after() -> None:
