@@ -409,7 +409,16 @@ class Loop:
         """
         how = self.options.batching.partial_window
         total = self.run_ctx.batches_per_epoch
-        if how == "carry" or self.micro != 0 or total is None:
+        if how == "carry" or total is None:
+            return
+        if self.micro != 0:
+            # resumed inside the closing window (saved by an interrupt in its step or between its
+            # batches): the windows of an epoch start at multiples of N, so it is the last one,
+            # and under "over_length" its loss is divided by its length again
+            short = total % self.k
+            if how == "over_length" and self._short_window is None and short:
+                if self.pos >= total - short:
+                    self._short_window = short
             return
         left = total - self.pos
         if 0 < left < self.k:

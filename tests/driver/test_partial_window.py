@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 import functrain as ft
 from functrain.errors import ConfigError
@@ -96,6 +97,34 @@ def test_a_run_closing_partial_windows_resumes_bit_for_bit(tmp_path: Any) -> Non
     kw: dict[str, Any] = dict(partial_window="over_length", checkpoint_dir=tmp_path, **QUIET)
     ft.fit(_state(), _batches(), max_steps=4, save_every=1, **kw)  # into epoch 1
     resumed = ft.fit(_state(), _batches(), max_epochs=EPOCHS, save_every=1, resume=True, **kw)
+    _assert_params(resumed.state, hugging_face())
+
+
+@pytest.mark.parametrize("at", [7, 8], ids=["its first batch", "its second batch"])
+def test_a_run_interrupted_inside_the_closing_window_resumes_over_its_length(
+    tmp_path: Any, at: int
+) -> None:
+    # a Ctrl-C inside a step saves the state before it: at the partial window's first batch (the
+    # window closed) or between its batches; the resume divides that window's losses by its
+    # length as the uninterrupted run does, not by N
+    calls = [0]
+
+    def interrupted(model: Any, batch: Any) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == at:
+            raise KeyboardInterrupt
+        return _loss_fn(model, batch)
+
+    # the batches of `_batches`, in order, as samples the state's counters position
+    data = TensorDataset(*(torch.cat(t) for t in zip(*_batches())))
+    kw: dict[str, Any] = dict(
+        partial_window="over_length", checkpoint_dir=tmp_path, batch_size=5, shuffle=False, **QUIET
+    )
+    tx = ft.sgd(0.1, momentum=0.9, fused=False)
+    first = ft.TrainState.create(_model(), tx, interrupted, accumulate_steps=N)
+    stopped = ft.fit(first, data, max_epochs=EPOCHS, **kw)
+    assert stopped.stop_reason == "interrupted" and int(stopped.state.step) == 2
+    resumed = ft.fit(_state(), data, max_epochs=EPOCHS, resume=True, **kw)
     _assert_params(resumed.state, hugging_face())
 
 
