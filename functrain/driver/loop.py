@@ -27,7 +27,13 @@ from functrain.core.state import TrainState
 from functrain.core.step import train_step
 from functrain.driver.arguments import raise_empty_epoch
 from functrain.driver.callbacks import Run
-from functrain.driver.data import IterableSource, MemberSource, samples_per_member, to_device
+from functrain.driver.data import (
+    IterableSource,
+    MemberSource,
+    StatefulSource,
+    samples_per_member,
+    to_device,
+)
 from functrain.driver.evaluation import evaluate
 from functrain.driver.ledger import Ledger, memory_columns
 from functrain.driver.options import FitOptions
@@ -137,6 +143,9 @@ class Loop:
         # finds records that miss part of that update, which no checkpoint may hold
         self._settled = True
         self.kept_previous = False  # an interrupt at such a moment saved nothing
+        # a batch was drawn that no step has consumed yet: the state of data that saves its own
+        # (state_dict()) is then past it, and an interrupt saving it would skip that batch
+        self._drawn = False
         # the length of the partial window under way with partial_window="over_length", else None
         self._short_window: int | None = None
         self._saved_at: tuple[int, int, int, dict[str, Any]] | None = None
@@ -209,8 +218,9 @@ class Loop:
         ``"requeue"`` for SIGUSR1: `fit` then raises `Preempted`). Raised inside a donated step
         that had begun writing the state, the interrupt propagates (there is no completed state
         to hand back). One that lands after a step, before its update is done (a second Ctrl-C in
-        its evaluation, saves or hooks, an epoch's end or the final save) saves nothing: a resume
-        goes on from the last checkpoint.
+        its evaluation, saves or hooks, an epoch's end or the final save), or between a batch's
+        draw and its step's end on data that saves its own state (``state_dict()``, then past
+        that batch), saves nothing: a resume goes on from the last checkpoint.
         """
         # ranks would stop at different updates: under torch.distributed a signal acts at once
         with StopSignals(enabled=self.state.dist is None) as self.signals:
@@ -237,10 +247,11 @@ class Loop:
             raise error from None
         signum = error.signum if isinstance(error, Preempted) else signal.SIGINT
         self.stop_reason, self.interrupted = STOP_REASONS[signum], True
-        if not self._settled:
+        if not self._settled or (self._drawn and self._keeps_own_state()):
             # inside an update's evaluation, saves or hooks, an epoch's end or the final save (a
             # second Ctrl-C acts at once): the records miss part of what the uninterrupted run
-            # does there, so nothing is saved; a resume goes on from the last checkpoint
+            # does there, so nothing is saved; a resume goes on from the last checkpoint. So too
+            # between a batch's draw and its step's end on data whose state is past that batch
             self.kept_previous = True
             return
         if self.ledger.window.count:
@@ -250,6 +261,12 @@ class Loop:
             # no on_save: on_exception was the run's last hook, and a save the uninterrupted run
             # does not make must not write into the state (a resumed run is that run)
             self._save(announce=False)
+
+    def _keeps_own_state(self) -> bool:
+        """Whether checkpoints hold the training data's own state (``state_dict()``), taken as it
+        is when saved, rather than a count the loop keeps."""
+        sources = self.train.sources if isinstance(self.train, MemberSource) else [self.train]
+        return any(isinstance(s, StatefulSource) for s in sources)
 
     def stopped_line(self) -> str | None:
         """Where a run a signal (or a `KeyboardInterrupt`) stopped goes on from; None otherwise.
@@ -270,8 +287,8 @@ class Loop:
             kept = "nothing was saved (no checkpoint_dir)"
         elif self.kept_previous:
             kept = (
-                "nothing was saved (it came before the update's evaluation, saves and hooks were "
-                "done); fit(..., resume=True) goes on from the last checkpoint"
+                "nothing was saved (it came before the update under way, its evaluation, saves "
+                "and hooks were done); fit(..., resume=True) goes on from the last checkpoint"
                 + (f", {self.saved}" if self.saved is not None else "")
             )
         elif self.saved is None:
@@ -377,6 +394,7 @@ class Loop:
         self._epoch_t0 = time.perf_counter()
         start, trained = self.pos, False
         for batch in self.train.epoch(self.epoch, start=self.pos):
+            self._drawn = True
             batch = to_device(batch, self.device)
             n = samples_per_member(batch)  # of a PerMember batch, each member's slice's
             trained = trained or n > 0
@@ -387,6 +405,7 @@ class Loop:
                     stacklevel=4,
                 )
                 self.ledger.empty_batches += 1
+                self._drawn = False
                 self.pos += 1
                 self.state = self.state.replace(epoch_step=self.state.epoch_step + 1)
                 continue
@@ -460,6 +479,7 @@ class Loop:
                 # (raised in the step: the state in hand and the records are those before it)
                 self._settled = True
                 raise
+            self._drawn = False
         except NonFiniteError as e:
             raise NonFiniteError(
                 f"halted at update {self.step + 1} (epoch {self.epoch}, batch {self.pos}): {e}"

@@ -175,6 +175,36 @@ def test_a_users_stateful_source_resumes_from_its_saved_state(tmp_path: Path) ->
     assert result.state.driver["source"] == {"ranks": [{"next": 8, "tag": ("stream", None)}]}
 
 
+def test_a_ctrl_c_inside_a_step_saves_no_state_past_the_batch_it_drew(tmp_path: Path) -> None:
+    # the source's state is past the batch the interrupted step drew, which no step consumed:
+    # nothing is saved, and the resume goes on from the last checkpoint, reading that batch
+    calls = [0]
+
+    def interrupted_at_five(model: Any, batch: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    straight = ft.fit(linear_state(), Stream([]), max_steps=10, progress=False, verbosity="silent")
+    state = ft.TrainState.create(linear_state().export_module(), ft.sgd(0.01), interrupted_at_five)
+    first = ft.fit(
+        state,
+        Stream([]),
+        max_steps=10,
+        save_every=3,
+        checkpoint_dir=tmp_path / "ckpt",
+        progress=False,
+        verbosity="silent",
+    )
+    assert first.stop_reason == "interrupted" and int(first.state.step) == 4
+    assert first.checkpoints["latest"].name.startswith("ckpt-000000003")
+    second: list[int] = []
+    result = fit_stream(Stream(second), tmp_path, 10, save_every=3, resume=True)
+    assert second[:4] == [6, 7, 8, 9]  # from the checkpoint, the batch the interrupt drew too
+    ft.testing.assert_states_equal(straight.state.tree(), result.state.tree(), ignore=["driver"])
+
+
 def test_a_resume_at_an_epoch_end_starts_the_next_pass_from_the_saved_state(tmp_path: Path) -> None:
     fit_stream(Stream([]), tmp_path, 6)  # the epoch's last update: the source's pass is over
     second: list[int] = []
