@@ -119,6 +119,15 @@ def test_samples_of_different_shapes_are_refused_with_the_padding_fix(workers: i
     assert next(iter(same.epoch(0)))[0].shape == (4, 3)
 
 
+def test_numpy_samples_of_different_shapes_are_refused_with_the_padding_fix() -> None:
+    class Arrays(VariableLengths):
+        def __getitem__(self, i: int) -> Any:
+            return np.arange(float(i + 1)), i
+
+    with pytest.raises(ConfigError, match=r"different shapes \(sample 0's tensors \[\(\d+,\)\]"):
+        next(iter(Batcher(Arrays(), 4).epoch(0)))
+
+
 def test_shards_slice_each_global_batch() -> None:
     data = TensorDataset(torch.arange(20.0))
     whole = ids(Batcher(data, 8, seed=5).epoch(1))

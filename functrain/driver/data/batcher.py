@@ -54,9 +54,8 @@ def collated(samples: list[Any]) -> Any:
     try:
         return default_collate(samples)
     except RuntimeError:
-        shapes = [
-            [tuple(x.shape) for x in pytree.tree_leaves(s) if isinstance(x, torch.Tensor)]
-            for s in samples
+        shapes = [  # of tensors and of numpy arrays, which torch stacks as tensors
+            [tuple(x.shape) for x in pytree.tree_leaves(s) if _stacked(x)] for s in samples
         ]
         if all(shape == shapes[0] for shape in shapes):
             raise
@@ -69,6 +68,11 @@ def collated(samples: list[Any]) -> Any:
             "dataset, batch_size=..., shuffle=True, collate_fn=...) as train_data (resumed "
             "exactly, as fit's own batching), or make every sample one shape"
         ) from None
+
+
+def _stacked(leaf: Any) -> bool:
+    """Whether torch's default collation stacks `leaf` into a tensor: a tensor, a numpy array."""
+    return isinstance(leaf, torch.Tensor) or type(leaf).__module__ == "numpy"
 
 
 class Batcher:
