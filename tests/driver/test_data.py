@@ -127,6 +127,13 @@ def test_numpy_samples_of_different_shapes_are_refused_with_the_padding_fix() ->
     with pytest.raises(ConfigError, match=r"different shapes \(sample 0's tensors \[\(\d+,\)\]"):
         next(iter(Batcher(Arrays(), 4).epoch(0)))
 
+    class Lists(VariableLengths):  # token ids as lists of ints
+        def __getitem__(self, i: int) -> Any:
+            return list(range(i + 1)), i
+
+    with pytest.raises(ConfigError, match=r"different shapes \(sample 0 holds \d+ values, sample"):
+        next(iter(Batcher(Lists(), 4).epoch(0)))
+
 
 def test_shards_slice_each_global_batch() -> None:
     data = TensorDataset(torch.arange(20.0))

@@ -54,16 +54,24 @@ def collated(samples: list[Any]) -> Any:
     try:
         return default_collate(samples)
     except RuntimeError:
-        shapes = [  # of tensors and of numpy arrays, which torch stacks as tensors
-            [tuple(x.shape) for x in pytree.tree_leaves(s) if _stacked(x)] for s in samples
-        ]
-        if all(shape == shapes[0] for shape in shapes):
+        # the shapes of tensors and numpy arrays (which torch stacks as tensors), and how many
+        # values a sample holds (lists of numbers of different lengths)
+        leaves = [pytree.tree_leaves(s) for s in samples]
+        shapes = [[tuple(x.shape) for x in ls if _stacked(x)] for ls in leaves]
+        counts = [len(ls) for ls in leaves]
+        if all(shape == shapes[0] for shape in shapes) and len(set(counts)) == 1:
             raise
-        differ = next(k for k, shape in enumerate(shapes) if shape != shapes[0])
+        differ = next(
+            k for k in range(len(samples)) if shapes[k] != shapes[0] or counts[k] != counts[0]
+        )
+        what = (
+            f"sample 0 holds {counts[0]} values, sample {differ} {counts[differ]}"
+            if counts[differ] != counts[0]
+            else f"sample 0's tensors {shapes[0]}, sample {differ}'s {shapes[differ]}"
+        )
         raise ConfigError(
             f"fit's batching stacks a batch's samples into one tensor each, and these samples "
-            f"have different shapes (sample 0's tensors {shapes[0]}, sample {differ}'s "
-            f"{shapes[differ]}): variable-length samples "
+            f"have different shapes ({what}): variable-length samples "
             "need a collate function that pads them; give fit a torch.utils.data.DataLoader("
             "dataset, batch_size=..., shuffle=True, collate_fn=...) as train_data (resumed "
             "exactly, as fit's own batching), or make every sample one shape"
