@@ -9,6 +9,7 @@ into ``state.driver`` before every save.
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import signal
 import sys
@@ -86,6 +87,7 @@ class Loop:
         # before the first step the state is the one the run starts from, or shares its tensors
         # (`replace` keeps them): `fit`'s caller holds it, unless `donate` says it was given up
         self._donate_start = options.execution.donate
+        self._kept_weights = False  # whether the last step found its weights held (`_owns_state`)
         self.stepped = False  # whether a step ran (and so whether `donate` took the start state)
         # an epoch resumed on another number of ranks (its rest dealt anew), which may be empty
         self.dealt_epoch: int | None = None
@@ -376,7 +378,30 @@ class Loop:
         # donating one that is still held would corrupt it. Counting references answers without
         # their cooperation and errs one way only: an extra reference makes the step pure, never
         # the reverse. getrefcount counts its own argument too.
-        return sys.getrefcount(self.state) - 1 <= held
+        if sys.getrefcount(self.state) - 1 > held:
+            return False
+        # nor one whose weights a callback kept rather than the state (its parameters' mapping,
+        # a plain dict of them, a weight, an EMA weight): the step would write them. Where the
+        # count finds them held, a collection first drops what only garbage holds (a compilation's
+        # leftovers): once, until they are found unheld again
+        if not self._weights_kept():
+            self._kept_weights = False
+            return True
+        if self._kept_weights:
+            return False
+        self._kept_weights = True
+        gc.collect()
+        return not self._weights_kept()
+
+    def _weights_kept(self) -> bool:
+        """Whether anything but the state holds its parameters' mapping, a weight or an EMA
+        weight (each held once by the state: its mapping, its list)."""
+        params = self.state.params
+        if sys.getrefcount(params) - 1 > 2:  # (and `params`)
+            return True
+        ema = self.state.ema_state
+        kept = (*params.values(), *getattr(ema, "average", ()))
+        return any(sys.getrefcount(t) - 1 > 3 for t in kept)  # (and `kept`, `t`)
 
     def _limit_reached(self) -> str | None:
         # checked before each epoch: a resumed run that had already finished takes no further step

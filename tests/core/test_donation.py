@@ -508,6 +508,39 @@ def test_states_a_callback_keeps_from_fit_stay_valid() -> None:
     assert_same_training(result.state, keeper.kept[-1])
 
 
+class WeightKeeper(ft.Callback):
+    """Keeps the weights of run.state (not the state) after the second step, and a copy."""
+
+    def __init__(self, keep: Callable[[ft.TrainState], Any]) -> None:
+        self.keep = keep
+        self.kept: Any = None
+        self.copy: Any = None
+
+    def on_batch_end(self, run: ft.Run) -> None:
+        if int(run.state.step) == 2:
+            self.kept = self.keep(run.state)
+            self.copy = {k: v.clone() for k, v in self.kept.items()}
+
+
+@pytest.mark.parametrize(
+    "keep",
+    [
+        lambda s: s.params,
+        lambda s: dict(s.params),
+        lambda s: {"w": s.params["0.weight"]},
+        lambda s: s.ema_params,
+    ],
+    ids=["mapping", "plain dict", "one weight", "ema_params"],
+)
+def test_weights_a_callback_keeps_from_fit_keep_their_values(
+    keep: Callable[[ft.TrainState], Any],
+) -> None:
+    keeper = WeightKeeper(keep)
+    fit_run(callbacks=[keeper])
+    for name, copy in keeper.copy.items():
+        assert torch.equal(keeper.kept[name], copy), name
+
+
 @pytest.mark.parametrize("async_save", [False, True])
 def test_checkpoints_fit_writes_while_donating_hold_the_states_of_their_steps(
     tmp_path: Any, async_save: bool
