@@ -1749,9 +1749,18 @@ class ScaledRunner:
         write: bool,
     ) -> Ran:
         inv = state.scale.double().reciprocal().float()
-        unscaled = list(torch._foreach_mul(grads, inv)) if self.fp32 else _unscaled(grads, inv)
-        # (the unscale's own tensors: its float32 flag the step's skip metric)
-        found = _found_in(unscaled, self.one) if self.fp32 else None
+        found: torch.Tensor | None
+        if write and self.fp32:
+            # a donated step's own gradients, unscaled where they lie and checked in one op, as
+            # GradScaler's unscale_ does to .grad (no second set of them); its float32 flag the
+            # step's skip metric
+            found = torch.zeros((), dtype=torch.float32, device=inv.device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv)
+            unscaled = grads
+        else:
+            unscaled = list(torch._foreach_mul(grads, inv)) if self.fp32 else _unscaled(grads, inv)
+            # (the unscale's own tensors: its float32 flag the step's skip metric)
+            found = _found_in(unscaled, self.one) if self.fp32 else None
         finite = all_finite(unscaled) if found is None else found == 0
         inner_norm = global_norm(unscaled) if self.inner_reads else None
         run_inner = self.inner

@@ -124,6 +124,34 @@ def test_a_cap_on_overflows_in_a_row_lets_the_scale_back_off_as_the_amp_recipe(
         ft.train_step(with_one, data[1], donate=donate)
 
 
+def test_a_donated_step_unscales_its_gradients_where_they_lie_as_gradscaler() -> None:
+    # GradScaler's unscale_ multiplies .grad in place: a donated step holds no second set of
+    # gradients (an out-of-place product makes one), with the recipe's bits
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OutOfPlaceProducts(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+            if func.__name__.startswith("_foreach_mul."):
+                self.seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    data = tanh_mlp_batches(6)
+    state = with_settings()
+    for k, batch in enumerate(data):
+        with OutOfPlaceProducts() as products:
+            state, _ = ft.train_step(state, batch, donate=True)
+        assert products.seen == [] or k == 0, (
+            k,
+            products.seen,
+        )  # (a fresh state: its first step is not written in place)
+    expected, _ = amp_recipe(data, SETTINGS)
+    assert_trees_equal(expected, state.params)
+
+
 @pytest.mark.parametrize("cap", [None, 8], ids=["uncapped", "capped"])
 def test_a_window_whose_end_is_not_read_reports_the_scalers_skips(
     monkeypatch: pytest.MonkeyPatch, cap: int | None
