@@ -47,7 +47,7 @@ from functrain.checkpoint.sharded import (
 from functrain.core.create import averaging_init
 from functrain.core.donation import hold_live
 from functrain.core.options import LossScale
-from functrain.core.replacement import resplit
+from functrain.core.replacement import ByName, resplit, slot_owners
 from functrain.core.state import TrainState, unaliased
 from functrain.core.structure import sparse_parameters
 from functrain.devices import device_named
@@ -77,7 +77,8 @@ from functrain.optim.rates import (
     resumed_digest,
 )
 from functrain.optim.rules.formula import RuleState
-from functrain.tree import leaves_by_path
+from functrain.optim.zeros import is_shared
+from functrain.tree import escape_key, leaves_by_path
 
 __all__ = [
     "save",
@@ -780,6 +781,7 @@ def _load(
         _check_resumable(path, {**tree, **grown}, like)
     got = leaves_by_path(tree)
     flat, spec = pytree.tree_flatten_with_path(template)
+    owners = _slot_parameters(like, template) if isinstance(like, TrainState) else {}
     values = []
     for (_key_path, expected), (path_key, _) in zip(
         flat, leaves_by_path(template).items(), strict=True
@@ -792,7 +794,7 @@ def _load(
             and not is_sharded(value)
         ):
             value = value.to(expected.device)
-        values.append(_laid_out_as(value, expected))
+        values.append(_laid_out_as(value, owners.get(path_key, expected)))
     restored = pytree.tree_unflatten(values, spec)
     if isinstance(like, TrainState):
         return like.with_tree(
@@ -860,6 +862,36 @@ def _sparse_ok(like: Any) -> Callable[[str], bool]:
         and leaf.shape == like.params[names[i]].shape
     }
     return allowed.__contains__
+
+
+def _slot_parameters(like: TrainState, template: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The parameter whose layout each optimizer slot the template holds without storage of its
+    own (a fresh state's zeros, `functrain.optim.zeros`) takes at its first update, by its path.
+
+    Such a slot is laid out as its parameter once a step writes it; the template's stride-0 zeros
+    say nothing of that layout, and a loaded slot laid out otherwise would round otherwise in half
+    precision (an op over operands of mixed layouts runs another kernel loop). Found by
+    `slot_owners` (one slot per parameter, in order or by name); none where the state is laid out
+    otherwise, or where every parameter is contiguous (a loaded tensor is).
+    """
+    leaves = leaves_by_path(template.get("opt_state"))
+    shared = {
+        path
+        for path, leaf in leaves.items()
+        if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided and is_shared(leaf)
+    }
+    params = dict(like.params)
+    if not shared or all(p.is_contiguous() for p in params.values()):
+        return {}  # (a contiguous parameter's slot loads contiguous)
+    owners = slot_owners(like.tx.init, params)
+    found: dict[str, torch.Tensor] = {}
+    for container, names in (owners or {}).items():
+        head = container + "/" if container else ""
+        for i, name in enumerate(names):
+            path = head + (escape_key(name) if isinstance(names, ByName) else str(i))
+            if path in shared and leaves[path].shape == params[name].shape:
+                found["opt_state/" + path] = params[name]
+    return found
 
 
 def _laid_out_as(value: Any, expected: Any) -> Any:
