@@ -200,7 +200,11 @@ def transform_for(
         return build_transform(differentiable_form(optimizer), options)
     sparse = [name for name in sparse_parameters(module) if name in params]  # frozen: no rows
     return build_transform(
-        on_device(_for_sparse(optimizer, sparse, options, grad_stats, dist_config), device),
+        on_device(
+            _for_sparse(optimizer, sparse, options, grad_stats, dist_config),
+            device,
+            frozenset(p.dtype for p in params.values()),
+        ),
         options,
     )
 

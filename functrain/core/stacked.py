@@ -381,7 +381,10 @@ def _check_members(states: list[TrainState]) -> tuple[Transform, Transform]:
     tx = (
         first.tx
         if optimizer is first.optimizer
-        else build_transform(on_device(optimizer, first.device), first.options)
+        else build_transform(
+            on_device(optimizer, first.device, frozenset(p.dtype for p in first.params.values())),
+            first.options,
+        )
     )
     if not problems:
         problems += _tree_differences(states, optimizer, tx)

@@ -317,10 +317,11 @@ class ExtrasUpdate:
     - `sparse`: it updates sparse gradients itself (`functrain.optim.rules.sparse`).
     - `sparse_twin`: how its configuration trains sparse gradients: a builder of the transform
       that does, or the reason none does (`functrain.optim.rules.sparse.sparse_twin`).
-    - `device_form`: how its configuration trains on a device: given the parameters' device, the
-      transform that runs there as torch.optim does, or None where this one does
-      (`functrain.optim.rules.fused.on_device`: the fused `adagrad` where torch.optim has no
-      fused Adagrad for the device).
+    - `device_form`: how its configuration trains on a device: given the parameters' device and
+      their dtypes, the transform that runs there as torch.optim does, or None where this one
+      does (`functrain.optim.rules.fused.on_device`: the fused `adagrad` where torch.optim has no
+      fused Adagrad for the device, the fused `sgd` where torch's kernel does not move 16-bit
+      weights).
     - `reports`: `fn` returns ``(updates, state, report)``, its `Report` last
       (perhaps `NO_REPORT`), measured where ``extras.reporting`` asks for it.
       `update_reporting` gives it back; calling the update and `update_with` leave it out.
@@ -367,7 +368,7 @@ class ExtrasUpdate:
         plan_members: MembersPlanner | None = None,
         sparse: bool = False,
         sparse_twin: Callable[[], Any] | str | None = None,
-        device_form: Callable[[torch.device], Any] | None = None,
+        device_form: Callable[[torch.device, frozenset[torch.dtype]], Any] | None = None,
         reports: bool = False,
         scales_by: Callable[[Any], torch.Tensor] | None = None,
         folds_scales: bool = False,

@@ -69,6 +69,7 @@ from functrain.optim.rules.fused import (
     fused_adagrad_runs_on,
     fused_adam,
     fused_sgd,
+    fused_sgd_moves,
     with_device_form,
 )
 from functrain.optim.rules.lion import LionState, check_lion, lion_rule
@@ -234,7 +235,11 @@ def sgd(
             takes the first step from a host-side flag. ``False``: SGD's formula (`sgd_rule`) as
             torch's non-fused SGD runs it, each weight's momentum starting at its own first
             update (with a dampening, a weight first trained mid-run takes its gradient
-            undampened, as torch). ``None`` (torch's default) chooses the kernel.
+            undampened, as torch). ``None`` (torch's default) chooses the kernel. Given to
+            `TrainState.create` with float16 or bfloat16 weights on the CPU, where torch's fused
+            kernel leaves them unmoved (torch 2.12 and 2.13, pytorch/pytorch#191763), it trains
+            as ``fused=False`` (torch's default SGD, bit for bit); inside a `chain` or `partition`
+            it runs the kernel as ``torch.optim.SGD(fused=True)`` does: pass ``fused=False``.
         foreach: torch's implementation choice, given with ``fused=False`` implied: ``True``
             its foreach kernels' bits, ``False`` its single-tensor loop's (the two differ in a
             half dtype only); unset with ``fused=False``, torch's own choice (foreach on CUDA,
@@ -259,7 +264,24 @@ def sgd(
     fused = False if foreach is not None else fused  # (torch's foreach or single-tensor loop)
     _check_renamed("sgd", lr, momentum, nesterov, dampening)
     if (fused or fused is None) and not dampening:
-        tx = fused_sgd(lr, momentum, weight_decay, nesterov=nesterov, mask=mask, maximize=maximize)
+        tx = with_device_form(
+            fused_sgd(lr, momentum, weight_decay, nesterov=nesterov, mask=mask, maximize=maximize),
+            # torch.optim's default SGD where torch's fused kernel leaves the weights unmoved
+            # (16-bit ones on the CPU)
+            lambda device, dtypes: (
+                None
+                if fused_sgd_moves(device, dtypes)
+                else sgd(
+                    lr,
+                    momentum,
+                    nesterov=nesterov,
+                    weight_decay=weight_decay,
+                    mask=mask,
+                    maximize=maximize,
+                    fused=False,
+                )
+            ),
+        )
     else:
         problems: list[str] = []
         check_unit(problems, "dampening", dampening)
@@ -775,7 +797,7 @@ def adagrad(
                 maximize=maximize,
             ),
             # torch.optim's default where its Adagrad has no fused kernel (CUDA before torch 2.12)
-            lambda device: (
+            lambda device, dtypes: (
                 None
                 if fused_adagrad_runs_on(device)
                 else adagrad(

@@ -38,8 +38,9 @@ first update writes them.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -91,6 +92,7 @@ __all__ = [
     "FusedSgdState",
     "fused_adagrad",
     "fused_adagrad_runs_on",
+    "fused_sgd_moves",
     "fused_adam",
     "fused_sgd",
     "on_device",
@@ -197,17 +199,22 @@ def with_device_form(tx: Transform, form: Any) -> Transform:
     return tx._replace(update=tx.update.but(device_form=form))
 
 
-def on_device(tx: Transform, device: torch.device) -> Transform:
+def on_device(
+    tx: Transform, device: torch.device, dtypes: frozenset[torch.dtype] = frozenset()
+) -> Transform:
     """`tx` as it trains on `device`: its declared form there, or `tx` itself.
 
-    `TrainState.create` calls it once, with the parameters' device: the default `adagrad` (its
-    fused kernel) becomes its formula on torch's foreach kernels where torch.optim has no fused
-    Adagrad (`fused_adagrad_runs_on`), named as that form (``adagrad(...)`` without
-    ``fused=True``).
+    `TrainState.create` calls it once, with the parameters' device and dtypes: the default
+    `adagrad` (its fused kernel) becomes its formula on torch's foreach kernels where torch.optim
+    has no fused Adagrad (`fused_adagrad_runs_on`), named as that form (``adagrad(...)`` without
+    ``fused=True``); the fused `sgd` becomes ``sgd(..., fused=False)`` (torch's default SGD) for
+    16-bit weights on the CPU where torch's fused kernel leaves them unmoved
+    (`fused_sgd_moves`).
 
     Args:
         tx: the optimizer.
         device: where the parameters lie.
+        dtypes: the parameters' dtypes.
 
     Returns:
         The transform to train with.
@@ -219,8 +226,43 @@ def on_device(tx: Transform, device: torch.device) -> Transform:
     """
     update = getattr(tx, "update", None)
     form = update.device_form if isinstance(update, ExtrasUpdate) else None
-    chosen = form(device) if form is not None else None
+    chosen = form(device, dtypes) if form is not None else None
     return tx if chosen is None else chosen
+
+
+@functools.cache
+def _sgd_kernel_moves(dtype: torch.dtype) -> bool:
+    """Whether torch's fused CPU SGD kernel moves every element of a `dtype` parameter: asked of
+    the kernel once, on a parameter of 64 elements (torch 2.12 and 2.13's leaves the whole vector
+    blocks of a float16 or bfloat16 one where they were, pytorch/pytorch#191763)."""
+    param = torch.ones(64, dtype=dtype)
+    torch._fused_sgd_(
+        [param],
+        [torch.ones(64, dtype=dtype)],
+        [],
+        weight_decay=0.0,
+        momentum=0.0,
+        lr=0.5,
+        dampening=0.0,
+        nesterov=False,
+        maximize=False,
+        is_first_step=False,
+    )
+    return bool(param.ne(1).all())
+
+
+def fused_sgd_moves(device: torch.device, dtypes: Iterable[torch.dtype]) -> bool:
+    """Whether torch's fused SGD kernel trains parameters of `dtypes` on `device`: everywhere but
+    16-bit weights on the CPU, which torch 2.12 and 2.13's kernel leaves unmoved (it also reads
+    their momentum past its buffer's end).
+
+    Example:
+        >>> fused_sgd_moves(torch.device("cpu"), [torch.float32])
+        True
+    """
+    return device.type != "cpu" or all(
+        _sgd_kernel_moves(d) for d in dtypes if d in (torch.float16, torch.bfloat16)
+    )
 
 
 def _first_lr(lr: LearningRate, count: torch.Tensor) -> torch.Tensor:
