@@ -242,7 +242,9 @@ def generate(
             `context_size` out of range (all argument problems at once); a forward whose output
             is not logits ``[batch, time, vocab]`` (pass `forward`); at a
             structure's first call, a forward that reads a tensor of the module given to
-            `create`, not the state's, as `functrain.predict` refuses it.
+            `create`, not the state's, as `functrain.predict` refuses it; a forward that ran
+            and then fails (`IndexError`, `RuntimeError`) on a longer window without
+            `context_size` (a fixed context: pass it).
 
     Example:
         >>> import torch, functrain as ft
@@ -303,13 +305,28 @@ def generate(
     generator = torch.Generator(device=state.device).manual_seed(seed)
 
     def run(ids: torch.Tensor) -> torch.Tensor:
+        ran_on = 0  # the longest window a forward has run on
         with torch.no_grad(), bound(state.module, tensors) as model:
             for _ in range(max_new_tokens):
                 window = ids if context_size is None else ids[:, -context_size:]
                 # a structure's first call reads none of the tensors of the module it was copied
                 # from (checked at its first forward, `reads_checked`)
-                with reads_checked(state.module, tensors, "generate"):
-                    out = forward(model, window)
+                try:
+                    with reads_checked(state.module, tensors, "generate"):
+                        out = forward(model, window)
+                except (IndexError, RuntimeError) as error:
+                    if context_size is None and 0 < ran_on < window.shape[1]:
+                        # a model with learned positions (or a mask of its block size) reads
+                        # no longer window than its context
+                        raise ConfigError(
+                            f"generate's forward ran on {ran_on} ids and failed on "
+                            f"{window.shape[1]} ({type(error).__name__}: {error}): a model with a "
+                            "fixed context (learned positions, a causal mask of its block size) "
+                            "takes at most that many ids; pass context_size=<its context length> "
+                            "(nanoGPT's block_size) to feed it the last context_size ids"
+                        ) from error
+                    raise
+                ran_on = max(ran_on, window.shape[1])
                 if not (
                     isinstance(out, torch.Tensor)
                     and out.ndim == 3

@@ -255,6 +255,37 @@ def test_context_size_crops_the_window() -> None:
     assert widths == [2, 2, 2, 2]
 
 
+class LearnedPositions(torch.nn.Module):
+    """Logits from a token and a learned position: a context of `block` ids, as nanoGPT's wpe."""
+
+    def __init__(self, block: int = 4) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(5, 5)
+        self.wpe = torch.nn.Embedding(block, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
+
+
+def test_a_fixed_context_without_context_size_says_to_pass_it() -> None:
+    torch.manual_seed(0)
+    state = ft.TrainState.create(LearnedPositions(), ft.sgd(0.1), lambda m, b: m(b).sum())
+    # torch's own error is "index out of range in self", naming neither the window nor the fix
+    with pytest.raises(ConfigError, match=r"ran on 4 ids and failed on 5.*context_size=") as info:
+        generate(state, [0, 1], 6, temperature=0)
+    assert isinstance(info.value.__cause__, IndexError)
+    # with it, the model sees its last 4 ids, as a hand-written loop cropping them
+    model = state.export_module()
+    ids = torch.tensor([[0, 1]])
+    with torch.no_grad():
+        for _ in range(6):
+            ids = torch.cat([ids, model(ids[:, -4:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generate(state, [[0, 1]], 6, temperature=0, context_size=4), ids)
+    # an error at the first forward is the model's own, unchanged
+    with pytest.raises(IndexError):
+        generate(state, [0, 1, 2, 3, 4], 1, temperature=0)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
