@@ -242,7 +242,8 @@ def fit(
     step writes into its tensors too, so the run holds one state from the start, and afterwards
     `state` raises `DonatedStateError` wherever it is used. Which later states the loop donates is
     decided by reference count (`sys.getrefcount`): a state that anything besides the loop holds
-    (a callback that kept ``run.state``, or its ``params``, a weight or ``ema_params``) is stepped
+    (a callback that kept ``run.state``, or its ``params``, a weight, an alias of one such as
+    ``.detach()``, or ``ema_params``) is stepped
     pure, whatever `donate` says. Nor is the
     module `state` was created from: the trained one is ``result.module`` (`FitResult.module`).
 

@@ -26,6 +26,7 @@ from functrain.core.compiled import CompiledStep, compile_step
 from functrain.core.stacked import host_count, member_columns
 from functrain.core.state import TrainState
 from functrain.core.step import train_step
+from functrain.distributed.sharding import is_sharded
 from functrain.driver.arguments import raise_empty_epoch
 from functrain.driver.callbacks import Run
 from functrain.driver.data import (
@@ -48,6 +49,15 @@ __all__ = ["Loop"]
 
 # the stop reasons of a run ended by a non-finite value: nothing is saved after them
 NONFINITE_STOPS = ("nonfinite_val_loss", "nonfinite_loss")
+
+
+def _storage_users(t: torch.Tensor) -> int:
+    """How many tensors use `t`'s storage (its aliases and views included); 0 where it has none."""
+    local = t._local_tensor if is_sharded(t) else t
+    try:
+        return torch._C._storage_Use_Count(local.untyped_storage()._cdata)
+    except (RuntimeError, NotImplementedError):
+        return 0
 
 
 class Loop:
@@ -88,6 +98,7 @@ class Loop:
         # (`replace` keeps them): `fit`'s caller holds it, unless `donate` says it was given up
         self._donate_start = options.execution.donate
         self._kept_weights = False  # whether the last step found its weights held (`_owns_state`)
+        self._users: list[int] = []  # `_storage_users_now` as the last step left them
         self.stepped = False  # whether a step ran (and so whether `donate` took the start state)
         # an epoch resumed on another number of ranks (its rest dealt anew), which may be empty
         self.dealt_epoch: int | None = None
@@ -401,7 +412,22 @@ class Loop:
             return True
         ema = self.state.ema_state
         kept = (*params.values(), *getattr(ema, "average", ()))
-        return any(sys.getrefcount(t) - 1 > 3 for t in kept)  # (and `kept`, `t`)
+        if any(sys.getrefcount(t) - 1 > 3 for t in kept):  # (and `kept`, `t`)
+            return True
+        # nor one a tensor made since the step aliases (`.detach()`, `.data`, a view, a numpy
+        # array: a tensor of its own on the weight's storage, which the count above misses)
+        now = self._storage_users_now()
+        return len(now) != len(self._users) or any(
+            u > u0 for u, u0 in zip(now, self._users, strict=True)
+        )
+
+    def _storage_users_now(self) -> list[int]:
+        """How many tensors use each weight's and EMA weight's storage."""
+        state = self.state
+        return [
+            _storage_users(t)
+            for t in (*state.params.values(), *getattr(state.ema_state, "average", ()))
+        ]
 
     def _limit_reached(self) -> str | None:
         # checked before each epoch: a resumed run that had already finished takes no further step
@@ -504,6 +530,7 @@ class Loop:
                 # (raised in the step: the state in hand and the records are those before it)
                 self._settled = True
                 raise
+            self._users = self._storage_users_now()  # before any hook: as the step left them
             self._drawn = False
         except NonFiniteError as e:
             raise NonFiniteError(

@@ -529,8 +529,11 @@ class WeightKeeper(ft.Callback):
         lambda s: dict(s.params),
         lambda s: {"w": s.params["0.weight"]},
         lambda s: s.ema_params,
+        lambda s: {k: v.detach() for k, v in s.params.items()},
+        lambda s: {"w": s.params["0.weight"].data},
+        lambda s: {"w": s.params["0.weight"][1:]},
     ],
-    ids=["mapping", "plain dict", "one weight", "ema_params"],
+    ids=["mapping", "plain dict", "one weight", "ema_params", "detached", "data", "view"],
 )
 def test_weights_a_callback_keeps_from_fit_keep_their_values(
     keep: Callable[[ft.TrainState], Any],
