@@ -53,6 +53,7 @@ __all__ = [
     "Run",
     "on",
     "check_callback",
+    "runs_users_code",
     "ProgressBar",
     "JsonlLogger",
     "ConsoleLogger",
@@ -225,6 +226,15 @@ def check_callback(callback: Any) -> list[str]:
                 f"{hook}(self, run)"
             ) from None
     return hooks
+
+
+def runs_users_code(callback: Any) -> bool:
+    """Whether `callback` runs code of the user's (a class of theirs, or a function given to
+    `on`): code that may keep what a hook reads, where functrain's own callbacks keep nothing of
+    the state's (`fit` then watches the weights before it donates a state, `Loop._owns_state`)."""
+    return isinstance(callback, _FunctionCallback) or not type(callback).__module__.startswith(
+        "functrain."
+    )
 
 
 class _FunctionCallback(Callback):

@@ -28,7 +28,7 @@ from functrain.core.state import TrainState
 from functrain.core.step import train_step
 from functrain.distributed.sharding import is_sharded
 from functrain.driver.arguments import raise_empty_epoch
-from functrain.driver.callbacks import Run
+from functrain.driver.callbacks import Run, runs_users_code
 from functrain.driver.data import (
     IterableSource,
     MemberSource,
@@ -99,6 +99,8 @@ class Loop:
         self._donate_start = options.execution.donate
         self._kept_weights = False  # whether the last step found its weights held (`_owns_state`)
         self._users: list[int] = []  # `_storage_users_now` as the last step left them
+        # a hook of the user's could keep the weights (functrain's own keep nothing of the state)
+        self._watch_weights = any(map(runs_users_code, hooks))
         self.stepped = False  # whether a step ran (and so whether `donate` took the start state)
         # an epoch resumed on another number of ranks (its rest dealt anew), which may be empty
         self.dealt_epoch: int | None = None
@@ -391,6 +393,8 @@ class Loop:
         # the reverse. getrefcount counts its own argument too.
         if sys.getrefcount(self.state) - 1 > held:
             return False
+        if not self._watch_weights:
+            return True
         # nor one whose weights a callback kept rather than the state (its parameters' mapping,
         # a plain dict of them, a weight, an EMA weight): the step would write them. Where the
         # count finds them held, a collection first drops what only garbage holds (a compilation's
@@ -530,7 +534,8 @@ class Loop:
                 # (raised in the step: the state in hand and the records are those before it)
                 self._settled = True
                 raise
-            self._users = self._storage_users_now()  # before any hook: as the step left them
+            if self._watch_weights:  # before any hook: as the step left them
+                self._users = self._storage_users_now()
             self._drawn = False
         except NonFiniteError as e:
             raise NonFiniteError(
