@@ -243,7 +243,7 @@ def fit(
     `state` raises `DonatedStateError` wherever it is used. Which later states the loop donates is
     decided by reference count (`sys.getrefcount`): a state that anything besides the loop holds
     (a callback that kept ``run.state``, or its ``params``, a weight, an alias of one such as
-    ``.detach()``, or ``ema_params``) is stepped
+    ``.detach()``, or ``ema_params``; an ``eval_fn`` that kept a weight of its model) is stepped
     pure, whatever `donate` says. Nor is the
     module `state` was created from: the trained one is ``result.module`` (`FitResult.module`).
 

@@ -99,8 +99,11 @@ class Loop:
         self._donate_start = options.execution.donate
         self._kept_weights = False  # whether the last step found its weights held (`_owns_state`)
         self._users: list[int] = []  # `_storage_users_now` as the last step left them
-        # a hook of the user's could keep the weights (functrain's own keep nothing of the state)
-        self._watch_weights = any(map(runs_users_code, hooks))
+        # a hook of the user's could keep the weights (functrain's own keep nothing of the state),
+        # and so could an evaluation between steps (its eval_fn, or the loss_fn, given the model)
+        self._watch_weights = (
+            evals is not None or tests is not None or any(map(runs_users_code, hooks))
+        )
         self.stepped = False  # whether a step ran (and so whether `donate` took the start state)
         # an epoch resumed on another number of ranks (its rest dealt anew), which may be empty
         self.dealt_epoch: int | None = None

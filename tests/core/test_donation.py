@@ -544,6 +544,34 @@ def test_weights_a_callback_keeps_from_fit_keep_their_values(
         assert torch.equal(keeper.kept[name], copy), name
 
 
+@pytest.mark.parametrize(
+    "keep",
+    [
+        lambda m: {"w": m[0].weight},
+        lambda m: {"w": m[0].weight.detach()},
+        lambda m: dict(m.state_dict()),
+    ],
+    ids=["one weight", "detached", "state_dict"],
+)
+def test_weights_an_eval_fn_keeps_from_fit_keep_their_values(
+    keep: Callable[[nn.Module], Any],
+) -> None:
+    # no callback of the user's: the evaluation's own function sees the state's weights
+    kept: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    def eval_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        weights = keep(model)
+        kept.append((weights, {k: v.clone() for k, v in weights.items()}))
+        return cross_entropy_loss_fn(model, batch)
+
+    data = batches(4)
+    fit_run(eval_data=data[:1], eval_fn=eval_fn, run_mode="step", max_steps=4, eval_every=1)
+    assert len(kept) >= 4
+    for weights, copy in kept:
+        for name, value in copy.items():
+            assert torch.equal(weights[name], value), name
+
+
 @pytest.mark.parametrize("async_save", [False, True])
 def test_checkpoints_fit_writes_while_donating_hold_the_states_of_their_steps(
     tmp_path: Any, async_save: bool
