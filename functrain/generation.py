@@ -442,6 +442,8 @@ class SampleText(Callback):
             "forward": forward,
         }
         self.max_new_tokens = max_new_tokens
+        # a forward of the user's is given the state's model: it may keep a weight
+        self.users_code = forward is not None
         self.samples: list[tuple[int, str]] = []
         # `on` counts updates (once per update under accumulation) and epochs for us
         self._trigger = on("epoch_end" if every is None else "batch_end", every=every or 1)(

@@ -392,3 +392,36 @@ def test_sample_text_prints_at_epoch_ends_or_every_n_updates(
     assert [step for step, _ in sampler.samples] == steps
     assert all(text.startswith("ab") and len(text) == 6 for _, text in sampler.samples)
     assert out.getvalue().count("--- sample @ step") == len(steps)
+
+
+def test_weights_a_sample_texts_forward_keeps_during_fit_keep_their_values() -> None:
+    # the forward is the user's, given the state's model: fit steps pure while it holds a weight
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(model: Any, ids: torch.Tensor) -> torch.Tensor:
+        weight = next(model.parameters())
+        kept.append((weight, weight.clone()))
+        return model(ids)
+
+    sampler = SampleText(
+        1,
+        "ab",
+        decode=lambda t: "".join("abcdefg"[i] for i in t),
+        encode=lambda s: ["abcdefg".index(c) for c in s],
+        max_new_tokens=1,
+        temperature=0,
+        forward=forward,
+        file=io.StringIO(),
+    )
+    ft.fit(
+        make_state(),
+        _alphabet_data(),
+        batch_size=2,
+        max_epochs=1,
+        callbacks=[sampler],
+        progress=False,
+        verbosity="silent",
+    )
+    assert len(kept) == 4
+    for weight, copy in kept:
+        assert torch.equal(weight, copy)

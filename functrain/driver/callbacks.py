@@ -231,9 +231,13 @@ def check_callback(callback: Any) -> list[str]:
 def runs_users_code(callback: Any) -> bool:
     """Whether `callback` runs code of the user's (a class of theirs, or a function given to
     `on`): code that may keep what a hook reads, where functrain's own callbacks keep nothing of
-    the state's (`fit` then watches the weights before it donates a state, `Loop._owns_state`)."""
-    return isinstance(callback, _FunctionCallback) or not type(callback).__module__.startswith(
-        "functrain."
+    the state's (`fit` then watches the weights before it donates a state, `Loop._owns_state`),
+    unless one says it calls a function of the user's on the model (``users_code``: `SampleText`
+    given a `forward`)."""
+    return (
+        isinstance(callback, _FunctionCallback)
+        or getattr(callback, "users_code", False) is True
+        or not type(callback).__module__.startswith("functrain.")
     )
 
 
