@@ -46,6 +46,12 @@ def is_real(value: Any) -> bool:
 
 
 def check_unit(problems: list[str], name: str, value: float, closed_low: bool = True) -> None:
+    if isinstance(value, torch.Tensor):
+        problems.append(
+            f"{name} takes a number here, got the tensor {name}={value!r}: give it as a number "
+            "(float(...))"
+        )
+        return
     ok = is_real(value) and ((0.0 <= value < 1.0) if closed_low else (0.0 < value < 1.0))
     if not ok:
         interval = "[0, 1)" if closed_low else "(0, 1)"
@@ -58,7 +64,12 @@ def check_positive(problems: list[str], name: str, value: Any, allow_zero: bool 
     if not (is_real(value) and _finite(value)):
         problems.append(f"{name} must be a finite number {need}, got {name}={value!r}")
     elif not (value >= 0.0 if allow_zero else value > 0.0):
-        problems.append(f"{name} must be {need}, got {name}={value!r}")
+        why = (
+            " (it keeps a denominator from 0: a weight whose gradient is 0 would become NaN)"
+            if name == "eps" and value == 0
+            else ""
+        )
+        problems.append(f"{name} must be {need}{why}, got {name}={value!r}")
 
 
 def _finite(value: numbers.Real) -> bool:

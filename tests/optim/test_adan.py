@@ -283,7 +283,7 @@ def test_meta_gradients_agree_with_central_finite_differences(weight_decouple: b
             r"betas must be a triple \(b1, b2, b3\), got betas=\(0.9, 0.99\)",
         ),
         (dict(weight_decay=-0.1), r"weight_decay must be >= 0, got weight_decay=-0.1"),
-        (dict(eps=0.0), r"eps must be > 0, got eps=0.0"),
+        (dict(eps=0.0), r"eps must be > 0 \(it keeps a denominator from 0.*got eps=0.0"),
         (dict(eps=float("inf")), r"eps must be a finite number > 0, got eps=inf"),
         (
             dict(max_grad_norm=1.0),

@@ -1504,3 +1504,17 @@ def test_radam_foreach_true_trains_16_bit_weights_as_torchs_foreach_radam(
         opt.zero_grad()
     for key, p in model.named_parameters():
         assert torch.equal(state.params[key], p.detach()), key
+
+
+@pytest.mark.parametrize("preset", ["nadam", "adamax"])
+def test_betas_given_as_tensors_where_numbers_are_taken_are_refused_with_the_fix(
+    preset: str,
+) -> None:
+    with pytest.raises(ft.ConfigError, match=r"betas\[0\] takes a number here, got the tensor"):
+        getattr(ft, preset)(0.01, betas=(torch.tensor(0.8), 0.9))
+    getattr(ft, preset)(0.01, betas=(float(torch.tensor(0.8)), 0.9))  # the fix
+
+
+def test_a_zero_eps_is_refused_saying_why() -> None:
+    with pytest.raises(ft.ConfigError, match=r"eps must be > 0 \(it keeps a denominator from 0"):
+        ft.adam(0.01, eps=0.0)
