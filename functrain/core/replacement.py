@@ -117,7 +117,8 @@ def refuse_bad_counters(changes: dict[str, Any], current: dict[str, torch.Tensor
     """Raise one `ConfigError` for each counter in `changes` that is no count: an int >= 0, or an
     integer tensor of the counter's shape (`current`, by name) or 0-d.
 
-    A tensor's values are not read (that would wait for its device): its dtype and shape are.
+    A tensor's values are read where that waits for nothing (a CPU tensor, outside a compiled
+    graph), else only its dtype and shape (save refuses a negative count there).
     """
     problems = []
     for name, value in changes.items():
@@ -139,6 +140,12 @@ def refuse_bad_counters(changes: dict[str, Any], current: dict[str, torch.Tensor
                     + (f" per member, shape {list(shape)}" if shape else "")
                     + f", got a tensor of shape {list(value.shape)}"
                 )
+            elif (
+                value.device.type == "cpu"
+                and not torch.compiler.is_compiling()
+                and bool((value < 0).any())
+            ):
+                problems.append(f"{name} must be >= 0, got {name}={value.tolist()}")
         else:
             problems.append(
                 f"{name} must be an int >= 0 or an integer tensor, got {type(value).__name__} "

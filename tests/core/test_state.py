@@ -584,6 +584,7 @@ def test_another_models_tree_through_with_tree_is_a_state_mismatch_naming_the_fi
         (True, "must be an int >= 0 or an integer tensor, got bool True"),
         (torch.tensor(2.5), "must be a count, got a tensor of dtype torch.float32"),
         (torch.tensor([1, 2]), "must hold one count, got a tensor of shape [2]"),
+        (torch.tensor(-5), "step must be >= 0, got step=-5"),
     ],
 )
 def test_replace_refuses_a_counter_that_is_no_count_before_any_step(
