@@ -74,7 +74,7 @@ def counter_problems(tree: Mapping[str, Any], like: TrainState) -> list[str]:
     Example:
         >>> import functrain as ft
         >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.adam(0.1), lambda m, b: m(b).sum())
-        >>> counter_problems(s.replace(step=torch.tensor(-1)).tree(), s)
+        >>> counter_problems({**s.tree(), "step": torch.tensor(-1)}, s)
         ['step: expected an int >= 0, got -1']
     """
     problems = _state_problems(tree, like.options.accumulate_steps)

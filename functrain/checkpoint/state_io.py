@@ -982,7 +982,7 @@ def check_savable(state: TrainState) -> None:
     Example:
         >>> import functrain as ft
         >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
-        >>> check_savable(s.replace(epoch=torch.tensor(-1)))
+        >>> check_savable(s.with_tree({**s.tree(), "epoch": torch.tensor(-1)}))
         Traceback (most recent call last):
         ...
         functrain.errors.ConfigError: cannot save this state: a load would refuse it:
