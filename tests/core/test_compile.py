@@ -759,6 +759,20 @@ def _dropout_mlp() -> ft.TrainState:
     return ft.TrainState.create(make_mlp(dropout=0.5), ft.adamw(1e-2), cross_entropy_with_accuracy)
 
 
+def _later_steps_run_as_train_step(
+    step: Any, state: ft.TrainState, reference: ft.TrainState, batches: list, donate: bool
+) -> None:
+    """Every later step of a configuration `step` runs eagerly is `train_step`'s, bit for bit,
+    with no second warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        for batch in batches:
+            state, metrics = step(state, batch, donate=donate)
+            reference, expected = ft.train_step(reference, batch)
+    ft.testing.assert_states_equal(state, reference)
+    assert torch.equal(metrics["loss"], expected["loss"])
+
+
 @pytest.mark.parametrize("donate", [False, True])
 def test_a_step_compiled_wrongly_is_put_back_and_runs_eagerly_with_a_warning(donate: bool) -> None:
     # the first compiled call's loss differs from the eager check's on the same draws: the state
@@ -775,13 +789,7 @@ def test_a_step_compiled_wrongly_is_put_back_and_runs_eagerly_with_a_warning(don
     reference, expected = ft.train_step(reference, batches[0])
     ft.testing.assert_states_equal(state, reference)
     assert torch.equal(metrics["loss"], expected["loss"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # said once
-        for batch in batches[1:]:
-            state, metrics = step(state, batch, donate=donate)
-            reference, expected = ft.train_step(reference, batch)
-    ft.testing.assert_states_equal(state, reference)
-    assert torch.equal(metrics["loss"], expected["loss"])
+    _later_steps_run_as_train_step(step, state, reference, batches[1:], donate)
 
 
 @pytest.mark.parametrize(
@@ -815,13 +823,7 @@ def test_a_step_torch_fails_to_compile_runs_eagerly_with_a_warning(
     ft.testing.assert_states_equal(state, reference)
     assert torch.equal(metrics["loss"], expected["loss"])
     tries = _FAILED_COMPILES[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # said once
-        for batch in batches[1:]:
-            state, metrics = step(state, batch, donate=donate)
-            reference, expected = ft.train_step(reference, batch)
-    ft.testing.assert_states_equal(state, reference)
-    assert torch.equal(metrics["loss"], expected["loss"])
+    _later_steps_run_as_train_step(step, state, reference, batches[1:], donate)
     assert _FAILED_COMPILES[0] == tries >= 1
 
 
