@@ -39,6 +39,7 @@ __all__ = [
     "with_strides_of",
     "with_strides_kept",
     "sparse_coo",
+    "storage_users",
 ]
 
 
@@ -185,3 +186,25 @@ def sparse_coo(
         return torch.sparse_coo_tensor(
             indices, values, shape, is_coalesced=coalesced, check_invariants=check
         )
+
+
+def storage_users(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """How many tensors use each of `tensors`' storages: each one made from it (an alias such as
+    ``.detach()`` or ``.data``, a view) counts; a DTensor's, its local shard's; 0 where a tensor
+    has no storage to count.
+
+    Example:
+        >>> w = torch.zeros(3)
+        >>> before = storage_users([w])
+        >>> alias = w.detach()
+        >>> storage_users([w])[0] == before[0] + 1
+        True
+    """
+    counts = []
+    for t in tensors:
+        local = getattr(t, "_local_tensor", t)
+        try:
+            counts.append(torch._C._storage_Use_Count(local.untyped_storage()._cdata))
+        except (RuntimeError, NotImplementedError):
+            counts.append(0)
+    return counts

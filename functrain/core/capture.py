@@ -54,6 +54,7 @@ from functrain.core.donation import wait_until_unheld
 from functrain.core.state import TrainState
 from functrain.core.view import parts_of
 from functrain.errors import ConfigError
+from functrain.layout import storage_users
 from functrain.tree import tree_flatten, tree_leaves, tree_paths, tree_unflatten
 
 __all__ = [
@@ -244,7 +245,7 @@ class Resident:
         self.recorder = recorder
         self.graphs: dict[Hashable, list[Graph]] = {}
         self.holder: weakref.ref[TrainState] | None = None
-        self.alone = _sharers(self.tensors)  # what the storages count with no alias anywhere
+        self.alone = storage_users(self.tensors)  # what the storages count with no alias anywhere
 
     def is_holder(self, state: TrainState) -> bool:
         """Whether `state` is the one the last donated call on these tensors returned."""
@@ -261,7 +262,7 @@ class Resident:
 
     def is_free(self) -> bool:
         """Whether no tensor but these sees their memory (no state holds them, no alias is kept)."""
-        return _sharers(self.tensors) == self.alone
+        return storage_users(self.tensors) == self.alone
 
     def load(self, leaves: list[Any]) -> None:
         """Copy a state's tensor leaves (same structure, shapes and dtypes) into these."""
@@ -549,11 +550,6 @@ def _check_on_one_device(leaves: list[Any], spec: Any) -> torch.device:
             + ": keep the optimizer's state on the parameters' device"
         )
     return device
-
-
-def _sharers(tensors: list[torch.Tensor]) -> list[int]:
-    # every tensor made from one of these (an alias a state holds, a view of it) shares its storage
-    return [torch._C._storage_Use_Count(t.untyped_storage()._cdata) for t in tensors]
 
 
 def _same_place(a: torch.Tensor, b: torch.Tensor) -> bool:

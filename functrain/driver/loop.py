@@ -26,7 +26,6 @@ from functrain.core.compiled import CompiledStep, compile_step
 from functrain.core.stacked import host_count, member_columns
 from functrain.core.state import TrainState
 from functrain.core.step import train_step
-from functrain.distributed.sharding import is_sharded
 from functrain.driver.arguments import raise_empty_epoch
 from functrain.driver.callbacks import Run, runs_users_code
 from functrain.driver.data import (
@@ -41,6 +40,7 @@ from functrain.driver.ledger import Ledger, memory_columns
 from functrain.driver.options import FitOptions
 from functrain.driver.preemption import STOP_REASONS, Preempted, StopSignals, signal_name
 from functrain.errors import ConfigError, DonatedStateError, NonFiniteError
+from functrain.layout import storage_users
 from functrain.optim.metrics import transform_metrics
 from functrain.optim.plateau import observe_plateau
 from functrain.optim.wrappers import check_skip_limits
@@ -49,15 +49,6 @@ __all__ = ["Loop"]
 
 # the stop reasons of a run ended by a non-finite value: nothing is saved after them
 NONFINITE_STOPS = ("nonfinite_val_loss", "nonfinite_loss")
-
-
-def _storage_users(t: torch.Tensor) -> int:
-    """How many tensors use `t`'s storage (its aliases and views included); 0 where it has none."""
-    local = t._local_tensor if is_sharded(t) else t
-    try:
-        return torch._C._storage_Use_Count(local.untyped_storage()._cdata)
-    except (RuntimeError, NotImplementedError):
-        return 0
 
 
 class Loop:
@@ -431,10 +422,7 @@ class Loop:
     def _storage_users_now(self) -> list[int]:
         """How many tensors use each weight's and EMA weight's storage."""
         state = self.state
-        return [
-            _storage_users(t)
-            for t in (*state.params.values(), *getattr(state.ema_state, "average", ()))
-        ]
+        return storage_users([*state.params.values(), *getattr(state.ema_state, "average", ())])
 
     def _limit_reached(self) -> str | None:
         # checked before each epoch: a resumed run that had already finished takes no further step
