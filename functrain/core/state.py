@@ -561,7 +561,8 @@ class TrainState:
         """
         self.check_live("TrainState.replace")
         refuse_derived(changes)
-        refuse_bad_counters(changes, {name: getattr(self, name) for name in COUNTERS})
+        if not changes.keys().isdisjoint(COUNTERS):
+            refuse_bad_counters(changes, {name: getattr(self, name) for name in COUNTERS})
         if not changes.keys().isdisjoint(("rng", "opt_state")):
             refuse_misfits(changes, self.rng, self.opt_state)
         if not self.options.differentiable:
