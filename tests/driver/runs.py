@@ -76,3 +76,17 @@ def quiet_fit(state: ft.TrainState, data: Any, **kwargs: Any) -> ft.FitResult:
 class Killed(Exception):  # noqa: N818 - what it stands for
     """What a process that dies in the middle of a run leaves: `fit` ends with it, nothing handed
     back (an interrupt, `KeyboardInterrupt`, hands back the last completed update instead)."""
+
+
+def interrupted_at(call: int, loss: Callable[..., Any] = loss_fn) -> Callable[..., Any]:
+    """`loss`, raising `KeyboardInterrupt` at its `call`-th call (1-based): a Ctrl-C that lands
+    inside a step."""
+    calls = [0]
+
+    def interrupted(model: Any, batch: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return loss(model, batch)
+
+    return interrupted

@@ -12,7 +12,7 @@ import pytest
 
 import functrain as ft
 from functrain.driver.preemption import StopSignals
-from tests.driver.runs import dataset, linear_state, quiet_fit
+from tests.driver.runs import dataset, interrupted_at, linear_state, quiet_fit
 from tests.models import loss_fn
 
 OPTIONS = {"max_epochs": 4, "log_every": 2}  # 3 updates an epoch
@@ -192,17 +192,9 @@ def test_a_second_ctrl_c_in_an_evaluation_saves_no_checkpoint_that_skips_it(
 def test_a_ctrl_c_inside_a_step_saves_the_last_completed_update(tmp_path: Path) -> None:
     # the interrupted step never finished: the state in hand and its records are those of the
     # update before it, which is saved, and a resume from it is the whole run
-    calls = [0]
-
-    def interrupted_at_five(model: Any, batch: Any) -> Any:
-        calls[0] += 1
-        if calls[0] == 5:
-            raise KeyboardInterrupt
-        return loss_fn(model, batch)
-
     options = {**OPTIONS, "checkpoint_dir": tmp_path}
     whole = quiet_fit(linear_state(ft.adamw(0.05)), dataset(), **OPTIONS)
-    first = quiet_fit(linear_state(ft.adamw(0.05), interrupted_at_five), dataset(), **options)
+    first = quiet_fit(linear_state(ft.adamw(0.05), interrupted_at(5)), dataset(), **options)
     assert first.stop_reason == "interrupted" and int(first.state.step) == 4
     assert first.checkpoints["latest"].name.startswith("ckpt-000000004")
     resumed = quiet_fit(linear_state(ft.adamw(0.05)), dataset(), resume=True, **options)

@@ -18,6 +18,7 @@ import functrain as ft
 from functrain.distributed import DistConfig
 from functrain.driver.data import StatefulSource, storable_state
 from functrain.driver.ledger import tree_problems
+from tests.driver.runs import interrupted_at
 from tests.processes import checkout_env
 
 WORKER = Path(__file__).parent / "workers" / "stream_worker.py"
@@ -178,14 +179,9 @@ def test_a_users_stateful_source_resumes_from_its_saved_state(tmp_path: Path) ->
 def test_a_ctrl_c_inside_a_step_saves_no_state_past_the_batch_it_drew(tmp_path: Path) -> None:
     # the source's state is past the batch the interrupted step drew, which no step consumed:
     # nothing is saved, and the resume goes on from the last checkpoint, reading that batch
-    calls = [0]
-
-    def interrupted_at_five(model: Any, batch: Any) -> Any:
-        calls[0] += 1
-        if calls[0] == 5:
-            raise KeyboardInterrupt
-        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
-
+    interrupted_at_five = interrupted_at(
+        5, lambda model, batch: torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+    )
     straight = ft.fit(linear_state(), Stream([]), max_steps=10, progress=False, verbosity="silent")
     state = ft.TrainState.create(linear_state().export_module(), ft.sgd(0.01), interrupted_at_five)
     first = ft.fit(
