@@ -3,8 +3,9 @@
 `loss_failure` reads the exception (its type, torch's message) and the step's inputs (the batch's
 structure and dtypes, the model's classes and weight dtypes) and says what to change: the batch
 unpacked in the loss function, a dtype cast, a BatchNorm layer given one sample, labels of the
-wrong dtype or shape for cross-entropy, an attribute the model does not have. Anything else keeps
-the batch's structure and the cause, whose traceback shows where it failed.
+wrong dtype or shape for cross-entropy, an attribute the model does not have, a state's weightless
+module run without all of its tensors. Anything else keeps the batch's structure and the cause,
+whose traceback shows where it failed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ _LABEL_SHAPE = re.compile(r"1D target tensor expected, multi-target not supporte
 _DTYPE = re.compile(r"dtype|scalar type|Input type \(\w+\) and \w+ type")
 _BATCHNORM = "Expected more than 1 value per channel when training"
 _BATCHNORM_VMAP = "Batch norm got a batched tensor as input while the running_mean"
+_META = re.compile(r"device meta\b|meta tensors?\b|device='meta'")
 _BATCH_TYPES = frozenset({"tuple", "list", "dict", "str", "int", "NoneType"})
 
 
@@ -112,6 +114,14 @@ def _hint(
             "which each batched call would update: step the tasks one by one in a loop instead "
             "of under vmap (torch's vmap of BatchNorm's double backward is not exact either, "
             "with track_running_stats=False: a meta-gradient through it is wrong)"
+        )
+    if _META.search(text):
+        return (
+            "a module ran on the meta device's placeholders: a state's module (state.module) is "
+            "its structure without weights, so torch.func.functional_call must be given every "
+            "tensor it holds, its buffers too (a BatchNorm's statistics, spectral norm's u and v): "
+            "pass {**other.params, **other.buffers} (copies of the buffers where its forward "
+            "writes them), or run other.export_module(), a module that holds them"
         )
     label_dtype = _LABEL_DTYPE.search(text)
     if label_dtype:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -126,3 +127,40 @@ def test_any_other_failure_keeps_the_structure_and_points_to_the_cause() -> None
         message,
     )
     assert message.endswith("the traceback of the error above shows where it failed")
+
+
+def test_another_states_module_run_without_its_buffers_says_to_pass_them() -> None:
+    # a GAN's generator loss runs the discriminator's structure on the weights its batch brings;
+    # the discriminator's spectral norm holds u and v as buffers, which the batch must bring too
+    critic = nn.Sequential(
+        nn.utils.parametrizations.spectral_norm(nn.Linear(2, 4)), nn.Linear(4, 1)
+    )
+    discriminator = copy.deepcopy(critic)  # the torch loop's
+    d_state = ft.TrainState.create(critic, ft.adam(1e-3), lambda d, b: d(b).mean())
+
+    def generator_loss(g: Any, batch: Any) -> torch.Tensor:
+        noise, d_weights = batch
+        return -torch.func.functional_call(d_state.module, d_weights, (g(noise),)).mean()
+
+    g_state = ft.TrainState.create(nn.Linear(4, 2), ft.adam(1e-3), generator_loss)
+    noise = torch.randn(8, 4)
+    with pytest.raises(ft.BatchError) as info:
+        ft.train_step(g_state, (noise, {**d_state.params}))
+    message = str(info.value)
+    assert "Tensor on device meta" in message
+    assert message.endswith(
+        "torch.func.functional_call must be given every tensor it holds, its buffers too (a "
+        "BatchNorm's statistics, spectral norm's u and v): pass {**other.params, **other.buffers} "
+        "(copies of the buffers where its forward writes them), or run other.export_module(), a "
+        "module that holds them"
+    )
+    # with the buffers (copies: the forward's power iteration writes them) it trains as torch's
+    weights = {**d_state.params, **{k: b.clone() for k, b in d_state.buffers.items()}}
+    stepped, _ = ft.train_step(g_state, (noise, weights))
+    generator = nn.Linear(4, 2)
+    generator.load_state_dict(dict(g_state.params))
+    optimizer = torch.optim.Adam(generator.parameters(), 1e-3, fused=True)
+    (-discriminator(generator(noise)).mean()).backward()
+    optimizer.step()
+    assert all(torch.equal(stepped.params[k], p) for k, p in generator.named_parameters())
+    assert all(torch.equal(weights[k], b) for k, b in discriminator.named_buffers())
