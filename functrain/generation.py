@@ -173,6 +173,17 @@ def _logits_of(model: BoundModel, ids: torch.Tensor) -> torch.Tensor:
     return model(ids)
 
 
+def _runs_on(forward: Forward, model: BoundModel, window: torch.Tensor) -> bool:
+    """Whether `forward` runs on `window` (a forward that failed on a longer one): where it
+    fails on these ids too, its failure comes from the ids it was given (an id the embedding
+    has no row for), not from their number."""
+    try:
+        forward(model, window)
+    except (IndexError, RuntimeError):
+        return False
+    return True
+
+
 def _described(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"Tensor{list(value.shape)}"
@@ -244,7 +255,9 @@ def generate(
             structure's first call, a forward that reads a tensor of the module given to
             `create`, not the state's, as `functrain.predict` refuses it; a forward that ran
             and then fails (`IndexError`, `RuntimeError`) on a longer window without
-            `context_size` (a fixed context: pass it).
+            `context_size`, and still runs on the last ids of the length it ran on (a fixed
+            context: pass it); where it fails on those too (a generated id its embedding has
+            no row for), its own error is raised.
 
     Example:
         >>> import torch, functrain as ft
@@ -315,7 +328,11 @@ def generate(
                     with reads_checked(state.module, tensors, "generate"):
                         out = forward(model, window)
                 except (IndexError, RuntimeError) as error:
-                    if context_size is None and 0 < ran_on < window.shape[1]:
+                    if (
+                        context_size is None
+                        and 0 < ran_on < window.shape[1]
+                        and _runs_on(forward, model, window[:, -ran_on:])
+                    ):
                         # a model with learned positions (or a mask of its block size) reads
                         # no longer window than its context
                         raise ConfigError(

@@ -286,6 +286,36 @@ def test_a_fixed_context_without_context_size_says_to_pass_it() -> None:
         generate(state, [0, 1, 2, 3, 4], 1, temperature=0)
 
 
+class WideHead(torch.nn.Module):
+    """Logits over more ids than its embedding has rows for: a generated id it cannot read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(4, 8)
+        self.head = torch.nn.Linear(8, 6)
+        with torch.no_grad():
+            self.head.bias[5] = 50.0  # the argmax is id 5
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.wte(ids))
+
+
+def test_a_generated_id_the_model_cannot_read_is_not_blamed_on_a_context() -> None:
+    torch.manual_seed(0)
+    model = WideHead()
+    state = ft.TrainState.create(model, ft.sgd(0.1), lambda m, b: m(b).sum())
+    # a hand-written loop fails at the second forward, on the id 5 the first one chose
+    ids = torch.tensor([[1, 2]])
+    with torch.no_grad():
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        with pytest.raises(IndexError) as torch_error:
+            model(ids)
+    # the same error, not a fixed context's ConfigError (context_size would change nothing)
+    with pytest.raises(IndexError) as info:
+        generate(state, [1, 2], 3, temperature=0)
+    assert str(info.value) == str(torch_error.value)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
