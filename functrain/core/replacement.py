@@ -108,8 +108,9 @@ def refuse_misfits(changes: dict[str, Any], rng: torch.Tensor, opt_state: Any) -
                 if got != expected
                 else f"a {got} laid out otherwise than state.opt_state"
             )
-            + "; give the optimizer state of this optimizer (state.opt_state, a checkpoint's), "
-            "or pass optimizer= to change the optimizer (its state is carried over where it fits)"
+            + "; give the optimizer state of this optimizer (state.opt_state, or a checkpoint's "
+            "read with ft.load(path, like=state): without like= it is plain dicts), or pass "
+            "optimizer= to change the optimizer (its state is carried over where it fits)"
         )
 
 
