@@ -193,8 +193,8 @@ def _choice_problems(saved: Mapping[str, Any], like: TrainState) -> list[str]:
     """The masks and partition labels of `like` that decide otherwise than the checkpoint's; none
     where the checkpoint records no decisions (written before they were recorded)."""
     record = saved.get("choices")
-    if record is None:
-        return []
+    if record is None or set(saved.get("params", like.params)) != set(like.params):
+        return []  # (other weights trained: the leaves' comparison names them)
     ours = _choices(like)
     if record == ours:
         return []
@@ -767,8 +767,7 @@ def _load(
         fix = (
             _recorded_fix(manifest["fingerprint"], like)
             + _convention_fix(manifest["fingerprint"], like)
-            + _parked_fix(grown.get("parked"), like)
-            + _mismatch_fix(tree, like, path)
+            + (_moved_fix(tree, grown.get("parked"), like) or _mismatch_fix(tree, like, path))
             if isinstance(like, TrainState)
             else ""
         )
@@ -1057,15 +1056,39 @@ def _as_trained(like: TrainState, saved: dict[str, Any], path: Any) -> TrainStat
     return like
 
 
-def _parked_fix(parked: Any, like: TrainState) -> str:
-    """What to say where the checkpoint holds weights moved to frozen that the template trains."""
-    names = sorted(parked) if isinstance(parked, dict) else []
-    moved = [name for name in names if name in like.params]
-    if not moved:
+def _moved_fix(tree: Any, parked: Any, like: TrainState) -> str:
+    """What to say where the checkpoint holds frozen weights that the template trains, or trains
+    weights that the template holds frozen (a run saved before or after a `replace` that moved
+    them, loaded into a template created otherwise)."""
+    if not isinstance(tree, dict) or not all(
+        isinstance(tree.get(k), dict) for k in ("params", "frozen")
+    ):
+        return ""
+
+    def named(names: list[str]) -> str:
+        return f"{names[:5]}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    parked_names = set(parked) if isinstance(parked, dict) else set()
+    held = sorted(name for name in tree["frozen"] if name in like.params)
+    trained = sorted(name for name in tree["params"] if name in like.frozen)
+    moved = [name for name in held if name in parked_names]
+    lines = []
+    if moved:
+        lines.append(
+            f"the checkpoint's state had moved {named(moved)} from params to frozen "
+            "(TrainState.replace)"
+        )
+    if held := [name for name in held if name not in parked_names]:
+        lines.append(f"the checkpoint holds {named(held)} frozen, which the template trains")
+    if trained:
+        lines.append(
+            f"the checkpoint trains {named(trained)} (moved from frozen to params by "
+            "TrainState.replace), which the template holds frozen"
+        )
+    if not lines:
         return ""
     return (
-        f"\nthe checkpoint's state had moved {moved[:5]} from params to frozen "
-        "(TrainState.replace): move them in the template the same way, "
+        "\n" + "; ".join(lines) + ": move them in the template the same way, "
         "like=template.replace(params=..., frozen=...), and load into it"
     )
 

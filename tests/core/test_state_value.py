@@ -762,6 +762,39 @@ def test_a_checkpoint_with_a_frozen_layer_loaded_into_an_unmoved_template_says_s
         ft.load(tmp_path / "c", like=like)
 
 
+def test_a_checkpoint_saved_after_unfreezing_loaded_into_a_frozen_template_says_so(
+    tmp_path,
+) -> None:
+    """Gradual unfreezing resumed: the template is created as the run started (the first layer
+    frozen by `trainable=`), the checkpoint saved after it trains; the error names the moved
+    weights and the fix, and not a mask that decides otherwise (the mask is the same)."""
+
+    def created() -> ft.TrainState:
+        return ft.TrainState.create(
+            make_mlp(),
+            ft.sgd(0.1, momentum=0.9, weight_decay=1e-2, mask=lambda name, p: p.ndim > 1),
+            cross_entropy_loss_fn,
+            trainable=lambda name, p: name not in FIRST_LAYER,
+        )
+
+    state = created()
+    for i, batch in enumerate(batches(3)):
+        state = unfrozen_first_layer(state) if i == 1 else state
+        state, _ = ft.train_step(state, batch)
+    ft.save(state, tmp_path / "c")
+    with pytest.raises(ft.StateMismatchError) as raised:
+        ft.load(tmp_path / "c", like=created())
+    message = str(raised.value)
+    assert "the checkpoint trains ['0.bias', '0.weight']" in message
+    assert "like=template.replace(params=..., frozen=...)" in message
+    assert "a mask or a partition's labels" not in message
+    ft.save(created(), tmp_path / "before")  # and the other way: saved before unfreezing
+    with pytest.raises(ft.StateMismatchError, match=r"holds \['0\.bias', '0\.weight'\] frozen"):
+        ft.load(tmp_path / "before", like=unfrozen_first_layer(created()))
+    loaded = ft.load(tmp_path / "c", like=unfrozen_first_layer(created()))
+    ft.assert_states_equal(loaded, state)
+
+
 def test_training_a_layer_again_where_the_optimizer_counts_updates_is_refused() -> None:
     """A chain of the user's with Adam's direction reads one count for all weights: a weight
     back from sitting out updates would take another update than torch's Adam gives it."""
