@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import CheckpointFunction
 
 from functrain.core.binding import bound, unbind
 from functrain.core.failures import loss_failure
@@ -604,7 +605,28 @@ def gradients_of(
     except RuntimeError as e:
         engine_failed(e, module)
         raise
+    if any(g is None for g in grads) and _checkpointed_reentrant(loss):
+        # a leaf used only inside a reentrant checkpointed block whose inputs reach no leaf (a
+        # LoRA adapter in a frozen model): the engine skipped the block, where torch's
+        # ``loss.backward()`` runs it and builds the leaf's graph there
+        object.__setattr__(module, BY_BACKWARD, True)
+        raise RunAgain
     return grads if owns_all(grads) else own_gradients(grads)
+
+
+def _checkpointed_reentrant(loss: torch.Tensor) -> bool:
+    """Whether `loss`'s graph holds a block of reentrant activation checkpointing (the node of
+    ``torch.utils.checkpoint.CheckpointFunction``), whose graph its backward builds."""
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "_forward_cls", None) is CheckpointFunction:
+            return True
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 # the references to a gradient that only the engine's list holds, as `owns_all` counts them (a

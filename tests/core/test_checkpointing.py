@@ -201,6 +201,43 @@ def test_fit_trains_a_checkpointed_model_as_the_torch_loop(reentrant: bool) -> N
     assert_params_equal(result.state, ref)
 
 
+def frozen_input(head: bool) -> nn.Module:
+    """`Net` with reentrant checkpointing, its input layer frozen and its output made to require
+    grad by a forward hook (transformers' ``enable_input_require_grads``, which peft's LoRA
+    turns on): the blocks' weights are reached only inside the checkpointed blocks."""
+    torch.manual_seed(0)
+    model = Net(True)
+    model.inp.requires_grad_(False)
+    model.out.requires_grad_(head)
+    model.inp.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    return model
+
+
+@pytest.mark.parametrize("head", [True, False], ids=["head-trained", "head-frozen"])
+def test_weights_reached_only_inside_reentrant_blocks_train_as_the_torch_loop(head: bool) -> None:
+    # autograd.grad skips a reentrant block whose inputs reach no weight it is asked for (the
+    # block's graph is built in its backward): loss.backward() trains them
+    ref = frozen_input(head)
+    ref.train()
+    opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1)
+    state = ft.TrainState.create(frozen_input(head), ft.sgd(0.1, fused=False), net_loss, seed=0)
+    saved = torch.get_rng_state()
+    torch.set_rng_state(state.rng.clone())
+    try:
+        for batch in net_batches():
+            net_loss(ref, batch).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        torch.set_rng_state(saved)
+    for batch in net_batches():
+        state, _ = ft.train_step(state, batch)
+    assert_params_equal(state, ref)
+    assert_trees_equal(
+        state.frozen, {k: p.detach() for k, p in ref.named_parameters() if not p.requires_grad}
+    )
+
+
 def test_a_reentrant_backward_leaves_the_tensors_the_loss_closes_over_alone() -> None:
     # a plain backward accumulates into every leaf of the graph: a tensor the loss function
     # closes over keeps its .grad as it was
