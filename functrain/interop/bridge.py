@@ -1062,6 +1062,10 @@ def _counts(
     took = max((counts[k] for k in own_groups), default=0)
     for k in own_groups:
         counts[k] = took
+    # a group with no trainable parameter (all frozen: a LoRA run's biases and norms) holds no
+    # state, yet every optimizer.step() visited it and its scheduler stepped it: the others' count
+    held = max((c for g, c in zip(groups, counts, strict=True) if g.names), default=0)
+    counts = [c if g.names else held for g, c in zip(groups, counts, strict=True)]
     counted = torch_class(optimizer).counted  # type: ignore[union-attr]
     for k, count in enumerate(counts):
         if step is not None and counted and step != count:

@@ -216,6 +216,30 @@ def test_a_group_that_never_stepped_is_refused_and_converts_frozen() -> None:
     )
 
 
+def test_a_group_all_frozen_from_the_start_converts_with_its_scheduler() -> None:
+    # a LoRA run's groups: the adapters in one, the frozen biases and norms alone in the other,
+    # which torch's optimizer visits at every step and its scheduler steps, holding no state
+    model, expected = TwoHeads(), TwoHeads()
+    runs = []
+    for m in (model, expected):
+        m.aux.requires_grad_(False)
+        optimizer = two_heads_adamw(m)
+        runs.append((optimizer, L.LambdaLR(optimizer, lambda t: 1 / (t + 1))))
+    (optimizer, scheduler), (expected_opt, expected_sched) = runs
+    for batch in DATA[:K]:
+        torch_step(model, optimizer, batch, scheduler)
+    run = ft.from_torch_optimizer(optimizer, model, scheduler=scheduler)
+    assert run.step == K
+    state = run.create_state(model, loss_fn)
+    for batch in DATA[K:]:
+        state, _ = ft.train_step(state, batch)
+    for batch in DATA:
+        torch_step(expected, expected_opt, batch, expected_sched)
+    assert_trees_equal(
+        {**state.params, **state.frozen}, {n: p.detach() for n, p in expected.named_parameters()}
+    )
+
+
 @pytest.mark.parametrize(
     ("make", "exact"),
     [
