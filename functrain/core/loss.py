@@ -554,6 +554,9 @@ _REENTRANT = (
 # reentrant activation checkpointing: its gradients come from ``loss.backward()`` (`_accumulated`);
 # an attribute, read as the structure's other per-module facts are, without a weak reference a call
 BY_BACKWARD = "_functrain_by_backward"
+# the attribute that marks a module whose gradients were looked at for a leaf that only a reentrant
+# checkpointed block reaches (`gradients_of`)
+REENTRANT_SOUGHT = "_functrain_reentrant_sought"
 
 
 # the autograd engine's entry that ``torch.autograd.grad`` calls (None where torch has none)
@@ -605,12 +608,15 @@ def gradients_of(
     except RuntimeError as e:
         engine_failed(e, module)
         raise
-    if any(g is None for g in grads) and _checkpointed_reentrant(loss):
+    if REENTRANT_SOUGHT not in module.__dict__:
         # a leaf used only inside a reentrant checkpointed block whose inputs reach no leaf (a
         # LoRA adapter in a frozen model): the engine skipped the block, where torch's
-        # ``loss.backward()`` runs it and builds the leaf's graph there
-        object.__setattr__(module, BY_BACKWARD, True)
-        raise RunAgain
+        # ``loss.backward()`` runs it and builds the leaf's graph there (looked for once a
+        # module: a graph's walk)
+        object.__setattr__(module, REENTRANT_SOUGHT, True)
+        if any(g is None for g in grads) and _checkpointed_reentrant(loss):
+            object.__setattr__(module, BY_BACKWARD, True)
+            raise RunAgain
     return grads if owns_all(grads) else own_gradients(grads)
 
 
