@@ -483,6 +483,37 @@ def test_a_sparse_table_unused_in_a_step_is_skipped_as_torch_skips_it(
     assert_trees_equal(params_of(ref), dict(state.params))
 
 
+class Padded(TwoTables):
+    """`TwoTables` whose second table has a padding row: a batch of padding alone gives it a
+    gradient without rows, which torch.optim steps (not a None gradient, which it skips)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Embedding(30, 6, padding_idx=0, sparse=True)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("name", list(TWO_TABLES), ids=lambda n: n.replace("+", "-"))
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_sparse_table_whose_batch_is_all_padding_steps_as_torch_steps_it(
+    name: str, every: int
+) -> None:
+    make_ft, make_torch = TWO_TABLES[name]
+    torch.manual_seed(0)
+    net = Padded()
+    ref = copy.deepcopy(net)
+    opts = make_torch(ref)
+    state = ft.TrainState.create(net, make_ft(), loss_fn, accumulate_steps=every)
+    data = [
+        ((items, torch.zeros_like(items[:, :2]) if i in (2, 3, 4) else extra), labels)
+        for i, ((items, extra), labels) in enumerate(two_table_batches() * 2)
+    ]
+    for i, batch in enumerate(data):
+        state, _ = ft.train_step(state, batch, donate=i % 3 == 0)
+        torch_micro_step(ref, opts, batch, i, every)
+    assert_trees_equal(params_of(ref), dict(state.params))
+
+
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 @pytest.mark.parametrize("name", list(TWO_TABLES), ids=lambda n: n.replace("+", "-"))
 @pytest.mark.parametrize("case", ["skipped", "mid-window", "table-unused"])

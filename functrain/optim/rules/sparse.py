@@ -142,19 +142,23 @@ def _counted(count: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 
 def unused(grad: torch.Tensor) -> bool:
-    """Whether `grad` stands for no gradient: a sparse one without rows (`no_rows`).
+    """Whether `grad` stands for no gradient (`no_rows`).
 
-    torch.optim skips a parameter without a gradient, its step included.
+    torch.optim skips a parameter without a gradient, its step included. A gradient without rows
+    is not that: an embedding whose batch looked up only its ``padding_idx`` (or a bag of empty
+    bags) gets one, and torch steps it (counts the step, moves SGD's momentum).
     """
-    return grad.is_sparse and grad._nnz() == 0
+    return grad.is_sparse and grad._nnz() == 0 and grad.sparse_dim() == grad.dim()
 
 
 def no_rows(p: torch.Tensor) -> torch.Tensor:
-    """The gradient of a sparse parameter the loss did not use this step: a sparse tensor of `p`'s
-    shape without rows, which the updates here skip as torch.optim skips a None gradient."""
+    """The gradient of a sparse parameter the loss did not use this step, which the updates here
+    skip as torch.optim skips a None gradient: a sparse tensor of `p`'s shape without rows, sparse
+    in every dimension, unlike an embedding's gradient (sparse in its rows only), also one without
+    rows. Added to a gradient, it is that gradient."""
     return sparse_coo(
-        torch.zeros((1, 0), dtype=torch.int64, device=p.device),
-        torch.zeros((0, *p.shape[1:]), dtype=p.dtype, device=p.device),
+        torch.zeros((p.dim(), 0), dtype=torch.int64, device=p.device),
+        torch.zeros((0,), dtype=p.dtype, device=p.device),
         p.shape,
         check=False,
     )
