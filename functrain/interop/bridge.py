@@ -1298,7 +1298,11 @@ def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
             at = node.group["steps_at"]
             values["group"] = {**node.group, "steps_at": torch.full_like(at, group.count)}
     elif getattr(node, "steps", None):  # each parameter's own (`optim/rules/sparse.py`)
-        values["steps"] = tuple(torch.full_like(t, group.count) for t in node.steps)
+        by_name = dict(zip(group.names, group.state, strict=True))
+        values["steps"] = tuple(
+            torch.full_like(t, int(by_name[name].get("step", group.count)))
+            for name, t in zip(names, node.steps, strict=True)
+        )
     if "count" in node._fields:
         values["count"] = torch.full_like(node.count, group.count)
     return node._replace(**values)

@@ -234,6 +234,7 @@ TORCH_CLASSES: dict[type, TorchClass] = {
         (SparseAdamState,),
         exact=_FUSED,  # one implementation, whatever the flags say
         int_step=True,
+        own_steps=_FUSED,
     ),
     torch.optim.Muon: TorchClass(
         muon,
