@@ -418,8 +418,9 @@ def sparse_adam_update(
             raise ConfigError(
                 f"sparse_adam takes sparse gradients only, as torch's SparseAdam does, and got "
                 f"{len(dense)} dense one(s); give it the sparse embeddings only and the rest of "
-                'the model a dense optimizer: functrain.partition({"sparse": sparse_adam(...), '
-                '"dense": adam(...)}, labels)'
+                "the model a dense optimizer: functrain.partition(lambda name, p: 'rows' if "
+                "name.startswith('<the embedding>.') else 'dense', "
+                "rows=functrain.sparse_adam(...), dense=functrain.adam(...))"
             )
         rate = _rate(lr, state.count)
         in_place = extras.may_write()
