@@ -240,18 +240,30 @@ def _for_sparse(
             "functrain.partition(labels, rows=functrain.sparse_adam(lr), dense=...) for the "
             "embeddings, or make the embedding dense (sparse=False)"
         )
-    for what, refused in (
-        ("clip_grad_norm", options.clip_grad_norm is not None),
-        ("precision='fp16' (loss scaling)", options.precision == "fp16"),
-        ("grad_stats", grad_stats is not None),
-        ("sharding", dist is not None and dist.sharding is not None),
+    for what, refused, why in (
+        (
+            "clip_grad_norm",
+            options.clip_grad_norm is not None,
+            "torch has no such path for sparse gradients (torch.nn.utils.clip_grad_norm_ "
+            "fails on them)",
+        ),
+        (
+            "precision='fp16' (loss scaling)",
+            options.precision == "fp16",
+            "functrain's loss scaling has no path for sparse gradients (torch's GradScaler "
+            "unscales their rows, which functrain does not reproduce)",
+        ),
+        ("grad_stats", grad_stats is not None, "functrain's statistics take dense gradients"),
+        (
+            "sharding",
+            dist is not None and dist.sharding is not None,
+            "a sharded state holds dense slices of its gradients",
+        ),
     ):
         if refused:
             problems.append(
-                f"{what} with the sparse gradients of {names}: torch.optim has no such path for "
-                "sparse gradients (torch.nn.utils.clip_grad_norm_ fails on them), and functrain "
-                "refuses it rather than differ; drop it, or make the embedding dense "
-                "(sparse=False)"
+                f"{what} with the sparse gradients of {names}: {why}, and functrain refuses it "
+                "rather than differ; drop it, or make the embedding dense (sparse=False)"
             )
     if dist is not None and dist.sharding is None:
         problems.append(
