@@ -62,8 +62,9 @@ def reduce_on_plateau(
     optimizers the update is multiplied by the scale. The step only multiplies by the current
     scale; `fit` observes the evaluation metric after each evaluation (`observe_plateau`),
     outside any step, and refuses the transform without `eval_data` or in another `mode` than
-    its own. Improvement is relative, as torch's default ``threshold_mode="rel"``: better than
-    ``best - |best| * threshold`` (min mode).
+    its own. Improvement is relative, as torch's default ``threshold_mode="rel"`` computes it:
+    below ``best * (1 - threshold)`` in min mode, above ``best * (1 + threshold)`` in max mode
+    (for a negative best, as in torch, a bound on the other side of it).
 
     Args:
         factor: multiply the scale by this on a plateau; in (0, 1).
@@ -207,12 +208,11 @@ def _observe(s: ReduceOnPlateauState, value: float) -> ReduceOnPlateauState:
     )  # host side, between steps
     best, bad, left, scale = float(s.best), int(s.bad_evals), int(s.cooldown_left), float(s.scale)
     signed = sign * value
-    if math.isnan(value):
-        better = False
-    elif not math.isfinite(best):
-        better = True
-    else:
-        better = signed < best - abs(best) * threshold
+    # torch's "rel" test as it computes it, ``a < best * (1 - threshold)`` (min) and ``a > best *
+    # (1 + threshold)`` (max), on the signed values: for a negative best it is no
+    # ``best - |best| * threshold``, and the first value improves on the initial inf unless it is
+    # one itself (NaN never does)
+    better = signed < best * (1 - sign * threshold)
     if better:
         best, bad = signed, 0
     else:

@@ -6,6 +6,8 @@ validation loss does not improve: `ReduceLROnPlateau(factor=0.25, patience=0)` d
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 import torch
 
@@ -72,3 +74,33 @@ def test_observe_plateau_refuses_a_train_state_without_reduce_on_plateau() -> No
         r"optimizer=sgd\(lr=20\.0.*ft\.chain\(ft\.adamw\(lr\), ft\.reduce_on_plateau",
     ):
         ft.observe_plateau(state, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "values"),
+    [
+        # a negative loss (a log-likelihood) that holds still: torch's relative test takes an
+        # equal value below zero for an improvement
+        ("min", [-1.0, -1.00005, -1.00005, -1.00005, -1.00005]),
+        ("max", [-1.0, -0.99995, -0.99995, -0.99995]),
+        ("min", [2.0, 1.0, 1.0, -0.5, -0.5, -0.50001, 3.0, 3.0]),
+        ("max", [float("inf"), 1.0, 1.0, 1.0]),
+        ("min", [float("inf"), float("nan"), 5.0, 5.0, 5.0]),
+    ],
+)
+def test_observe_plateau_takes_torchs_relative_threshold_for_negative_values(
+    mode: Literal["min", "max"], values: list[float]
+) -> None:
+    plateau = ft.reduce_on_plateau(factor=0.5, patience=1, threshold=1e-4, mode=mode)
+    state = plateau.init({"w": torch.zeros(1)})
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode=mode, factor=0.5, patience=1, threshold=1e-4
+    )
+    rates = []
+    for value in values:
+        state = ft.observe_plateau(state, value)
+        scheduler.step(value)
+        rates.append((float(state.scale), optimizer.param_groups[0]["lr"]))
+    assert [ours for ours, _ in rates] == [theirs for _, theirs in rates]
