@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from torch.utils.data import DataLoader, Dataset
+
 from functrain.core.loss import samples_in
 from functrain.core.stacked import num_members
 from functrain.core.state import TrainState
@@ -158,6 +160,11 @@ def _evaluation_problems(
             "test_every_eval=True needs test_data=... and eval_data=... (it adds the test set to "
             "each evaluation)"
         )
+    p += [
+        problem
+        for name, data in (("eval_data", eval_data), ("test_data", test_data))
+        if (problem := _several_sets_problem(name, data)) is not None
+    ]
     p += evaluation_problems(state, evaluation.eval_fn, evaluation.eval_metrics, "eval_metrics")
     p += _early_mode_problems(options)
     p += _plateau_problems(state, options, eval_data)
@@ -172,6 +179,30 @@ def _evaluation_problems(
         for what, target, mode, fix in watched:
             p += _direction_problem(metrics, what, target, mode, fix)
     return p
+
+
+def _several_sets_problem(name: str, data: Any) -> str | None:
+    """Several data sets given as `name` (a dict or a list of datasets or `DataLoader`s, as
+    Lightning takes several validation loaders): `fit` evaluates one.
+
+    Read as one set, a list would hand each loader to the loss function as a batch, and a dict
+    would be indexed as a dataset by 0, 1, ...
+    """
+    if isinstance(data, Mapping):
+        sets, kind = list(data.values()), "dict"
+    elif isinstance(data, (list, tuple)):
+        sets, kind = list(data), type(data).__name__
+    else:
+        return None
+    if not any(isinstance(s, (Dataset, DataLoader)) for s in sets):
+        return None
+    return (
+        f"{name} must be one data set (a dataset, a DataLoader or a re-iterable of batches), "
+        f"got a {kind} of {len(sets)} data sets: fit evaluates one set; give it the one "
+        "best_metric and early stopping watch, and evaluate the others with "
+        "functrain.evaluate(run.state, loader, prefix='val_other_') in a callback's "
+        "on_eval_end (or join them into one set, torch.utils.data.ConcatDataset)"
+    )
 
 
 def _early_mode_problems(options: FitOptions) -> list[str]:

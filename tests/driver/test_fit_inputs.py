@@ -469,3 +469,42 @@ def test_map_style_eval_data_beside_a_loader_is_told_to_pass_eval_batch_size() -
             progress=False,
             verbosity="silent",
         )
+
+
+@pytest.mark.parametrize(
+    ("argument", "sets", "kind"),
+    [
+        ("eval_data", lambda a, b: [a, b], "list"),
+        ("eval_data", lambda a, b: {"a": a, "b": b}, "dict"),
+        (
+            "test_data",
+            lambda a, b: (DataLoader(a, batch_size=8), DataLoader(b, batch_size=8)),
+            "tuple",
+        ),
+    ],
+)
+def test_several_validation_sets_are_refused_before_the_run_naming_the_fix(
+    argument: str, sets: Any, kind: str
+) -> None:
+    # as Lightning takes several validation loaders: a list was handed to the loss function as
+    # batches, a dict indexed as a dataset by 0 (a KeyError)
+    data = sum_dataset()
+    calls: list[int] = []
+
+    def counted(model: nn.Module, batch: Any) -> torch.Tensor:
+        calls.append(1)
+        return loss_fn(model, batch)
+
+    with pytest.raises(
+        ConfigError,
+        match=rf"{argument} must be one data set .* got a {kind} of 2 data sets: fit evaluates "
+        r"one set; .*functrain\.evaluate\(run\.state, loader, prefix='val_other_'\)",
+    ):
+        quiet_fit(
+            linear_state(loss=counted),
+            data,
+            **{argument: sets(sum_dataset(16), sum_dataset(8))},
+            batch_size=8,
+            max_epochs=1,
+        )
+    assert not calls
