@@ -64,7 +64,10 @@ def reduce_on_plateau(
     outside any step, and refuses the transform without `eval_data` or in another `mode` than
     its own. Improvement is relative, as torch's default ``threshold_mode="rel"`` computes it:
     below ``best * (1 - threshold)`` in min mode, above ``best * (1 + threshold)`` in max mode
-    (for a negative best, as in torch, a bound on the other side of it).
+    (for a negative best, as in torch, a bound on the other side of it). torch's ``eps`` has no
+    counterpart: ``ReduceLROnPlateau`` skips a reduction that would lower a group's rate by
+    ``eps`` (1e-8) or less, so its rate stops near ``eps / (1 - factor)``, where the scale here
+    goes on falling; `min_scale` bounds it.
 
     Args:
         factor: multiply the scale by this on a plateau; in (0, 1).
