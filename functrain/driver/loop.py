@@ -653,8 +653,13 @@ class Loop:
             },
         )
         self.run_ctx.eval_metrics = metrics
+        # the metrics the driver decides by: early stopping's target too, which Lightning's
+        # EarlyStopping (check_finite=True) stops on at once rather than count as no improvement
+        watched = {"val_loss", best_metric}
+        if self.ledger.early is not None:
+            watched.add(self.ledger.early.target)
         if self.stopping.stop_on_nonfinite != "none" and not all(
-            math.isfinite(metrics[k]) for k in {"val_loss", best_metric} & set(metrics)
+            math.isfinite(metrics[k]) for k in watched & set(metrics)
         ):
             # neither best, plateau nor early stopping can use it; the checkpoints keep the last
             # finite state

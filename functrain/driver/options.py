@@ -459,12 +459,13 @@ class Stopping(_Group):
             live in the state. Needs `eval_data`. Watching `best_metric`, its mode must be
             `fit`'s `mode` (refused otherwise: the best checkpoint would be its worst).
         stop_on_nonfinite: ``"eval"`` ends the run when an evaluation's ``val_loss`` (or
-            `best_metric`) is NaN or Inf, ``"train"`` also when a log interval's mean training
-            loss is (read at log intervals only), ``"none"`` never. The run then returns with
-            `stop_reason` ``"nonfinite_val_loss"`` or ``"nonfinite_loss"``, the non-finite state in
-            the result, and the checkpoints as the last finite state left them (nothing is saved
-            after). It watches losses the driver reads; what a step does with non-finite
-            *gradients* (skip the update, or raise `NonFiniteError`) is the state's
+            `best_metric`, or early stopping's target, as Lightning's ``EarlyStopping`` with
+            ``check_finite=True`` stops) is NaN or Inf, ``"train"`` also when a log interval's
+            mean training loss is (read at log intervals only), ``"none"`` never. The run then
+            returns with `stop_reason` ``"nonfinite_val_loss"`` or ``"nonfinite_loss"``, the
+            non-finite state in the result, and the checkpoints as the last finite state left them
+            (nothing is saved after). It watches losses the driver reads; what a step does with
+            non-finite *gradients* (skip the update, or raise `NonFiniteError`) is the state's
             ``TrainState.create(nonfinite=)``, set once for every step, `fit`'s or your own loop's.
     """
 

@@ -154,6 +154,34 @@ def test_early_stopping_stops_after_patience_evals_without_improvement_beyond_mi
     assert result.state.driver["early_stopping"] == {"best": 0.9, "bad_evals": 3}
 
 
+def test_a_non_finite_early_stopping_target_stops_the_run_at_that_evaluation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Lightning's EarlyStopping(monitor="val_score", mode="max", patience=3), check_finite=True
+    # by default, stops at the first NaN; counted as no improvement, the run trained 3 more epochs
+    scores = [0.5, float("nan"), 0.6, 0.7, 0.8]
+    pending = list(scores)
+
+    def scripted(state: ft.TrainState, data: Any, **kw: Any) -> dict[str, float]:
+        return {"val_loss": 1.0, "val_score": pending.pop(0)}
+
+    monkeypatch.setattr(loop_module, "evaluate", scripted)
+    data = dataset()
+    es = ft.EarlyStopping("val_score", patience=3, mode="max")
+    result = quiet_fit(
+        make_state(),
+        data,
+        eval_data=data,
+        max_epochs=5,
+        early_stopping=es,
+        checkpoint_dir=tmp_path,
+    )
+    assert result.stop_reason == "nonfinite_val_loss"
+    assert [r["step"] for r in result.history.rows["eval"]] == [3, 6]
+    # the checkpoints keep the last finite evaluation's state
+    assert int(ft.load(result.checkpoints["latest"], like=result.state).step) == 3
+
+
 def test_early_stopping_counts_survive_resume(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
