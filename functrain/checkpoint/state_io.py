@@ -767,7 +767,8 @@ def _load(
         fix = (
             _recorded_fix(manifest["fingerprint"], like)
             + _convention_fix(manifest["fingerprint"], like)
-            + (_moved_fix(tree, grown.get("parked"), like) or _mismatch_fix(tree, like, path))
+            + _moved_fix(tree, grown.get("parked"), like)
+            + _mismatch_fix(tree, like, path)
             if isinstance(like, TrainState)
             else ""
         )
