@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ _DTYPE = re.compile(r"dtype|scalar type|Input type \(\w+\) and \w+ type")
 _BATCHNORM = "Expected more than 1 value per channel when training"
 _BATCHNORM_VMAP = "Batch norm got a batched tensor as input while the running_mean"
 _META = re.compile(r"device meta\b|meta tensors?\b|device='meta'")
+# a mapping given whole where a tensor was expected: indexed with a slice, or named as an argument
+_MAPPING_PASSED = re.compile(r"unhashable type: 'slice'|\bnot (dict|BatchEncoding)\b|'dict' object")
 _BATCH_TYPES = frozenset({"tuple", "list", "dict", "str", "int", "NoneType"})
 
 
@@ -92,6 +95,13 @@ def _hint(
     missing = _missing_attribute(error)
     if missing is not None and missing[0] in {type(m).__name__ for m in module.modules()}:
         return _attribute_hint(name, type(module).__name__, *missing)
+    if isinstance(batch, Mapping) and _MAPPING_PASSED.search(text):
+        return (
+            f"{name}(model, batch) receives the batch exactly as the data yields it, here a "
+            f"mapping of {sorted(map(str, batch))}, which the model was given whole: a model "
+            "that takes them by name (a Hugging Face model, given its tokenizer's output) is "
+            "called model(**batch), its loss model(**batch).loss; or pass the entries it takes"
+        )
     if (
         isinstance(error, KeyError)
         or _UNPACKING.search(text)

@@ -38,6 +38,30 @@ def test_a_batch_unpacked_the_wrong_way_gets_the_unpack_hint() -> None:
     assert failure(lambda m, b: m(b).sum(), (torch.randn(4, 6),)).endswith(UNPACK)
 
 
+class Slicing(nn.Module):
+    """A language model's first move on its input ids (a shift), which a mapping cannot take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids[:, :-1].float().sum() * self.scale
+
+
+@pytest.mark.parametrize("model", ["slicing", "linear"])
+def test_a_mapping_handed_whole_to_the_model_says_to_pass_it_by_name(model: str) -> None:
+    # a Hugging Face style batch (a tokenizer's mapping) given as model(batch), not model(**batch)
+    batch = {"input_ids": torch.ones(2, 6), "labels": torch.ones(2, 6)}
+    module = Slicing() if model == "slicing" else nn.Linear(6, 1)
+    message = failure(lambda m, b: m(b).sum(), batch, module)
+    assert message.endswith(
+        "here a mapping of ['input_ids', 'labels'], which the model was given whole: a model "
+        "that takes them by name (a Hugging Face model, given its tokenizer's output) is called "
+        "model(**batch), its loss model(**batch).loss; or pass the entries it takes"
+    )
+
+
 def test_a_dtype_mismatch_names_the_dtypes_and_where_to_cast() -> None:
     message = failure(cross_entropy_loss_fn, (torch.randn(4, 6, dtype=torch.float64), labels()))
     assert "mat1 and mat2 must have the same dtype" in message
