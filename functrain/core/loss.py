@@ -48,6 +48,7 @@ __all__ = [
     "engine_failed",
     "gradients_of",
     "own_gradients",
+    "seek_reentrant",
     "owns_all",
     "raise_written",
     "refuse_original_read",
@@ -554,8 +555,9 @@ _REENTRANT = (
 # reentrant activation checkpointing: its gradients come from ``loss.backward()`` (`_accumulated`);
 # an attribute, read as the structure's other per-module facts are, without a weak reference a call
 BY_BACKWARD = "_functrain_by_backward"
-# the attribute that marks a module whose gradients were looked at for a leaf that only a reentrant
-# checkpointed block reaches (`gradients_of`)
+# the attribute of a module holding the ways its gradients came without some leaves' (how many
+# leaves, which had none) that were looked at for a leaf only a reentrant checkpointed block
+# reaches (`seek_reentrant`)
 REENTRANT_SOUGHT = "_functrain_reentrant_sought"
 
 
@@ -608,16 +610,34 @@ def gradients_of(
     except RuntimeError as e:
         engine_failed(e, module)
         raise
-    if REENTRANT_SOUGHT not in module.__dict__:
-        # a leaf used only inside a reentrant checkpointed block whose inputs reach no leaf (a
-        # LoRA adapter in a frozen model): the engine skipped the block, where torch's
-        # ``loss.backward()`` runs it and builds the leaf's graph there (looked for once a
-        # module: a graph's walk)
-        object.__setattr__(module, REENTRANT_SOUGHT, True)
-        if any(g is None for g in grads) and _checkpointed_reentrant(loss):
-            object.__setattr__(module, BY_BACKWARD, True)
-            raise RunAgain
+    if not all(g is not None for g in grads):
+        seek_reentrant(loss, grads, module)
     return grads if owns_all(grads) else own_gradients(grads)
+
+
+def seek_reentrant(
+    loss: torch.Tensor, grads: list[torch.Tensor | None], module: torch.nn.Module
+) -> None:
+    """Raise `RunAgain` where a leaf without a gradient in `grads` may be one used only inside a
+    reentrant checkpointed block whose inputs reach no leaf (a LoRA adapter in a frozen model):
+    the engine skipped the block, where torch's ``loss.backward()`` runs it and builds the leaf's
+    graph there (`module` then remembered as needing it).
+
+    The loss's graph is walked once for each way the gradients came without some (how many
+    leaves, which had none): another state of the module training other weights, weights moved
+    from frozen, a forward that checkpoints from a later batch on are looked at again.
+    """
+    missing = (len(grads), tuple(i for i, g in enumerate(grads) if g is None))
+    sought = module.__dict__.get(REENTRANT_SOUGHT)
+    if sought is None:
+        sought = set()
+        object.__setattr__(module, REENTRANT_SOUGHT, sought)
+    if missing in sought:
+        return
+    sought.add(missing)
+    if _checkpointed_reentrant(loss):
+        object.__setattr__(module, BY_BACKWARD, True)
+        raise RunAgain
 
 
 def _checkpointed_reentrant(loss: torch.Tensor) -> bool:

@@ -59,6 +59,7 @@ from functrain.core.loss import (
     owns_all,
     raise_written,
     samples_in,
+    seek_reentrant,
     split_loss,
 )
 from functrain.core.scope import modes_back, modes_of, rank_stream_in
@@ -560,6 +561,7 @@ _CONSTANTS: dict[str, Any] = {
     "REPEAT": itertools.repeat,
     "NO_NAMES": frozenset(),
     "BY_BACKWARD": BY_BACKWARD,
+    "SEEK_REENTRANT": seek_reentrant,
     "WATCHED": WATCHED,
     "DONATED": DONATED,
     "NAN": float("nan"),
@@ -691,6 +693,8 @@ _BACKWARD = """\
                     except RuntimeError as error:
                         engine_failed(error, MODULE)
                         raise
+                    if not all(map(IS_NOT, grads, REPEAT(None))):  # one the loss did not use
+                        SEEK_REENTRANT(loss, grads, MODULE)
                     if not OWNS_ALL(grads):  # one held elsewhere too: copied, as .grad takes it
                         grads = OWN_GRADIENTS(grads)
                 else:

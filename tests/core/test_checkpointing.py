@@ -238,6 +238,54 @@ def test_weights_reached_only_inside_reentrant_blocks_train_as_the_torch_loop(he
     )
 
 
+class LongOnly(Net):
+    """`frozen_input`'s net that checkpoints a batch of more than four rows only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = checkpoint(block, h, use_reentrant=True) if x.shape[0] > 4 else block(h)
+        return self.out(h)
+
+
+def long_only() -> nn.Module:
+    torch.manual_seed(0)
+    model = LongOnly(True)
+    model.inp.requires_grad_(False)
+    model.inp.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    for block in model.blocks:
+        block.drop.p = 0.0  # (no draws to match)
+    return model
+
+
+@pytest.mark.parametrize("case", ["checkpointed-later", "trained-later"])
+def test_weights_reached_only_inside_reentrant_blocks_from_a_later_step_on_train(
+    case: str,
+) -> None:
+    # a forward that checkpoints from its second batch on; a state of the same module that
+    # trains the blocks after one that trained the head alone
+    gen = torch.Generator().manual_seed(1)
+    sizes = (4, 6, 6, 6) if case == "checkpointed-later" else (6, 6, 6)
+    data = [
+        (torch.randn(n, 4, generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in sizes
+    ]
+    model = long_only()
+    ref = long_only()
+    opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1)
+    if case == "trained-later":
+        head = ft.TrainState.create(
+            model, ft.sgd(0.1, fused=False), net_loss, trainable=lambda n, p: n.startswith("out")
+        )
+        ft.train_step(head, data[0])
+    state = ft.TrainState.create(model, ft.sgd(0.1, fused=False), net_loss)
+    for i, batch in enumerate(data):
+        state, _ = ft.train_step(state, batch, donate=i % 2 == 1)
+        net_loss(ref, batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert_params_equal(state, ref)
+
+
 def test_a_reentrant_backward_leaves_the_tensors_the_loss_closes_over_alone() -> None:
     # a plain backward accumulates into every leaf of the graph: a tensor the loss function
     # closes over keeps its .grad as it was
