@@ -57,6 +57,7 @@ from functrain.optim.rules.sparse import (
     sparse_twin,
     takes_sparse,
     takes_sparse_too,
+    unused,
     with_sparse_twin,
 )
 from functrain.optim.updates import NewParams, ParamStep, apply_updates, as_tensors, flat_updates
@@ -1541,7 +1542,9 @@ def _accumulate_sparse(
         x = x.to(s.dtype)
         if not x.is_sparse:
             sums.append(writable(s, x).add_(x) if in_place else s + x)
-        elif micro == 0:  # the window's first gradient: ``.grad`` is it
+        elif micro == 0 or unused(s):  # the window's first gradient: ``.grad`` is it
+            # (after micro-batches that left the table out: an added one without rows would
+            # stay sparse in every dimension, taken for none where torch steps it)
             sums.append(x.clone())
         else:
             sums.append((s if in_place else s.clone()).add_(x))

@@ -540,6 +540,28 @@ def test_a_torch_run_whose_tables_took_different_steps_continues_in_functrain(na
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 @pytest.mark.parametrize("name", list(TWO_TABLES), ids=lambda n: n.replace("+", "-"))
+def test_a_window_that_leaves_a_table_out_then_looks_up_its_padding_steps_it_as_torch(
+    name: str,
+) -> None:
+    # torch's .grad after the window is the padding batch's gradient without rows: stepped
+    make_ft, make_torch = TWO_TABLES[name]
+    torch.manual_seed(0)
+    net = Padded()
+    ref = copy.deepcopy(net)
+    opts = make_torch(ref)
+    state = ft.TrainState.create(net, make_ft(), loss_fn, accumulate_steps=2)
+    data = [
+        ((items, torch.zeros_like(items[:, :2]) if i in (1, 3) else extra), labels)
+        for i, ((items, extra), labels) in enumerate(two_table_batches() * 2)
+    ]  # windows (left out, padding) twice, then the table looked up
+    for i, batch in enumerate(data):
+        state, _ = ft.train_step(state, batch, donate=i % 3 == 0)
+        torch_micro_step(ref, opts, batch, i, 2)
+    assert_trees_equal(params_of(ref), dict(state.params))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("name", list(TWO_TABLES), ids=lambda n: n.replace("+", "-"))
 @pytest.mark.parametrize("case", ["skipped", "mid-window", "table-unused"])
 def test_a_pure_step_shares_no_tensor_a_later_donated_step_writes(name: str, case: str) -> None:
     # the state a pure step returns, stepped with donate=True, leaves the step's input as it was
