@@ -1015,6 +1015,9 @@ def _listed_twice(params: Sequence[torch.Tensor], by_id: dict[int, str]) -> list
     return again
 
 
+_SparseAdam = torch.optim.SparseAdam
+
+
 def _counts(
     optimizer: torch.optim.Optimizer, groups: Sequence[_Group], step: int | None, where: str
 ) -> list[int]:
@@ -1028,9 +1031,13 @@ def _counts(
         if kind.counted:  # type: ignore[union-attr]
             seen = {int(s["step"]) if "step" in s else None for s in g.state}
             own = implementation(optimizer.param_groups[k]) in kind.own_steps  # type: ignore[union-attr]
-            if own and seen and None not in seen:
-                # each parameter's own step (`_filled`); the group counts the updates it took
-                seen = {max(seen)}  # type: ignore[type-var]
+            stepped = {s for s in seen if s is not None}
+            if own and stepped and (None not in seen or isinstance(optimizer, _SparseAdam)):
+                # each parameter's own step (`_filled`); the group counts the updates it took. A
+                # SparseAdam table not looked up yet has no state: it goes on at step 0 with
+                # fresh moments, as torch makes them at its first (a table a batch leaves out is
+                # skipped, as torch skips it; a dense parameter would take a zero gradient)
+                seen = {max(stepped)}
                 own_groups.append(k)
             if len(seen) > 1:
                 shown = sorted(str(s) for s in seen)
@@ -1245,6 +1252,9 @@ def _torch_tensors(
             key_here = "variance"
         else:
             key_here = key
+        if not by_name[name]:  # no gradient yet: the fresh state, as torch makes at its first
+            out.append(target)
+            continue
         out.append(_torch_value(name, key_here, by_name[name].get(key_here), target))
     return tuple(out)
 
@@ -1292,7 +1302,7 @@ def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
         if node.steps:  # (`RuleState.steps`: each parameter's own, as they are at the count)
             by_name = dict(zip(group.names, group.state, strict=True))
             values["slots"]["step"] = tuple(
-                torch.full_like(t, float(by_name[name].get("step", group.count)))
+                torch.full_like(t, float(_own_step(by_name[name], group)))
                 for name, t in zip(names, node.steps, strict=True)
             )
             at = node.group["steps_at"]
@@ -1300,7 +1310,7 @@ def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
     elif getattr(node, "steps", None):  # each parameter's own (`optim/rules/sparse.py`)
         by_name = dict(zip(group.names, group.state, strict=True))
         values["steps"] = tuple(
-            torch.full_like(t, int(by_name[name].get("step", group.count)))
+            torch.full_like(t, _own_step(by_name[name], group))
             for name, t in zip(names, node.steps, strict=True)
         )
     if "count" in node._fields:
@@ -1328,6 +1338,12 @@ def _sparse_sgd_filled(node: SparseSgdState, group: _Group, names: Sequence[str]
         ),
         made=tuple(torch.tensor(f is not None) for f in found),
     )
+
+
+def _own_step(state: dict[str, Any], group: _Group) -> int:
+    """A parameter's own step in torch's `state`: 0 where it has none (no gradient yet), the
+    group's count where torch keeps none per parameter."""
+    return int(state.get("step", group.count)) if state else 0
 
 
 def _refuse_partial_buffers(group: _Group) -> None:

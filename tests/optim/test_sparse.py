@@ -561,6 +561,25 @@ def test_a_window_that_leaves_a_table_out_then_looks_up_its_padding_steps_it_as_
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_a_torch_sparse_adam_run_converts_before_a_table_was_looked_up() -> None:
+    # the second table (an optional feature) has no state in torch yet: it goes on from step 0
+    make_torch = TWO_TABLES["sparse_adam+adam"][1]
+    torch.manual_seed(0)
+    ref = TwoTables()
+    opts = make_torch(ref)
+    data = two_table_batches()
+    data = [((items, None), y) for (items, _), y in data[:3]] + data[3:]
+    for i, batch in enumerate(data):
+        torch_micro_step(ref, opts, batch, i, 1)
+        if i == 1:
+            assert ref.extra.weight not in opts[0].state  # (not looked up yet)
+            state = ft.from_torch_optimizer(opts, ref).create_state(copy.deepcopy(ref), loss_fn)
+        elif i > 1:
+            state, _ = ft.train_step(state, batch)
+    assert_trees_equal(params_of(ref), dict(state.params))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 @pytest.mark.parametrize("name", list(TWO_TABLES), ids=lambda n: n.replace("+", "-"))
 @pytest.mark.parametrize("case", ["skipped", "mid-window", "table-unused"])
 def test_a_pure_step_shares_no_tensor_a_later_donated_step_writes(name: str, case: str) -> None:
