@@ -698,6 +698,39 @@ def test_clipping_gradients_of_other_dtypes_is_torchs_in_the_norms_dtype(
     assert_trees_equal(eager.params, traced.params, "params")
 
 
+def test_a_clipped_run_under_a_float64_default_dtype_resumes_from_its_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # scientific code sets torch.set_default_dtype(torch.float64) before building its model: the
+    # checkpoint of a clipped run loads into a fresh template and goes on as torch's loop
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+        reference = copy.deepcopy(model)
+        torch_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, fused=True)
+        loss_fn = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+        fresh = lambda: ft.TrainState.create(  # noqa: E731
+            model, ft.sgd(0.1, momentum=0.9), loss_fn, clip_grad_norm=0.1
+        )
+        data = [torch.randn(8, 3, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        state = fresh()
+        for i, batch in enumerate(data):
+            if i == 2:
+                ft.save(state, tmp_path / "ck")
+                state = ft.load(tmp_path / "ck", like=fresh())
+            state, _ = ft.train_step(state, batch)
+            loss_fn(reference, batch).backward()
+            assert torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1) > 0.1
+            torch_opt.step()
+            torch_opt.zero_grad()
+    finally:
+        torch.set_default_dtype(previous)
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
+
+
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 @pytest.mark.parametrize("route", ["straight", "body"])
 @pytest.mark.parametrize(

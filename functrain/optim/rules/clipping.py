@@ -94,7 +94,9 @@ def clip_by_global_norm(max_norm: float) -> Transform:
 
     def init_fn(params: Tree) -> ClipByGlobalNormState:
         leaves = tree_leaves(params)
-        return ClipByGlobalNormState(torch.zeros((), device=leaves[0].device if leaves else None))
+        # float32 whatever torch's default dtype: the norm each update keeps is float32
+        device = leaves[0].device if leaves else None
+        return ClipByGlobalNormState(torch.zeros((), dtype=torch.float32, device=device))
 
     def update_fn(
         updates: Any,
