@@ -38,6 +38,7 @@ _BATCHNORM_VMAP = "Batch norm got a batched tensor as input while the running_me
 _META = re.compile(r"device meta\b|meta tensors?\b|device='meta'")
 # a mapping given whole where a tensor was expected: indexed with a slice, or named as an argument
 _MAPPING_PASSED = re.compile(r"unhashable type: 'slice'|\bnot (dict|BatchEncoding)\b|'dict' object")
+_NO_GRAPH = re.compile(r"does not require grad|differentiated Tensors? appears? to not")
 _BATCH_TYPES = frozenset({"tuple", "list", "dict", "str", "int", "NoneType"})
 
 
@@ -132,6 +133,14 @@ def _hint(
             "tensor it holds, its buffers too (a BatchNorm's statistics, spectral norm's u and v): "
             "pass {**other.params, **other.buffers} (copies of the buffers where its forward "
             "writes them), or run other.export_module(), a module that holds them"
+        )
+    if _NO_GRAPH.search(text) and not torch.is_grad_enabled():
+        return (
+            f"{name} ran without gradients (torch.no_grad(): an evaluation, eval_step, evaluate, "
+            "fit's eval_data, train_loss), and a loss that differentiates inside itself "
+            "(torch.autograd.grad: a PDE residual, a gradient penalty) builds no graph there; "
+            "wrap that part of it in `with torch.enable_grad():`, its inputs made to require "
+            "grad inside it (x.detach().requires_grad_(True))"
         )
     label_dtype = _LABEL_DTYPE.search(text)
     if label_dtype:

@@ -74,6 +74,32 @@ def test_a_dtype_mismatch_names_the_dtypes_and_where_to_cast() -> None:
     assert UNPACK not in message
 
 
+def test_a_loss_differentiating_inside_itself_evaluated_says_to_enable_grad() -> None:
+    # a PDE residual: the network's second derivative with respect to its inputs, which trains
+    # (as torch's loop runs it) but meets torch.no_grad() in an evaluation
+    def residual(m: Any, x: torch.Tensor) -> torch.Tensor:
+        x = x.requires_grad_(True)
+        (du,) = torch.autograd.grad(m(x).sum(), x, create_graph=True)
+        (d2u,) = torch.autograd.grad(du.sum(), x, create_graph=True)
+        return (d2u + x).pow(2).mean()
+
+    module = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    state = ft.TrainState.create(module, ft.sgd(0.1), residual)
+    x = torch.rand(16, 1)
+    ft.train_step(state, x)
+    with pytest.raises(ft.BatchError, match=r"wrap that part of it in `with torch.enable_grad"):
+        ft.eval_step(state, x)
+    with pytest.raises(ft.BatchError, match=r"ran without gradients \(torch.no_grad\(\)"):
+        ft.train_loss(state, x)
+
+    def enabled(m: Any, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            return residual(m, x.detach())
+
+    loss = ft.eval_step(state.replace(loss_fn=enabled), x)["loss"]
+    assert torch.equal(loss.detach(), residual(module.eval(), x.detach()).detach())
+
+
 def test_batchnorm_on_a_batch_of_one_says_drop_last_or_a_bigger_batch() -> None:
     module = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
     message = failure(lambda m, b: m(b).sum(), torch.randn(1, 6), module)
