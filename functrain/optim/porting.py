@@ -61,6 +61,14 @@ def replaces(key: str) -> Callable[[F], F]:
     return enter
 
 
+# L-BFGS's closure evaluates the loss again within an update: no transform of one gradient can
+_LBFGS = (
+    "functrain has no L-BFGS: torch.optim.LBFGS evaluates the loss several times per update (its "
+    "closure, max_iter iterations and the line search), where a transform is handed one gradient "
+    "per step; run it in torch on the state's weights, module = state.export_module(), "
+    "torch.optim.LBFGS(module.parameters(), ...).step(closure), and go on from its weights with "
+    "TrainState.create(module, ...)"
+)
 # torch.optim's implementation choices: no functrain argument says them
 _IMPLEMENTATION = {"foreach", "capturable", "differentiable", "fused"}
 # scheduler constructor arguments that belong to the live object, not to the schedule
@@ -146,6 +154,8 @@ def _class_hint(cls: type, name: str, rate: bool) -> str | None:
         write = (
             f"write ft.{preset.__name__}(lr=..., <its settings>) instead"
             if preset is not None
+            else _LBFGS
+            if issubclass(cls, torch.optim.LBFGS)
             else "build the update from functrain's primitives with ft.chain"
         )
         return (
@@ -158,6 +168,8 @@ def _class_hint(cls: type, name: str, rate: bool) -> str | None:
 def _optimizer_call(optimizer: torch.optim.Optimizer, lr: str | None = None) -> str:
     """``write ft.adamw(lr=..., ...) instead``: the preset with the first param group's settings."""
     cls = type(optimizer)
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return _LBFGS
     preset = REPLACEMENTS.get(cls.__name__.lower())
     if preset is None or not optimizer.param_groups:
         return (

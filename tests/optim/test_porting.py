@@ -62,6 +62,21 @@ def test_a_live_optimizer_where_a_transform_belongs_shows_the_preset_with_its_se
     assert run(code).name == ft.adamw(lr=3e-4, b2=0.95, weight_decay=0.1, fused=False).name
 
 
+@pytest.mark.parametrize("live", [True, False], ids=["live", "class"])
+def test_lbfgs_where_a_transform_belongs_says_why_and_how_to_run_it_on_the_weights(
+    live: bool,
+) -> None:
+    # its closure evaluates the loss within an update: no chain of transforms builds it
+    module = nn.Linear(2, 1)
+    lbfgs = torch.optim.LBFGS(module.parameters(), line_search_fn="strong_wolfe")
+    with pytest.raises(ft.ConfigError) as error:
+        ft.TrainState.create(module, lbfgs if live else torch.optim.LBFGS, sum_loss_fn)
+    text = str(error.value)
+    assert "evaluates the loss several times per update" in text
+    assert "module = state.export_module()" in text and "TrainState.create(module, ...)" in text
+    assert "ft.chain" not in text
+
+
 @pytest.mark.parametrize("where", list(WHERE_AN_LR_BELONGS))
 def test_a_live_scheduler_where_an_lr_belongs_shows_the_schedule_to_write(where: str) -> None:
     opt = live_adamw()
