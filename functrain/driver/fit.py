@@ -26,6 +26,7 @@ from functrain.checkpoint.format import read_manifest
 from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.sharded import has_dtensors
 from functrain.checkpoint.state_io import load
+from functrain.checkpoint.tensorfile import CODE_OF
 from functrain.core.compiled import CompiledStep
 from functrain.core.donation import retire
 from functrain.core.stacked import host_count, num_members
@@ -67,6 +68,7 @@ from functrain.driver.preemption import Preempted
 from functrain.driver.run_config import ConfigChangeWarning, config_changes
 from functrain.driver.stopping import EarlyStopping
 from functrain.errors import CheckpointError, ConfigError
+from functrain.tree import tree_leaves
 
 __all__ = ["fit", "FitResult"]
 
@@ -331,7 +333,9 @@ def fit(
         CheckpointError: another process (or manager) is writing `checkpoint_dir`, naming it: one
             run writes a directory at a time; or ``resume=True`` found checkpoints there but none
             that loads (a new run would mix with that run's files), naming them and the fixes; or
-            something functrain did not write sits at a checkpoint's name there (never deleted).
+            something functrain did not write sits at a checkpoint's name there (never deleted);
+            or, with a `checkpoint_dir`, the state holds a tensor of a dtype no checkpoint holds
+            (complex128), before the first update.
         NonFiniteError: the state was created with ``TrainState.create(nonfinite="halt")`` (not
             a `fit` option) and a step's gradients were non-finite, naming the step; the last
             checkpoint is kept.
@@ -463,6 +467,17 @@ def _manager(options: FitOptions, state: TrainState, main: bool) -> CheckpointMa
     checkpointing, evaluation = options.checkpointing, options.evaluation
     if not checkpointing.checkpoint_dir:
         return None
+    leaves = tree_leaves(state.tree())
+    unsaved = sorted(
+        {str(t.dtype) for t in leaves if isinstance(t, torch.Tensor) and t.dtype not in CODE_OF}
+    )
+    if unsaved:  # refused before the first update, not at the first save after an epoch
+        raise CheckpointError(
+            f"checkpoint_dir was given, and the state holds tensors of {', '.join(unsaved)}, "
+            "which a checkpoint cannot hold (its tensor files are safetensors'), expected "
+            f"tensors of {sorted(str(d) for d in CODE_OF)}; keep such weights as two real "
+            "tensors (torch.view_as_real) in the module, or fit without checkpoint_dir"
+        )
     sharded = state.dist is not None and has_dtensors(state.tree())
     writes = main or sharded
     config = checkpointing.config

@@ -508,3 +508,29 @@ def test_several_validation_sets_are_refused_before_the_run_naming_the_fix(
             max_epochs=1,
         )
     assert not calls
+
+
+class _Complex128(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4, dtype=torch.complex128))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.w.T
+
+
+def test_weights_no_checkpoint_holds_are_refused_before_the_first_update(tmp_path: Path) -> None:
+    # complex128 trains (as torch's loop trains it) but has no safetensors dtype: the run is
+    # refused at the start, not after an epoch trained and lost at its first save
+    updates: list[int] = []
+    counting = ft.on("batch_end")(lambda run: updates.append(run.step))
+    z = torch.randn(16, 4, dtype=torch.complex128)
+    data = torch.utils.data.TensorDataset(z, torch.randn(16, 3, dtype=torch.complex128))
+    fitted = lambda m, b: (m(b[0]) - b[1]).abs().pow(2).mean()  # noqa: E731
+    state = ft.TrainState.create(_Complex128(), ft.adam(1e-2, fused=False), fitted)
+    with pytest.raises(ft.CheckpointError, match=r"state holds tensors of torch.complex128"):
+        quiet_fit(
+            state, data, batch_size=4, max_epochs=1, checkpoint_dir=tmp_path, callbacks=[counting]
+        )
+    assert updates == [] and not any(tmp_path.iterdir())
+    assert int(quiet_fit(state, data, batch_size=4, max_epochs=1).state.step) == 4
