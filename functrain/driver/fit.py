@@ -526,7 +526,56 @@ def _restored(
     if restored is None:
         _refuse_unloadable(manager.directory)
         return state, None
+    _refuse_dropped_changes(state, restored, manager.restored)
     return restored, str(manager.restored)
+
+
+def _refuse_dropped_changes(given: TrainState, restored: TrainState, checkpoint: Any) -> None:
+    """Refuse a resume that would drop changes made to a state at the checkpoint's own position.
+
+    A state given at the position (step, epoch, batch of the epoch) of the checkpoint a resume
+    restores, with other weights or buffers than it holds, was changed after that checkpoint was
+    written (a recurrent hidden state reset between two `fit` calls on one directory): the run
+    would go on from the checkpoint's values, without a word. A fresh state (all counters 0) is a
+    template, as is a state at another position (a rerun after a crash).
+
+    Raises:
+        ConfigError: naming the tensors that differ.
+    """
+    counters = ("step", "micro_step", "epoch", "epoch_step")
+    at = [int(getattr(given, name)) for name in counters]
+    if given.dist is not None or not any(at):
+        return
+    if at != [int(getattr(restored, name)) for name in counters]:
+        return
+    changed = [
+        f"{field}[{name!r}]"
+        for field in ("params", "frozen", "buffers")
+        for name in sorted(set(getattr(given, field)) | set(getattr(restored, field)))
+        if not _same_bits(getattr(given, field).get(name), getattr(restored, field).get(name))
+    ]
+    if changed:
+        shown = ", ".join(changed[:6]) + (
+            f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        )
+        raise ConfigError(
+            f"resume=True restored checkpoint {str(checkpoint)!r}, at the position of the state "
+            f"given (step {at[0]}, epoch {at[2]}, batch {at[3]}), but the state given holds other "
+            f"values: {shown}. The run would go on from the checkpoint's and drop the changes "
+            "made to the state (a hidden state reset between two fit calls, say). Give each "
+            "fit call (each phase) a checkpoint_dir of its own, with resume=True"
+        )
+
+
+def _same_bits(a: Any, b: Any) -> bool:
+    """Whether two tensors hold the same bits (NaN payloads included); None only as None."""
+    if a is None or b is None:
+        return a is b
+    if a.layout != torch.strided or b.layout != torch.strided:
+        return True  # (compared elsewhere: a sparse tensor has no bits to view)
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def _refuse_unloadable(directory: Path) -> None:

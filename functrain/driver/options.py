@@ -594,10 +594,13 @@ class Checkpointing(_Group):
         resume: continue from the newest valid checkpoint in `checkpoint_dir` (if any), printing
             ``resumed from <checkpoint> at step N (epoch E, batch B)`` (not with ``"silent"``);
             callbacks find the checkpoint in ``run.config["resumed_from"]``. Without it, a
-            `checkpoint_dir` that already holds checkpoints is an error: runs never mix.
-            With several ranks, rank 0 writes the directory and the others only read it; of a
-            sharded state (`TrainState.create(..., sharding=...)`), every rank writes its own shards
-            and rank 0 the manifest, and every rank restores its own part.
+            `checkpoint_dir` that already holds checkpoints is an error: runs never mix. The
+            state given is the template to restore into; one at the checkpoint's own position
+            (step, epoch, batch) with other weights or buffers than it holds (changed between two
+            `fit` calls on one directory) is refused, naming them. With several ranks, rank 0
+            writes the directory and the others only read it; of a sharded state
+            (`TrainState.create(..., sharding=...)`), every rank writes its own shards and rank 0
+            the manifest, and every rank restores its own part.
         config: the run's resolved config (JSON-able; ``functrain run`` passes the one it built),
             saved in every checkpoint's manifest (``metadata["config"]``). On ``resume=True`` it
             is compared with the config of the checkpoint restored (see

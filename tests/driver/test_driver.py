@@ -683,3 +683,61 @@ def test_a_fresh_run_refuses_a_directory_holding_another_runs_checkpoints(tmp_pa
     quiet_fit(
         make_state(), data, max_epochs=2, checkpoint_dir=tmp_path, resume=True
     )  # continuing is fine
+
+
+class _Carried(nn.Module):
+    """A hidden state carried from batch to batch in a buffer, as truncated BPTT keeps it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.RNNCell(3, 4)
+        self.head = nn.Linear(4, 2)
+        self.register_buffer("h", torch.zeros(BATCH, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.cell(x, self.h)
+        self.h = h.detach()
+        return self.head(h)
+
+
+def _carried_data() -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(
+        torch.randn(4 * BATCH, 3, generator=g), torch.randint(0, 2, (4 * BATCH,), generator=g)
+    )
+
+
+def _carried_loss(model: Any, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _carried_phases(directories: Sequence[Path]) -> ft.TrainState:
+    """One fit per epoch, the hidden state reset between them (the example's init_hidden)."""
+    torch.manual_seed(0)
+    state = ft.TrainState.create(_Carried(), ft.sgd(0.1), _carried_loss)
+    for epoch, directory in enumerate(directories):
+        reset = state.replace(buffers={"h": torch.zeros(BATCH, 4)})
+        kwargs: dict[str, Any] = dict(checkpoint_dir=directory, resume=True, shuffle=False)
+        state = quiet_fit(reset, _carried_data(), batch_size=BATCH, max_epochs=epoch + 1, **kwargs)
+        state = state.state
+    return state
+
+
+def test_a_resume_that_would_drop_a_reset_hidden_state_is_refused(tmp_path: Path) -> None:
+    # a directory per phase: the reset reaches every epoch, as the torch loop resets it
+    state = _carried_phases([tmp_path / "a", tmp_path / "b"])
+    torch.manual_seed(0)
+    model = _Carried()
+    optimizer = torch.optim.SGD(model.parameters(), 0.1, fused=True)
+    data = _carried_data()
+    for _ in range(2):
+        model.h = torch.zeros(BATCH, 4)
+        for i in range(0, 4 * BATCH, BATCH):
+            optimizer.zero_grad()
+            _carried_loss(model, data[i : i + BATCH]).backward()
+            optimizer.step()
+    assert all(torch.equal(state.params[k], p) for k, p in model.named_parameters())
+    # one directory for both: the second fit would restore the first's unreset hidden state
+    with pytest.raises(ConfigError, match=r"buffers\['h'\].*checkpoint_dir of its own"):
+        _carried_phases([tmp_path / "c", tmp_path / "c"])
