@@ -231,11 +231,14 @@ def eval_step(
 ) -> dict[str, torch.Tensor]:
     """Evaluate the loss function on a batch in eval mode (dropout off, BatchNorm on running stats).
 
-    Runs without gradients and changes nothing: not the state, not the caller's RNG. A
-    differentiable state's evaluation runs with gradients: its loss (in the loss function's dtype)
-    is a function of the state's tensors, the outer loss of meta-learning. A schedule-free
-    optimizer's weights are evaluated at its average, where its package's ``optimizer.eval()``
-    puts them (`functrain.optim.rules.formula.evaluation_params`).
+    Runs without gradients and changes nothing: not the state, not the caller's RNG. A random op
+    in the loss function (a diffusion loss's timesteps and noise) draws from a copy of
+    ``state.rng``: every call on one state draws the same numbers, whatever the batch (pass draws
+    that should differ per sample in the batch). A differentiable state's evaluation runs with
+    gradients: its loss (in the loss function's dtype) is a function of the state's tensors, the
+    outer loss of meta-learning. A schedule-free optimizer's weights are evaluated at its average,
+    where its package's ``optimizer.eval()`` puts them
+    (`functrain.optim.rules.formula.evaluation_params`).
 
     Args:
         state: the `TrainState` to evaluate.
@@ -290,7 +293,8 @@ def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any)
     What a notebook asks of a state: its model's output on some input, as the module the state was
     made from would give it after ``model.eval()`` under ``torch.no_grad()`` (``state.module`` is
     only the structure, without weights; ``state.export_module()`` builds a module that holds them,
-    to keep). Changes nothing: not the state, its buffers, nor the caller's RNG. A differentiable
+    to keep). Changes nothing: not the state, its buffers, nor the caller's RNG (a forward that
+    draws, draws from a copy of ``state.rng``: the same numbers at every call). A differentiable
     state's output keeps its graph (a function of the state's tensors). A schedule-free
     optimizer's weights run at its average, as `eval_step` evaluates them.
 

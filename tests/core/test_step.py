@@ -305,6 +305,24 @@ def test_caller_rng_is_untouched_by_train_and_eval_steps() -> None:
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_eval_step_draws_from_a_copy_of_the_state_rng_the_same_numbers_each_call() -> None:
+    # as eval_step's docstring and the porting guide say: a diffusion loss's timesteps drawn in
+    # the loss are torch's draws from state.rng, and the same for every batch evaluated
+    seen: list[torch.Tensor] = []
+
+    def timestep_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.randint(0, 1000, (x.shape[0],)))
+        return model(x).square().mean()
+
+    state = ft.TrainState.create(nn.Linear(3, 1), ft.sgd(0.1), timestep_loss, seed=4)
+    state, _ = ft.train_step(state, torch.randn(5, 3))
+    ft.eval_step(state, torch.randn(5, 3))
+    ft.eval_step(state, torch.randn(5, 3))
+    torch.random.set_rng_state(state.rng)
+    assert torch.equal(seen[1], torch.randint(0, 1000, (5,)))
+    assert torch.equal(seen[1], seen[2]) and not torch.equal(seen[0], seen[1])
+
+
 @pytest.mark.parametrize("failure", ["batch", "loss", "nonfinite"])
 def test_caller_rng_and_module_mode_are_restored_after_a_step_that_raises(failure: str) -> None:
     model = make_mlp(dropout=0.5).eval()
