@@ -68,7 +68,7 @@ from functrain.driver.preemption import Preempted
 from functrain.driver.run_config import ConfigChangeWarning, config_changes
 from functrain.driver.stopping import EarlyStopping
 from functrain.errors import CheckpointError, ConfigError
-from functrain.tree import tree_leaves
+from functrain.tree import leaves_by_path, tree_leaves
 
 __all__ = ["fit", "FitResult"]
 
@@ -534,7 +534,8 @@ def _refuse_dropped_changes(given: TrainState, restored: TrainState, checkpoint:
     """Refuse a resume that would drop changes made to a state at the checkpoint's own position.
 
     A state given at the position (step, epoch, batch of the epoch) of the checkpoint a resume
-    restores, with other weights or buffers than it holds, was changed after that checkpoint was
+    restores, with other weights, buffers, optimizer state, EMA, generator or tensors of its
+    own (`TrainState.user`) than it holds, was changed after that checkpoint was
     written (a recurrent hidden state reset between two `fit` calls on one directory): the run
     would go on from the checkpoint's values, without a word. A fresh state (all counters 0) is a
     template, as is a state at another position (a rerun after a crash).
@@ -554,6 +555,16 @@ def _refuse_dropped_changes(given: TrainState, restored: TrainState, checkpoint:
         for name in sorted(set(getattr(given, field)) | set(getattr(restored, field)))
         if not _same_bits(getattr(given, field).get(name), getattr(restored, field).get(name))
     ]
+    for field in ("opt_state", "ema_state", "rng", "user"):
+        # (a reset of the optimizer's moments or of the EMA, a generator seeded again)
+        ours = leaves_by_path(getattr(given, field))
+        theirs = leaves_by_path(getattr(restored, field))
+        changed += [
+            f"{field}[{name!r}]" if name else field
+            for name in sorted(set(ours) | set(theirs))
+            if _tensor_leaf(ours.get(name), theirs.get(name))
+            and not _same_bits(ours.get(name), theirs.get(name))
+        ]
     if changed:
         shown = ", ".join(changed[:6]) + (
             f" and {len(changed) - 6} more" if len(changed) > 6 else ""
@@ -567,6 +578,11 @@ def _refuse_dropped_changes(given: TrainState, restored: TrainState, checkpoint:
         )
 
 
+def _tensor_leaf(a: Any, b: Any) -> bool:
+    """Whether either of two leaves is a tensor (the others, settings, are compared elsewhere)."""
+    return isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)
+
+
 def _same_bits(a: Any, b: Any) -> bool:
     """Whether two tensors hold the same bits (NaN payloads included); None only as None."""
     if a is None or b is None:
@@ -575,7 +591,10 @@ def _same_bits(a: Any, b: Any) -> bool:
         return True  # (compared elsewhere: a sparse tensor has no bits to view)
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         return False
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    # (contiguous: an expanded tensor, a fresh optimizer state's, has no bytes of its own to view)
+    return torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+    )
 
 
 def _refuse_unloadable(directory: Path) -> None:

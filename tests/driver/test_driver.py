@@ -741,3 +741,34 @@ def test_a_resume_that_would_drop_a_reset_hidden_state_is_refused(tmp_path: Path
     # one directory for both: the second fit would restore the first's unreset hidden state
     with pytest.raises(ConfigError, match=r"buffers\['h'\].*checkpoint_dir of its own"):
         _carried_phases([tmp_path / "c", tmp_path / "c"])
+
+
+def _reset_moments_phases(directories: Sequence[Path]) -> ft.TrainState:
+    """One fit per epoch, Adam's moments reset between them."""
+    torch.manual_seed(0)
+    state = ft.TrainState.create(nn.Linear(3, 2), ft.adam(0.1), _carried_loss)
+    fresh = state.opt_state
+    for epoch, directory in enumerate(directories):
+        reset = state.replace(opt_state=fresh) if epoch else state
+        kwargs: dict[str, Any] = dict(checkpoint_dir=directory, resume=True, shuffle=False)
+        state = quiet_fit(reset, _carried_data(), batch_size=BATCH, max_epochs=epoch + 1, **kwargs)
+        state = state.state
+    return state
+
+
+def test_a_resume_that_would_drop_a_reset_optimizer_state_is_refused(tmp_path: Path) -> None:
+    # a directory per phase: the reset reaches the second epoch, as a new torch.optim.Adam does
+    state = _reset_moments_phases([tmp_path / "a", tmp_path / "b"])
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    data = _carried_data()
+    for _ in range(2):
+        optimizer = torch.optim.Adam(model.parameters(), 0.1, fused=True)
+        for i in range(0, 4 * BATCH, BATCH):
+            optimizer.zero_grad()
+            _carried_loss(model, data[i : i + BATCH]).backward()
+            optimizer.step()
+    assert all(torch.equal(state.params[k], p) for k, p in model.named_parameters())
+    # one directory for both: the second fit would restore the first's moments
+    with pytest.raises(ConfigError, match=r"opt_state\[.*checkpoint_dir of its own"):
+        _reset_moments_phases([tmp_path / "c", tmp_path / "c"])
