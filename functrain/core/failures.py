@@ -96,7 +96,9 @@ def _hint(
     missing = _missing_attribute(error)
     if missing is not None and missing[0] in {type(m).__name__ for m in module.modules()}:
         return _attribute_hint(name, type(module).__name__, *missing)
-    if isinstance(batch, Mapping) and _MAPPING_PASSED.search(text):
+    # (a dict without a tensor's attribute only: one without ``logits`` is a model's output)
+    tensor_read = missing is None or missing[0] != "dict" or hasattr(torch.Tensor, missing[1])
+    if isinstance(batch, Mapping) and tensor_read and _MAPPING_PASSED.search(text):
         return (
             f"{name}(model, batch) receives the batch exactly as the data yields it, here a "
             f"mapping of {sorted(map(str, batch))}, which the model was given whole: a model "

@@ -214,3 +214,19 @@ def test_another_states_module_run_without_its_buffers_says_to_pass_them() -> No
     optimizer.step()
     assert all(torch.equal(stepped.params[k], p) for k, p in generator.named_parameters())
     assert all(torch.equal(weights[k], b) for k, b in discriminator.named_buffers())
+
+
+def test_a_dict_output_read_by_attribute_is_not_taken_for_the_batch_given_whole() -> None:
+    # the batch unpacked as the model takes it; the loss reads .logits from the dict it returns
+    class DictOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(6, 1)
+
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+            return {"logits": self.lin(input_ids)}
+
+    batch = {"input_ids": torch.ones(2, 6), "labels": torch.ones(2, 6)}
+    message = failure(lambda m, b: m(**b).logits.sum(), batch, DictOut())
+    assert "'dict' object has no attribute 'logits'" in message
+    assert "given whole" not in message
