@@ -555,9 +555,8 @@ _REENTRANT = (
 # reentrant activation checkpointing: its gradients come from ``loss.backward()`` (`_accumulated`);
 # an attribute, read as the structure's other per-module facts are, without a weak reference a call
 BY_BACKWARD = "_functrain_by_backward"
-# the attribute of a module holding the ways its gradients came without some leaves' (how many
-# leaves, which had none) that were looked at for a leaf only a reentrant checkpointed block
-# reaches (`seek_reentrant`)
+# the attribute of a module counting the steps whose graph was looked at for a leaf only a
+# reentrant checkpointed block reaches (`seek_reentrant`)
 REENTRANT_SOUGHT = "_functrain_reentrant_sought"
 
 
@@ -623,21 +622,23 @@ def seek_reentrant(
     the engine skipped the block, where torch's ``loss.backward()`` runs it and builds the leaf's
     graph there (`module` then remembered as needing it).
 
-    The loss's graph is walked once for each way the gradients came without some (how many
-    leaves, which had none): another state of the module training other weights, weights moved
-    from frozen, a forward that checkpoints from a later batch on are looked at again.
+    The loss's graph is walked at a module's first `_SOUGHT_WALKS` steps with leaves without a
+    gradient (another state of the module training other weights, weights moved from frozen, a
+    forward that checkpoints from a later batch on), then no more: a model whose unused weights
+    change every step (a mixture of experts) pays no walk a step for the rest of its run.
     """
-    missing = (len(grads), tuple(i for i, g in enumerate(grads) if g is None))
-    sought = module.__dict__.get(REENTRANT_SOUGHT)
-    if sought is None:
-        sought = set()
-        object.__setattr__(module, REENTRANT_SOUGHT, sought)
-    if missing in sought:
+    walks = module.__dict__.get(REENTRANT_SOUGHT, 0)
+    if walks >= _SOUGHT_WALKS:
         return
-    sought.add(missing)
+    object.__setattr__(module, REENTRANT_SOUGHT, walks + 1)
     if _checkpointed_reentrant(loss):
         object.__setattr__(module, BY_BACKWARD, True)
         raise RunAgain
+
+
+# how many steps with leaves without a gradient a module's graph is looked at in for a reentrant
+# checkpointed block (`seek_reentrant`)
+_SOUGHT_WALKS = 16
 
 
 def _checkpointed_reentrant(loss: torch.Tensor) -> bool:

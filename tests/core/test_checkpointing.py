@@ -248,9 +248,20 @@ class LongOnly(Net):
         return self.out(h)
 
 
-def long_only() -> nn.Module:
+class SkipsShort(Net):
+    """`frozen_input`'s net that skips its blocks on a batch of four rows or fewer (a layer drop)
+    and checkpoints them on a longer one: its blocks' weights go without a gradient both ways."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = checkpoint(block, h, use_reentrant=True) if x.shape[0] > 4 else h
+        return self.out(h)
+
+
+def long_only(kind: type[Net] = LongOnly) -> nn.Module:
     torch.manual_seed(0)
-    model = LongOnly(True)
+    model = kind(True)
     model.inp.requires_grad_(False)
     model.inp.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
     for block in model.blocks:
@@ -258,19 +269,21 @@ def long_only() -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("case", ["checkpointed-later", "trained-later"])
+@pytest.mark.parametrize("case", ["checkpointed-later", "skipped-first", "trained-later"])
 def test_weights_reached_only_inside_reentrant_blocks_from_a_later_step_on_train(
     case: str,
 ) -> None:
-    # a forward that checkpoints from its second batch on; a state of the same module that
-    # trains the blocks after one that trained the head alone
+    # a forward that checkpoints from its second batch on (after running its blocks plainly, or
+    # skipping them); a state of the same module that trains the blocks after one that trained
+    # the head alone
     gen = torch.Generator().manual_seed(1)
-    sizes = (4, 6, 6, 6) if case == "checkpointed-later" else (6, 6, 6)
+    sizes = (6, 6, 6) if case == "trained-later" else (4, 4, 6, 6)
     data = [
         (torch.randn(n, 4, generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in sizes
     ]
-    model = long_only()
-    ref = long_only()
+    kind = SkipsShort if case == "skipped-first" else LongOnly
+    model = long_only(kind)
+    ref = long_only(kind)
     opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1)
     if case == "trained-later":
         head = ft.TrainState.create(
