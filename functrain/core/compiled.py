@@ -82,7 +82,7 @@ from functrain.core.state import TrainState
 from functrain.core.step import train_step
 from functrain.core.structure import sparse_parameters
 from functrain.core.view import StateView, parts_of, statics_of
-from functrain.errors import ConfigError, FunctrainError
+from functrain.errors import BatchError, ConfigError, FunctrainError
 from functrain.optim.base import NO_EXTRAS, Extras
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import is_shared, stored
@@ -851,6 +851,11 @@ def _compared(
         try:
             new, metrics = run(*args)
         except Exception as error:
+            # the eager check ran the loss function on this very batch: where it fails traced
+            # (a sparse CSR tensor torch.func.grad cannot take), the failure is torch's
+            traced = error.__cause__ if type(error) is BatchError else None
+            if isinstance(traced, Exception) and not isinstance(traced, FunctrainError):
+                error = traced
             if (
                 kept is None
                 or isinstance(error, (FunctrainError, torch.OutOfMemoryError))

@@ -1077,3 +1077,33 @@ def test_a_near_cancelling_critic_loss_compiled_right_is_not_taken_for_a_miscomp
         _, metrics = ft.compile_step()(state, batch)
     _, expected = ft.train_step(state, batch)
     torch.testing.assert_close(metrics["loss"], expected["loss"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_a_batch_torch_func_cannot_trace_runs_eagerly_as_the_torch_loop() -> None:
+    # a sparse CSR adjacency in the batch: the eager step trains on it, torch.func.grad under
+    # torch.compile cannot ("Sparse CSR tensors do not have strides"); that is torch's failure,
+    # run eagerly with a warning, not the batch's, which the eager check took
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    adjacency = (torch.rand(5, 5) > 0.5).float().to_sparse_csr()
+    batches = [(adjacency, torch.randn(5, 3), torch.randint(0, 2, (5,))) for _ in range(3)]
+
+    def loss_fn(m: Any, batch: Any) -> torch.Tensor:
+        a, x, y = batch
+        return nn.functional.cross_entropy(torch.sparse.mm(a, m(x)), y)
+
+    reference = nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for batch in batches:
+        optimizer.zero_grad()
+        loss_fn(reference, batch).backward()
+        optimizer.step()
+    state = ft.TrainState.create(model, ft.sgd(0.1, fused=False), loss_fn)
+    step = ft.compile_step()
+    with pytest.warns(ft.EagerStepWarning, match="torch failed to compile or run"):
+        for batch in batches:
+            state, _ = step(state, batch)
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p)
