@@ -69,9 +69,11 @@ def evaluate(
     """Evaluate `state` on `data`: the step's metrics averaged, and `metrics` over the whole set.
 
     Each batch goes through `eval_step` (eval mode, no gradients) with `eval_fn` (default: the
-    state's loss function); its metrics are averaged weighted by batch size. `metrics` are reset
-    first, updated by `eval_fn` as it sees the batches, and their ``compute()`` added at the end.
-    A metric that is an `nn.Module` (torchmetrics' are) is moved to the state's device first.
+    state's loss function); its metrics are averaged weighted by batch size, the first dimension
+    of the batch's first tensor (a graph batch whose node features come first is weighted by its
+    nodes: put a per-sample tensor first). `metrics` are reset first, updated by `eval_fn` as it
+    sees the batches, and their ``compute()`` added at the end. A metric that is an `nn.Module`
+    (torchmetrics' are) is moved to the state's device first.
 
     Args:
         state: the state to evaluate.
