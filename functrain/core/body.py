@@ -385,10 +385,29 @@ def finite_buffers(
     alone, of `members` stacked); one the forward gave a new shape has no old value to keep."""
     return {
         n: torch.where(_finite(b, members), b, old[n])
-        if b.is_floating_point() and b.shape == old[n].shape
+        if b.is_floating_point() and b.shape == old[n].shape and _checked(b)
         else b
         for n, b in new.items()
     }
+
+
+def _checked(buffer: torch.Tensor) -> bool:
+    """Whether torch can tell `buffer`'s finite elements: a strided tensor of a dtype ``isfinite``
+    takes (not a float8 one, not a sparse one: a graph's adjacency held as a buffer)."""
+    return buffer.layout is torch.strided and buffer.dtype not in _FLOAT8
+
+
+_FLOAT8 = frozenset(
+    getattr(torch, name)
+    for name in (
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float8_e4m3fnuz",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+    )
+    if hasattr(torch, name)
+)
 
 
 def _finite(t: torch.Tensor, members: int) -> torch.Tensor:

@@ -1468,3 +1468,40 @@ def test_a_gradient_a_custom_backward_hands_back_from_elsewhere_is_never_written
         opt.zero_grad()
     assert torch.equal(given, torch.full((3, 4), 10.0)) and given._version == version
     assert torch.equal(state.params["w"], reference.w.detach())
+
+
+class HeldBuffer(nn.Module):
+    """A linear layer beside a buffer its forward reads as it is (a graph's sparse adjacency, a
+    float8 scale table)."""
+
+    def __init__(self, held: torch.Tensor) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("held", held)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.held.layout is not torch.strided:
+            x = torch.sparse.mm(self.held, x.T).T
+        return self.lin(x)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("kind", ["sparse", "float8"])
+def test_a_buffer_isfinite_cannot_take_trains_as_the_torch_loop(kind: str) -> None:
+    # the step keeps a buffer a non-finite batch made non-finite; one torch cannot ask so (a
+    # sparse or float8 tensor) is kept as the forward left it, not refused with torch's error
+    held = torch.eye(3).to_sparse() if kind == "sparse" else torch.ones(3).to(torch.float8_e4m3fn)
+    torch.manual_seed(0)
+    model = HeldBuffer(held)
+    reference = HeldBuffer(held)
+    reference.load_state_dict(model.state_dict())
+    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    state = ft.TrainState.create(model, ft.sgd(0.1), loss)
+    opt = torch.optim.SGD(reference.parameters(), 0.1, fused=True)
+    for i in range(3):
+        batch = (torch.randn(5, 3), torch.randint(0, 3, (5,)))
+        state, _ = ft.train_step(state, batch, donate=i == 1)
+        opt.zero_grad()
+        loss(reference, batch).backward()
+        opt.step()
+    assert all(torch.equal(state.params[k], p) for k, p in reference.named_parameters())
