@@ -335,7 +335,7 @@ def fit(
             that loads (a new run would mix with that run's files), naming them and the fixes; or
             something functrain did not write sits at a checkpoint's name there (never deleted);
             or, with a `checkpoint_dir`, the state holds a tensor of a dtype no checkpoint holds
-            (complex128), before the first update.
+            (complex128) or lays out as none does (a sparse CSR buffer), before the first update.
         NonFiniteError: the state was created with ``TrainState.create(nonfinite="halt")`` (not
             a `fit` option) and a step's gradients were non-finite, naming the step; the last
             checkpoint is kept.
@@ -467,16 +467,16 @@ def _manager(options: FitOptions, state: TrainState, main: bool) -> CheckpointMa
     checkpointing, evaluation = options.checkpointing, options.evaluation
     if not checkpointing.checkpoint_dir:
         return None
-    leaves = tree_leaves(state.tree())
     unsaved = sorted(
-        {str(t.dtype) for t in leaves if isinstance(t, torch.Tensor) and t.dtype not in CODE_OF}
+        {_unsaved(t) for t in tree_leaves(state.tree()) if isinstance(t, torch.Tensor)} - {""}
     )
     if unsaved:  # refused before the first update, not at the first save after an epoch
         raise CheckpointError(
             f"checkpoint_dir was given, and the state holds tensors of {', '.join(unsaved)}, "
-            "which a checkpoint cannot hold (its tensor files are safetensors'), expected "
-            f"tensors of {sorted(str(d) for d in CODE_OF)}; keep such weights as two real "
-            "tensors (torch.view_as_real) in the module, or fit without checkpoint_dir"
+            "which a checkpoint cannot hold (its tensor files are safetensors'), expected dense "
+            f"or sparse COO tensors of {sorted(str(d) for d in CODE_OF)}; hold a complex weight "
+            "as two real tensors (torch.view_as_real) in the module, a sparse CSR buffer as COO "
+            "(.to_sparse()), or fit without checkpoint_dir"
         )
     sharded = state.dist is not None and has_dtensors(state.tree())
     writes = main or sharded
@@ -528,6 +528,13 @@ def _restored(
         return state, None
     _refuse_dropped_changes(state, restored, manager.restored)
     return restored, str(manager.restored)
+
+
+def _unsaved(t: torch.Tensor) -> str:
+    """What of `t` a checkpoint cannot hold (its dtype, or its layout), or ``""``."""
+    if t.dtype not in CODE_OF:
+        return str(t.dtype)
+    return "" if t.layout in (torch.strided, torch.sparse_coo) else str(t.layout)
 
 
 def _refuse_dropped_changes(given: TrainState, restored: TrainState, checkpoint: Any) -> None:

@@ -519,16 +519,36 @@ class _Complex128(nn.Module):
         return z @ self.w.T
 
 
-def test_weights_no_checkpoint_holds_are_refused_before_the_first_update(tmp_path: Path) -> None:
-    # complex128 trains (as torch's loop trains it) but has no safetensors dtype: the run is
-    # refused at the start, not after an epoch trained and lost at its first save
+class _CsrAdjacency(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("adjacency", torch.eye(4).to_sparse_csr())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.sparse.mm(self.adjacency, x.T).T)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("kind", ["torch.complex128", "torch.sparse_csr"])
+def test_tensors_no_checkpoint_holds_are_refused_before_the_first_update(
+    tmp_path: Path, kind: str
+) -> None:
+    # complex128 weights and a CSR buffer train (as torch's loop trains them) but no safetensors
+    # file holds them: the run is refused at the start, not after an epoch trained and lost at
+    # its first save
     updates: list[int] = []
     counting = ft.on("batch_end")(lambda run: updates.append(run.step))
-    z = torch.randn(16, 4, dtype=torch.complex128)
-    data = torch.utils.data.TensorDataset(z, torch.randn(16, 3, dtype=torch.complex128))
-    fitted = lambda m, b: (m(b[0]) - b[1]).abs().pow(2).mean()  # noqa: E731
-    state = ft.TrainState.create(_Complex128(), ft.adam(1e-2, fused=False), fitted)
-    with pytest.raises(ft.CheckpointError, match=r"state holds tensors of torch.complex128"):
+    if kind == "torch.complex128":
+        z = torch.randn(16, 4, dtype=torch.complex128)
+        data = torch.utils.data.TensorDataset(z, torch.randn(16, 3, dtype=torch.complex128))
+        fitted = lambda m, b: (m(b[0]) - b[1]).abs().pow(2).mean()  # noqa: E731
+        state = ft.TrainState.create(_Complex128(), ft.adam(1e-2, fused=False), fitted)
+    else:
+        data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randn(16, 3))
+        fitted = lambda m, b: (m(b[0]) - b[1]).pow(2).mean()  # noqa: E731
+        state = ft.TrainState.create(_CsrAdjacency(), ft.adam(1e-2), fitted)
+    with pytest.raises(ft.CheckpointError, match=rf"state holds tensors of {kind}, which"):
         quiet_fit(
             state, data, batch_size=4, max_epochs=1, checkpoint_dir=tmp_path, callbacks=[counting]
         )
