@@ -78,8 +78,11 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 def _storages(tensors: Iterable[torch.Tensor]) -> list[int]:
     local = (t._local_tensor if is_sharded(t) else t for t in tensors)
-    # a sparse tensor (SGD's momentum of sparse gradients) has no storage: saves hold a copy
-    return [t.untyped_storage().data_ptr() for t in local if t.numel() > 0 and not t.is_sparse]
+    # a sparse tensor (SGD's momentum of sparse gradients, a CSR buffer) has no storage: saves
+    # hold a copy
+    return [
+        t.untyped_storage().data_ptr() for t in local if t.numel() > 0 and t.layout is torch.strided
+    ]
 
 
 def hold(tensors: Iterable[torch.Tensor]) -> Callable[[], None]:

@@ -186,3 +186,22 @@ def test_a_sparse_tensor_where_the_state_holds_a_dense_one_is_refused(
         StateMismatchError, match=f"{leaf}: expected a dense tensor, got a sparse one"
     ):
         ft.load(path, like=state)
+
+
+class _CsrBuffer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+        self.register_buffer("adjacency", torch.eye(4).to_sparse_csr())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.sparse.mm(self.adjacency, x.T).T)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_a_sparse_layout_no_checkpoint_holds_is_refused_naming_it(tmp_path: Path) -> None:
+    # a CSR buffer (a graph's adjacency) has no storage to hold during the save, nor a format
+    state = ft.TrainState.create(_CsrBuffer(), ft.adam(1e-2), lambda m, b: m(b).sum())
+    with pytest.raises(ft.CheckpointError, match=r"'buffers/adjacency': torch.float32 torch.sp"):
+        ft.save(state, tmp_path / "csr")
+    assert not any(tmp_path.iterdir())
