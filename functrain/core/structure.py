@@ -572,6 +572,19 @@ def module_problems(module: nn.Module) -> list[str]:
             "...) takes its shapes in its first forward; run it once on an example batch "
             "(model(example)) before TrainState.create"
         )
+    held = [
+        f"{name} ({'quantized' if t.is_quantized else 'nested'})"
+        for name, t in (*module.named_parameters(), *module.named_buffers())
+        if t.is_quantized or t.is_nested
+    ]
+    if held:
+        problems.append(
+            f"the module holds quantized or nested tensors ({', '.join(held[:3])}"
+            f"{', ...' if len(held) > 3 else ''}), which a state cannot hold (its structure is "
+            "copied without storage, and a checkpoint has no format for them); hold them as "
+            "plain tensors (t.dequantize(), t.unbind()), or keep them out of the module (an "
+            "attribute of the loss function)"
+        )
     for name, sub in module.named_modules():
         if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.max_norm is not None:
             problems.append(

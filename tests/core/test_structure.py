@@ -221,6 +221,21 @@ def test_torch_rnns_which_keep_their_weights_in_a_list_train_bit_for_bit(cell: t
     assert_trees_equal(dict(state.params), {k: p.detach() for k, p in ref.named_parameters()})
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype")
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+@pytest.mark.parametrize("kind", ["quantized", "nested"])
+def test_a_quantized_or_nested_buffer_is_refused_naming_the_fix(kind: str) -> None:
+    model = nn.Linear(3, 1)
+    held = (
+        torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8)
+        if kind == "quantized"
+        else torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    )
+    model.register_buffer("held", held)
+    with pytest.raises(ConfigError, match=rf"quantized or nested tensors \(held \({kind}\)\)"):
+        ft.TrainState.create(model, ft.sgd(0.1), lambda m, b: m(b).sum())
+
+
 def test_a_lazy_module_not_yet_run_is_refused_naming_the_fix() -> None:
     model = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 1))
     with pytest.raises(ConfigError, match=r"not yet initialized \(0.weight, 0.bias\).*model\(ex"):
