@@ -1298,14 +1298,17 @@ def load_weights(
         into: the new run's initial state (`TrainState.create` with the new optimizer and options).
         strict: every tensor of `into`'s model must be in the checkpoint and the other way round;
             with False, tensors the checkpoint lacks keep `into`'s values (a new head) and tensors
-            `into` lacks are ignored. Shapes and dtypes must match either way.
+            `into` lacks are ignored. Shapes and dtypes must match either way, and at least
+            one weight must load (names that all differ, by a prefix such as a compiled
+            module's ``_orig_mod.``, are refused with the way to rename them).
 
     Returns:
         The new state, at step 0.
 
     Raises:
         ConfigError: `path` is not a path, or `into` not a `TrainState`.
-        StateMismatchError: names, shapes or dtypes that do not fit, all listed.
+        StateMismatchError: names, shapes or dtypes that do not fit, all listed; with
+            ``strict=False``, no weight of the checkpoint under a name of `into`'s model.
         CheckpointError: no checkpoint at `path`, or it is not a `TrainState`'s.
 
     Example:
@@ -1335,6 +1338,15 @@ def load_weights(
     _warn_versions(manifest, path)
     saved = {"params": {**tree["params"], **tree["frozen"]}, "buffers": tree["buffers"]}
     wanted = {"params": {**into.params, **into.frozen}, "buffers": into.buffers}
+    renamed = _prefix_hint(saved["params"], wanted["params"])
+    if not strict and saved["params"].keys().isdisjoint(wanted["params"]):
+        # nothing would load: every weight left at its initial value, without a word
+        raise StateMismatchError(
+            f"checkpoint {str(path)!r} holds no weight of the state's model under its name, so "
+            "load_weights(strict=False) would load none and leave every weight as created: "
+            f"expected names such as {sorted(wanted['params'])[:3]}, got "
+            f"{sorted(saved['params'])[:3]}" + renamed + _RENAME_FIX.format(path=repr(str(path)))
+        )
     if not strict:
         saved, wanted = (
             {f: {k: v for k, v in a[f].items() if k in b[f]} for f in a}
@@ -1356,7 +1368,8 @@ def load_weights(
         raise StateMismatchError(
             f"checkpoint {str(path)!r} holds other weights than the state's model:\n  - "
             + "\n  - ".join(problems)
-            + (_STRICT_HINT if names and strict and not unfit["shape"] else "")
+            + (_STRICT_HINT if names and strict and not unfit["shape"] and not renamed else "")
+            + (renamed + _RENAME_FIX.format(path=repr(str(path))) if names and renamed else "")
             + (_SHAPES_HINT if unfit["shape"] else "")
             + (_DTYPES_HINT if unfit["dtype"] else "")
         )
@@ -1384,6 +1397,39 @@ def load_weights(
     )
 
 
+def _prefix_hint(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> str:
+    """The dotted prefix (``_orig_mod.`` of a compiled module, ``model.``, ``backbone.``) by which
+    the checkpoint's names and the model's differ, where one maps most of them; else ''."""
+    found: dict[tuple[str, str], int] = {}
+    for ours, theirs, way in ((saved, wanted, "has"), (wanted, saved, "lacks")):
+        for name in ours:
+            parts = name.split(".")
+            for i in range(1, len(parts)):
+                if ".".join(parts[i:]) in theirs:
+                    key = (way, ".".join(parts[:i]) + ".")
+                    found[key] = found.get(key, 0) + 1
+                    break
+    if not found:
+        return ""
+    (way, prefix), count = max(found.items(), key=lambda item: item[1])
+    if 2 * count < min(len(saved), len(wanted)):
+        return ""
+    return (
+        f"\n(the checkpoint's names {'carry' if way == 'has' else 'lack'} the prefix "
+        f"{prefix!r} the model's {'lack' if way == 'has' else 'carry'}: "
+        f"{count} of them match without it)"
+    )
+
+
+_RENAME_FIX = (
+    "\nto load weights saved under other names, rename them into the module and create the state "
+    "from it (fresh optimizer state, step 0):\n"
+    "    tree, _ = functrain.load({path})\n"
+    "    saved = {{**tree['params'], **tree['frozen'], **tree['buffers']}}\n"
+    "    model.load_state_dict({{rename(k): v for k, v in saved.items()}}, strict=False)  # check "
+    "its missing_keys\n"
+    "    state = functrain.TrainState.create(model, optimizer, loss_fn, ...)"
+)
 _STRICT_HINT = (
     "\n(with strict=False, tensors missing from the checkpoint keep the state's values and extra "
     "ones are ignored)"

@@ -195,6 +195,35 @@ def test_load_weights_not_strict_keeps_the_states_own_new_layers(tmp_path: Path)
     )
 
 
+def test_load_weights_not_strict_refuses_a_checkpoint_whose_names_all_differ(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint saved under a prefix (a compiled module's ``_orig_mod.``): torch's
+    load_state_dict(strict=False) loads none of it and lists every key as missing; load_weights
+    refuses rather than leave every weight as created, and its fix loads them all."""
+    saved, path = trained_checkpoint(tmp_path)
+    wrapped = nn.Sequential()
+    wrapped.add_module("_orig_mod", nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)))
+    into = ft.TrainState.create(wrapped, ft.sgd(0.1), loss_fn)
+    missing = wrapped.load_state_dict(saved.export_module().state_dict(), strict=False)
+    assert len(missing.missing_keys) == len(into.params)  # torch: nothing loaded
+    with pytest.raises(
+        ft.StateMismatchError,
+        match=r"(?s)holds no weight of the state's model.*lack the prefix '_orig_mod\.' the "
+        r"model's carry: 4 of them match without it.*functrain\.load\(",
+    ):
+        ft.load_weights(path, into=into, strict=False)
+    with pytest.raises(ft.StateMismatchError, match=r"lack the prefix '_orig_mod\.'") as refused:
+        ft.load_weights(path, into=into)
+    assert "(with strict=False" not in str(refused.value)
+    tree, _ = ft.load(path)  # the message's fix
+    weights = {**tree["params"], **tree["frozen"], **tree["buffers"]}
+    wrapped.load_state_dict({f"_orig_mod.{k}": v for k, v in weights.items()})
+    warm = ft.TrainState.create(wrapped, ft.sgd(0.1), loss_fn)
+    for name, value in saved.params.items():
+        assert torch.equal(warm.params[f"_orig_mod.{name}"], value), name
+
+
 def test_load_weights_needs_a_train_state_checkpoint(tmp_path: Path) -> None:
     path = ft.save({"w": torch.zeros(2)}, tmp_path / "tree")
     with pytest.raises(
