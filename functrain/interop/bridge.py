@@ -386,7 +386,13 @@ def from_torch_optimizer(
     if len(transforms) == 1:
         tx = transforms[0]
     else:
-        label = {name: f"group{k}" for k, g in enumerate(groups) for name in g.names}
+        # a frozen parameter (requires_grad=False) trains in its torch group once unfrozen
+        by_id = {id(p): name for name, p in module.named_parameters()}
+        label = {
+            by_id[id(p)]: f"group{k}"
+            for k, (_, o, g) in enumerate(slots)
+            for p in o.param_groups[g]["params"]
+        }
         tx = partition(
             lambda name, p: label.get(name, "unheld"),
             **{f"group{k}": t for k, t in enumerate(transforms)},

@@ -552,6 +552,34 @@ def test_a_group_frozen_whole_for_a_while_continues_with_its_scheduler(cls: type
     assert_trees_equal(state.params, {n: p.detach() for n, p in expected.named_parameters()})
 
 
+def test_a_group_frozen_whole_when_converted_trains_in_its_group_once_unfrozen() -> None:
+    """The first layer's group is frozen (``requires_grad_(False)``) when the run moves over:
+    unfrozen there, its weights train at their group's settings, as torch's run goes on."""
+
+    def optimizer_of(model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            [{"params": model[0].parameters(), "lr": 0.001}, {"params": model[2].parameters()}],
+            lr=0.01,
+            fused=True,
+        )
+
+    model = make_model()
+    model[0].requires_grad_(False)
+    optimizer = optimizer_of(model)
+    torch_steps(model, optimizer, DATA[:3])
+    state = ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn)
+    assert sorted(state.frozen) == ["0.bias", "0.weight"]
+    state = state.replace(params={**state.params, **state.frozen}, frozen={})
+    state = functrain_steps(state, DATA[3:6])
+    expected = make_model()
+    expected[0].requires_grad_(False)
+    uninterrupted = optimizer_of(expected)
+    torch_steps(expected, uninterrupted, DATA[:3])
+    expected[0].requires_grad_(True)
+    torch_steps(expected, uninterrupted, DATA[3:6])
+    assert_trees_equal(state.params, {n: p.detach() for n, p in expected.named_parameters()})
+
+
 def test_a_group_whose_parameters_have_no_state_beside_others_is_refused() -> None:
     """A parameter without torch's state (no gradient yet) beside ones with it: functrain's
     step would give it a zero gradient where torch skips it."""
