@@ -320,6 +320,8 @@ def _checked(
         if isinstance(module, nn.Module) and (trainable is None or callable(trainable))
         else ({}, {})
     )
+    if isinstance(module, nn.Module) and callable(trainable):
+        problems += _tied_trainable_problems(module, trainable)
     if not problems and not params:
         problems.append(
             "the module has no trainable parameters "
@@ -456,6 +458,34 @@ def _split_parameters(
         keep = p.requires_grad and (trainable is None or trainable(name, p))
         (params if keep else frozen)[name] = p.detach().clone()
     return params, frozen
+
+
+def _tied_trainable_problems(module: nn.Module, trainable: Trainable) -> list[str]:
+    """A weight tied under several names that `trainable` trains under some and not others:
+    the state holds it once, under its first name, which alone would decide."""
+    names: dict[int, list[str]] = {}
+    tensors: dict[int, nn.Parameter] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+        tensors[id(p)] = p
+    problems = []
+    for key, aliases in names.items():
+        p = tensors[key]
+        if len(aliases) < 2 or not p.requires_grad:
+            continue
+        chosen = {name: bool(trainable(name, p)) for name in aliases}
+        if len(set(chosen.values())) > 1:
+            trained = [name for name, keep in chosen.items() if keep]
+            held = [name for name, keep in chosen.items() if not keep]
+            problems.append(
+                f"trainable chooses the weight tied as {aliases} under {trained} and not under "
+                f"{held}: one tensor, trained or frozen as a whole (torch's optimizer steps it "
+                "when any group holds it, and every name sees the change); expected a predicate "
+                "that gives every name of a tied weight the same answer; fix: decide it for all "
+                f"its names (train it: include {held[0]!r} too; freeze it: exclude "
+                f"{trained[0]!r} too)"
+            )
+    return problems
 
 
 # why a differentiable state trains alone

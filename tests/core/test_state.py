@@ -628,3 +628,37 @@ def test_replace_refuses_an_rng_or_opt_state_that_does_not_fit_before_any_step()
     moved = state.replace(opt_state=stepped.opt_state, rng=torch.get_rng_state())
     assert moved.opt_state is not state.opt_state
     state.replace(optimizer=ft.sgd(0.1, momentum=0.9), opt_state=other.opt_state)
+
+
+def test_trainable_that_splits_a_tied_weight_is_refused() -> None:
+    class Shared(torch.nn.Module):  # a student sharing its teacher's embedding
+        def __init__(self) -> None:
+            super().__init__()
+            self.teacher = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3))
+            self.student = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3))
+            self.student[0].weight = self.teacher[0].weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.student(x).mean(1)
+
+    model = Shared()
+    # torch's optimizer over model.student.parameters() trains the shared weight; a state holds
+    # it once, under its first name (teacher.0.weight), which the predicate would freeze
+    torch_opt = torch.optim.SGD(model.student.parameters(), lr=0.1)
+    assert any(p is model.teacher[0].weight for p in torch_opt.param_groups[0]["params"])
+    with pytest.raises(
+        ft.ConfigError, match=r"tied as \['teacher.0.weight', 'student.0.weight'\].*fix"
+    ):
+        ft.TrainState.create(
+            model,
+            ft.sgd(0.1),
+            lambda m, b: m(b).sum(),
+            trainable=lambda name, p: name.startswith("student."),
+        )
+    both = ft.TrainState.create(
+        model,
+        ft.sgd(0.1),
+        lambda m, b: m(b).sum(),
+        trainable=lambda name, p: not name.startswith("teacher.1."),
+    )
+    assert list(both.params) == ["teacher.0.weight", "student.1.weight", "student.1.bias"]
