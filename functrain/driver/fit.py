@@ -550,11 +550,10 @@ def _refuse_dropped_changes(given: TrainState, restored: TrainState, checkpoint:
     Raises:
         ConfigError: naming the tensors that differ.
     """
-    counters = ("step", "micro_step", "epoch", "epoch_step")
-    at = [int(getattr(given, name)) for name in counters]
-    if given.dist is not None or not any(at):
+    at = _position(given)
+    if given.dist is not None or not any(map(any, at)):
         return
-    if at != [int(getattr(restored, name)) for name in counters]:
+    if at != _position(restored):
         return
     changed = [
         f"{field}[{name!r}]"
@@ -578,11 +577,24 @@ def _refuse_dropped_changes(given: TrainState, restored: TrainState, checkpoint:
         )
         raise ConfigError(
             f"resume=True restored checkpoint {str(checkpoint)!r}, at the position of the state "
-            f"given (step {at[0]}, epoch {at[2]}, batch {at[3]}), but the state given holds other "
+            f"given (step {_shown(at[0])}, epoch {_shown(at[2])}, batch {_shown(at[3])}), but "
+            f"the state given holds other "
             f"values: {shown}. The run would go on from the checkpoint's and drop the changes "
             "made to the state (a hidden state reset between two fit calls, say). Give each "
             "fit call (each phase) a checkpoint_dir of its own, with resume=True"
         )
+
+
+def _position(state: TrainState) -> list[list[int]]:
+    """`state`'s step, micro-step, epoch and batch of the epoch, each as a list (a stacked
+    state's: one per member)."""
+    counters = ("step", "micro_step", "epoch", "epoch_step")
+    return [torch.as_tensor(getattr(state, name)).reshape(-1).tolist() for name in counters]
+
+
+def _shown(counter: list[int]) -> int | list[int]:
+    """A counter of `_position` as a message shows it: one number, or a stacked state's list."""
+    return counter[0] if len(counter) == 1 else counter
 
 
 def _tensor_leaf(a: Any, b: Any) -> bool:

@@ -772,3 +772,27 @@ def test_a_resume_that_would_drop_a_reset_optimizer_state_is_refused(tmp_path: P
     # one directory for both: the second fit would restore the first's moments
     with pytest.raises(ConfigError, match=r"opt_state\[.*checkpoint_dir of its own"):
         _reset_moments_phases([tmp_path / "c", tmp_path / "c"])
+
+
+def test_a_stacked_state_resumes_where_its_run_ended(tmp_path: Path) -> None:
+    # fit again on the result (max_epochs extended), and the script run again: per-member counters
+    modules = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        modules.append(nn.Linear(3, 2))
+    states = [ft.TrainState.create(m, ft.adam(0.1), _carried_loss) for m in modules]
+    kwargs: dict[str, Any] = dict(checkpoint_dir=tmp_path, resume=True, shuffle=False)
+    first = quiet_fit(ft.stack(states), _carried_data(), batch_size=BATCH, max_epochs=1, **kwargs)
+    state = quiet_fit(first.state, _carried_data(), batch_size=BATCH, max_epochs=2, **kwargs).state
+    again = quiet_fit(ft.stack(states), _carried_data(), batch_size=BATCH, max_epochs=2, **kwargs)
+    data = _carried_data()
+    for member, model in enumerate(modules):
+        optimizer = torch.optim.Adam(model.parameters(), 0.1, fused=True)
+        for _ in range(2):
+            for i in range(0, 4 * BATCH, BATCH):
+                optimizer.zero_grad()
+                _carried_loss(model, data[i : i + BATCH]).backward()
+                optimizer.step()
+        for k, p in model.named_parameters():  # (a stacked member: to the batched rounding)
+            torch.testing.assert_close(state.params[k][member], p, rtol=1e-5, atol=1e-6)
+    assert_trees_equal(again.state.params, state.params)  # the rerun restored the last checkpoint
