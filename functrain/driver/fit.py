@@ -541,11 +541,11 @@ def _refuse_dropped_changes(given: TrainState, restored: TrainState, checkpoint:
     """Refuse a resume that would drop changes made to a state at the checkpoint's own position.
 
     A state given at the position (step, epoch, batch of the epoch) of the checkpoint a resume
-    restores, with other weights, buffers, optimizer state, EMA, generator or tensors of its
-    own (`TrainState.user`) than it holds, was changed after that checkpoint was
-    written (a recurrent hidden state reset between two `fit` calls on one directory): the run
-    would go on from the checkpoint's values, without a word. A fresh state (all counters 0) is a
-    template, as is a state at another position (a rerun after a crash).
+    restores, with other weights, buffers, optimizer state, EMA, generator or values of its
+    own (`TrainState.user`, tensors and JSON values) than it holds, was changed after that
+    checkpoint was written (a recurrent hidden state reset between two `fit` calls on one
+    directory): the run would go on from the checkpoint's values, without a word. A fresh state
+    (all counters 0) is a template, as is a state at another position (a rerun after a crash).
 
     Raises:
         ConfigError: naming the tensors that differ.
@@ -568,8 +568,11 @@ def _refuse_dropped_changes(given: TrainState, restored: TrainState, checkpoint:
         changed += [
             f"{field}[{name!r}]" if name else field
             for name in sorted(set(ours) | set(theirs))
-            if _tensor_leaf(ours.get(name), theirs.get(name))
-            and not _same_bits(ours.get(name), theirs.get(name))
+            if (
+                not _same_bits(ours.get(name), theirs.get(name))
+                if _tensor_leaf(ours.get(name), theirs.get(name))
+                else field == "user" and not _same_value(ours.get(name), theirs.get(name))
+            )
         ]
     if changed:
         shown = ", ".join(changed[:6]) + (
@@ -600,6 +603,11 @@ def _shown(counter: list[int]) -> int | list[int]:
 def _tensor_leaf(a: Any, b: Any) -> bool:
     """Whether either of two leaves is a tensor (the others, settings, are compared elsewhere)."""
     return isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two JSON values of `TrainState.user` are equal (NaN equal to NaN)."""
+    return bool(a == b) or (a != a and b != b)
 
 
 def _same_bits(a: Any, b: Any) -> bool:

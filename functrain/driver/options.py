@@ -596,9 +596,9 @@ class Checkpointing(_Group):
             callbacks find the checkpoint in ``run.config["resumed_from"]``. Without it, a
             `checkpoint_dir` that already holds checkpoints is an error: runs never mix. The
             state given is the template to restore into; one at the checkpoint's own position
-            (step, epoch, batch) with other weights, buffers, optimizer state, EMA or generator
-            than it holds (changed between two `fit` calls on one directory) is refused, naming
-            them. With several ranks, rank 0
+            (step, epoch, batch) with other weights, buffers, optimizer state, EMA, generator
+            or `user` values than it holds (changed between two `fit` calls on one directory) is
+            refused, naming them. With several ranks, rank 0
             writes the directory and the others only read it; of a sharded state
             (`TrainState.create(..., sharding=...)`), every rank writes its own shards and rank 0
             the manifest, and every rank restores its own part.

@@ -796,3 +796,17 @@ def test_a_stacked_state_resumes_where_its_run_ended(tmp_path: Path) -> None:
         for k, p in model.named_parameters():  # (a stacked member: to the batched rounding)
             torch.testing.assert_close(state.params[k][member], p, rtol=1e-5, atol=1e-6)
     assert_trees_equal(again.state.params, state.params)  # the rerun restored the last checkpoint
+
+
+def test_a_resume_that_would_drop_a_changed_user_value_is_refused(tmp_path: Path) -> None:
+    # a value of the user's own (JSON, not a tensor) set between two fit calls on one directory
+    torch.manual_seed(0)
+    state = ft.TrainState.create(nn.Linear(3, 2), ft.sgd(0.1), _carried_loss)
+    state = state.replace(user={"phase": 1, "loss_floor": float("nan")})
+    kwargs: dict[str, Any] = dict(checkpoint_dir=tmp_path, resume=True, shuffle=False)
+    first = quiet_fit(state, _carried_data(), batch_size=BATCH, max_epochs=1, **kwargs).state
+    # unchanged (a NaN among them): the run goes on
+    quiet_fit(first, _carried_data(), batch_size=BATCH, max_epochs=1, **kwargs)
+    changed = first.replace(user={**first.user, "phase": 2})
+    with pytest.raises(ConfigError, match=r"user\['phase'\].*checkpoint_dir of its own"):
+        quiet_fit(changed, _carried_data(), batch_size=BATCH, max_epochs=2, **kwargs)
