@@ -470,22 +470,35 @@ TWO_TABLES: dict[str, Any] = {
 }
 
 
+def assert_trains_as_torch(name: str, net: nn.Module, data: list[Any], every: int) -> None:
+    """`TWO_TABLES[name]` on `net` over `data` (windows of `every` batches, every third step
+    donated), bit for bit with its torch optimizers."""
+    make_ft, make_torch = TWO_TABLES[name]
+    ref = copy.deepcopy(net)
+    opts = make_torch(ref)
+    state = ft.TrainState.create(net, make_ft(), loss_fn, accumulate_steps=every)
+    for i, batch in enumerate(data):
+        state, _ = ft.train_step(state, batch, donate=i % 3 == 0)
+        torch_micro_step(ref, opts, batch, i, every)
+    assert_trees_equal(params_of(ref), dict(state.params))
+
+
+def padding_at(steps: tuple[int, ...]) -> list[Any]:
+    """`two_table_batches` twice, the second table looking up only its padding at `steps`."""
+    return [
+        ((items, torch.zeros_like(items[:, :2]) if i in steps else extra), labels)
+        for i, ((items, extra), labels) in enumerate(two_table_batches() * 2)
+    ]
+
+
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 @pytest.mark.parametrize("name", list(TWO_TABLES), ids=lambda n: n.replace("+", "-"))
 @pytest.mark.parametrize("every", [1, 2])
 def test_a_sparse_table_unused_in_a_step_is_skipped_as_torch_skips_it(
     name: str, every: int
 ) -> None:
-    make_ft, make_torch = TWO_TABLES[name]
     torch.manual_seed(0)
-    net = TwoTables()
-    ref = copy.deepcopy(net)
-    opts = make_torch(ref)
-    state = ft.TrainState.create(net, make_ft(), loss_fn, accumulate_steps=every)
-    for i, batch in enumerate(two_table_batches() * 2):
-        state, _ = ft.train_step(state, batch, donate=i % 3 == 0)
-        torch_micro_step(ref, opts, batch, i, every)
-    assert_trees_equal(params_of(ref), dict(state.params))
+    assert_trains_as_torch(name, TwoTables(), two_table_batches() * 2, every)
 
 
 class Padded(TwoTables):
@@ -503,20 +516,8 @@ class Padded(TwoTables):
 def test_a_sparse_table_whose_batch_is_all_padding_steps_as_torch_steps_it(
     name: str, every: int
 ) -> None:
-    make_ft, make_torch = TWO_TABLES[name]
     torch.manual_seed(0)
-    net = Padded()
-    ref = copy.deepcopy(net)
-    opts = make_torch(ref)
-    state = ft.TrainState.create(net, make_ft(), loss_fn, accumulate_steps=every)
-    data = [
-        ((items, torch.zeros_like(items[:, :2]) if i in (2, 3, 4) else extra), labels)
-        for i, ((items, extra), labels) in enumerate(two_table_batches() * 2)
-    ]
-    for i, batch in enumerate(data):
-        state, _ = ft.train_step(state, batch, donate=i % 3 == 0)
-        torch_micro_step(ref, opts, batch, i, every)
-    assert_trees_equal(params_of(ref), dict(state.params))
+    assert_trains_as_torch(name, Padded(), padding_at((2, 3, 4)), every)
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
@@ -543,21 +544,10 @@ def test_a_torch_run_whose_tables_took_different_steps_continues_in_functrain(na
 def test_a_window_that_leaves_a_table_out_then_looks_up_its_padding_steps_it_as_torch(
     name: str,
 ) -> None:
-    # torch's .grad after the window is the padding batch's gradient without rows: stepped
-    make_ft, make_torch = TWO_TABLES[name]
+    # torch's .grad after the window is the padding batch's gradient without rows: stepped;
+    # windows (left out, padding) twice, then the table looked up
     torch.manual_seed(0)
-    net = Padded()
-    ref = copy.deepcopy(net)
-    opts = make_torch(ref)
-    state = ft.TrainState.create(net, make_ft(), loss_fn, accumulate_steps=2)
-    data = [
-        ((items, torch.zeros_like(items[:, :2]) if i in (1, 3) else extra), labels)
-        for i, ((items, extra), labels) in enumerate(two_table_batches() * 2)
-    ]  # windows (left out, padding) twice, then the table looked up
-    for i, batch in enumerate(data):
-        state, _ = ft.train_step(state, batch, donate=i % 3 == 0)
-        torch_micro_step(ref, opts, batch, i, 2)
-    assert_trees_equal(params_of(ref), dict(state.params))
+    assert_trains_as_torch(name, Padded(), padding_at((1, 3)), 2)
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
