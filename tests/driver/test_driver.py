@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -712,16 +712,26 @@ def _carried_loss(model: Any, batch: Any) -> torch.Tensor:
     return nn.functional.cross_entropy(model(x), y)
 
 
+def _phases(
+    state: ft.TrainState,
+    reset: Callable[[int, ft.TrainState], ft.TrainState],
+    directories: Sequence[Path],
+) -> ft.TrainState:
+    """One fit per epoch, each resuming in its directory, the state `reset` before each."""
+    for epoch, directory in enumerate(directories):
+        kwargs: dict[str, Any] = dict(checkpoint_dir=directory, resume=True, shuffle=False)
+        result = quiet_fit(
+            reset(epoch, state), _carried_data(), batch_size=BATCH, max_epochs=epoch + 1, **kwargs
+        )
+        state = result.state
+    return state
+
+
 def _carried_phases(directories: Sequence[Path]) -> ft.TrainState:
     """One fit per epoch, the hidden state reset between them (the example's init_hidden)."""
     torch.manual_seed(0)
     state = ft.TrainState.create(_Carried(), ft.sgd(0.1), _carried_loss)
-    for epoch, directory in enumerate(directories):
-        reset = state.replace(buffers={"h": torch.zeros(BATCH, 4)})
-        kwargs: dict[str, Any] = dict(checkpoint_dir=directory, resume=True, shuffle=False)
-        state = quiet_fit(reset, _carried_data(), batch_size=BATCH, max_epochs=epoch + 1, **kwargs)
-        state = state.state
-    return state
+    return _phases(state, lambda _, s: s.replace(buffers={"h": torch.zeros(BATCH, 4)}), directories)
 
 
 def test_a_resume_that_would_drop_a_reset_hidden_state_is_refused(tmp_path: Path) -> None:
@@ -748,12 +758,7 @@ def _reset_moments_phases(directories: Sequence[Path]) -> ft.TrainState:
     torch.manual_seed(0)
     state = ft.TrainState.create(nn.Linear(3, 2), ft.adam(0.1), _carried_loss)
     fresh = state.opt_state
-    for epoch, directory in enumerate(directories):
-        reset = state.replace(opt_state=fresh) if epoch else state
-        kwargs: dict[str, Any] = dict(checkpoint_dir=directory, resume=True, shuffle=False)
-        state = quiet_fit(reset, _carried_data(), batch_size=BATCH, max_epochs=epoch + 1, **kwargs)
-        state = state.state
-    return state
+    return _phases(state, lambda e, s: s.replace(opt_state=fresh) if e else s, directories)
 
 
 def test_a_resume_that_would_drop_a_reset_optimizer_state_is_refused(tmp_path: Path) -> None:
