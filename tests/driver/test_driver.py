@@ -727,6 +727,18 @@ def _phases(
     return state
 
 
+def _torch_epochs(model: nn.Module, before: Callable[[int], torch.optim.Optimizer]) -> None:
+    """The torch loop of two epochs over `_carried_data`, `before` called at each epoch's start
+    (a reset), returning the optimizer to step."""
+    data = _carried_data()
+    for epoch in range(2):
+        optimizer = before(epoch)
+        for i in range(0, 4 * BATCH, BATCH):
+            optimizer.zero_grad()
+            _carried_loss(model, data[i : i + BATCH]).backward()
+            optimizer.step()
+
+
 def _carried_phases(directories: Sequence[Path]) -> ft.TrainState:
     """One fit per epoch, the hidden state reset between them (the example's init_hidden)."""
     torch.manual_seed(0)
@@ -740,13 +752,12 @@ def test_a_resume_that_would_drop_a_reset_hidden_state_is_refused(tmp_path: Path
     torch.manual_seed(0)
     model = _Carried()
     optimizer = torch.optim.SGD(model.parameters(), 0.1, fused=True)
-    data = _carried_data()
-    for _ in range(2):
+
+    def reset(epoch: int) -> torch.optim.Optimizer:
         model.h = torch.zeros(BATCH, 4)
-        for i in range(0, 4 * BATCH, BATCH):
-            optimizer.zero_grad()
-            _carried_loss(model, data[i : i + BATCH]).backward()
-            optimizer.step()
+        return optimizer
+
+    _torch_epochs(model, reset)
     assert all(torch.equal(state.params[k], p) for k, p in model.named_parameters())
     # one directory for both: the second fit would restore the first's unreset hidden state
     with pytest.raises(ConfigError, match=r"buffers\['h'\].*checkpoint_dir of its own"):
@@ -766,13 +777,7 @@ def test_a_resume_that_would_drop_a_reset_optimizer_state_is_refused(tmp_path: P
     state = _reset_moments_phases([tmp_path / "a", tmp_path / "b"])
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
-    data = _carried_data()
-    for _ in range(2):
-        optimizer = torch.optim.Adam(model.parameters(), 0.1, fused=True)
-        for i in range(0, 4 * BATCH, BATCH):
-            optimizer.zero_grad()
-            _carried_loss(model, data[i : i + BATCH]).backward()
-            optimizer.step()
+    _torch_epochs(model, lambda epoch: torch.optim.Adam(model.parameters(), 0.1, fused=True))
     assert all(torch.equal(state.params[k], p) for k, p in model.named_parameters())
     # one directory for both: the second fit would restore the first's moments
     with pytest.raises(ConfigError, match=r"opt_state\[.*checkpoint_dir of its own"):
