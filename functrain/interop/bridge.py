@@ -146,8 +146,10 @@ class ConvertedOptimizer:
                 "create_state",
             )
         config_check(self._module_problems(module), "create_state")
+        # by tensor: a tied weight, held under its first name, trains under all its names
+        ids = {id(p) for name, p in module.named_parameters() if name in held}
         state = TrainState.create(
-            module, self.optimizer, loss_fn, trainable=lambda name, p: name in held, **options
+            module, self.optimizer, loss_fn, trainable=lambda name, p: id(p) in ids, **options
         )
         return self.load_into(state)
 

@@ -403,6 +403,21 @@ def test_parameters_outside_the_optimizer_or_without_grad_stay_frozen() -> None:
     )
 
 
+def test_a_model_with_a_tied_weight_continues_bit_for_bit() -> None:
+    # torch lists a tied weight under its first name only (an LM's embedding and head)
+    model = make_model()
+    model.insert(1, torch.nn.Linear(12, 12))
+    model.insert(2, torch.nn.Linear(12, 12))
+    model[2].weight = model[1].weight
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch_steps(model, optimizer, DATA[:3])
+    state = ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn)
+    assert "1.weight" in state.params and "2.weight" not in {**state.params, **state.frozen}
+    state = functrain_steps(state, DATA[3:6])
+    torch_steps(model, optimizer, DATA[3:6])
+    assert_trees_equal(state.params, {k: p.detach() for k, p in model.named_parameters()})
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
