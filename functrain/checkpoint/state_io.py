@@ -1299,8 +1299,8 @@ def load_weights(
         strict: every tensor of `into`'s model must be in the checkpoint and the other way round;
             with False, tensors the checkpoint lacks keep `into`'s values (a new head) and tensors
             `into` lacks are ignored. Shapes and dtypes must match either way, and at least
-            one weight must load (names that all differ, by a prefix such as a compiled
-            module's ``_orig_mod.``, are refused with the way to rename them).
+            one weight or buffer must load (names that all differ, by a prefix such as a
+            compiled module's ``_orig_mod.``, are refused with the way to rename them).
 
     Returns:
         The new state, at step 0.
@@ -1308,7 +1308,8 @@ def load_weights(
     Raises:
         ConfigError: `path` is not a path, or `into` not a `TrainState`.
         StateMismatchError: names, shapes or dtypes that do not fit, all listed; with
-            ``strict=False``, no weight of the checkpoint under a name of `into`'s model.
+            ``strict=False``, no weight or buffer of the checkpoint under a name of `into`'s
+            model.
         CheckpointError: no checkpoint at `path`, or it is not a `TrainState`'s.
 
     Example:
@@ -1339,11 +1340,11 @@ def load_weights(
     saved = {"params": {**tree["params"], **tree["frozen"]}, "buffers": tree["buffers"]}
     wanted = {"params": {**into.params, **into.frozen}, "buffers": into.buffers}
     renamed = _prefix_hint(saved["params"], wanted["params"])
-    if not strict and saved["params"].keys().isdisjoint(wanted["params"]):
+    if not strict and all(saved[f].keys().isdisjoint(wanted[f]) for f in saved):
         # nothing would load: every weight left at its initial value, without a word
         raise StateMismatchError(
-            f"checkpoint {str(path)!r} holds no weight of the state's model under its name, so "
-            "load_weights(strict=False) would load none and leave every weight as created: "
+            f"checkpoint {str(path)!r} holds no weight or buffer of the state's model under its "
+            "name, so load_weights(strict=False) would load none and leave every one as created: "
             f"expected names such as {sorted(wanted['params'])[:3]}, got "
             f"{sorted(saved['params'])[:3]}" + renamed + _RENAME_FIX.format(path=repr(str(path)))
         )

@@ -18,6 +18,7 @@ from functrain.checkpoint.format import write_tree
 from functrain.driver import loop as loop_module
 from functrain.driver.data import to_device
 from functrain.errors import ConfigError
+from tests.comparisons import assert_trees_equal
 from tests.driver.runs import BATCH, N_SAMPLES, dataset, make_module, make_state, quiet_fit
 from tests.models import loss_fn
 
@@ -209,8 +210,8 @@ def test_load_weights_not_strict_refuses_a_checkpoint_whose_names_all_differ(
     assert len(missing.missing_keys) == len(into.params)  # torch: nothing loaded
     with pytest.raises(
         ft.StateMismatchError,
-        match=r"(?s)holds no weight of the state's model.*lack the prefix '_orig_mod\.' the "
-        r"model's carry: 4 of them match without it.*functrain\.load\(",
+        match=r"(?s)holds no weight or buffer of the state's model.*lack the prefix "
+        r"'_orig_mod\.' the model's carry: 4 of them match without it.*functrain\.load\(",
     ):
         ft.load_weights(path, into=into, strict=False)
     with pytest.raises(ft.StateMismatchError, match=r"lack the prefix '_orig_mod\.'") as refused:
@@ -222,6 +223,32 @@ def test_load_weights_not_strict_refuses_a_checkpoint_whose_names_all_differ(
     warm = ft.TrainState.create(wrapped, ft.sgd(0.1), loss_fn)
     for name, value in saved.params.items():
         assert torch.equal(warm.params[f"_orig_mod.{name}"], value), name
+
+
+def test_load_weights_not_strict_loads_the_buffers_alone_a_checkpoint_shares(
+    tmp_path: Path,
+) -> None:
+    """A new model that keeps an earlier run's normalizing statistics (buffers) and none of its
+    weights: torch's load_state_dict(strict=False) loads the buffers; so does load_weights."""
+
+    class Normalized(nn.Module):
+        def __init__(self, body: nn.Module) -> None:
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(3))
+            self.body = body
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x - self.mean)
+
+    old = Normalized(nn.Linear(3, 1))
+    old.mean.fill_(2.0)
+    path = ft.save(ft.TrainState.create(old, ft.sgd(0.1), loss_fn), tmp_path / "old")
+    new = Normalized(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)))
+    into = ft.TrainState.create(new, ft.sgd(0.1), loss_fn)
+    new.load_state_dict(old.state_dict(), strict=False)  # torch: the buffer loads
+    loaded = ft.load_weights(path, into=into, strict=False)
+    assert torch.equal(loaded.buffers["mean"], new.mean)
+    assert_trees_equal(loaded.params, into.params)
 
 
 def test_load_weights_needs_a_train_state_checkpoint(tmp_path: Path) -> None:
