@@ -461,8 +461,11 @@ def _split_parameters(
 
 
 def _tied_trainable_problems(module: nn.Module, trainable: Trainable) -> list[str]:
-    """A weight tied under several names that `trainable` trains under some and not others:
-    the state holds it once, under its first name, which alone would decide."""
+    """A weight tied under several names that `trainable` freezes under its first name (the one
+    ``named_parameters()`` gives, under which the state holds it) and trains under another (a
+    student's embedding tied to its frozen teacher's): torch's optimizer over the parameters
+    that name selects steps it. Trained under its first name, it trains, as an optimizer over
+    the names ``named_parameters()`` gives does."""
     names: dict[int, list[str]] = {}
     tensors: dict[int, nn.Parameter] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
@@ -474,7 +477,7 @@ def _tied_trainable_problems(module: nn.Module, trainable: Trainable) -> list[st
         if len(aliases) < 2 or not p.requires_grad:
             continue
         chosen = {name: bool(trainable(name, p)) for name in aliases}
-        if len(set(chosen.values())) > 1:
+        if not chosen[aliases[0]] and any(chosen.values()):
             trained = [name for name, keep in chosen.items() if keep]
             held = [name for name, keep in chosen.items() if not keep]
             problems.append(

@@ -382,7 +382,9 @@ class TrainState:
                 `ema_reset_steps` updates copy the weights, and so does its first move after
                 them; the reference's ``--lr-warmup-epochs W`` is ``W * steps per epoch``.
             trainable: predicate ``(name, param) -> bool`` choosing the trained parameters. A
-                weight tied under several names is asked under each, and the answers must agree.
+                weight tied under several names is trained where its first name (the one
+                ``named_parameters()`` gives) is chosen; one chosen under another name only (a
+                student's embedding tied to its frozen teacher's) is refused, naming them.
             distributed: average gradients across the ranks of the active `torch.distributed`
                 process group (None: whenever one with more than one rank is initialized). Rank 0's
                 weights are broadcast to all ranks, and all ranks must build the same model.

@@ -3,6 +3,7 @@ module."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import attrs
@@ -662,3 +663,28 @@ def test_trainable_that_splits_a_tied_weight_is_refused() -> None:
         trainable=lambda name, p: not name.startswith("teacher.1."),
     )
     assert list(both.params) == ["teacher.0.weight", "student.1.weight", "student.1.bias"]
+
+
+def test_trainable_chosen_by_the_names_named_parameters_gives_trains_a_tied_weight() -> None:
+    # torch's idiom: an optimizer over the parameters whose names named_parameters() gives (the
+    # tied weight under its first name only) steps the tied weight; so does the state
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    reference = copy.deepcopy(model)
+    names = {n for n, _ in model.named_parameters() if n != "1.bias"}
+    loss = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    state = ft.TrainState.create(model, ft.sgd(0.1), loss, trainable=lambda name, p: name in names)
+    opt = torch.optim.SGD(
+        [p for n, p in reference.named_parameters() if n in names], lr=0.1, fused=True
+    )
+    for _ in range(3):
+        x = torch.randn(5, 4)
+        state, _ = ft.train_step(state, x)
+        opt.zero_grad()
+        loss(reference, x).backward()
+        opt.step()
+    assert list(state.params) == ["0.weight", "0.bias"]
+    assert all(
+        torch.equal(state.params[n], p) for n, p in reference.named_parameters() if n in names
+    )
