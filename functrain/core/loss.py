@@ -865,17 +865,26 @@ def run_gradient_hooks(
 def samples_in(batch: Any) -> int:
     """The samples in a batch: the first dimension of its first tensor that has one (else 1).
 
+    A first tensor without rows (the boxes of an image without objects, in a detection batch of
+    per-image targets) does not make the batch empty: the first tensor with rows counts it. A
+    batch is empty (0) only where every tensor with a dimension has no rows.
+
     Example:
         >>> samples_in({"x": torch.zeros(8, 3), "n": 2})
         8
+        >>> samples_in([{"boxes": torch.zeros(0, 4), "image": torch.zeros(3, 5, 5)}])
+        3
     """
     first = batch[0] if isinstance(batch, (tuple, list)) and batch else None
-    if isinstance(first, torch.Tensor) and first.ndim > 0:  # (x, y): no walk of the batch
-        return int(first.shape[0])
+    if isinstance(first, torch.Tensor) and first.ndim > 0 and first.shape[0]:
+        return int(first.shape[0])  # (x, y): no walk of the batch
+    found = None
     for leaf in tree_leaves(batch):
         if isinstance(leaf, torch.Tensor) and leaf.ndim > 0:
-            return int(leaf.shape[0])  # a static shape, not a tensor read
-    return 1
+            if leaf.shape[0]:
+                return int(leaf.shape[0])  # a static shape, not a tensor read
+            found = 0
+    return 1 if found is None else 0
 
 
 def _described(x: Any) -> str:

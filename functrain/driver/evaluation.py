@@ -70,8 +70,9 @@ def evaluate(
 
     Each batch goes through `eval_step` (eval mode, no gradients) with `eval_fn` (default: the
     state's loss function); its metrics are averaged weighted by batch size, the first dimension
-    of the batch's first tensor (a graph batch whose node features come first is weighted by its
-    nodes: put a per-sample tensor first). `metrics` are reset first, updated by `eval_fn` as it
+    of the batch's first tensor with rows (a graph batch whose node features come first is
+    weighted by its nodes: put a per-sample tensor first); a batch whose tensors all have no rows
+    is skipped. `metrics` are reset first, updated by `eval_fn` as it
     sees the batches, and their ``compute()`` added at the end. A metric that is an `nn.Module`
     (torchmetrics' are) is moved to the state's device first.
 

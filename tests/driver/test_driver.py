@@ -492,6 +492,42 @@ def test_empty_batches_are_skipped_with_a_warning_and_counted() -> None:
     assert counters(result.state) == (6, 2, 0, 0)
 
 
+def test_a_batch_whose_first_tensor_is_an_empty_target_is_trained_and_evaluated() -> None:
+    # per-image dicts whose boxes come first: an image without objects has boxes [0, 4]
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 4, 4, generator=gen) for _ in range(4)]
+    counts = [2, 0, 1, 0]
+    batches = [
+        [{"boxes": torch.rand(k, 4, generator=gen), "image": im}] for im, k in zip(images, counts)
+    ]
+
+    def loss(model: Any, batch: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        item = batch[0]
+        return model(item["image"].mean((1, 2))).sum() + item["boxes"].sum()
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    state = ft.TrainState.create(model, ft.sgd(0.1, fused=False), loss)
+    reference = nn.Linear(3, 1)
+    reference.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for batch in batches:  # torch's loop trains on every batch
+        opt.zero_grad()
+        loss(reference, batch).backward()
+        opt.step()
+    result = quiet_fit(state, batches, max_epochs=1)
+    assert int(result.state.step) == len(batches)
+    assert_trees_equal(result.state.params, dict(reference.named_parameters()))
+    seen: list[int] = []
+
+    def eval_fn(model: Any, batch: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        seen.append(int(batch[0]["boxes"].shape[0]))
+        return loss(model, batch)
+
+    ft.evaluate(result.state, batches, eval_fn=eval_fn)
+    assert seen == counts
+
+
 def test_nonfinite_skip_continues_and_counts_the_skipped_update() -> None:
     batches = batch_list(dataset())
     x, y = batches[1]
