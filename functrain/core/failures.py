@@ -64,6 +64,7 @@ def loss_failure(
     module: nn.Module,
     tensors: dict[str, torch.Tensor],
     name: str = "loss_fn",
+    evaluating: bool = False,
 ) -> BatchError:
     """The `BatchError` to raise from `error`, raised by the loss function on `batch`.
 
@@ -75,6 +76,7 @@ def loss_failure(
         module: the module the model ran (the state's structure).
         tensors: the weights and buffers the model ran on, by name.
         name: the function's name in the message (``"eval_fn"`` for an evaluation's own).
+        evaluating: it ran in an evaluation (eval mode), which the message then says.
 
     Example:
         >>> bn = torch.nn.BatchNorm1d(3)
@@ -82,9 +84,16 @@ def loss_failure(
         >>> print(str(loss_failure(e, torch.zeros(1, 3), bn, {})).splitlines()[1][:58])
         a BatchNorm layer in training mode got a batch of 1 sample
     """
+    evaluated = (
+        f"\n{name} ran in an evaluation, the model in eval mode (model.eval()): where its forward "
+        "then returns something else than in training (a detector's predictions, not its "
+        "losses), give fit or evaluate an eval_fn= that reads what it returns"
+        if evaluating and name == "loss_fn"
+        else ""
+    )
     return BatchError(
         f"{name} failed on a batch of structure {describe_batch(batch)}: "
-        f"{type(error).__name__}: {error}\n{_hint(error, batch, module, tensors, name)}"
+        f"{type(error).__name__}: {error}\n{_hint(error, batch, module, tensors, name)}" + evaluated
     )
 
 

@@ -248,7 +248,8 @@ def call_loss(
                     refused = checkpoint_refusal(e, "stacked")
                     if refused is not None:
                         raise refused from e
-                raise loss_failure(e, batch, state.module, tensors, name) from e
+                evaluating = then is None and not state.module.training
+                raise loss_failure(e, batch, state.module, tensors, name, evaluating) from e
             if guard is not None:
                 # raises if the forward rebound one (``.data =``), the state restored
                 guard.restore()

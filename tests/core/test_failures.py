@@ -230,3 +230,30 @@ def test_a_dict_output_read_by_attribute_is_not_taken_for_the_batch_given_whole(
     message = failure(lambda m, b: m(**b).logits.sum(), batch, DictOut())
     assert "'dict' object has no attribute 'logits'" in message
     assert "given whole" not in message
+
+
+class Detector(nn.Module):
+    """A detector's two forwards: its losses in training, its predictions in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        out = self.head(x)
+        return {"cls": out.pow(2).mean()} if self.training else [out]
+
+
+def test_a_loss_function_failing_in_evaluation_on_eval_modes_output_says_so() -> None:
+    state = ft.TrainState.create(Detector(), ft.sgd(0.1), lambda m, b: sum(m(b).values()))
+    ft.train_step(state, torch.randn(3, 4))  # trains
+    with pytest.raises(ft.BatchError) as info:
+        ft.eval_step(state, torch.randn(3, 4))
+    assert str(info.value).endswith(
+        "loss_fn ran in an evaluation, the model in eval mode (model.eval()): where its forward "
+        "then returns something else than in training (a detector's predictions, not its "
+        "losses), give fit or evaluate an eval_fn= that reads what it returns"
+    )
+    with pytest.raises(ft.BatchError) as info:  # (a failure in training says nothing of it)
+        ft.train_step(state, torch.randn(3, 5))
+    assert "in an evaluation" not in str(info.value)
