@@ -458,6 +458,54 @@ def test_a_sampler_with_set_epoch_is_told_each_epoch() -> None:
     )
 
 
+class Lengthening(Dataset):
+    """A curriculum: each sample's sequence grows with the epoch it is told."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.rows = torch.randn(12, 16, generator=torch.Generator().manual_seed(0))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seq = self.rows[i, : 4 * (self.epoch + 1)]
+        return seq[:3], seq.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_map_style_dataset_with_set_epoch_is_told_each_epoch_as_in_a_torch_loop(
+    num_workers: int,
+) -> None:
+    reference, dataset = Lengthening(), Lengthening()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = torch.nn.Linear(3, 1)
+    state = ft.TrainState.create(module, ft.sgd(0.1, fused=False), loss_fn)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    for epoch in range(3):
+        reference.set_epoch(epoch)  # what the torch loop calls itself
+        for batch in DataLoader(reference, batch_size=4):
+            optimizer.zero_grad()
+            loss_fn(module, batch).backward()
+            optimizer.step()
+    result = ft.fit(
+        state,
+        dataset,
+        batch_size=4,
+        shuffle=False,
+        num_workers=num_workers,
+        max_epochs=3,
+        progress=False,
+        verbosity="silent",
+    )
+    assert dataset.epoch == 2
+    assert all(torch.equal(p, result.state.params[n]) for n, p in module.named_parameters())
+
+
 class Private(torch.utils.data.Sampler):
     """A new order at every pass, from a generator of its own no one seeds per epoch."""
 

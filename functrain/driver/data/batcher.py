@@ -217,7 +217,14 @@ class Batcher:
         it or in this process (the caller's states are put back after it), so what a random
         augmentation of a sample draws depends neither on the number of workers nor on the number
         of ranks, nor on where the run was resumed.
+
+        A dataset with ``set_epoch`` (a curriculum's) is told the epoch before a recorded pass, in
+        this process, as a `DataLoader`'s is; an evaluation's pass (``record=False``) reads it as
+        the training pass left it.
         """
+        set_epoch = getattr(self.dataset, "set_epoch", None)
+        if record and callable(set_epoch):
+            set_epoch(epoch)
         batches = self.index_batches(epoch)
         if (
             isinstance(self.dataset, TensorDataset)
