@@ -287,7 +287,8 @@ class Ledger:
         checkpoint: Any = None,
         legacy: dict[str, Any] | None = None,
         regroups: bool = False,
-    ) -> None:
+        restored: bool = True,
+    ) -> bool:
         """Record the run's data setup; a resumed run must use the one it was saved with.
 
         The changes allowed are those of a map-style dataset's batching at the start of an epoch
@@ -300,7 +301,9 @@ class Ledger:
         ``generator_seed``, ``shuffle``, ``sampler``, ``ranks``): it is not checked on those, and
         what it held in their place (`legacy`) is compared instead; nor are those checked where
         this call's data has none. (A map-style dataset's ``seeds`` an older checkpoint lacks is
-        followed instead: `Batcher.follow_setup`.)
+        followed instead: `Batcher.follow_setup`.) A state given to `fit` rather than restored
+        from a checkpoint (one `fit` per phase of a curriculum) takes any data at an epoch's
+        start: the new data's epochs start there, and its position is not the old data's.
 
         Args:
             setup: the data setup of this call (`Batcher.setup`, `IterableSource.setup`).
@@ -311,6 +314,12 @@ class Ledger:
             regroups: whether the data deals the rest of an epoch over another number of ranks
                 (`DataLoaderSource.regroups`): ``ranks``, and with it ``batches``, may then change
                 mid-epoch.
+            restored: whether the state was restored from a checkpoint (``resume=True``), not
+                given to `fit` as it is.
+
+        Returns:
+            Whether the position the state holds in its data (``state.driver["source"]``) is
+            this data's: False where a given state's data was replaced at an epoch's start.
 
         Raises:
             ConfigError: the setup differs from the recorded one (a resumed position would then
@@ -332,9 +341,17 @@ class Ledger:
                     (k not in saved or k not in given) and _MEMBER.sub("", k) in _RECORDED_SINCE
                 )
             ]
+            if changed and not restored and at_epoch_start:
+                self.data = setup  # new data from the epoch's start: nothing skipped or repeated
+                return False
             if changed:
-                raise ConfigError(_data_change_message(saved, given, changed, checkpoint))
+                raise ConfigError(
+                    _data_change_message(saved, given, changed, checkpoint)
+                    if restored
+                    else _given_state_message(saved, given, changed)
+                )
         self.data = setup
+        return True
 
     def add_step(
         self, metrics: dict[str, torch.Tensor], samples: int, applied: bool = True
@@ -443,6 +460,25 @@ def _data_change_message(
         f"checkpoint_dir: state = functrain.load({path}, like=state).replace(driver={{}}, "
         "epoch_step=torch.zeros((), dtype=torch.int64)), then fit(state, ...) (the epoch starts "
         "over in the new order)"
+    )
+
+
+def _given_state_message(saved: dict[str, Any], given: dict[str, Any], changed: list[str]) -> str:
+    """Why a state given to `fit` in the middle of an epoch cannot go on over other data."""
+    lines = "\n  - ".join(
+        f"{_DATA_ARGUMENTS.get(k, k)}: the state's run used {saved.get(k)!r}, this call gives "
+        f"{given.get(k)!r}"
+        for k in changed
+    )
+    return (
+        "the state given to fit is in the middle of an epoch of data of another setup, and going "
+        "on from its position (state.epoch_step, which counts batches of that data) would skip "
+        "or repeat samples:\n  - "
+        + lines
+        + "\nto start this data's epoch from its first batch, pass "
+        "state.replace(epoch_step=torch.zeros((), dtype=torch.int64)) (or end the previous "
+        "phase at an epoch's end: max_epochs rather than max_steps); to finish the epoch, give "
+        "the data and arguments the state's run used"
     )
 
 

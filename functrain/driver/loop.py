@@ -108,17 +108,20 @@ class Loop:
         follow = getattr(train, "follow_setup", None)
         if follow is not None and self.ledger.data is not None:
             follow(self.ledger.data)  # an earlier functrain's checkpoint: draw as its run did
-        self.ledger.use_data(
+        # a state given rather than restored takes other data at an epoch's start (one fit per
+        # phase of a curriculum): the position it holds is then the old data's, not this data's
+        same_data = self.ledger.use_data(
             train.setup(),
             at_epoch_start=self.pos == 0,
             checkpoint=manager.latest() if manager is not None else None,
             legacy=getattr(train, "legacy_setup", dict)(),
             regroups=getattr(train, "regroups", False),
+            restored=resumed_from is not None,
         )
         if (
             train.saves_position
         ):  # data whose position a checkpoint holds (its state, or a digest of what it consumed)
-            train.resume(state.driver.get("source"), state.dist)
+            train.resume(state.driver.get("source") if same_data else None, state.dist)
             resumed_at = getattr(train, "resumed_at", None)
             moved = resumed_at(self.epoch, self.pos) if resumed_at is not None else None
             if moved is not None:

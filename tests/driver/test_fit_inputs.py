@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 import functrain as ft
 from functrain.driver.data import epoch_order
@@ -223,6 +223,53 @@ def test_a_resume_with_the_same_data_setup_goes_on(tmp_path: Path) -> None:
         resume=True,
     )
     assert int(result.state.step) == 10
+
+
+def test_one_fit_per_phase_takes_each_phases_data_as_a_torch_loop_does(tmp_path: Path) -> None:
+    # a curriculum: the first 24 samples for 2 epochs, then all 40 for 2 more, each phase a fit
+    # of its own from the previous phase's state, as a torch loop builds a loader per phase
+    data = sum_dataset(40)
+    phases = [(Subset(data, range(24)), 2), (data, 4)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05)
+    epoch = 0
+    for phase, until in phases:
+        for _ in range(epoch, until):
+            for x, y in DataLoader(phase, batch_size=8):
+                optimizer.zero_grad()
+                loss_fn(module, (x, y)).backward()
+                optimizer.step()
+        epoch = until
+    state = linear_state(ft.sgd(0.05, fused=False))
+    for k, (phase, until) in enumerate(phases):
+        state = quiet_fit(
+            state,
+            phase,
+            batch_size=8,
+            shuffle=False,
+            max_epochs=until,
+            checkpoint_dir=tmp_path / str(k),
+            resume=True,
+        ).state
+    assert int(state.step) == 2 * 3 + 2 * 5 and state.driver["data"]["samples"] == 40
+    assert all(torch.equal(p, state.params[name]) for name, p in module.named_parameters())
+
+
+def test_a_state_given_mid_epoch_with_other_data_is_refused_naming_the_fix() -> None:
+    first = quiet_fit(linear_state(), sum_dataset(24), batch_size=8, max_steps=2)
+    with pytest.raises(
+        ConfigError,
+        match=r"the state given to fit is in the middle of an epoch of data of another setup(.|\n)*"
+        r"the dataset's size \(len\(train_data\)\): the state's run used 24, this call gives 40",
+    ) as info:
+        quiet_fit(first.state, sum_dataset(40), batch_size=8, max_epochs=1)
+    fix = re.search(r"pass (state\.replace\(.*?\)\)) \(", str(info.value))
+    assert fix is not None and "checkpoint" not in str(info.value)
+    state = eval(fix.group(1), {"torch": torch, "state": first.state})  # noqa: S307 - the message's own code
+    result = quiet_fit(state, sum_dataset(40), batch_size=8, max_epochs=1)
+    assert int(result.state.step) == 2 + 5
 
 
 # ------------------------------------------------------------------ options without what they act
