@@ -506,6 +506,47 @@ def test_a_map_style_dataset_with_set_epoch_is_told_each_epoch_as_in_a_torch_loo
     assert all(torch.equal(p, result.state.params[n]) for n, p in module.named_parameters())
 
 
+class Scaled(TensorDataset):
+    """A `TensorDataset` whose own ``__getitem__`` (a curriculum's) scales inputs by the epoch."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        super().__init__(*tensors)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        x, y = super().__getitem__(i)
+        return x * (self.epoch + 1), y
+
+
+def test_a_tensor_dataset_subclass_reads_its_samples_through_its_own_getitem() -> None:
+    rows = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), torch.randn(8, 1)
+    reference, dataset = Scaled(*rows), Scaled(*rows)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = torch.nn.Linear(3, 1)
+    state = ft.TrainState.create(module, ft.sgd(0.1, fused=False), loss_fn)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    for epoch in range(2):
+        reference.set_epoch(epoch)
+        for batch in DataLoader(reference, batch_size=4):
+            optimizer.zero_grad()
+            loss_fn(module, batch).backward()
+            optimizer.step()
+    result = ft.fit(
+        state,
+        dataset,
+        batch_size=4,
+        shuffle=False,
+        max_epochs=2,
+        progress=False,
+        verbosity="silent",
+    )
+    assert all(torch.equal(p, result.state.params[n]) for n, p in module.named_parameters())
+
+
 class Private(torch.utils.data.Sampler):
     """A new order at every pass, from a generator of its own no one seeds per epoch."""
 

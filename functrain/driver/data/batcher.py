@@ -227,7 +227,7 @@ class Batcher:
             set_epoch(epoch)
         batches = self.index_batches(epoch)
         if (
-            isinstance(self.dataset, TensorDataset)
+            type(self.dataset) is TensorDataset  # a subclass's __getitem__ reads each sample
             and self.num_workers == 0
             and self.collate_fn is collated
         ):

@@ -79,14 +79,15 @@ def bootstrap_sample(dataset: Any, indices: torch.Tensor) -> Any:
     """The samples of `dataset` at `indices`, as a data set `fit` batches.
 
     Of a `TensorDataset`, a `TensorDataset` of the gathered rows (a copy: its batches are slices);
-    of any other map-style dataset, a `torch.utils.data.Subset` (indices only).
+    of any other map-style dataset (a subclass of `TensorDataset`'s among them, whose own
+    ``__getitem__`` reads each sample), a `torch.utils.data.Subset` (indices only).
 
     Example:
         >>> data = TensorDataset(torch.arange(4.0))
         >>> bootstrap_sample(data, torch.tensor([3, 3, 0])).tensors[0].tolist()
         [3.0, 3.0, 0.0]
     """
-    if isinstance(dataset, TensorDataset):
+    if type(dataset) is TensorDataset:
         return TensorDataset(*(t[indices] for t in dataset.tensors))
     return Subset(dataset, indices.tolist())
 
