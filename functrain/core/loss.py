@@ -119,6 +119,12 @@ def split_loss(out: Any, name: str = "loss_fn") -> tuple[torch.Tensor, dict[str,
             for k in aux
             if k in STEP_METRICS or (isinstance(k, str) and k.startswith(STEP_PREFIXES))
         ]
+    if taken and name == "eval_fn":
+        raise LossError(
+            "eval_fn's metrics must not be named 'loss': the evaluation reports eval_fn's loss "
+            "under 'loss' (what best_metric and early stopping compare as val_loss); rename it "
+            "({'my_loss': ...})"
+        )
     if taken:
         raise LossError(
             f"{name}'s metrics must not reuse the names of the metrics a step reports itself "
