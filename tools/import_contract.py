@@ -88,7 +88,7 @@ INNER: dict[str, list[list[str]]] = {
     ],
     "functrain.core": [
         ["functrain.core"],
-        ["functrain.core.unroll"],
+        ["functrain.core.unroll", "functrain.core.compare"],
         ["functrain.core.compiled", "functrain.core.step"],
         [
             "functrain.core.stacked_step",

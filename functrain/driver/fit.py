@@ -27,6 +27,7 @@ from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.sharded import has_dtensors
 from functrain.checkpoint.state_io import load
 from functrain.checkpoint.tensorfile import CODE_OF
+from functrain.core.compare import diff_states
 from functrain.core.compiled import CompiledStep
 from functrain.core.donation import retire
 from functrain.core.stacked import host_count, num_members
@@ -68,7 +69,7 @@ from functrain.driver.preemption import Preempted
 from functrain.driver.run_config import ConfigChangeWarning, config_changes
 from functrain.driver.stopping import EarlyStopping
 from functrain.errors import CheckpointError, ConfigError
-from functrain.tree import leaves_by_path, tree_leaves
+from functrain.tree import tree_leaves
 
 __all__ = ["fit", "FitResult"]
 
@@ -555,25 +556,8 @@ def _refuse_dropped_changes(given: TrainState, restored: TrainState, checkpoint:
         return
     if at != _position(restored):
         return
-    changed = [
-        f"{field}[{name!r}]"
-        for field in ("params", "frozen", "buffers")
-        for name in sorted(set(getattr(given, field)) | set(getattr(restored, field)))
-        if not _same_bits(getattr(given, field).get(name), getattr(restored, field).get(name))
-    ]
-    for field in ("opt_state", "ema_state", "rng", "user"):
-        # (a reset of the optimizer's moments or of the EMA, a generator seeded again)
-        ours = leaves_by_path(getattr(given, field))
-        theirs = leaves_by_path(getattr(restored, field))
-        changed += [
-            f"{field}[{name!r}]" if name else field
-            for name in sorted(set(ours) | set(theirs))
-            if (
-                not _same_bits(ours.get(name), theirs.get(name))
-                if _tensor_leaf(ours.get(name), theirs.get(name))
-                else field == "user" and not _same_value(ours.get(name), theirs.get(name))
-            )
-        ]
+    # (the records and the counters are compared elsewhere: the position, the data's)
+    changed = [d.path for d in diff_states(given, restored, ignore=_COMPARED_ELSEWHERE)]
     if changed:
         shown = ", ".join(changed[:6]) + (
             f" and {len(changed) - 6} more" if len(changed) > 6 else ""
@@ -588,6 +572,9 @@ def _refuse_dropped_changes(given: TrainState, restored: TrainState, checkpoint:
         )
 
 
+_COMPARED_ELSEWHERE = ("driver", "step", "micro_step", "epoch", "epoch_step", "samples_seen")
+
+
 def _position(state: TrainState) -> list[list[int]]:
     """`state`'s step, micro-step, epoch and batch of the epoch, each as a list (a stacked
     state's: one per member)."""
@@ -598,30 +585,6 @@ def _position(state: TrainState) -> list[list[int]]:
 def _shown(counter: list[int]) -> int | list[int]:
     """A counter of `_position` as a message shows it: one number, or a stacked state's list."""
     return counter[0] if len(counter) == 1 else counter
-
-
-def _tensor_leaf(a: Any, b: Any) -> bool:
-    """Whether either of two leaves is a tensor (the others, settings, are compared elsewhere)."""
-    return isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    """Whether two JSON values of `TrainState.user` are equal (NaN equal to NaN)."""
-    return bool(a == b) or (a != a and b != b)
-
-
-def _same_bits(a: Any, b: Any) -> bool:
-    """Whether two tensors hold the same bits (NaN payloads included); None only as None."""
-    if a is None or b is None:
-        return a is b
-    if a.layout != torch.strided or b.layout != torch.strided:
-        return True  # (compared elsewhere: a sparse tensor has no bits to view)
-    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
-        return False
-    # (contiguous: an expanded tensor, a fresh optimizer state's, has no bytes of its own to view)
-    return torch.equal(
-        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
-    )
 
 
 def _refuse_unloadable(directory: Path) -> None:
