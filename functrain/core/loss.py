@@ -617,14 +617,12 @@ def gradients_of(
         engine_failed(e, module)
         raise
     if not all(g is not None for g in grads):
-        seek_reentrant(loss, grads, module)
+        seek_reentrant(loss, module)
     return grads if owns_all(grads) else own_gradients(grads)
 
 
-def seek_reentrant(
-    loss: torch.Tensor, grads: list[torch.Tensor | None], module: torch.nn.Module
-) -> None:
-    """Raise `RunAgain` where a leaf without a gradient in `grads` may be one used only inside a
+def seek_reentrant(loss: torch.Tensor, module: torch.nn.Module) -> None:
+    """Raise `RunAgain` where a leaf the step got no gradient for may be one used only inside a
     reentrant checkpointed block whose inputs reach no leaf (a LoRA adapter in a frozen model):
     the engine skipped the block, where torch's ``loss.backward()`` runs it and builds the leaf's
     graph there (`module` then remembered as needing it).

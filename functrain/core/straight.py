@@ -694,7 +694,7 @@ _BACKWARD = """\
                         engine_failed(error, MODULE)
                         raise
                     if not all(map(IS_NOT, grads, REPEAT(None))):  # one the loss did not use
-                        SEEK_REENTRANT(loss, grads, MODULE)
+                        SEEK_REENTRANT(loss, MODULE)
                     if not OWNS_ALL(grads):  # one held elsewhere too: copied, as .grad takes it
                         grads = OWN_GRADIENTS(grads)
                 else:
