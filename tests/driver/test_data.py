@@ -476,17 +476,17 @@ class Lengthening(Dataset):
         return seq[:3], seq.mean(0, keepdim=True)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_map_style_dataset_with_set_epoch_is_told_each_epoch_as_in_a_torch_loop(
-    num_workers: int,
+def assert_fit_reads_as_torch(
+    reference: Any, dataset: Any, epochs: int, num_workers: int = 0
 ) -> None:
-    reference, dataset = Lengthening(), Lengthening()
+    """fit over `dataset` (batch_size=4, in order) against a torch loop over `reference` (its
+    twin) that calls its ``set_epoch`` itself, bit for bit."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         module = torch.nn.Linear(3, 1)
     state = ft.TrainState.create(module, ft.sgd(0.1, fused=False), loss_fn)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
-    for epoch in range(3):
+    for epoch in range(epochs):
         reference.set_epoch(epoch)  # what the torch loop calls itself
         for batch in DataLoader(reference, batch_size=4):
             optimizer.zero_grad()
@@ -498,12 +498,20 @@ def test_a_map_style_dataset_with_set_epoch_is_told_each_epoch_as_in_a_torch_loo
         batch_size=4,
         shuffle=False,
         num_workers=num_workers,
-        max_epochs=3,
+        max_epochs=epochs,
         progress=False,
         verbosity="silent",
     )
-    assert dataset.epoch == 2
     assert all(torch.equal(p, result.state.params[n]) for n, p in module.named_parameters())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_map_style_dataset_with_set_epoch_is_told_each_epoch_as_in_a_torch_loop(
+    num_workers: int,
+) -> None:
+    dataset = Lengthening()
+    assert_fit_reads_as_torch(Lengthening(), dataset, 3, num_workers)
+    assert dataset.epoch == 2
 
 
 class Scaled(TensorDataset):
@@ -523,28 +531,7 @@ class Scaled(TensorDataset):
 
 def test_a_tensor_dataset_subclass_reads_its_samples_through_its_own_getitem() -> None:
     rows = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), torch.randn(8, 1)
-    reference, dataset = Scaled(*rows), Scaled(*rows)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        module = torch.nn.Linear(3, 1)
-    state = ft.TrainState.create(module, ft.sgd(0.1, fused=False), loss_fn)
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
-    for epoch in range(2):
-        reference.set_epoch(epoch)
-        for batch in DataLoader(reference, batch_size=4):
-            optimizer.zero_grad()
-            loss_fn(module, batch).backward()
-            optimizer.step()
-    result = ft.fit(
-        state,
-        dataset,
-        batch_size=4,
-        shuffle=False,
-        max_epochs=2,
-        progress=False,
-        verbosity="silent",
-    )
-    assert all(torch.equal(p, result.state.params[n]) for n, p in module.named_parameters())
+    assert_fit_reads_as_torch(Scaled(*rows), Scaled(*rows), 2)
 
 
 class Private(torch.utils.data.Sampler):
