@@ -1023,9 +1023,6 @@ def _listed_twice(params: Sequence[torch.Tensor], by_id: dict[int, str]) -> list
     return again
 
 
-_SparseAdam = torch.optim.SparseAdam
-
-
 def _counts(
     optimizer: torch.optim.Optimizer, groups: Sequence[_Group], step: int | None, where: str
 ) -> list[int]:
@@ -1040,7 +1037,11 @@ def _counts(
             seen = {int(s["step"]) if "step" in s else None for s in g.state}
             own = implementation(optimizer.param_groups[k]) in kind.own_steps  # type: ignore[union-attr]
             stepped = {s for s in seen if s is not None}
-            if own and stepped and (None not in seen or isinstance(optimizer, _SparseAdam)):
+            if (
+                own
+                and stepped
+                and (None not in seen or isinstance(optimizer, torch.optim.SparseAdam))
+            ):
                 # each parameter's own step (`_filled`); the group counts the updates it took. A
                 # SparseAdam table not looked up yet has no state: it goes on at step 0 with
                 # fresh moments, as torch makes them at its first (a table a batch leaves out is
