@@ -47,6 +47,8 @@ _DATA_ARGUMENTS = {
     "num_replicas; each rank's position counts batches of its own part)",
     "sampler_seed": "the seed of the DataLoader's DistributedSampler (its seed=)",
     "sampler_drop_last": "the drop_last of the DataLoader's DistributedSampler",
+    "epoch_sized": "whether set_epoch(epoch) of the data, its dataset or its sampler may change "
+    "an epoch's length (one of your own has set_epoch)",
     "loader_seed": "the seed of a DataLoader's epochs: data_seed mixed with the seed of its "
     "generator= (a checkpoint of an earlier functrain records only this mix)",
 }
@@ -55,7 +57,16 @@ _DATA_FIT_NAMES = ("batch_size", "shuffle", "drop_last", "seed")
 # setup lacks one predates it, and is not checked on it (its order digest still is); nor is data
 # that has none (a seed no batch of it draws from, as a list's or a stateful source's)
 _RECORDED_SINCE = frozenset(
-    {"seed", "generator_seed", "shuffle", "sampler", "ranks", "sampler_seed", "sampler_drop_last"}
+    {
+        "seed",
+        "generator_seed",
+        "shuffle",
+        "sampler",
+        "ranks",
+        "sampler_seed",
+        "sampler_drop_last",
+        "epoch_sized",
+    }
 )
 # what may change where an epoch starts, for data whose order is a function of (seed, epoch):
 # nothing of the epoch is consumed yet, so regrouping it (in other batches, over other ranks)
@@ -680,7 +691,10 @@ def position_problems(tree: Mapping[str, Any]) -> list[str]:
 
 
 def _epoch_batches(data: Any) -> int | None:
-    """An epoch's batches of map-style data (an iterable's length is only what it says it is)."""
+    """An epoch's batches of map-style data (an iterable's length is only what it says it is,
+    and data whose ``set_epoch`` may change its length has none of its own)."""
+    if _is_row(data) and data.get("epoch_sized") is True:
+        return None
     samples, size = (data.get(k) for k in ("samples", "batch_size")) if _is_row(data) else (0, 0)
     if not (_is_count(samples) and _is_count(size) and size):
         return None

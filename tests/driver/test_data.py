@@ -534,6 +534,67 @@ def test_a_tensor_dataset_subclass_reads_its_samples_through_its_own_getitem() -
     assert_fit_reads_as_torch(Scaled(*rows), Scaled(*rows), 2)
 
 
+class Growing(Dataset):
+    """A curriculum whose pool grows with the epoch it is told: 8 samples, then 16, then 24."""
+
+    def __init__(self) -> None:
+        self.size = 8
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(24, 3, generator=g), torch.randn(24, 1, generator=g)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.size = 8 * (epoch + 1)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("front", ["batch_size", "DataLoader"])
+def test_a_pool_growing_by_epoch_saves_and_resumes_past_its_first_epochs_length(
+    front: str, tmp_path: Any
+) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    reference = Growing()
+    for epoch in range(3):
+        reference.set_epoch(epoch)
+        for batch in DataLoader(reference, batch_size=4):
+            optimizer.zero_grad()
+            loss_fn(module, batch).backward()
+            optimizer.step()
+
+    def run(max_steps: int | None, resume: bool) -> ft.FitResult:
+        # a fresh process's objects: the model as it was created, a pool at its first size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.sgd(0.1, fused=False), loss_fn)
+        data = Growing()
+        given: dict[str, Any] = {"batch_size": 4, "shuffle": False} if front == "batch_size" else {}
+        source = data if front == "batch_size" else DataLoader(data, batch_size=4)
+        return ft.fit(
+            state,
+            source,
+            max_epochs=3,
+            max_steps=max_steps,
+            save_every=5,  # step 5: the third batch of the second epoch, of two in the first
+            checkpoint_dir=tmp_path,
+            resume=resume,
+            progress=False,
+            verbosity="silent",
+            **given,
+        )
+
+    run(max_steps=5, resume=False)
+    result = run(max_steps=None, resume=True)
+    assert int(result.state.step) == 2 + 4 + 6
+    assert all(torch.equal(p, result.state.params[n]) for n, p in module.named_parameters())
+
+
 class Private(torch.utils.data.Sampler):
     """A new order at every pass, from a generator of its own no one seeds per epoch."""
 

@@ -175,6 +175,8 @@ class Batcher:
         }
         if self.sample_seeded:
             setup["seeds"] = "sample"
+        if callable(getattr(self.dataset, "set_epoch", None)):
+            setup["epoch_sized"] = True  # its length may follow the epoch (a growing pool)
         return setup
 
     def follow_setup(self, saved: dict[str, Any]) -> None:

@@ -123,6 +123,8 @@ class IterableSource:
                 drop_last=self.source.drop_last,
                 **order_setup(self.source),
             )
+        if epoch_sized(self.source):
+            setup["epoch_sized"] = True
         return setup
 
     def legacy_setup(self) -> dict[str, Any]:
@@ -451,6 +453,23 @@ def announce_epoch(source: Any, epoch: int) -> None:
 
     Only where they have one (a `DistributedSampler` reshuffles by it).
     """
+    for set_epoch in _epoch_setters(source):
+        set_epoch(epoch)
+
+
+def epoch_sized(source: Any) -> bool:
+    """Whether ``set_epoch`` may change how many batches an epoch of `source` holds: a dataset,
+    sampler or source of the user's has one (a curriculum's pool growing by epoch), other than
+    torch's `DistributedSampler`, whose length no epoch changes."""
+    return any(
+        type(getattr(f, "__self__", None)) is not torch.utils.data.DistributedSampler
+        for f in _epoch_setters(source)
+    )
+
+
+def _epoch_setters(source: Any) -> list[Any]:
+    """The ``set_epoch`` methods of the source, and for a `DataLoader` of its dataset and
+    samplers, each holder's once."""
     holders = [source]
     if isinstance(source, DataLoader):
         holders += [
@@ -460,8 +479,10 @@ def announce_epoch(source: Any, epoch: int) -> None:
             getattr(source.batch_sampler, "sampler", None),
         ]
     seen: list[Any] = []
+    found = []
     for holder in holders:
         set_epoch = getattr(holder, "set_epoch", None)
         if callable(set_epoch) and all(holder is not h for h in seen):
             seen.append(holder)
-            set_epoch(epoch)
+            found.append(set_epoch)
+    return found
