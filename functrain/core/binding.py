@@ -129,6 +129,11 @@ _plans: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary(
 _registrations = [0]
 _open = [0]
 
+# the buffers of modules that no open binding holds (a loss module the loss function closes over,
+# DINO's DINOLoss and its ``self.center = ...``) rebound during a block, each with what it held
+# before: a step carries no tensor of theirs, so a rebinding they keep is refused and undone
+_outside: dict[tuple[int, str], tuple[nn.Module, str, Any]] = {}
+
 
 def bound_now() -> bool:
     """Whether a structure is bound to a state's tensors now (a step's forward is running)."""
@@ -157,6 +162,8 @@ def _buffer_registered(module: nn.Module, name: str, value: Any) -> None:
     if torch.compiler.is_compiling():
         return
     _registrations[0] += 1
+    if _open[0] and name in module._buffers and name not in module._non_persistent_buffers_set:
+        _outside.setdefault((id(module._buffers), name), (module, name, module._buffers[name]))
     # a forward rebinding a buffer it holds (``self.h = h.detach()``) keeps the structure: the
     # binding puts the slot back on leaving, so the plan stays (planning every step would cost as
     # much as torch's functional_call)
@@ -363,6 +370,10 @@ class _Binding:
             changed = kind is None and _registrations[0] != self._seen
             rebound = self._rebound() if changed else None
             added = self._added() if changed else None
+            if _outside:  # (the structure's own, a cache it keeps too, are not outside)
+                held = {id(sub._buffers) for sub in self._module.modules()}
+                for key in [key for key in _outside if key[0] in held]:
+                    del _outside[key]
         finally:  # the slots put back without a Python call: an interrupt cannot stop it halfway
             self._bound = False
             _open[0] -= 1
@@ -374,8 +385,11 @@ class _Binding:
                 for (attrs, name), original in zip(self._attributes, self._kept, strict=True):
                     attrs[name] = original
             self._model._functrain_open[0] = False
+            kept = _kept_outside(kind is None) if _outside and not _open[0] else None
             if self._locked:
                 STEP_LOCK.release()
+        if kept:
+            refuse_kept_outside(kept)
         if added:
             refuse_added(added)
         if rebound:
@@ -472,6 +486,38 @@ def carry_rebound(tensors: dict[str, torch.Tensor], rebound: list[tuple[str, boo
             if not (torch.compiler.is_compiling() or under_vmap()) and _shares_memory(old, new):
                 new = new.clone()  # e.g. a view of the buffer itself: copied whole first
             old.copy_(new)
+
+
+def _kept_outside(check: bool) -> list[tuple[nn.Module, str]]:
+    """The buffers outside the bound structures still rebound as the outermost block ends, each
+    put back (`_outside`; none where the block raised, whose error goes on as it is)."""
+    kept = []
+    for module, name, old in _outside.values():
+        if check and module._buffers.get(name) is not old:
+            module._buffers[name] = old
+            kept.append((module, name))
+    _outside.clear()
+    return kept
+
+
+def refuse_kept_outside(kept: list[tuple[nn.Module, str]]) -> None:
+    """Refuse the buffers a step rebound on modules that are not the state's (`_kept_outside`).
+
+    Raises:
+        ConfigError: a module the loss function or the forward closes over, not part of the
+            module given to ``TrainState.create`` (DINO's ``DINOLoss`` and its ``self.center =
+            ...``), kept a rebound buffer: the state would not carry it (in no checkpoint, moved
+            again by a pure step run twice on the same state).
+    """
+    named = ", ".join(f"{type(module).__name__}.{name}" for module, name in kept)
+    raise ConfigError(
+        f"the step rebinds the buffer {named} (self.{kept[0][1]} = ...) of a module that is not "
+        "part of the model given to TrainState.create: a step carries only the state's "
+        "buffers, so this one would be in no checkpoint (a resumed run starts it over) and a "
+        "step run again on the same state would move it again; make that module a submodule "
+        "of the model (self.dino_loss = DINOLoss(...), called as model.dino_loss(...) in the "
+        "loss function), whose buffers the step carries; the buffer was put back as it was"
+    )
 
 
 def refuse_added(added: list[tuple[str, dict, str, bool]]) -> None:

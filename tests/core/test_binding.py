@@ -632,3 +632,55 @@ def test_a_compiled_step_and_a_stacked_state_refuse_a_rebound_buffer_naming_trai
         ft.compile_step(backend="aot_eager")(state, x)
     with pytest.raises(ft.ConfigError, match=words):
         ft.train_step(ft.stack(states()), x)
+
+
+class Centering(nn.Module):
+    """DINO's loss: a center of the teacher's outputs, rebound in a method of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("center", torch.zeros(1, 3))
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        q = F.softmax((teacher - self.center) / 0.04, dim=-1)
+        with torch.no_grad():
+            self.center = self.center * 0.9 + teacher.mean(0, keepdim=True) * 0.1
+        return torch.sum(-q * F.log_softmax(student / 0.1, dim=-1), dim=-1).mean()
+
+
+class Distilled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 3)
+        self.centering = Centering()
+
+
+def test_a_buffer_rebound_on_a_module_outside_the_state_is_refused_and_put_back():
+    # DINO keeps DINOLoss beside the student; the step would carry its center nowhere
+    outside = Centering()
+
+    def loss_fn(m: nn.Module, b: Any) -> torch.Tensor:
+        return outside(m(b + 0.5), m(b).detach())
+
+    torch.manual_seed(0)
+    state = ft.TrainState.create(nn.Linear(4, 3), ft.adamw(1e-2), loss_fn)
+    with pytest.raises(ft.ConfigError, match=r"Centering\.center .* submodule of the model"):
+        ft.train_step(state, torch.randn(8, 4))
+    assert torch.equal(outside.center, torch.zeros(1, 3))  # put back as it was
+    # the same loss as a submodule: torch's loop, center and weights, bit for bit
+    torch.manual_seed(0)
+    reference = Distilled()
+    state = ft.TrainState.create(
+        copy.deepcopy(reference),
+        ft.adamw(1e-2),
+        lambda m, b: m.centering(m.net(b + 0.5), m.net(b).detach()),
+    )
+    optimizer = torch.optim.AdamW(reference.parameters(), 1e-2, fused=True)
+    for x in torch.randn(3, 8, 4, generator=torch.Generator().manual_seed(1)):
+        state, _ = ft.train_step(state, x)
+        optimizer.zero_grad()
+        reference.centering(reference.net(x + 0.5), reference.net(x).detach()).backward()
+        optimizer.step()
+    assert torch.equal(state.buffers["centering.center"], reference.centering.center)
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
