@@ -109,7 +109,8 @@ def take_step_lock() -> bool:
 # (and the alias slots alone, for a traced binding)
 # (and the alias slots alone, for a traced binding); the number of parameter slots, which come
 # first, and of registered slots (parameters then buffers), which a forward may rebind; the
-# (buffer table's id, name) of each buffer registered as None, which a forward may set
+# (buffer table's id, name) of each buffer registered as None, which a forward may set; and
+# (name, tensor, version) of each meta tensor of a structure, its version when copied
 _Slots = tuple[tuple[Any, Any, str], ...]
 _Plan = tuple[
     _Slots,
@@ -119,6 +120,7 @@ _Plan = tuple[
     int,
     int,
     frozenset[tuple[int, str]],
+    tuple[tuple[str, torch.Tensor, int], ...],
 ]
 
 _plans: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
@@ -195,6 +197,12 @@ def _make_plan(module: nn.Module) -> _Plan:
             parameters = len(slots)
     aliases, attributes = _alias_slots(module, canonical)
     registered = tuple(slots.values())
+    copied = module.__dict__.get(VERSIONS, {})
+    versions = tuple(
+        (name, t, copied.get(id(t), t._version))
+        for name, t in (*module.named_parameters(), *module.named_buffers())
+        if t.device.type == "meta"
+    )
     unset = frozenset(
         (id(sub._buffers), local)
         for sub in owners.values()
@@ -209,6 +217,44 @@ def _make_plan(module: nn.Module) -> _Plan:
         parameters,
         len(registered),
         unset,
+        versions,
+    )
+
+
+# the attribute of a structure holding the versions of its meta tensors when it was copied, by id
+VERSIONS = "_functrain_versions"
+
+
+def record_versions(structure: nn.Module) -> None:
+    """Keep the versions of `structure`'s meta tensors now, which `refuse_lost_writes` compares."""
+    tensors = (*structure.parameters(), *structure.buffers())
+    versions = {id(t): t._version for t in tensors if t.device.type == "meta"}
+    object.__setattr__(structure, VERSIONS, versions)
+
+
+def refuse_lost_writes(
+    module: nn.Module, versions: tuple[tuple[str, torch.Tensor, int], ...]
+) -> None:
+    """Refuse a structure whose meta tensors were written in place since it was copied.
+
+    A write into ``state.module`` (``state.module.apply(torch.ao.quantization.disable_observer)``,
+    ``state.module.bn.reset_running_stats()``) lands in a meta tensor, which holds no values: the
+    state's tensors, which the step runs on, never see it. Refused once (`ConfigError` naming the
+    tensors and the fix); the versions are then taken as they are, so the state goes on.
+    """
+    written = [name for name, t, version in versions if t._version != version]
+    if not written:
+        return
+    record_versions(module)
+    _plans.pop(module, None)
+    raise ConfigError(
+        f"state.module's tensors {written} were written in place outside a step (a call such as "
+        "state.module.apply(torch.ao.quantization.disable_observer) or "
+        "state.module.bn.reset_running_stats()): state.module is the model's structure on the "
+        "meta device, without values, and the step runs on the state's tensors, so the write "
+        "was lost. Write the state's tensors instead: state = state.replace(buffers={"
+        "**state.buffers, name: new_value}) (params= for a parameter); to turn a quantization "
+        "observer off, its 'observer_enabled' buffer to torch.zeros_like(...)"
     )
 
 
@@ -633,6 +679,8 @@ def bound(
         plan = _plans[module] = _make_plan(module)
         if plan[3]:
             object.__setattr__(module, _ALIASES, plan[3])
+    if plan[7]:
+        refuse_lost_writes(module, plan[7])
     if plan[1] != tensors.keys():
         return _reparametrized(module, tensors)
     return _Binding(module, plan, tensors)

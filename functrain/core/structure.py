@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.modules import module as _module_impl
 from torch.nn.parameter import is_lazy
 
-from functrain.core.binding import CALL_GUARD, bound_now, refuse_unbound_calls
+from functrain.core.binding import CALL_GUARD, bound_now, record_versions, refuse_unbound_calls
 from functrain.errors import ConfigError
 
 __all__ = [
@@ -202,6 +202,7 @@ def _copy_structure(module: nn.Module) -> nn.Module:
         object.__setattr__(structure, CALL_GUARD, guard)
     object.__setattr__(structure, _GRAD_HOOKS, _grad_hooks_of(structure))
     object.__setattr__(structure, _SPARSE, _sparse_of(structure))
+    record_versions(structure)
     _parts.update((id(part), part) for part in structure.modules())
     return structure
 

@@ -129,6 +129,51 @@ def test_replacing_a_submodule_of_a_states_module_is_refused_naming_export_modul
     assert exported[1][1].p == 0.1
 
 
+def _qat_net() -> nn.Module:
+    from torch.ao import quantization as q
+
+    torch.manual_seed(0)
+    net = nn.Sequential(q.QuantStub(), nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3), q.DeQuantStub())
+    net.qconfig = q.get_default_qat_qconfig("fbgemm")
+    return q.prepare_qat(net.train())
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_a_write_into_a_states_module_outside_a_step_is_refused_not_lost() -> None:
+    # torchvision's QAT reference turns the observers off after some epochs:
+    # model.apply(disable_observer); on state.module the write would land in meta tensors
+    from torch.ao.quantization import disable_observer
+
+    batches = [batch(seed) for seed in range(4)]
+    model = _qat_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for i, b in enumerate(batches):
+        if i == 2:
+            model.apply(disable_observer)
+        loss_fn(model, b).backward()
+        opt.step()
+        opt.zero_grad()
+    state = ft.TrainState.create(_qat_net(), ft.sgd(0.5), loss_fn)
+    for b in batches[:2]:
+        state, _ = ft.train_step(state, b)
+    state.module.apply(disable_observer)
+    before = state.clone()
+    with pytest.raises(ConfigError, match=r"'1\.weight_fake_quant\.observer_enabled'.*was lost"):
+        ft.train_step(state, batches[2])
+    assert ft.diff_states(before, state) == []
+    # the fix the message names: the state's buffers, as torch's loop has them
+    off = {
+        k: torch.zeros_like(v) for k, v in state.buffers.items() if k.endswith("observer_enabled")
+    }
+    state = state.replace(buffers={**state.buffers, **off})
+    for b in batches[2:]:
+        state, _ = ft.train_step(state, b)
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert_trees_equal(
+        {k: v.detach() for k, v in expected.items()}, {**state.params, **state.buffers}
+    )
+
+
 class _Locked(nn.Module):
     """A module that cannot be deep-copied (it holds a lock): a state runs it as it is."""
 
