@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.modules import module as _module_impl
 from torch.nn.utils import stateless
 
-from functrain.errors import ConfigError, WeightlessModuleError
+from functrain.errors import ConfigError, StateMismatchError, WeightlessModuleError
 from functrain.optim.batching import under_vmap
 
 __all__ = [
@@ -682,8 +682,27 @@ def bound(
     if plan[7]:
         refuse_lost_writes(module, plan[7])
     if plan[1] != tensors.keys():
+        if not tensors.keys() <= plan[1]:
+            _refuse_changed(module, plan[1], tensors)
         return _reparametrized(module, tensors)
     return _Binding(module, plan, tensors)
+
+
+def _refuse_changed(module: nn.Module, names: frozenset[str], tensors: dict) -> None:
+    """Refuse `tensors` that name a parameter or buffer `module` no longer has: the state's module
+    changed after the state was made (``prune.l1_unstructured(state.module.fc, "weight", ...)``
+    makes ``fc.weight`` an attribute computed from ``fc.weight_orig`` and ``fc.weight_mask``)."""
+    extra = sorted(tensors.keys() - names)
+    new = sorted(names - tensors.keys())
+    raise StateMismatchError(
+        f"the state holds tensors {extra} that its module no longer has as parameters or buffers"
+        + (f", and the module has {new} that the state holds no tensor for" if new else "")
+        + ": state.module was changed after the state was made (pruned, parametrized, a "
+        "parameter deleted), and the state's tensors are its module's by name. Change the model "
+        "outside the state and make a state of it: model = state.export_module(); change "
+        "model; state = functrain.TrainState.create(model, ...) (its optimizer state starts "
+        "afresh)"
+    )
 
 
 def call_with(

@@ -24,7 +24,7 @@ from torch import nn
 import functrain as ft
 from functrain.core.body import train_body
 from functrain.core.donation import step_in_scope
-from functrain.errors import ConfigError
+from functrain.errors import ConfigError, StateMismatchError
 from functrain.optim.base import Transform
 from tests.comparisons import assert_batched_trees_equal, assert_trees_equal
 from tests.models import cross_entropy_loss_fn as loss_fn
@@ -172,6 +172,19 @@ def test_a_write_into_a_states_module_outside_a_step_is_refused_not_lost() -> No
     assert_trees_equal(
         {k: v.detach() for k, v in expected.items()}, {**state.params, **state.buffers}
     )
+
+
+def test_pruning_a_states_module_is_refused_naming_the_changed_tensors() -> None:
+    from torch.nn.utils import prune
+
+    state = ft.TrainState.create(make_net(), ft.adamw(1e-2), loss_fn)
+    state, _ = ft.train_step(state, batch())
+    prune.l1_unstructured(state.module[0], "weight", amount=0.5)
+    before = state.clone()
+    match = r"\['0\.weight'\] that its module no longer has.*\['0\.weight_mask', '0\.weight_orig'\]"
+    with pytest.raises(StateMismatchError, match=match + r".*state\.export_module\(\)"):
+        ft.train_step(state, batch(2))
+    assert ft.diff_states(before, state) == []
 
 
 class _Locked(nn.Module):
