@@ -48,8 +48,7 @@ from functrain.checkpoint.format import file_digests, json_extras, read_manifest
 from functrain.checkpoint.lock import WriterLock
 from functrain.checkpoint.sharded import agree, part_digests, write_sharded
 from functrain.checkpoint.snapshot import Snapshot
-from functrain.checkpoint.state_io import check_savable, fingerprint, load
-from functrain.core.donation import hold_live
+from functrain.checkpoint.state_io import held_for_saving, load
 from functrain.core.stacked import host_count, num_members, unstack
 from functrain.core.state import TrainState
 from functrain.distributed.data_parallel import all_gather_json
@@ -399,9 +398,8 @@ class CheckpointManager:
             raise ConfigError(problems[0])
         self.wait()
         # held while read: a donated step of it (in another thread) waits, or has retired it
-        release = hold_live(state, "CheckpointManager.save")
+        release, fp = held_for_saving(state, "CheckpointManager.save")
         try:
-            check_savable(state)
             name = checkpoint_name("ckpt", state)
             meta = {
                 **self.metadata,
@@ -410,7 +408,7 @@ class CheckpointManager:
                 "step": host_count(state.step),
                 "epoch": host_count(state.epoch),
             }
-            tree, fp = state.tree(), fingerprint(state)
+            tree = state.tree()
             if self._pool is None:
                 return self._commit(name, tree, fp, meta)
             # the state's own tensors, held until written (functrain.checkpoint.snapshot): no copy

@@ -44,6 +44,7 @@ from functrain.checkpoint.sharded import (
     read_for,
     write_sharded,
 )
+from functrain.core.binding import STEP_LOCK
 from functrain.core.create import averaging_init
 from functrain.core.donation import hold_live
 from functrain.core.options import LossScale
@@ -84,7 +85,9 @@ __all__ = [
     "save",
     "load",
     "load_weights",
+    "load_in_template_modes",
     "fingerprint",
+    "held_for_saving",
     "VersionWarning",
     "check_savable",
     "register_driver_check",
@@ -148,7 +151,8 @@ def fingerprint(state: TrainState) -> dict[str, Any]:
     they start from (``"from"``), which a load reads the template's functions at again; likewise
     ``"decays"`` where a plain function is a weight decay. Where a function is a mask or a
     partition's labels, also ``"choices"``: what each decides for each parameter
-    (`function_choices`).
+    (`function_choices`). ``"modes"``: each module whose mode differs from the model's own (a
+    BatchNorm frozen by ``.eval()``), ``{}`` where none does.
 
     Example:
         >>> import functrain as ft
@@ -161,7 +165,12 @@ def fingerprint(state: TrainState) -> dict[str, Any]:
         >>> fingerprint(s)["rates"]["from"], len(fingerprint(s)["rates"]["values"])
         ([0], 1)
     """
-    recorded = _static_fingerprint(state)
+    return _fingerprint(state, _at_rest(state.module))
+
+
+def _fingerprint(state: TrainState, modes: dict[str, str]) -> dict[str, Any]:
+    """`fingerprint`, with the module's modes as read (`_at_rest`)."""
+    recorded = {**_static_fingerprint(state), "modes": modes}
     for key, arguments in _FUNCTION_RECORDS.items():
         functions = function_rates(state.tx, arguments)
         if functions:
@@ -233,6 +242,58 @@ def _static_fingerprint(state: TrainState) -> dict[str, Any]:
         # chosen" from "written before reference= existed", whose names are the same
         "conventions": list(chosen_conventions(state.tx)),
     }
+
+
+def _module_modes(module: torch.nn.Module) -> dict[str, str]:
+    """Each of `module`'s submodules whose mode differs from the module's own (a BatchNorm frozen
+    by ``.eval()`` in a model in train mode), by name: ``"eval"`` or ``"train"``.
+
+    Every such module, whatever its kind: whether a mode changes what a module computes is for
+    its forward, its hooks and the loss function to say (any of them may read ``training``), and
+    a module counted that did not need to be costs a resume one ``.eval()`` call, where one left
+    out would train otherwise without a word. Recorded where none differs too (``{}``): a load
+    tells "none differs" from "written before modes were recorded", which it does not compare.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        >>> _ = net[1].eval()
+        >>> _module_modes(net), _module_modes(net.eval())
+        ({'1': 'eval'}, {})
+    """
+    own = module.training
+    return {
+        name: "train" if m.training else "eval"
+        for name, m in module.named_modules()
+        if m.training != own
+    }
+
+
+def _at_rest(module: torch.nn.Module) -> dict[str, str]:
+    """`_module_modes` read while no step runs: a step holds `STEP_LOCK` while it has the module
+    switched (an evaluation's to eval mode), so these are the modes it rests in between steps, those
+    it trains in. Not under a hold of a state's tensors (`hold_live`): a donated step waits for
+    the hold with the lock held (`held_for_saving` reads them with the hold)."""
+    with STEP_LOCK:
+        return _module_modes(module)
+
+
+def held_for_saving(state: TrainState, call: str) -> tuple[Callable[[], None], dict[str, Any]]:
+    """`state` held for a save by `call` (`hold_live`), checked (`check_savable`), and its
+    `fingerprint`; the function that ends the hold.
+
+    The module's modes are read in the same hold of `STEP_LOCK` as the tensors are held: while no
+    step has the module switched, and without waiting for the lock later, which a donated step
+    of `state` waiting for the hold would keep.
+    """
+    with STEP_LOCK:
+        release = hold_live(state, call)
+        modes = _module_modes(state.module)
+    try:
+        check_savable(state)
+        return release, _fingerprint(state, modes)
+    except BaseException:
+        release()
+        raise
 
 
 def _rate_starts(state: TrainState) -> list[int]:
@@ -394,10 +455,9 @@ def save(
     if not isinstance(state, TrainState):
         return _save_tree(state, None, path, metadata)
     # held while read: a donated step of it (in another thread) waits, or has retired it
-    release = hold_live(state, "functrain.save")
+    release, fp = held_for_saving(state, "functrain.save")
     try:
-        check_savable(state)
-        return _save_tree(state.tree(), fingerprint(state), path, metadata)
+        return _save_tree(state.tree(), fp, path, metadata)
     finally:
         release()
 
@@ -468,7 +528,9 @@ def load(
             counters must be 0-d int64 and `rng` the template's generator state), and a different
             optimizer, hyperparameters or options; then the fix: for other weights, that they
             cannot load into this model; else the code that starts a new state from the
-            checkpoint's weights (`load_weights`).
+            checkpoint's weights (`load_weights`). Also modules in other modes than the
+            checkpoint's run had them in (a BatchNorm the run froze by ``.eval()`` in a model in
+            train mode, in train mode in the template's, or the other way round), both named.
         CheckpointMemoryError: the checkpoint's tensors do not fit in the memory available now
             (free memory, the cgroup's limit, the address-space limit ``RLIMIT_AS``), checked
             before anything is read; or the process ran short of memory, threads or file
@@ -502,6 +564,25 @@ def load(
         raise _short_of_resources(path, e) from e
 
 
+def load_in_template_modes(path: str | os.PathLike[str], like: TrainState) -> TrainState:
+    """`load` into `like`, its modules left in the template's modes whatever the checkpoint's run
+    had them in: the checkpoint's weights run as torch runs a ``load_state_dict`` into a model
+    (in that model's modes). For an evaluation, which switches the whole model to eval mode:
+    `fit` evaluates its best checkpoint on the test data in its last state, whose modules may
+    have been put in eval mode since that checkpoint was saved. Not to resume training from: a
+    resume into other modes trains otherwise, which `load` refuses."""
+    _check_path(path, "load")
+    try:
+        result: TrainState = _load_here_or_sharded(path, like, None, None, check_modes=False)
+    except CheckpointMemoryError:
+        raise
+    except BaseException as e:
+        if not starved(e):
+            raise
+        raise _short_of_resources(path, e) from e
+    return result
+
+
 def _short_of_resources(path: Any, error: BaseException) -> CheckpointMemoryError:
     said = str(error).splitlines()[0][:150] if str(error) else ""
     return CheckpointMemoryError(
@@ -516,15 +597,16 @@ def _load_here_or_sharded(
     like: Any,
     map_location: str | torch.device | None,
     digest: str | None,
+    check_modes: bool = True,
 ) -> Any:
     if like is None or not has_dtensors(like.tree() if isinstance(like, TrainState) else like):
-        return _load(path, like, map_location, digest, sharded=False)
+        return _load(path, like, map_location, digest, sharded=False, check_modes=check_modes)
     # collective: the ranks read different shards, so they agree on the outcome, and a shard that
     # fails on one rank fails the load on all of them rather than leave them waiting for each other
     result: Any = None
     error: Exception | None = None
     try:
-        result = _load(path, like, map_location, digest, sharded=True)
+        result = _load(path, like, map_location, digest, sharded=True, check_modes=check_modes)
     except BaseException as e:  # a rank short of threads too, lest the others wait for it
         if starved(e) and not isinstance(e, CheckpointMemoryError):
             error = _short_of_resources(path, e)
@@ -702,6 +784,7 @@ def _load(
     digest: str | None,
     *,
     sharded: bool,
+    check_modes: bool = True,
 ) -> Any:
     try:
         if sharded:
@@ -756,6 +839,7 @@ def _load(
         if isinstance(like, TrainState):
             tree = _in_template_order(tree, like, path)
     problems = compare_to_template(tree, template, _sparse_ok(like))
+    modes: list[str] = []
     if isinstance(like, TrainState):
         like = _as_trained(like, manifest["fingerprint"], path)
         problems += _fingerprint_problems(manifest["fingerprint"], _static_fingerprint(like))
@@ -763,19 +847,22 @@ def _load(
             problems += _rate_problems(manifest["fingerprint"], like)
             problems += _rate_problems(manifest["fingerprint"], like, "decays")
             problems += _choice_problems(manifest["fingerprint"], like)
-    if problems:
+        if check_modes:
+            modes = _mode_problems(manifest["fingerprint"], like)
+    if problems or modes:
         fix = (
             _recorded_fix(manifest["fingerprint"], like)
             + _convention_fix(manifest["fingerprint"], like)
             + _moved_fix(tree, grown.get("parked"), like)
             + _mismatch_fix(tree, like, path)
-            if isinstance(like, TrainState)
+            if isinstance(like, TrainState) and problems
             else ""
         )
         raise StateMismatchError(
             f"checkpoint {str(path)!r} does not fit the template:\n  - "
-            + "\n  - ".join(problems)
+            + "\n  - ".join(problems + modes)
             + fix
+            + (_MODES_FIX if modes else "")
         )
     if isinstance(like, TrainState):
         _check_resumable(path, {**tree, **grown}, like)
@@ -1113,6 +1200,61 @@ def _warn_unrecorded(rewound: list[str], asked: Transform, resumed: Transform, p
         VersionWarning,
         stacklevel=4,
     )
+
+
+def _mode_problems(saved: Mapping[str, Any], like: TrainState) -> list[str]:
+    """The modules of `like` in another mode than the checkpoint's run had them in (`_module_modes`
+    of each), both modes named; none where the checkpoint records no modes (written before they
+    were recorded)."""
+    record = saved.get("modes")
+    if record is None:
+        return []
+    ours = _at_rest(like.module)
+    if record == ours:
+        return []
+    if not isinstance(record, dict) or any(v not in ("train", "eval") for v in record.values()):
+        return [
+            f"the checkpoint's record of its modules' modes is {str(record)[:200]}, not a mapping "
+            "of module names to 'train' or 'eval'"
+        ]
+    found = dict(like.module.named_modules())
+    # the model's own mode in the saved run: the other one of any module recorded apart from it
+    theirs_own = {"eval": "train", "train": "eval"}.get(next(iter(record.values()), ""))
+    ours_own = "train" if like.module.training else "eval"
+
+    def theirs(name: str) -> str:
+        if name in record:
+            return f"{name!r} {record[name]}"
+        return f"{name!r} as the model" + (f" ({theirs_own})" if theirs_own else "")
+
+    def template(name: str) -> str:
+        if name not in found:
+            return f"{name!r} absent"
+        return f"{name!r} {ours[name]}" if name in ours else f"{name!r} as the model ({ours_own})"
+
+    names = sorted({*record, *ours} - {k for k in record if record[k] == ours.get(k)})
+    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+    return [
+        "modules' modes differ (a module in eval mode in a model in train mode, or the other "
+        "way round: a BatchNorm in eval mode keeps its running statistics, a dropout drops "
+        "nothing, so the run would train otherwise): checkpoint has "
+        + ", ".join(map(theirs, names[:8]))
+        + more
+        + ", template has "
+        + ", ".join(map(template, names[:8]))
+        + more
+    ]
+
+
+# how to resume a checkpoint whose modules' modes the template's differ from
+_MODES_FIX = (
+    "\nbefore resuming, put these modules in the modes the run had them in when it saved: call "
+    ".eval() (or .train()) on them in the model before TrainState.create, as the run did (e.g. "
+    "the same set_bn_eval(model) call), or on the template's state.module. To change their "
+    "modes from here on, load with the saved modes, then set the new ones on the loaded "
+    "state's module. For its weights alone (to evaluate or export them), "
+    "functrain.load_weights(path, into=state) takes them whatever the modes"
+)
 
 
 def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

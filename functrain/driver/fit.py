@@ -25,7 +25,7 @@ from functrain.checkpoint.directory import BEST, REGULAR, listed
 from functrain.checkpoint.format import read_manifest
 from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.sharded import has_dtensors
-from functrain.checkpoint.state_io import load
+from functrain.checkpoint.state_io import load_in_template_modes
 from functrain.checkpoint.tensorfile import CODE_OF
 from functrain.core.compare import diff_states
 from functrain.core.compiled import CompiledStep
@@ -745,7 +745,7 @@ def _test_metrics(
         )
     if manager is not None and (best := kept) is not None:
         try:
-            final = load(best, like=loop.state)
+            final = load_in_template_modes(best, like=loop.state)
         except CheckpointError as e:
             warnings.warn(
                 f"the test data was not evaluated (result.test is None): the best checkpoint "
