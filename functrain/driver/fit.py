@@ -125,8 +125,8 @@ class FitResult:
 
         ``result.state.export_module()``, built on first use and kept. The final weights, not
         their EMA nor the best checkpoint's: those are ``result.state.export_module(use_ema=True)``
-        and ``ft.load(result.checkpoints["best"], like=result.state).export_module()``. Of a
-        sharded state the weights are gathered: a collective, to use on every rank.
+        and ``ft.load_weights(result.checkpoints["best"], into=result.state).export_module()``.
+        Of a sharded state the weights are gathered: a collective, to use on every rank.
 
         Raises:
             ConfigError: the result of a stacked state, which holds one module per member.
