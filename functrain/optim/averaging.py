@@ -22,7 +22,7 @@ Five conventions, each bit for bit with the loop it is named after (`ema`'s ``co
   ``d`` 0 (a move of weight 1) at the updates up to ``update_after_step``, then
   ``min(decay, (1 + s) / (10 + s))``, or with ``warmup`` ``1 - (1 + s / warmup_gamma) **
   -warmup_power`` (its ``use_ema_warmup``, ``inv_gamma`` and ``power``), held at ``min_decay`` or
-  above.
+  above (a ``min_decay`` above ``decay`` is then every decay, as diffusers takes it).
 """
 
 from __future__ import annotations
@@ -397,7 +397,8 @@ def ema_problems(
         problems.append(
             f"{prefix}min_decay must lie in [0, 1), got {prefix}min_decay={min_decay!r}"
         )
-    elif _real(decay) and min_decay > decay:
+    elif _real(decay) and min_decay > decay and convention != "diffusers":
+        # (diffusers' EMAModel takes it: its decay is then min_decay after update_after_step)
         problems.append(
             f"{prefix}min_decay={min_decay!r} is above {prefix}decay={decay!r}: the warm-up's "
             f"decay would be {prefix}min_decay at every update; give a {prefix}min_decay at most "

@@ -187,6 +187,12 @@ CONVENTIONS: dict[str, tuple[dict[str, Any], Any, bool]] = {
         lambda net: DiffusersEma(net, DECAY, update_after_step=2, min_decay=0.5),
         True,
     ),
+    # diffusers takes a min_decay above decay: every decay after update_after_step is min_decay
+    "diffusers-min-decay-above-decay": (
+        {"ema_convention": "diffusers", "ema_update_after_step": 1, "ema_min_decay": 0.95},
+        lambda net: DiffusersEma(net, DECAY, update_after_step=1, min_decay=0.95),
+        True,
+    ),
     "diffusers-warmup": (
         {"ema_convention": "diffusers", "ema_warmup": True},
         lambda net: DiffusersEma(net, 0.99, use_ema_warmup=True),
@@ -306,7 +312,9 @@ def test_a_skipped_update_neither_counts_nor_moves_the_average(name: str) -> Non
 
 
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
-@pytest.mark.parametrize("name", ["torch-use-buffers", "timm-warmup-settings"])
+@pytest.mark.parametrize(
+    "name", ["torch-use-buffers", "timm-warmup-settings", "diffusers-min-decay-above-decay"]
+)
 def test_the_path_of_a_counter_not_on_the_host_averages_the_same(
     name: str, donate: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
