@@ -25,6 +25,7 @@ __all__ = [
     "tree_unflatten",
     "tree_paths",
     "leaves_by_path",
+    "key_path_name",
     "escape_key",
     "tree_structure",
     "check_same_structure",
@@ -277,7 +278,17 @@ def leaves_by_path(tree: Tree, is_leaf: Callable[[Any], bool] | None = None) -> 
         ['w', 'b/0']
     """
     flat, _ = pytree.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    return {"/".join(escape_key(str(_key(k))) for k in path): leaf for path, leaf in flat}
+    return {key_path_name(path): leaf for path, leaf in flat}
+
+
+def key_path_name(path: Sequence[Any]) -> str:
+    """The name `leaves_by_path` gives a key path of ``torch.utils._pytree`` (the root ``""``).
+
+    Example:
+        >>> key_path_name(pytree.tree_flatten_with_path({"b": (1,)})[0][0][0])
+        'b/0'
+    """
+    return "/".join(escape_key(str(_key(k))) for k in path)
 
 
 def tree_paths(tree: Tree) -> list[str]:

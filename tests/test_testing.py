@@ -118,6 +118,23 @@ def test_dtype_shape_type_missing_and_extra_leaves_are_each_named() -> None:
     }
 
 
+def test_containers_of_another_type_at_one_path_are_named() -> None:
+    # equal leaves under a tuple and a list (a user field written as one, read back as the other)
+    state = trained()
+    as_list = state.replace(user={"pair": [1, torch.zeros(2)], "none": []})
+    as_tuple = state.replace(user={"pair": (1, torch.zeros(2)), "none": ()})
+    assert [str(d) for d in diff_states(as_tuple, as_list)] == [
+        "user/pair: type differs (tuple vs list)",
+        "user/none: type differs (tuple vs list)",
+    ]
+    assert diff_states(as_tuple, as_list, ignore=["user"]) == []
+    assert [str(d) for d in diff_states((1,), [1])] == ["<root>: type differs (tuple vs list)"]
+    # a state's own mappings are dicts: its tree equals the plain tree of the same leaves
+    plain = {k: dict(v) if isinstance(v, dict) else v for k, v in state.tree().items()}
+    assert type(state.tree()["params"]) is not dict and type(plain["params"]) is dict
+    assert diff_states(state, plain) == []
+
+
 def test_integer_and_bfloat16_leaves_compare_by_value_bits() -> None:
     a = {"step": torch.tensor(7), "h": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)}
     b = {"step": torch.tensor(9), "h": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)}

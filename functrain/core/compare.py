@@ -13,11 +13,12 @@ from typing import Any
 
 import attrs
 import torch
+import torch.utils._pytree as pytree
 
 from functrain.core.state import TrainState
 from functrain.distributed.sharding import gathered
 from functrain.errors import ConfigError, listed
-from functrain.tree import leaves_by_path
+from functrain.tree import ReadOnlyDict, key_path_name, leaves_by_path
 
 __all__ = ["LeafDiff", "diff_states"]
 
@@ -32,8 +33,9 @@ class LeafDiff:
         path: the leaf's path, as checkpoints name it (``"params/0.weight"``,
             ``"opt_state/0/mu/0"``).
         kind: ``"values"`` (same dtype and shape, different bits), ``"dtype"``, ``"shape"``,
-            ``"type"`` (tensor against non-tensor, or two Python types), ``"missing"`` (only in
-            the first tree) or ``"extra"`` (only in the second).
+            ``"type"`` (tensor against non-tensor, two Python types, or two types of container at
+            one path: a tuple against a list), ``"missing"`` (only in the first tree) or
+            ``"extra"`` (only in the second).
         detail: what each side holds, for the message.
         num_different: elements whose bits differ (None unless `kind` is ``"values"``).
         numel: elements in the leaf (1 for a Python value).
@@ -151,8 +153,10 @@ def diff_states(a: Any, b: Any, *, ignore: Iterable[str] = ()) -> list[LeafDiff]
             differ between any two runs).
 
     Returns:
-        One `LeafDiff` per differing, missing or extra leaf, in path order of `a` (then extras);
-        empty when the two are bit-identical.
+        One `LeafDiff` per container of another type at the same path (a tuple against a list,
+        a dict against a named tuple; a `ReadOnlyDict` is a dict), then one per differing,
+        missing or extra leaf, each in path order of `a` (then extras); empty when the two are
+        bit-identical.
 
     Raises:
         ConfigError: `ignore` is a string, or holds a path that is no leaf or subtree of either
@@ -180,7 +184,13 @@ def diff_states(a: Any, b: Any, *, ignore: Iterable[str] = ()) -> list[LeafDiff]
         return {p: v for p, v in tree_leaves.items() if not _ignored(p, prefixes)}
 
     want, have = kept(leaves[0]), kept(leaves[1])
-    diffs = [
+    kinds = _containers(_as_tree(a)), _containers(_as_tree(b))
+    diffs: list[LeafDiff | None] = [
+        LeafDiff(p or "<root>", "type", f"{kind.__name__} vs {kinds[1][p].__name__}")
+        for p, kind in kinds[0].items()
+        if p in kinds[1] and kinds[1][p] is not kind and not _ignored(p, prefixes)
+    ]
+    diffs += [
         LeafDiff(p, "missing", "only in the first")
         if p not in have
         else _value_diff(p, want[p], have[p])
@@ -188,6 +198,23 @@ def diff_states(a: Any, b: Any, *, ignore: Iterable[str] = ()) -> list[LeafDiff]
     ]
     diffs += [LeafDiff(p, "extra", "only in the second") for p in have if p not in want]
     return [d for d in diffs if d is not None]
+
+
+def _containers(tree: Any) -> dict[str, type]:
+    """The type of each container in `tree` (empty ones too; a `ReadOnlyDict` a dict), by its
+    path as `leaves_by_path` names it (the root ``""``), in flattening order."""
+    kinds: dict[str, type] = {}
+    for path, leaf in pytree.tree_flatten_with_path(tree, is_leaf=_is_empty_node)[0]:
+        node = tree
+        for depth in range(len(path) + (1 if _is_empty_node(leaf) else 0)):
+            kinds.setdefault(
+                key_path_name(path[:depth]), dict if type(node) is ReadOnlyDict else type(node)
+            )
+            get = getattr(path[depth], "get", None) if depth < len(path) else None
+            if get is None:  # a key of a node type that cannot be followed: its path stops here
+                break
+            node = get(node)
+    return kinds
 
 
 def _ignored(path: str, prefixes: Sequence[str]) -> bool:
