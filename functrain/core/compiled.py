@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import sys
 import types
 import warnings
@@ -101,7 +102,8 @@ _TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
 class EagerStepWarning(UserWarning):
     """`compile_step` runs a state's steps eagerly (`functrain.train_step`): its module holds a
     module whose step inductor makes slower (`compile_step`'s ``eager_for``), or its compiled
-    step's loss was not the eager step's (torch compiled it wrongly)."""
+    step's loss was not the eager step's (torch compiled it wrongly), or its compiled call raised
+    where the eager step runs."""
 
 
 def _eager_module(module: nn.Module, kinds: tuple[type[nn.Module], ...]) -> str | None:
@@ -531,20 +533,21 @@ class CompiledStep:
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """`state`'s step as `train_step` runs it, and every later one of its configuration
         (`key`), whose compiled call's loss was not the eager step's (`why`: `_Miscompiled`) or
-        which torch failed to compile (`why`: its error, where the eager step runs), said once."""
+        whose compiled call raised where the eager step runs (`why`: the error), said once."""
         self._miscompiled.add(key)
         if isinstance(why, _Miscompiled):
             got, expected = why.args
             _warn_miscompiled(got, expected, own_draws=self._own_draws)
         else:
             error = why.args[0] if isinstance(why, _Failed) else why
-            first = (str(error).strip().splitlines() or [""])[0][:300]
             warnings.warn(
                 f"compile_step runs this configuration's steps eagerly, as functrain.train_step: "
-                f"torch failed to compile or run its compiled step ({type(error).__name__}: "
-                f"{first}) where the eager step runs; the state was put back as it was. Another "
-                "backend (compile_step(backend='aot_eager')) may compile it; torch.compile of "
-                "the step's loss and backward shows torch's whole error",
+                f"its compiled call raised {_raised(error)}, where the eager step runs; the state "
+                "was put back as it was. The cause may be torch's compile, or something the loss "
+                "function or model does that only a traced call meets (a read of a tensor's "
+                "storage or data pointer, a custom op torch cannot trace under torch.func.grad); "
+                "torch.compile of the step's loss and backward shows the whole error, and "
+                "another backend (compile_step(backend='aot_eager')) may compile it",
                 EagerStepWarning,
                 stacklevel=4,
             )
@@ -762,6 +765,27 @@ def _own_code(body: Callable[..., Any], prefix: str) -> types.FunctionType:
     else:  # code objects have no qualified name before 3.11
         code = body.__code__.replace(co_name=name)
     return types.FunctionType(code, body.__globals__, name, body.__defaults__, body.__closure__)
+
+
+_PACKAGE_FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # functrain's
+
+
+def _raised(error: BaseException) -> str:
+    """`error` for a warning: its type and message, without the hint and trace dynamo appends
+    (the last frame of that trace outside torch and functrain named instead: the user's line)."""
+    text, _, trace = str(error).partition("from user code:")
+    words = " ".join(text.split("\n  Hint:")[0].split())
+    words = words if len(words) <= 600 else words[:600] + "..."
+    libraries = tuple(
+        f'"{folder}{os.sep}' for folder in (os.path.dirname(torch.__file__ or ""), _PACKAGE_FOLDER)
+    )
+    frames = [
+        line.strip()
+        for line in trace.splitlines()
+        if line.strip().startswith("File ") and not any(lib in line for lib in libraries)
+    ]
+    at = f" ({frames[-1]})" if frames else ""
+    return f"{type(error).__name__}: {words}{at}" if words else type(error).__name__ + at
 
 
 def _torch_failed(error: BaseException, attempt: _Attempt) -> bool:
@@ -1058,10 +1082,11 @@ def compile_step(
     is checked the same way. A donated call keeps copies of what its graph writes for that one
     call (left out where they do not fit in the device's memory); a state in a process group,
     whose loss is averaged over the ranks, and a captured step (``capture=True``, whose first
-    call records a graph) are not compared. Where torch raises while it compiles or runs that
-    first call (a bug of its own on a model the eager step trains: the error is not the eager
-    check's), the state is put back the same way and the configuration runs as `train_step`,
-    with an `EagerStepWarning` naming torch's error; activation checkpointing is refused instead.
+    call records a graph) are not compared. Where that first call raises while torch compiles
+    or runs it, and the eager check found nothing wrong (torch's own bug on a model the eager
+    step trains, or what only a traced call meets: a read of a tensor's storage), the state
+    is put back the same way and the configuration runs as `train_step`, with an
+    `EagerStepWarning` naming the error; activation checkpointing is refused instead.
 
     With ``capture=True`` the whole step (forward, backward, update, the non-finite checks, EMA and
     counters) is also recorded as a CUDA graph, and each call replays it: one launch instead of a
