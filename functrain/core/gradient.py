@@ -39,6 +39,7 @@ from functrain.core.loss import (
     checkpoint_refusal,
     gradients_of,
     refuse_original_read,
+    refuse_written_buffers,
     run_gradient_hooks,
 )
 from functrain.core.options import loss_divisor
@@ -208,7 +209,11 @@ def _with_graph(
             own = {**dict(zip(names, leaves)), **state.frozen, **buffers}
             if refuse_original_read(originals(state.module), total, own, "loss_fn"):
                 object.__setattr__(state.module, GRAPH_READS_CHECKED, True)
-        found = torch.autograd.grad(total, leaves, create_graph=exact, allow_unused=True)
+        try:
+            found = torch.autograd.grad(total, leaves, create_graph=exact, allow_unused=True)
+        except RuntimeError as error:
+            refuse_written_buffers(error, buffers.items())
+            raise
     if not exact:  # the step keeps no graph: neither do the buffers it wrote
         _detach_written(buffers)
     known = decided(state)
@@ -253,6 +258,8 @@ def _by_autograd(
         refused = checkpoint_refusal(error, "stacked" if members else "sharded")
         if refused is not None:
             raise refused from error
+        if isinstance(error, RuntimeError):  # (the module is unbound: the buffers it was given)
+            refuse_written_buffers(error, buffers.items())
         raise
     _detach_written(buffers)
     grads = completed(found, leaves, names * (len(own) if apart else 1), known.hooks, known.sparse)

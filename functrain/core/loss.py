@@ -15,7 +15,7 @@ import itertools
 import operator
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +46,7 @@ __all__ = [
     "check_scalar_metrics",
     "checkpoint_refusal",
     "engine_failed",
+    "refuse_written_buffers",
     "gradients_of",
     "own_gradients",
     "seek_reentrant",
@@ -697,10 +698,51 @@ def own_gradients(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]
 def engine_failed(error: RuntimeError, module: torch.nn.Module) -> None:
     """What the engine's `error` means: `RunAgain` where it is torch's refusal of reentrant
     activation checkpointing under ``torch.autograd.grad`` (`module` remembered as needing
-    ``loss.backward()``); else nothing, and the caller raises `error` as it is."""
+    ``loss.backward()``); `refuse_written_buffers`' error where a buffer `module` holds (still
+    bound) was written in place from the graph; else nothing, and the caller raises `error` as
+    it is."""
     if any(words in str(error) for words in _REENTRANT):
         object.__setattr__(module, BY_BACKWARD, True)
         raise RunAgain from error
+    refuse_written_buffers(error, module.named_buffers())
+
+
+def refuse_written_buffers(
+    error: RuntimeError, buffers: Iterable[tuple[str, torch.Tensor]]
+) -> None:
+    """Raise a `ConfigError` where the engine's `error` is torch's refusal of a backward through
+    a tensor written in place, and one of `buffers` (``(name, tensor)``) is one the forward wrote
+    from the graph (a recurrent hidden state's ``self.h.copy_(h)``): torch's loop fails there
+    too. Read only once the engine failed: no step that succeeds walks the buffers."""
+    text = str(error)
+    if not any(words in text for words in _WRITTEN_IN_PLACE):
+        return
+    written = [k for k, b in buffers if b.grad_fn is not None]
+    if written:
+        raise ConfigError(
+            _BUFFER_ON_GRAPH.format(
+                names=", ".join(repr(k) for k in written),
+                local=written[0].rpartition(".")[2],
+                error=f"{type(error).__name__}: {text.strip().splitlines()[0][:200]}",
+            )
+        ) from error
+
+
+# torch's refusals of a backward through a tensor written in place after the graph read it
+_WRITTEN_IN_PLACE = (
+    "modified by an inplace operation",
+    "has been modified inplace",
+)
+_BUFFER_ON_GRAPH = (
+    "the forward writes the buffer {names} in place from a tensor attached to the autograd graph "
+    "(self.{local}.copy_(h), a recurrent hidden state kept from batch to batch), after the graph "
+    "read it: torch's backward cannot run through it ({error}), and fails as it would in a "
+    "torch loop. Keep the hidden state off the graph between batches: rebind the buffer to a "
+    "detached tensor in forward (self.{local} = h.detach(), as PyTorch's word-language-model "
+    "example's repackage_hidden detaches it), which the step carries into the new state as "
+    "torch's module keeps it; a copy_ of the detached value still writes a tensor the backward "
+    "reads"
+)
 
 
 def _accumulated(

@@ -530,6 +530,93 @@ def test_a_rebinding_a_step_cannot_carry_is_refused_with_the_state_as_it_was(
     assert set(dict(state.module.named_parameters())) == {"lin.weight", "lin.bias"}
 
 
+class HiddenLM(nn.Module):
+    """A recurrent LM keeping its hidden state in a buffer from batch to batch: `copied` writes
+    it in place from the graph (``self.hidden.copy_(h)``), else it is rebound detached (the word-
+    language-model example's ``repackage_hidden``)."""
+
+    def __init__(self, copied: bool) -> None:
+        super().__init__()
+        self.emb, self.cell, self.out = nn.Embedding(11, 8), nn.RNNCell(8, 8), nn.Linear(8, 11)
+        self.register_buffer("hidden", torch.zeros(4, 8))
+        self.copied = copied
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, outs = self.hidden, []
+        for e in self.emb(x).unbind(1):
+            h = self.cell(e, h)
+            outs.append(h)
+        if self.copied:
+            self.hidden.copy_(h)
+        else:
+            self.hidden = h.detach()
+        return self.out(torch.stack(outs, 1))
+
+
+def _lm_loss(m: Any, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(m(x).flatten(0, 1), y.flatten())
+
+
+def _lm_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 11, (4, 5), generator=g),) * 2 for _ in range(3)]
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # (vmap's cell)
+@pytest.mark.parametrize(
+    ("engine", "donate"),
+    [
+        ("eager", False),
+        ("eager", True),
+        ("stacked", False),
+        ("stacked", True),
+        ("differentiable", False),  # (a differentiable state is never donated)
+        ("compiled", False),
+        ("compiled", True),
+    ],
+)
+def test_a_hidden_state_written_into_a_buffer_from_the_graph_is_refused_as_torch_fails(
+    engine: str, donate: bool
+) -> None:
+    # torch's loop fails at its first backward (the graph read the buffer the forward then
+    # wrote); the step says so in its own words, naming the buffer and the rebinding that fixes it
+    torch.manual_seed(0)
+    net = HiddenLM(copied=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _lm_loss(net, _lm_batches()[0]).backward()
+    torch.manual_seed(0)
+    state = ft.TrainState.create(
+        HiddenLM(copied=True), ft.sgd(0.1), _lm_loss, differentiable=engine == "differentiable"
+    )
+    if engine == "stacked":
+        state = ft.stack([state, state.clone()])
+    before = state.clone()
+    step = ft.compile_step() if engine == "compiled" else ft.train_step
+    with pytest.raises(ft.ConfigError, match=r"buffer 'hidden' in place.*self\.hidden = h\.detach"):
+        step(state, _lm_batches()[0], donate=donate)
+    assert ft.diff_states(before, state) == []
+    if engine == "eager" and not donate:
+        _rebound_detached_trains_as_torchs_loop()
+
+
+def _rebound_detached_trains_as_torchs_loop() -> None:
+    """The fix the refusal names: bit for bit with torch's loop, the hidden state carried."""
+    torch.manual_seed(0)
+    net = HiddenLM(copied=False)
+    torch.manual_seed(0)
+    state = ft.TrainState.create(HiddenLM(copied=False), ft.sgd(0.1), _lm_loss)
+    optimizer = torch.optim.SGD(net.parameters(), 0.1)
+    for batch in _lm_batches():
+        optimizer.zero_grad()
+        _lm_loss(net, batch).backward()
+        optimizer.step()
+        state, _ = ft.train_step(state, batch, donate=True)
+    for name, p in net.named_parameters():
+        assert torch.equal(state.params[name], p)
+    assert torch.equal(state.buffers["hidden"], net.hidden)
+
+
 class SettingUnheld(nn.Module):
     """A forward that gives a buffer the state holds no tensor for a value, as torch keeps it."""
 
