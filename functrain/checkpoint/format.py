@@ -273,8 +273,10 @@ class TreeWriter:
         if t.dtype not in CODE_OF or t.layout != torch.strided or t.device.type == "meta":
             raise CheckpointError(
                 f"cannot save the tensor at {path!r}: {t.dtype} {t.layout} on {t.device}; dense "
-                "tensors on a real device of these dtypes can be saved: "
-                f"{sorted(str(d) for d in CODE_OF)}"
+                "tensors on a real device of these dtypes can be saved (the format's tensor "
+                f"files are safetensors'): {sorted(str(d) for d in CODE_OF)}; hold a complex "
+                "weight as two real tensors (torch.view_as_real) in the module, a sparse CSR "
+                "buffer as COO (.to_sparse()); nothing was written"
             )
         t = t.detach()
         if t.device.type != "cpu":
