@@ -133,8 +133,9 @@ _open = [0]
 
 # the buffers of modules that no open binding holds (a loss module the loss function closes over,
 # DINO's DINOLoss and its ``self.center = ...``) rebound during a block, each with what it held
-# before: a step carries no tensor of theirs, so a rebinding they keep is refused and undone
-_outside: dict[tuple[int, str], tuple[nn.Module, str, Any]] = {}
+# before and the last tensor the block set: a step carries no tensor of theirs, so a rebinding
+# they keep is refused and undone
+_outside: dict[tuple[int, str], tuple[nn.Module, str, Any, list[Any]]] = {}
 
 
 def bound_now() -> bool:
@@ -165,7 +166,8 @@ def _buffer_registered(module: nn.Module, name: str, value: Any) -> None:
         return
     _registrations[0] += 1
     if _open[0] and name in module._buffers and name not in module._non_persistent_buffers_set:
-        _outside.setdefault((id(module._buffers), name), (module, name, module._buffers[name]))
+        entry = (module, name, module._buffers[name], [None])
+        _outside.setdefault((id(module._buffers), name), entry)[3][0] = value  # the last set
     # a forward rebinding a buffer it holds (``self.h = h.detach()``) keeps the structure: the
     # binding puts the slot back on leaving, so the plan stays (planning every step would cost as
     # much as torch's functional_call)
@@ -536,10 +538,14 @@ def carry_rebound(tensors: dict[str, torch.Tensor], rebound: list[tuple[str, boo
 
 def _kept_outside(check: bool) -> list[tuple[nn.Module, str]]:
     """The buffers outside the bound structures still rebound as the outermost block ends, each
-    put back (`_outside`; none where the block raised, whose error goes on as it is)."""
+    put back (`_outside`; none where the block raised, whose error goes on as it is). Only where
+    the tensor it ends with is the last one the block set: a `functional_call` that swapped a
+    module's tensors in, its forward rebinding one (spectral norm's ``self._u = ...``), puts the
+    module's own back, and so keeps nothing."""
     kept = []
-    for module, name, old in _outside.values():
-        if check and module._buffers.get(name) is not old:
+    for module, name, old, last in _outside.values():
+        now = module._buffers.get(name)
+        if check and now is not old and now is last[0]:
             module._buffers[name] = old
             kept.append((module, name))
     _outside.clear()

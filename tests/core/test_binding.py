@@ -771,3 +771,30 @@ def test_a_buffer_rebound_on_a_module_outside_the_state_is_refused_and_put_back(
     assert torch.equal(state.buffers["centering.center"], reference.centering.center)
     for name, p in reference.named_parameters():
         assert torch.equal(state.params[name], p.detach()), name
+
+
+def test_a_functional_call_on_a_module_outside_the_state_whose_forward_rebinds_a_buffer_trains():
+    # a critic of the user's own, outside the state, run on the weights the batch brings: its
+    # spectral norm rebinds u and v (self._u = ...) on the tensors swapped in, and functional_call
+    # puts the module's own back, as in torch's loop: nothing is kept, nothing refused
+    torch.manual_seed(0)
+    critic = nn.Sequential(
+        nn.utils.parametrizations.spectral_norm(nn.Linear(2, 4)), nn.Linear(4, 1)
+    )
+    own = {k: b.clone() for k, b in critic.named_buffers()}
+
+    def loss_fn(g: nn.Module, batch: Any) -> torch.Tensor:
+        noise, weights = batch
+        return -torch.func.functional_call(critic, weights, (g(noise),)).mean()
+
+    weights = {k: t.detach().clone() for k, t in critic.state_dict().items()}
+    generator = nn.Linear(4, 2)
+    state = ft.TrainState.create(copy.deepcopy(generator), ft.adam(1e-3), loss_fn)
+    noise = torch.randn(8, 4)
+    stepped, _ = ft.train_step(state, (noise, {k: t.clone() for k, t in weights.items()}))
+    optimizer = torch.optim.Adam(generator.parameters(), 1e-3, fused=True)
+    loss_fn(generator, (noise, {k: t.clone() for k, t in weights.items()})).backward()
+    optimizer.step()
+    for name, p in generator.named_parameters():
+        assert torch.equal(stepped.params[name], p.detach()), name
+    assert all(torch.equal(b, own[k]) for k, b in critic.named_buffers())
