@@ -1513,7 +1513,7 @@ def load_weights(
             + "\n  - ".join(problems)
             + (_STRICT_HINT if names and strict and not unfit["shape"] and not renamed else "")
             + (renamed + _RENAME_FIX.format(path=repr(str(path))) if names and renamed else "")
-            + (_SHAPES_HINT if unfit["shape"] else "")
+            + (_members_hint(tree, into, path) or (_SHAPES_HINT if unfit["shape"] else ""))
             + (_DTYPES_HINT if unfit["dtype"] else "")
         )
 
@@ -1582,6 +1582,29 @@ _SHAPES_HINT = (
     "a new head of another size under another name, e.g. model.head replaced by "
     "model.classifier, keeps its own values with strict=False)"
 )
+
+
+def _members_hint(tree: dict, into: TrainState, path: Any) -> str:
+    """Why the shapes differ when one of a checkpoint and `into` is stacked and the other not."""
+    step = tree.get("step")
+    saved = step.shape[0] if isinstance(step, torch.Tensor) and step.ndim == 1 else 0
+    if saved and not into.members:
+        return (
+            f"\n(the checkpoint holds a stacked state of {saved} members, functrain.stack, and "
+            "`into` one member: take member k as a state, member = "
+            f"functrain.unstack(functrain.load({str(path)!r}, like=stacked))[k] (or "
+            "CheckpointManager.restore_best(like=stacked, member=k)), then start from its "
+            "weights: functrain.TrainState.create(member.export_module(), ...))"
+        )
+    if into.members and not saved:
+        return (
+            f"\n(`into` is a stacked state of {into.members} members, functrain.stack, and the "
+            "checkpoint holds one state: load the weights into each member before stacking, "
+            "functrain.stack([functrain.load_weights(path, into=member) for member in members]))"
+        )
+    return ""
+
+
 _DTYPES_HINT = (
     "\n(a tensor of another dtype is not cast, where torch's load_state_dict casts it: build "
     "the model in the checkpoint's dtype for load_weights, then convert the state's module "

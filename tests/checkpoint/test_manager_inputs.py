@@ -172,6 +172,27 @@ def test_load_weights_into_what_is_not_a_state_is_a_config_error(
         ft.load_weights(path, into={"params": state.params})  # type: ignore[arg-type]
 
 
+def test_load_weights_between_a_stacked_state_and_a_member_names_the_members(
+    tmp_path: Path,
+) -> None:
+    def member(k: int) -> ft.TrainState:
+        torch.manual_seed(k)
+        return ft.TrainState.create(nn.Linear(3, 2), ft.adamw(0.1 * (k + 1)), loss_fn, seed=k)
+
+    stacked = ft.stack([member(0), member(1)])
+    stacked, _ = ft.train_step(stacked, (torch.ones(4, 3), torch.zeros(4, 2)))
+    path = ft.save(stacked, tmp_path / "stacked")
+    with pytest.raises(ft.StateMismatchError, match=r"a stacked state of 2 members") as error:
+        ft.load_weights(path, into=member(5))
+    assert "strict=False" not in str(error.value)  # (no strict=False would load it)
+    # the way the message gives: member 1's trained weights, its slice of the stacked tensors
+    one = ft.unstack(ft.load(path, like=stacked))[1].export_module()
+    assert torch.equal(one.weight, stacked.params["weight"][1])
+    single = ft.save(member(0), tmp_path / "single")
+    with pytest.raises(ft.StateMismatchError, match=r"`into` is a stacked state of 2 members"):
+        ft.load_weights(single, into=ft.stack([member(0), member(1)]))
+
+
 @pytest.mark.parametrize("metadata", [[1], "note"], ids=["list", "str"])
 def test_metadata_that_is_not_a_dict_is_refused_before_it_is_written(
     tmp_path: Path, metadata: Any
