@@ -132,9 +132,9 @@ _registrations = [0]
 _open = [0]
 
 # the buffers of modules that no open binding holds (a loss module the loss function closes over,
-# DINO's DINOLoss and its ``self.center = ...``) rebound during a block, each with what it held
-# before and the last tensor the block set: a step carries no tensor of theirs, so a rebinding
-# they keep is refused and undone
+# DINO's DINOLoss and its ``self.center = ...``) rebound during a block by the thread that holds
+# it, each with what it held before and the last tensor the block set: a step carries no tensor
+# of theirs, so a rebinding they keep is refused and undone
 _outside: dict[tuple[int, str], tuple[nn.Module, str, Any, list[Any]]] = {}
 
 
@@ -165,7 +165,14 @@ def _buffer_registered(module: nn.Module, name: str, value: Any) -> None:
     if torch.compiler.is_compiling():
         return
     _registrations[0] += 1
-    if _open[0] and name in module._buffers and name not in module._non_persistent_buffers_set:
+    # (this thread's step's: another thread's torch code, which runs beside a step without the
+    # lock, rebinds buffers of its own modules, none of the step's)
+    if (
+        _open[0]
+        and name in module._buffers
+        and name not in module._non_persistent_buffers_set
+        and lock_depth()
+    ):
         entry = (module, name, module._buffers[name], [None])
         _outside.setdefault((id(module._buffers), name), entry)[3][0] = value  # the last set
     # a forward rebinding a buffer it holds (``self.h = h.detach()``) keeps the structure: the

@@ -5,6 +5,7 @@ was."""
 from __future__ import annotations
 
 import copy
+import threading
 from typing import Any
 
 import pytest
@@ -798,3 +799,41 @@ def test_a_functional_call_on_a_module_outside_the_state_whose_forward_rebinds_a
     for name, p in generator.named_parameters():
         assert torch.equal(stepped.params[name], p.detach()), name
     assert all(torch.equal(b, own[k]) for k, b in critic.named_buffers())
+
+
+def test_a_buffer_another_thread_rebinds_while_a_step_runs_is_not_the_steps():
+    # torch code in another thread (a counter of its own) rebinds its buffer during a step: as in
+    # torch, it keeps each value, and the step is not refused for it
+    class Counter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("n", torch.zeros(()))
+
+        def forward(self) -> None:
+            self.n = self.n + 1
+
+    counter, inside, done = Counter(), threading.Event(), threading.Event()
+
+    def other() -> None:
+        inside.wait()
+        counter()
+        done.set()
+
+    def loss_fn(m: nn.Module, b: Any) -> torch.Tensor:
+        inside.set()
+        assert done.wait(30)
+        return m(b).pow(2).mean()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    torch.manual_seed(0)
+    reference = nn.Linear(4, 2)
+    state = ft.TrainState.create(copy.deepcopy(reference), ft.sgd(0.1), loss_fn)
+    x = torch.randn(8, 4)
+    state, _ = ft.train_step(state, x)
+    thread.join()
+    assert torch.equal(counter.n, torch.tensor(1.0))
+    optimizer = torch.optim.SGD(reference.parameters(), 0.1)
+    reference(x).pow(2).mean().backward()
+    optimizer.step()
+    assert all(torch.equal(state.params[k], p) for k, p in reference.named_parameters())
