@@ -440,7 +440,10 @@ class _Binding:
                 for (attrs, name), original in zip(self._attributes, self._kept, strict=True):
                     attrs[name] = original
             self._model._functrain_open[0] = False
-            kept = _kept_outside(kind is None) if _outside and not _open[0] else None
+            # (an evaluation's, its module in eval mode, carries nothing: the module outside
+            # keeps its value, as in torch's evaluation loop, a metric's running count)
+            check = kind is None and self._module.training
+            kept = _kept_outside(check) if _outside and not _open[0] else None
             if self._locked:
                 STEP_LOCK.release()
         if kept:

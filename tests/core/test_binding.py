@@ -837,3 +837,30 @@ def test_a_buffer_another_thread_rebinds_while_a_step_runs_is_not_the_steps():
     reference(x).pow(2).mean().backward()
     optimizer.step()
     assert all(torch.equal(state.params[k], p) for k, p in reference.named_parameters())
+
+
+def test_an_evaluation_keeps_a_buffer_rebound_on_a_module_outside_the_state_as_torch_does():
+    # a metric module beside the model, counting over the validation batches: torch's evaluation
+    # loop keeps each value, and an evaluation carries nothing the state would lose
+    class Total(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("total", torch.zeros(()))
+
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            self.total = self.total + v.detach().sum()
+            return v
+
+    ours, theirs = Total(), Total()
+    torch.manual_seed(0)
+    reference = nn.Linear(4, 1)
+    state = ft.TrainState.create(
+        copy.deepcopy(reference), ft.sgd(0.1), lambda m, b: ours(m(b[0])).sub(b[1]).pow(2).mean()
+    )
+    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(3)]
+    reference.eval()
+    with torch.no_grad():
+        for x, y in batches:
+            ft.eval_step(state, (x, y))
+            theirs(reference(x))
+    assert torch.equal(ours.total, theirs.total)
