@@ -49,6 +49,7 @@ from functrain.core.create import averaging_init
 from functrain.core.donation import hold_live
 from functrain.core.options import LossScale
 from functrain.core.replacement import ByName, resplit, slot_owners
+from functrain.core.scope import modes_back, modes_of
 from functrain.core.state import TrainState, unaliased
 from functrain.core.structure import sparse_parameters
 from functrain.devices import device_named
@@ -245,8 +246,8 @@ def _static_fingerprint(state: TrainState) -> dict[str, Any]:
 
 
 def _module_modes(module: torch.nn.Module) -> dict[str, str]:
-    """Each of `module`'s submodules whose mode differs from the module's own (a BatchNorm frozen
-    by ``.eval()`` in a model in train mode), by name: ``"eval"`` or ``"train"``.
+    """Each of `module`'s submodules in eval mode while a step trains the module (a BatchNorm
+    frozen by ``.eval()`` in a model in train mode), by name: ``"eval"``.
 
     Every such module, whatever its kind: whether a mode changes what a module computes is for
     its forward, its hooks and the loss function to say (any of them may read ``training``), and
@@ -254,18 +255,29 @@ def _module_modes(module: torch.nn.Module) -> dict[str, str]:
     out would train otherwise without a word. Recorded where none differs too (``{}``): a load
     tells "none differs" from "written before modes were recorded", which it does not compare.
 
+    The modes a training step runs the module in: a module in eval mode as a whole (a pretrained
+    model as loaded, a new head added in train mode) is switched by its ``train`` as a step
+    switches it (an override of ``train`` that keeps a BatchNorm frozen runs), read, and set back.
+
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
         >>> _ = net[1].eval()
-        >>> _module_modes(net), _module_modes(net.eval())
-        ({'1': 'eval'}, {})
+        >>> _module_modes(net), _module_modes(net.eval()), _module_modes(net[1].train() and net)
+        ({'1': 'eval'}, {}, {})
     """
-    own = module.training
-    return {
-        name: "train" if m.training else "eval"
-        for name, m in module.named_modules()
-        if m.training != own
-    }
+    if module.training:
+        return _apart(module)
+    modes = modes_of(module)
+    module.train(True)
+    try:
+        return _apart(module)
+    finally:
+        modes_back(module, False, modes)
+
+
+def _apart(module: torch.nn.Module) -> dict[str, str]:
+    """`_module_modes` of a module in train mode."""
+    return {name: "eval" for name, m in module.named_modules() if not m.training}
 
 
 def _at_rest(module: torch.nn.Module) -> dict[str, str]:
@@ -1203,9 +1215,9 @@ def _warn_unrecorded(rewound: list[str], asked: Transform, resumed: Transform, p
 
 
 def _mode_problems(saved: Mapping[str, Any], like: TrainState) -> list[str]:
-    """The modules of `like` in another mode than the checkpoint's run had them in (`_module_modes`
-    of each), both modes named; none where the checkpoint records no modes (written before they
-    were recorded)."""
+    """The modules of `like` in another mode than the checkpoint's run trained them in
+    (`_module_modes` of each), both named; none where the checkpoint records no modes (written
+    before they were recorded)."""
     record = saved.get("modes")
     if record is None:
         return []
@@ -1218,30 +1230,19 @@ def _mode_problems(saved: Mapping[str, Any], like: TrainState) -> list[str]:
             "of module names to 'train' or 'eval'"
         ]
     found = dict(like.module.named_modules())
-    # the model's own mode in the saved run: the other one of any module recorded apart from it
-    theirs_own = {"eval": "train", "train": "eval"}.get(next(iter(record.values()), ""))
-    ours_own = "train" if like.module.training else "eval"
 
-    def theirs(name: str) -> str:
-        if name in record:
-            return f"{name!r} {record[name]}"
-        return f"{name!r} as the model" + (f" ({theirs_own})" if theirs_own else "")
+    def mode(modes: Mapping[str, str], name: str) -> str:
+        return f"{name!r} {modes.get(name, 'train')}" if name in found else f"{name!r} absent"
 
-    def template(name: str) -> str:
-        if name not in found:
-            return f"{name!r} absent"
-        return f"{name!r} {ours[name]}" if name in ours else f"{name!r} as the model ({ours_own})"
-
-    names = sorted({*record, *ours} - {k for k in record if record[k] == ours.get(k)})
+    names = sorted(k for k in {*record, *ours} if record.get(k) != ours.get(k))
     more = f" and {len(names) - 8} more" if len(names) > 8 else ""
     return [
-        "modules' modes differ (a module in eval mode in a model in train mode, or the other "
-        "way round: a BatchNorm in eval mode keeps its running statistics, a dropout drops "
-        "nothing, so the run would train otherwise): checkpoint has "
-        + ", ".join(map(theirs, names[:8]))
+        "modules' modes in training differ (a BatchNorm in eval mode keeps its running "
+        "statistics, a dropout drops nothing, so the run would train otherwise): checkpoint has "
+        + ", ".join(mode(record, n) for n in names[:8])
         + more
         + ", template has "
-        + ", ".join(map(template, names[:8]))
+        + ", ".join(mode(ours, n) for n in names[:8])
         + more
     ]
 

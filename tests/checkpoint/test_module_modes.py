@@ -109,7 +109,7 @@ def test_a_template_without_the_runs_frozen_batchnorm_is_refused_naming_it(
     with pytest.raises(ft.StateMismatchError) as raised:
         ft.load(path, like=make_state(frozen=False))
     message = str(raised.value)
-    assert "checkpoint has '1' eval, template has '1' as the model (train)" in message
+    assert "checkpoint has '1' eval, template has '1' train" in message
     assert "set_bn_eval" in message and ".eval() (or .train())" in message
     assert "optimizer" not in message  # (only the modes differ: no warm start suggested)
     # the manager's and fit's resume too, before a step
@@ -136,22 +136,41 @@ def test_a_template_with_modules_in_eval_mode_the_run_trained_in_train_mode_is_r
     assert ft.load(path)[1]["fingerprint"]["modes"] == {}
     with pytest.raises(ft.StateMismatchError) as raised:
         ft.load(path, like=make_state(frozen=True))
-    assert "checkpoint has '1' as the model, template has '1' eval" in str(raised.value)
+    assert "checkpoint has '1' train, template has '1' eval" in str(raised.value)
     # a model in eval mode as a whole trains as one in train mode: no module's mode differs
     ft.load(
         path, like=ft.TrainState.create(make_model(frozen=False).eval(), ft.adamw(1e-2), loss_fn)
     )
-    # a module the run had in train mode in a model in eval mode: the other way round
+    # a model in eval mode as a whole with a module in train mode (a pretrained model as loaded,
+    # a new head added): its steps switch it all to train mode, which is what is recorded, so
+    # it resumes into the same build with model.train() called, or without
     model = make_model(frozen=False).eval()
     model[1].train()
-    inverted = ft.save(ft.TrainState.create(model, ft.adamw(1e-2), loss_fn), tmp_path / "i")
-    assert ft.load(inverted)[1]["fingerprint"]["modes"] == {"1": "train"}
-    with pytest.raises(
-        ft.StateMismatchError, match="checkpoint has '1' train, template has '1' as"
-    ):
-        ft.load(
-            inverted, like=ft.TrainState.create(make_model(False).eval(), ft.adamw(1e-2), loss_fn)
-        )
+    headed = ft.save(ft.TrainState.create(model, ft.adamw(1e-2), loss_fn), tmp_path / "h")
+    assert ft.load(headed)[1]["fingerprint"]["modes"] == {}
+    for template in (make_model(False), make_model(False).eval()):
+        ft.load(headed, like=ft.TrainState.create(template, ft.adamw(1e-2), loss_fn))
+
+
+class KeepsFrozen(nn.Sequential):
+    """A model whose ``train`` keeps its BatchNorm frozen (a detection backbone's override)."""
+
+    def train(self, mode: bool = True) -> KeepsFrozen:
+        super().train(mode)
+        self[1].eval()
+        return self
+
+
+def test_a_model_in_eval_mode_whose_train_keeps_a_module_frozen_records_it(
+    tmp_path: Path,
+) -> None:
+    # its steps run the override, which freezes the BatchNorm: the mode it trains in
+    model = KeepsFrozen(*make_model(frozen=False)).eval()
+    path = ft.save(ft.TrainState.create(model, ft.adamw(1e-2), loss_fn), tmp_path / "k")
+    assert ft.load(path)[1]["fingerprint"]["modes"] == {"1": "eval"}
+    assert not model.training and not model[1].training  # set back as it was
+    with pytest.raises(ft.StateMismatchError, match="checkpoint has '1' eval, template has '1' t"):
+        ft.load(path, like=ft.TrainState.create(make_model(False), ft.adamw(1e-2), loss_fn))
 
 
 def test_a_checkpoint_written_before_modes_were_recorded_loads_into_either_template(
