@@ -151,6 +151,10 @@ class MetricWindow:
 
     def add_vector(self, vec: torch.Tensor, keys: list[str], applied: bool = True) -> torch.Tensor:
         """Add a step's stacked metrics (named `keys`); returns them as the window took them."""
+        if self.count and keys != self.keys and sorted(keys) == sorted(self.keys):
+            # the same metrics in another order (a dict built in the order of a batch's tasks):
+            # each is summed with its own name's, in the window's order
+            vec, keys = vec[[keys.index(k) for k in self.keys]], self.keys
         if self.count and keys != self.keys:
             vec, keys = self._step_norm_apart(vec, keys)
         if not self.count:

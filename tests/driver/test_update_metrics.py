@@ -170,3 +170,30 @@ def test_metrics_of_other_dtypes_than_the_loss_are_logged_without_float32_roundi
     # by hand, in Python's float64
     assert row["tokens"] == epoch["tokens"] == ((2**24 + 9) + (2**24 + 5)) / 2
     assert row["fine"] == epoch["fine"] == ((1.0 + 2.0**-30 * 8) + (1.0 + 2.0**-30 * 4)) / 2
+
+
+def test_metrics_returned_in_another_order_are_summed_by_name() -> None:
+    # a loss function that builds its metrics dict in the order of the batch (the tasks a
+    # multi-task batch holds) returns the same names in another order from step to step
+    def reordering(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> object:
+        x, y = batch
+        out = model(x)
+        metrics = {"first": out.mean().detach(), "second": (out - y).abs().mean().detach()}
+        if x.shape[0] == 4:  # the short last batch: the same metrics, reversed
+            metrics = dict(reversed(list(metrics.items())))
+        return torch.nn.functional.mse_loss(out, y), metrics
+
+    data = dataset(n=12)  # batches of 8 and 4
+    result = quiet_fit(
+        linear_state(loss=reordering), data, batch_size=8, shuffle=False, max_epochs=1, log_every=2
+    )
+    # by hand: the same steps, each metric's mean over the two batches
+    state, steps = linear_state(loss=reordering), []
+    x, y = data.tensors
+    for i in (0, 8):
+        state, metrics = ft.train_step(state, (x[i : i + 8], y[i : i + 8]))
+        steps.append({k: float(v) for k, v in metrics.items()})
+    (row,) = result.history.rows["train"]
+    (epoch,) = result.history.rows["epoch"]
+    for name in ("first", "second", "loss"):
+        assert row[name] == epoch[name] == (steps[0][name] + steps[1][name]) / 2
