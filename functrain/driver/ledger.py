@@ -160,9 +160,14 @@ class MetricWindow:
         if not self.count:
             self.keys, self.sums, self.updates = keys, vec.double(), 0
         elif keys != self.keys:
+            missing = [k for k in self.keys if k not in keys]
+            added = [k for k in keys if k not in self.keys]
             raise ConfigError(
-                f"loss_fn must return the same metrics at every step: got {keys}, before "
-                f"{self.keys}"
+                "loss_fn must return the same metrics at every step (fit logs each one's mean "
+                f"over the steps of a log interval): this step left out {missing} and added "
+                f"{added}; return each metric at every step (for a task a batch leaves out, its "
+                "loss as 0 beside a metric counting its samples, whose mean weights it), or log "
+                "what a step may leave out from a callback"
             )
         else:
             assert self.sums is not None  # a count above 0 comes with its sums

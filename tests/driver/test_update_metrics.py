@@ -197,3 +197,22 @@ def test_metrics_returned_in_another_order_are_summed_by_name() -> None:
     (epoch,) = result.history.rows["epoch"]
     for name in ("first", "second", "loss"):
         assert row[name] == epoch[name] == (steps[0][name] + steps[1][name]) / 2
+
+
+def test_a_metric_a_step_leaves_out_is_refused_naming_it_and_the_fix() -> None:
+    # a multi-task batch without one task's labels: its loss function reports that task's
+    # metric at some steps only, which no mean over the interval can hold
+    def some_steps(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> object:
+        x, y = batch
+        out = model(x)
+        metrics = {"task_a": out.mean().detach()}
+        if x.shape[0] == 8:
+            metrics["task_b"] = (out - y).abs().mean().detach()
+        return torch.nn.functional.mse_loss(out, y), metrics
+
+    with pytest.raises(ft.ConfigError) as error:
+        data = dataset(n=12)  # batches of 8 and 4
+        quiet_fit(linear_state(loss=some_steps), data, batch_size=8, shuffle=False, max_epochs=1)
+    message = str(error.value)
+    assert "left out ['task_b']" in message and "added []" in message
+    assert "return each metric at every step" in message
