@@ -81,3 +81,58 @@ def square_output_loss(model: Any, batch: torch.Tensor) -> torch.Tensor:
 def first_column_loss(model: Any, batch: torch.Tensor) -> torch.Tensor:
     """The mean squared error of ``model`` predicting each row's first column from the others."""
     return (model(batch[:, 1:]) - batch[:, :1]).pow(2).mean()
+
+
+def detection_batches(sizes: list[int], seed: int = 0) -> list[tuple[tuple, tuple]]:
+    """Batches as torchvision's detection loaders collate them (``collate_fn=lambda b:
+    tuple(zip(*b))``): ``(images, targets)``, a tuple of ``[3, H, W]`` images of their own sizes
+    and a tuple of their targets (``{"boxes": [k, 4], "labels": [k]}``, some without objects);
+    one batch of each of `sizes` images."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for n in sizes:
+        samples = []
+        for _ in range(n):
+            h, w, k = (int(v) for v in torch.randint(4, 8, (3,), generator=g))
+            k = max(k - 5, 0)  # 0 to 2 objects: some images hold none
+            target = {
+                "boxes": torch.rand(k, 4, generator=g),
+                "labels": torch.randint(0, 2, (k,), generator=g),
+            }
+            samples.append((torch.randn(3, h, w, generator=g), target))
+        batches.append(tuple(zip(*samples)) if samples else ((), ()))
+    return batches
+
+
+def detection_loss(model: Any, batch: tuple[tuple, tuple]) -> torch.Tensor:
+    """A per-image loss, averaged over the batch's images: `model` (3 -> 2) on each image's mean
+    colour, the class whether it holds an object."""
+    images, targets = batch
+    logits = model(torch.stack([im.mean((1, 2)) for im in images]))
+    present = torch.tensor([int(t["labels"].numel() > 0) for t in targets])
+    return F.cross_entropy(logits, present)
+
+
+def graph_batches(graphs: list[int], seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """Graph batches ``(x, edge_index, batch, y)`` as PyG collates them: each of `graphs`
+    graphs of 2 to 5 nodes of 3 features, their edges, each node's graph and a class per graph."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for count in graphs:
+        nodes = torch.randint(2, 6, (count,), generator=g)
+        total = int(nodes.sum())
+        x = torch.randn(total, 3, generator=g)
+        edge_index = torch.randint(0, total, (2, 2 * total), generator=g)
+        owner = torch.arange(count).repeat_interleave(nodes)
+        batches.append((x, edge_index, owner, torch.randint(0, 2, (count,), generator=g)))
+    return batches
+
+
+def graph_loss(
+    model: Any, batch: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The cross-entropy of each graph's summed node logits (`model`: 3 -> 2), averaged over the
+    graphs, and the accuracy over the graphs (``acc``)."""
+    x, _, owner, y = batch
+    logits = torch.zeros(y.shape[0], 2).index_add(0, owner, model(x))
+    return F.cross_entropy(logits, y), {"acc": (logits.argmax(-1) == y).float().mean()}

@@ -408,6 +408,7 @@ def _options(options: Any) -> dict[str, Any]:
         if recorded.get(key, default) == default:
             recorded.pop(key, None)
     recorded.pop("grad_norm", None)  # a metric asked for, not the run's: resumed either way
+    recorded.pop("samples", None)  # a function, as the loss function: the template's
     return recorded
 
 

@@ -25,6 +25,7 @@ from functrain.core.gradient import Forward, dist_config, functional, gathers, g
 from functrain.core.loss import (
     RunAgain,
     call_loss,
+    counted_samples,
     samples_in,
 )
 from functrain.core.statistics import grad_statistics
@@ -244,6 +245,8 @@ def _update(
 
     The new parts carry the EMA's gate as ``"applied"``.
     """
+    # counted before the update may write a donated state (a count refused leaves it as it was)
+    samples = batch_samples(state, batch)
     grads = in_param_layouts(grads, state.params)
     grad_list = list(grads.values())
     # with accumulation (outermost: `core/options.py`) the norm reported is its mean gradient's,
@@ -324,7 +327,7 @@ def _update(
         "applied": _and(completed, ~skipped if skipped is not None else None)
         if state.ema_state is not None
         else None,
-        **counters(state, micro, completed, skipped, batch_samples(state, batch)),
+        **counters(state, micro, completed, skipped, samples),
     }
     metrics = step_metrics(loss, grad_norm, skipped, tx_metrics, aux, _rates(state.tx, opt_state))
     by = state.grad_stats
@@ -446,8 +449,11 @@ def counters(
 
 
 def batch_samples(state: StepState, batch: Any) -> int:
-    """The samples a step's `batch` counts: its own on each rank of a process group."""
-    return samples_in(batch) * (state.dist.world_size if state.dist is not None else 1)
+    """The samples a step's `batch` counts (as the state's ``samples=`` declares them, else
+    `samples_in`): its own on each rank of a process group."""
+    count = state.options.samples
+    n = samples_in(batch) if count is None else counted_samples(count, batch)
+    return n * (state.dist.world_size if state.dist is not None else 1)
 
 
 def _rates(tx: Any, opt_state: Any) -> dict[str, torch.Tensor]:

@@ -4,14 +4,16 @@
 state's tensors (`functrain.core.binding`), under autocast for bf16/fp16, and explains an
 exception it raises (`functrain.core.failures`); `split_loss` checks what it returned: a scalar
 floating-point loss, or ``(loss, metrics)`` with 0-d tensor metrics. `samples_in` counts the
-samples of a batch, as the step's ``samples_seen`` counter does. Every step runs these: the eager
-body and its planned form, the compiled body and a stacked state's body under vmap.
+samples of a batch, as the step's ``samples_seen`` counter does (`counted_samples`: as the state's
+``samples=`` declares them). Every step runs these: the eager body and its planned form, the
+compiled body and a stacked state's body under vmap.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import numbers
 import operator
 import os
 import sys
@@ -55,6 +57,7 @@ __all__ = [
     "refuse_original_read",
     "run_gradient_hooks",
     "samples_in",
+    "counted_samples",
     "split_loss",
     "STEP_METRICS",
     "STEP_PREFIXES",
@@ -932,6 +935,47 @@ def samples_in(batch: Any) -> int:
                 return int(leaf.shape[0])  # a static shape, not a tensor read
             found = 0
     return 1 if found is None else 0
+
+
+def counted_samples(count: Callable[[Any], Any], batch: Any) -> int:
+    """The samples in `batch` as a state's ``samples=count`` declares them (`TrainState.create`).
+
+    `count` is called on the batch, once; its result must be a count known on the host: an int
+    (any integral number but a bool) >= 0. A tensor is refused rather than read (a read of a
+    device's value each batch is a host sync).
+
+    Raises:
+        ConfigError: `count` returned something else, said with what it returned and the fix.
+
+    Example:
+        >>> images = tuple(torch.zeros(3, 5, 5) for _ in range(4))  # torchvision's detection batch
+        >>> counted_samples(lambda batch: len(batch[0]), (images, ({},) * 4))
+        4
+    """
+    n = count(batch)
+    if type(n) is int and n >= 0:
+        return n
+    if isinstance(n, numbers.Integral) and not isinstance(n, bool) and int(n) >= 0:
+        return int(n)  # (numpy's integers)
+    name = getattr(count, "__qualname__", None) or type(count).__name__
+    if isinstance(n, torch.Tensor):
+        got = f"a tensor ({_described(n)})"
+        fix = (
+            "count from what the host knows, a shape or a length (batch[3].shape[0], "
+            "len(batch[0])): a tensor's value is read from its device, a host sync at every batch"
+        )
+    elif isinstance(n, bool):
+        got, fix = f"the bool {n}", "return the number of samples, not a truth value"
+    elif isinstance(n, numbers.Integral):
+        got, fix = f"{n!r}, a negative number", "return the batch's samples, 0 or more"
+    elif isinstance(n, numbers.Real):
+        got, fix = f"the float {n!r}", "return an int (len(...), a tensor's .shape[0])"
+    else:
+        got, fix = f"a {type(n).__name__}", "return an int (len(...), a tensor's .shape[0])"
+    raise ConfigError(
+        f"samples={name} (TrainState.create's count of a batch's samples) must return the batch's "
+        f"samples as an int >= 0, got {got}: {fix}"
+    )
 
 
 def _described(x: Any) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import numbers
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import attrs
@@ -100,6 +100,13 @@ def as_loss_scale(value: Mapping[str, float] | LossScale | None) -> Any:
     return LossScale(**{key: plain(key, x) for key, x in value.items()})
 
 
+def _named(fn: Any) -> str:
+    """A function as `StepOptions` shows it: its qualified name, not where it lives in memory."""
+    if fn is None or not callable(fn):
+        return repr(fn)
+    return str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
+
+
 @attrs.frozen
 class StepOptions:
     """The static options of a state (they shape the step; they are not saved as tensors)."""
@@ -138,6 +145,11 @@ class StepOptions:
     # the gradients' global norm among every step's metrics (``grad_norm``), where clipping does
     # not measure it anyway (`reports_grad_norm`); a metric, not the run's: not in checkpoints
     grad_norm: bool = False
+    # how a batch's samples are counted (`samples_seen`, fit's evaluation means): a function of the
+    # batch returning an int, or None (the first dimension of its first tensor, `samples_in`); a
+    # function, like the loss function: not in checkpoints (`TrainState.create`); shown by its
+    # name (so that the ranks of a process group, which compare the options, describe it alike)
+    samples: Callable[[Any], int] | None = attrs.field(default=None, repr=_named)
 
     @property
     def reports_grad_norm(self) -> bool:
@@ -212,6 +224,17 @@ class StepOptions:
             problems.append(
                 "ema_decay and swa_start both ask for the state's one average: keep one (an EMA, "
                 "or the equal average of stochastic weight averaging)"
+            )
+        if self.samples is not None and not callable(self.samples):
+            problems.append(
+                "samples must be a function of a batch returning its samples (an int), or None, "
+                f"got samples={self.samples!r}"
+                + (
+                    f"; to count every batch as {self.samples}, samples=lambda batch: "
+                    f"{self.samples}"
+                    if type(self.samples) is int
+                    else ""
+                )
             )
         if not isinstance(self.grad_norm, bool):
             problems.append(f"grad_norm must be True or False, got grad_norm={self.grad_norm!r}")

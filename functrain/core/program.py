@@ -455,6 +455,9 @@ class MembersProgram(_Decided):
         if list(map(_STRIDE, grads)) != self.strides:
             grads = in_layouts_of(grads, params)
         norm = global_norm(grads, self.norms) if self.measures else None  # each member's
+        # counted before the update may write a donated state (a count refused leaves it as it was)
+        counted = member_zero(batch, state.options.samples) if per_member else batch
+        samples = batch_samples(state, counted)
         write = extras.may_write()
         if write and extras.written is not None:  # from here it may write the given state
             extras.written.append(True)
@@ -472,12 +475,11 @@ class MembersProgram(_Decided):
             applied = ~skipped if skipped is not None else None
             given = Extras(in_place=write, norms=self.norms)
             ema_state = averaged(state, new_params, buffers, applied, given)
-        counted = member_zero(batch) if per_member else batch
         new = {
             "params": new_params,
             "buffers": buffers,
             "opt_state": ran.state,
-            **counters(state, state.micro_step, None, skipped, batch_samples(state, counted)),
+            **counters(state, state.micro_step, None, skipped, samples),
             "ema_state": ema_state,
         }
         rate = {} if ran.lr is None else {"lr": ran.lr}

@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import attrs
 import torch
 from torch import nn
 
@@ -476,8 +477,15 @@ def _differences(a: TrainState, b: TrainState) -> list[str]:
     if la != lb:
         diff = sorted(set(la.items()) ^ set(lb.items()), key=str)[:4]
         out.append(f"tensors differ (name, shape, dtype): {diff}")
-    if a.options != b.options:
+    # (the count of a batch's samples, a function, compared as the loss function is)
+    if attrs.evolve(a.options, samples=None) != attrs.evolve(b.options, samples=None):
         out.append(f"options {b.options}, expected {a.options}")
+    if _read(a.options.samples, 0) != _read(b.options.samples, 0):
+        out.append(
+            "its samples= differs from member 0's (another function, or one holding other "
+            "values): the stacked state counts every member's samples with member 0's; give every "
+            "member the same one"
+        )
     # the stacked step runs member 0's module and loss function for every member
     ma, mb = _modules_read(a.module), _modules_read(b.module)
     if ma != mb:

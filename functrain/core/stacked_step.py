@@ -431,16 +431,21 @@ def stacked_body(
     scale = loss_scale(state)
     apart = members_apart(state)  # a walk over the modules: once a step
     grads, losses, aux = member_gradients(state, batch, per_member, apart, buffers, scale)
-    counted = member_zero(batch) if per_member else batch
+    counted = member_zero(batch, state.options.samples) if per_member else batch
     if updates_stacked(state):
         stacked = extras._replace(norms=extras.norms._replace(members=members))
         return apply(state, counted, grads, buffers, losses, aux, scale, stacked)
     return _vmapped_apply(state, (grads, buffers, losses, aux, counted), members)
 
 
-def member_zero(batch: Any) -> Any:
-    """A stand-in for one member's batch, for its sample count: member 0's first tensor."""
-    first = next(x for x in tree_flatten(batch)[0] if isinstance(x, torch.Tensor))
+def member_zero(batch: Any, count: Callable[[Any], Any] | None = None) -> Any:
+    """A stand-in for one member's batch, for its sample count: member 0's first tensor; member
+    0's whole batch (every tensor indexed ``[0]``) for a state's declared count (`count`, its
+    ``samples=``)."""
+    leaves, spec = tree_flatten(batch)
+    if count is not None:
+        return tree_unflatten([x[0] if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+    first = next(x for x in leaves if isinstance(x, torch.Tensor))
     return (first[0],)
 
 

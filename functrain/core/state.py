@@ -260,6 +260,7 @@ class TrainState:
         grad_stats: GradStats | None = None,
         differentiable: Differentiable = False,
         grad_norm: bool = False,
+        samples: Callable[[Any], int] | None = None,
     ) -> TrainState:
         """Build the initial state of a run from a module, an optimizer and a loss function.
 
@@ -452,6 +453,22 @@ class TrainState:
                 hypergradient through the learning rate is then first-order hypergradient
                 descent's). To truncate the graph every k steps, `detach` the state. See the guide
                 "Differentiating through training".
+            samples: how to count a batch's samples where the default, the first dimension of
+                its first tensor (in the order ``torch.utils._pytree`` flattens the batch), is not
+                one row per sample: ``samples(batch) -> int``, e.g. ``lambda batch:
+                len(batch[0])`` for torchvision's detection batches (``collate_fn=lambda b:
+                tuple(zip(*b))``: a tuple of ``[3, H, W]`` images, then their targets, which the
+                default counts as 3) or ``lambda batch: batch[3].shape[0]`` for a graph batch
+                ``(x, edge_index, batch, y)`` with a label per graph (the default counts its
+                nodes). Every count follows it: each step's ``samples_seen`` (of a stacked
+                state's ``PerMember`` batch, member 0's slice; with a process group, every
+                rank's), and `fit`'s evaluation means (each batch weighted by its samples) and
+                its skip of an empty batch (0 samples). It must return an int >= 0 that the host
+                knows (a length, a shape; ``int(node_graph.max()) + 1`` would read a value from
+                the device, a host sync at every batch): a tensor (whose value that would read), a
+                float, a bool or a negative number is refused (`ConfigError`) at the first step or
+                evaluation that sees it, before the step writes a donated state. A function, as
+                `loss_fn`: not saved in checkpoints; give a resumed run's template the same one.
 
         Returns:
             The initial `TrainState`, counters at zero.
@@ -516,6 +533,7 @@ class TrainState:
                 loss_scale=loss_scale,
                 grad_norm=grad_norm,
                 schedule_count=schedule_count,
+                samples=samples,
             ),
             trainable=trainable,
             distributed=distributed,

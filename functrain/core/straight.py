@@ -53,6 +53,7 @@ from functrain.core.loss import (
     AUTOCAST,
     BY_BACKWARD,
     WATCHED,
+    counted_samples,
     engine_failed,
     gradients_of,
     own_gradients,
@@ -197,6 +198,8 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     writing = "        writing = True  # from here the update may write the state's tensors\n"
     on_cpu = next(iter(state.params.values())).device.type == "cpu"
     update, update_constants = _update(program, window, donate, on_cpu)
+    if options.samples is not None:  # (before the update may write a donated state)
+        text.append(_DECLARED_SAMPLES)
     text.append(
         _UPDATE.format(
             writing=writing if donate else "",
@@ -206,7 +209,8 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     )
     text.append(_BUFFERS_OUT if buffers else _BUFFERS_KEPT)
     own = "" if donate else ".clone()"  # (a donated state's counters go with it)
-    text.append(_SAMPLES)
+    if options.samples is None:
+        text.append(_SAMPLES)
     if ranked:
         text.append(_EVERY_RANKS)
     if window == 1:
@@ -279,6 +283,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         else reciprocal(torch.float32, program.known.divisor),
         "AUTOCAST_TO": dtype,
         "DIST": state.dist,
+        "SAMPLES": options.samples,
         "TX": state.tx,
         "TX_METRICS": program.find_metrics,
         "DEVICE_TYPE": next(iter(state.params.values())).device.type,
@@ -547,6 +552,7 @@ _CONSTANTS: dict[str, Any] = {
     "finite_buffers": finite_buffers,
     "COUNTERS": counters,
     "samples_in": samples_in,
+    "counted_samples": counted_samples,
     "RUN_BACKWARD": _RUN_BACKWARD,
     "RANK_STREAM_IN": rank_stream_in,
     "RANKS_MEAN": _ranks_mean,
@@ -778,6 +784,10 @@ _SAMPLES = """\
             samples = first.shape[0]
         else:
             samples = samples_in(batch)
+"""
+# as the state's ``samples=`` declares them
+_DECLARED_SAMPLES = """\
+        samples = counted_samples(SAMPLES, batch)
 """
 _EVERY_RANKS = """\
         samples *= DIST.world_size

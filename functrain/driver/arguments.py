@@ -8,7 +8,7 @@ otherwise never end.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
@@ -23,6 +23,7 @@ from functrain.driver.data import (
     batch_size_problems,
     loading_problems,
     member_problems,
+    samples_per_member,
 )
 from functrain.driver.evaluation import evaluation_problems
 from functrain.driver.options import GROUPS, FitOptions, gather_options, needs_problems
@@ -283,10 +284,13 @@ def _direction_problem(
     ]
 
 
-def empty_data_problem(source: Batcher | IterableSource | MemberSource) -> str | None:
-    """Why `source` can yield no batch with samples, if known before the run (else None)."""
+def empty_data_problem(
+    source: Batcher | IterableSource | MemberSource, count: Callable[[Any], Any] | None = None
+) -> str | None:
+    """Why `source` can yield no batch with samples, if known before the run (else None); a
+    batch's samples counted by `count` where the state declares one (its ``samples=``)."""
     if isinstance(source, MemberSource):
-        found = ((k, empty_data_problem(s)) for k, s in enumerate(source.sources))
+        found = ((k, empty_data_problem(s, count)) for k, s in enumerate(source.sources))
         return next((f"member {k}'s {problem}" for k, problem in found if problem), None)
     if isinstance(source, Batcher):
         n = len(source.dataset)
@@ -303,7 +307,10 @@ def empty_data_problem(source: Batcher | IterableSource | MemberSource) -> str |
             f"train_data is empty (a {type(source.source).__name__} of length 0): there is nothing "
             "to train on"
         )
-    if isinstance(source.source, (list, tuple)) and all(samples_in(b) == 0 for b in source.source):
+    if isinstance(source.source, (list, tuple)) and all(
+        (samples_in(b) if count is None else samples_per_member(b, count)) == 0
+        for b in source.source
+    ):
         return (
             f"train_data's {len(source.source)} batches all hold 0 samples: there is nothing to "
             "train on"

@@ -69,12 +69,13 @@ def evaluate(
     """Evaluate `state` on `data`: the step's metrics averaged, and `metrics` over the whole set.
 
     Each batch goes through `eval_step` (eval mode, no gradients) with `eval_fn` (default: the
-    state's loss function); its metrics are averaged weighted by batch size, the first dimension
-    of the batch's first tensor with rows (a graph batch whose node features come first is
-    weighted by its nodes: put a per-sample tensor first); a batch whose tensors all have no rows
-    is skipped. `metrics` are reset first, updated by `eval_fn` as it
-    sees the batches, and their ``compute()`` added at the end. A metric that is an `nn.Module`
-    (torchmetrics' are) is moved to the state's device first.
+    state's loss function); its metrics are averaged weighted by its samples: as the state's
+    ``samples=`` counts them (`TrainState.create`), else the first dimension of the batch's first
+    tensor with rows (a graph batch whose node features come first is weighted by its nodes:
+    declare its graphs, ``samples=lambda batch: batch[3].shape[0]``); a batch of no samples (as
+    counted, else all of whose tensors have no rows) is skipped. `metrics` are reset first,
+    updated by `eval_fn` as it sees the batches, and their ``compute()`` added at the end. A
+    metric that is an `nn.Module` (torchmetrics' are) is moved to the state's device first.
 
     Args:
         state: the state to evaluate.
@@ -175,11 +176,11 @@ def _takes_metrics(eval_fn: Callable[..., Any]) -> bool:
 def _batch_sums(
     state: TrainState, data: Iterable[Any], use_ema: bool, eval_fn: LossFn | None
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """`eval_step`'s metrics over this rank's `data`, summed weighted by batch size; the count."""
+    """`eval_step`'s metrics over this rank's `data`, summed weighted by samples; the count."""
     sums: dict[str, torch.Tensor] = {}
-    count = 0
+    count, counted = 0, state.options.samples  # (the state's samples=, else the first tensor)
     for batch in data:
-        n = samples_per_member(batch)  # of a PerMember batch, each member's slice's
+        n = samples_per_member(batch, counted)  # of a PerMember batch, each member's slice's
         if n == 0:
             continue
         metrics = eval_step(state, batch, use_ema=use_ema, eval_fn=eval_fn)

@@ -413,7 +413,7 @@ def fit(
             )
     evals = _eval_source(eval_data, evals_size, shard, target)
     tests = _eval_source(test_data, evals_size, shard, target)
-    if (empty := empty_data_problem(train)) is not None:
+    if (empty := empty_data_problem(train, state.options.samples)) is not None:
         raise ConfigError(empty)
     manager = _manager(options, state, main)
     try:

@@ -445,7 +445,8 @@ class Loop:
         for batch in self.train.epoch(self.epoch, start=self.pos):
             self._drawn = True
             batch = to_device(batch, self.device)
-            n = samples_per_member(batch)  # of a PerMember batch, each member's slice's
+            # (of a PerMember batch, each member's slice's; as the state's samples= counts them)
+            n = samples_per_member(batch, self.state.options.samples)
             trained = trained or n > 0
             if n == 0:
                 warnings.warn(

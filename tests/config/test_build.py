@@ -105,3 +105,10 @@ def test_a_target_of_your_own_that_a_section_interpolates_is_built_there(tmp_pat
     path.write_text(yaml.safe_dump(config))
     run = ft.build_run(ft.load_config(path))
     assert int(run.fit().state.step) == 1
+
+
+def test_a_states_count_of_samples_is_a_function_the_config_names_uncalled() -> None:
+    # (a batch (x, y) of 4 rows: the function counts its 2 tensors, the default its 4 rows)
+    counted = {"samples": {"_target_": "builtins.len", "_partial_": True}}
+    assert int(ft.build_run(run_config(state=counted)).fit().state.samples_seen) == 2
+    assert int(ft.build_run(run_config()).fit().state.samples_seen) == 4

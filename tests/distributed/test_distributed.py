@@ -103,6 +103,20 @@ def test_data_parallel_steps_match_torchs_distributed_data_parallel_bit_for_bit(
                         assert torch.equal(ours, theirs), (rank, key, k)
 
 
+def test_a_data_parallel_state_counts_every_ranks_declared_samples(tmp_path: Path) -> None:
+    # each rank's detection batches counted by their images (samples=), times the ranks
+    launch(2, "samples", str(tmp_path))
+    ranks = [ft.load(tmp_path / f"rank{r}")[0] for r in range(2)]
+    for name in ("straight", "donated", "body"):
+        assert [int(r[f"seen/{name}"]) for r in ranks] == [2 * (2 + 5 + 3)] * 2, name
+    # the evaluation's mean over both ranks' images, each batch weighted by its images
+    losses = torch.cat([r["losses"] for r in ranks])
+    counts = torch.cat([r["images"] for r in ranks]).double()
+    expected = float((losses * counts).sum() / counts.sum())
+    for r in ranks:
+        assert float(r["val_loss"]) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
 def test_a_run_checkpointed_on_n_ranks_resumes_on_m_ranks(
     tmp_path: Path, first: int, then: int, fit_straight: Path

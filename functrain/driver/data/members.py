@@ -12,7 +12,7 @@ so a resumed run is the interrupted one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import Subset, TensorDataset
 
 from functrain.core.failures import describe_batch
-from functrain.core.loss import samples_in
-from functrain.core.stacked_step import PerMember
+from functrain.core.loss import counted_samples, samples_in
+from functrain.core.stacked_step import PerMember, member_zero
 from functrain.core.state import TrainState
 from functrain.distributed.data_parallel import gather_objects
 from functrain.driver.data.batcher import Batcher
@@ -520,11 +520,13 @@ def _stacked(column: list[Any]) -> Any:
     return torch.stack(column)
 
 
-def samples_per_member(batch: Any) -> int:
+def samples_per_member(batch: Any, count: Callable[[Any], Any] | None = None) -> int:
     """The samples each member trains on in `batch`: of a `PerMember` batch, one member's slice's.
 
-    Any other batch is every member's (or one state's), counted by `functrain.core.loss.samples_in`;
-    a member's slice is counted as it counts a batch.
+    Any other batch is every member's (or one state's), counted by `functrain.core.loss.samples_in`,
+    or by `count` where the state declares one (its ``samples=``,
+    `functrain.core.loss.counted_samples`); a member's slice is counted as they count a batch
+    (`count` is given member 0's).
 
     Example:
         >>> samples_per_member(PerMember((torch.zeros(3, 8, 2), torch.zeros(3, 8))))
@@ -532,6 +534,10 @@ def samples_per_member(batch: Any) -> int:
         >>> samples_per_member((torch.zeros(8, 2), torch.zeros(8)))
         8
     """
+    if count is not None:
+        return counted_samples(
+            count, member_zero(batch.batch, count) if isinstance(batch, PerMember) else batch
+        )
     if not isinstance(batch, PerMember):
         return samples_in(batch)
     for leaf in tree_flatten(batch.batch)[0]:

@@ -679,6 +679,35 @@ def torch_ddp_runs(rank: int, world: int) -> dict:
     return out
 
 
+def declared_samples_runs(rank: int) -> dict:
+    """Detection batches (`tests.models.detection_batches`, this rank's own) counted by their
+    images (``samples=``): each engine's ``samples_seen``, and an evaluation over this rank's
+    batches with each batch's loss and images, for the means over both ranks."""
+    from tests.models import detection_batches, detection_loss
+
+    batches = detection_batches([2, 5, 3], seed=rank)
+    out: dict[str, Any] = {}
+    for name, options, donate in (
+        ("straight", {}, False),
+        ("donated", {}, True),
+        ("body", {"grad_stats": "layer"}, False),
+    ):
+        torch.manual_seed(0)
+        state = ft.TrainState.create(
+            nn.Linear(3, 2), ft.sgd(0.1), detection_loss, samples=lambda b: len(b[0]), **options
+        )
+        for batch in batches:
+            state, _ = ft.train_step(state, batch, donate=donate)
+        out[f"seen/{name}"] = state.samples_seen
+    evals = detection_batches([1, 4], seed=10 + rank)
+    out["val_loss"] = torch.tensor(ft.evaluate(state, evals)["val_loss"], dtype=torch.float64)
+    model = state.export_module().eval()
+    with torch.no_grad():
+        out["losses"] = torch.stack([detection_loss(model, b).double() for b in evals])
+    out["images"] = torch.tensor([len(b[0]) for b in evals])
+    return out
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     ft.distributed.init_from_env()
@@ -776,6 +805,8 @@ def main() -> None:
         )
         if world == 2:
             sharded_extras(out / "extras", rank, world)
+    elif scenario == "samples":
+        ft.save(declared_samples_runs(rank), mine)
     elif scenario == "torch_ddp":
         ft.save(torch_ddp_runs(rank, world), mine)
     elif scenario == "meta":
