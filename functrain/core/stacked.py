@@ -30,6 +30,7 @@ import inspect
 import re
 import types
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -224,7 +225,12 @@ def unstack(state: TrainState) -> list[TrainState]:
         )
         for i in range(k)
     ]
-    return [state.with_tree({**member, "driver": state.driver}) for member in members]
+    out = [state.with_tree({**member, "driver": state.driver}) for member in members]
+    if holds_sweep(state.optimizer):  # stacked again, each must keep its position
+        for i, member in enumerate(out):
+            _positions[id(member)] = i
+            weakref.finalize(member, _positions.pop, id(member), None)
+    return out
 
 
 def runs_apart(module: nn.Module, device: torch.device) -> bool:
@@ -395,7 +401,29 @@ def _check_members(states: list[TrainState]) -> tuple[Transform, Transform]:
             + "\n  - ".join(problems)
         )
     _check_sweeps(optimizer, len(states))
+    if optimizer is first.optimizer and holds_sweep(optimizer):
+        _check_positions(states)
     return optimizer, tx
+
+
+# the position in its stacked state of each member `unstack` gave back where the optimizer holds
+# a sweep (by the member's id, while it lives): its values are the sweep's at that position
+_positions: dict[int, int] = {}
+
+
+def _check_positions(states: list[TrainState]) -> None:
+    """Refuse members of a sweep (`unstack`'s) stacked again at other positions: each would train
+    with the sweep's values at its new position, not those it trained with."""
+    moved = [(i, _positions[id(s)]) for i, s in enumerate(states) if _positions.get(id(s), i) != i]
+    if moved:
+        shown = ", ".join(f"member {was} of the sweep at position {i}" for i, was in moved[:4])
+        raise ConfigError(
+            f"stack got members of a sweep at other positions than unstack gave them ({shown}): "
+            "a sweep's values are by position, so each would go on with another member's "
+            "hyperparameters; stack them in their order, or give each the sweep of the new "
+            "order first (member.replace(optimizer=ft.adamw(ft.sweep([...]))), its values in "
+            "the members' new order), which keeps their optimizer states"
+        )
 
 
 def _member_problems(i: int, s: Any) -> list[str]:

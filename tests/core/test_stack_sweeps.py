@@ -208,3 +208,37 @@ def test_a_sweep_of_plain_functions_is_named_by_their_values_so_its_checkpoint_l
     loaded = ft.load(tmp_path / "ck", like=like)
     for name, weight in saved.params.items():
         assert torch.equal(loaded.params[name], weight)
+
+
+def test_members_of_a_sweep_stacked_again_in_another_order_are_refused_or_given_their_sweep():
+    # successive halving's reordering: each member must go on with its own lr, as torch's
+    # optimizer of that member would
+    rates = [0.1, 0.01, 0.001]
+    members = [nn.Linear(3, 1) for _ in rates]
+    loops = [torch.optim.AdamW(m.parameters(), lr) for m, lr in zip(members, rates, strict=True)]
+    states = [
+        ft.TrainState.create(m, ft.adamw(ft.sweep(rates), fused=False), loss_fn) for m in members
+    ]
+    x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
+    ensemble, _ = ft.train_step(ft.stack(states), x[0])
+    for m, opt in zip(members, loops, strict=True):
+        opt.zero_grad()
+        loss_fn(m, x[0]).backward()
+        opt.step()
+    again = ft.unstack(ensemble)
+    assert_states_equal(ft.stack(again), ensemble)  # in their order: as they were
+    with pytest.raises(ft.ConfigError, match="member 2 of the sweep at position 0"):
+        ft.stack(again[::-1])
+    # the fix the message names: the sweep of the new order, the moments kept
+    order = ft.adamw(ft.sweep(rates[::-1]), fused=False)
+    reordered, metrics = ft.train_step(
+        ft.stack([m.replace(optimizer=order) for m in again[::-1]]), x[1]
+    )
+    for m, opt in zip(members, loops, strict=True):
+        opt.zero_grad()
+        loss_fn(m, x[1]).backward()
+        opt.step()
+    assert metrics["lr"].tolist() == pytest.approx(rates[::-1])
+    for k, m in enumerate(members[::-1]):
+        for name, p in m.named_parameters():
+            assert torch.equal(reordered.params[name][k], p.detach()), (k, name)
