@@ -735,13 +735,23 @@ class Loop:
         ``state_dict()``, the digest of a DataLoader's consumed indices or of a replayed source's
         consumed batches): that position now, after the last batch
         a step consumed (the loop draws batches one at a time), each rank's own under
-        torch.distributed.
+        torch.distributed. Without checkpoints, it is there where a run in one process stopped
+        mid-epoch (`max_steps`, an interrupt) and the data's state can be stored: the next `fit`
+        given the state goes on from it, with this data object or another (a stream's state
+        loaded, not replayed and skipped).
         """
         driver = self.ledger.to_tree()
-        if self.manager is not None and self.train.saves_position:
+        if not self.train.saves_position:
+            return driver
+        if self.manager is not None:
             driver["source"] = self.train.saved_states(
                 self.state.dist
             )  # on every rank: a collective
+        elif self.pos != 0 and self.state.dist is None:
+            try:
+                driver["source"] = self.train.saved_states(None)
+            except ConfigError:
+                pass  # a state no checkpoint could hold either: the next fit replays instead
         return driver
 
     def _save_hook_writes(self) -> None:

@@ -276,6 +276,32 @@ def test_without_a_checkpoint_dir_the_state_is_neither_checked_nor_stored() -> N
     assert "source" not in result.state.driver
 
 
+@pytest.mark.parametrize("same_object", [True, False])
+def test_a_second_fit_of_a_state_stopped_mid_epoch_goes_on_from_its_streams_state(
+    same_object: bool,
+) -> None:
+    # a notebook's fit(max_steps=4), then fit(result.state, ...): no checkpoint, and the stream's
+    # state handed on in the state, loaded, not replayed (which would skip the live stream's next
+    # batches, or read the consumed ones again)
+    straight = ft.fit(linear_state(), Stream([]), max_steps=10, progress=False, verbosity="silent")
+    first: list[int] = []
+    stream = Stream(first)
+    stopped = ft.fit(linear_state(), stream, max_steps=4, progress=False, verbosity="silent")
+    second: list[int] = first if same_object else []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no replay's warning
+        result = ft.fit(
+            stopped.state,
+            stream if same_object else Stream(second),
+            max_steps=10,
+            progress=False,
+            verbosity="silent",
+        )
+    read = second[8:] if same_object else second
+    assert read == [*range(8, 12), *range(8)]  # the epoch's last 2 batches, then 4 of the next
+    ft.testing.assert_states_equal(straight.state.tree(), result.state.tree(), ignore=["driver"])
+
+
 def test_the_stored_state_is_a_copy_later_changes_to_the_source_cannot_reach() -> None:
     position = torch.zeros(1)
     saved = storable_state({"pos": position, "order": [1, 2]})
