@@ -408,7 +408,10 @@ def _options(options: Any) -> dict[str, Any]:
         if recorded.get(key, default) == default:
             recorded.pop(key, None)
     recorded.pop("grad_norm", None)  # a metric asked for, not the run's: resumed either way
-    recorded.pop("samples", None)  # a function, as the loss function: the template's
+    # a function, as the loss function: the template's; whether one was declared is recorded (a
+    # template without it would count the rest of the run otherwise, without a word)
+    if recorded.pop("samples", None) is not None:
+        recorded["samples"] = "declared"
     return recorded
 
 

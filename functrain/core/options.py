@@ -147,8 +147,9 @@ class StepOptions:
     grad_norm: bool = False
     # how a batch's samples are counted (`samples_seen`, fit's evaluation means): a function of the
     # batch returning an int, or None (the first dimension of its first tensor, `samples_in`); a
-    # function, like the loss function: not in checkpoints (`TrainState.create`); shown by its
-    # name (so that the ranks of a process group, which compare the options, describe it alike)
+    # function, like the loss function: not in checkpoints, only whether one is declared
+    # (`TrainState.create`); shown by its name (so that the ranks of a process group, which
+    # compare the options, describe it alike)
     samples: Callable[[Any], int] | None = attrs.field(default=None, repr=_named)
 
     @property

@@ -468,7 +468,9 @@ class TrainState:
                 the device, a host sync at every batch): a tensor (whose value that would read), a
                 float, a bool or a negative number is refused (`ConfigError`) at the first step or
                 evaluation that sees it, before the step writes a donated state. A function, as
-                `loss_fn`: not saved in checkpoints; give a resumed run's template the same one.
+                `loss_fn`: not saved in checkpoints, give a resumed run's template the same one; a
+                checkpoint records whether one was declared, and `load` refuses a template that
+                declares none where the run did (or one where it did not).
 
         Returns:
             The initial `TrainState`, counters at zero.

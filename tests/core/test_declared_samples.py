@@ -169,3 +169,15 @@ def test_a_checkpoint_resumes_the_count_under_the_template_s_function(tmp_path: 
     restored = ft.load(tmp_path / "ckpt", like=detector(samples=images))
     assert int(restored.samples_seen) == 2 + 5
     assert int(run(restored, batches[2:]).samples_seen) == sum(SIZES)
+
+
+def test_a_checkpoint_of_a_declared_count_refuses_a_template_without_one(tmp_path: Path) -> None:
+    # the template without samples= would count the rest of the run by the images' channels:
+    # samples_seen and the evaluation weights of the resumed run would not be the run's
+    ft.save(run(detector(samples=images), detection_batches(SIZES)[:2]), tmp_path / "declared")
+    with pytest.raises(ft.StateMismatchError, match=r"samples='declared' in the checkpoint"):
+        ft.load(tmp_path / "declared", like=detector())
+    ft.save(run(detector(), detection_batches(SIZES)[:2]), tmp_path / "plain")
+    with pytest.raises(ft.StateMismatchError, match=r"None in the checkpoint, 'declared'"):
+        ft.load(tmp_path / "plain", like=detector(samples=images))
+    assert int(ft.load(tmp_path / "plain", like=detector()).samples_seen) == 2 * 3
