@@ -397,8 +397,9 @@ def ema_problems(
         problems.append(
             f"{prefix}min_decay must lie in [0, 1), got {prefix}min_decay={min_decay!r}"
         )
-    elif _real(decay) and min_decay > decay and convention != "diffusers":
-        # (diffusers' EMAModel takes it: its decay is then min_decay after update_after_step)
+    elif _real(decay) and min_decay > decay and convention not in ("diffusers", "timm"):
+        # (diffusers' EMAModel and timm's ModelEmaV3 take it: their decay is then min_decay after
+        # update_after_step, timm's with its warm-up)
         problems.append(
             f"{prefix}min_decay={min_decay!r} is above {prefix}decay={decay!r}: the warm-up's "
             f"decay would be {prefix}min_decay at every update; give a {prefix}min_decay at most "

@@ -187,6 +187,12 @@ CONVENTIONS: dict[str, tuple[dict[str, Any], Any, bool]] = {
         lambda net: DiffusersEma(net, DECAY, update_after_step=2, min_decay=0.5),
         True,
     ),
+    # timm's ModelEmaV3 takes a min_decay above decay: with its warm-up, every decay is min_decay
+    "timm-min-decay-above-decay": (
+        {"ema_convention": "timm", "ema_warmup": True, "ema_min_decay": 0.995},
+        lambda net: TimmEmaReference(net, 0.99, use_warmup=True, min_decay=0.995),
+        True,
+    ),
     # diffusers takes a min_decay above decay: every decay after update_after_step is min_decay
     "diffusers-min-decay-above-decay": (
         {"ema_convention": "diffusers", "ema_update_after_step": 1, "ema_min_decay": 0.95},
@@ -483,7 +489,7 @@ def test_a_checkpoint_written_before_the_conventions_resumes_as_it_was_written()
             "ema_warmup_power must be > 0, got ema_warmup_power=True",
         ),
         (
-            {"ema_decay": 0.9, "ema_convention": "timm", "ema_warmup": True, "ema_min_decay": 0.95},
+            {"ema_decay": 0.9, "ema_warmup": True, "ema_min_decay": 0.95},
             "ema_min_decay=0.95 is above ema_decay=0.9",
         ),
         (
