@@ -33,6 +33,11 @@ _LABEL_DTYPE = re.compile(
 )
 _LABEL_SHAPE = re.compile(r"1D target tensor expected, multi-target not supported")
 _DTYPE = re.compile(r"dtype|scalar type|Input type \(\w+\) and \w+ type")
+# the half-precision dtypes autocast makes, as torch's messages name them
+_AUTOCAST_DTYPES = {
+    "bfloat16": re.compile(r"\bBFloat16\b|\bbfloat16\b"),
+    "float16": re.compile(r"\bHalf\b|\bfloat16\b"),
+}
 _BATCHNORM = "Expected more than 1 value per channel when training"
 _BATCHNORM_VMAP = "Batch norm got a batched tensor as input while the running_mean"
 _META = re.compile(r"device meta\b|meta tensors?\b|device='meta'")
@@ -65,6 +70,7 @@ def loss_failure(
     tensors: dict[str, torch.Tensor],
     name: str = "loss_fn",
     evaluating: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> BatchError:
     """The `BatchError` to raise from `error`, raised by the loss function on `batch`.
 
@@ -77,6 +83,7 @@ def loss_failure(
         tensors: the weights and buffers the model ran on, by name.
         name: the function's name in the message (``"eval_fn"`` for an evaluation's own).
         evaluating: it ran in an evaluation (eval mode), which the message then says.
+        autocast: the dtype of the autocast it ran under (the state's bf16 or fp16 precision).
 
     Example:
         >>> bn = torch.nn.BatchNorm1d(3)
@@ -91,14 +98,20 @@ def loss_failure(
         if evaluating and name == "loss_fn"
         else ""
     )
+    hint = _hint(error, batch, module, tensors, name, autocast)
     return BatchError(
         f"{name} failed on a batch of structure {describe_batch(batch)}: "
-        f"{type(error).__name__}: {error}\n{_hint(error, batch, module, tensors, name)}" + evaluated
+        f"{type(error).__name__}: {error}\n{hint}" + evaluated
     )
 
 
 def _hint(
-    error: Exception, batch: Any, module: nn.Module, tensors: dict[str, torch.Tensor], name: str
+    error: Exception,
+    batch: Any,
+    module: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    name: str,
+    autocast: torch.dtype | None,
 ) -> str:
     """What to change for `error`, by its kind (the first that matches)."""
     text = str(error)
@@ -166,7 +179,7 @@ def _hint(
             "for logits [N, C]: drop the labels' extra dimension (y.squeeze(1) or y.view(-1))"
         )
     if _DTYPE.search(text):
-        return _dtype_hint(batch, tensors)
+        return _dtype_hint(batch, tensors, text, autocast)
     return (
         f"{name}(model, batch) receives the batch exactly as the data yields it; "
         "the traceback of the error above shows where it failed"
@@ -194,13 +207,34 @@ def _attribute_hint(function: str, model_class: str, owner: str, name: str) -> s
     )
 
 
-def _dtype_hint(batch: Any, tensors: dict[str, torch.Tensor]) -> str:
+def _dtype_hint(
+    batch: Any, tensors: dict[str, torch.Tensor], text: str, autocast: torch.dtype | None
+) -> str:
     """Which dtypes the weights and the batch have, and where to cast."""
     weights = Counter(_dtype_name(t.dtype) for t in tensors.values() if t.is_floating_point())
     inputs = sorted(
         {_dtype_name(x.dtype) for x in tree_leaves(batch) if isinstance(x, torch.Tensor)}
     )
     target = weights.most_common(1)[0][0] if weights else "float32"
+    made = _dtype_name(autocast) if autocast is not None else None
+    if (
+        made in _AUTOCAST_DTYPES
+        and _AUTOCAST_DTYPES[made].search(text)
+        and made not in weights
+        and made not in inputs
+    ):  # a half-precision tensor neither the weights nor the batch hold: autocast made it
+        precision = "bf16" if made == "bfloat16" else "fp16"
+        return (
+            f"tensors of different dtypes met: a {made} tensor that neither the model's "
+            f"weights ({', '.join(sorted(weights)) or 'none'}) nor the batch "
+            f"({', '.join(inputs) or 'no tensors'}) hold, made by the {made} autocast "
+            f'the state runs its forward under (precision="{precision}"), reached an op that '
+            "autocast does not cast for, where torch fails as well (torch's fast path of "
+            "nn.TransformerEncoderLayer and nn.MultiheadAttention in eval mode under CPU "
+            "autocast is one: torch.backends.mha.set_fastpath_enabled(False) turns it off); "
+            f"cast that op's inputs in the forward (x.to(torch.{target})), or create the state "
+            'with precision="fp32"'
+        )
     return (
         f"tensors of different dtypes met: the model's weights are {', '.join(sorted(weights))} "
         f"and the batch holds {', '.join(inputs) or 'no tensors'}; cast the model's inputs to "

@@ -259,7 +259,7 @@ def call_loss(
                     if refused is not None:
                         raise refused from e
                 evaluating = then is None and not state.module.training
-                raise loss_failure(e, batch, state.module, tensors, name, evaluating) from e
+                raise loss_failure(e, batch, state.module, tensors, name, evaluating, dtype) from e
             if guard is not None:
                 # raises if the forward rebound one (``.data =``), the state restored
                 guard.restore()

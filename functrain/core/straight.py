@@ -649,7 +649,9 @@ _FORWARD = """\
                 except (FunctrainError, OOM):
                     raise
                 except LOSS_ERRORS as error:
-                    raise loss_failure(error, batch, MODULE, tensors, "loss_fn") from error
+                    raise loss_failure(
+                        error, batch, MODULE, tensors, "loss_fn", autocast=AUTOCAST_TO
+                    ) from error
                 if list(zip(map(VERSION, watched), map(DATA_PTR, watched))) != marks:
                     raise_written(watch, marks, "loss_fn", True)
                 if type(out) is Tensor and out.ndim == 0 and out.is_floating_point():

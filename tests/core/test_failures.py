@@ -74,6 +74,36 @@ def test_a_dtype_mismatch_names_the_dtypes_and_where_to_cast() -> None:
     assert UNPACK not in message
 
 
+def test_a_dtype_mismatch_made_by_autocast_names_the_precision_not_the_batch() -> None:
+    # a bfloat16 output of a linear layer under the state's autocast meets a float32 tensor in
+    # an op autocast does not cast for; torch fails as well, and the batch is not what to cast
+    def pooled(m: Any, b: Any) -> torch.Tensor:
+        x, rows = b
+        return torch.zeros(2, 3).index_add(0, rows, m(x)).sum()
+
+    batch = (torch.randn(4, 6), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(RuntimeError) as torch_error:  # the reference: torch under autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pooled(nn.Linear(6, 3), batch)
+    state = ft.TrainState.create(nn.Linear(6, 3), ft.sgd(0.1), pooled, precision="bf16")
+    for run in (ft.train_step, ft.eval_step):
+        with pytest.raises(ft.BatchError) as info:
+            run(state, batch)
+        message = str(info.value)
+        assert str(torch_error.value) in message
+        assert (
+            "a bfloat16 tensor that neither the model's weights (float32) nor the batch "
+            "(float32, int64) hold, made by the bfloat16 autocast the state runs its forward "
+            'under (precision="bf16")'
+        ) in message
+        assert message.split("\n")[1].endswith('or create the state with precision="fp32"')
+        assert "cast the model's inputs" not in message
+    # without autocast, the same dtype in a batch is the batch's to cast
+    plain = ft.TrainState.create(nn.Linear(6, 3), ft.sgd(0.1), lambda m, b: m(b).sum())
+    with pytest.raises(ft.BatchError, match="cast the model's inputs to float32"):
+        ft.train_step(plain, torch.randn(4, 6, dtype=torch.bfloat16))
+
+
 def test_a_loss_differentiating_inside_itself_evaluated_says_to_enable_grad() -> None:
     # a PDE residual: the network's second derivative with respect to its inputs, which trains
     # (as torch's loop runs it) but meets torch.no_grad() in an evaluation
