@@ -543,11 +543,7 @@ class CompiledStep:
             warnings.warn(
                 f"compile_step runs this configuration's steps eagerly, as functrain.train_step: "
                 f"its compiled call raised {_raised(error)}, where the eager step runs; the state "
-                "was put back as it was. The cause may be torch's compile, or something the loss "
-                "function or model does that only a traced call meets (a read of a tensor's "
-                "storage or data pointer, a custom op torch cannot trace under torch.func.grad); "
-                "torch.compile of the step's loss and backward shows the whole error, and "
-                "another backend (compile_step(backend='aot_eager')) may compile it",
+                f"was put back as it was. {_traced_failure_cause(error)}",
                 EagerStepWarning,
                 stacklevel=4,
             )
@@ -786,6 +782,34 @@ def _raised(error: BaseException) -> str:
     ]
     at = f" ({frames[-1]})" if frames else ""
     return f"{type(error).__name__}: {words}{at}" if words else type(error).__name__ + at
+
+
+def _traced_failure_cause(error: BaseException) -> str:
+    """What a compiled call's failure `error` may come from, and what to do, for its warning: a
+    loss that takes a gradient of its own with ``requires_grad_()`` and ``torch.autograd.grad``
+    (an adversarial attack, an input-gradient or gradient penalty), which torch refuses under the
+    ``torch.func.grad`` the compiled step differentiates with, whatever the backend; otherwise
+    torch's compile or what only a traced call meets."""
+    text = str(error)
+    if "requires_grad_()" in text and "functorch transform" in text:
+        return (
+            "The loss function calls requires_grad_() (a gradient it takes with "
+            "torch.autograd.grad: an adversarial attack, an input-gradient or gradient "
+            "penalty), which torch cannot trace under the torch.func.grad that the compiled "
+            "step takes its gradients with, whatever the backend. To compile it, take that "
+            "gradient with torch.func.grad instead (torch.func.grad(lambda x: loss_of(model(x)))"
+            "(x), whose result a penalty differentiates as create_graph=True's); torch.func "
+            "refuses that too where the "
+            "forward writes a buffer (BatchNorm's running statistics in train mode), and such a "
+            "loss steps eagerly"
+        )
+    return (
+        "The cause may be torch's compile, or something the loss "
+        "function or model does that only a traced call meets (a read of a tensor's "
+        "storage or data pointer, a custom op torch cannot trace under torch.func.grad); "
+        "torch.compile of the step's loss and backward shows the whole error, and "
+        "another backend (compile_step(backend='aot_eager')) may compile it"
+    )
 
 
 def _torch_failed(error: BaseException, attempt: _Attempt) -> bool:

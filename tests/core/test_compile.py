@@ -1141,3 +1141,37 @@ def test_a_batch_torch_func_cannot_trace_runs_eagerly_as_the_torch_loop() -> Non
             state, _ = step(state, batch)
     for name, p in reference.named_parameters():
         assert torch.equal(state.params[name], p)
+
+
+def test_a_loss_taking_its_inputs_gradient_runs_eagerly_and_says_to_use_torch_func_grad() -> None:
+    # a PGD attack in the loss: requires_grad_() on the input and torch.autograd.grad, which the
+    # eager step takes as the torch loop does and torch refuses under torch.func.grad whatever the
+    # backend; the warning names torch.func.grad as the fix, not another backend
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    batches = classification_batches((8, 4), 3)
+
+    def loss_fn(m: Any, batch: Any) -> torch.Tensor:
+        x, y = batch
+        x_adv = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(nn.functional.cross_entropy(m(x_adv), y), [x_adv])
+        return nn.functional.cross_entropy(m(x + 0.1 * g.sign()), y)
+
+    reference = nn.Linear(4, 3)
+    reference.load_state_dict(model.state_dict())
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for batch in batches:
+        loss = loss_fn(reference, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    state = ft.TrainState.create(model, ft.sgd(0.1, fused=False), loss_fn)
+    step = ft.compile_step()
+    with pytest.warns(ft.EagerStepWarning) as caught:
+        for batch in batches:
+            state, _ = step(state, batch)
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, ft.EagerStepWarning)]
+    assert "calls requires_grad_()" in message and "torch.func.grad(lambda x:" in message
+    assert "another backend" not in message
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p)
