@@ -15,7 +15,7 @@ in the parameters' order. `replace` takes a change to one of them as the user me
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import torch
@@ -638,13 +638,16 @@ def resplit(
     parked: dict[str, dict[str, torch.Tensor]],
     init: Any,
     what: str,
+    afresh: Collection[str] = (),
 ) -> tuple[Any, dict[str, dict[str, torch.Tensor]]]:
     """`old` (made for `old_params`) for `new_params`, each weight's slots matched by name.
 
     A weight that stays keeps its slots; one that leaves has them parked (returned in the second
     value, under its name); one that comes back takes its parked slots, untouched since; a weight
-    trained for the first time takes fresh ones. The leaves of no one weight (counts, rates, skip
-    counters; a group's, in a partition) are `old`'s.
+    trained for the first time takes fresh ones, and so does one named in `afresh` that stays
+    (its state reset, ``TrainState.reset_optimizer_state``), but for the gradient sums of an
+    accumulation window, which are its gradient, not its optimizer's state. The leaves of no one
+    weight (counts, rates, skip counters; a group's, in a partition) are `old`'s.
 
     Raises:
         StateMismatchError: a state not laid out one slot per weight (`slot_owners`).
@@ -696,6 +699,8 @@ def resplit(
             return olds.get(path, leaf)
         container, name, rest = found
         index = at_old.get(container, {}).get(name)
+        if name in afresh and container.rpartition("/")[2] != _WINDOW_SUMS:
+            return leaf
         if index is not None:
             return olds[_join(container, str(index), rest)]
         key = f"{what}|{container}|{rest}"

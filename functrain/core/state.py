@@ -9,6 +9,7 @@ checkpoint is loaded against them. `TrainState.create` is the only place that ca
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import operator
 from collections.abc import Callable, Iterable, Mapping
@@ -62,6 +63,8 @@ from functrain.errors import (
     DonatedStateError,
     ImmutableStateError,
     StateMismatchError,
+    config_check,
+    listed,
 )
 from functrain.optim.averaging import EmaConvention, EmaState
 from functrain.optim.base import Transform, is_transform
@@ -1284,6 +1287,102 @@ class TrainState:
         )
         return self.replace(micro_step=at, opt_state=window)
 
+    def reset_optimizer_state(self, names: Iterable[str] | str, *, ema: bool = False) -> TrainState:
+        """This state with the optimizer state of the trainable weights `names` started afresh, as
+        torch's ``del optimizer.state[p]`` starts it: each takes at its next update the state
+        torch.optim makes for a new weight (moments at zero, its own ``step`` at 0, AMSGrad's
+        maximum at zero, Adagrad's sum at ``initial_accumulator_value``, Rprop's step sizes at
+        the rate, schedule-free's ``z`` a copy of the weight as it is then), wherever the
+        optimizer keeps it (a `partition`'s group, a `chain`'s member, `masked`, the options'
+        wrappers). What a group counts for all its weights (the packages' ``group["step"]`` of
+        `lamb` and `adan`, schedule-free's ``k``) goes on, as the packages' does; so do the
+        other weights' state, the counters, the skip count and loss scale, and the gradients an
+        accumulation window holds (``p.grad``'s, not the optimizer's). The EMA goes on too
+        (torch's ``AveragedModel`` is apart from the optimizer); ``ema=True`` starts the named
+        weights' averages afresh as well, at the weights as they are.
+
+        After re-initializing a layer, pass its new weights first, then reset: the optimizer
+        state of a copy such as schedule-free's is taken from the weights as they are now.
+
+        Args:
+            names: the trainable weights' names (``state.params``' keys), or one name.
+            ema: start their EMA (or SWA average) afresh too.
+
+        Returns:
+            A new state; this one is unchanged.
+
+        Raises:
+            ConfigError: no name, or a name that is not a trainable weight (frozen, a module's
+                name, unknown), each named with the fix; ``ema=True`` without an average.
+            StateMismatchError: an optimizer whose state cannot be reset for one weight exactly
+                (a count of updates for all weights, as `scale_by_adam`'s in a `chain`; a
+                transform of one's own whose state is not one slot per weight), or a stacked,
+                sharded or differentiable state; nothing changes.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> loss_fn = lambda m, b: m(b).sum()
+            >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+            >>> s = ft.TrainState.create(model, ft.adamw(0.1), loss_fn)
+            >>> s, _ = ft.train_step(s, torch.ones(4, 2))
+            >>> head = {n: torch.zeros_like(p) for n, p in s.params.items() if n.startswith("1.")}
+            >>> s = s.replace(params={**s.params, **head}).reset_optimizer_state(head)
+            >>> s.opt_state.inner.steps  # each weight's own step, as torch's state[p]["step"]
+            (tensor(1.), tensor(1.), tensor(0.), tensor(0.))
+        """
+        self.check_live("TrainState.reset_optimizer_state")
+        wanted = [names] if isinstance(names, str) else list(names)
+        problems = _reset_problems(wanted, self)
+        if ema and self.ema_state is None:
+            problems.append(
+                "ema=True, and the state keeps no EMA or SWA average: leave ema out, or create "
+                "the state with ema_decay=... (or swa_start=...)"
+            )
+        config_check(problems, "TrainState.reset_optimizer_state")
+        refused = []
+        if self.members or self.dist is not None or self.options.differentiable:
+            refused.append(
+                "a stacked, sharded or differentiable state: reset it before it is stacked "
+                "(ft.unstack(state), reset each member, ft.stack(members)), sharded or made "
+                "differentiable"
+            )
+        counts = counting(self.optimizer)
+        if counts is not None:
+            refused.append(
+                f"{counts or 'a transform of your own'} is not one known to keep each weight's "
+                "state apart (each weight's own count of updates, or none): it may read one "
+                "count for all (a bias correction) or lay its state out otherwise, and a weight "
+                "started afresh would take another update than torch.optim's at its next step. "
+                "Use a preset (every torch.optim one, lion, lamb, adan, adamw_schedule_free), or "
+                "a chain of them with clipping, weight decay, a scale, trace or a learning rate; "
+                "or make a new state, TrainState.create(state.export_module(), ...)"
+            )
+        params, afresh = dict(self.params), set(wanted)
+        changes: dict[str, Any] = {}
+        try:  # (resplit's one refusal without parked slots: a state not one slot per weight)
+            if not refused:
+                settled = settled_steps(self.opt_state)  # (each weight's own count: theirs at 0)
+                changes["opt_state"] = resplit(
+                    settled, params, params, {}, self.tx.init, "opt_state", afresh
+                )[0]
+                if ema and self.averager is not None:
+                    buffers = dict(self.buffers) if self.options.ema_buffers else None
+                    averages = averaging_init(self.averager, buffers)
+                    changes["ema_state"] = resplit(
+                        self.ema_state, params, params, {}, averages, "ema_state", afresh
+                    )[0]
+        except StateMismatchError:
+            refused.append(
+                "its optimizer state (or EMA) is not laid out one slot per weight (a transform "
+                "of your own?), so one weight's cannot be told apart from the others'"
+            )
+        if refused:
+            raise StateMismatchError(
+                "TrainState.reset_optimizer_state cannot start a weight's optimizer state afresh "
+                "here:\n  - " + "\n  - ".join(refused)
+            )
+        return self.replace(**changes)
+
     def with_tree(self, tree: dict[str, Any]) -> TrainState:
         """This state with its tree fields replaced by `tree` (as produced by `tree()`).
 
@@ -1354,6 +1453,41 @@ _MAPPING_NAMES = ("params", "buffers", "frozen", "driver", "user", "parked")
 # the step counters of the states `replace` made from one another hold one list, [None] or the
 # call a donated one was given to: they share the tensors a donated step writes into
 _LINEAGE = "_functrain_lineage"
+
+
+def _reset_problems(names: list[Any], state: TrainState) -> list[str]:
+    """What is wrong with `names` as trainable weights of `state` to reset
+    (`TrainState.reset_optimizer_state`): each with the fix."""
+    if not names:
+        return ["names is empty: name the trainable weights to reset (state.params' keys)"]
+    problems = []
+    for name in names:
+        if not isinstance(name, str):
+            problems.append(
+                f"{name!r} (of type {type(name).__name__}) is not a weight's name: give the "
+                "names of state.params (a parameter's: [n for n, p in model.named_parameters() "
+                "if ...])"
+            )
+        elif name in state.params:
+            continue
+        elif name in state.frozen:
+            problems.append(
+                f"{name!r} is frozen: a frozen weight takes no update, and one trained before "
+                "keeps its optimizer state parked until it trains again; move it to params "
+                "first (state.replace(params=..., frozen=...)), then reset it"
+            )
+        elif inside := [n for n in state.params if n.startswith(name + ".")]:
+            problems.append(
+                f"{name!r} is a module, not a weight: name its weights, {listed(inside)}"
+            )
+        else:
+            close = difflib.get_close_matches(name, list(state.params), n=1)
+            problems.append(
+                f"{name!r} is not a trainable weight of this state"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f"; its trainable weights are {listed(list(state.params))}"
+            )
+    return problems
 
 
 def _written(state: TrainState) -> list[torch.Tensor]:
