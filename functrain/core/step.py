@@ -19,7 +19,6 @@ not (`functrain.core.donation`).
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Any
 
 import torch
@@ -82,10 +81,7 @@ def train_step(
     they are (only the window's sums move): the state it returns holds those tensors, shared with
     the state it was given (copy on write). Donating a state that shares them with live states
     computes a pure step and retires the given state alone: no live state's tensors are written,
-    and the window's last micro-batch gives tensors of their own again. So does donating a state
-    whose weights or EMA weights something else holds (a dict of ``state.params`` kept as a
-    target network): the step never writes a weight held outside the state. An alias made with
-    ``.detach()`` or a view is not seen: copy what you keep (``.clone()``).
+    and the window's last micro-batch gives tensors of their own again.
 
     Args:
         state: the current `TrainState`.
@@ -131,9 +127,9 @@ def train_step(
         )
     if donate is not False and donate is not True:
         refuse_donate(donate, "train_step")
-    if state.check_live("train_step") and donate or donate and _weights_held(state):
-        # it lends tensors a donated step writes to live states (`lend`), or something else
-        # holds its weights: computed as a pure step, and the given state retired alone
+    if state.check_live("train_step") and donate:
+        # it lends tensors a donated step writes to live states (`lend`): computed as a pure
+        # step, and the given state retired alone
         new, metrics = train_step(state, batch)
         retire(state, DONATED, alone=True)  # (outside a graph: a user's torch.compile)
         return new, metrics
@@ -171,22 +167,6 @@ def train_step(
         return program.run(state, batch, donate)  # the configuration's program (`core/program.py`)
     except RunAgain:  # its module runs reentrant checkpointing, found before anything was written
         return program.run(state, batch, donate)
-
-
-# what `sys.getrefcount` reads for a weight the state alone holds, in `_weights_held`'s
-# generator: the state's mapping (or its EMA's list), the tuple, the loop's name, the argument
-_HELD_BY_STATE = 4
-
-
-def _weights_held(state: TrainState) -> bool:
-    """Whether anything but `state` holds one of the weights or EMA weights a donated step writes
-    in place: a dict of ``state.params`` kept as a target network, say, which the step would turn
-    into the new weights. Counted eagerly, for a state of one model (a traced step and a stacked
-    state's step write as they are given)."""
-    if torch.compiler.is_compiling() or state.members:
-        return False
-    weights = (*state.params.values(), *getattr(state.ema_state, "average", ()))
-    return any(sys.getrefcount(t) > _HELD_BY_STATE for t in weights)
 
 
 def _differentiable_step(
