@@ -418,6 +418,8 @@ def fit(
     manager = _manager(options, state, main)
     try:
         state, resumed_from = _restored(manager, state, checkpointing)
+        if resumed_from is None and (spent := _limits_spent(state, options.stopping)):
+            raise ConfigError(spent)
         loop = Loop(
             state,
             train,
@@ -529,6 +531,33 @@ def _restored(
         return state, None
     _refuse_dropped_changes(state, restored, manager.restored)
     return restored, str(manager.restored)
+
+
+def _limits_spent(state: TrainState, stopping: Stopping) -> str | None:
+    """Why a state given to `fit` (not restored from a checkpoint) would take no step: its epoch
+    or update count already at `max_epochs` or `max_steps`, which count the state's own epochs and
+    updates (a trained state's go on from where it stands); None where it trains.
+
+    Example:
+        >>> import functrain as ft
+        >>> s = ft.TrainState.create(nn.Linear(1, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
+        >>> print(_limits_spent(s.replace(epoch=2), Stopping(max_epochs=2))[:45])
+        fit got a state at epoch 2 and max_epochs=2:
+    """
+    epoch, step = host_count(state.epoch), host_count(state.step)
+    if stopping.max_epochs is not None and epoch >= stopping.max_epochs:
+        at, limit, name, more = epoch, stopping.max_epochs, "max_epochs", "epochs"
+    elif stopping.max_steps is not None and step >= stopping.max_steps:
+        at, limit, name, more = step, stopping.max_steps, "max_steps", "updates"
+    else:
+        return None
+    counter = "epoch" if name == "max_epochs" else "update"
+    return (
+        f"fit got a state at {counter} {at} and {name}={limit}: it would end before its first "
+        f"update. {name} counts the state's own {more}, which go on from where a trained state "
+        f"stands (a state returned by an earlier fit, the next task or phase); pass "
+        f"{name}={at} + the {more} to train now"
+    )
 
 
 def _unsaved(t: torch.Tensor) -> str:

@@ -445,8 +445,10 @@ class Stopping(_Group):
     """When the run ends: its limits, early stopping, a non-finite value.
 
     Attributes:
-        max_epochs: stop after this many epochs.
-        max_steps: stop after this many updates.
+        max_epochs: stop after this many epochs, counted by the state's epoch counter: a trained
+            state's (an earlier fit's, a previous task's) go on from where it stands, and a
+            state given already at the limit is refused, as one that would take no step.
+        max_steps: stop after this many updates, counted by the state's ``step`` alike.
         max_time: stop after the first update that ends this many seconds (wall clock) after the
             run started training (``stop_reason="max_time"``), saving the final state as every
             run does: a job that must end before a scheduler's time limit ends with a checkpoint

@@ -257,6 +257,27 @@ def test_one_fit_per_phase_takes_each_phases_data_as_a_torch_loop_does(tmp_path:
     assert all(torch.equal(p, state.params[name]) for name, p in module.named_parameters())
 
 
+@pytest.mark.parametrize(
+    ("limit", "counter"), [({"max_epochs": 2}, "epoch 2"), ({"max_steps": 6}, "update 6")]
+)
+def test_a_trained_state_given_at_its_limit_is_refused_not_returned_untrained(
+    limit: dict[str, int], counter: str
+) -> None:
+    # one fit per task: the next task's fit given the last one's state and the same limit
+    first = quiet_fit(linear_state(), sum_dataset(24), batch_size=8, max_epochs=2)
+    name, value = next(iter(limit.items()))
+    with pytest.raises(
+        ConfigError,
+        match=rf"fit got a state at {counter} and {name}={value}: it would end before its first "
+        rf"update(.|\n)*pass {name}={value} \+ the",
+    ):
+        quiet_fit(first.state, sum_dataset(24), batch_size=8, **limit)
+    second = quiet_fit(first.state, sum_dataset(24), batch_size=8, **{name: 2 * value})
+    assert int(second.state.step) == 12 and not torch.equal(
+        second.state.params["weight"], first.state.params["weight"]
+    )
+
+
 def test_a_state_given_mid_epoch_with_other_data_is_refused_naming_the_fix() -> None:
     first = quiet_fit(linear_state(), sum_dataset(24), batch_size=8, max_steps=2)
     with pytest.raises(
