@@ -42,6 +42,7 @@ from functrain.core.options import (
     ema_buffers_default,
 )
 from functrain.core.replacement import (
+    ByName,
     carried,
     counting,
     ordered_like,
@@ -52,6 +53,7 @@ from functrain.core.replacement import (
     resplit,
     shared_storage,
     shares_storage,
+    slot_owners,
 )
 from functrain.core.structure import CALL_GUARD, deepcopy_module, unmarked
 from functrain.distributed.data_parallel import DistConfig
@@ -79,7 +81,14 @@ from functrain.optim.rules.formula import (
 )
 from functrain.optim.swa import SwaState
 from functrain.optim.zeros import light_copy
-from functrain.tree import ReadOnlyDict, Tree, leaves_by_path, read_only, tree_leaves
+from functrain.tree import (
+    ReadOnlyDict,
+    Tree,
+    escape_key,
+    leaves_by_path,
+    read_only,
+    tree_leaves,
+)
 
 __all__ = [
     "NOT_DIFFERENTIABLE",
@@ -1136,6 +1145,10 @@ class TrainState:
                     "train another model, build its state with TrainState.create(model, ...); "
                     "to start from another state's weights, use functrain.load_weights"
                 )
+            if call != "TrainState.reset_optimizer_state":  # (its fix: it checks its own result)
+                misfit = self._slot_problem()
+                if misfit is not None:
+                    raise StateMismatchError(f"{call} got a TrainState {misfit}")
             object.__setattr__(self, "_unchecked", False)
         donated_to, lineage = self._donated_to, None
         if donated_to is None:  # (a donated state's own fields raise when read)
@@ -1187,6 +1200,62 @@ class TrainState:
         unknown = next((name for name in self.buffers if name not in buffers), None)
         if unknown is not None:
             return f'buffers["{unknown}"] is not a buffer of the module'
+        return None
+
+    def _slot_problem(self) -> str | None:
+        """How the optimizer state or the EMA does not fit the trainable weights' shapes (a weight
+        given at another shape with a module changed to fit it: a classifier head grown), with
+        the fix; None where each weight's slots have its shape. A stacked or sharded state, and an
+        optimizer whose state cannot be made on the meta device, are not checked here.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.adamw(0.1), lambda m, b: m(b))
+            >>> s._slot_problem() is None
+            True
+            >>> grown = s.replace(module=torch.nn.Linear(2, 3), params={
+            ...     "weight": torch.zeros(3, 2), "bias": torch.zeros(3)})
+            >>> print(grown._slot_problem().split(":")[0])
+            whose optimizer state does not fit its weights
+        """
+        if self.members or self.dist is not None:
+            return None
+        meta = {n: torch.empty_like(p, device="meta") for n, p in self.params.items()}
+        parts: list[tuple[str, Any, Callable[[Any], Any]]] = [
+            ("optimizer state", self.opt_state, self.tx.init)
+        ]
+        if self.averager is not None and self.ema_state is not None:
+            buffers = None
+            if self.options.ema_buffers:
+                buffers = {n: torch.empty_like(b, device="meta") for n, b in self.buffers.items()}
+            parts.append(("EMA", self.ema_state, averaging_init(self.averager, buffers)))
+        for what, tree, init in parts:
+            try:
+                fresh = leaves_by_path(init(meta))
+            except Exception:  # (an init that reads its weights' values: not checked here)
+                continue
+            held = leaves_by_path(tree)
+            misfits = [
+                (path, list(held[path].shape), list(leaf.shape))
+                for path, leaf in fresh.items()
+                if isinstance(leaf, torch.Tensor)
+                and isinstance(held.get(path), torch.Tensor)
+                and held[path].shape != leaf.shape
+            ]
+            if not misfits:
+                continue
+            names = _slot_names([m[0] for m in misfits], init, meta)
+            path, got, expected = misfits[0]
+            return (
+                f"whose {what} does not fit its weights: its slot {path} has shape {got}, made "
+                f"for a weight of another shape, where the weight's is {expected} (a weight "
+                "given at a new shape, with a module changed to fit it: a head grown for new "
+                "classes). Start the state of the weights whose shape changed afresh, as "
+                "torch.optim's state and torch's AveragedModel start for a new parameter: "
+                f"state.reset_optimizer_state({names}"
+                + (", ema=True" if self.averager is not None else "")
+                + "), after giving their new values"
+            )
         return None
 
     @property
@@ -1381,7 +1450,14 @@ class TrainState:
                 "TrainState.reset_optimizer_state cannot start a weight's optimizer state afresh "
                 "here:\n  - " + "\n  - ".join(refused)
             )
-        return self.replace(**changes)
+        new = self.replace(**changes)
+        misfit = new._slot_problem()  # (a weight at a new shape left out, or its EMA kept)
+        if misfit is not None:
+            raise StateMismatchError(
+                f"TrainState.reset_optimizer_state({wanted}, ema={ema}) would leave a state "
+                f"{misfit}"
+            )
+        return new
 
     def with_tree(self, tree: dict[str, Any]) -> TrainState:
         """This state with its tree fields replaced by `tree` (as produced by `tree()`).
@@ -1778,3 +1854,21 @@ def unaliased(state: TrainState) -> TrainState:
         return x
 
     return pytree.tree_map(fresh, state)
+
+
+def _slot_names(paths: list[str], init: Any, params: dict[str, torch.Tensor]) -> list[str]:
+    """The weights whose slots `paths` are in ``init(params)`` (`slot_owners`' layout), in
+    `params`' order."""
+    owners = slot_owners(init, params) or {}
+    found: set[str] = set()
+    for path in paths:
+        for container, names in owners.items():
+            head = container + "/" if container else ""
+            if not path.startswith(head):
+                continue
+            entry = path[len(head) :].partition("/")[0]
+            if isinstance(names, ByName):
+                found.update(n for n in names if escape_key(n) == entry)
+            elif entry.isdigit() and int(entry) < len(names):
+                found.add(names[int(entry)])
+    return [name for name in params if name in found]

@@ -379,3 +379,73 @@ def test_a_stacked_state_is_refused_with_the_way_that_works() -> None:
     stacked = ft.stack([state, state.replace(params={**state.params, **new_head(state)})])
     with pytest.raises(ft.StateMismatchError, match=r"ft\.unstack\(state\), reset each member"):
         stacked.reset_optimizer_state(HEAD)
+
+
+def _grown(state: ft.TrainState) -> tuple[ft.TrainState, dict[str, torch.Tensor]]:
+    """`state` with its 3-way head grown to 5 outputs (the old rows kept), module and weights."""
+    gen = torch.Generator().manual_seed(7)
+    extra = {"2.weight": torch.randn(2, 16, generator=gen) * 0.1, "2.bias": torch.zeros(2)}
+    head = {name: torch.cat([state.params[name], extra[name]]) for name in HEAD}
+    module = state.export_module()
+    module[2] = nn.Linear(16, 5)
+    return state.replace(module=module, params={**state.params, **head}), head
+
+
+def test_a_head_grown_for_new_classes_trains_as_torch_with_its_new_parameters() -> None:
+    data = batches(6)
+    state = ft.TrainState.create(make_mlp(), ft.adamw(0.01), cross_entropy_loss_fn, ema_decay=0.9)
+    for batch in data[:3]:
+        state, _ = ft.train_step(state, batch)
+    state, head = _grown(state)
+    state = state.reset_optimizer_state(HEAD, ema=True)
+    for x, y in data[3:]:
+        state, _ = ft.train_step(state, (x, y + 2))
+
+    model = make_mlp()  # torch's loop: a new head, its parameters in the optimizer's group
+    ema = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), 0.01, fused=True)
+    for i, (x, y) in enumerate(data):
+        if i == 3:
+            old = list(model[2].parameters())
+            model[2] = nn.Linear(16, 5)
+            with torch.no_grad():
+                model[2].weight.copy_(head["2.weight"])
+                model[2].bias.copy_(head["2.bias"])
+            for p in old:
+                del optimizer.state[p]
+            optimizer.param_groups[0]["params"][-2:] = list(model[2].parameters())
+            ema[-2:] = [p.detach().clone() for p in model[2].parameters()]
+        if i >= 3:
+            y = y + 2  # the new task's classes
+        optimizer.zero_grad(set_to_none=True)
+        cross_entropy_loss_fn(model, (x, y)).backward()
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, list(model.parameters()), 0.1)
+    assert_weights_equal(state, model)
+    assert state.ema_params is not None
+    assert all(
+        torch.equal(state.ema_params[n], e) for (n, _), e in zip(model.named_parameters(), ema)
+    )
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_grown_head_without_its_state_started_afresh_is_refused_naming_the_reset(
+    fused: bool,
+) -> None:
+    # (the fused kernel, given moments of the old shape, wrote past them)
+    state = ft.TrainState.create(
+        make_mlp(), ft.adamw(0.01, fused=fused), cross_entropy_loss_fn, ema_decay=0.9
+    )
+    state, _ = ft.train_step(state, batches(1)[0])
+    grown, _ = _grown(state)
+    fix = r"state\.reset_optimizer_state\(\['2\.weight', '2\.bias'\], ema=True\)"
+    with pytest.raises(ft.StateMismatchError, match=r"optimizer state does not fit(.|\n)*" + fix):
+        ft.train_step(grown, batches(1)[0])
+    with pytest.raises(
+        ft.StateMismatchError, match=r"ema=False\) would leave(.|\n)*EMA(.|\n)*" + fix
+    ):
+        grown.reset_optimizer_state(HEAD)
+    started = grown.reset_optimizer_state(HEAD, ema=True)
+    after, _ = ft.train_step(started, batches(1)[0])
+    assert after.params["2.weight"].shape == (5, 16)
