@@ -201,6 +201,9 @@ class TrainState:
     # set by `replace` when it changes the module's tensors: checked against the module by the
     # next step or `predict` that takes this state (`check_live`), then cleared
     _unchecked: bool = attrs.field(default=False, init=False, eq=False, metadata={"check": True})
+    # set with it where a trainable weight's name or shape is not the one the state had: its
+    # optimizer state and EMA are then checked against the weights' shapes too (`_slot_problem`)
+    _reshaped: bool = attrs.field(default=False, init=False, eq=False, metadata={"check": True})
     program: Any = attrs.field(default=None, init=False, eq=False, metadata={"program": True})
     """The eager step's program for this state (`functrain.core.program.StepProgram`, a stacked
     state's `MembersProgram`), or None.
@@ -627,6 +630,7 @@ class TrainState:
             _same_lineage(new.step, self.step)
         if not changes.keys().isdisjoint(_MODULE_TENSORS):
             object.__setattr__(new, "_unchecked", True)
+            object.__setattr__(new, "_reshaped", self._reshaped or _reshaped(self, new))
         return new
 
     def _matched(self, changes: dict[str, Any]) -> dict[str, Any]:
@@ -892,6 +896,7 @@ class TrainState:
                     object.__setattr__(new, name, ReadOnlyDict(given))
         object.__setattr__(new, "_donated_to", None)
         object.__setattr__(new, "_unchecked", False)
+        object.__setattr__(new, "_reshaped", False)
         object.__setattr__(new, "program", program)
         return new
 
@@ -1145,10 +1150,12 @@ class TrainState:
                     "train another model, build its state with TrainState.create(model, ...); "
                     "to start from another state's weights, use functrain.load_weights"
                 )
-            if call != "TrainState.reset_optimizer_state":  # (its fix: it checks its own result)
+            # (reset_optimizer_state's result is its fix: it checks its own)
+            if self._reshaped and call != "TrainState.reset_optimizer_state":
                 misfit = self._slot_problem()
                 if misfit is not None:
                     raise StateMismatchError(f"{call} got a TrainState {misfit}")
+                object.__setattr__(self, "_reshaped", False)
             object.__setattr__(self, "_unchecked", False)
         donated_to, lineage = self._donated_to, None
         if donated_to is None:  # (a donated state's own fields raise when read)
@@ -1482,6 +1489,7 @@ class TrainState:
         new = attrs.evolve(self, **tree)
         if not tree.keys().isdisjoint(_MODULE_TENSORS):
             object.__setattr__(new, "_unchecked", True)
+            object.__setattr__(new, "_reshaped", self._reshaped or _reshaped(self, new))
         return new
 
     def __repr__(self) -> str:
@@ -1504,6 +1512,13 @@ class TrainState:
             f"epoch={_counter_text(self.epoch)}, params={n:,} ({_human_bytes(nbytes)}){each}, "
             f"optimizer={opt}, {ema_part}, precision={self.options.precision})"
         )
+
+
+def _reshaped(old: TrainState, new: TrainState) -> bool:
+    """Whether `new` trains a weight under a name or at a shape `old` held no weight at (a head
+    grown with its module): its optimizer state and EMA may not fit it."""
+    held = {**old.frozen, **old.params}
+    return any(n not in held or held[n].shape != t.shape for n, t in new.params.items())
 
 
 TREE_FIELDS = tuple(

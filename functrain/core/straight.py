@@ -912,6 +912,7 @@ _KEPT = "".join(
         SET_rng(new, rng)
         SET__donated_to(new, None)
         SET__unchecked(new, False)
+        SET__reshaped(new, False)
         SET_program(new, {program})
 """
 )
