@@ -114,6 +114,40 @@ def refuse_misfits(changes: dict[str, Any], rng: torch.Tensor, opt_state: Any) -
         )
 
 
+def refuse_reshaped_slots(given: Any, held: Any, what: str, call: str) -> None:
+    """Raise where `given`, an optimizer state or EMA laid out as `held` (the state's, for the
+    same weights), holds a tensor of another shape than `held`'s in the same place: a weight's
+    moments of another shape, which the fused kernels would read or write out of bounds.
+
+    Raises:
+        StateMismatchError: the first such tensor, by path, with the fix.
+    """
+    if given is None or held is None or given is held:
+        return
+    pairs = zip(pytree.tree_leaves(given), pytree.tree_leaves(held), strict=False)
+    if all(
+        a is b
+        or not isinstance(a, torch.Tensor)
+        or not isinstance(b, torch.Tensor)
+        or a.shape == b.shape
+        for a, b in pairs
+    ):
+        return
+    theirs = leaves_by_path(held)
+    for path, leaf in leaves_by_path(given).items():
+        now = theirs.get(path)
+        if isinstance(leaf, torch.Tensor) and isinstance(now, torch.Tensor):
+            if leaf.shape != now.shape:
+                raise StateMismatchError(
+                    f"{call} got an {what} whose {path} has shape {list(leaf.shape)}, where the "
+                    f"state's has {list(now.shape)}: made for weights of other shapes (another "
+                    "model's, a head of another size). Give the state of these weights "
+                    f"(state.{what}, or a checkpoint's read with ft.load(path, like=state)); "
+                    "for a weight given at a new shape, pass it with params= (and module=) and "
+                    "start its state afresh, state.reset_optimizer_state(names)"
+                )
+
+
 def refuse_bad_counters(changes: dict[str, Any], current: dict[str, torch.Tensor]) -> None:
     """Raise one `ConfigError` for each counter in `changes` that is no count: an int >= 0, or an
     integer tensor of the counter's shape (`current`, by name) or 0-d.

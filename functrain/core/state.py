@@ -50,6 +50,7 @@ from functrain.core.replacement import (
     refuse_bad_counters,
     refuse_derived,
     refuse_misfits,
+    refuse_reshaped_slots,
     resplit,
     shared_storage,
     shares_storage,
@@ -603,6 +604,14 @@ class TrainState:
             refuse_bad_counters(changes, {name: getattr(self, name) for name in COUNTERS})
         if not changes.keys().isdisjoint(("rng", "opt_state")):
             refuse_misfits(changes, self.rng, self.opt_state)
+        if not self._reshaped and changes.keys().isdisjoint(
+            ("optimizer", "options", "params", "frozen")
+        ):  # (a reshaped state's are checked against its weights: `_slot_problem`)
+            for name in ("opt_state", "ema_state"):  # (for the same weights: their shapes)
+                if name in changes:
+                    refuse_reshaped_slots(
+                        changes[name], getattr(self, name), name, "TrainState.replace"
+                    )
         if not self.options.differentiable:
             refuse_graph_tensors(changes, "TrainState.replace")
         for name in COUNTERS:  # each state's own: a write into one changes no other state
@@ -1486,6 +1495,13 @@ class TrainState:
         """  # noqa: E501
         if not self.options.differentiable:
             refuse_graph_tensors(tree, "TrainState.with_tree")
+        step = tree.get("step")
+        if not isinstance(step, torch.Tensor) or step.shape == self.step.shape:
+            for name in ("opt_state", "ema_state"):  # (a state of these members: their shapes)
+                if name in tree:
+                    refuse_reshaped_slots(
+                        tree[name], getattr(self, name), name, "TrainState.with_tree"
+                    )
         new = attrs.evolve(self, **tree)
         if not tree.keys().isdisjoint(_MODULE_TENSORS):
             object.__setattr__(new, "_unchecked", True)

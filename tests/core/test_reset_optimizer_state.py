@@ -449,3 +449,25 @@ def test_a_grown_head_without_its_state_started_afresh_is_refused_naming_the_res
     started = grown.reset_optimizer_state(HEAD, ema=True)
     after, _ = ft.train_step(started, batches(1)[0])
     assert after.params["2.weight"].shape == (5, 16)
+
+
+@pytest.mark.parametrize("field", ["opt_state", "ema_state"])
+@pytest.mark.parametrize("given", ["replace", "with_tree"])
+def test_an_optimizer_state_or_ema_of_another_heads_shape_is_refused_where_it_is_given(
+    given: str, field: str
+) -> None:
+    # (the fused kernel, given moments larger than its weights, stepped on them without a word;
+    # given smaller ones, it wrote past them)
+    state = ft.TrainState.create(make_mlp(), ft.adamw(0.01), cross_entropy_loss_fn, ema_decay=0.9)
+    state, _ = ft.train_step(state, batches(1)[0])
+    grown, _ = _grown(state)
+    other = getattr(grown.reset_optimizer_state(HEAD, ema=True), field)  # (a head of 5 classes)
+    with pytest.raises(ft.StateMismatchError, match=r"has shape \[5, 16\], where the state's has"):
+        if given == "replace":
+            state.replace(**{field: other})
+        else:
+            state.with_tree({**state.tree(), field: other})
+    own = {field: leaves_by_path(getattr(state, field))}  # (its own, copied: taken)
+    copied = getattr(state.clone(), field)
+    state.replace(**{field: copied}).with_tree({**state.tree(), field: copied})
+    assert own[field].keys() == leaves_by_path(copied).keys()
