@@ -302,6 +302,24 @@ def test_a_second_fit_of_a_state_stopped_mid_epoch_goes_on_from_its_streams_stat
     ft.testing.assert_states_equal(straight.state.tree(), result.state.tree(), ignore=["driver"])
 
 
+class Renamed(Stream):
+    """A stream of another kind: its state under another key."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.next}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next = state["position"]
+
+
+def test_a_state_holding_another_kind_of_streams_position_is_refused_naming_the_load_error() -> (
+    None
+):
+    stopped = ft.fit(linear_state(), Stream([]), max_steps=4, progress=False, verbosity="silent")
+    with pytest.raises(ft.ConfigError, match=r"load_state_dict\(\) \(Renamed\).*KeyError"):
+        ft.fit(stopped.state, Renamed([]), max_steps=10, progress=False, verbosity="silent")
+
+
 def test_the_stored_state_is_a_copy_later_changes_to_the_source_cannot_reach() -> None:
     position = torch.zeros(1)
     saved = storable_state({"pos": position, "order": [1, 2]})

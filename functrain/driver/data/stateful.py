@@ -73,9 +73,23 @@ class StatefulSource(IterableSource):
         return storable_state(state, f"train_data.state_dict() ({type(self.source).__name__})")
 
     def restore(self, tree: Any) -> None:
-        """Load a saved `state_tree` (its tensors on the CPU); the next pass goes on from it."""
+        """Load a saved `state_tree` (its tensors on the CPU); the next pass goes on from it.
+
+        Raises:
+            ConfigError: the source's ``load_state_dict`` refused the state (one another kind of
+                data saved), with that error and the ways on.
+        """
         tree = pytree.tree_map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, tree)
-        self.source.load_state_dict(tree)  # type: ignore[attr-defined]
+        try:
+            self.source.load_state_dict(tree)  # type: ignore[attr-defined]
+        except Exception as error:
+            raise ConfigError(
+                f"train_data.load_state_dict() ({type(self.source).__name__}) could not load the "
+                f"position the state holds in its data ({type(error).__name__}: "
+                f"{str(error)[:200]}), saved with data of another kind. Give fit data of the kind "
+                "the run was stopped on, or start a new run from its weights "
+                "(functrain.load_weights)"
+            ) from error
         self._pending = tree
 
     def epoch(self, epoch: int, start: int = 0, *, record: bool = True) -> Iterator[Any]:
