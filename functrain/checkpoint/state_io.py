@@ -570,14 +570,7 @@ def load(
     """
     _check_path(path, "load")
     _check_map_location(map_location)
-    try:
-        return _load_here_or_sharded(path, like, map_location, digest)
-    except CheckpointMemoryError:
-        raise
-    except BaseException as e:
-        if not starved(e):
-            raise
-        raise _short_of_resources(path, e) from e
+    return _loaded(path, like, map_location, digest)
 
 
 def load_in_template_modes(path: str | os.PathLike[str], like: TrainState) -> TrainState:
@@ -588,15 +581,23 @@ def load_in_template_modes(path: str | os.PathLike[str], like: TrainState) -> Tr
     have been put in eval mode since that checkpoint was saved. Not to resume training from: a
     resume into other modes trains otherwise, which `load` refuses."""
     _check_path(path, "load")
+    result: TrainState = _loaded(path, like, None, None, check_modes=False)
+    return result
+
+
+def _loaded(
+    path: Any, like: Any, map_location: Any, digest: str | None, check_modes: bool = True
+) -> Any:
+    """`_load_here_or_sharded`, a process short of memory or threads said so
+    (`CheckpointMemoryError`)."""
     try:
-        result: TrainState = _load_here_or_sharded(path, like, None, None, check_modes=False)
+        return _load_here_or_sharded(path, like, map_location, digest, check_modes=check_modes)
     except CheckpointMemoryError:
         raise
     except BaseException as e:
         if not starved(e):
             raise
         raise _short_of_resources(path, e) from e
-    return result
 
 
 def _short_of_resources(path: Any, error: BaseException) -> CheckpointMemoryError:
