@@ -695,8 +695,9 @@ def bound(
         plan = _plans[module] = _make_plan(module)
         if plan[3]:
             object.__setattr__(module, _ALIASES, plan[3])
-    if plan[7]:
-        refuse_lost_writes(module, plan[7])
+    for _, meta, version in plan[7]:  # (a loop here, not a call: a step's fixed cost)
+        if meta._version != version:
+            refuse_lost_writes(module, plan[7])
     if plan[1] != tensors.keys():
         if not tensors.keys() <= plan[1]:
             _refuse_changed(module, plan[1], tensors)
