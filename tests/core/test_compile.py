@@ -8,6 +8,7 @@ kernels."""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import warnings
@@ -827,6 +828,26 @@ def test_a_step_torch_fails_to_compile_runs_eagerly_with_a_warning(
     assert _FAILED_COMPILES[0] == tries >= 1
 
 
+def _eager_fallback_message(model: nn.Module, loss_fn: Any, batches: list[Any]) -> str:
+    """`compile_step` over `batches` from `model` against a torch SGD loop over its twin: the
+    weights bit for bit (the step ran eagerly), and the one `EagerStepWarning`'s message."""
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for batch in batches:
+        optimizer.zero_grad()
+        loss_fn(reference, batch).backward()
+        optimizer.step()
+    state = ft.TrainState.create(model, ft.sgd(0.1, fused=False), loss_fn)
+    step = ft.compile_step()
+    with pytest.warns(ft.EagerStepWarning) as caught:
+        for batch in batches:
+            state, _ = step(state, batch)
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p)
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, ft.EagerStepWarning)]
+    return message
+
+
 def test_a_loss_that_raises_only_traced_runs_eagerly_naming_the_error_and_its_line() -> None:
     # the loss reads its output's storage (a cache keyed by address): the eager step, as the torch
     # loop, trains on it; traced under torch.func.grad the read raises. The warning says what was
@@ -841,24 +862,10 @@ def test_a_loss_that_raises_only_traced_runs_eagerly_naming_the_error_and_its_li
         assert out.untyped_storage().data_ptr() != 0
         return nn.functional.cross_entropy(out, y)
 
-    reference = nn.Linear(4, 3)
-    reference.load_state_dict(model.state_dict())
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-    for batch in batches:
-        optimizer.zero_grad()
-        loss_fn(reference, batch).backward()
-        optimizer.step()
-    state = ft.TrainState.create(model, ft.sgd(0.1, fused=False), loss_fn)
-    step = ft.compile_step()
-    with pytest.warns(ft.EagerStepWarning) as caught:
-        for batch in batches:
-            state, _ = step(state, batch)
-    (message,) = [str(w.message) for w in caught if issubclass(w.category, ft.EagerStepWarning)]
+    message = _eager_fallback_message(model, loss_fn, batches)
     assert "its compiled call raised" in message and "torch failed" not in message
     assert "Cannot access storage" in message  # what was raised
     assert f"{__file__}" in message and "in loss_fn" in message  # the user's line
-    for name, p in reference.named_parameters():
-        assert torch.equal(state.params[name], p)
 
 
 def test_a_compiled_step_out_of_memory_raises_and_is_not_run_eagerly_after() -> None:
@@ -1127,20 +1134,7 @@ def test_a_batch_torch_func_cannot_trace_runs_eagerly_as_the_torch_loop() -> Non
         a, x, y = batch
         return nn.functional.cross_entropy(torch.sparse.mm(a, m(x)), y)
 
-    reference = nn.Linear(3, 2)
-    reference.load_state_dict(model.state_dict())
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-    for batch in batches:
-        optimizer.zero_grad()
-        loss_fn(reference, batch).backward()
-        optimizer.step()
-    state = ft.TrainState.create(model, ft.sgd(0.1, fused=False), loss_fn)
-    step = ft.compile_step()
-    with pytest.warns(ft.EagerStepWarning, match="its compiled call raised"):
-        for batch in batches:
-            state, _ = step(state, batch)
-    for name, p in reference.named_parameters():
-        assert torch.equal(state.params[name], p)
+    assert "its compiled call raised" in _eager_fallback_message(model, loss_fn, batches)
 
 
 def test_a_loss_taking_its_inputs_gradient_runs_eagerly_and_says_to_use_torch_func_grad() -> None:
@@ -1157,21 +1151,6 @@ def test_a_loss_taking_its_inputs_gradient_runs_eagerly_and_says_to_use_torch_fu
         (g,) = torch.autograd.grad(nn.functional.cross_entropy(m(x_adv), y), [x_adv])
         return nn.functional.cross_entropy(m(x + 0.1 * g.sign()), y)
 
-    reference = nn.Linear(4, 3)
-    reference.load_state_dict(model.state_dict())
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-    for batch in batches:
-        loss = loss_fn(reference, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    state = ft.TrainState.create(model, ft.sgd(0.1, fused=False), loss_fn)
-    step = ft.compile_step()
-    with pytest.warns(ft.EagerStepWarning) as caught:
-        for batch in batches:
-            state, _ = step(state, batch)
-    (message,) = [str(w.message) for w in caught if issubclass(w.category, ft.EagerStepWarning)]
+    message = _eager_fallback_message(model, loss_fn, batches)
     assert "calls requires_grad_()" in message and "torch.func.grad(lambda x:" in message
     assert "another backend" not in message
-    for name, p in reference.named_parameters():
-        assert torch.equal(state.params[name], p)
