@@ -21,7 +21,6 @@ user brings gets a row here.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -736,79 +735,6 @@ def test_a_sparse_embedding_is_refused_by_the_optimizers_torch_has_no_sparse_pat
     optimizer, words = SPARSE_REFUSED[name]
     with pytest.raises(FunctrainError, match=words):
         ft.TrainState.create(sparse_cases.model(), optimizer(), sparse_cases.loss_fn)
-
-
-class Branching(nn.Module):
-    """A branch the batch switches off: its parameters get no gradient in those steps."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(8, 3)
-        self.b = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
-        return self.a(x) + self.b(x) if use_b else self.a(x)
-
-
-def test_a_parameter_unused_in_a_step_trains_as_torch_with_zero_grads_kept() -> None:
-    # functrain gives it a zero gradient: torch's loop with zero_grad(set_to_none=False), as
-    # docs/guides/porting.md says (torch's default skips the parameter that step)
-    def branching_loss(m: Any, batch: Any) -> torch.Tensor:
-        x, y, use_b = batch
-        return F.cross_entropy(m(x, use_b), y)
-
-    gen = torch.Generator().manual_seed(1)
-    data = [(*vectors(gen), i % 2 == 0) for i in range(4)]
-    torch.manual_seed(0)
-    model = Branching()
-    runs = {}
-    for set_to_none in (False, True):
-        ref = copy.deepcopy(model)
-        opt = torch.optim.AdamW(ref.parameters(), LR, fused=True)
-        for batch in data:
-            branching_loss(ref, batch).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=set_to_none)
-        runs[set_to_none] = module_tensors(ref)
-    state = ft.TrainState.create(model, ft.adamw(LR), branching_loss)
-    for batch in data:
-        state, _ = ft.train_step(state, batch)
-    assert_trees_equal(runs[False], dict(state.params))
-    assert not torch.equal(runs[True]["b.weight"], state.params["b.weight"])
-
-
-def test_a_parameter_unused_in_the_first_steps_is_skipped_by_torch_until_its_gradient() -> None:
-    # torch holds no .grad for a parameter before its first gradient, so even zero_grad(
-    # set_to_none=False) skips it until then, where functrain's zero gradient counts it; moving
-    # it to frozen for the steps that leave it unused is torch's default loop bit for bit
-    def branching_loss(m: Any, batch: Any) -> torch.Tensor:
-        x, y, use_b = batch
-        return F.cross_entropy(m(x, use_b), y)
-
-    gen = torch.Generator().manual_seed(1)
-    data = [(*vectors(gen), i in (2, 3)) for i in range(5)]
-    torch.manual_seed(0)
-    model = Branching()
-    runs = {}
-    for set_to_none in (False, True):
-        ref = copy.deepcopy(model)
-        opt = torch.optim.AdamW(ref.parameters(), LR, fused=True)
-        for batch in data:
-            opt.zero_grad(set_to_none=set_to_none)
-            branching_loss(ref, batch).backward()
-            opt.step()
-        runs[set_to_none] = module_tensors(ref)
-    zero_grads = ft.TrainState.create(model, ft.adamw(LR), branching_loss)
-    waiting = zero_grads
-    for batch in data:
-        zero_grads, _ = ft.train_step(zero_grads, batch)
-        weights = {**waiting.params, **waiting.frozen}
-        unused = {k for k in weights if k.startswith("b.") and not batch[2]}
-        params = {k: w for k, w in weights.items() if k not in unused}
-        waiting = waiting.replace(params=params, frozen={k: weights[k] for k in unused})
-        waiting, _ = ft.train_step(waiting, batch)
-    assert not torch.equal(runs[False]["b.weight"], zero_grads.params["b.weight"])
-    assert_trees_equal(runs[True], {**waiting.params, **waiting.frozen})
 
 
 # the EMA as the loops users copy average it (tests/optim/test_averaging.py runs each convention on

@@ -21,13 +21,21 @@ from typing import Any
 
 import torch
 
-from functrain.core.gradient import Forward, dist_config, functional, gathers, gradients
+from functrain.core.gradient import (
+    SITTING,
+    Forward,
+    dist_config,
+    functional,
+    gathers,
+    gradients,
+)
 from functrain.core.loss import (
     RunAgain,
     call_loss,
     counted_samples,
     samples_in,
 )
+from functrain.core.replacement import seat_layout, sitting_out
 from functrain.core.statistics import grad_statistics
 from functrain.core.structure import grad_hooks
 from functrain.core.view import StepState
@@ -90,9 +98,12 @@ def check_gradients(state: StepState, batch: Any) -> torch.Tensor:
         LossError: as `train_step` raises it.
     """
     try:
-        loss = gradients(state, batch, forward_buffers(state), loss_scale(state))[1]
+        grads, loss, _ = gradients(state, batch, forward_buffers(state), loss_scale(state))
     except RunAgain:  # reentrant activation checkpointing, now known: its backward's way
-        loss = gradients(state, batch, forward_buffers(state), loss_scale(state))[1]
+        grads, loss, _ = gradients(state, batch, forward_buffers(state), loss_scale(state))
+    # a weight without a gradient that sits the update out: the structure's steps the body's
+    if len(grads) < len(state.params) and seat_layout(state.tx, dict(state.params)) is not None:
+        object.__setattr__(state.module, SITTING, True)
     return loss.detach()
 
 
@@ -248,6 +259,19 @@ def _update(
     # counted before the update may write a donated state (a count refused leaves it as it was)
     samples = batch_samples(state, batch)
     grads = in_param_layouts(grads, state.params)
+    # weights the loss did not use (`functrain.core.gradient.sits_out`): they sit the update out,
+    # as torch.optim's step skips a parameter without .grad, or take a zero gradient where their
+    # optimizer steps every weight (optax's chains, a transform of one's own)
+    params_in, opt_in, out = state.params, state.opt_state, None
+    if len(grads) < len(params_in):
+        out = sitting_out(state.tx, opt_in, dict(params_in), grads, not extras.may_write())
+        if out is None:
+            grads = {
+                k: grads[k] if k in grads else torch.zeros_like(p) for k, p in params_in.items()
+            }
+        else:
+            params_in, opt_in = out.params, out.opt_state
+            object.__setattr__(state.module, SITTING, True)
     grad_list = list(grads.values())
     # with accumulation (outermost: `core/options.py`) the norm reported is its mean gradient's,
     # which it measures itself: the micro-batch's would be measured for nothing
@@ -276,9 +300,7 @@ def _update(
         # the permission handed on: from here a raise leaves the given state written (`donated`)
         extras.written.append(True)
     try:
-        updates, opt_state, report = update_reporting(
-            state.tx, grads, state.opt_state, state.params, given
-        )
+        updates, opt_state, report = update_reporting(state.tx, grads, opt_in, params_in, given)
     except (RuntimeError, NotImplementedError) as error:
         sparse = [k for k, g in grads.items() if g.is_sparse]
         # only torch's refusal of a sparse tensor (out of memory and the rest as they are)
@@ -306,8 +328,10 @@ def _update(
     if scale is not None and grad_norm is not None:
         grad_norm = grad_norm / scale
     params = in_param_strides(
-        apply_updates(state.params, updates, in_place=extras.may_write()), state.params
+        apply_updates(params_in, updates, in_place=extras.may_write()), params_in
     )
+    if out is not None:
+        params, opt_state = out.back(params, opt_state)
     k = state.options.accumulate_steps
     micro = (state.micro_step + 1) % k if k > 1 else state.micro_step
     completed = micro == 0 if k > 1 else None  # None: every batch completes an update
@@ -332,6 +356,8 @@ def _update(
     metrics = step_metrics(loss, grad_norm, skipped, tx_metrics, aux, _rates(state.tx, opt_state))
     by = state.grad_stats
     if by is not None:
+        if out is not None:  # (a zero gradient for a weight that sat out)
+            grads = {k: grads[k] if k in grads else torch.zeros_like(p) for k, p in params.items()}
         metrics.update(grad_statistics(by, grads, state.params, params, scale, extras.norms.across))
     return new, metrics
 

@@ -66,6 +66,7 @@ from functrain.core.capture import (
 )
 from functrain.core.create import STEP_COUNTERS
 from functrain.core.donation import refuse_donate, step_in_scope, wait_until_unheld
+from functrain.core.gradient import SITTING
 from functrain.core.guards import Spent, Watched, guard_filter, refuse_if_spent
 from functrain.core.loss import call_loss, check_scalar_metrics, checkpoint_refusal
 from functrain.core.scope import Scope, enter, leave, leave_with
@@ -97,6 +98,30 @@ _CAPTURED = "a captured step (compile_step(capture=True)) with donate=True"
 # torch.compile's modes that run CUDA graph trees (torch._inductor.list_mode_options)
 _TREE_MODES = ("reduce-overhead", "max-autotune")
 _TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+
+def _sat_out(state: TrainState) -> bool:
+    """Whether `state`'s structure had a weight sit out an update it got no gradient for
+    (`functrain.core.gradient.SITTING`), which a compiled step cannot tell from a zero gradient
+    (``torch.func.grad`` gives one): its steps run eagerly, as `train_step`, said once."""
+    module = state.module
+    if SITTING not in module.__dict__:
+        return False
+    if _SAID not in module.__dict__:
+        object.__setattr__(module, _SAID, True)
+        warnings.warn(
+            "compile_step runs this state's steps eagerly, as functrain.train_step: a weight got "
+            "no gradient in a step (a branch skipped, an expert no token reached, a head without "
+            "labels) and sits that update out, as torch.optim skips a parameter without .grad; "
+            "a compiled step would give it a zero gradient (see the porting guide)",
+            EagerStepWarning,
+            stacklevel=4,
+        )
+    return True
+
+
+# the mark of a structure whose eager steps `_sat_out` said
+_SAID = "_functrain_sat_out_said"
 
 
 class EagerStepWarning(UserWarning):
@@ -366,7 +391,7 @@ class CompiledStep:
                 "eagerly (a graph through unrolled steps is built anew at every call)"
             )
         members = state.members  # read before a donation
-        if self._captures is None and self._runs_eagerly(state.module):
+        if self._captures is None and (self._runs_eagerly(state.module) or _sat_out(state)):
             return train_step(state, batch, donate=donate)
         if not members:
             refuse_per_member(batch)
@@ -427,6 +452,9 @@ class CompiledStep:
             except BaseException:
                 leave(scope)
                 raise
+        if checking and _sat_out(state):  # (found by the check: its step is the eager one)
+            leave(scope)
+            return train_step(state, batch, donate=donate)
         attempt = _Attempt()
         run: Callable[..., Any] = attempt.calling(core)
         if expected is not None and state.dist is None:  # (`_same_loss`)

@@ -26,7 +26,7 @@ import contextlib
 import itertools
 import operator
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -53,6 +53,7 @@ from functrain.optim.rules.sparse import no_rows
 from functrain.tree import tree_leaves
 
 __all__ = [
+    "SITTING",
     "Decided",
     "Forward",
     "backward",
@@ -64,6 +65,7 @@ __all__ = [
     "gathers",
     "gradients",
     "reciprocal",
+    "sits_out",
 ]
 
 # the forward of a step: ``(parameters as it takes them, buffers it may write) -> (loss, metrics)``,
@@ -144,8 +146,13 @@ def gradients(
         return _with_graph(state, batch, buffers, scale)
     if forward is None and not gathers(state):
         leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
-        grads, loss, aux = backward(state, batch, leaves, buffers, scale, decided(state))
-        return dict(zip(state.params, grads, strict=True)), loss, aux
+        # a weight without a gradient left out, where it may sit the update out (`sits_out`)
+        kept = sits_out(state)
+        found, loss, aux = backward(state, batch, leaves, buffers, scale, decided(state), kept)
+        if kept and not all(map(operator.is_not, found, itertools.repeat(None))):
+            found_by_name = zip(state.params, found, strict=True)
+            return {k: g for k, g in found_by_name if g is not None}, loss, aux
+        return dict(zip(state.params, cast(list[torch.Tensor], found), strict=True)), loss, aux
     return _by_autograd(state, batch, buffers, scale, forward, apart)
 
 
@@ -217,7 +224,7 @@ def _with_graph(
     if not exact:  # the step keeps no graph: neither do the buffers it wrote
         _detach_written(buffers)
     known = decided(state)
-    grads = completed(list(found), leaves, names, known.hooks, known.sparse)
+    grads = cast(list[torch.Tensor], completed(list(found), leaves, names, *known[:2]))
     return dict(zip(names, grads)), loss, aux
 
 
@@ -262,7 +269,8 @@ def _by_autograd(
             refuse_written_buffers(error, buffers.items())
         raise
     _detach_written(buffers)
-    grads = completed(found, leaves, names * (len(own) if apart else 1), known.hooks, known.sparse)
+    every = names * (len(own) if apart else 1)
+    grads = cast(list[torch.Tensor], completed(found, leaves, every, known.hooks, known.sparse))
     if apart:
         n = len(names)
         return {k: torch.stack(grads[i::n]) for i, k in enumerate(names)}, loss, aux
@@ -276,7 +284,8 @@ def backward(
     buffers: dict[str, torch.Tensor],
     scale: torch.Tensor | None,
     known: Decided,
-) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    absent: bool = False,
+) -> tuple[list[torch.Tensor | None], torch.Tensor, dict[str, torch.Tensor]]:
     """`gradients` of an ordinary state's eager step: the loss function on `leaves`, its backward.
 
     `gradients` calls it with what the state's gradient step decides (`known`, `decided`); the
@@ -286,7 +295,8 @@ def backward(
     the forward wrote from the graph is replaced in `buffers` by its detached value.
 
     Returns:
-        The gradients (`completed`), the loss and the loss function's metrics, detached.
+        The gradients (`completed`; None for a weight without one where `absent`), the loss and
+        the loss function's metrics, detached.
 
     Raises:
         LossError: the loss does not depend on any trainable parameter.
@@ -307,7 +317,21 @@ def backward(
         if buffers[name].requires_grad:
             _detach_written(buffers)
             break
-    return completed(grads, leaves, names, known.hooks, known.sparse), loss, aux
+    return completed(grads, leaves, names, known.hooks, known.sparse, absent), loss, aux
+
+
+# the mark of a structure whose weights sat out an update they got no gradient for: its steps are
+# the body's (`functrain.core.body`), which gives the update the others alone and reads each
+# weight's own count, where a planned update (the straight line's) was decided on them alike
+SITTING = "_functrain_sits_out"
+
+
+def sits_out(state: StepState) -> bool:
+    """Whether a weight without a gradient may sit a step of `state` out, as torch.optim's
+    step skips a parameter whose ``.grad`` is None: an eager step of an ordinary state, one
+    update per batch (an accumulation window sums zeros for it, a process group's ranks average
+    them). Its optimizer decides (`functrain.core.replacement.sitting_out`)."""
+    return state.dist is None and state.options.accumulate_steps == 1 and not state.members
 
 
 def _detach_written(buffers: dict[str, torch.Tensor]) -> None:
@@ -328,25 +352,32 @@ def completed(
     names: list[str],
     hooks: tuple[tuple[int, Any], ...],
     sparse: frozenset[str],
-) -> list[torch.Tensor]:
+    absent: bool = False,
+) -> list[torch.Tensor | None]:
     """The gradients after the parameters' own hooks, one for every leaf.
 
-    A parameter the loss did not use gets a zero gradient (torch.optim's with
-    ``zero_grad(set_to_none=False)``); a sparse one none at all (`no_rows`), which its updates
-    skip as torch.optim skips a parameter without a gradient.
+    A parameter the loss did not use gets None where `absent` (its update then skips it, as
+    torch.optim's skips a parameter without ``.grad``), else a zero gradient; a sparse one a
+    gradient without rows (`no_rows`), which its updates skip.
 
     Raises:
         LossError: no leaf has a gradient.
     """
     # every leaf has one (`None in grads` would compare tensors; map: no frame per gradient)
     if all(map(operator.is_not, grads, itertools.repeat(None))):
-        return run_gradient_hooks(grads, hooks) if hooks else grads  # type: ignore[return-value]
+        return run_gradient_hooks(grads, hooks) if hooks else grads
     # requiring grad is not enough: a module the loss closes over has parameters of its own
     if all(g is None for g in grads):
         raise LossError(NO_GRADIENT)
     grads = run_gradient_hooks(grads, hooks)
     return [
-        g if g is not None else no_rows(leaf) if name in sparse else torch.zeros_like(leaf)
+        g
+        if g is not None
+        else no_rows(leaf)
+        if name in sparse
+        else None
+        if absent
+        else torch.zeros_like(leaf)
         for name, g, leaf in zip(names, grads, leaves, strict=True)
     ]
 

@@ -16,7 +16,7 @@ in the parameters' order. `replace` takes a change to one of them as the user me
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 from functrain.errors import ConfigError, StateMismatchError, config_check
 from functrain.optim.combine import chain
 from functrain.optim.naming import recorded_call
-from functrain.optim.rules.formula import checked_parked
+from functrain.optim.rules.formula import checked_parked, settled_steps
 from functrain.optim.wrappers import (
     accumulate,
     dynamic_loss_scale,
@@ -32,7 +32,7 @@ from functrain.optim.wrappers import (
     partition,
     skip_nonfinite,
 )
-from functrain.tree import escape_key, leaves_by_path
+from functrain.tree import escape_key, leaves_by_path, tree_flatten, tree_unflatten
 
 __all__ = [
     "DERIVED",
@@ -49,6 +49,9 @@ __all__ = [
     "optimizers_in",
     "slot_owners",
     "resplit",
+    "SittingOut",
+    "sitting_out",
+    "seat_layout",
 ]
 
 # static fields built from others: replaced through the fields they are built from
@@ -673,6 +676,7 @@ def resplit(
     init: Any,
     what: str,
     afresh: Collection[str] = (),
+    layouts: tuple[dict[str, list[str]], dict[str, list[str]]] | None = None,
 ) -> tuple[Any, dict[str, dict[str, torch.Tensor]]]:
     """`old` (made for `old_params`) for `new_params`, each weight's slots matched by name.
 
@@ -681,19 +685,24 @@ def resplit(
     trained for the first time takes fresh ones, and so does one named in `afresh` that stays
     (its state reset, ``TrainState.reset_optimizer_state``), but for the gradient sums of an
     accumulation window, which are its gradient, not its optimizer's state. The leaves of no one
-    weight (counts, rates, skip counters; a group's, in a partition) are `old`'s.
+    weight (counts, rates, skip counters; a group's, in a partition) are `old`'s. `layouts`: the
+    `slot_owners` of `new_params` and `old_params`, where the caller knows them.
 
     Raises:
         StateMismatchError: a state not laid out one slot per weight (`slot_owners`).
     """
-    owners, had = slot_owners(init, new_params), slot_owners(init, old_params)
+    if layouts is None:
+        owners, had = slot_owners(init, new_params), slot_owners(init, old_params)
+    else:
+        owners, had = layouts
     if owners is None or had is None:
         raise StateMismatchError(
             f"TrainState.replace cannot move weights between params and frozen: this state's "
             f"{what} is not laid out one slot per weight; make a state for the new split with "
             "TrainState.create(state.export_module(), ...)"
         )
-    fresh = leaves_by_path(init(new_params))
+    made = init(new_params)
+    fresh = leaves_by_path(made)
     olds = leaves_by_path(old)
     at_old = {
         c: {
@@ -743,4 +752,152 @@ def resplit(
             return checked_parked(value, leaf, name, key)
         return value
 
-    return pytree.tree_map(pick, init(new_params)), kept
+    return pytree.tree_map(pick, made), kept
+
+
+class SittingOut:
+    """An update of the weights that have a gradient alone, where others have none this step.
+
+    torch.optim's step skips a parameter whose ``.grad`` is None (``zero_grad()``'s default):
+    no update, no weight decay, its state and its own step untouched. `params` and `opt_state`
+    are the weights with a gradient and their slots (each weight's count settled first,
+    `settled_steps`), which the update takes; `back` puts the new ones beside the others' as
+    they were. Both are a selection of leaves by the plan `_Seats` found once (by `resplit`).
+    """
+
+    __slots__ = ("params", "opt_state", "_full", "_leaves", "_seats", "_copy")
+
+    def __init__(
+        self, opt_state: Any, full: dict[str, torch.Tensor], seats: _Seats, copy: bool
+    ) -> None:
+        self._full, self._seats, self._copy = full, seats, copy
+        self._leaves = tree_flatten(settled_steps(opt_state))[0]
+        self.params = {k: p for k, p in full.items() if k in seats.present}
+        self.opt_state = tree_unflatten([self._leaves[i] for i in seats.taken], seats.sub)
+
+    def back(
+        self, params: dict[str, torch.Tensor], opt_state: Any
+    ) -> tuple[dict[str, torch.Tensor], Any]:
+        """All the weights and the whole optimizer state after the update of `params` (new) and
+        `opt_state`: the others' as they were (copies, for a step that writes nothing given; a
+        fresh slot without storage is shared: no step writes one where it lies)."""
+        new = tree_flatten(settled_steps(opt_state))[0]
+        kept = _copied if self._copy else _as_it_is
+        whole = [new[i] if fresh else kept(self._leaves[i]) for fresh, i in self._seats.put]
+        weights = {k: params[k] if k in params else kept(p) for k, p in self._full.items()}
+        return weights, tree_unflatten(whole, self._seats.spec)
+
+
+def _copied(t: Any) -> Any:
+    return t.clone() if isinstance(t, torch.Tensor) and 0 not in t.stride() else t
+
+
+def _as_it_is(t: Any) -> Any:
+    return t
+
+
+class _Seats(NamedTuple):
+    """Where the leaves of an update of some weights alone come from (`SittingOut`): `taken`, the
+    indices of the whole state's leaves (flattened) that make the state of the weights in
+    `present` (structure `sub`); `put`, for each leaf of the whole state after the update
+    (structure `spec`), whether it is the update's (its index in the new state's leaves) or the
+    whole state's as it was (its index there)."""
+
+    present: frozenset[str]
+    spec: pytree.TreeSpec
+    sub: pytree.TreeSpec
+    taken: list[int]
+    put: list[tuple[bool, int]]
+
+
+# per optimizer (its `init`, kept alive with the names it was asked for): its slot layout over
+# those names (`slot_owners`), or None where a weight cannot sit out its updates, and the plans
+# found for the sets of weights that had a gradient (`_Seats`)
+_LAYOUTS: dict[int, tuple[Any, tuple[str, ...], dict[str, list[str]] | None, dict[Any, Any]]] = {}
+
+
+def sitting_out(
+    tx: Any, opt_state: Any, params: dict[str, torch.Tensor], present: Collection[str], copy: bool
+) -> SittingOut | None:
+    """The update of the weights in `present` alone (`SittingOut`), or None where the others
+    cannot sit it out: an optimizer that reads one count of updates for all weights (`counting`:
+    optax's chains, whose reference steps every weight, a zero gradient for an unused one) or an
+    optimizer state not laid out one slot per weight (a transform of one's own)."""
+    known = _known(tx, params)
+    if known[2] is None:
+        return None
+    key = frozenset(present)
+    seats = known[3].get(key)
+    spec = tree_flatten(opt_state)[1]
+    if seats is None or seats.spec != spec:
+        seats = _seats(tx.init, opt_state, params, key, known[2])
+        if len(known[3]) >= 64:
+            known[3].clear()
+        known[3][key] = seats
+    return SittingOut(opt_state, params, seats, copy)
+
+
+def seat_layout(tx: Any, params: dict[str, torch.Tensor]) -> dict[str, list[str]] | None:
+    """The slot layout (`slot_owners`) by which weights of `params` sit out updates of `tx`
+    (`sitting_out`), or None where they cannot; found once per optimizer and names."""
+    return _known(tx, params)[2]
+
+
+def _known(tx: Any, params: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+    names = tuple(params)
+    known = _LAYOUTS.get(id(tx.init))
+    if known is None or known[1] != names:
+        layout = slot_owners(tx.init, params) if counting(tx) is None else None
+        if len(_LAYOUTS) >= 16:
+            _LAYOUTS.clear()
+        known = _LAYOUTS[id(tx.init)] = (tx.init, names, layout, {})
+    return known
+
+
+def _seats(
+    init: Any,
+    opt_state: Any,
+    full: dict[str, torch.Tensor],
+    present: frozenset[str],
+    layout: dict[str, list[str]],
+) -> _Seats:
+    """The plan of `SittingOut` for the weights in `present`: `resplit` run once on stand-ins
+    of the state's leaves (meta tensors of their shapes: each one object), each leaf it places
+    then found by the stand-in it is."""
+    leaves, spec = tree_flatten(settled_steps(opt_state))
+    marks = [_mark(t) for t in leaves]
+    params = {k: p for k, p in full.items() if k in present}
+    sub = {c: type(names)(n for n in names if n in present) for c, names in layout.items()}
+    taken_tree, parked = resplit(
+        tree_unflatten(marks, spec), full, params, {}, init, "opt_state", (), (sub, layout)
+    )
+    at = {id(m): i for i, m in enumerate(marks)}
+    taken_leaves, sub_spec = tree_flatten(taken_tree)
+    taken = [at.get(id(t), -1) for t in taken_leaves]
+    new_marks = [_mark(t) for t in taken_leaves]
+    back_tree, _ = resplit(
+        tree_unflatten(new_marks, sub_spec),
+        params,
+        full,
+        parked,
+        init,
+        "opt_state",
+        (),
+        (layout, sub),
+    )
+    at_new = {id(m): j for j, m in enumerate(new_marks)}
+    back_leaves, back_spec = tree_flatten(back_tree)
+    put = [(id(t) in at_new, at_new.get(id(t), at.get(id(t), -1))) for t in back_leaves]
+    if -1 in taken or any(i == -1 for _, i in put) or back_spec != spec:
+        raise StateMismatchError(  # (a state whose leaves `resplit` would make anew)
+            "a weight without a gradient cannot sit this update out: its optimizer's state is "
+            "not laid out one slot per weight; give it a gradient (use it in the loss)"
+        )
+    return _Seats(present, spec, sub_spec, taken, put)
+
+
+def _mark(t: Any) -> Any:
+    """A stand-in for leaf `t`: a meta tensor of its shape and dtype (a tensor), else itself."""
+    if isinstance(t, torch.Tensor):
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return t

@@ -48,11 +48,12 @@ from functrain.core.binding import (
 from functrain.core.body import OWN_TX_METRICS, counters, finite_buffers, tx_metrics_of
 from functrain.core.donation import DONATED, HELD, wait_until_unheld
 from functrain.core.failures import loss_failure
-from functrain.core.gradient import completed, reciprocal
+from functrain.core.gradient import SITTING, completed, reciprocal, sits_out
 from functrain.core.loss import (
     AUTOCAST,
     BY_BACKWARD,
     WATCHED,
+    RunAgain,
     counted_samples,
     engine_failed,
     gradients_of,
@@ -63,6 +64,7 @@ from functrain.core.loss import (
     seek_reentrant,
     split_loss,
 )
+from functrain.core.replacement import seat_layout
 from functrain.core.scope import modes_back, modes_of, rank_stream_in
 from functrain.core.stacked_step import PerMember, refuse_per_member
 from functrain.core.state import TrainState, lend
@@ -147,6 +149,15 @@ def _describe(state: TrainState) -> str:
     if state.ema_state is not None:
         parts.append("ema")
     return ", ".join(parts)
+
+
+def _sit_out(state: TrainState, module: torch.nn.Module) -> None:
+    """Raise `RunAgain` where a weight `state`'s loss did not use sits the update out
+    (`functrain.core.gradient.sits_out`), as torch.optim's step skips it: this step and the
+    structure's next ones run the body's step (`SITTING`), which updates the others alone."""
+    if sits_out(state) and seat_layout(state.tx, state.params) is not None:
+        object.__setattr__(module, SITTING, True)
+        raise RunAgain
 
 
 def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[str, Any]]:
@@ -568,6 +579,8 @@ _CONSTANTS: dict[str, Any] = {
     "NO_NAMES": frozenset(),
     "BY_BACKWARD": BY_BACKWARD,
     "SEEK_REENTRANT": seek_reentrant,
+    "SIT_OUT": _sit_out,
+    "SITTING": SITTING,
     "WATCHED": WATCHED,
     "DONATED": DONATED,
     "NAN": float("nan"),
@@ -585,7 +598,7 @@ def step(state, batch):
         return PROGRAM.run(state, batch, {donate})
 """
 _FIRST_FORWARD = """\
-    if WATCHED not in MODULE.__dict__:
+    if WATCHED not in MODULE.__dict__ or SITTING in MODULE.__dict__:
         return PROGRAM.run(state, batch, {donate})
 """
 # the state's RNG and train mode in, the caller's saved (`functrain.core.scope.swap_in`, whose
@@ -703,10 +716,13 @@ _BACKWARD = """\
                         raise
                     if not all(map(IS_NOT, grads, REPEAT(None))):  # one the loss did not use
                         SEEK_REENTRANT(loss, MODULE)
+                        SIT_OUT(state, MODULE)
                     if not OWNS_ALL(grads):  # one held elsewhere too: copied, as .grad takes it
                         grads = OWN_GRADIENTS(grads)
                 else:
                     grads = gradients_of(loss, leaves, MODULE, seed, plain=True)
+                    if not all(map(IS_NOT, grads, REPEAT(None))):
+                        SIT_OUT(state, MODULE)
         except BaseException:
             unbind(binding)
             raise

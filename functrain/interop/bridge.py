@@ -455,10 +455,10 @@ def _unstepped_groups(
     """Groups that never took a step (no state) where others did: their parameters had no
     gradient, which torch skips.
 
-    functrain's step gives a parameter the loss does not use a zero gradient (torch's with
-    ``zero_grad(set_to_none=False)``), which moves it where an optimizer decays weights or
-    carries momentum: such a group would go on otherwise than torch's. A sparse embedding's
-    group is spared: functrain's sparse updates skip a table without rows, as torch does.
+    The conversion takes each group's state from torch's, and such a group has none: its
+    parameters would start their slots and counts beside groups that took steps. A sparse
+    embedding's group is spared: functrain's sparse updates skip a table without rows, as torch
+    does.
     """
     sparse = {
         id(p)
@@ -478,10 +478,10 @@ def _unstepped_groups(
         at += "" if len(optimizers) == 1 else f".param_groups[{k}]"
         problems.append(
             f"{at} ({listed(list(g.names))}) never took a step (torch holds no state for it) "
-            "while other groups did: its parameters had no gradient, which torch skips, where "
-            "functrain's step gives them a zero gradient (the weight decay and momentum would "
-            "move them); freeze them before converting (requires_grad_(False): the converted "
-            "run keeps them fixed, as torch does), or convert once they have taken a step"
+            "while other groups did: its parameters had no gradient, which torch skips, and "
+            "the conversion takes each group's state from torch's; freeze them before "
+            "converting (requires_grad_(False): the converted run keeps them fixed, as torch "
+            "does), or convert once they have taken a step"
         )
     return problems
 
@@ -1045,7 +1045,7 @@ def _counts(
                 # each parameter's own step (`_filled`); the group counts the updates it took. A
                 # SparseAdam table not looked up yet has no state: it goes on at step 0 with
                 # fresh moments, as torch makes them at its first (a table a batch leaves out is
-                # skipped, as torch skips it; a dense parameter would take a zero gradient)
+                # skipped, as torch skips it)
                 seen = {max(stepped)}
                 own_groups.append(k)
             if len(seen) > 1:

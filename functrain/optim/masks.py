@@ -16,6 +16,7 @@ from functrain.tree import (
 )
 
 __all__ = [
+    "by_name",
     "resolve_mask",
     "resolved_once",
 ]
@@ -26,7 +27,7 @@ _R = TypeVar("_R")
 def resolve_mask(mask: Mask, params: Tree) -> tuple[bool, ...] | None:
     """Turn a mask into flags per leaf.
 
-    A mask is None, a predicate ``(name, param) -> bool`` or a tree of bools.
+    A mask is None, a predicate ``(name, param) -> bool`` or a tree of bools (`by_name`).
     """
     if mask is None:
         return None
@@ -35,12 +36,31 @@ def resolve_mask(mask: Mask, params: Tree) -> tuple[bool, ...] | None:
         return tuple(
             bool(mask(name, p)) for name, p in zip(tree_paths(params), leaves, strict=True)
         )
-    flags = tree_leaves(mask)
+    flags = by_name(mask, params)
     if len(flags) != len(leaves):
         config_check(
             [f"mask must have one bool per parameter ({len(leaves)}), got {len(flags)}"], "mask"
         )
     return tuple(bool(f) for f in flags)
+
+
+def by_name(tree: Any, params: Tree) -> list[Any]:
+    """The leaves of `tree` (a mask's flags, a partition's labels) for `params`: by name where
+    both map names (a dict of flags over more weights than `params`: those of an update of some
+    weights alone, the others frozen or without a gradient), else in order.
+
+    Example:
+        >>> by_name({"b": False, "w": True}, {"w": torch.ones(1)})
+        [True]
+    """
+    if (
+        isinstance(tree, dict)
+        and isinstance(params, dict)
+        and params.keys() <= tree.keys()
+        and all(isinstance(p, torch.Tensor) for p in params.values())
+    ):
+        return [tree[k] for k in params]
+    return tree_leaves(tree)
 
 
 def resolved_once(

@@ -39,7 +39,7 @@ from functrain.optim.base import (
     writes_in_place,
 )
 from functrain.optim.batching import under_vmap
-from functrain.optim.masks import resolve_mask, resolved_once
+from functrain.optim.masks import by_name, resolve_mask, resolved_once
 from functrain.optim.metrics import metric_fields, metric_reader, transform_metrics, walk_states
 from functrain.optim.naming import named
 from functrain.optim.planned import (
@@ -413,13 +413,13 @@ Labels = Callable[[str, torch.Tensor], str] | Tree
 def _labels_of(labels: Labels, params: Tree, known: tuple[str, ...]) -> list[str]:
     """The group of every leaf.
 
-    `labels` called on each ``(path, param)``, or read from a tree of labels.
+    `labels` called on each ``(path, param)``, or read from a tree of labels (`by_name`).
     """
     leaves = tree_leaves(params)
     if callable(labels):
         found = [labels(name, p) for name, p in zip(tree_paths(params), leaves, strict=True)]
     else:
-        found = tree_leaves(labels)
+        found = by_name(labels, params)
         if len(found) != len(leaves):
             config_check(
                 [f"labels must name one group per parameter ({len(leaves)}), got {len(found)}"],

@@ -513,6 +513,15 @@ def test_mask_tree_of_the_wrong_size_is_rejected() -> None:
         tx.update(make_grads(1), tx.init(params), params)
 
 
+def test_a_mask_dict_is_read_by_name_in_any_order_and_over_more_weights() -> None:
+    params, grads = make_params(), make_grads(1)
+    for mask in ({"b": False, "w": True}, {"b": False, "x": False, "w": True}):
+        tx = ft.add_decayed_weights(0.1, mask=mask)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        assert torch.equal(updates["b"], grads["b"])
+        assert torch.equal(updates["w"], grads["w"].add(params["w"], alpha=0.1))
+
+
 @pytest.mark.parametrize(
     "inner", [ft.scale_by_adam(), ft.trace(0.9)], ids=["scale_by_adam", "trace"]
 )

@@ -1,0 +1,265 @@
+"""A weight the loss did not use sits the update out, as torch.optim's step skips a parameter
+whose ``.grad`` is None (``zero_grad()``'s default): a branch a batch switches off, a head a
+batch has no labels for, an expert no token reached. Each case against torch's own loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import functrain as ft
+
+# each preset with the torch.optim loop it is bit for bit with
+PRESETS: dict[str, tuple[Callable[[], ft.Transform], Callable[[Any], torch.optim.Optimizer]]] = {
+    "adamw": (lambda: ft.adamw(1e-2), lambda p: torch.optim.AdamW(p, 1e-2, fused=True)),
+    "adamw-unfused": (
+        lambda: ft.adamw(1e-2, fused=False),
+        lambda p: torch.optim.AdamW(p, 1e-2, foreach=False),
+    ),
+    "adam": (
+        lambda: ft.adam(1e-2, weight_decay=0.1, fused=False),
+        lambda p: torch.optim.Adam(p, 1e-2, weight_decay=0.1, foreach=False),
+    ),
+    "adam-fused": (
+        lambda: ft.adam(1e-2, amsgrad=True),
+        lambda p: torch.optim.Adam(p, 1e-2, amsgrad=True, fused=True),
+    ),
+    "nadam": (
+        lambda: ft.nadam(1e-2, weight_decay=0.1),
+        lambda p: torch.optim.NAdam(p, 1e-2, weight_decay=0.1, foreach=False),
+    ),
+    "radam": (
+        lambda: ft.radam(1e-2),
+        lambda p: torch.optim.RAdam(p, 1e-2, foreach=True),
+    ),
+    "adamax": (lambda: ft.adamax(1e-2), lambda p: torch.optim.Adamax(p, 1e-2, foreach=False)),
+    "sgd-dampening": (
+        lambda: ft.sgd(0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
+        lambda p: torch.optim.SGD(p, 0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    ),
+    "sgd-nesterov": (
+        lambda: ft.sgd(0.1, momentum=0.9, nesterov=True, fused=False),
+        lambda p: torch.optim.SGD(p, 0.1, momentum=0.9, nesterov=True, foreach=False),
+    ),
+    "rmsprop": (
+        lambda: ft.rmsprop(1e-2, momentum=0.5, centered=True),
+        lambda p: torch.optim.RMSprop(p, 1e-2, momentum=0.5, centered=True, foreach=False),
+    ),
+    "adagrad": (
+        lambda: ft.adagrad(0.1, lr_decay=0.01),
+        lambda p: torch.optim.Adagrad(p, 0.1, lr_decay=0.01, fused=True),
+    ),
+    "adadelta": (lambda: ft.adadelta(1.0), lambda p: torch.optim.Adadelta(p, 1.0, foreach=False)),
+    "rprop": (lambda: ft.rprop(1e-2), lambda p: torch.optim.Rprop(p, 1e-2, foreach=False)),
+    "asgd": (
+        lambda: ft.asgd(1e-2, t0=1),
+        lambda p: torch.optim.ASGD(p, 1e-2, t0=1, foreach=False),
+    ),
+}
+
+# which batches use the branch: not the first (torch then holds no state for it), nor two later
+USES = (False, True, False, False, True, True, False, True)
+
+
+class Branching(nn.Module):
+    """A branch the batch switches off: its weights get no gradient in those steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 3)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        return self.a(x) + self.b(x) if use_b else self.a(x)
+
+
+def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+    x, y, use_b = batch
+    return F.cross_entropy(model(x, use_b), y)
+
+
+def make() -> Branching:
+    torch.manual_seed(0)
+    return Branching()
+
+
+def batches(uses: tuple[bool, ...] = USES) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen), used)
+        for used in uses
+    ]
+
+
+def torch_loop(
+    optimizer: Callable[[Any], torch.optim.Optimizer],
+    data: list[Any],
+    clip: float | None = None,
+    ema: AveragedModel | None = None,
+    model: nn.Module | None = None,
+) -> nn.Module:
+    model = make() if model is None else model
+    opt = optimizer(model.parameters())
+    for batch in data:
+        opt.zero_grad()  # set_to_none=True: an unused weight has no .grad
+        loss_fn(model, batch).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
+    return model
+
+
+def assert_weights(state: ft.TrainState, model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_a_weight_without_a_gradient_sits_out_the_update_as_in_torchs_loop(
+    name: str, donate: bool
+) -> None:
+    ours, theirs = PRESETS[name]
+    data = batches()
+    reference = torch_loop(theirs, data)
+    state = ft.TrainState.create(make(), ours(), loss_fn)
+    for batch in data:
+        before = {k: v.clone() for k, v in state.params.items()}
+        state, _ = ft.train_step(state, batch, donate=donate)
+        if not batch[2]:  # the branch stood still, its decay and momentum included
+            assert torch.equal(state.params["b.weight"], before["b.weight"])
+    assert_weights(state, reference)
+    # a zero gradient would have moved it (the test tells the two apart)
+    with_zeros = torch_loop(theirs, [(x, y, True) if not u else (x, y, u) for x, y, u in data])
+    assert not torch.equal(with_zeros.b.weight, reference.b.weight)
+
+
+def test_a_pure_step_shares_no_tensor_with_the_state_it_was_given() -> None:
+    # the branch's weight and moments are copies: a donated step of the result writes none of
+    # the given state's
+    data = batches()
+    state = ft.TrainState.create(make(), ft.adamw(1e-2), loss_fn)
+    state, _ = ft.train_step(state, data[1])
+    kept = {k: v.clone() for k, v in state.params.items()}
+    new, _ = ft.train_step(state, data[0])
+    for _ in range(2):
+        new, _ = ft.train_step(new, data[1], donate=True)
+    for k, v in kept.items():
+        assert torch.equal(state.params[k], v), k
+
+
+def test_with_clipping_and_an_ema_the_unused_weight_is_averaged_and_not_measured() -> None:
+    # clip_grad_norm_ measures the gradients there are; torch's EMA averages every weight
+    data = batches()
+    reference = make()
+    averaged = AveragedModel(reference, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    torch_loop(PRESETS["adamw"][1], data, clip=0.05, ema=averaged, model=reference)
+    state = ft.TrainState.create(
+        make(), ft.adamw(1e-2), loss_fn, clip_grad_norm=0.05, ema_decay=0.9, ema_convention="torch"
+    )
+    for batch in data:
+        state, _ = ft.train_step(state, batch, donate=True)
+    assert_weights(state, reference)
+    exported = state.export_module(use_ema=True)
+    assert exported is not None
+    for name, p in averaged.module.named_parameters():
+        assert torch.equal(dict(exported.named_parameters())[name], p.detach()), name
+
+
+def test_a_partition_group_whose_weights_all_sit_out_keeps_its_state() -> None:
+    data = batches()
+    reference = make()
+    opt = torch.optim.SGD(
+        [
+            # (the presets' kernels: torch's fused one, and its loop with dampening)
+            {"params": reference.a.parameters(), "lr": 0.1, "momentum": 0.9, "fused": True},
+            {"params": reference.b.parameters(), "lr": 0.05, "momentum": 0.8, "dampening": 0.5},
+        ],
+        foreach=False,
+    )
+    for batch in data:
+        opt.zero_grad()
+        loss_fn(reference, batch).backward()
+        opt.step()
+    tx = ft.partition(
+        lambda n, p: n[0],
+        a=ft.sgd(0.1, momentum=0.9),
+        b=ft.sgd(0.05, momentum=0.8, dampening=0.5),
+    )
+    state = ft.TrainState.create(make(), tx, loss_fn)
+    for batch in data:
+        state, _ = ft.train_step(state, batch)
+    assert_weights(state, reference)
+
+
+def test_a_run_resumed_between_unused_steps_is_the_uninterrupted_one(tmp_path: Any) -> None:
+    ours, theirs = PRESETS["nadam"]
+    data = batches()
+    reference = torch_loop(theirs, data)
+    state = ft.TrainState.create(make(), ours(), loss_fn)
+    for batch in data[:3]:
+        state, _ = ft.train_step(state, batch)
+    ft.save(state, tmp_path / "ckpt")
+    state = ft.load(tmp_path / "ckpt", ft.TrainState.create(make(), ours(), loss_fn))
+    for batch in data[3:]:
+        state, _ = ft.train_step(state, batch, donate=True)
+    assert_weights(state, reference)
+
+
+def test_an_optax_style_chain_steps_every_weight_with_a_zero_gradient() -> None:
+    # optax's update counts once for all weights and steps each (a zero gradient for an unused
+    # one): the same bits as the branch used times zero
+    class Zeroed(Branching):
+        def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+            return self.a(x) + (self.b(x) if use_b else 0 * self.b(x))
+
+    def tx() -> ft.Transform:
+        return ft.chain(ft.scale_by_adam(), ft.scale_by_learning_rate(1e-2))
+
+    torch.manual_seed(0)
+    zeroed = ft.TrainState.create(Zeroed(), tx(), loss_fn)
+    state = ft.TrainState.create(make(), tx(), loss_fn)
+    for batch in batches():
+        state, _ = ft.train_step(state, batch)
+        zeroed, _ = ft.train_step(zeroed, batch)
+    for k, v in zeroed.params.items():
+        assert torch.equal(state.params[k], v), k
+
+
+def test_compile_step_steps_eagerly_once_a_weight_sat_out_and_says_so() -> None:
+    # inside torch.func.grad an unused weight's gradient is a zero one: the eager step is torch's
+    ours, theirs = PRESETS["adamw"]
+    data = batches()
+    reference = torch_loop(theirs, data)
+    state = ft.TrainState.create(make(), ours(), loss_fn)
+    step = ft.compile_step()
+    with pytest.warns(ft.EagerStepWarning, match="sits that update out"):
+        for batch in data:
+            state, _ = step(state, batch, donate=True)
+    assert_weights(state, reference)
+
+
+@pytest.mark.parametrize("given", ["labels", "mask"])
+def test_labels_or_a_mask_given_as_a_dict_are_read_for_the_weights_with_a_gradient(
+    given: str,
+) -> None:
+    names = [k for k, _ in make().named_parameters()]
+    tx = (
+        ft.partition({k: k[0] for k in names}, a=ft.adamw(1e-2), b=ft.adamw(1e-2))
+        if given == "labels"
+        else ft.adamw(1e-2, mask={k: True for k in reversed(names)})
+    )
+    data = batches()
+    reference = torch_loop(PRESETS["adamw"][1], data)
+    state = ft.TrainState.create(make(), tx, loss_fn)
+    for batch in data:
+        state, _ = ft.train_step(state, batch)
+    assert_weights(state, reference)
