@@ -768,10 +768,9 @@ class SittingOut:
     __slots__ = ("params", "opt_state", "_full", "_leaves", "_seats", "_copy")
 
     def __init__(
-        self, opt_state: Any, full: dict[str, torch.Tensor], seats: _Seats, copy: bool
+        self, leaves: list[Any], full: dict[str, torch.Tensor], seats: _Seats, copy: bool
     ) -> None:
-        self._full, self._seats, self._copy = full, seats, copy
-        self._leaves = tree_flatten(settled_steps(opt_state))[0]
+        self._full, self._seats, self._copy, self._leaves = full, seats, copy, leaves
         self.params = {k: p for k, p in full.items() if k in seats.present}
         self.opt_state = tree_unflatten([self._leaves[i] for i in seats.taken], seats.sub)
 
@@ -828,13 +827,13 @@ def sitting_out(
         return None
     key = frozenset(present)
     seats = known[3].get(key)
-    spec = tree_flatten(opt_state)[1]
+    leaves, spec = tree_flatten(settled_steps(opt_state))
     if seats is None or seats.spec != spec:
-        seats = _seats(tx.init, opt_state, params, key, known[2])
+        seats = _seats(tx.init, leaves, spec, params, key, known[2])
         if len(known[3]) >= 64:
             known[3].clear()
         known[3][key] = seats
-    return SittingOut(opt_state, params, seats, copy)
+    return SittingOut(leaves, params, seats, copy)
 
 
 def seat_layout(tx: Any, params: dict[str, torch.Tensor]) -> dict[str, list[str]] | None:
@@ -856,15 +855,15 @@ def _known(tx: Any, params: dict[str, torch.Tensor]) -> tuple[Any, ...]:
 
 def _seats(
     init: Any,
-    opt_state: Any,
+    leaves: list[Any],
+    spec: pytree.TreeSpec,
     full: dict[str, torch.Tensor],
     present: frozenset[str],
     layout: dict[str, list[str]],
 ) -> _Seats:
-    """The plan of `SittingOut` for the weights in `present`: `resplit` run once on stand-ins
-    of the state's leaves (meta tensors of their shapes: each one object), each leaf it places
-    then found by the stand-in it is."""
-    leaves, spec = tree_flatten(settled_steps(opt_state))
+    """The plan of `SittingOut` for the weights in `present`, from the leaves and structure of
+    the whole (settled) state: `resplit` run once on stand-ins of its leaves (meta tensors of
+    their shapes: each one object), each leaf it places then found by the stand-in it is."""
     marks = [_mark(t) for t in leaves]
     params = {k: p for k, p in full.items() if k in present}
     sub = {c: type(names)(n for n in names if n in present) for c, names in layout.items()}
