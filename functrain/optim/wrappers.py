@@ -844,7 +844,7 @@ def skip_nonfinite(
             )
             finite = ~inner_state.skipped
         else:
-            finite = all_finite(flat_updates(updates, params)[0], extras.norms)
+            finite = _finite(flat_updates(updates, params)[0], extras)
             gate = finite if keep is None else finite & keep
             new_updates, inner_state, report = _update_where(
                 inner, gate, updates, state.inner, params, given
@@ -962,6 +962,23 @@ def _found_in(tensors: list[torch.Tensor], one: torch.Tensor) -> torch.Tensor:
     found = torch.zeros((), dtype=torch.float32, device=one.device)
     torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
     return found
+
+
+def _finite(grads: list[torch.Tensor], extras: Extras) -> torch.Tensor:
+    """`all_finite` of `grads`; of the step's own gradients in a donated eager step on one rank
+    (`Extras.may_write_updates`), by torch's found-inf check in one op (`_found_in`), which the
+    planned guard takes too."""
+    norms = extras.norms
+    if (
+        extras.may_write_updates()
+        and norms.across is None
+        and not norms.members
+        and not torch.compiler.is_compiling()
+        and _checkable(grads)
+    ):
+        one = _ONE if grads[0].device.type == "cpu" else torch.ones((), device=grads[0].device)
+        return _found_in(grads, one) == 0
+    return all_finite(grads, norms)
 
 
 def _checkable(grads: list[torch.Tensor]) -> bool:
