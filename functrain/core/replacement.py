@@ -328,16 +328,25 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _structure_problem(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    if old.keys() != new.keys():
-        missing, extra = sorted(new.keys() - old.keys()), sorted(old.keys() - new.keys())
+    """Where the leaves of two optimizers' states differ, but for the settings one holds and the
+    other does not (a weight decay held as a number, where a sweep of them is not): the new
+    optimizer's own."""
+    missing = sorted(k for k in new.keys() - old.keys() if not _setting(k))
+    extra = sorted(k for k in old.keys() - new.keys() if not _setting(k))
+    if missing or extra:
         return f"it needs {missing[:3]} and has no use for {extra[:3]}"
     for path, leaf in new.items():
-        was = old[path]
+        was = old.get(path, leaf)
         if not _alike(was, leaf):
             shown = f"{tuple(leaf.shape)} {leaf.dtype}" if isinstance(leaf, torch.Tensor) else leaf
             held = f"{tuple(was.shape)} {was.dtype}" if isinstance(was, torch.Tensor) else was
             return f"{path!r} is {shown} where the state holds {held}"
     return None
+
+
+def _setting(path: str) -> bool:
+    """Whether a leaf of an optimizer's state is one of the hyperparameters it holds."""
+    return path.startswith("hyperparameters/") or "/hyperparameters/" in path
 
 
 def shared_storage(fields: dict[str, dict[str, torch.Tensor]]) -> str | None:

@@ -48,7 +48,7 @@ from functrain.optim.naming import Call, describe_value, recorded_call
 from functrain.optim.presets import adagrad, adam, adamw, rmsprop, sgd
 from functrain.optim.rules.formula import RuleState
 from functrain.optim.rules.fused import on_device
-from functrain.optim.sweep import holds_sweep, sweep, sweeps_in
+from functrain.optim.sweep import Sweep, holds_sweep, sweep, sweeps_in
 from functrain.tree import sibling_groups, tree_flatten, tree_unflatten
 
 __all__ = [
@@ -226,11 +226,62 @@ def unstack(state: TrainState) -> list[TrainState]:
         for i in range(k)
     ]
     out = [state.with_tree({**member, "driver": state.driver}) for member in members]
-    if holds_sweep(state.optimizer):  # stacked again, each must keep its position
+    if holds_sweep(state.optimizer):
         for i, member in enumerate(out):
-            _positions[id(member)] = i
-            weakref.finalize(member, _positions.pop, id(member), None)
+            alone = member_optimizer(state.optimizer, i)
+            if alone is not None:  # its own value where the sweep held it: a state of its own
+                out[i] = member.replace(optimizer=alone)
+            else:  # (a sweep inside a schedule) stacked again, it must keep its position
+                _positions[id(member)] = i
+                weakref.finalize(member, _positions.pop, id(member), None)
     return out
+
+
+def member_optimizer(optimizer: Transform, i: int) -> Transform | None:
+    """`optimizer` as member `i` of its sweeps trains alone: each `functrain.sweep` among the
+    arguments of the call that built it (and of the transforms it was given) replaced by its
+    value at `i`; None where a sweep sits where no argument holds it (inside a schedule, a
+    transform built otherwise).
+
+    Example:
+        >>> import functrain as ft
+        >>> member_optimizer(ft.adamw(ft.sweep([0.1, 0.2])), 1).name[:14]
+        'adamw(lr=0.2, '
+    """
+    call = recorded_call(optimizer)
+    if call is None:
+        return None if holds_sweep(optimizer) else optimizer
+    changes = {}
+    for name, value in call.arguments.items():
+        own = _member_value(value, i)
+        if own is _NO_VALUE:
+            return None
+        if own is not value:
+            changes[name] = own
+    own = call.again(**changes) if changes else optimizer
+    return None if holds_sweep(own) else own
+
+
+# `_member_value` of a value holding a sweep it cannot replace
+_NO_VALUE = object()
+
+
+def _member_value(value: Any, i: int) -> Any:
+    """`value` (an argument of an optimizer's call) as member `i` trains alone."""
+    if isinstance(value, Sweep):
+        return value.values[i]
+    if is_transform(value):
+        own = member_optimizer(value, i)
+        return _NO_VALUE if own is None else own
+    if isinstance(value, (tuple, list, dict)):
+        items = list(value.items() if isinstance(value, dict) else enumerate(value))
+        found = {k: _member_value(v, i) for k, v in items}
+        if any(v is _NO_VALUE for v in found.values()):
+            return _NO_VALUE
+        if all(found[k] is v for k, v in items):
+            return value
+        return found if isinstance(value, dict) else type(value)(found.values())
+    return value
 
 
 def runs_apart(module: nn.Module, device: torch.device) -> bool:

@@ -210,9 +210,9 @@ def test_a_sweep_of_plain_functions_is_named_by_their_values_so_its_checkpoint_l
         assert torch.equal(loaded.params[name], weight)
 
 
-def test_members_of_a_sweep_stacked_again_in_another_order_are_refused_or_given_their_sweep():
-    # successive halving's reordering: each member must go on with its own lr, as torch's
-    # optimizer of that member would
+def test_members_of_a_sweep_go_on_with_their_own_rate_alone_and_in_any_order():
+    # successive halving's reordering, a survivor trained on alone: each member goes on with its
+    # own lr, as torch's optimizer of that member does (unstack gives each its own optimizer)
     rates = [0.1, 0.01, 0.001]
     members = [nn.Linear(3, 1) for _ in rates]
     loops = [torch.optim.AdamW(m.parameters(), lr) for m, lr in zip(members, rates, strict=True)]
@@ -220,25 +220,40 @@ def test_members_of_a_sweep_stacked_again_in_another_order_are_refused_or_given_
         ft.TrainState.create(m, ft.adamw(ft.sweep(rates), fused=False), loss_fn) for m in members
     ]
     x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
+
+    def torch_step(order: list[int], batch: torch.Tensor) -> None:
+        for k in order:
+            loops[k].zero_grad()
+            loss_fn(members[k], batch).backward()
+            loops[k].step()
+
     ensemble, _ = ft.train_step(ft.stack(states), x[0])
-    for m, opt in zip(members, loops, strict=True):
-        opt.zero_grad()
-        loss_fn(m, x[0]).backward()
-        opt.step()
+    torch_step([0, 1, 2], x[0])
     again = ft.unstack(ensemble)
+    assert [m.optimizer.name.partition(",")[0] for m in again] == [f"adamw(lr={r}" for r in rates]
     assert_states_equal(ft.stack(again), ensemble)  # in their order: as they were
-    with pytest.raises(ft.ConfigError, match="member 2 of the sweep at position 0"):
-        ft.stack(again[::-1])
-    # the fix the message names: the sweep of the new order, the moments kept
-    order = ft.adamw(ft.sweep(rates[::-1]), fused=False)
-    reordered, metrics = ft.train_step(
-        ft.stack([m.replace(optimizer=order) for m in again[::-1]]), x[1]
-    )
-    for m, opt in zip(members, loops, strict=True):
-        opt.zero_grad()
-        loss_fn(m, x[1]).backward()
-        opt.step()
+    # cloned and stacked in another order: the sweep of that order, the moments kept
+    reordered, metrics = ft.train_step(ft.stack([m.clone() for m in again[::-1]]), x[1])
+    torch_step([2, 1, 0], x[1])
     assert metrics["lr"].tolist() == pytest.approx(rates[::-1])
     for k, m in enumerate(members[::-1]):
         for name, p in m.named_parameters():
             assert torch.equal(reordered.params[name][k], p.detach()), (k, name)
+    # one member alone
+    alone, _ = ft.train_step(ft.unstack(reordered)[1], x[0])
+    torch_step([1], x[0])
+    for name, p in members[1].named_parameters():
+        assert torch.equal(alone.params[name], p.detach()), name
+
+
+def test_members_of_a_sweep_inside_a_schedule_stacked_in_another_order_are_refused():
+    # no argument holds the sweep: its values are by position
+    rates = ft.sweep([0.1, 0.01])
+    tx = ft.adamw(ft.schedules.join([rates, ft.schedules.constant(0.05)], [5]))
+    ensemble, _ = ft.train_step(
+        ft.stack([ft.TrainState.create(nn.Linear(3, 1), tx, loss_fn) for _ in range(2)]),
+        torch.randn(4, 3),
+    )
+    again = ft.unstack(ensemble)
+    with pytest.raises(ft.ConfigError, match="member 1 of the sweep at position 0"):
+        ft.stack(again[::-1])
