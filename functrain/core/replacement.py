@@ -872,7 +872,26 @@ def _seats(
 ) -> _Seats:
     """The plan of `SittingOut` for the weights in `present`, from the leaves and structure of
     the whole (settled) state: `resplit` run once on stand-ins of its leaves (meta tensors of
-    their shapes: each one object), each leaf it places then found by the stand-in it is."""
+    their shapes: each one object), each leaf it places then found by the stand-in it is. The
+    optimizer's ``init`` that `resplit` runs takes stand-ins of the weights too (no memory: a
+    plan is found anew for each new set of weights with a gradient, an expert's in a mixture
+    of experts nearly every step), or the weights themselves where it cannot."""
+    stand_ins = {k: _mark(p) for k, p in full.items()}
+    try:
+        return _plan(init, leaves, spec, stand_ins, present, layout)
+    except Exception:  # (an init that reads its weights' values)
+        return _plan(init, leaves, spec, full, present, layout)
+
+
+def _plan(
+    init: Any,
+    leaves: list[Any],
+    spec: pytree.TreeSpec,
+    full: dict[str, torch.Tensor],
+    present: frozenset[str],
+    layout: dict[str, list[str]],
+) -> _Seats:
+    """`_seats` with the weights `full` given to the optimizer's ``init``."""
     marks = [_mark(t) for t in leaves]
     params = {k: p for k, p in full.items() if k in present}
     sub = {c: type(names)(n for n in names if n in present) for c, names in layout.items()}

@@ -263,3 +263,69 @@ def test_labels_or_a_mask_given_as_a_dict_are_read_for_the_weights_with_a_gradie
     for batch in data:
         state, _ = ft.train_step(state, batch)
     assert_weights(state, reference)
+
+
+class Experts(nn.Module):
+    """Two layers of eight experts, each token routed to one: which experts a batch reaches
+    changes from step to step, so the weights that sit out do too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates = nn.ModuleList(nn.Linear(6, 8) for _ in range(2))
+        self.experts = nn.ModuleList(
+            nn.ModuleList(nn.Linear(6, 6) for _ in range(8)) for _ in range(2)
+        )
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for gate, experts in zip(self.gates, self.experts, strict=True):
+            chosen = gate(x).argmax(-1)
+            out = x
+            for e, expert in enumerate(experts):
+                tokens = (chosen == e).nonzero(as_tuple=True)[0]
+                if tokens.numel():  # an expert no token reached is skipped, as Mixtral's
+                    out = out.index_add(0, tokens, expert(x[tokens]))
+            x = out
+        return self.head(x)
+
+
+def test_experts_a_step_reaches_are_torchs_and_finding_which_sit_out_allocates_no_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a plan for each new set of weights with a gradient (nearly every step here): the
+    # optimizer's init it runs takes stand-ins without memory, not the weights
+    import functrain.core.replacement as replacement
+
+    def make_experts() -> Experts:
+        torch.manual_seed(0)
+        return Experts()
+
+    def experts_loss(model: Any, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    gen = torch.Generator().manual_seed(2)
+    data = [(torch.randn(3, 6, generator=gen), torch.randint(0, 3, (3,), generator=gen))]
+    data += [
+        (torch.randn(3, 6, generator=gen), torch.randint(0, 3, (3,), generator=gen))
+        for _ in range(7)
+    ]
+    reference = make_experts()
+    opt = torch.optim.AdamW(reference.parameters(), 1e-2, fused=True)
+    for batch in data:
+        opt.zero_grad()
+        experts_loss(reference, batch).backward()
+        opt.step()
+    state = ft.TrainState.create(make_experts(), ft.adamw(1e-2), experts_loss)
+    state, _ = ft.train_step(state, data[0])
+    given: list[str] = []
+    resplit = replacement.resplit
+
+    def watched(old: Any, old_params: Any, new_params: Any, *args: Any) -> Any:
+        given.extend(p.device.type for p in [*old_params.values(), *new_params.values()])
+        return resplit(old, old_params, new_params, *args)
+
+    monkeypatch.setattr(replacement, "resplit", watched)
+    for batch in data[1:]:
+        state, _ = ft.train_step(state, batch, donate=True)
+    assert_weights(state, reference)
+    assert given and set(given) == {"meta"}
