@@ -8,6 +8,8 @@ per model, the median time of a step against torch's hand loop on the same batch
 
 * ``moe``: a token-level mixture of 8 experts (64-256-64 MLPs) with top-1 routing that skips an
   expert no token reached (as transformers' Mixtral loops over the experts hit), 24 tokens a batch;
+* ``moe6``: six such layers of eight 32-wide experts, 4 tokens a batch: a new set of experts
+  reached nearly every step;
 * ``branch``: a 20-48-5 MLP beside a second head used by every other batch.
 
 Usage: ``python benchmarks/unused_weights.py [--reps 15] [--threads 1]``.
@@ -40,13 +42,33 @@ class Experts(nn.Module):
         self.head = nn.Linear(d, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mixed(x))
+
+    def mixed(self, x: torch.Tensor) -> torch.Tensor:
         gates = self.router(x).softmax(-1)
         weight, chosen = gates.max(-1)
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():  # (only the experts a token reached)
             rows = (chosen == e).nonzero().squeeze(1)
             out = out.index_add(0, rows, self.experts[e](x[rows]) * weight[rows, None])
-        return self.head(x + out)
+        return x + out
+
+
+class Layers(nn.Module):
+    """Six layers of eight experts (32-wide linear ones), top-1, 4 tokens a batch: the set of
+    experts a step reaches is a new one nearly every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Experts(32, 32) for _ in range(6))
+        for layer in self.layers:
+            layer.head = nn.Identity()  # (each layer's mixture only)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer.mixed(x)
+        return self.head(x)
 
 
 class Branch(nn.Module):
@@ -68,6 +90,14 @@ def moe_batches(n: int) -> list[Any]:
     ]
 
 
+def layers_batches(n: int) -> list[Any]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(4, 32, generator=gen), torch.randint(0, 3, (4,), generator=gen))
+        for _ in range(n)
+    ]
+
+
 def branch_batches(n: int) -> list[Any]:
     gen = torch.Generator().manual_seed(1)
     return [
@@ -82,6 +112,7 @@ def loss_fn(model: Any, batch: Any) -> torch.Tensor:
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], list[Any]], int]] = {
     "moe": (Experts, moe_batches, 5),
+    "moe6": (Layers, layers_batches, 20),
     "branch": (Branch, branch_batches, 50),
 }
 

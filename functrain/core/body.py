@@ -24,6 +24,7 @@ import torch
 from functrain.core.gradient import (
     SITTING,
     Forward,
+    completed,
     dist_config,
     functional,
     gathers,
@@ -33,6 +34,7 @@ from functrain.core.loss import (
     RunAgain,
     call_loss,
     counted_samples,
+    own_gradients,
     samples_in,
 )
 from functrain.core.replacement import seat_layout, sitting_out
@@ -73,6 +75,7 @@ __all__ = [
     "loss_scale",
     "step_metrics",
     "train_body",
+    "handed_on",
 ]
 
 # the new state's parts (its fields by name) and the metrics
@@ -105,6 +108,20 @@ def check_gradients(state: StepState, batch: Any) -> torch.Tensor:
     if len(grads) < len(state.params) and seat_layout(state.tx, dict(state.params)) is not None:
         object.__setattr__(state.module, SITTING, True)
     return loss.detach()
+
+
+def handed_on(state: StepState, batch: Any, given: Any, extras: Extras = NO_EXTRAS) -> Parts:
+    """`apply` of a forward and backward the straight line ran (`given`, its
+    `functrain.core.straight.SatOut`: gradients with None for an unused weight, which sits the
+    update out), as `train_body` would have run them: the gradients the step's own, after the
+    parameters' hooks; the buffers and metrics detached."""
+    names = list(state.params)
+    hooks = grad_hooks(state.module, names)
+    found = completed(own_gradients(given.grads), given.leaves, names, hooks, frozenset(), True)
+    grads = {k: g for k, g in zip(names, found, strict=True) if g is not None}
+    buffers = {k: b.detach() if b.requires_grad else b for k, b in given.buffers.items()}
+    aux = {k: v.detach() for k, v in given.aux.items()} if given.aux else {}
+    return apply(state, batch, grads, buffers, given.loss.detach(), aux, loss_scale(state), extras)
 
 
 def forward_buffers(state: StepState, use_ema: bool = False) -> dict[str, torch.Tensor]:

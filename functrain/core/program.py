@@ -49,13 +49,14 @@ from functrain.core.body import (
     counters,
     finite_buffers,
     forward_buffers,
+    handed_on,
     in_param_strides,
     step_metrics,
     train_body,
     tx_metrics_of,
 )
 from functrain.core.donation import DONATED, step_in_scope
-from functrain.core.gradient import decided
+from functrain.core.gradient import SITTING, decided
 from functrain.core.loss import RunAgain
 from functrain.core.scope import (
     device_generator,
@@ -69,7 +70,7 @@ from functrain.core.stacked_step import (
     stacked_train_step,
 )
 from functrain.core.state import TrainState
-from functrain.core.straight import straight_step
+from functrain.core.straight import SatOut, straight_step
 from functrain.core.structure import sparse_parameters
 from functrain.layout import in_layouts_of
 from functrain.optim.base import (
@@ -218,10 +219,28 @@ class StepProgram(_Decided):
         object.__setattr__(new, "program", self.again(new))
         return new, metrics
 
+    def finish(
+        self, state: TrainState, batch: Any, donate: bool, given: SatOut
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """The straight line's step whose loss left a weight unused (`SatOut`, raised before
+        anything was written): its forward and backward handed to the body's update
+        (`functrain.core.body.handed_on`) in the state's scope, the generator where the forward
+        left it. The loss function runs once, as in torch's loop."""
+
+        def body(state: TrainState, batch: Any, extras: Extras = NO_EXTRAS) -> Any:
+            self.generator.set_state(given.rng)
+            return handed_on(state, batch, given, extras)
+
+        new, metrics = step_in_scope(state, batch, body, donate=donate, call=DONATED)
+        object.__setattr__(new, "program", self.again(new))
+        return new, metrics
+
     def again(self, new: TrainState) -> StepProgram | MembersProgram | None:
         """The program of the state a fresh state's first step returns: decided again, once (its
-        optimizer state has its storage now), or this one."""
-        return program_for(new) if self.fresh else self
+        optimizer state has its storage now), or this one; this one for a structure whose steps
+        are the body's from now on (`functrain.core.gradient.SITTING`: a weight that sat out an
+        update may keep its fresh slots for many steps)."""
+        return program_for(new) if self.fresh and SITTING not in new.module.__dict__ else self
 
     def average(
         self,

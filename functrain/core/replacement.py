@@ -32,7 +32,7 @@ from functrain.optim.wrappers import (
     partition,
     skip_nonfinite,
 )
-from functrain.tree import escape_key, leaves_by_path, tree_flatten, tree_unflatten
+from functrain.tree import escape_key, leaves_by_path, tree_flatten, tree_paths, tree_unflatten
 
 __all__ = [
     "DERIVED",
@@ -819,9 +819,10 @@ class _Seats(NamedTuple):
 
 
 # per optimizer (its `init`, kept alive with the names it was asked for): its slot layout over
-# those names (`slot_owners`), or None where a weight cannot sit out its updates, and the plans
-# found for the sets of weights that had a gradient (`_Seats`)
-_LAYOUTS: dict[int, tuple[Any, tuple[str, ...], dict[str, list[str]] | None, dict[Any, Any]]] = {}
+# those names (`slot_owners`), or None where a weight cannot sit out its updates; the plans found
+# for the sets of weights that had a gradient (`_Seats`); the weight each leaf of a structure of
+# its state belongs to (`_owners`)
+_LAYOUTS: dict[int, tuple[Any, ...]] = {}
 
 
 def sitting_out(
@@ -838,8 +839,11 @@ def sitting_out(
     seats = known[3].get(key)
     leaves, spec = tree_flatten(settled_steps(opt_state))
     if seats is None or seats.spec != spec:
-        seats = _seats(tx.init, leaves, spec, params, key, known[2])
-        if len(known[3]) >= 64:
+        owners = known[4].get(spec)
+        if owners is None:  # (each leaf's weight, found once per structure)
+            owners = known[4][spec] = _owners(known[2], tree_paths(tree_unflatten(leaves, spec)))
+        seats = _seats(tx.init, leaves, spec, params, key, known[2], owners)
+        if len(known[3]) >= 256:
             known[3].clear()
         known[3][key] = seats
     return SittingOut(leaves, params, seats, copy)
@@ -858,7 +862,7 @@ def _known(tx: Any, params: dict[str, torch.Tensor]) -> tuple[Any, ...]:
         layout = slot_owners(tx.init, params) if counting(tx) is None else None
         if len(_LAYOUTS) >= 16:
             _LAYOUTS.clear()
-        known = _LAYOUTS[id(tx.init)] = (tx.init, names, layout, {})
+        known = _LAYOUTS[id(tx.init)] = (tx.init, names, layout, {}, {})
     return known
 
 
@@ -869,6 +873,7 @@ def _seats(
     full: dict[str, torch.Tensor],
     present: frozenset[str],
     layout: dict[str, list[str]],
+    owners: list[str | None],
 ) -> _Seats:
     """The plan of `SittingOut` for the weights in `present`, from the leaves and structure of
     the whole (settled) state: `resplit` run once on stand-ins of its leaves (meta tensors of
@@ -877,10 +882,46 @@ def _seats(
     plan is found anew for each new set of weights with a gradient, an expert's in a mixture
     of experts nearly every step), or the weights themselves where it cannot."""
     stand_ins = {k: _mark(p) for k, p in full.items()}
+    keep = [owner is None or owner in present for owner in owners]
+    taken = [i for i, kept in enumerate(keep) if kept]
+    # the state of the weights in `present` is the whole state's leaves they own, and those of no
+    # one weight, in order: checked against a fresh one's (its structure), else `resplit`'s plan
+    try:
+        fresh = init({k: p for k, p in stand_ins.items() if k in present})
+    except Exception:  # (an init that reads its weights' values)
+        fresh = init({k: p for k, p in full.items() if k in present})
+    made, sub = tree_flatten(fresh)  # (settled, a state has the structure it had)
+    if len(made) == len(taken) and all(_alike(leaves[i], m) for i, m in zip(taken, made)):
+        at = iter(range(len(taken)))
+        put = [(True, next(at)) if kept else (False, i) for i, kept in enumerate(keep)]
+        return _Seats(present, spec, sub, taken, put)
     try:
         return _plan(init, leaves, spec, stand_ins, present, layout)
     except Exception:  # (an init that reads its weights' values)
         return _plan(init, leaves, spec, full, present, layout)
+
+
+def _owners(layout: dict[str, list[str]], paths: list[str]) -> list[str | None]:
+    """The weight whose slot each leaf of an optimizer's state is (by its path, in the layout
+    `slot_owners` found), or None (a count, a rate: the leaves of no one weight), as `resplit`
+    reads them."""
+    keys = {escape_key(n): n for names in layout.values() for n in names}
+    found: list[str | None] = []
+    for path in paths:
+        owner = None
+        for container, names in layout.items():
+            head = container + "/" if container else ""
+            if not path.startswith(head):
+                continue
+            index = path[len(head) :].partition("/")[0]
+            if isinstance(names, ByName):
+                owner = keys.get(index) if keys.get(index) in names else None
+            elif index.isdigit() and int(index) < len(names):
+                owner = names[int(index)]
+            if owner is not None:
+                break
+        found.append(owner)
+    return found
 
 
 def _plan(

@@ -28,10 +28,11 @@ from functrain.core.binding import bound, unbind
 from functrain.core.body import SWEEP_ALONE, eval_body, forward_buffers, train_body
 from functrain.core.donation import DONATED, refuse_donate, retire, step_in_scope
 from functrain.core.loss import RunAgain, reads_checked
-from functrain.core.program import body_step, program_for
+from functrain.core.program import StepProgram, body_step, program_for
 from functrain.core.scope import enter, in_scope, leave, outside_graph
 from functrain.core.stacked_step import refuse_per_member, stacked_eval_step, stacked_train_step
 from functrain.core.state import NOT_DIFFERENTIABLE, LossFn, TrainState
+from functrain.core.straight import SatOut
 from functrain.distributed import sharding as sharding_
 from functrain.errors import ConfigError
 from functrain.optim.batching import differentiating
@@ -167,6 +168,9 @@ def train_step(
         return program.run(state, batch, donate)  # the configuration's program (`core/program.py`)
     except RunAgain:  # its module runs reentrant checkpointing, found before anything was written
         return program.run(state, batch, donate)
+    except SatOut as given:  # a weight sits the update out: the body's update of the others
+        assert isinstance(program, StepProgram)  # (a straight line's)
+        return program.finish(state, batch, donate, given)
 
 
 def _differentiable_step(

@@ -53,7 +53,6 @@ from functrain.core.loss import (
     AUTOCAST,
     BY_BACKWARD,
     WATCHED,
-    RunAgain,
     counted_samples,
     engine_failed,
     gradients_of,
@@ -151,13 +150,25 @@ def _describe(state: TrainState) -> str:
     return ", ".join(parts)
 
 
-def _sit_out(state: TrainState, module: torch.nn.Module) -> None:
-    """Raise `RunAgain` where a weight `state`'s loss did not use sits the update out
-    (`functrain.core.gradient.sits_out`), as torch.optim's step skips it: this step and the
-    structure's next ones run the body's step (`SITTING`), which updates the others alone."""
+class SatOut(Exception):  # noqa: N818  (a hand-over, not an error)
+    """A step's forward and backward, where a weight its loss did not use sits the update out:
+    handed to the body's update (`functrain.core.program.StepProgram.finish`), which updates the
+    others alone, before anything was written. `rng`: the generator where they left it."""
+
+    def __init__(self, *parts: Any) -> None:
+        super().__init__()
+        self.grads, self.leaves, self.loss, self.aux, self.buffers, self.rng = parts
+
+
+def _sit_out(state: TrainState, module: torch.nn.Module, *parts: Any) -> None:
+    """Raise `SatOut` with the step's `parts` (its gradients, leaves, loss, metrics, buffers
+    and generator) where a weight `state`'s loss did not use sits the update out
+    (`functrain.core.gradient.sits_out`), as torch.optim's step skips it: the structure's next
+    steps are the body's (`SITTING`)."""
     if sits_out(state) and seat_layout(state.tx, state.params) is not None:
         object.__setattr__(module, SITTING, True)
-        raise RunAgain
+        *given, generator = parts
+        raise SatOut(*given, generator.get_state())
 
 
 def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[str, Any]]:
@@ -192,7 +203,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         text.append(_SEED_SCALED_WINDOW if program.known.divisor is not None else _SEED_SCALED)
     else:
         text.append(_SEED_WINDOW if program.known.divisor is not None else _SEED)
-    text.append(_BACKWARD)
+    text.append(_BACKWARD.format(buffers="buffers" if buffers else "{}"))
     if buffers:
         text.append(_DETACH_WRITTEN)
     text.append(_GRADIENTS_HOOKED if program.hooks else _GRADIENTS)
@@ -716,19 +727,19 @@ _BACKWARD = """\
                         raise
                     if not all(map(IS_NOT, grads, REPEAT(None))):  # one the loss did not use
                         SEEK_REENTRANT(loss, MODULE)
-                        SIT_OUT(state, MODULE)
+                        SIT_OUT(state, MODULE, grads, leaves, loss, aux, {buffers}, GEN)
                     if not OWNS_ALL(grads):  # one held elsewhere too: copied, as .grad takes it
                         grads = OWN_GRADIENTS(grads)
                 else:
                     grads = gradients_of(loss, leaves, MODULE, seed, plain=True)
                     if not all(map(IS_NOT, grads, REPEAT(None))):
-                        SIT_OUT(state, MODULE)
+                        SIT_OUT(state, MODULE, grads, leaves, loss, aux, {buffers}, GEN)
         except BaseException:
             unbind(binding)
             raise
         loss = loss.detach()
         if aux:
-            aux = {k: v.detach() for k, v in aux.items()}
+            aux = {{k: v.detach() for k, v in aux.items()}}
 """
 _DETACH_WRITTEN = """\
         for name, b in buffers.items():  # one the forward wrote from the graph: detached

@@ -4,6 +4,7 @@ batch has no labels for, an expert no token reached. Each case against torch's o
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -318,14 +319,58 @@ def test_experts_a_step_reaches_are_torchs_and_finding_which_sit_out_allocates_n
     state = ft.TrainState.create(make_experts(), ft.adamw(1e-2), experts_loss)
     state, _ = ft.train_step(state, data[0])
     given: list[str] = []
-    resplit = replacement.resplit
+    seats = replacement._seats
 
-    def watched(old: Any, old_params: Any, new_params: Any, *args: Any) -> Any:
-        given.extend(p.device.type for p in [*old_params.values(), *new_params.values()])
-        return resplit(old, old_params, new_params, *args)
+    def watched(init: Any, *args: Any) -> Any:
+        def recording(params: dict[str, torch.Tensor]) -> Any:
+            given.extend(p.device.type for p in params.values())
+            return init(params)
 
-    monkeypatch.setattr(replacement, "resplit", watched)
+        return seats(recording, *args)
+
+    monkeypatch.setattr(replacement, "_seats", watched)
     for batch in data[1:]:
         state, _ = ft.train_step(state, batch, donate=True)
     assert_weights(state, reference)
     assert given and set(given) == {"meta"}
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_the_loss_function_runs_once_in_the_step_where_a_weight_first_sits_out(
+    donate: bool,
+) -> None:
+    # LayerDrop drawn from Python's random in the loss, as torch's loop calls it: once a step,
+    # the branch first dropped after a few steps that used it (its buffers on the step's copies)
+    drops = [False, False, False, True, False, True, True, False]
+    calls: list[int] = []
+
+    class Dropping(Branching):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm1d(3)
+
+        def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+            return self.norm(super().forward(x, use_b))
+
+    def dropping_loss(model: Any, batch: Any) -> torch.Tensor:
+        calls.append(len(calls))
+        x, y, _ = batch
+        return F.cross_entropy(model(x, not drops[batch[2]]), y)
+
+    data = [(x, y, i) for i, (x, y, _) in enumerate(batches())]
+    torch.manual_seed(0)
+    reference = Dropping()
+    model = copy.deepcopy(reference)
+    opt = torch.optim.AdamW(reference.parameters(), 1e-2, fused=True)
+    for batch in data:
+        opt.zero_grad()
+        dropping_loss(reference, batch).backward()
+        opt.step()
+    calls.clear()
+    state = ft.TrainState.create(model, ft.adamw(1e-2), dropping_loss)
+    for batch in data:
+        state, _ = ft.train_step(state, batch, donate=donate)
+    assert len(calls) == len(data)
+    assert_weights(state, reference)
+    for name, b in reference.named_buffers():
+        assert torch.equal(state.buffers[name], b), name
