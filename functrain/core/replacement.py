@@ -32,7 +32,14 @@ from functrain.optim.wrappers import (
     partition,
     skip_nonfinite,
 )
-from functrain.tree import escape_key, leaves_by_path, tree_flatten, tree_paths, tree_unflatten
+from functrain.tree import (
+    ReadOnlyDict,
+    escape_key,
+    leaves_by_path,
+    tree_flatten,
+    tree_paths,
+    tree_unflatten,
+)
 
 __all__ = [
     "DERIVED",
@@ -885,7 +892,13 @@ def _seats(
     keep = [owner is None or owner in present for owner in owners]
     taken = [i for i, kept in enumerate(keep) if kept]
     # the state of the weights in `present` is the whole state's leaves they own, and those of no
-    # one weight, in order: checked against a fresh one's (its structure), else `resplit`'s plan
+    # one weight, in order, in the whole state's structure less the others' slots; else (a
+    # structure `_pruned` cannot read) checked against a fresh one's, else `resplit`'s plan
+    sub = _pruned(spec, "", layout, present)
+    if sub is not None and sub.num_leaves == len(taken):
+        at = iter(range(len(taken)))
+        put = [(True, next(at)) if kept else (False, i) for i, kept in enumerate(keep)]
+        return _Seats(present, spec, sub, taken, put)
     try:
         fresh = init({k: p for k, p in stand_ins.items() if k in present})
     except Exception:  # (an init that reads its weights' values)
@@ -899,6 +912,46 @@ def _seats(
         return _plan(init, leaves, spec, stand_ins, present, layout)
     except Exception:  # (an init that reads its weights' values)
         return _plan(init, leaves, spec, full, present, layout)
+
+
+def _pruned(
+    spec: pytree.TreeSpec, path: str, layout: dict[str, list[str]], present: frozenset[str]
+) -> pytree.TreeSpec | None:
+    """The structure `spec` (of an optimizer's state, its node at `path`) less the slots of the
+    weights not in `present`: each container of `layout` (`slot_owners`) keeps its entries of
+    those weights, in order. None where a node on the way is of a kind whose entries it does not
+    name (a class of one's own)."""
+    if spec.is_leaf():
+        return spec
+    children, kind, context = spec.children(), spec.type, spec.context
+    if kind in (dict, ReadOnlyDict):
+        keys = [escape_key(str(k)) for k in context]
+    elif kind in (tuple, list):
+        keys = [str(i) for i in range(len(children))]
+    elif isinstance(context, type) and pytree.is_namedtuple_class(context):
+        keys = list(context._fields)  # type: ignore[attr-defined]
+    else:
+        return None
+    names = layout.get(path)
+    if names is not None:  # a container of one slot per weight: the others' left out
+        if isinstance(names, ByName):
+            by_key = {escape_key(n): n for n in names}
+            kept = [by_key.get(k) in present for k in keys]
+        elif len(names) == len(children):
+            kept = [n in present for n in names]
+        else:
+            return None
+        children = [c for c, k in zip(children, kept, strict=True) if k]
+        if kind in (dict, ReadOnlyDict):
+            context = [c for c, k in zip(context, kept, strict=True) if k]
+        keys = [c for c, k in zip(keys, kept, strict=True) if k]
+    found = []
+    for key, child in zip(keys, children, strict=True):
+        pruned = _pruned(child, f"{path}/{key}" if path else key, layout, present)
+        if pruned is None:
+            return None
+        found.append(pruned)
+    return pytree.TreeSpec(kind, context, found)
 
 
 def _owners(layout: dict[str, list[str]], paths: list[str]) -> list[str | None]:

@@ -319,6 +319,7 @@ def test_experts_a_step_reaches_are_torchs_and_finding_which_sit_out_allocates_n
     state = ft.TrainState.create(make_experts(), ft.adamw(1e-2), experts_loss)
     state, _ = ft.train_step(state, data[0])
     given: list[str] = []
+    planned: list[bool] = []
     seats = replacement._seats
 
     def watched(init: Any, *args: Any) -> Any:
@@ -326,13 +327,14 @@ def test_experts_a_step_reaches_are_torchs_and_finding_which_sit_out_allocates_n
             given.extend(p.device.type for p in params.values())
             return init(params)
 
+        planned.append(True)
         return seats(recording, *args)
 
     monkeypatch.setattr(replacement, "_seats", watched)
     for batch in data[1:]:
         state, _ = ft.train_step(state, batch, donate=True)
     assert_weights(state, reference)
-    assert given and set(given) == {"meta"}
+    assert len(planned) > 2 and set(given) <= {"meta"}
 
 
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
