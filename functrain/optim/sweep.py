@@ -14,8 +14,9 @@ value; stepping an ordinary state whose optimizer holds a sweep raises `ConfigEr
 
 The member's index is the one value of a step that reaches an update ambiently (`enter_member`,
 set by the stacked step around its body): a schedule is ``step -> value``, and a sweep may sit
-anywhere inside one (`join`, `per_epoch`, a user's ``lambda step: 2 * sw(step)``) or inside a
-user's own transform, none of which could pass an index on.
+anywhere inside one (`join`, `per_epoch`, a function of the user's that takes tensor steps,
+``tensor_steps(lambda step: 2 * sw(step))``) or inside a user's own transform, none of which
+could pass an index on.
 """
 
 from __future__ import annotations
@@ -97,7 +98,18 @@ class Sweep:
         """The value at `count` of the member a stacked step is evaluating.
 
         Outside a stacked step, member 0's value.
+
+        Raises:
+            ConfigError: `count` is not a tensor (a plain function around the sweep, which the
+                step reads with a Python int).
         """
+        if not isinstance(count, torch.Tensor):
+            raise ConfigError(
+                f"{self.name} is read at the step as a tensor (one value per member of a stacked "
+                f"state), got the step as {type(count).__name__}: a function of yours around it "
+                "is read with a Python int; mark it as taking tensor steps, "
+                "ft.schedules.tensor_steps(lambda step: 2 * sw(step))"
+            )
         member = _MEMBER.index
         if member is None and count.ndim == 1:
             # a stacked state's update on its stacked tensors (`Extras.members`): member k's

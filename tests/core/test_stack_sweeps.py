@@ -257,3 +257,13 @@ def test_members_of_a_sweep_inside_a_schedule_stacked_in_another_order_are_refus
     again = ft.unstack(ensemble)
     with pytest.raises(ft.ConfigError, match="member 1 of the sweep at position 0"):
         ft.stack(again[::-1])
+
+
+def test_a_function_around_a_sweep_takes_tensor_steps_and_a_plain_one_is_refused_with_the_fix():
+    rates = ft.sweep([0.1, 0.2])
+    tx = ft.adamw(ft.schedules.tensor_steps(lambda step: 2 * rates(step)))
+    stacked = ft.stack([ft.TrainState.create(nn.Linear(3, 1), tx, loss_fn) for _ in range(2)])
+    _, metrics = ft.train_step(stacked, torch.randn(4, 3))
+    assert metrics["lr"].tolist() == pytest.approx([0.2, 0.4])
+    with pytest.raises(ft.ConfigError, match=r"tensor_steps\(lambda step: 2 \* sw\(step\)\)"):
+        ft.adamw(lambda step: 2 * rates(step))
