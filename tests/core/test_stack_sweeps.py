@@ -90,6 +90,40 @@ def test_members_differing_in_the_weight_decay_of_sgd_adagrad_rmsprop_train_as_a
             torch.testing.assert_close(member.params[name], p, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    ("preset", "torch_class"),
+    [
+        (lambda d, mask: ft.adamw(1e-2, weight_decay=d, mask=mask), torch.optim.AdamW),
+        (lambda d, mask: ft.sgd(0.1, weight_decay=d, mask=mask), torch.optim.SGD),
+        (lambda d, mask: ft.adagrad(0.1, weight_decay=d, mask=mask), torch.optim.Adagrad),
+    ],
+    ids=["adamw", "sgd", "adagrad"],
+)
+def test_a_decay_mask_of_the_shapes_decides_for_each_member_as_it_does_alone(preset, torch_class):
+    # a mask asks of a member's own parameters (matrices decayed, biases not), stacked or not
+    decays = [0.1, 0.5]
+    stacked = train(
+        ft.stack(
+            [make_state(k, preset(ft.sweep(decays), lambda name, p: p.ndim == 2)) for k in (0, 1)]
+        )
+    )
+    for k, member in enumerate(ft.unstack(stacked)):
+        torch.manual_seed(k)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        groups = [
+            {"params": [p for p in model.parameters() if p.ndim == 2], "weight_decay": decays[k]},
+            {"params": [p for p in model.parameters() if p.ndim == 1], "weight_decay": 0.0},
+        ]
+        opt = torch_class(groups, 1e-2 if torch_class is torch.optim.AdamW else 0.1)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            opt.zero_grad()
+            loss_fn(model, torch.randn(5, 3, generator=g)).backward()
+            opt.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(member.params[name], p.detach(), rtol=1e-5, atol=1e-7)
+
+
 def test_members_of_one_module_differing_in_lr_are_not_warned_about():
     module = nn.Linear(3, 2)  # one start on purpose: the members differ in their rate
     with warnings.catch_warnings():

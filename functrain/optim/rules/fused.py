@@ -82,7 +82,9 @@ from functrain.optim.zeros import (
 from functrain.tree import (
     Norms,
     Tree,
+    tree_flatten,
     tree_leaves,
+    tree_unflatten,
 )
 
 __all__ = [
@@ -461,7 +463,7 @@ def _fused(
     ) -> tuple[NewParams, Any]:
         step = _begin(updates, state, params, keep, lr, what, extras, kernel.steps)
         given = {"lr": step.rate, **hyper, "grad_scale": None, "found_inf": step.found_inf}
-        decays = _decays(mask, params, step.p)
+        decays = _decays(mask, params, step.p, extras.members)
         decay = _decay_at(weight_decay, schedule_position(state.count, extras.schedule_shift), what)
         new_p, new = _by_groups(kernel, step, buffers_of(state), decays, decay, given)
         rate = _last_lr(step.rate_t, state.lr, keep)
@@ -698,7 +700,12 @@ def _kernel_lr(rate: torch.Tensor) -> torch.Tensor:
     return rate if rate.device.type == "cpu" else rate.to(torch.float32)
 
 
-def _decays(mask: Mask, params: Tree, p: list) -> tuple[bool, ...]:
+def _decays(mask: Mask, params: Tree, p: list, members: int = 0) -> tuple[bool, ...]:
+    """Which parameters take the weight decay; a stacked state's (`members`) as its members' own
+    parameters do: the mask is asked of member 0's slices, the shapes it sees trained alone."""
+    if members and params is not None:
+        leaves, spec = tree_flatten(params)
+        params = tree_unflatten([x[0] if isinstance(x, torch.Tensor) else x for x in leaves], spec)
     return resolve_mask(mask, params) or (True,) * len(p)
 
 
@@ -1249,7 +1256,9 @@ def _members_planner(
         if not p or not all(type(x) is torch.Tensor and is_dense(x) for x in p):
             return None
         # decided once: a mask of the parameters' names and shapes (`resolved_once`)
-        decays = resolved_once(lambda given: _decays(mask, given, list(given.values())), params)
+        decays = resolved_once(
+            lambda given: _decays(mask, given, list(given.values()), members), params
+        )
         if decays is None or not _one_group(p, decays) or _scheduled_decay(weight_decay):
             return None  # (a decay schedule: `update` refuses it for a stacked state)
         layout = _members_layout(p)  # how one call walks them: the same for every state after
