@@ -261,20 +261,27 @@ class Ledger:
         driver: dict[str, Any],
         early: EarlyStopping | None,
         transform_metrics: Collection[str] = (),
+        stacked: bool = False,
     ) -> Ledger:
         """The records saved in `driver` (empty for a fresh run); `early` takes its saved counts.
 
         `transform_metrics`: the names of the metrics the optimizer's state exposes, which measure
-        updates (`is_update_metric`).
+        updates (`is_update_metric`). `stacked`: the state is a stacked one; sums of a log
+        interval and epoch kept for the other kind (a member `unstack` gave, trained on alone, or
+        members stacked after runs of their own) are another run's, and start afresh.
         """
         history = History.from_tree(driver.get("history"))
         last = history.last("train")
-        if last is not None and last.get("partial"):
+        sums = {name: driver.get(name) for name in ("window", "epoch_sums")}
+        kinds = [_of_members(tree) for tree in sums.values() if tree]
+        if any(kind is not None and kind is not stacked for kind in kinds):
+            sums = {}
+        elif last is not None and last.get("partial"):
             history.rows["train"].pop()  # its window's sums are restored: the run goes on with them
         return cls(
             history=history,
-            window=MetricWindow(driver.get("window"), transform_metrics),
-            epoch_sums=MetricWindow(driver.get("epoch_sums"), transform_metrics),
+            window=MetricWindow(sums.get("window"), transform_metrics),
+            epoch_sums=MetricWindow(sums.get("epoch_sums"), transform_metrics),
             best=driver.get("best"),
             member_bests=driver.get("member_bests"),
             empty_batches=int(driver.get("empty_batches", 0)),
@@ -546,6 +553,15 @@ _DRIVER_KEYS = (
     "data",
     "source",
 )
+
+
+def _of_members(window: dict[str, Any]) -> bool | None:
+    """Whether a saved window's sums are a stacked state's (its metrics' member columns beside
+    their means, `functrain.core.stacked.member_columns`); None for an empty one."""
+    keys = list(window.get("keys", ()))
+    if not keys:
+        return None
+    return any(k.endswith("]") and k.rpartition("[")[0] in keys for k in keys)
 
 
 def tree_problems(driver: Any, path: str = "driver") -> list[str]:

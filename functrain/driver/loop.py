@@ -83,7 +83,9 @@ class Loop:
         )
         # the optimizer's own metrics measure updates, as the rate does (averaged over updates)
         own = set(transform_metrics(state.opt_state)) - {"skipped"}
-        self.ledger = Ledger.from_tree(state.driver, self.stopping.early_stopping, own)
+        self.ledger = Ledger.from_tree(
+            state.driver, self.stopping.early_stopping, own, stacked=bool(state.members)
+        )
         self.state = state
         # before the first step the state is the one the run starts from, or shares its tensors
         # (`replace` keeps them): `fit`'s caller holds it, unless `donate` says it was given up

@@ -354,3 +354,21 @@ def test_members_follow_a_setup_that_seeded_each_batch_member_by_member() -> Non
     source.follow_setup(older)
     assert [s.sample_seeded for s in source.sources] == [True, False]
     assert source.setup() == older
+
+
+def test_a_member_unstacked_from_a_fit_trains_on_alone_in_a_fit_of_its_own() -> None:
+    # successive halving: the survivor goes on alone; the stacked run's sums of a log interval
+    # (its members' columns) are not its own
+    loss = lambda m, b: m(b[0]).square().mean()  # noqa: E731
+    data = torch.utils.data.TensorDataset(torch.randn(32, 3))
+    members = []
+    for k, lr in enumerate([0.1, 0.01]):
+        torch.manual_seed(k)
+        members.append(ft.TrainState.create(nn.Linear(3, 1), ft.adamw(lr), loss, seed=k))
+    quiet = {"progress": False, "verbosity": "silent", "batch_size": 8}
+    stacked = ft.fit(ft.stack(members), data, max_epochs=2, **quiet)
+    survivor = ft.unstack(stacked.state)[1]
+    alone = ft.fit(survivor, data, max_epochs=4, log_every=3, **quiet)
+    assert int(alone.state.step) == 16
+    last = alone.history.rows["train"][-1]
+    assert "loss" in last and not any(k.endswith("]") for k in last)
