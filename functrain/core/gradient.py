@@ -224,7 +224,8 @@ def _with_graph(
     if not exact:  # the step keeps no graph: neither do the buffers it wrote
         _detach_written(buffers)
     known = decided(state)
-    grads = cast(list[torch.Tensor], completed(list(found), leaves, names, *known[:2]))
+    given = completed(list(found), leaves, names, known.hooks, known.sparse)
+    grads = cast(list[torch.Tensor], given)
     return dict(zip(names, grads)), loss, aux
 
 
