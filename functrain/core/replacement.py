@@ -883,12 +883,12 @@ def _seats(
     owners: list[str | None],
 ) -> _Seats:
     """The plan of `SittingOut` for the weights in `present`, from the leaves and structure of
-    the whole (settled) state: `resplit` run once on stand-ins of its leaves (meta tensors of
-    their shapes: each one object), each leaf it places then found by the stand-in it is. The
-    optimizer's ``init`` that `resplit` runs takes stand-ins of the weights too (no memory: a
-    plan is found anew for each new set of weights with a gradient, an expert's in a mixture
-    of experts nearly every step), or the weights themselves where it cannot."""
-    stand_ins = {k: _mark(p) for k, p in full.items()}
+    the whole (settled) state and each leaf's weight (`owners`): the leaves of those weights and
+    of no one weight, in order, in the whole structure less the others' slots (`_pruned`). A
+    plan is found for each new set of weights with a gradient (an expert's in a mixture of
+    experts, nearly every step): nothing is allocated. Where `_pruned` cannot read a structure,
+    it is checked against a fresh state of those weights, else made by `resplit` on stand-ins
+    (meta tensors: no memory; the weights themselves for an ``init`` that reads their values)."""
     keep = [owner is None or owner in present for owner in owners]
     taken = [i for i, kept in enumerate(keep) if kept]
     # the state of the weights in `present` is the whole state's leaves they own, and those of no
@@ -899,6 +899,7 @@ def _seats(
         at = iter(range(len(taken)))
         put = [(True, next(at)) if kept else (False, i) for i, kept in enumerate(keep)]
         return _Seats(present, spec, sub, taken, put)
+    stand_ins = {k: _mark(p) for k, p in full.items()}
     try:
         fresh = init({k: p for k, p in stand_ins.items() if k in present})
     except Exception:  # (an init that reads its weights' values)
