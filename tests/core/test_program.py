@@ -832,7 +832,8 @@ MEMBER_OPTIMIZERS: dict[str, Callable[[], Any]] = {
     "adam_schedule": lambda: ft.adam(ft.schedules.cosine_decay(1e-2, 10), weight_decay=0.1),
     "sgd_momentum": lambda: ft.sgd(0.1, momentum=0.9),
     "adagrad": lambda: ft.adagrad(0.1),
-    "adamw_amsgrad": lambda: ft.adamw(1e-2, amsgrad=True, mask=lambda name, p: p.ndim > 1),
+    # (a mask of the shapes, read of a member's weights: one decay group, which the plan takes)
+    "adamw_amsgrad": lambda: ft.adamw(1e-2, amsgrad=True, mask=lambda name, p: p.ndim >= 1),
     "sweeps": lambda: ft.adamw(
         ft.sweep([1e-2, 3e-3, 1e-3]), weight_decay=ft.sweep([0.0, 0.1, 0.2])
     ),
