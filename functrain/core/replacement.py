@@ -732,17 +732,7 @@ def resplit(
     keys = {escape_key(name): name for name in {*old_params, *new_params, *parked}}
 
     def slot(path: str, layout: dict[str, list[str]]) -> tuple[str, str, str] | None:
-        """The container, weight and rest of `path` in `layout` (`slot_owners`), or None."""
-        for container, names in layout.items():
-            head = container + "/" if container else ""
-            if path.startswith(head):
-                index, _, rest = path[len(head) :].partition("/")
-                if isinstance(names, ByName):
-                    if keys.get(index) in names:
-                        return container, keys[index], rest
-                elif index.isdigit() and int(index) < len(names):
-                    return container, names[int(index)], rest
-        return None
+        return _slot(path, layout, keys)
 
     _refuse_partly_parked(fresh, lambda p: slot(p, owners), old_params, parked, what)
     for path, leaf in olds.items():  # the leaving weights' slots, parked by name
@@ -960,22 +950,24 @@ def _owners(layout: dict[str, list[str]], paths: list[str]) -> list[str | None]:
     `slot_owners` found), or None (a count, a rate: the leaves of no one weight), as `resplit`
     reads them."""
     keys = {escape_key(n): n for names in layout.values() for n in names}
-    found: list[str | None] = []
-    for path in paths:
-        owner = None
-        for container, names in layout.items():
-            head = container + "/" if container else ""
-            if not path.startswith(head):
-                continue
-            index = path[len(head) :].partition("/")[0]
+    return [found[1] if (found := _slot(path, layout, keys)) else None for path in paths]
+
+
+def _slot(
+    path: str, layout: dict[str, list[str]], keys: dict[str, str]
+) -> tuple[str, str, str] | None:
+    """The container, weight and rest of `path` in `layout` (`slot_owners`), or None; `keys`:
+    the weights by their escaped names."""
+    for container, names in layout.items():
+        head = container + "/" if container else ""
+        if path.startswith(head):
+            index, _, rest = path[len(head) :].partition("/")
             if isinstance(names, ByName):
-                owner = keys.get(index) if keys.get(index) in names else None
+                if keys.get(index) in names:
+                    return container, keys[index], rest
             elif index.isdigit() and int(index) < len(names):
-                owner = names[int(index)]
-            if owner is not None:
-                break
-        found.append(owner)
-    return found
+                return container, names[int(index)], rest
+    return None
 
 
 def _plan(
