@@ -37,7 +37,7 @@ from functrain.core.loss import (
     own_gradients,
     samples_in,
 )
-from functrain.core.replacement import seat_layout, sitting_out
+from functrain.core.replacement import SittingOut, seat_layout, sitting_out
 from functrain.core.statistics import grad_statistics
 from functrain.core.structure import grad_hooks
 from functrain.core.view import StepState
@@ -276,19 +276,11 @@ def _update(
     # counted before the update may write a donated state (a count refused leaves it as it was)
     samples = batch_samples(state, batch)
     grads = in_param_layouts(grads, state.params)
-    # weights the loss did not use (`functrain.core.gradient.sits_out`): they sit the update out,
-    # as torch.optim's step skips a parameter without .grad, or take a zero gradient where their
-    # optimizer steps every weight (optax's chains, a transform of one's own)
     params_in, opt_in, out = state.params, state.opt_state, None
-    if len(grads) < len(params_in):
-        out = sitting_out(state.tx, opt_in, dict(params_in), grads, not extras.may_write())
-        if out is None:
-            grads = {
-                k: grads[k] if k in grads else torch.zeros_like(p) for k, p in params_in.items()
-            }
-        else:
+    if len(grads) < len(params_in):  # a weight the loss did not use
+        grads, out = _seated(state, grads, extras)
+        if out is not None:
             params_in, opt_in = out.params, out.opt_state
-            object.__setattr__(state.module, SITTING, True)
     grad_list = list(grads.values())
     # with accumulation (outermost: `core/options.py`) the norm reported is its mean gradient's,
     # which it measures itself: the micro-batch's would be measured for nothing
@@ -374,9 +366,32 @@ def _update(
     by = state.grad_stats
     if by is not None:
         if out is not None:  # (a zero gradient for a weight that sat out)
-            grads = {k: grads[k] if k in grads else torch.zeros_like(p) for k, p in params.items()}
+            grads = _zero_filled(grads, params)
         metrics.update(grad_statistics(by, grads, state.params, params, scale, extras.norms.across))
     return new, metrics
+
+
+def _seated(
+    state: StepState, grads: dict[str, torch.Tensor], extras: Extras
+) -> tuple[dict[str, torch.Tensor], SittingOut | None]:
+    """The gradients and the update of a step where some weights have none
+    (`functrain.core.gradient.sits_out`): they sit the update out, as torch.optim's step skips a
+    parameter without .grad (`SittingOut`; the structure's steps the body's from then on), or
+    take a zero gradient where their optimizer steps every weight (optax's chains, a transform
+    of one's own)."""
+    params = dict(state.params)
+    out = sitting_out(state.tx, state.opt_state, params, grads, not extras.may_write())
+    if out is None:
+        return _zero_filled(grads, params), None
+    object.__setattr__(state.module, SITTING, True)
+    return grads, out
+
+
+def _zero_filled(
+    grads: dict[str, torch.Tensor], params: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """`grads` with a zero gradient for each of `params` that has none, in their order."""
+    return {k: grads[k] if k in grads else torch.zeros_like(p) for k, p in params.items()}
 
 
 # per transform: where its state keeps the nodes that expose metrics (paths and classes), found
