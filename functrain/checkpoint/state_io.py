@@ -667,8 +667,8 @@ def _in_formula_layouts(saved: Any, template: Any) -> Any:
     (`functrain.optim.rules.formula.RuleState`: count, moments by name, numbers) that a
     checkpoint written before holds in its old layout, a chain's states (`RuleState.before`:
     the old fields' names of the moments), in the new one: its moments and count as saved, its
-    held numbers the template's (the preset's own arguments, which the fingerprint checks). Any
-    other part as saved."""
+    held numbers the template's (the preset's own arguments, which the fingerprint checks). A
+    field a state has gained since, with a default, the template's. Any other part as saved."""
     if isinstance(template, RuleState):
         if isinstance(saved, dict) and "slots" in saved:
             return _with_own_steps(saved, template)
@@ -679,7 +679,11 @@ def _in_formula_layouts(saved: Any, template: Any) -> Any:
         return (_formula_layout(chain, template) if isinstance(chain, tuple) else None) or saved
     if isinstance(template, tuple) and hasattr(template, "_fields") and isinstance(saved, dict):
         fields = dict(zip(template._fields, template, strict=True))
-        return {k: _in_formula_layouts(v, fields.get(k)) for k, v in saved.items()}
+        # a field added since the checkpoint was written (one with a default: accumulation's
+        # record of absences, `AccumulateState.absent`) as the template holds it
+        defaults = getattr(type(template), "_field_defaults", {})
+        added = {k: fields[k] for k in defaults if k not in saved}
+        return {**{k: _in_formula_layouts(v, fields.get(k)) for k, v in saved.items()}, **added}
     if isinstance(template, (tuple, list)) and isinstance(saved, (tuple, list)):
         if len(template) != len(saved):
             return saved

@@ -17,6 +17,7 @@ the optimizer update, the counters, the EMA, the metrics).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,7 +56,7 @@ from functrain.optim.base import (
 from functrain.optim.batching import under_vmap
 from functrain.optim.metrics import metric_nodes, transform_metrics
 from functrain.optim.updates import apply_updates
-from functrain.optim.wrappers import find_loss_scale
+from functrain.optim.wrappers import AccumulateState, find_loss_scale
 from functrain.tree import Norms, member_view
 
 __all__ = [
@@ -276,9 +277,9 @@ def _update(
     # counted before the update may write a donated state (a count refused leaves it as it was)
     samples = batch_samples(state, batch)
     grads = in_param_layouts(grads, state.params)
-    params_in, opt_in, out = state.params, state.opt_state, None
+    params_in, opt_in, out, noted = state.params, state.opt_state, None, None
     if len(grads) < len(params_in):  # a weight the loss did not use
-        grads, out = _seated(state, grads, extras)
+        grads, out, noted = _seated(state, grads, extras)
         if out is not None:
             params_in, opt_in = out.params, out.opt_state
     grad_list = list(grads.values())
@@ -341,6 +342,8 @@ def _update(
     )
     if out is not None:
         params, opt_state = out.back(params, opt_state)
+    if noted is not None:
+        opt_state = noted(opt_state)
     k = state.options.accumulate_steps
     micro = (state.micro_step + 1) % k if k > 1 else state.micro_step
     completed = micro == 0 if k > 1 else None  # None: every batch completes an update
@@ -373,18 +376,101 @@ def _update(
 
 def _seated(
     state: StepState, grads: dict[str, torch.Tensor], extras: Extras
-) -> tuple[dict[str, torch.Tensor], SittingOut | None]:
+) -> tuple[dict[str, torch.Tensor], SittingOut | None, Callable[[Any], Any] | None]:
     """The gradients and the update of a step where some weights have none
     (`functrain.core.gradient.sits_out`): they sit the update out, as torch.optim's step skips a
     parameter without .grad (`SittingOut`; the structure's steps the body's from then on), or
     take a zero gradient where their optimizer steps every weight (optax's chains, a transform
-    of one's own)."""
+    of one's own). In an accumulation window (`_windowed`) only those without a gradient in
+    any of its batches so far sit out; and what the window's record of them becomes."""
     params = dict(state.params)
+    noted = None
+    windows = _windows(state.opt_state, ())
+    if windows and seat_layout(state.tx, params) is not None:
+        at, window = windows[0]
+        if len(windows) > 1 or len(window.grad_sum) != len(params):
+            # windows of their own (a partition group's, two nested): sums of zeros
+            return _zero_filled(grads, params), None, None
+        grads, noted = _windowed(state, window, at, grads, params)
+        if len(grads) == len(params):  # each weight had a gradient in the window
+            return grads, None, noted
     out = sitting_out(state.tx, state.opt_state, params, grads, not extras.may_write())
     if out is None:
-        return _zero_filled(grads, params), None
+        return _zero_filled(grads, params), None, None
     object.__setattr__(state.module, SITTING, True)
-    return grads, out
+    return grads, out, noted
+
+
+def _windows(tree: Any, at: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], AccumulateState]]:
+    """The accumulation windows in an optimizer state (`AccumulateState`), each with its place
+    (the keys from the root)."""
+    found = [(at, tree)] if isinstance(tree, AccumulateState) else []
+    if isinstance(tree, dict):
+        items: Any = tree.items()
+    elif isinstance(tree, (tuple, list)):
+        items = enumerate(tree)
+    else:
+        return found
+    for key, child in items:
+        if not isinstance(child, torch.Tensor):
+            found += _windows(child, (*at, key))
+    return found
+
+
+def _replaced(tree: Any, at: tuple[Any, ...], value: Any) -> Any:
+    """`tree` with the node at `at` (keys from the root) replaced by `value`."""
+    if not at:
+        return value
+    key, rest = at[0], at[1:]
+    if isinstance(tree, dict):
+        return type(tree)({**tree, key: _replaced(tree[key], rest, value)})
+    items = [_replaced(v, rest, value) if i == key else v for i, v in enumerate(tree)]
+    return tree._make(items) if hasattr(tree, "_fields") else type(tree)(items)
+
+
+def _windowed(
+    state: StepState,
+    window: AccumulateState,
+    at: tuple[Any, ...],
+    grads: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], Callable[[Any], Any]]:
+    """The gradients of a batch of an accumulation window (`functrain.optim.wrappers.accumulate`,
+    the state's outermost transform) where some weights have none, as ``.grad`` accumulates in
+    torch: a weight without one in every batch of the window so far is left out (its sum stays as
+    it is, and at the window's end it sits the update out); one that had a gradient earlier in the
+    window takes -0.0, which adds nothing to its sum (-0.0 included). And the record that tells
+    the two apart (`AccumulateState.absent`: the last batch of each weight's run of batches
+    without a gradient since its window began), with those left out noted at this batch.
+
+    The window is `window`, at `at` in the optimizer state; the batch's index and its place in
+    the window are read on the host."""
+    index = int(state.step) * state.options.accumulate_steps + int(state.micro_step)
+    names = list(params)
+    absent = [i for i, name in enumerate(names) if name not in grads]
+    if int(window.micro_step) > 0:  # left out before in this window, at each batch so far
+        last = torch.stack([window.absent[i] for i in absent]).tolist()
+        absent = [i for i, at in zip(absent, last, strict=True) if at == index - 1]
+    out = {names[i] for i in absent}
+    kept = {
+        name: grads[name] if name in grads else _minus_zero(p)
+        for name, p in params.items()
+        if name not in out
+    }
+
+    def noted(opt_state: Any) -> Any:
+        new = _windows(opt_state, ())[0][1]
+        record = list(new.absent)
+        for i in absent:
+            record[i] = torch.full_like(record[i], index)
+        return _replaced(opt_state, at, new._replace(absent=tuple(record)))
+
+    return kept, noted
+
+
+def _minus_zero(p: torch.Tensor) -> torch.Tensor:
+    """-0.0 in `p`'s shape, dtype and device, without storage: the gradient that adds nothing."""
+    return torch.full((), -0.0, dtype=p.dtype, device=p.device).expand(p.shape)
 
 
 def _zero_filled(

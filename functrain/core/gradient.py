@@ -329,10 +329,11 @@ SITTING = "_functrain_sits_out"
 
 def sits_out(state: StepState) -> bool:
     """Whether a weight without a gradient may sit a step of `state` out, as torch.optim's
-    step skips a parameter whose ``.grad`` is None: an eager step of an ordinary state, one
-    update per batch (an accumulation window sums zeros for it, a process group's ranks average
-    them). Its optimizer decides (`functrain.core.replacement.sitting_out`)."""
-    return state.dist is None and state.options.accumulate_steps == 1 and not state.members
+    step skips a parameter whose ``.grad`` is None: an eager step of an unstacked state on one
+    process (a process group's ranks average zeros for it); in an accumulation window, the
+    window's update, where it had none in any of its batches. Its optimizer decides
+    (`functrain.core.replacement.sitting_out`)."""
+    return state.dist is None and not state.members
 
 
 def _detach_written(buffers: dict[str, torch.Tensor]) -> None:

@@ -631,8 +631,9 @@ def _keyed_by_all(full: dict[str, Any], names: list[str], owners: dict[str, int]
     )
 
 
-# the field of `functrain.optim.wrappers.AccumulateState` holding a window's sums, one per weight
-_WINDOW_SUMS = "grad_sum"
+# the fields of `functrain.optim.wrappers.AccumulateState` holding a window's sums and record of
+# absences, one per weight
+_WINDOW_SUMS = ("grad_sum", "absent")
 
 
 def _refuse_partly_parked(
@@ -657,7 +658,7 @@ def _refuse_partly_parked(
         expected.setdefault(name, set()).add(key)
         # (an accumulation window's sums restart where it ends, where weights move: fresh ones
         # are exact, accumulation switched on while the weight was frozen)
-        if kept and key not in parked[name] and found[0].rpartition("/")[2] != _WINDOW_SUMS:
+        if kept and key not in parked[name] and found[0].rpartition("/")[2] not in _WINDOW_SUMS:
             missing.setdefault(name, []).append(found[0])
     if missing:
         name, containers = next(iter(missing.items()))
@@ -748,7 +749,7 @@ def resplit(
             return olds.get(path, leaf)
         container, name, rest = found
         index = at_old.get(container, {}).get(name)
-        if name in afresh and container.rpartition("/")[2] != _WINDOW_SUMS:
+        if name in afresh and container.rpartition("/")[2] not in _WINDOW_SUMS:
             return leaf
         if index is not None:
             return olds[_join(container, str(index), rest)]

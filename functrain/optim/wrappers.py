@@ -1200,9 +1200,21 @@ def check_skip_limits(state: Tree) -> None:
 
 
 class AccumulateState(NamedTuple):
+    """`accumulate`'s state: the inner transform's, the window's position and sums, and `absent`.
+
+    `absent` holds, for each weight, the index of the last micro-batch (the train step's count
+    of batches) of a run without a gradient that began with its window (-1: none): a train
+    step that leaves a weight without a gradient out of its update
+    (`functrain.core.gradient.sits_out`) writes it, and a weight without a gradient in every
+    micro-batch of a window sits that window's update out, as torch.optim's step skips a
+    parameter whose ``.grad`` stayed None. The transform carries it as it is. A checkpoint
+    written before the field existed loads with each weight's -1.
+    """
+
     inner: Tree
     micro_step: torch.Tensor
     grad_sum: tuple[torch.Tensor, ...]
+    absent: tuple[torch.Tensor, ...] = ()
 
     def metrics(self) -> dict[str, torch.Tensor]:
         return {"micro_step": self.micro_step}
@@ -1296,7 +1308,8 @@ def accumulate(
         sums = tuple(
             _constant(p, start, acc_dtype(p)) for p in tree_leaves(params)
         )  # no storage until written
-        return AccumulateState(inner.init(params), counter(params), sums)
+        absent = tuple(torch.full((), -1, device=p.device) for p in tree_leaves(params))
+        return AccumulateState(inner.init(params), counter(params), sums, absent)
 
     def update_fn(
         updates: Any,
@@ -1350,6 +1363,7 @@ def accumulate(
             inner_state,
             torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1),
             tuple(sums),
+            state.absent,
         )
         return new_updates, new_state, NO_REPORT if norm is None else Report(norm)
 
@@ -1443,7 +1457,9 @@ def _window_runner(
                 unmoved = list(moved.values)
             lr = lr_of(inner_state) if lr_of is not None else None
             # no update, no skip: known on the host
-            new_state = AccumulateState(inner_state, state.micro_step + 1, tuple(sums))
+            new_state = AccumulateState(
+                inner_state, state.micro_step + 1, tuple(sums), state.absent
+            )
             return Ran(unmoved, new_state, lr, None, None, between, False)
         # the runner below reads the sums before they restart: they need no copy of their own
         # where it runs ungated (a gated one may write them where the window goes on: clipping)
@@ -1455,7 +1471,8 @@ def _window_runner(
             measured = ran.norm
         if ends:
             sums = _restart(sums, write, start)
-            new_state = AccumulateState(ran.state, torch.zeros_like(state.micro_step), tuple(sums))
+            restarted = torch.zeros_like(state.micro_step)
+            new_state = AccumulateState(ran.state, restarted, tuple(sums), state.absent)
             return Ran(ran.params, new_state, ran.lr, ran.skipped, ran.flag, measured, True)
         assert last is not None  # (the end unknown on the host: `at` unread)
         sums = _restarted(sums, last, ends, write, start)
@@ -1463,7 +1480,7 @@ def _window_runner(
         if ran.skipped is not None:
             ran = ran._replace(skipped=ran.skipped & last, flag=None)
         micro = torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1)
-        new_state = AccumulateState(ran.state, micro, tuple(sums))
+        new_state = AccumulateState(ran.state, micro, tuple(sums), state.absent)
         return ran._replace(state=new_state, norm=window_norm)
 
     run.shares = True  # type: ignore[attr-defined]
@@ -1585,7 +1602,8 @@ def _accumulate_sparse(
             for s in sums
         ]
     micro_step = torch.zeros_like(state.micro_step) if last else state.micro_step + 1
-    return new_updates, AccumulateState(inner_state, micro_step, tuple(sums)), report
+    new_state = AccumulateState(inner_state, micro_step, tuple(sums), state.absent)
+    return new_updates, new_state, report
 
 
 def _measured(mean: list[torch.Tensor], extras: Extras) -> tuple[Extras, torch.Tensor | None]:

@@ -376,3 +376,154 @@ def test_the_loss_function_runs_once_in_the_step_where_a_weight_first_sits_out(
     assert_weights(state, reference)
     for name, b in reference.named_buffers():
         assert torch.equal(state.buffers[name], b), name
+
+
+# windows of two batches: one that never uses the branch, one that uses it first, one last, one
+# in both; the first window never (torch then holds no state for it)
+WINDOWS = (False, False, True, False, False, True, True, True, False, False, False, True)
+
+
+def torch_window_loop(
+    optimizer: Callable[[Any], torch.optim.Optimizer],
+    data: list[Any],
+    every: int = 2,
+    convention: str = "loss",
+    model: nn.Module | None = None,
+) -> nn.Module:
+    """torch's accumulation loop: ``.grad`` summed over `every` backwards (None until a
+    weight's first), then ``step()`` and ``zero_grad()``; the loss divided by the window
+    before the backward (``"loss"``), or the sums divided after (``"mean"``)."""
+    model = make() if model is None else model
+    opt = optimizer(model.parameters())
+    for i, batch in enumerate(data):
+        loss = loss_fn(model, batch)
+        (loss / every if convention == "loss" else loss).backward()
+        if (i + 1) % every == 0:
+            if convention == "mean":
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad /= every
+            opt.step()
+            opt.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_in_a_window_a_weight_without_a_gradient_in_each_batch_sits_its_update_out(
+    name: str, donate: bool
+) -> None:
+    ours, theirs = PRESETS[name]
+    data = batches(WINDOWS)
+    reference = torch_window_loop(theirs, data)
+    state = ft.TrainState.create(make(), ours(), loss_fn, accumulate_steps=2)
+    for batch in data:
+        state, _ = ft.train_step(state, batch, donate=donate)
+    assert_weights(state, reference)
+    # sums of zeros would have moved it in the windows without a gradient
+    zeros = [(x, y, True) if i in (0, 1, 8, 9) else (x, y, u) for i, (x, y, u) in enumerate(data)]
+    assert not torch.equal(torch_window_loop(theirs, zeros).b.weight, reference.b.weight)
+
+
+@pytest.mark.parametrize("convention", ["loss", "sum", "mean"])
+def test_each_convention_of_a_window_of_three_sums_the_gradients_there_were(
+    convention: str,
+) -> None:
+    # a gradient in the first, the middle or the last batch of a window only, or in none
+    uses = (False, False, False, True, False, False, False, True, False, False, False, True)
+    uses += (True, False, True, False, True, True)
+    ours, theirs = PRESETS["sgd-dampening"]
+    data = batches(uses)
+    reference = torch_window_loop(theirs, data, every=3, convention=convention)
+    state = ft.TrainState.create(
+        make(), ours(), loss_fn, accumulate_steps=3, accumulate_convention=convention
+    )
+    for batch in data:
+        state, _ = ft.train_step(state, batch, donate=True)
+    assert_weights(state, reference)
+
+
+def test_a_run_resumed_inside_a_window_the_branch_has_sat_out_so_far(tmp_path: Any) -> None:
+    # the window's record of which weights had no gradient in its batches so far is saved: the
+    # resumed run's window still leaves the branch out (a gradient before: a sum of zeros here)
+    ours, theirs = PRESETS["adamw"]
+    data = batches(WINDOWS)
+    reference = torch_window_loop(theirs, data)
+    state = ft.TrainState.create(make(), ours(), loss_fn, accumulate_steps=2)
+    for batch in data[:9]:  # the first batch of the window without the branch
+        state, _ = ft.train_step(state, batch)
+    ft.save(state, tmp_path / "ckpt")
+    like = ft.TrainState.create(make(), ours(), loss_fn, accumulate_steps=2)
+    state = ft.load(tmp_path / "ckpt", like)
+    for batch in data[9:]:
+        state, _ = ft.train_step(state, batch, donate=True)
+    assert_weights(state, reference)
+
+
+@pytest.mark.parametrize("inside", ["alone", "chained"])
+def test_an_accumulate_of_ones_own_sums_what_dot_grad_would(inside: str) -> None:
+    # an `accumulate` in the optimizer given (inside the default non-finite guard): a weight that
+    # sat out its window's last batch still takes its update from the batches before
+    window = ft.accumulate(ft.adamw(1e-2), 2, reduce="sum")
+    tx = window if inside == "alone" else ft.chain(ft.clip_by_global_norm(1e9), window)
+    data = batches(WINDOWS)
+    reference = torch_window_loop(PRESETS["adamw"][1], data)
+    state = ft.TrainState.create(make(), tx, lambda m, b: loss_fn(m, b) / 2)
+    for batch in data:
+        state, _ = ft.train_step(state, batch)
+    assert_weights(state, reference)
+
+
+def test_a_window_over_some_weights_only_sums_zeros_for_an_unused_one() -> None:
+    # a partition group's window: the step cannot tell its windows apart from the others'
+    # batches, and every weight takes a zero gradient, as the branch used times zero
+    class Zeroed(Branching):
+        def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+            return self.a(x) + (self.b(x) if use_b else 0 * self.b(x))
+
+    def tx() -> ft.Transform:
+        return ft.partition(
+            lambda n, p: n[0], a=ft.accumulate(ft.adamw(1e-2), 2), b=ft.sgd(0.1, momentum=0.9)
+        )
+
+    torch.manual_seed(0)
+    zeroed = ft.TrainState.create(Zeroed(), tx(), loss_fn)
+    state = ft.TrainState.create(make(), tx(), loss_fn)
+    for batch in batches(WINDOWS):
+        state, _ = ft.train_step(state, batch)
+        zeroed, _ = ft.train_step(zeroed, batch)
+    for k, v in zeroed.params.items():
+        assert torch.equal(state.params[k], v), k
+
+
+def test_experts_in_windows_and_compile_step_are_torchs() -> None:
+    def make_experts() -> Experts:
+        torch.manual_seed(0)
+        return Experts()
+
+    def experts_loss(model: Any, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    gen = torch.Generator().manual_seed(2)
+    data = [
+        (torch.randn(3, 6, generator=gen), torch.randint(0, 3, (3,), generator=gen))
+        for _ in range(12)
+    ]
+    reference = make_experts()
+    opt = torch.optim.AdamW(reference.parameters(), 1e-2, fused=True)
+    for i, batch in enumerate(data):
+        (experts_loss(reference, batch) / 3).backward()
+        if i % 3 == 2:
+            opt.step()
+            opt.zero_grad()
+    eager = ft.TrainState.create(make_experts(), ft.adamw(1e-2), experts_loss, accumulate_steps=3)
+    compiled = ft.TrainState.create(
+        make_experts(), ft.adamw(1e-2), experts_loss, accumulate_steps=3
+    )
+    step = ft.compile_step()
+    with pytest.warns(ft.EagerStepWarning, match="sits that update out"):
+        for batch in data:
+            eager, _ = ft.train_step(eager, batch, donate=True)
+            compiled, _ = step(compiled, batch)
+    assert_weights(eager, reference)
+    assert_weights(compiled, reference)
