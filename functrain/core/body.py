@@ -105,8 +105,13 @@ def check_gradients(state: StepState, batch: Any) -> torch.Tensor:
         grads, loss, _ = gradients(state, batch, forward_buffers(state), loss_scale(state))
     except RunAgain:  # reentrant activation checkpointing, now known: its backward's way
         grads, loss, _ = gradients(state, batch, forward_buffers(state), loss_scale(state))
-    # a weight without a gradient that sits the update out: the structure's steps the body's
-    if len(grads) < len(state.params) and seat_layout(state.tx, dict(state.params)) is not None:
+    # a weight without a gradient that sits the update out: the structure's steps the body's (a
+    # process group's rank lacks one another rank may have: its compiled steps stay compiled)
+    if (
+        len(grads) < len(state.params)
+        and state.dist is None
+        and seat_layout(state.tx, dict(state.params)) is not None
+    ):
         object.__setattr__(state.module, SITTING, True)
     return loss.detach()
 
@@ -189,8 +194,10 @@ def apply(
         new = _placed(state, sharding, new, extras)
     else:
         if config is not None:
-            # before clipping and the optimizer: every rank then computes the same update
-            grads, buffers, scalars = average_step(grads, buffers, {"loss": loss, **aux}, config)
+            # before clipping and the optimizer: every rank then computes the same update; a
+            # weight no rank has a gradient for is left out (it sits the update out, `_seated`)
+            scalars = {"loss": loss, **aux}
+            grads, buffers, scalars = average_step(grads, buffers, scalars, config, state.params)
             loss, aux = scalars.pop("loss"), scalars
         new, metrics = _update(state, grads, buffers, loss, aux, scale, batch, extras)
     new["ema_state"] = averaged(state, new["params"], new["buffers"], new.pop("applied"), extras)

@@ -103,9 +103,11 @@ _TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
 def _sat_out(state: TrainState) -> bool:
     """Whether `state`'s structure had a weight sit out an update it got no gradient for
     (`functrain.core.gradient.SITTING`), which a compiled step cannot tell from a zero gradient
-    (``torch.func.grad`` gives one): its steps run eagerly, as `train_step`, said once."""
+    (``torch.func.grad`` gives one): its steps run eagerly, as `train_step`, said once. Not a
+    process group's state: its ranks would step apart (one eagerly, where a weight sat out, the
+    others compiled), so every rank's compiled step gives the weight a zero gradient."""
     module = state.module
-    if SITTING not in module.__dict__:
+    if SITTING not in module.__dict__ or state.dist is not None:
         return False
     if _SAID not in module.__dict__:
         object.__setattr__(module, _SAID, True)

@@ -329,11 +329,12 @@ SITTING = "_functrain_sits_out"
 
 def sits_out(state: StepState) -> bool:
     """Whether a weight without a gradient may sit a step of `state` out, as torch.optim's
-    step skips a parameter whose ``.grad`` is None: an eager step of an unstacked state on one
-    process (a process group's ranks average zeros for it); in an accumulation window, the
-    window's update, where it had none in any of its batches. Its optimizer decides
-    (`functrain.core.replacement.sitting_out`)."""
-    return state.dist is None and not state.members
+    step skips a parameter whose ``.grad`` is None: an eager step of an unstacked, unsharded
+    state (a process group's ranks then leave out a weight none of them has a gradient for,
+    `functrain.distributed.data_parallel.average_step`; a sharded state's average zeros for it);
+    in an accumulation window, the window's update, where it had none in any of its batches.
+    Its optimizer decides (`functrain.core.replacement.sitting_out`)."""
+    return (state.dist is None or state.dist.sharding is None) and not state.members
 
 
 def _detach_written(buffers: dict[str, torch.Tensor]) -> None:

@@ -164,9 +164,11 @@ def _sit_out(state: TrainState, module: torch.nn.Module, *parts: Any) -> None:
     """Raise `SatOut` with the step's `parts` (its gradients, leaves, loss, metrics, buffers
     and generator) where a weight `state`'s loss did not use sits the update out
     (`functrain.core.gradient.sits_out`), as torch.optim's step skips it: the structure's next
-    steps are the body's (`SITTING`)."""
+    steps are the body's (`SITTING`). A process group's rank hands the step over where it lacks
+    a gradient another rank may have: the body marks the structure where no rank had one."""
     if sits_out(state) and seat_layout(state.tx, state.params) is not None:
-        object.__setattr__(module, SITTING, True)
+        if state.dist is None:
+            object.__setattr__(module, SITTING, True)
         *given, generator = parts
         raise SatOut(*given, generator.get_state())
 
@@ -333,17 +335,18 @@ _RAN = "ran_params, ran_state, ran_lr, ran_skipped, ran_flag, ran_norm, ran_ende
 
 def _ranks_mean(
     grads: list[torch.Tensor],
-    names: list[str],
+    params: dict[str, torch.Tensor],
     buffers: dict[str, torch.Tensor],
     loss: torch.Tensor,
     aux: dict[str, torch.Tensor] | None,
     config: DistConfig,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], torch.Tensor, Any]:
-    """The step's gradients (of the parameters `names`), floating buffers, loss and metrics
-    averaged over the ranks of `config`'s process group, as the body averages them
-    (`average_step`: one all-reduce per dtype)."""
+    """The step's gradients (of `params`, every one: one this rank lacks hands the step to the
+    body, `SatOut`), floating buffers, loss and metrics averaged over the ranks of `config`'s
+    process group, as the body averages them (`average_step`: one all-reduce per dtype, with
+    the weights this rank has a gradient for)."""
     mean, buffers, scalars = average_step(
-        dict(zip(names, grads)), buffers, {"loss": loss, **(aux or {})}, config
+        dict(zip(params, grads)), buffers, {"loss": loss, **(aux or {})}, config, params
     )
     loss = scalars.pop("loss")
     return list(mean.values()), buffers, loss, scalars if aux else aux
@@ -756,7 +759,7 @@ _GRADIENTS_HOOKED = """\
 """
 # the gradients, floating buffers, loss and metrics averaged over a process group's ranks
 _RANKS_MEAN = """\
-        grads, {buffers}, loss, aux = RANKS_MEAN(grads, NAMES, {given}, loss, aux, DIST)
+        grads, {buffers}, loss, aux = RANKS_MEAN(grads, given, {given}, loss, aux, DIST)
 """
 # the gradients laid out as `.grad` would hold them
 _LAYOUTS = """\

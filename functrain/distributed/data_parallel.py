@@ -207,17 +207,37 @@ def average_step(
     buffers: dict[str, torch.Tensor],
     scalars: dict[str, torch.Tensor],
     config: DistConfig,
+    params: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Average gradients, floating buffers and scalar metrics across ranks, one bucket per dtype."""
+    """Average gradients, floating buffers and scalar metrics across ranks, one bucket per dtype.
+
+    With `params` (a replicated state's weights, which may sit an update out without a gradient)
+    `grads` may lack some of them: zeros travel in their place, and every rank sends with the
+    metrics which weights it has a gradient for (1.0, else 0.0: one float32 each, in the same
+    all-reduce). A weight no rank has one for is left out of the mean gradients, as
+    ``DistributedDataParallel(find_unused_parameters=True)`` leaves its ``.grad`` None; one that
+    some rank has takes the mean with the others' zeros. A rank that lacks a gradient reads the
+    senders on the host; one that lacks none reads nothing (no weight lacks one on every rank).
+    """
     float_buffers = [k for k, b in buffers.items() if b.is_floating_point()]
+    sends, lacking = None, params is not None and len(grads) < len(params)
+    if params is not None:
+        sends = _senders(grads, params)
+        if lacking:
+            grads = {k: grads[k] if k in grads else torch.zeros_like(p) for k, p in params.items()}
     items = (
         list(grads.values())
         + [buffers[k] for k in float_buffers]
         + [v.float() for v in scalars.values()]
     )
-    mean = all_reduce_mean(items, config)
+    mean = all_reduce_mean(items if sends is None else [*items, sends], config)
     n_g, n_b = len(grads), len(float_buffers)
     new_grads = dict(zip(grads, mean[:n_g], strict=True))
+    if sends is not None:
+        sent = mean.pop()
+        if lacking:  # which weights some rank has a gradient for: one host read
+            has = sent.tolist()
+            new_grads = {k: g for (k, g), n in zip(new_grads.items(), has, strict=True) if n}
     new_buffers = {**buffers, **dict(zip(float_buffers, mean[n_g : n_g + n_b], strict=True))}
     # (copies: a metric the caller keeps holds no more than itself, not the gradients' bucket)
     new_scalars = {
@@ -225,6 +245,25 @@ def average_step(
         for k, v in zip(scalars, mean[n_g + n_b :], strict=True)
     }
     return new_grads, new_buffers, new_scalars
+
+
+# per device and count of weights: the senders of a step where this rank has every gradient
+_EVERY_SENDS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _senders(grads: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Which of `params` this rank has a gradient of in `grads`: 1.0, else 0.0 (float32), on
+    their device; eagerly, where it has every one, one tensor kept for all such steps."""
+    device = next(iter(params.values())).device
+    if len(grads) < len(params):
+        return torch.tensor([float(k in grads) for k in params], device=device)
+    if torch.compiler.is_compiling():
+        return torch.ones(len(params), device=device)
+    key = (device, len(params))
+    every = _EVERY_SENDS.get(key)
+    if every is None:  # (never written: the all-reduce takes a copy of it in its bucket)
+        every = _EVERY_SENDS[key] = torch.ones(len(params), device=device)
+    return every
 
 
 def broadcast_tensors(

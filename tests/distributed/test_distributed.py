@@ -103,6 +103,39 @@ def test_data_parallel_steps_match_torchs_distributed_data_parallel_bit_for_bit(
                         assert torch.equal(ours, theirs), (rank, key, k)
 
 
+def test_an_expert_no_rank_reached_sits_the_update_out_as_under_ddp_finding_unused_ones(
+    tmp_path: Path,
+) -> None:
+    """`worker.unused_runs` on 2 ranks: an expert no rank's batch reached sits the update out
+    (no update, no weight decay, its moments and count untouched), as torch.optim skips the
+    parameter DistributedDataParallel(find_unused_parameters=True) leaves without .grad; one
+    that some ranks reached takes the mean with the others' zeros. Bit for bit, on every rank,
+    pure, donated and resumed from a checkpoint between such steps; the ranks' optimizer states
+    are the same."""
+    launch(2, "unused", str(tmp_path))
+    ranks = [ft.load(tmp_path / f"rank{rank}")[0] for rank in (0, 1)]
+    # in the second step rank 0 had every gradient (its straight line averaged them) and rank 1
+    # lacked some (its straight line handed the step to the body): the two engines took part in
+    # the same all-reduce; both stay on the straight line until a weight sits out on every rank
+    assert [int(r["adamw/0/pure/1/handed"]) for r in ranks] == [0, 1]
+    assert [bool(r["adamw/0/pure/1/body"]) for r in ranks] == [False, False]
+    assert [bool(r["adamw/0/pure/2/body"]) for r in ranks] == [True, True]
+    names = [k for k, _ in worker.make_experts().named_parameters()]
+    for tree in ranks:
+        for name in worker.UNUSED_CONFIGS:
+            for start in (0, 2):
+                for kind in ("pure", "donated", "resumed"):
+                    for i in range(len(worker.ROUTES) - start):
+                        key = f"{name}/{start}/{kind}/{i}"
+                        for k in names:
+                            ours, theirs = tree[f"{key}/ours/{k}"], tree[f"{key}/torch/{k}"]
+                            assert torch.equal(ours, theirs), (key, k)
+    for key, leaves in ranks[0].items():
+        if key.endswith("opt_state"):
+            for mine, other in zip(leaves, ranks[1][key], strict=True):
+                assert torch.equal(mine, other), key
+
+
 def test_a_data_parallel_state_counts_every_ranks_declared_samples(tmp_path: Path) -> None:
     # each rank's detection batches counted by their images (samples=), times the ranks
     launch(2, "samples", str(tmp_path))

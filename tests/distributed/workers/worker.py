@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import TensorDataset
 
 import functrain as ft
+from functrain.core.gradient import SITTING
 from tests.models import cross_entropy_loss_fn as loss_fn
 
 torch.set_num_threads(1)
@@ -679,6 +680,121 @@ def torch_ddp_runs(rank: int, world: int) -> dict:
     return out
 
 
+class Experts(nn.Module):
+    """A trunk every batch uses and four experts, each batch routed to some of them (none
+    included): an expert no token of a rank's batch reached gets no gradient on that rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(6, 3)
+        self.experts = nn.ModuleList(nn.Linear(6, 3) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, used: tuple[int, ...]) -> torch.Tensor:
+        out = self.trunk(x)
+        for e in used:
+            out = out + self.experts[e](x)
+        return out
+
+
+def experts_loss(model: Any, batch: Any) -> torch.Tensor:
+    x, y, used = batch
+    return nn.functional.cross_entropy(model(x, used), y)
+
+
+def make_experts() -> Experts:
+    torch.manual_seed(0)
+    return Experts()
+
+
+# the experts each rank's batch reaches, step by step: at first rank 0 reaches every one and rank
+# 1 some (those take the mean with rank 1's zeros), then none reaches experts 1 to 3, then one
+# rank alone reaches some, then no expert at all
+ROUTES = (
+    ((0, 1, 2, 3), (0,)),
+    ((0, 1, 2, 3), (1, 3)),
+    ((0,), (0,)),
+    ((2,), ()),
+    ((), ()),
+    ((1,), (1, 2)),
+    ((0, 1, 2, 3), (0,)),
+    ((3,), (3,)),
+)
+
+# the optimizers `unused_runs` trains with, each with the torch.optim one it matches bit for bit
+UNUSED_CONFIGS = {
+    "adamw": (lambda: ft.adamw(1e-2), lambda ps: torch.optim.AdamW(ps, 1e-2, fused=True)),
+    "sgd": (
+        lambda: ft.sgd(0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
+        lambda ps: torch.optim.SGD(ps, 0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    ),
+}
+
+
+def experts_batches(rank: int, start: int) -> list[tuple[torch.Tensor, torch.Tensor, tuple]]:
+    """This rank's batches of `ROUTES` from step `start` on (from 2: experts 1 to 3 unused on
+    every rank in the first step, before torch holds any state for them)."""
+    g = torch.Generator().manual_seed(50 + rank)
+    return [
+        (torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g), route[rank])
+        for route in ROUTES[start:]
+    ]
+
+
+def unused_runs(rank: int, out: Path) -> dict:
+    """Each of `UNUSED_CONFIGS` on `experts_batches` (from steps 0 and 2), donated and pure, and
+    resumed from a checkpoint after its third step, beside torch's DistributedDataParallel
+    (``find_unused_parameters=True``) training the same model with the torch.optim optimizer: the
+    weights after each step, both sides', and the optimizer state at the end."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    import functrain.core.program as program
+
+    handed = []  # the straight line's steps handed to the body (a rank lacked a gradient)
+    given = program.handed_on
+
+    def counted(*args: Any) -> Any:
+        handed.append(1)
+        return given(*args)
+
+    program.handed_on = counted  # (this scenario's process ends after it)
+    result: dict[str, Any] = {}
+    for name, (tx, torch_opt) in UNUSED_CONFIGS.items():
+        for start in (0, 2):
+            data = experts_batches(rank, start)
+            reference = DistributedDataParallel(make_experts(), find_unused_parameters=True)
+            opt = torch_opt(reference.parameters())
+            theirs = []
+            for batch in data:
+                opt.zero_grad()  # set_to_none=True: an expert no rank reached has no .grad
+                experts_loss(reference, batch).backward()
+                opt.step()
+                theirs.append(
+                    {k: p.detach().clone() for k, p in reference.module.named_parameters()}
+                )
+            for kind in ("pure", "donated", "resumed"):
+                key = f"{name}/{start}/{kind}"
+                state = ft.TrainState.create(make_experts(), tx(), experts_loss)
+                for i, batch in enumerate(data):
+                    if kind == "resumed" and i == 3:
+                        path = out / f"ckpt{rank}" / key.replace("/", "-")
+                        ft.save(state, path)
+                        template = ft.TrainState.create(make_experts(), tx(), experts_loss)
+                        state = ft.load(path, template)
+                    handed.clear()
+                    state, _ = ft.train_step(state, batch, donate=kind != "pure")
+                    result[f"{key}/{i}/handed"] = torch.tensor(len(handed))
+                    # whether this rank's steps are the body's from now on (a weight sat out)
+                    result[f"{key}/{i}/body"] = torch.tensor(SITTING in state.module.__dict__)
+                    for k, p in theirs[i].items():
+                        result[f"{key}/{i}/ours/{k}"] = state.params[k].clone()
+                        result[f"{key}/{i}/torch/{k}"] = p
+                result[f"{key}/opt_state"] = [
+                    t.clone() if isinstance(t, torch.Tensor) else torch.tensor(t)
+                    for t in torch.utils._pytree.tree_leaves(state.opt_state)
+                ]
+    return result
+
+
 def declared_samples_runs(rank: int) -> dict:
     """Detection batches (`tests.models.detection_batches`, this rank's own) counted by their
     images (``samples=``): each engine's ``samples_seen``, and an evaluation over this rank's
@@ -809,6 +925,8 @@ def main() -> None:
         ft.save(declared_samples_runs(rank), mine)
     elif scenario == "torch_ddp":
         ft.save(torch_ddp_runs(rank, world), mine)
+    elif scenario == "unused":
+        ft.save(unused_runs(rank, out), mine)
     elif scenario == "meta":
         ft.save(meta_runs(rank, world), mine)
     elif scenario == "mismatch":
