@@ -113,8 +113,9 @@ class ConvertedOptimizer:
     Attributes:
         optimizer: the functrain transform matching the torch optimizer, one preset per parameter
             group (joined by `partition`, labels ``"group0"``, ``"group1"``, ...).
-        step: the updates torch took (its state's ``step``; for `SGD`, which keeps none, the
-            ``step`` given to `from_torch_optimizer`).
+        step: the updates torch took: the optimizer's count, the most steps any parameter took
+            (its state's ``step``; for `SGD`, which keeps none, the ``step`` given to
+            `from_torch_optimizer`).
         names: the parameters the torch optimizer updates (those with ``requires_grad``), by their
             names in the module.
         groups: torch's groups as read: names, per-parameter state (torch's own tensors, copied
@@ -255,9 +256,14 @@ def from_torch_optimizer(
     functrain configuration reproduces); several groups, of one optimizer or of a list of them, are
     joined by `partition`. The state (moments,
     momentum buffers, step counts) is read when the `TrainState` is built
-    (`ConvertedOptimizer.create_state`), so build it right after converting.
+    (`ConvertedOptimizer.create_state`), so build it right after converting. Each parameter goes
+    on from its own: one that took fewer steps than others (it had no gradient in some) keeps its
+    own count, one torch holds no state for yet (no gradient so far, its group's or the whole
+    group's) starts at its first update as torch starts it, and in the steps after, a weight
+    without a gradient sits the update out, as in torch.
 
-    The step counter of the transform starts at torch's count, so a schedule given as `lr`
+    The step counter of the transform starts at torch's count (the optimizer's: the most steps
+    any parameter took, which a scheduler stepped with it counts), so a schedule given as `lr`
     continues where torch's scheduler is, when the scheduler steps once per optimizer step: pass
     ``lr=functrain.schedules.from_torch(<the scheduler's class>, lr=<initial lr>, ...)``. A
     scheduler stepped once an epoch (Lightning's default, ``"interval": "epoch"``) is
@@ -313,9 +319,7 @@ def from_torch_optimizer(
         ConfigError: the optimizer is of another class, two optimizers share a parameter, torch's
             implementation is not one functrain continues bit for bit (or ``capturable`` or
             ``differentiable`` is set), a parameter is not the module's or is listed twice in a
-            group, a parameter of a group has no state where the others have (it had no gradient
-            yet: freeze it), a group took none where others did (its parameters had no
-            gradient: freeze them), `SGD` or `Muon` has a schedule and no `step`, or the
+            group, `SGD` or `Muon` has a schedule and no `step`, or the
             scheduler cannot be read back (a `ReduceLROnPlateau`: see `reduce_on_plateau`),
             stepped a different number of times
             (of epochs, with `steps_per_epoch`), is a `CosineAnnealingWarmRestarts` not where
@@ -372,7 +376,6 @@ def from_torch_optimizer(
         ]
         groups += read
         counts += _counts(o, read, step, _place(where, len(optimizers), i, None))
-    config_check(_unstepped_groups(optimizers, groups, module), where)
     config_check(_uncounted_schedules(optimizers, rates, decays, scheduler, step), where)
     if scheduler is not None:
         rates = _schedules(scheduler, optimizers, counts, steps_per_epoch, where)
@@ -447,55 +450,6 @@ def _counts_steps(scheduler: Any) -> bool:
     if isinstance(scheduler, swa_utils.SWALR):
         return scheduler.last_epoch > 0
     return scheduler is not None
-
-
-def _unstepped_groups(
-    optimizers: Sequence[torch.optim.Optimizer], groups: Sequence[_Group], module: nn.Module
-) -> list[str]:
-    """Groups that never took a step (no state) where others did: their parameters had no
-    gradient, which torch skips.
-
-    The conversion takes each group's state from torch's, and such a group has none: its
-    parameters would start their slots and counts beside groups that took steps. A sparse
-    embedding's group is spared: functrain's sparse updates skip a table without rows, as torch
-    does.
-    """
-    sparse = {
-        id(p)
-        for m in module.modules()
-        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse
-        for p in m.parameters(recurse=False)
-    }
-    slots = [(o, k) for o in optimizers for k in range(len(o.param_groups))]
-    stepped = [_stepped(o, o.param_groups[k], g) for (o, k), g in zip(slots, groups, strict=True)]
-    if not any(stepped):
-        return []
-    problems = []
-    for (o, k), g, took in zip(slots, groups, stepped, strict=True):
-        if took is not False or not g.names or any(id(p) in sparse for p in g.params):
-            continue
-        at = f"param_groups[{k}]" if len(optimizers) == 1 else f"optimizer[{optimizers.index(o)}]"
-        at += "" if len(optimizers) == 1 else f".param_groups[{k}]"
-        problems.append(
-            f"{at} ({listed(list(g.names))}) never took a step (torch holds no state for it) "
-            "while other groups did: its parameters had no gradient, which torch skips, and "
-            "the conversion takes each group's state from torch's; freeze them before "
-            "converting (requires_grad_(False): the converted run keeps them fixed, as torch "
-            "does), or convert once they have taken a step"
-        )
-    return problems
-
-
-def _stepped(o: torch.optim.Optimizer, group: dict[str, Any], g: _Group) -> bool | None:
-    """Whether a group took a step, as its state shows (None: its state would not show it, as
-    SGD's without momentum, which keeps none)."""
-    kind = torch_class(o)
-    assert kind is not None  # _optimizers checked
-    if kind.counted:
-        return any(float(s.get("step", 0)) > 0 for s in g.state)
-    if group.get("momentum", 0) != 0:
-        return any(s.get("momentum_buffer") is not None for s in g.state)
-    return None
 
 
 def _dropped(
@@ -1026,65 +980,42 @@ def _listed_twice(params: Sequence[torch.Tensor], by_id: dict[int, str]) -> list
 def _counts(
     optimizer: torch.optim.Optimizer, groups: Sequence[_Group], step: int | None, where: str
 ) -> list[int]:
-    """Each group's count of updates.
+    """Each group's count of updates: the optimizer's, what its scheduler counts.
 
-    From torch's ``step`` (one value per group); SGD's and Muon's from `step`.
+    From torch's per-parameter ``step`` (each parameter goes on from its own, `_filled`; one
+    without state, which had no gradient yet, from 0): the most any parameter of the optimizer
+    took, as every ``optimizer.step()`` visits each group and its scheduler steps them all,
+    whatever sat out. SGD's and Muon's from `step`.
     """
-    counts, own_groups = [], []
+    kind = torch_class(optimizer)
+    assert kind is not None  # _optimizers checked
+    counts = []
     for k, g in enumerate(groups):
-        kind = torch_class(optimizer)
-        if kind.counted:  # type: ignore[union-attr]
-            seen = {int(s["step"]) if "step" in s else None for s in g.state}
-            own = implementation(optimizer.param_groups[k]) in kind.own_steps  # type: ignore[union-attr]
-            stepped = {s for s in seen if s is not None}
-            if (
-                own
-                and stepped
-                and (None not in seen or isinstance(optimizer, torch.optim.SparseAdam))
-            ):
-                # each parameter's own step (`_filled`); the group counts the updates it took. A
-                # SparseAdam table not looked up yet has no state: it goes on at step 0 with
-                # fresh moments, as torch makes them at its first (a table a batch leaves out is
-                # skipped, as torch skips it)
-                seen = {max(stepped)}
-                own_groups.append(k)
-            if len(seen) > 1:
-                shown = sorted(str(s) for s in seen)
-                most = max(int(s["step"]) for s in g.state if "step" in s)
-                behind = [
-                    n
-                    for n, s in zip(g.names, g.state, strict=True)
-                    if "step" not in s or int(s["step"]) != most
-                ]
-                config_check(
-                    [
-                        f"param_groups[{k}]: its parameters took different numbers of steps "
-                        f"({', '.join(shown)}: some had no gradient); functrain updates a group "
-                        f"together: {listed(behind)} took fewer than {most}; freeze them before "
-                        "converting (requires_grad_(False): the converted run keeps them fixed, "
-                        "as torch does), or convert once they have taken a step"
-                    ],
-                    where,
-                )
-            count = (seen.pop() if seen else None) or 0  # (no parameter: a group all frozen)
+        if kind.counted:
+            own = {int(s.get("step", 0)) for s in g.state}  # (no state: no gradient yet)
+            if len(own) > 1 and implementation(optimizer.param_groups[k]) not in kind.own_steps:
+                # (one functrain does not continue in any case: refused, with the fix)
+                config_check(_implementation_problems(optimizer, optimizer.param_groups[k]), where)
+            count = max(own, default=0)
         else:
-            # torch makes a buffer at a parameter's first step with a gradient: a sparse table not
-            # looked up yet has none (`_filled` keeps that; a dense state refuses it there)
+            # torch makes a buffer at a parameter's first step with a gradient: one without has
+            # none (`_filled` leaves its state fresh, as torch makes it at its first)
             buffers = [s.get("momentum_buffer") is not None for s in g.state]
             count = step if step is not None else int(any(buffers))
         counts.append(count)
-    # every optimizer.step() visits each group, and its scheduler steps them all: a group whose
-    # parameters all sat out some updates (frozen) took them too, each parameter its own step
-    took = max((counts[k] for k in own_groups), default=0)
-    for k in own_groups:
-        counts[k] = took
-    # a group with no trainable parameter (all frozen: a LoRA run's biases and norms) holds no
-    # state, yet every optimizer.step() visited it and its scheduler stepped it: the others' count
-    held = max((c for g, c in zip(groups, counts, strict=True) if g.names), default=0)
-    counts = [c if g.names else held for g, c in zip(groups, counts, strict=True)]
-    counted = torch_class(optimizer).counted  # type: ignore[union-attr]
+    if kind.counted:
+        # every optimizer.step() visits each group and its scheduler steps them all: a group
+        # whose parameters sat out updates (no gradient, frozen, or none trainable: a LoRA
+        # run's biases and norms) took them too, each parameter its own step
+        took = max(counts, default=0)
+        counts = [took] * len(counts)
+    else:
+        # a group with no trainable parameter holds no state, yet every optimizer.step() visited
+        # it and its scheduler stepped it: the others' count
+        held = max((c for g, c in zip(groups, counts, strict=True) if g.names), default=0)
+        counts = [c if g.names else held for g, c in zip(groups, counts, strict=True)]
     for k, count in enumerate(counts):
-        if step is not None and counted and step != count:
+        if step is not None and kind.counted and step != count:
             config_check(
                 [
                     f"step={step!r} disagrees with param_groups[{k}]'s state, which took "
@@ -1298,7 +1229,6 @@ def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
     names = _order(group, params)
     if type(node) is SparseSgdState and node.made:  # each parameter's buffer, where torch has one
         return _sparse_sgd_filled(node, group, names)
-    _refuse_partial_buffers(group)
     values: dict[str, Any] = {}
     for field, key in KEYS[type(node)].items():
         current = _field(node, field)
@@ -1353,21 +1283,6 @@ def _own_step(state: dict[str, Any], group: _Group) -> int:
     """A parameter's own step in torch's `state`: 0 where it has none (no gradient yet), the
     group's count where torch keeps none per parameter."""
     return int(state.get("step", group.count)) if state else 0
-
-
-def _refuse_partial_buffers(group: _Group) -> None:
-    """A dense state's momentum moves every parameter of a group together: torch's group where
-    some parameters have a buffer and others none (they had no gradient yet) does not fit it."""
-    buffers = [s.get("momentum_buffer") is not None for s in group.state]
-    if any(buffers) and not all(buffers):
-        missing = [n for n, b in zip(group.names, buffers, strict=True) if not b]
-        raise ConfigError(
-            f"from_torch_optimizer: {', '.join(missing[:3])} of a parameter group have no "
-            "momentum buffer while the others have one (they had no gradient yet); functrain's "
-            "momentum updates a group together: freeze them before converting "
-            "(requires_grad_(False): the converted run keeps them fixed, as torch does), or "
-            "convert once every parameter has taken a step"
-        )
 
 
 def to_torch_state_dict(

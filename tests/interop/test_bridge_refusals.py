@@ -1,9 +1,9 @@
 """What `from_torch_optimizer` and `to_torch_state_dict` refuse, where the run would not continue.
 
 Each case is a torch run the conversion cannot continue bit for bit (an lr changed besides its
-scheduler, a scheduler that is not where whole steps bring it, a parameter listed twice, a group
-that never stepped, ...): the conversion refuses it with the fix, and where a fix converts, the
-converted run is compared with torch's.
+scheduler, a scheduler that is not where whole steps bring it, a parameter listed twice, ...):
+the conversion refuses it with the fix, and where a fix converts, the converted run is compared
+with torch's.
 """
 
 from __future__ import annotations
@@ -194,19 +194,16 @@ def two_heads_adamw(m: TwoHeads) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1)
 
 
-def test_a_group_that_never_stepped_is_refused_and_converts_frozen() -> None:
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_a_group_that_never_stepped_converts_trainable_or_frozen(frozen: bool) -> None:
+    # torch holds no state for the unused head: trainable, it sits out every step here too
     model, expected = TwoHeads(), TwoHeads()
     optimizer, expected_opt = two_heads_adamw(model), two_heads_adamw(expected)
     for batch in DATA[:K]:
         torch_step(model, optimizer, batch)
-    with pytest.raises(
-        ConfigError,
-        match=r"param_groups\[1\] \(aux.weight, aux.bias\) never took a step .*freeze them "
-        r"before converting \(requires_grad_\(False\)",
-    ):
-        ft.from_torch_optimizer(optimizer, model)
-    model.aux.requires_grad_(False)
+    model.aux.requires_grad_(not frozen)
     state = ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn)
+    assert sorted(state.frozen) == (["aux.bias", "aux.weight"] if frozen else [])
     for batch in DATA[K:]:
         state, _ = ft.train_step(state, batch)
     for batch in DATA:
@@ -214,6 +211,23 @@ def test_a_group_that_never_stepped_is_refused_and_converts_frozen() -> None:
     assert_trees_equal(
         {**state.params, **state.frozen}, {n: p.detach() for n, p in expected.named_parameters()}
     )
+
+
+def test_weights_that_took_their_own_steps_in_an_implementation_not_continued_get_its_fix() -> None:
+    # torch's RAdam loop, where one head had no gradient: the fix is the implementation's
+    model = TwoHeads()
+    optimizer = torch.optim.RAdam(model.parameters(), lr=1e-2)
+    for batch in DATA[:2]:
+        torch_step(model, optimizer, batch)
+    with pytest.raises(
+        ConfigError,
+        match=r"torch's RAdam runs its single-tensor .* build the torch optimizer with "
+        r"foreach=True",
+    ):
+        ft.from_torch_optimizer(optimizer, model)
+    optimizer.param_groups[0]["foreach"] = True  # the fix: each head from its own step
+    state = ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn)
+    assert [int(s) for s in state.opt_state.inner.steps] == [2, 2, 0, 0]
 
 
 def test_a_group_all_frozen_from_the_start_converts_with_its_scheduler() -> None:

@@ -595,36 +595,153 @@ def test_a_group_frozen_whole_when_converted_trains_in_its_group_once_unfrozen()
     assert_trees_equal(state.params, {n: p.detach() for n, p in expected.named_parameters()})
 
 
-def test_a_group_whose_parameters_have_no_state_beside_others_is_refused() -> None:
-    """A parameter without torch's state (no gradient yet) beside ones with it: functrain's
-    step would give it a zero gradient where torch skips it."""
-    model = make_model()
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=0.1)
-    model[0].weight.grad = torch.ones_like(model[0].weight)
-    optimizer.step()
-    with pytest.raises(
-        ConfigError,
-        match=r"its parameters took different numbers of steps \(1, None: some had no gradient\)"
-        r"; functrain updates a group together: 0\.bias, 2\.weight, 2\.bias took fewer than 1; "
-        r"freeze them before converting \(requires_grad_\(False\)",
-    ):
-        ft.from_torch_optimizer(optimizer, model)
-    for p in (model[0].bias, model[2].weight, model[2].bias):  # the fix the message gives
-        p.requires_grad_(False)
-    assert ft.from_torch_optimizer(optimizer, model).names == ("0.weight",)
+class Heads(torch.nn.Module):
+    """Three heads on the input: `a` in every step, the others in the steps that name them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.b, self.c = (torch.nn.Linear(6, 3) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, used: str) -> torch.Tensor:
+        return self.a(x) + sum((getattr(self, head)(x) for head in used), torch.zeros(()))
 
 
-def test_sgd_parameters_without_a_momentum_buffer_beside_others_are_refused() -> None:
-    model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model[0].weight.grad = torch.ones_like(model[0].weight)
-    optimizer.step()
-    with pytest.raises(
-        ConfigError,
-        match=r"0\.bias, 2\.weight, 2\.bias of a parameter group have no momentum buffer .*"
-        r"freeze them before converting \(requires_grad_\(False\)",
-    ):
-        ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn)
+def heads_loss(model: Any, batch: Any) -> torch.Tensor:
+    x, y, used = batch
+    return torch.nn.functional.mse_loss(model(x, used), y)
+
+
+# the heads each step uses: `b` sits out steps (its first among them), `c` none before the
+# conversion at CUT; after it, each sits out some
+USED = ["", "b", "", "b", "b", "", "bc", "c", "", "b", "bc", "c"]
+CUT = 6
+_gen = torch.Generator().manual_seed(0)
+HEADS_DATA = [
+    (torch.randn(8, 6, generator=_gen), torch.randn(8, 3, generator=_gen), used) for used in USED
+]
+
+# each torch class in an implementation functrain continues, settings that read the steps
+SITTING_OUT: dict[str, Callable[[torch.nn.Module], Any]] = {
+    "adamw_fused": lambda m: torch.optim.AdamW(m.parameters(), 1e-2, weight_decay=0.1, fused=True),
+    "adamw_single": lambda m: torch.optim.AdamW(m.parameters(), 1e-2, foreach=False),
+    # `c` a group of its own, which never stepped
+    "adamw_foreach_amsgrad_groups": lambda m: torch.optim.AdamW(
+        [{"params": [*m.a.parameters(), *m.b.parameters()]}, {"params": m.c.parameters()}],
+        1e-2,
+        amsgrad=True,
+        foreach=True,
+    ),
+    "adam_fused_amsgrad": lambda m: torch.optim.Adam(
+        m.parameters(), 1e-2, amsgrad=True, fused=True
+    ),
+    "adam_single": lambda m: torch.optim.Adam(m.parameters(), 1e-2, weight_decay=0.1),
+    "sgd_momentum": lambda m: torch.optim.SGD(m.parameters(), 0.05, momentum=0.9),
+    "sgd_dampening": lambda m: torch.optim.SGD(
+        m.parameters(), 0.05, momentum=0.9, dampening=0.3, weight_decay=1e-3
+    ),
+    "sgd_nesterov_foreach": lambda m: torch.optim.SGD(
+        m.parameters(), 0.05, momentum=0.9, nesterov=True, foreach=True
+    ),
+    "rmsprop_momentum_centered": lambda m: torch.optim.RMSprop(
+        m.parameters(), 1e-2, momentum=0.5, centered=True
+    ),
+    "adagrad_fused": lambda m: torch.optim.Adagrad(m.parameters(), 0.1, lr_decay=0.01, fused=True),
+    "adagrad_single": lambda m: torch.optim.Adagrad(
+        m.parameters(), 0.1, lr_decay=0.01, initial_accumulator_value=0.1
+    ),
+    "adadelta": lambda m: torch.optim.Adadelta(m.parameters(), 1.0, weight_decay=1e-3),
+    "adamax": lambda m: torch.optim.Adamax(m.parameters(), 1e-2),
+    "nadam": lambda m: torch.optim.NAdam(m.parameters(), 1e-2, weight_decay=0.01),
+    "radam_foreach": lambda m: torch.optim.RAdam(m.parameters(), 1e-2, foreach=True),
+    "rprop": lambda m: torch.optim.Rprop(m.parameters(), 1e-2),
+    "asgd": lambda m: torch.optim.ASGD(m.parameters(), 1e-2, t0=2),
+    "adafactor": lambda m: torch.optim.Adafactor(m.parameters(), 1e-2),
+    "muon_with_adamw": lambda m: [
+        torch.optim.Muon([p for p in m.parameters() if p.ndim == 2], lr=0.02),
+        torch.optim.AdamW([p for p in m.parameters() if p.ndim != 2], lr=3e-3),
+    ],
+}
+
+
+def heads_steps(model: Heads, optimizer: Any, batches: list[Any], scheduler: Any = None) -> None:
+    """torch's loop: ``zero_grad()`` sets ``.grad`` to None, so an unused head is skipped."""
+    optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
+    for batch in batches:
+        for o in optimizers:
+            o.zero_grad()
+        heads_loss(model, batch).backward()
+        for o in optimizers:
+            o.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def heads_reference(make: Callable[[torch.nn.Module], Any], scheduler: Any = None) -> Heads:
+    """The uninterrupted torch run over all the batches."""
+    model = Heads()
+    optimizer = make(model)
+    heads_steps(model, optimizer, HEADS_DATA, None if scheduler is None else scheduler(optimizer))
+    return model
+
+
+def assert_heads(params: dict[str, torch.Tensor], model: Heads) -> None:
+    assert_trees_equal({n: p.detach() for n, p in model.named_parameters()}, dict(params))
+
+
+@pytest.mark.parametrize("name", SITTING_OUT)
+def test_a_run_whose_weights_sat_out_steps_or_never_stepped_continues_bit_for_bit(
+    name: str,
+) -> None:
+    """Head `b` took fewer steps than `a` (the first without it) and `c` none when the run moves:
+    each goes on from its own state, `c` from a fresh one as torch starts it, and sits out the
+    steps without its gradient after the conversion, as in torch."""
+    make = SITTING_OUT[name]
+    model = Heads()
+    optimizer = make(model)
+    heads_steps(model, optimizer, HEADS_DATA[:CUT])
+    state = ft.from_torch_optimizer(optimizer, model).create_state(model, heads_loss)
+    for batch in HEADS_DATA[CUT:]:
+        state, _ = ft.train_step(state, batch)
+    assert_heads(state.params, heads_reference(make))
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [lambda o: L.LambdaLR(o, lambda t: 1 / (1 + 0.3 * t)), lambda o: L.StepLR(o, 2, 0.5)],
+    ids=["lambdalr", "steplr"],
+)
+@pytest.mark.parametrize("name", ["adamw_fused", "nadam", "rprop", "radam_foreach"])
+def test_weights_that_sat_out_steps_continue_with_the_scheduler_at_the_optimizers_count(
+    name: str, scheduler: Callable[[Any], Any]
+) -> None:
+    """The schedule goes on at the optimizer's count of updates (the scheduler's), not at a
+    weight's own: `c`'s first update takes the rate of the step it comes in (Rprop's step sizes
+    start there)."""
+    make = SITTING_OUT[name]
+    model = Heads()
+    optimizer = make(model)
+    live = scheduler(optimizer)
+    heads_steps(model, optimizer, HEADS_DATA[:CUT], live)
+    run = ft.from_torch_optimizer(optimizer, model, scheduler=live)
+    assert run.step == CUT
+    state = run.create_state(model, heads_loss)
+    for batch in HEADS_DATA[CUT:]:
+        state, metrics = ft.train_step(state, batch)
+    assert_heads(state.params, heads_reference(make, scheduler))
+
+
+def test_a_converted_run_whose_weights_sat_out_resumes_from_its_checkpoint(tmp_path: Any) -> None:
+    make = SITTING_OUT["nadam"]
+    model = Heads()
+    optimizer = make(model)
+    heads_steps(model, optimizer, HEADS_DATA[:CUT])
+    run = ft.from_torch_optimizer(optimizer, model)
+    ft.save(run.create_state(model, heads_loss), tmp_path / "ckpt")
+    state = ft.load(tmp_path / "ckpt", ft.TrainState.create(Heads(), run.optimizer, heads_loss))
+    for batch in HEADS_DATA[CUT:]:
+        state, _ = ft.train_step(state, batch, donate=True)
+    assert_heads(state.params, heads_reference(make))
 
 
 def test_export_to_a_mismatched_torch_optimizer_is_refused() -> None:

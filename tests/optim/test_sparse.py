@@ -622,11 +622,27 @@ def test_a_torch_sgd_run_whose_table_has_no_momentum_buffer_yet_continues_in_fun
     assert_trees_equal(params_of(ref), params_of(back))
 
 
-def test_a_dense_sgd_run_whose_parameter_has_no_momentum_buffer_yet_is_refused() -> None:
-    net = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2)})
-    opt = torch.optim.SGD(net.parameters(), 0.1, momentum=0.9)
-    net["used"](torch.ones(4, 3)).sum().backward()
-    opt.step()
-    run = ft.from_torch_optimizer(opt, net)
-    with pytest.raises(ConfigError, match="unused.weight, unused.bias of a parameter group"):
-        run.create_state(net, lambda m, b: m["used"](b).sum())
+def test_a_dense_sgd_run_whose_parameter_has_no_momentum_buffer_yet_continues() -> None:
+    # as a table not looked up: the head torch has no buffer for starts one at its first
+    # gradient (undampened), and sits out the steps without one
+    def run() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        net = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2)})
+        return net, torch.optim.SGD(net.parameters(), 0.1, momentum=0.9, dampening=0.5)
+
+    def loss(m: Any, b: Any) -> torch.Tensor:
+        return sum((m[k](b[0]).pow(2).sum() for k in b[1]), torch.zeros(()))
+
+    heads = [("used",), ("used",), ("used", "unused")]
+    data = [(torch.full((4, 3), float(i + 1)), keys) for i, keys in enumerate(heads)]
+    net, opt = run()
+    expected, expected_opt = run()
+    for i, batch in enumerate(data):
+        for module, optimizer in [(expected, expected_opt)] + [(net, opt)] * (i == 0):
+            optimizer.zero_grad()
+            loss(module, batch).backward()
+            optimizer.step()
+    state = ft.from_torch_optimizer(opt, net).create_state(net, loss)
+    for batch in data[1:]:
+        state, _ = ft.train_step(state, batch)
+    assert_trees_equal(params_of(expected), dict(state.params))
