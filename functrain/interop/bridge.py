@@ -1324,7 +1324,11 @@ def to_torch_state_dict(
 
     Returns:
         ``{"state": {index: {...}}, "param_groups": [...]}`` as `optimizer.state_dict` lays it out
-        (tensors are copies); for a list of optimizers, a list of them.
+        (tensors are copies), each weight with its own step, and no entry for a weight that
+        never stepped, as torch holds none (Adagrad's excepted, made at construction) where the
+        state keeps each weight's count (every preset but `sgd` without dampening, `rmsprop`,
+        `adadelta` and `muon`: theirs export fresh buffers, from which torch goes on as functrain
+        does); for a list of optimizers, a list of them.
 
     Raises:
         ConfigError: every way the torch groups would not continue the state, at once: the
@@ -1421,6 +1425,8 @@ def to_torch_state_dict(
             )
         )
         for name in g.names:
+            if _unstepped(found[j], position[name], o):  # torch holds no state for it yet
+                continue
             entry = {
                 key: copy
                 for key, copy in (
@@ -1488,6 +1494,21 @@ def _refuse_parked(
             ],
             where,
         )
+
+
+def _unstepped(nodes: dict[type, Any], j: int, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether parameter `j` of a group of the state's optimizer (its state `nodes`) never took a
+    step, by its own count: torch makes a parameter's state at its first step (Adagrad's at
+    construction).
+
+    A state that keeps no count per weight (SGD's without dampening, RMSprop's, Adadelta's,
+    Muon's) cannot say: its weight that never stepped exports its fresh moments, from which
+    torch goes on as functrain does.
+    """
+    kind = torch_class(optimizer)
+    assert kind is not None  # _optimizers checked
+    steps = next((n.steps for n in nodes.values() if getattr(n, "steps", None)), ())
+    return bool(steps) and not kind.built and float(steps[j]) == 0
 
 
 def _entry(key: str, value: Any, j: int) -> tuple[str, torch.Tensor | None]:

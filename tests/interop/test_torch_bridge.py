@@ -7,6 +7,7 @@ compares the weights with 20 steps of plain torch (which are bit-identical to 20
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -685,6 +686,11 @@ def heads_reference(make: Callable[[torch.nn.Module], Any], scheduler: Any = Non
     return model
 
 
+def _by_key(state_dict: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """A torch state dict's per-parameter state, each entry's keys in one order."""
+    return {i: dict(sorted(entry.items())) for i, entry in state_dict["state"].items()}
+
+
 def assert_heads(params: dict[str, torch.Tensor], model: Heads) -> None:
     assert_trees_equal({n: p.detach() for n, p in model.named_parameters()}, dict(params))
 
@@ -742,6 +748,70 @@ def test_a_converted_run_whose_weights_sat_out_resumes_from_its_checkpoint(tmp_p
     for batch in HEADS_DATA[CUT:]:
         state, _ = ft.train_step(state, batch, donate=True)
     assert_heads(state.params, heads_reference(make))
+
+
+@pytest.mark.parametrize("name", SITTING_OUT)
+def test_a_state_whose_weights_sat_out_or_never_stepped_exports_as_torch_holds_it(
+    name: str,
+) -> None:
+    """Converted after two steps (`c` never stepped, `b` once), trained on to the cut in
+    functrain and moved back: torch's state dict is the uninterrupted torch run's (no entry for
+    `c`, each weight's own step), and torch goes on from it bit for bit. An optimizer whose
+    state keeps no count per weight exports `c`'s fresh buffers: the same run on."""
+    make = SITTING_OUT[name]
+    model = Heads()
+    optimizer = make(model)
+    heads_steps(model, optimizer, HEADS_DATA[:2])
+    state = ft.from_torch_optimizer(optimizer, model).create_state(model, heads_loss)
+    for batch in HEADS_DATA[2:CUT]:
+        state, _ = ft.train_step(state, batch)
+    back = state.export_module().train()
+    again = make(back)
+    exported = ft.to_torch_state_dict(state, again, back)
+    if not isinstance(again, list):
+        again, exported = [again], [exported]
+    for o, d in zip(again, exported, strict=True):
+        o.load_state_dict(d)
+    expected = Heads()
+    torch_run = make(expected)
+    heads_steps(expected, torch_run, HEADS_DATA[:CUT])
+    if name.startswith(("sgd_momentum", "sgd_nesterov", "rmsprop", "adadelta", "muon")):
+        assert back.c.weight in again[0].state  # (its fresh buffers)
+    else:
+        for o, t in zip(again, torch_run if isinstance(torch_run, list) else [torch_run]):
+            assert_trees_equal(_by_key(t.state_dict()), _by_key(o.state_dict()))
+    heads_steps(back, again, HEADS_DATA[CUT:])
+    assert_heads(dict(back.named_parameters()), heads_reference(make))
+
+
+def test_a_scheduled_rprop_weight_that_never_stepped_starts_at_the_rate_of_its_first_step() -> None:
+    """torch fills Rprop's step sizes from the group's lr at a weight's first step: exported
+    with an entry, head `c` would start from the rate the state was created with."""
+    make = SITTING_OUT["rprop"]
+
+    def scheduler(o: Any) -> Any:
+        return L.StepLR(o, 2, 0.5)
+
+    model = Heads()
+    optimizer = make(model)
+    live = scheduler(optimizer)
+    heads_steps(model, optimizer, HEADS_DATA[:2], live)
+    run = ft.from_torch_optimizer(optimizer, model, scheduler=live)
+    state = run.create_state(model, heads_loss)
+    for batch in HEADS_DATA[2:CUT]:
+        state, _ = ft.train_step(state, batch)
+    back = state.export_module().train()
+    again = make(back)
+    moved = scheduler(again)
+    with warnings.catch_warnings():  # (torch warns of a scheduler stepped before its optimizer)
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(CUT):
+            moved.step()
+    again.load_state_dict(ft.to_torch_state_dict(state, again, back, scheduler=moved))
+    entry = again.state.get(back.c.weight)
+    heads_steps(back, again, HEADS_DATA[CUT:], moved)
+    assert_heads(dict(back.named_parameters()), heads_reference(make, scheduler))
+    assert entry is None
 
 
 def test_export_to_a_mismatched_torch_optimizer_is_refused() -> None:
