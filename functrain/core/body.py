@@ -441,22 +441,28 @@ def _windowed(
     at: tuple[Any, ...],
     grads: dict[str, torch.Tensor],
     params: dict[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], Callable[[Any], Any]]:
+) -> tuple[dict[str, torch.Tensor], Callable[[Any], Any] | None]:
     """The gradients of a batch of an accumulation window (`functrain.optim.wrappers.accumulate`,
     the state's outermost transform) where some weights have none, as ``.grad`` accumulates in
     torch: a weight without one in every batch of the window so far is left out (its sum stays as
     it is, and at the window's end it sits the update out); one that had a gradient earlier in the
     window takes -0.0, which adds nothing to its sum (-0.0 included). And the record that tells
     the two apart (`AccumulateState.absent`: the last batch of each weight's run of batches
-    without a gradient since its window began), with those left out noted at this batch.
+    without a gradient since its window began), with those left out noted at this batch (None
+    where none is).
 
     The window is `window`, at `at` in the optimizer state; the batch's index and its place in
     the window are read on the host."""
     index = int(state.step) * state.options.accumulate_steps + int(state.micro_step)
     names = list(params)
     absent = [i for i, name in enumerate(names) if name not in grads]
-    if int(window.micro_step) > 0:  # left out before in this window, at each batch so far
-        last = torch.stack([window.absent[i] for i in absent]).tolist()
+    if int(window.micro_step) > 0 and absent:  # left out at each batch of the window so far
+        records = [window.absent[i] for i in absent]
+        last = (
+            torch.stack(records).tolist()
+            if len({r.device for r in records}) == 1
+            else [int(r) for r in records]  # (a model across devices)
+        )
         absent = [i for i, at in zip(absent, last, strict=True) if at == index - 1]
     out = {names[i] for i in absent}
     kept = {
@@ -472,7 +478,7 @@ def _windowed(
             record[i] = torch.full_like(record[i], index)
         return _replaced(opt_state, at, new._replace(absent=tuple(record)))
 
-    return kept, noted
+    return kept, noted if absent else None
 
 
 def _minus_zero(p: torch.Tensor) -> torch.Tensor:
