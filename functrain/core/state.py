@@ -1330,7 +1330,10 @@ class TrainState:
         a loop of your own ``accumulate_convention="sum"`` with a loss function that divides by
         the length of the window its batch belongs to (the porting guide shows it). Both counters
         of the window (``micro_step`` and the accumulation's in ``opt_state``) move to N -
-        `batches`; nothing else changes. Reads the window's position on the host (between steps).
+        `batches`, and its record of the weights without a gradient in each of its batches so far
+        (`AccumulateState.absent`) with them: one that has none in the closed window's batches
+        either sits its update out, as torch's early ``step()`` skips a ``.grad`` still None;
+        nothing else changes. Reads the window's position on the host (between steps).
 
         Args:
             batches: the micro-batches the window has left, from 1 (the next one ends it) to
@@ -1370,6 +1373,11 @@ class TrainState:
         window = self.opt_state._replace(
             micro_step=torch.full_like(self.opt_state.micro_step, n - batches)
         )
+        if n - batches != micro:
+            # the record of the weights without a gradient in each of the window's batches so
+            # far, at the batch before the window's next one as the step counts it
+            first = int(self.step.reshape(-1)[0]) * n
+            window = window.renoted(first + micro - 1 if micro else None, first + n - batches - 1)
         return self.replace(micro_step=at, opt_state=window)
 
     def reset_optimizer_state(self, names: Iterable[str] | str, *, ema: bool = False) -> TrainState:

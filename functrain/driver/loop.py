@@ -510,6 +510,10 @@ class Loop:
         shortened = state.with_statics(
             options=attrs.evolve(state.options, accumulate_steps=short)
         ).replace(micro_step=torch.full_like(state.micro_step, at))
+        if at == 0:  # the step counts the short window's batches from its start
+            first = int(state.step) * n
+            window = shortened.opt_state.renoted(first + n - short - 1, int(state.step) * short - 1)
+            shortened = shortened.replace(opt_state=window)
         del state  # the loop's reference: `shortened` is the one the step may take
         new, metrics = self.step_fn(shortened, batch, donate=donate)
         if at + 1 == short:

@@ -1219,6 +1219,17 @@ class AccumulateState(NamedTuple):
     def metrics(self) -> dict[str, torch.Tensor]:
         return {"micro_step": self.micro_step}
 
+    def renoted(self, before: int | None, last: int) -> AccumulateState:
+        """This state with `absent` noted at the micro-batch `last`, for a window whose position
+        moves without a batch (`functrain.core.state.TrainState.closing_window`): the weights
+        noted at `before` (the last micro-batch the window took), or every weight where it took
+        none (None), had no gradient in any of its batches so far."""
+        absent = tuple(
+            torch.full_like(a, last) if before is None else torch.where(a == before, last, a)
+            for a in self.absent
+        )
+        return self._replace(absent=absent)
+
 
 metric_fields(AccumulateState, "micro_step")
 

@@ -527,3 +527,24 @@ def test_experts_in_windows_and_compile_step_are_torchs() -> None:
             compiled, _ = step(compiled, batch)
     assert_weights(eager, reference)
     assert_weights(compiled, reference)
+
+
+@pytest.mark.parametrize("taken", [0, 1], ids=["empty", "one-batch"])
+def test_a_window_closed_early_without_the_branch_sits_its_update_out(taken: int) -> None:
+    # closing_window moves the window's position without a batch: the branch, absent from each
+    # batch the closed window takes, sits its update out as in torch's loop stepping early
+    uses = (True, True, True, True) + (False,) * (taken + 1) + (True, False, True, True)
+    data = batches(uses)
+    reference = make()
+    opt = PRESETS["adamw"][1](reference.parameters())
+    for i, batch in enumerate(data):
+        (loss_fn(reference, batch) / 4).backward()
+        if i in (3, 4 + taken, 8 + taken):
+            opt.step()
+            opt.zero_grad()
+    state = ft.TrainState.create(make(), PRESETS["adamw"][0](), loss_fn, accumulate_steps=4)
+    for i, batch in enumerate(data):
+        if i == 4 + taken:
+            state = state.closing_window(1)
+        state, _ = ft.train_step(state, batch)
+    assert_weights(state, reference)

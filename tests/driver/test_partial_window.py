@@ -247,3 +247,44 @@ def test_fit_over_length_is_hugging_faces_trainer_bit_for_bit(tmp_path: Any) -> 
     assert int(result.state.step) == trainer.state.global_step == EPOCHS * 3
     for name, p in model.named_parameters():
         assert torch.equal(result.state.params[name], p.detach()), name
+
+
+class _Branching(torch.nn.Module):
+    """A second layer the batches of an epoch's partial window leave unused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(4, 2)
+        self.b = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        return self.a(x) + self.b(x) if use_b else self.a(x)
+
+
+def _branch_loss(model: Any, batch: Any) -> torch.Tensor:
+    return F.mse_loss(model(batch[0], batch[2]), batch[1])
+
+
+@pytest.mark.parametrize("partial_window", ["over_n", "over_length"])
+def test_a_weight_without_a_gradient_in_the_partial_window_sits_its_update_out(
+    partial_window: str,
+) -> None:
+    # as torch's .grad stays None through the trainers' partial window: no update, no decay
+    data = [(x, y, i < BATCHES - BATCHES % N) for i, (x, y) in enumerate(_batches())]
+    model = _Branching()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    for _ in range(2):
+        batches = iter(data)
+        for length in _windows(BATCHES):
+            divisor = length if partial_window == "over_length" else N
+            for _ in range(length):
+                (_branch_loss(model, next(batches)) / divisor).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    state = ft.TrainState.create(_Branching(), ft.adamw(1e-2), _branch_loss, accumulate_steps=N)
+    result = ft.fit(
+        state, data, max_epochs=2, shuffle=False, partial_window=partial_window, **QUIET
+    )
+    for name, p in model.named_parameters():
+        assert torch.equal(result.state.params[name], p.detach()), name
