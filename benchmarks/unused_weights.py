@@ -10,7 +10,10 @@ per model, the median time of a step against torch's hand loop on the same batch
   expert no token reached (as transformers' Mixtral loops over the experts hit), 24 tokens a batch;
 * ``moe6``: six such layers of eight 32-wide experts, 4 tokens a batch: a new set of experts
   reached nearly every step;
-* ``branch``: a 20-48-5 MLP beside a second head used by every other batch.
+* ``branch``: a 20-48-5 MLP beside a second head used by every other batch;
+* ``moe/acc4``: ``moe`` in windows of 4 batches (``accumulate_steps=4``; torch's loop sums
+  ``.grad`` over 4 backwards of the loss divided by 4, then ``step``): a weight without a
+  gradient in every batch of a window sits its update out.
 
 Usage: ``python benchmarks/unused_weights.py [--reps 15] [--threads 1]``.
 """
@@ -110,27 +113,33 @@ def loss_fn(model: Any, batch: Any) -> torch.Tensor:
     return F.cross_entropy(model(*batch[:1], *batch[2:]), batch[1])
 
 
-MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], list[Any]], int]] = {
-    "moe": (Experts, moe_batches, 5),
-    "moe6": (Layers, layers_batches, 20),
-    "branch": (Branch, branch_batches, 50),
+# each model: how it is made, its batches, the steps timed together, the accumulation window
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], list[Any]], int, int]] = {
+    "moe": (Experts, moe_batches, 5, 1),
+    "moe6": (Layers, layers_batches, 20, 1),
+    "branch": (Branch, branch_batches, 50, 1),
+    "moe/acc4": (Experts, moe_batches, 8, 4),
 }
 
 
-def hand_loop(model: nn.Module, data: list[Any]) -> Callable[[], None]:
+def hand_loop(model: nn.Module, data: list[Any], every: int = 1) -> Callable[[], None]:
     opt = torch.optim.AdamW(model.parameters(), 1e-3, fused=True)
 
     def run() -> None:
-        for batch in data:
-            opt.zero_grad()
-            loss_fn(model, batch).backward()
-            opt.step()
+        for i, batch in enumerate(data):
+            loss = loss_fn(model, batch)
+            (loss / every if every > 1 else loss).backward()
+            if (i + 1) % every == 0:
+                opt.step()
+                opt.zero_grad()
 
     return run
 
 
-def ours(model: nn.Module, data: list[Any], donate: bool) -> tuple[Callable[[], None], Any]:
-    box = [ft.TrainState.create(model, ft.adamw(1e-3), loss_fn)]
+def ours(
+    model: nn.Module, data: list[Any], donate: bool, every: int = 1
+) -> tuple[Callable[[], None], Any]:
+    box = [ft.TrainState.create(model, ft.adamw(1e-3), loss_fn, accumulate_steps=every)]
 
     def run() -> None:
         state = box[0]
@@ -159,15 +168,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.reps}")
     print(f"{'model':8} {'hand ms':>8} {'donated':>8} {'pure':>8}  bitwise  sat out")
-    for name, (make, batches, steps) in MODELS.items():
+    for name, (make, batches, steps, every) in MODELS.items():
         torch.manual_seed(0)
         model = make()
         data = batches(steps)
         reference = copy.deepcopy(model)
-        hand = median_ms(hand_loop(reference, data), args.reps, steps)
+        hand = median_ms(hand_loop(reference, data, every), args.reps, steps)
         times, same = [], True
         for donate in (True, False):
-            run, box = ours(copy.deepcopy(model), data, donate)
+            run, box = ours(copy.deepcopy(model), data, donate, every)
             times.append(median_ms(run, args.reps, steps))
             state = box[0]
             same &= all(torch.equal(state.params[k], p) for k, p in reference.named_parameters())

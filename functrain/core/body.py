@@ -349,6 +349,8 @@ def _update(
     )
     if out is not None:
         params, opt_state = out.back(params, opt_state)
+        if _updated(opt_state):  # a weight sat the update out: the steps are the body's now
+            object.__setattr__(state.module, SITTING, True)
     if noted is not None:
         opt_state = noted(opt_state)
     k = state.options.accumulate_steps
@@ -386,7 +388,8 @@ def _seated(
 ) -> tuple[dict[str, torch.Tensor], SittingOut | None, Callable[[Any], Any] | None]:
     """The gradients and the update of a step where some weights have none
     (`functrain.core.gradient.sits_out`): they sit the update out, as torch.optim's step skips a
-    parameter without .grad (`SittingOut`; the structure's steps the body's from then on), or
+    parameter without .grad (`SittingOut`; the structure's steps the body's from then on,
+    `_updated`), or
     take a zero gradient where their optimizer steps every weight (optax's chains, a transform
     of one's own). In an accumulation window (`_windowed`) only those without a gradient in
     any of its batches so far sit out; and what the window's record of them becomes."""
@@ -404,8 +407,14 @@ def _seated(
     out = sitting_out(state.tx, state.opt_state, params, grads, not extras.may_write())
     if out is None:
         return _zero_filled(grads, params), None, None
-    object.__setattr__(state.module, SITTING, True)
     return grads, out, noted
+
+
+def _updated(opt_state: Any) -> bool:
+    """Whether the step that made `opt_state` ran the optimizer's update: always, but in an
+    accumulation window's batch that does not end it (its position read on the host)."""
+    windows = _windows(opt_state, ())
+    return not windows or int(windows[0][1].micro_step.reshape(-1)[0]) == 0
 
 
 def _windows(tree: Any, at: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], AccumulateState]]:

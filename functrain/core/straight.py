@@ -163,12 +163,11 @@ class SatOut(Exception):  # noqa: N818  (a hand-over, not an error)
 def _sit_out(state: TrainState, module: torch.nn.Module, *parts: Any) -> None:
     """Raise `SatOut` with the step's `parts` (its gradients, leaves, loss, metrics, buffers
     and generator) where a weight `state`'s loss did not use sits the update out
-    (`functrain.core.gradient.sits_out`), as torch.optim's step skips it: the structure's next
-    steps are the body's (`SITTING`). A process group's rank hands the step over where it lacks
-    a gradient another rank may have: the body marks the structure where no rank had one."""
+    (`functrain.core.gradient.sits_out`), as torch.optim's step skips it. The body marks the
+    structure, whose next steps are then its own (`SITTING`), where a weight sat an update out:
+    not where it only had no gradient in an accumulation window's batch (its sum waits), nor on a
+    process group's rank that lacks a gradient another rank has."""
     if sits_out(state) and seat_layout(state.tx, state.params) is not None:
-        if state.dist is None:
-            object.__setattr__(module, SITTING, True)
         *given, generator = parts
         raise SatOut(*given, generator.get_state())
 
