@@ -34,7 +34,7 @@ import inspect
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import attrs
@@ -70,6 +70,7 @@ from functrain.optim.wrappers import (
     SkipNonfiniteState,
     accumulate,
     dynamic_loss_scale,
+    loss_scale_problems,
     partition,
     skip_nonfinite,
 )
@@ -106,6 +107,14 @@ class _Group(NamedTuple):
     params: tuple[torch.Tensor, ...] = ()  # its parameters themselves, the same order
 
 
+class _Scaler(NamedTuple):
+    """A `torch.amp.GradScaler`'s state as `from_torch_optimizer` reads it (``scaler=``)."""
+
+    # `TrainState.create`'s ``loss_scale=``: its settings, ``init_scale`` the scale it reached
+    loss_scale: dict[str, Any]
+    growth_tracker: int  # its finite steps in a row since its last growth or backoff
+
+
 @attrs.frozen
 class ConvertedOptimizer:
     """A torch optimizer's run as functrain takes it over (made by `from_torch_optimizer`).
@@ -120,12 +129,17 @@ class ConvertedOptimizer:
             names in the module.
         groups: torch's groups as read: names, per-parameter state (torch's own tensors, copied
             only by `load_into`), count and lr.
+        scaler: the `torch.amp.GradScaler`'s state read with ``scaler=`` (None without):
+            ``loss_scale``, its settings as `TrainState.create`'s ``loss_scale=`` (``init_scale``
+            the scale it reached), and ``growth_tracker``, its finite steps since its last growth
+            or backoff.
     """
 
     optimizer: Transform
     step: int
     names: tuple[str, ...]
     groups: tuple[_Group, ...] = attrs.field(repr=False)
+    scaler: _Scaler | None = None
 
     def create_state(
         self, module: nn.Module, loss_fn: Callable[..., Any], **options: Any
@@ -134,11 +148,14 @@ class ConvertedOptimizer:
 
         Parameters the torch optimizer does not hold are frozen (``trainable=``), and the state's
         ``step`` counter starts at `step`. `options` are `TrainState.create`'s other arguments.
+        With a GradScaler's state (`scaler`), ``precision="fp16"`` and ``loss_scale=`` are set
+        from it: leave them out.
 
         Raises:
             ConfigError: as `TrainState.create`, or `module` is not the torch optimizer's (a
                 parameter it updates is missing from `module`, or is there neither that tensor
-                nor a copy of its values).
+                nor a copy of its values), or, with `scaler`, ``precision=`` other than
+                ``"fp16"`` or ``loss_scale=`` other than the scaler's.
         """
         held = frozenset(self.names)
         if "trainable" in options:
@@ -147,6 +164,9 @@ class ConvertedOptimizer:
                 "create_state",
             )
         config_check(self._module_problems(module), "create_state")
+        if self.scaler is not None:
+            config_check(_scaler_option_problems(self.scaler, options), "create_state")
+            options = {**options, "precision": "fp16", "loss_scale": self.scaler.loss_scale}
         # by tensor: a tied weight, held under its first name, trains under all its names
         ids = {id(p) for name, p in module.named_parameters() if name in held}
         state = TrainState.create(
@@ -182,14 +202,18 @@ class ConvertedOptimizer:
     def load_into(self, state: TrainState) -> TrainState:
         """`state` with torch's optimizer state in place of its own.
 
-        The state taken from torch: moments, momentum buffers, counts.
+        The state taken from torch: moments, momentum buffers, counts; with `scaler`, the
+        GradScaler's scale and growth tracker.
 
         Args:
-            state: a state created with `optimizer` (and any `TrainState.create` options).
+            state: a state created with `optimizer` (and any `TrainState.create` options; with
+                `scaler`, ``precision="fp16"`` and the scaler's growth and backoff factors and
+                growth interval, as ``loss_scale=scaler.loss_scale`` gives them).
 
         Raises:
-            ConfigError: `state` is not a `TrainState` created with this `optimizer`, or a
-                parameter differs in shape from torch's state.
+            ConfigError: `state` is not a `TrainState` created with this `optimizer`, a
+                parameter differs in shape from torch's state, or, with `scaler`, the state is
+                not fp16 or scales its loss with other settings.
         """
         if not isinstance(state, TrainState):
             torch_dict = " (torch's state_dict is read from the live optimizer already)"
@@ -216,11 +240,15 @@ class ConvertedOptimizer:
                 [f"the state trains none of {', '.join(missing)}, which the torch optimizer holds"],
                 "load_into",
             )
+        if self.scaler is not None:
+            config_check(_scaler_state_problems(self.scaler, state), "load_into")
         opt_state = _map_groups(
             state.opt_state,
             len(self.groups),
             lambda k, node: _filled(node, self.groups[k], state.params),
         )
+        if self.scaler is not None:
+            opt_state = _scaler_filled(opt_state, self.scaler)
         step = torch.full_like(state.step, self.step)
         return state.replace(opt_state=opt_state, step=step)
 
@@ -238,6 +266,70 @@ def _same_weight(found: torch.Tensor, held: torch.Tensor) -> bool:
     )
 
 
+def _scaler_option_problems(scaler: _Scaler, options: Mapping[str, Any]) -> list[str]:
+    """`create_state`'s ``precision=`` and ``loss_scale=`` where they differ from what the
+    GradScaler's run is: fp16, scaled with the scaler's settings (the keys given checked)."""
+    problems = []
+    precision = options.get("precision", "fp16")
+    if precision != "fp16":
+        problems.append(
+            f"precision={precision!r}, where the GradScaler given as scaler= scales the loss of "
+            "an fp16 run: leave precision out (create_state sets 'fp16'), or convert without "
+            "scaler= for a run that scales no loss (bf16 needs none)"
+        )
+    given = options.get("loss_scale")
+    ours = scaler.loss_scale
+    if given is not None and (
+        not isinstance(given, Mapping)
+        or any(key not in ours or value != ours[key] for key, value in given.items())
+    ):
+        problems.append(
+            f"loss_scale={given!r} differs from the GradScaler's state given as scaler= "
+            f"(loss_scale={ours!r}, init_scale the scale it reached): leave loss_scale out, "
+            "create_state sets it from the scaler"
+        )
+    return problems
+
+
+def _scaler_state_problems(scaler: _Scaler, state: TrainState) -> list[str]:
+    """Where `state` cannot take the GradScaler's scale and growth tracker: it scales no loss,
+    or grows and backs its scale off otherwise than the scaler."""
+    fix = "create it with create_state(module, loss_fn), which sets them from the scaler"
+    if state.options.precision != "fp16":
+        return [
+            f"the state runs precision={state.options.precision!r} and scales no loss, where the "
+            f"converted run carries the GradScaler's state (scaler=): {fix}"
+        ]
+    own = attrs.asdict(state.options.loss_scale)
+    differ = [
+        f"{key}={own[key]!r} (the scaler's {value!r})"
+        for key, value in scaler.loss_scale.items()
+        if key != "init_scale" and own[key] != value
+    ]
+    if differ:
+        return [
+            f"the state's loss scale has {', '.join(differ)}, so its scale would move otherwise "
+            f"than the GradScaler's from the same start: {fix}"
+        ]
+    return []
+
+
+def _scaler_filled(tree: Any, scaler: _Scaler) -> Any:
+    """`tree` with the GradScaler's scale and growth tracker in its loss scale's state."""
+    if isinstance(tree, DynamicLossScaleState):
+        return tree._replace(
+            scale=torch.full_like(tree.scale, scaler.loss_scale["init_scale"]),
+            growth_tracker=torch.full_like(tree.growth_tracker, scaler.growth_tracker),
+        )
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_scaler_filled(child, scaler) for child in tree))
+    if isinstance(tree, tuple | list):
+        return type(tree)(_scaler_filled(child, scaler) for child in tree)
+    if isinstance(tree, dict):
+        return {key: _scaler_filled(child, scaler) for key, child in tree.items()}
+    return tree
+
+
 def from_torch_optimizer(
     optimizer: Optimizers,
     module: nn.Module,
@@ -247,6 +339,7 @@ def from_torch_optimizer(
     scheduler: Any = None,
     steps_per_epoch: int | None = None,
     weight_decay: Any = None,
+    scaler: Any = None,
 ) -> ConvertedOptimizer:
     """The functrain optimizer, and state, that continue a `torch.optim` run bit for bit.
 
@@ -275,6 +368,12 @@ def from_torch_optimizer(
     functrain's optimizers cannot cycle it: the converted run is torch's with
     ``cycle_momentum=False`` (the schedule is built so, and named so), and a `ConversionWarning`
     says so. The error for a live optimizer passed where a transform belongs writes the same call.
+
+    A run under torch's AMP recipe (fp16 autocast and a `torch.amp.GradScaler`) moves with its
+    scaler: ``scaler=`` reads the GradScaler's scale, factors, growth interval and its count of
+    finite steps since its last growth or backoff, and `ConvertedOptimizer.create_state` builds
+    the ``precision="fp16"`` state whose loss scale goes on from them, overflows, backoffs and
+    growths where torch's have them.
 
     Args:
         optimizer: a live `torch.optim` optimizer (any but `LBFGS`), or a list of them over
@@ -311,6 +410,14 @@ def from_torch_optimizer(
             cosine weight decay, MAE's) continues with that schedule, called with the count as
             a scheduled `lr` is (``[wd_schedule, None]`` for DINO's two groups, the second
             undecayed).
+        scaler: the run's live `torch.amp.GradScaler` (None: a run without one, or a state
+            whose ``loss_scale=`` you give at create), read between iterations (after
+            ``scaler.update()``): the state's loss scale starts at its scale and growth
+            tracker, with its growth and backoff factors and growth interval. A scaler that has
+            not scaled a loss yet holds what its first iteration starts from (its ``init_scale``,
+            or what ``load_state_dict`` gave it), and so starts the state. One scaler for one
+            optimizer: under several, torch skips the step of each optimizer whose own gradients
+            overflowed, where functrain skips the whole update.
 
     Returns:
         A `ConvertedOptimizer`.
@@ -325,7 +432,10 @@ def from_torch_optimizer(
             (of epochs, with `steps_per_epoch`), is a `CosineAnnealingWarmRestarts` not where
             whole steps bring it (stepped with fractional epochs, or built with
             ``last_epoch=``), or its schedule's lr at the count is not a group's ``lr``, or
-            `steps_per_epoch` is not an int >= 1 or comes without `scheduler`.
+            `steps_per_epoch` is not an int >= 1 or comes without `scheduler`, or `scaler` is
+            not a `torch.amp.GradScaler`, is disabled (``enabled=False``: its run scales no
+            loss), is mid-iteration (``unscale_`` or ``step`` since its last ``update``), holds
+            a scale out of range, or comes with several optimizers.
 
     Warns:
         ConversionWarning: a group's momentum is cycled by a torch scheduler (held constant
@@ -356,6 +466,19 @@ def from_torch_optimizer(
         ...     rates.append(round(float(metrics["lr"]), 6))
         >>> rates
         [0.01, 0.01, 0.01, 0.009938]
+
+        A run under torch's AMP recipe, with its GradScaler (one finite step since its start):
+
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+        >>> with torch.autocast("cpu", dtype=torch.float16):
+        ...     loss = model(torch.ones(2, 3)).sum()
+        >>> scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+        >>> run = ft.from_torch_optimizer(opt, model, scaler=scaler)
+        >>> state = run.create_state(model, lambda m, b: m(b).sum())
+        >>> state.options.precision, float(state.opt_state.scale), run.scaler.growth_tracker
+        ('fp16', 1024.0, 1)
     """
     where = "from_torch_optimizer"
     optimizers = _optimizers(optimizer, module, where)
@@ -363,6 +486,7 @@ def from_torch_optimizer(
         config_check(["pass lr= or scheduler=, not both"], where)
     config_check(_epoch_problems(steps_per_epoch, scheduler), where)
     config_check(_step_argument_problems(step), where)
+    read_scaler = None if scaler is None else _read_scaler(scaler, len(optimizers), where)
     step = None if step is None else int(step)  # (a numpy integer of the caller's loop)
     slots = [(i, o, k) for i, o in enumerate(optimizers) for k in range(len(o.param_groups))]
     places = [_place(where, len(optimizers), i, k) for i, _, k in slots]
@@ -403,8 +527,60 @@ def from_torch_optimizer(
             **{f"group{k}": t for k, t in enumerate(transforms)},
         )
     return ConvertedOptimizer(
-        tx, max(counts), tuple(n for g in groups for n in g.names), tuple(groups)
+        tx, max(counts), tuple(n for g in groups for n in g.names), tuple(groups), read_scaler
     )
+
+
+def _read_scaler(scaler: Any, optimizers: int, where: str) -> _Scaler:
+    """A live GradScaler's state, as the fp16 state that continues its run takes it.
+
+    Read with ``state_dict()``, which holds a scaler's state before its first ``scale()`` too
+    (its init, or a ``load_state_dict``'s).
+    """
+    if not isinstance(scaler, torch.amp.GradScaler):
+        config_check(
+            [f"scaler must be the run's live torch.amp.GradScaler, got {type(scaler).__name__}"],
+            where,
+        )
+    problems = []
+    if not scaler.is_enabled():
+        problems.append(
+            "scaler is disabled (GradScaler(enabled=False), or on a device without fp16 "
+            "scaling): its run scales no loss, an fp32 or bf16 run; convert without scaler= and "
+            "create the state with that precision"
+        )
+    # (GradScaler's record of this iteration's unscale_ and step, emptied by update)
+    if getattr(scaler, "_per_optimizer_states", None):
+        problems.append(
+            "scaler is mid-iteration: unscale_ or step ran since its last update(), which has "
+            "yet to move its scale and growth tracker; convert between iterations, after "
+            "scaler.update()"
+        )
+    if optimizers > 1:
+        problems.append(
+            f"scaler= with {optimizers} optimizers: torch's GradScaler skips the step of each "
+            "optimizer whose own gradients overflowed (scaler.step(optimizer), one by one), "
+            "where functrain's loss scale skips the whole update on an overflow in any "
+            "gradient, so the two runs part at an overflow in some optimizers' gradients only; "
+            "convert a run of one optimizer (its parameter groups become partition groups), or "
+            "go on in torch"
+        )
+    config_check(problems, where)
+    read = scaler.state_dict()
+    settings = {
+        "init_scale": float(read["scale"]),
+        "growth_factor": float(read["growth_factor"]),
+        "backoff_factor": float(read["backoff_factor"]),
+        "growth_interval": int(read["growth_interval"]),
+    }
+    config_check(
+        [
+            f"the GradScaler's state gives {p} (init_scale: the scale it reached)"
+            for p in loss_scale_problems(*settings.values())
+        ],
+        where,
+    )
+    return _Scaler(settings, int(read["_growth_tracker"]))
 
 
 def _uncounted_schedules(
