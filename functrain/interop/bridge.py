@@ -1382,22 +1382,6 @@ def _factored(moment: torch.Tensor) -> bool:
     return moment.dim() > 1
 
 
-def _torch_scalar(
-    group: _Group, names: Sequence[str], key: str, like: torch.Tensor
-) -> torch.Tensor:
-    """A value torch keeps per parameter and functrain once per group.
-
-    Such as NAdam's ``mu_product``, ASGD's ``eta``, ``mu``.
-    """
-    values = [torch.as_tensor(state[key]) for state in group.state]
-    if any(not torch.equal(v, values[0]) for v in values):
-        raise ConfigError(
-            f"torch's {key} differs between the parameters of one group; functrain keeps one per "
-            "group (their steps must agree)"
-        )
-    return _torch_value(names[0], key, values[0].reshape(like.shape), like)
-
-
 def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
     """A node of a group's state with torch's values in it (nodes of other kinds as they are)."""
     if group.count == 0 or type(node) not in KEYS:
@@ -1408,9 +1392,7 @@ def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
     values: dict[str, Any] = {}
     for field, key in KEYS[type(node)].items():
         current = _field(node, field)
-        if isinstance(current, torch.Tensor):
-            values[field] = _torch_scalar(group, names, key, current)
-        elif current:
+        if current:  # (each parameter's own: a tuple)
             values[field] = _torch_tensors(group, names, key, current)
     if isinstance(node, RuleState):  # (its moments by name, each parameter's count: all alike)
         values = {"slots": {**node.slots, **values}}
