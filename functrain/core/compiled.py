@@ -881,8 +881,14 @@ def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
 
 
 def _shapes(batch: Any) -> tuple:
-    """The shapes and dtypes of `batch`'s tensors: a compiled step traces each anew."""
-    return tuple((x.shape, x.dtype) for x in tree_leaves(batch) if isinstance(x, torch.Tensor))
+    """The shapes and dtypes of `batch`'s tensors, and its flags and names (bools, strings: a
+    task a batch is of), each of which a compiled step traces anew: a configuration's first call
+    of each is checked (`check_gradients`: a head such a batch leaves without a gradient)."""
+    return tuple(
+        (x.shape, x.dtype) if isinstance(x, torch.Tensor) else x
+        for x in tree_leaves(batch)
+        if isinstance(x, (torch.Tensor, bool, str))
+    )
 
 
 class _Kept:

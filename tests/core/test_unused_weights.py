@@ -548,3 +548,16 @@ def test_a_window_closed_early_without_the_branch_sits_its_update_out(taken: int
             state = state.closing_window(1)
         state, _ = ft.train_step(state, batch)
     assert_weights(state, reference)
+
+
+def test_compile_step_checks_each_flag_a_batch_carries_and_a_head_it_leaves_sits_out() -> None:
+    # the first batch uses the branch; a compiled step traces a batch of the other flag anew, and
+    # its first call is checked as a new shape's: the branch then sits out, eagerly
+    data = batches((True, False, True, False, False))
+    state = ft.TrainState.create(make(), ft.adamw(1e-2), loss_fn)
+    step = ft.compile_step()
+    with pytest.warns(ft.EagerStepWarning, match="sits that update out"):
+        for batch in data:
+            before = state.params["b.weight"].clone()
+            state, _ = step(state, batch)
+            assert torch.equal(state.params["b.weight"], before) != batch[2]
