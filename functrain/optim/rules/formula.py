@@ -48,6 +48,7 @@ from functrain.optim.base import (
     schedule_position,
     writes_in_place,
 )
+from functrain.optim.batching import under_vmap
 from functrain.optim.checks import check_learning_rate, refuse_graph_gradients
 from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.metrics import metric_fields
@@ -56,7 +57,7 @@ from functrain.optim.rates import host_rate, value_at
 from functrain.optim.rules.arithmetic import divided, opmath
 from functrain.optim.updates import NewParams, flat_updates
 from functrain.optim.zeros import constant_like, is_shared, laid_out_like, writable, writables
-from functrain.tree import Tree, tree_flatten, tree_leaves, tree_unflatten
+from functrain.tree import ReadOnlyDict, Tree, tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = [
     "BATCHED",
@@ -1150,7 +1151,25 @@ def settled_steps(tree: Any) -> Any:
         >>> s.slots["step"], settled_steps(s).slots["step"]
         ((tensor(0.),), (tensor(2.),))
     """
-    formula = lambda x: isinstance(x, RuleState)  # noqa: E731
+    if isinstance(tree, RuleState):
+        return tree.settled()
+    if isinstance(tree, torch.Tensor) or tree is None:
+        return tree
+    # (the containers a transform's state is made of walked by hand: the whole state's pytree
+    # flattened and made again costs a step of a model of many weights more than its update)
+    if type(tree) in (tuple, list) or isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        items = [settled_steps(x) for x in tree]
+        if all(map(operator.is_, items, tree)):
+            return tree
+        return tree._make(items) if hasattr(tree, "_fields") else type(tree)(items)
+    if isinstance(tree, dict) and type(tree) in (dict, ReadOnlyDict):
+        found = {k: settled_steps(v) for k, v in tree.items()}
+        if all(found[k] is v for k, v in tree.items()):
+            return tree
+        return type(tree)(found)
+    if pytree.tree_is_leaf(tree):
+        return tree
+    formula = lambda x: isinstance(x, RuleState)  # noqa: E731  (a node of another kind)
     return pytree.tree_map(lambda x: x.settled() if formula(x) else x, tree, is_leaf=formula)
 
 
@@ -1212,7 +1231,15 @@ class RuleState(NamedTuple):
         if "step" not in self.slots:
             return ()
         since = self.count - self.group["steps_at"]
-        return tuple((s + since).to(s.dtype) for s in self.slots["step"])
+        steps = self.slots["step"]
+        if (
+            torch.compiler.is_compiling()
+            or under_vmap()
+            or since.dim()  # (a stacked state's members' counts)
+            or any(s.dtype != torch.float32 or s.requires_grad for s in steps)
+        ):
+            return tuple((s + since).to(s.dtype) for s in steps)
+        return tuple(torch._foreach_add(list(steps), since))  # (one op: float32 as they are)
 
     def settled(self) -> RuleState:
         """This state with its parameters' steps brought up to its count (`steps`)."""
