@@ -1232,14 +1232,9 @@ class RuleState(NamedTuple):
             return ()
         since = self.count - self.group["steps_at"]
         steps = self.slots["step"]
-        if (
-            torch.compiler.is_compiling()
-            or under_vmap()
-            or since.dim()  # (a stacked state's members' counts)
-            or any(s.dtype != torch.float32 or s.requires_grad for s in steps)
-        ):
+        if torch.compiler.is_compiling() or under_vmap() or since.dim():  # (.dim(): members')
             return tuple((s + since).to(s.dtype) for s in steps)
-        return tuple(torch._foreach_add(list(steps), since))  # (one op: float32 as they are)
+        return tuple(torch._foreach_add(list(steps), since))  # (one op, each in its dtype)
 
     def settled(self) -> RuleState:
         """This state with its parameters' steps brought up to its count (`steps`)."""
