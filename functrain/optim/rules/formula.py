@@ -1232,7 +1232,7 @@ class RuleState(NamedTuple):
             return ()
         since = self.count - self.group["steps_at"]
         steps = self.slots["step"]
-        if torch.compiler.is_compiling() or under_vmap() or since.dim():  # (.dim(): members')
+        if not steps or torch.compiler.is_compiling() or under_vmap() or since.dim():  # members
             return tuple((s + since).to(s.dtype) for s in steps)
         return tuple(torch._foreach_add(list(steps), since))  # (one op, each in its dtype)
 
