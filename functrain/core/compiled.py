@@ -114,8 +114,9 @@ def _sat_out(state: TrainState) -> bool:
         warnings.warn(
             "compile_step runs this state's steps eagerly, as functrain.train_step: a weight got "
             "no gradient in a step (a branch skipped, an expert no token reached, a head without "
-            "labels) and sits that update out, as torch.optim skips a parameter without .grad; "
-            "a compiled step would give it a zero gradient (see the porting guide)",
+            "labels) and sits that update out (in an accumulation window: where it has none in "
+            "any of the window's batches), as torch.optim skips a parameter without .grad; a "
+            "compiled step would give it a zero gradient (see the porting guide)",
             EagerStepWarning,
             stacklevel=4,
         )
