@@ -215,24 +215,29 @@ def test_a_run_resumed_between_unused_steps_is_the_uninterrupted_one(tmp_path: A
     assert_weights(state, reference)
 
 
-def test_an_optax_style_chain_steps_every_weight_with_a_zero_gradient() -> None:
-    # optax's update counts once for all weights and steps each (a zero gradient for an unused
-    # one): the same bits as the branch used times zero
-    class Zeroed(Branching):
-        def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
-            return self.a(x) + (self.b(x) if use_b else 0 * self.b(x))
+class Zeroed(Branching):
+    """The branch used times zero where a batch switches it off: a zero gradient for it."""
 
-    def tx() -> ft.Transform:
-        return ft.chain(ft.scale_by_adam(), ft.scale_by_learning_rate(1e-2))
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        return self.a(x) + (self.b(x) if use_b else 0 * self.b(x))
 
+
+def assert_zero_gradients(tx: Callable[[], ft.Transform], uses: tuple[bool, ...] = USES) -> None:
+    """That the steps of `tx` give the branch a zero gradient where a batch switches it off."""
     torch.manual_seed(0)
     zeroed = ft.TrainState.create(Zeroed(), tx(), loss_fn)
     state = ft.TrainState.create(make(), tx(), loss_fn)
-    for batch in batches():
+    for batch in batches(uses):
         state, _ = ft.train_step(state, batch)
         zeroed, _ = ft.train_step(zeroed, batch)
     for k, v in zeroed.params.items():
         assert torch.equal(state.params[k], v), k
+
+
+def test_an_optax_style_chain_steps_every_weight_with_a_zero_gradient() -> None:
+    # optax's update counts once for all weights and steps each (a zero gradient for an unused
+    # one): the same bits as the branch used times zero
+    assert_zero_gradients(lambda: ft.chain(ft.scale_by_adam(), ft.scale_by_learning_rate(1e-2)))
 
 
 def test_compile_step_steps_eagerly_once_a_weight_sat_out_and_says_so() -> None:
@@ -477,23 +482,12 @@ def test_an_accumulate_of_ones_own_sums_what_dot_grad_would(inside: str) -> None
 def test_a_window_over_some_weights_only_sums_zeros_for_an_unused_one() -> None:
     # a partition group's window: the step cannot tell its windows apart from the others'
     # batches, and every weight takes a zero gradient, as the branch used times zero
-    class Zeroed(Branching):
-        def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
-            return self.a(x) + (self.b(x) if use_b else 0 * self.b(x))
-
-    def tx() -> ft.Transform:
-        return ft.partition(
+    assert_zero_gradients(
+        lambda: ft.partition(
             lambda n, p: n[0], a=ft.accumulate(ft.adamw(1e-2), 2), b=ft.sgd(0.1, momentum=0.9)
-        )
-
-    torch.manual_seed(0)
-    zeroed = ft.TrainState.create(Zeroed(), tx(), loss_fn)
-    state = ft.TrainState.create(make(), tx(), loss_fn)
-    for batch in batches(WINDOWS):
-        state, _ = ft.train_step(state, batch)
-        zeroed, _ = ft.train_step(zeroed, batch)
-    for k, v in zeroed.params.items():
-        assert torch.equal(state.params[k], v), k
+        ),
+        WINDOWS,
+    )
 
 
 def test_experts_in_windows_and_compile_step_are_torchs() -> None:
