@@ -452,10 +452,11 @@ def _windowed(
     params: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], Callable[[Any], Any] | None]:
     """The gradients of a batch of an accumulation window (`functrain.optim.wrappers.accumulate`,
-    the state's outermost transform) where some weights have none, as ``.grad`` accumulates in
-    torch: a weight without one in every batch of the window so far is left out (its sum stays as
-    it is, and at the window's end it sits the update out); one that had a gradient earlier in the
-    window takes -0.0, which adds nothing to its sum (-0.0 included). And the record that tells
+    the optimizer's one window, over every weight) where some weights have none, as ``.grad``
+    accumulates in torch: a weight without one in every batch of the window so far is left out
+    (its sum stays as it is, and at the window's end it sits the update out); one that had a
+    gradient earlier in the window takes -0.0, which adds nothing to its sum (-0.0 included).
+    And the record that tells
     the two apart (`AccumulateState.absent`: the last batch of each weight's run of batches
     without a gradient since its window began), with those left out noted at this batch (None
     where none is).
@@ -472,7 +473,7 @@ def _windowed(
             if len({r.device for r in records}) == 1
             else [int(r) for r in records]  # (a model across devices)
         )
-        absent = [i for i, at in zip(absent, last, strict=True) if at == index - 1]
+        absent = [i for i, noted_at in zip(absent, last, strict=True) if noted_at == index - 1]
     out = {names[i] for i in absent}
     kept = {
         name: grads[name] if name in grads else _minus_zero(p)
