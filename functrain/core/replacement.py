@@ -15,6 +15,7 @@ in the parameters' order. `replace` takes a change to one of them as the user me
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Collection, Iterable
 from typing import Any, NamedTuple
 
@@ -37,6 +38,7 @@ from functrain.tree import (
     escape_key,
     leaves_by_path,
     tree_flatten,
+    tree_leaves,
     tree_paths,
     tree_unflatten,
 )
@@ -772,14 +774,24 @@ class SittingOut:
     they were. Both are a selection of leaves by the plan `_Seats` found once (by `resplit`).
     """
 
-    __slots__ = ("params", "opt_state", "_full", "_leaves", "_seats", "_copy")
+    __slots__ = ("params", "opt_state", "_full", "_leaves", "_seats", "_copy", "_walked")
 
     def __init__(
-        self, leaves: list[Any], full: dict[str, torch.Tensor], seats: _Seats, copy: bool
+        self,
+        leaves: list[Any],
+        full: dict[str, torch.Tensor],
+        seats: _Seats,
+        copy: bool,
+        walked: tuple[Any, Any, dict[str, list[str]], frozenset[str]] | None = None,
     ) -> None:
         self._full, self._seats, self._copy, self._leaves = full, seats, copy, leaves
-        self.params = {k: p for k, p in full.items() if k in seats.present}
-        self.opt_state = tree_unflatten([self._leaves[i] for i in seats.taken], seats.sub)
+        self._walked = walked
+        present = seats.present if walked is None else walked[3]
+        self.params = {k: p for k, p in full.items() if k in present}
+        if walked is not None:  # (the weights' state walked out of the whole state's containers)
+            self.opt_state = walked[1]
+        else:
+            self.opt_state = tree_unflatten([self._leaves[i] for i in seats.taken], seats.sub)
 
     def back(
         self, params: dict[str, torch.Tensor], opt_state: Any
@@ -787,10 +799,20 @@ class SittingOut:
         """All the weights and the whole optimizer state after the update of `params` (new) and
         `opt_state`: the others' as they were (copies, for a step that writes nothing given; a
         fresh slot without storage is shared: no step writes one where it lies)."""
-        new = tree_flatten(settled_steps(opt_state))[0]
         kept = _copied if self._copy else _as_it_is
-        whole = [new[i] if fresh else kept(self._leaves[i]) for fresh, i in self._seats.put]
         weights = {k: params[k] if k in params else kept(p) for k, p in self._full.items()}
+        if self._walked is not None:
+            whole, _, layout, present = self._walked
+            merged = _merged(whole, settled_steps(opt_state), "", layout, present, kept)
+            if merged is not _UNREAD:
+                return weights, merged
+            raise StateMismatchError(
+                "the optimizer's update returned a state of another structure than it was given "
+                "(the weights with a gradient's): a transform whose state changes its structure "
+                "cannot leave weights without a gradient out of its update"
+            )
+        new = tree_leaves(settled_steps(opt_state))
+        whole = [new[i] if fresh else kept(self._leaves[i]) for fresh, i in self._seats.put]
         return weights, tree_unflatten(whole, self._seats.spec)
 
 
@@ -819,8 +841,9 @@ class _Seats(NamedTuple):
 # per optimizer (its `init`, kept alive with the names it was asked for): its slot layout over
 # those names (`slot_owners`), or None where a weight cannot sit out its updates; the plans found
 # for the sets of weights that had a gradient (`_Seats`); the weight each leaf of a structure of
-# its state belongs to (`_owners`)
-_LAYOUTS: dict[int, tuple[Any, ...]] = {}
+# its state belongs to (`_owners`); whether its state is walked (`_selected`, `_merged`: found
+# to read it as a plan does, `_walks_alike`)
+_LAYOUTS: dict[int, list[Any]] = {}
 
 
 def sitting_out(
@@ -834,8 +857,13 @@ def sitting_out(
     if known[2] is None:
         return None
     key = frozenset(present)
+    settled = settled_steps(opt_state)
+    if known[5]:  # the weights' state walked out of the containers (`_selected`)
+        sub = _selected(settled, "", known[2], key)
+        if sub is not _UNREAD:
+            return SittingOut([], params, _NO_SEATS, copy, (settled, sub, known[2], key))
     seats = known[3].get(key)
-    leaves, spec = tree_flatten(settled_steps(opt_state))
+    leaves, spec = tree_flatten(settled)
     if seats is None or seats.spec != spec:
         owners = known[4].get(spec)
         if owners is None:  # (each leaf's weight, found once per structure)
@@ -844,7 +872,143 @@ def sitting_out(
         if len(known[3]) >= 256:
             known[3].clear()
         known[3][key] = seats
+        if not known[5] and _walks_alike(settled, leaves, seats, known[2]):
+            known[5] = True  # (the next steps walk: checked against this plan once)
     return SittingOut(leaves, params, seats, copy)
+
+
+# the plan of a `SittingOut` made by walking the state's containers (it reads no leaf plan)
+_NO_SEATS = _Seats(frozenset(), pytree.tree_structure(None), pytree.tree_structure(None), [], [])
+
+# a node `_selected` or `_merged` cannot read (a class of one's own, a structure other than the
+# layout's): the plan of leaves (`_Seats`) reads it
+_UNREAD: Any = object()
+
+
+def _walks_alike(
+    whole: Any, leaves: list[Any], seats: _Seats, layout: dict[str, list[str]]
+) -> bool:
+    """Whether `_selected` and `_merged` read the state `whole` (flattened: `leaves`) as the
+    plan `seats` does: the same leaves taken, and put back where they were."""
+    sub = _selected(whole, "", layout, seats.present)
+    if sub is _UNREAD or _differ(tree_leaves(sub), [leaves[i] for i in seats.taken]):
+        return False
+    merged = _merged(whole, sub, "", layout, seats.present, _as_it_is)
+    return merged is not _UNREAD and not _differ(tree_leaves(merged), leaves)
+
+
+def _differ(found: list[Any], expected: list[Any]) -> bool:
+    """Whether `found` are other objects than `expected`, in order."""
+    return len(found) != len(expected) or not all(map(operator.is_, found, expected))
+
+
+def _children(tree: Any) -> tuple[list[str], list[Any]] | None:
+    """The keys (as `_pruned` names them) and children of a container of an optimizer's state,
+    or None for a leaf; `_UNREAD`'s kind for a node of another class."""
+    kind = type(tree)
+    if kind is dict or kind is ReadOnlyDict:
+        return [escape_key(str(k)) for k in tree], list(tree.values())
+    if kind is tuple or kind is list:
+        return [str(i) for i in range(len(tree))], list(tree)
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return list(tree._fields), list(tree)
+    return None
+
+
+def _rebuilt(tree: Any, kept: list[bool] | None, values: list[Any]) -> Any:
+    """A container like `tree` holding `values`: its entries where `kept` says (all: None)."""
+    kind = type(tree)
+    if kind is dict or kind is ReadOnlyDict:
+        keys = list(tree) if kept is None else [k for k, on in zip(tree, kept, strict=True) if on]
+        return kind(zip(keys, values, strict=True))
+    if kind is tuple or kind is list:
+        return kind(values)
+    return tree._make(values)
+
+
+def _kept_entries(names: list[str], keys: list[str], present: frozenset[str]) -> list[bool] | None:
+    """Which entries of a container of one slot per weight (`slot_owners`'s `names`) are those
+    of the weights in `present`, as `_pruned` reads them; None where it cannot."""
+    if isinstance(names, ByName):
+        by_key = {escape_key(n): n for n in names}
+        return [by_key.get(k) in present for k in keys]
+    return [n in present for n in names] if len(names) == len(keys) else None
+
+
+def _selected(tree: Any, path: str, layout: dict[str, list[str]], present: frozenset[str]) -> Any:
+    """The optimizer state `tree` (its node at `path`) less the slots of the weights not in
+    `present`, walked as `_pruned` reads its structure (each container of `layout` keeps the
+    entries of those weights, in order), or `_UNREAD`."""
+    found = _children(tree)
+    if found is None:
+        return tree if isinstance(tree, torch.Tensor) or pytree.tree_is_leaf(tree) else _UNREAD
+    keys, children = found
+    names = layout.get(path)
+    kept = None
+    if names is not None:
+        kept = _kept_entries(names, keys, present)
+        if kept is None or hasattr(tree, "_fields"):
+            return _UNREAD
+        keys = [k for k, on in zip(keys, kept, strict=True) if on]
+        children = [c for c, on in zip(children, kept, strict=True) if on]
+    values = []
+    for key, child in zip(keys, children, strict=True):
+        if isinstance(child, torch.Tensor):
+            values.append(child)
+            continue
+        value = _selected(child, f"{path}/{key}" if path else key, layout, present)
+        if value is _UNREAD:
+            return _UNREAD
+        values.append(value)
+    return _rebuilt(tree, kept, values)
+
+
+def _merged(
+    whole: Any,
+    new: Any,
+    path: str,
+    layout: dict[str, list[str]],
+    present: frozenset[str],
+    kept: Any,
+) -> Any:
+    """The whole optimizer state after an update of the weights in `present` alone: `new` (the
+    update's state, as `_selected` made it) where it holds them, the slots of the others as
+    `whole` holds them (`kept`: a copy for a step that writes nothing given), or `_UNREAD`."""
+    found = _children(whole)
+    if found is None:
+        return new
+    keys, children = found
+    news = _children(new)
+    if news is None or type(new) is not type(whole):
+        return _UNREAD
+    names = layout.get(path)
+    if names is not None:
+        on = _kept_entries(names, keys, present)
+        if on is None or len(news[1]) != sum(on):
+            return _UNREAD
+        taken = iter(news[1])
+        return _rebuilt(
+            whole,
+            None,
+            [next(taken) if here else _kept_slot(c, kept) for c, here in zip(children, on)],
+        )
+    if news[0] != keys:
+        return _UNREAD
+    values = []
+    for key, child, fresh in zip(keys, children, news[1], strict=True):
+        if isinstance(child, torch.Tensor):
+            values.append(fresh)
+            continue
+        value = _merged(child, fresh, f"{path}/{key}" if path else key, layout, present, kept)
+        if value is _UNREAD:
+            return _UNREAD
+        values.append(value)
+    return _rebuilt(whole, None, values)
+
+
+def _kept_slot(slot: Any, kept: Any) -> Any:
+    """A weight's slot as it was (`kept`: a copy for a step that writes nothing given)."""
+    return kept(slot) if isinstance(slot, torch.Tensor) else pytree.tree_map(kept, slot)
 
 
 def seat_layout(tx: Any, params: dict[str, torch.Tensor]) -> dict[str, list[str]] | None:
@@ -853,14 +1017,14 @@ def seat_layout(tx: Any, params: dict[str, torch.Tensor]) -> dict[str, list[str]
     return _known(tx, params)[2]
 
 
-def _known(tx: Any, params: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+def _known(tx: Any, params: dict[str, torch.Tensor]) -> list[Any]:
     names = tuple(params)
     known = _LAYOUTS.get(id(tx.init))
     if known is None or known[1] != names:
         layout = slot_owners(tx.init, params) if counting(tx) is None else None
         if len(_LAYOUTS) >= 16:
             _LAYOUTS.clear()
-        known = _LAYOUTS[id(tx.init)] = (tx.init, names, layout, {}, {})
+        known = _LAYOUTS[id(tx.init)] = [tx.init, names, layout, {}, {}, False]
     return known
 
 
