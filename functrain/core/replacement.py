@@ -71,8 +71,17 @@ DERIVED = {
 }
 
 
-def refuse_derived(changes: dict[str, Any]) -> None:
-    """Raise `ConfigError` for a change to a field `replace` builds from others (`DERIVED`)."""
+def refuse_derived(changes: dict[str, Any], fields: Collection[str] = ()) -> None:
+    """Raise `ConfigError` for a change to a field `replace` builds from others (`DERIVED`), or
+    to a name that is none of the state's `fields` (private ones, ``_...``, none either)."""
+    unknown = sorted(k for k in changes if k not in fields or k.startswith("_")) if fields else []
+    if unknown:
+        public = [f for f in fields if not f.startswith("_") and f not in DERIVED]
+        raise ConfigError(
+            f"TrainState.replace got {unknown[0]}=..., which is no field of a state; it replaces "
+            f"{', '.join(public)} (to train a frozen weight or freeze a trained one, move it "
+            "between params and frozen: state.replace(params=..., frozen=...))"
+        )
     derived = sorted(changes.keys() & DERIVED.keys())
     if derived:
         name = derived[0]

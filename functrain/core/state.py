@@ -581,7 +581,8 @@ class TrainState:
         Donating a `clone` leaves this state as it is.
 
         Raises:
-            ConfigError: a derived field, tensors that share storage, invalid options, tensors that
+            ConfigError: a name that is no field of a state, a derived field (``tx``,
+                ``averager``, ``dist``), tensors that share storage, invalid options, tensors that
                 require grad in an ordinary state's stepped fields, a counter that is no count
                 (negative, a float, a tensor of another shape).
             StateMismatchError: an optimizer or options whose state does not fit this one's.
@@ -599,7 +600,7 @@ class TrainState:
             'sgd(lr=0.5'
         """
         self.check_live("TrainState.replace")
-        refuse_derived(changes)
+        refuse_derived(changes, _INIT_FIELDS)
         if not changes.keys().isdisjoint(COUNTERS):
             refuse_bad_counters(changes, {name: getattr(self, name) for name in COUNTERS})
         if not changes.keys().isdisjoint(("rng", "opt_state")):

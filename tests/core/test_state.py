@@ -136,8 +136,12 @@ def test_replace_returns_a_new_state_and_keeps_the_old_one() -> None:
     assert int(later.epoch) == 3 and float(later.driver["best"]) == 0.5
     assert int(state.epoch) == 0 and state.driver == {}
     assert later.params is state.params and later.module is state.module
-    with pytest.raises(TypeError):
+    with pytest.raises(ft.ConfigError, match="no_such_field=.*no field of a state.*params"):
         state.replace(no_such_field=1)
+    with pytest.raises(ft.ConfigError, match="trainable=.*move it between params and frozen"):
+        state.replace(trainable=["0.weight"])
+    with pytest.raises(ft.ConfigError, match="_basis=.*no field"):
+        state.replace(_basis=None)
 
 
 def test_replace_keeps_every_field_it_is_not_given_and_still_checks_the_driver() -> None:
