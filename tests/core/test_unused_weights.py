@@ -295,6 +295,24 @@ class Experts(nn.Module):
         return self.head(x)
 
 
+def make_experts() -> Experts:
+    torch.manual_seed(0)
+    return Experts()
+
+
+def experts_loss(model: Any, batch: Any) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def expert_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of 3 tokens: which experts each reaches changes from batch to batch."""
+    gen = torch.Generator().manual_seed(2)
+    return [
+        (torch.randn(3, 6, generator=gen), torch.randint(0, 3, (3,), generator=gen))
+        for _ in range(n)
+    ]
+
+
 def test_experts_a_step_reaches_are_torchs_and_finding_which_sit_out_allocates_no_state(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -303,19 +321,7 @@ def test_experts_a_step_reaches_are_torchs_and_finding_which_sit_out_allocates_n
     # checks the walk) runs the optimizer's init on stand-ins without memory, not the weights
     import functrain.core.replacement as replacement
 
-    def make_experts() -> Experts:
-        torch.manual_seed(0)
-        return Experts()
-
-    def experts_loss(model: Any, batch: Any) -> torch.Tensor:
-        return F.cross_entropy(model(batch[0]), batch[1])
-
-    gen = torch.Generator().manual_seed(2)
-    data = [(torch.randn(3, 6, generator=gen), torch.randint(0, 3, (3,), generator=gen))]
-    data += [
-        (torch.randn(3, 6, generator=gen), torch.randint(0, 3, (3,), generator=gen))
-        for _ in range(7)
-    ]
+    data = expert_batches(8)
     reference = make_experts()
     opt = torch.optim.AdamW(reference.parameters(), 1e-2, fused=True)
     for batch in data:
@@ -493,18 +499,7 @@ def test_a_window_over_some_weights_only_sums_zeros_for_an_unused_one() -> None:
 
 
 def test_experts_in_windows_and_compile_step_are_torchs() -> None:
-    def make_experts() -> Experts:
-        torch.manual_seed(0)
-        return Experts()
-
-    def experts_loss(model: Any, batch: Any) -> torch.Tensor:
-        return F.cross_entropy(model(batch[0]), batch[1])
-
-    gen = torch.Generator().manual_seed(2)
-    data = [
-        (torch.randn(3, 6, generator=gen), torch.randint(0, 3, (3,), generator=gen))
-        for _ in range(12)
-    ]
+    data = expert_batches(12)
     reference = make_experts()
     opt = torch.optim.AdamW(reference.parameters(), 1e-2, fused=True)
     for i, batch in enumerate(data):
