@@ -45,7 +45,7 @@ from functrain.tree import (
 
 __all__ = [
     "DERIVED",
-    "refuse_derived",
+    "refuse_unreplaceable",
     "refuse_bad_counters",
     "refuse_misfits",
     "ordered_like",
@@ -71,7 +71,7 @@ DERIVED = {
 }
 
 
-def refuse_derived(changes: dict[str, Any], fields: Collection[str] = ()) -> None:
+def refuse_unreplaceable(changes: dict[str, Any], fields: Collection[str] = ()) -> None:
     """Raise `ConfigError` for a change to a field `replace` builds from others (`DERIVED`), or
     to a name that is none of the state's `fields` (private ones, ``_...``, none either)."""
     unknown = sorted(k for k in changes if k not in fields or k.startswith("_")) if fields else []
@@ -644,7 +644,7 @@ def _keyed_by_all(full: dict[str, Any], names: list[str], owners: dict[str, int]
 
 # the fields of `functrain.optim.wrappers.AccumulateState` holding a window's sums and record of
 # absences, one per weight
-_WINDOW_SUMS = ("grad_sum", "absent")
+_WINDOW_SLOTS = ("grad_sum", "absent")
 
 
 def _refuse_partly_parked(
@@ -669,7 +669,7 @@ def _refuse_partly_parked(
         expected.setdefault(name, set()).add(key)
         # (an accumulation window's sums restart where it ends, where weights move: fresh ones
         # are exact, accumulation switched on while the weight was frozen)
-        if kept and key not in parked[name] and found[0].rpartition("/")[2] not in _WINDOW_SUMS:
+        if kept and key not in parked[name] and found[0].rpartition("/")[2] not in _WINDOW_SLOTS:
             missing.setdefault(name, []).append(found[0])
     if missing:
         name, containers = next(iter(missing.items()))
@@ -760,7 +760,7 @@ def resplit(
             return olds.get(path, leaf)
         container, name, rest = found
         index = at_old.get(container, {}).get(name)
-        if name in afresh and container.rpartition("/")[2] not in _WINDOW_SUMS:
+        if name in afresh and container.rpartition("/")[2] not in _WINDOW_SLOTS:
             return leaf
         if index is not None:
             return olds[_join(container, str(index), rest)]
@@ -780,7 +780,9 @@ class SittingOut:
     no update, no weight decay, its state and its own step untouched. `params` and `opt_state`
     are the weights with a gradient and their slots (each weight's count settled first,
     `settled_steps`), which the update takes; `back` puts the new ones beside the others' as
-    they were. Both are a selection of leaves by the plan `_Seats` found once (by `resplit`).
+    they were. Both are a selection of leaves by the plan `_Seats` found once (by `resplit`), or,
+    once a structure was found to read alike (`_walks_alike`), a walk of the containers its slot
+    layout names (`walked`: the whole state, the weights' state, the layout and the weights).
     """
 
     __slots__ = ("params", "opt_state", "_full", "_leaves", "_seats", "_copy", "_walked")

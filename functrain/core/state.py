@@ -48,9 +48,9 @@ from functrain.core.replacement import (
     ordered_like,
     parked_carried,
     refuse_bad_counters,
-    refuse_derived,
     refuse_misfits,
     refuse_reshaped_slots,
+    refuse_unreplaceable,
     resplit,
     shared_storage,
     shares_storage,
@@ -600,7 +600,7 @@ class TrainState:
             'sgd(lr=0.5'
         """
         self.check_live("TrainState.replace")
-        refuse_derived(changes, _INIT_FIELDS)
+        refuse_unreplaceable(changes, _INIT_FIELDS)
         if not changes.keys().isdisjoint(COUNTERS):
             refuse_bad_counters(changes, {name: getattr(self, name) for name in COUNTERS})
         if not changes.keys().isdisjoint(("rng", "opt_state")):
