@@ -43,7 +43,7 @@ import sys
 import types
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -444,8 +444,9 @@ class CompiledStep:
             state.samples_seen,
             state.skipped,
         )
-        shapes = _shapes(batch)
-        checking = first or shapes not in self._checked.get(key, ())
+        seen = self._checked.get(key, ())
+        shapes = _shapes(batch, seen)
+        checking = first or shapes not in seen
         scope = enter(state, True)
         expected: torch.Tensor | None = None
         if checking:
@@ -519,8 +520,9 @@ class CompiledStep:
             return train_step(state, batch, donate=donate)
         else:
             first = False
-        shapes = _shapes(batch)
-        checking = first or shapes not in self._checked.get(key, ())
+        seen = self._checked.get(key, ())
+        shapes = _shapes(batch, seen)
+        checking = first or shapes not in seen
         expected = None
         if checking:
             try:  # the checks a traced step cannot make, once per configuration and batch shape
@@ -881,15 +883,21 @@ def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _shapes(batch: Any) -> tuple:
-    """The shapes and dtypes of `batch`'s tensors, and its flags and names (bools, strings: a
-    task a batch is of), each of which a compiled step traces anew: a configuration's first call
-    of each is checked (`check_gradients`: a head such a batch leaves without a gradient)."""
-    return tuple(
-        (x.shape, x.dtype) if isinstance(x, torch.Tensor) else x
-        for x in tree_leaves(batch)
-        if isinstance(x, (torch.Tensor, bool, str))
-    )
+# the most kinds of call a configuration checks by their flags (`_shapes`): beyond, by their
+# tensors' shapes alone (a string that names each batch would check every call)
+_FLAG_KINDS = 16
+
+
+def _shapes(batch: Any, seen: Collection[tuple]) -> tuple:
+    """The shapes and dtypes of `batch`'s tensors, each of which a compiled step traces anew, with
+    its flags and names (bools, strings: a task a batch is of; up to 4 of them) while the
+    configuration has checked fewer than `_FLAG_KINDS` kinds of call (`seen`): a configuration's
+    first call of each is checked (`check_gradients`: a head such a batch leaves without a
+    gradient)."""
+    leaves = tree_leaves(batch)
+    shapes = tuple((x.shape, x.dtype) for x in leaves if isinstance(x, torch.Tensor))
+    flags = [x for x in leaves if isinstance(x, (bool, str))]
+    return (shapes, *flags) if flags and len(flags) <= 4 and len(seen) < _FLAG_KINDS else shapes
 
 
 class _Kept:

@@ -552,3 +552,26 @@ def test_compile_step_checks_each_flag_a_batch_carries_and_a_head_it_leaves_sits
             before = state.params["b.weight"].clone()
             state, _ = step(state, batch)
             assert torch.equal(state.params["b.weight"], before) != batch[2]
+
+
+def test_compile_step_checks_at_most_a_few_kinds_of_flag_so_a_name_per_batch_costs_little(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a string that names each batch (the loss does not read it): the eager check runs for the
+    # first few kinds of call only, then by the tensors' shapes alone
+    import functrain.core.compiled as compiled
+
+    checks: list[bool] = []
+    check = compiled.check_gradients
+
+    def counted(*args: Any) -> Any:
+        checks.append(True)
+        return check(*args)
+
+    monkeypatch.setattr(compiled, "check_gradients", counted)
+    monkeypatch.setattr(compiled, "_FLAG_KINDS", 3)
+    state = ft.TrainState.create(make(), ft.adamw(1e-2), lambda m, b: loss_fn(m, b[:3]))
+    step = ft.compile_step()
+    for i, (x, y, _) in enumerate(batches((True,) * 6)):
+        state, _ = step(state, (x, y, True, f"batch {i}"))
+    assert len(checks) == 4  # three kinds by their names, then one by the shapes alone
