@@ -284,9 +284,11 @@ def _update(
     # counted before the update may write a donated state (a count refused leaves it as it was)
     samples = batch_samples(state, batch)
     grads = in_param_layouts(grads, state.params)
-    params_in, opt_in, out, noted = state.params, state.opt_state, None, None
+    params_in, opt_in, out, noted, window = state.params, state.opt_state, None, None, None
     if len(grads) < len(params_in):  # a weight the loss did not use
-        grads, out, noted = _seated(state, grads, extras)
+        windows = _windows(state.opt_state, ())
+        window = windows[0][0] if len(windows) == 1 else None  # (its place in the state)
+        grads, out, noted = _seated(state, grads, extras, windows)
         if out is not None:
             params_in, opt_in = out.params, out.opt_state
     grad_list = list(grads.values())
@@ -349,7 +351,7 @@ def _update(
     )
     if out is not None:
         params, opt_state = out.back(params, opt_state)
-        if _updated(opt_state):  # a weight sat the update out: the steps are the body's now
+        if _updated(opt_state, window):  # a weight sat the update out: the body's steps now
             object.__setattr__(state.module, SITTING, True)
     if noted is not None:
         opt_state = noted(opt_state)
@@ -384,18 +386,21 @@ def _update(
 
 
 def _seated(
-    state: StepState, grads: dict[str, torch.Tensor], extras: Extras
+    state: StepState,
+    grads: dict[str, torch.Tensor],
+    extras: Extras,
+    windows: list[tuple[tuple[Any, ...], AccumulateState]],
 ) -> tuple[dict[str, torch.Tensor], SittingOut | None, Callable[[Any], Any] | None]:
     """The gradients and the update of a step where some weights have none
     (`functrain.core.gradient.sits_out`): they sit the update out, as torch.optim's step skips a
     parameter without .grad (`SittingOut`; the structure's steps the body's from then on,
     `_updated`), or
     take a zero gradient where their optimizer steps every weight (optax's chains, a transform
-    of one's own). In an accumulation window (`_windowed`) only those without a gradient in
-    any of its batches so far sit out; and what the window's record of them becomes."""
+    of one's own). In an accumulation window (`_windowed`; `windows`, the state's, `_windows`)
+    only those without a gradient in any of its batches so far sit out; and what the window's
+    record of them becomes."""
     params = dict(state.params)
     noted = None
-    windows = _windows(state.opt_state, ())
     if windows and seat_layout(state.tx, params) is not None:
         at, window = windows[0]
         if len(windows) > 1 or len(window.grad_sum) != len(params):
@@ -410,11 +415,18 @@ def _seated(
     return grads, out, noted
 
 
-def _updated(opt_state: Any) -> bool:
+def _updated(opt_state: Any, window: tuple[Any, ...] | None) -> bool:
     """Whether the step that made `opt_state` ran the optimizer's update: always, but in an
-    accumulation window's batch that does not end it (its position read on the host)."""
-    windows = _windows(opt_state, ())
-    return not windows or int(windows[0][1].micro_step.reshape(-1)[0]) == 0
+    accumulation window's batch that does not end it (the window at `window` in the state, its
+    position read on the host)."""
+    return window is None or int(_at(opt_state, window).micro_step.reshape(-1)[0]) == 0
+
+
+def _at(tree: Any, at: tuple[Any, ...]) -> Any:
+    """The node of `tree` at `at` (keys from the root)."""
+    for key in at:
+        tree = tree[key]
+    return tree
 
 
 def _windows(tree: Any, at: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], AccumulateState]]:
@@ -482,7 +494,7 @@ def _windowed(
     }
 
     def noted(opt_state: Any) -> Any:
-        new = _windows(opt_state, ())[0][1]
+        new = _at(opt_state, at)
         record = list(new.absent)
         for i in absent:
             record[i] = torch.full_like(record[i], index)
