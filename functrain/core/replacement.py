@@ -1101,12 +1101,8 @@ def _pruned(
         return None
     names = layout.get(path)
     if names is not None:  # a container of one slot per weight: the others' left out
-        if isinstance(names, ByName):
-            by_key = {escape_key(n): n for n in names}
-            kept = [by_key.get(k) in present for k in keys]
-        elif len(names) == len(children):
-            kept = [n in present for n in names]
-        else:
+        kept = _kept_entries(names, keys, present)
+        if kept is None:
             return None
         children = [c for c, k in zip(children, kept, strict=True) if k]
         if kind in (dict, ReadOnlyDict):
