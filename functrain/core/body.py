@@ -286,7 +286,7 @@ def _update(
     grads = in_param_layouts(grads, state.params)
     params_in, opt_in, out, noted, window = state.params, state.opt_state, None, None, None
     if len(grads) < len(params_in):  # a weight the loss did not use
-        windows = _windows(state.opt_state, ())
+        windows = _windows(state.opt_state)
         window = windows[0][0] if len(windows) == 1 else None  # (its place in the state)
         grads, out, noted = _seated(state, grads, extras, windows)
         if out is not None:
@@ -429,20 +429,10 @@ def _at(tree: Any, at: tuple[Any, ...]) -> Any:
     return tree
 
 
-def _windows(tree: Any, at: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], AccumulateState]]:
+def _windows(opt_state: Any) -> list[tuple[tuple[Any, ...], AccumulateState]]:
     """The accumulation windows in an optimizer state (`AccumulateState`), each with its place
-    (the keys from the root)."""
-    found = [(at, tree)] if isinstance(tree, AccumulateState) else []
-    if isinstance(tree, dict):
-        items: Any = tree.items()
-    elif isinstance(tree, (tuple, list)):
-        items = enumerate(tree)
-    else:
-        return found
-    for key, child in items:
-        if not isinstance(child, torch.Tensor):
-            found += _windows(child, (*at, key))
-    return found
+    (the keys from the root, as `metric_nodes` finds the states that report metrics)."""
+    return [(at, n) for at, n in metric_nodes(opt_state) if isinstance(n, AccumulateState)]
 
 
 def _replaced(tree: Any, at: tuple[Any, ...], value: Any) -> Any:
