@@ -57,6 +57,7 @@ __all__ = [
     "counting",
     "optimizers_in",
     "slot_owners",
+    "owners_of",
     "resplit",
     "SittingOut",
     "sitting_out",
@@ -852,7 +853,7 @@ class _Seats(NamedTuple):
 # per optimizer (its `init`, kept alive with the names it was asked for): its slot layout over
 # those names (`slot_owners`), or None where a weight cannot sit out its updates; the plans found
 # for the sets of weights that had a gradient (`_Seats`); the weight each leaf of a structure of
-# its state belongs to (`_owners`); whether its state is walked (`_selected`, `_merged`: found
+# its state belongs to (`owners_of`); whether its state is walked (`_selected`, `_merged`: found
 # to read it as a plan does, `_walks_alike`)
 _LAYOUTS: dict[int, list[Any]] = {}
 
@@ -878,7 +879,7 @@ def sitting_out(
     if seats is None or seats.spec != spec:
         owners = known[4].get(spec)
         if owners is None:  # (each leaf's weight, found once per structure)
-            owners = known[4][spec] = _owners(known[2], tree_paths(tree_unflatten(leaves, spec)))
+            owners = known[4][spec] = owners_of(known[2], tree_paths(tree_unflatten(leaves, spec)))
         seats = _seats(tx.init, leaves, spec, params, key, known[2], owners)
         if len(known[3]) >= 256:
             known[3].clear()
@@ -1117,7 +1118,7 @@ def _pruned(
     return pytree.TreeSpec(kind, context, found)
 
 
-def _owners(layout: dict[str, list[str]], paths: list[str]) -> list[str | None]:
+def owners_of(layout: dict[str, list[str]], paths: list[str]) -> list[str | None]:
     """The weight whose slot each leaf of an optimizer's state is (by its path, in the layout
     `slot_owners` found), or None (a count, a rate: the leaves of no one weight), as `resplit`
     reads them."""

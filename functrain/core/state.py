@@ -42,10 +42,10 @@ from functrain.core.options import (
     ema_buffers_default,
 )
 from functrain.core.replacement import (
-    ByName,
     carried,
     counting,
     ordered_like,
+    owners_of,
     parked_carried,
     refuse_bad_counters,
     refuse_misfits,
@@ -85,7 +85,6 @@ from functrain.optim.zeros import light_copy
 from functrain.tree import (
     ReadOnlyDict,
     Tree,
-    escape_key,
     leaves_by_path,
     read_only,
     tree_leaves,
@@ -1899,16 +1898,5 @@ def unaliased(state: TrainState) -> TrainState:
 def _slot_names(paths: list[str], init: Any, params: dict[str, torch.Tensor]) -> list[str]:
     """The weights whose slots `paths` are in ``init(params)`` (`slot_owners`' layout), in
     `params`' order."""
-    owners = slot_owners(init, params) or {}
-    found: set[str] = set()
-    for path in paths:
-        for container, names in owners.items():
-            head = container + "/" if container else ""
-            if not path.startswith(head):
-                continue
-            entry = path[len(head) :].partition("/")[0]
-            if isinstance(names, ByName):
-                found.update(n for n in names if escape_key(n) == entry)
-            elif entry.isdigit() and int(entry) < len(names):
-                found.add(names[int(entry)])
+    found = set(owners_of(slot_owners(init, params) or {}, paths))
     return [name for name in params if name in found]
