@@ -39,7 +39,6 @@ from functrain.tree import (
     leaves_by_path,
     tree_flatten,
     tree_leaves,
-    tree_paths,
     tree_unflatten,
 )
 
@@ -852,9 +851,8 @@ class _Seats(NamedTuple):
 
 # per optimizer (its `init`, kept alive with the names it was asked for): its slot layout over
 # those names (`slot_owners`), or None where a weight cannot sit out its updates; the plans found
-# for the sets of weights that had a gradient (`_Seats`); the weight each leaf of a structure of
-# its state belongs to (`owners_of`); whether its state is walked (`_selected`, `_merged`: found
-# to read it as a plan does, `_walks_alike`)
+# for the sets of weights that had a gradient (`_Seats`); whether its state is walked (`_selected`,
+# `_merged`: found to read it as a plan does, `_walks_alike`)
 _LAYOUTS: dict[int, list[Any]] = {}
 
 
@@ -870,22 +868,19 @@ def sitting_out(
         return None
     key = frozenset(present)
     settled = settled_steps(opt_state)
-    if known[5]:  # the weights' state walked out of the containers (`_selected`)
+    if known[4]:  # the weights' state walked out of the containers (`_selected`)
         sub = _selected(settled, "", known[2], key)
         if sub is not _UNREAD:
             return SittingOut([], params, _NO_SEATS, copy, (settled, sub, known[2], key))
     seats = known[3].get(key)
     leaves, spec = tree_flatten(settled)
     if seats is None or seats.spec != spec:
-        owners = known[4].get(spec)
-        if owners is None:  # (each leaf's weight, found once per structure)
-            owners = known[4][spec] = owners_of(known[2], tree_paths(tree_unflatten(leaves, spec)))
-        seats = _seats(tx.init, leaves, spec, params, key, known[2], owners)
+        seats = _seats(tx.init, leaves, spec, params, key, known[2])
         if len(known[3]) >= 256:
             known[3].clear()
         known[3][key] = seats
-        if not known[5] and _walks_alike(settled, leaves, seats, known[2]):
-            known[5] = True  # (the next steps walk: checked against this plan once)
+        if not known[4] and _walks_alike(settled, leaves, seats, known[2]):
+            known[4] = True  # (the next steps walk: checked against this plan once)
     return SittingOut(leaves, params, seats, copy)
 
 
@@ -915,7 +910,8 @@ def _differ(found: list[Any], expected: list[Any]) -> bool:
 
 
 def _children(tree: Any) -> tuple[list[str], list[Any]] | None:
-    """The keys (as `_pruned` names them) and children of a container of an optimizer's state,
+    """The keys (as `leaves_by_path` names them) and children of a container of an optimizer's
+    state,
     or None for a leaf; `_UNREAD`'s kind for a node of another class."""
     kind = type(tree)
     if kind is dict or kind is ReadOnlyDict:
@@ -940,7 +936,7 @@ def _rebuilt(tree: Any, kept: list[bool] | None, values: list[Any]) -> Any:
 
 def _kept_entries(names: list[str], keys: list[str], present: frozenset[str]) -> list[bool] | None:
     """Which entries of a container of one slot per weight (`slot_owners`'s `names`) are those
-    of the weights in `present`, as `_pruned` reads them; None where it cannot."""
+    of the weights in `present`, as `_selected` reads them; None where it cannot."""
     if isinstance(names, ByName):
         by_key = {escape_key(n): n for n in names}
         return [by_key.get(k) in present for k in keys]
@@ -949,8 +945,8 @@ def _kept_entries(names: list[str], keys: list[str], present: frozenset[str]) ->
 
 def _selected(tree: Any, path: str, layout: dict[str, list[str]], present: frozenset[str]) -> Any:
     """The optimizer state `tree` (its node at `path`) less the slots of the weights not in
-    `present`, walked as `_pruned` reads its structure (each container of `layout` keeps the
-    entries of those weights, in order), or `_UNREAD`."""
+    `present`, walked by its containers (each container of `layout` keeps the entries of those
+    weights, in order), or `_UNREAD`."""
     found = _children(tree)
     if found is None:
         return tree if isinstance(tree, torch.Tensor) or pytree.tree_is_leaf(tree) else _UNREAD
@@ -1036,7 +1032,7 @@ def _known(tx: Any, params: dict[str, torch.Tensor]) -> list[Any]:
         layout = slot_owners(tx.init, params) if counting(tx) is None else None
         if len(_LAYOUTS) >= 16:
             _LAYOUTS.clear()
-        known = _LAYOUTS[id(tx.init)] = [tx.init, names, layout, {}, {}, False]
+        known = _LAYOUTS[id(tx.init)] = [tx.init, names, layout, {}, False]
     return known
 
 
@@ -1047,75 +1043,16 @@ def _seats(
     full: dict[str, torch.Tensor],
     present: frozenset[str],
     layout: dict[str, list[str]],
-    owners: list[str | None],
 ) -> _Seats:
     """The plan of `SittingOut` for the weights in `present`, from the leaves and structure of
-    the whole (settled) state and each leaf's weight (`owners`): the leaves of those weights and
-    of no one weight, in order, in the whole structure less the others' slots (`_pruned`). A
-    plan is found for each new set of weights with a gradient (an expert's in a mixture of
-    experts, nearly every step): nothing is allocated. Where `_pruned` cannot read a structure,
-    it is checked against a fresh state of those weights, else made by `resplit` on stand-ins
-    (meta tensors: no memory; the weights themselves for an ``init`` that reads their values)."""
-    keep = [owner is None or owner in present for owner in owners]
-    taken = [i for i, kept in enumerate(keep) if kept]
-    # the state of the weights in `present` is the whole state's leaves they own, and those of no
-    # one weight, in order, in the whole state's structure less the others' slots; else (a
-    # structure `_pruned` cannot read) checked against a fresh one's, else `resplit`'s plan
-    sub = _pruned(spec, "", layout, present)
-    if sub is not None and sub.num_leaves == len(taken):
-        at = iter(range(len(taken)))
-        put = [(True, next(at)) if kept else (False, i) for i, kept in enumerate(keep)]
-        return _Seats(present, spec, sub, taken, put)
-    stand_ins = {k: _mark(p) for k, p in full.items()}
+    the whole (settled) state: made by `resplit` on stand-ins (meta tensors: no memory; the
+    weights themselves for an ``init`` that reads their values). Made on a structure's first
+    such step, which checks that its containers walk alike (`_walks_alike`), and for each new
+    set of weights with a gradient where they do not."""
     try:
-        fresh = init({k: p for k, p in stand_ins.items() if k in present})
-    except Exception:  # (an init that reads its weights' values)
-        fresh = init({k: p for k, p in full.items() if k in present})
-    made, sub = tree_flatten(fresh)  # (settled, a state has the structure it had)
-    if len(made) == len(taken) and all(_alike(leaves[i], m) for i, m in zip(taken, made)):
-        at = iter(range(len(taken)))
-        put = [(True, next(at)) if kept else (False, i) for i, kept in enumerate(keep)]
-        return _Seats(present, spec, sub, taken, put)
-    try:
-        return _plan(init, leaves, spec, stand_ins, present, layout)
+        return _plan(init, leaves, spec, {k: _mark(p) for k, p in full.items()}, present, layout)
     except Exception:  # (an init that reads its weights' values)
         return _plan(init, leaves, spec, full, present, layout)
-
-
-def _pruned(
-    spec: pytree.TreeSpec, path: str, layout: dict[str, list[str]], present: frozenset[str]
-) -> pytree.TreeSpec | None:
-    """The structure `spec` (of an optimizer's state, its node at `path`) less the slots of the
-    weights not in `present`: each container of `layout` (`slot_owners`) keeps its entries of
-    those weights, in order. None where a node on the way is of a kind whose entries it does not
-    name (a class of one's own)."""
-    if spec.is_leaf():
-        return spec
-    children, kind, context = spec.children(), spec.type, spec.context
-    if kind in (dict, ReadOnlyDict):
-        keys = [escape_key(str(k)) for k in context]
-    elif kind in (tuple, list):
-        keys = [str(i) for i in range(len(children))]
-    elif isinstance(context, type) and pytree.is_namedtuple_class(context):
-        keys = list(context._fields)  # type: ignore[attr-defined]
-    else:
-        return None
-    names = layout.get(path)
-    if names is not None:  # a container of one slot per weight: the others' left out
-        kept = _kept_entries(names, keys, present)
-        if kept is None:
-            return None
-        children = [c for c, k in zip(children, kept, strict=True) if k]
-        if kind in (dict, ReadOnlyDict):
-            context = [c for c, k in zip(context, kept, strict=True) if k]
-        keys = [c for c, k in zip(keys, kept, strict=True) if k]
-    found = []
-    for key, child in zip(keys, children, strict=True):
-        pruned = _pruned(child, f"{path}/{key}" if path else key, layout, present)
-        if pruned is None:
-            return None
-        found.append(pruned)
-    return pytree.TreeSpec(kind, context, found)
 
 
 def owners_of(layout: dict[str, list[str]], paths: list[str]) -> list[str | None]:
