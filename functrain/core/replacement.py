@@ -875,7 +875,11 @@ def sitting_out(
     seats = known[3].get(key)
     leaves, spec = tree_flatten(settled)
     if seats is None or seats.spec != spec:
-        seats = _seats(tx.init, leaves, spec, params, key, known[2])
+        stand_ins = {k: _mark(p) for k, p in params.items()}  # (meta tensors: no memory)
+        try:
+            seats = _seats(tx.init, leaves, spec, stand_ins, key, known[2])
+        except Exception:  # (an init that reads its weights' values)
+            seats = _seats(tx.init, leaves, spec, params, key, known[2])
         if len(known[3]) >= 256:
             known[3].clear()
         known[3][key] = seats
@@ -1036,25 +1040,6 @@ def _known(tx: Any, params: dict[str, torch.Tensor]) -> list[Any]:
     return known
 
 
-def _seats(
-    init: Any,
-    leaves: list[Any],
-    spec: pytree.TreeSpec,
-    full: dict[str, torch.Tensor],
-    present: frozenset[str],
-    layout: dict[str, list[str]],
-) -> _Seats:
-    """The plan of `SittingOut` for the weights in `present`, from the leaves and structure of
-    the whole (settled) state: made by `resplit` on stand-ins (meta tensors: no memory; the
-    weights themselves for an ``init`` that reads their values). Made on a structure's first
-    such step, which checks that its containers walk alike (`_walks_alike`), and for each new
-    set of weights with a gradient where they do not."""
-    try:
-        return _plan(init, leaves, spec, {k: _mark(p) for k, p in full.items()}, present, layout)
-    except Exception:  # (an init that reads its weights' values)
-        return _plan(init, leaves, spec, full, present, layout)
-
-
 def owners_of(layout: dict[str, list[str]], paths: list[str]) -> list[str | None]:
     """The weight whose slot each leaf of an optimizer's state is (by its path, in the layout
     `slot_owners` found), or None (a count, a rate: the leaves of no one weight), as `resplit`
@@ -1080,7 +1065,7 @@ def _slot(
     return None
 
 
-def _plan(
+def _seats(
     init: Any,
     leaves: list[Any],
     spec: pytree.TreeSpec,
@@ -1088,7 +1073,11 @@ def _plan(
     present: frozenset[str],
     layout: dict[str, list[str]],
 ) -> _Seats:
-    """`_seats` with the weights `full` given to the optimizer's ``init``."""
+    """The plan of `SittingOut` for the weights in `present`, from the leaves and structure of
+    the whole (settled) state, made by `resplit` with the weights `full` given to the optimizer's
+    ``init`` (stand-ins where it takes them: no memory). Made on a structure's first such step,
+    which checks that its containers walk alike (`_walks_alike`), and for each new set of weights
+    with a gradient where they do not."""
     marks = [_mark(t) for t in leaves]
     params = {k: p for k, p in full.items() if k in present}
     sub = {c: type(names)(n for n in names if n in present) for c, names in layout.items()}
