@@ -775,13 +775,7 @@ class CheckpointManager:
         self._require_writer("clean up")
         if self._rank:
             return
-        for name in recover(self.directory):
-            warnings.warn(
-                f"{self.directory}: put back checkpoint {name}, displaced by a save that was "
-                "killed while replacing it",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        _put_back(self.directory, stacklevel=3)
 
 
 def _option_problems(
@@ -926,13 +920,7 @@ def _lock_and_recover(directory: Path, remove_temporary: bool) -> WriterLock:
         # refused before a step is taken, not at the first save (which never replaces it either)
         refuse_foreign_pointer(directory)
         if remove_temporary:
-            for name in recover(directory):
-                warnings.warn(
-                    f"{directory}: put back checkpoint {name}, displaced by a save that was "
-                    "killed while replacing it",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+            _put_back(directory, stacklevel=5)
     except OSError as e:
         lock.release()
         raise CheckpointError(
@@ -943,6 +931,17 @@ def _lock_and_recover(directory: Path, remove_temporary: bool) -> WriterLock:
         lock.release()
         raise
     return lock
+
+
+def _put_back(directory: Path, stacklevel: int) -> None:
+    """`recover` what interrupted saves left in `directory`, warning of each checkpoint put back."""
+    for name in recover(directory):
+        warnings.warn(
+            f"{directory}: put back checkpoint {name}, displaced by a save that was "
+            "killed while replacing it",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
 
 
 class _Unwaited:
