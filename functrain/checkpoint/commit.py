@@ -39,15 +39,19 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
 
-from functrain.checkpoint.files import fsync_dir, remove_later
+from functrain.checkpoint.files import fsync_dir, libc_function, remove_later
 from functrain.errors import CheckpointError
 
-__all__ = ["TMP_PREFIX", "commit", "commit_or_raise", "not_written", "remove"]
+__all__ = ["TMP_PREFIX", "temporary", "commit", "commit_or_raise", "not_written", "remove"]
 
 TMP_PREFIX = ".tmp-"
 """The prefix of the directories a save or a deletion has not finished with; readers skip them."""
+
+
+def temporary(target: Path) -> Path:
+    """Where a save of `target` writes before it commits: ``.tmp-<name>-<pid>-<8 hex>``, beside."""
+    return target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def commit(tmp: Path, target: Path) -> None:
@@ -147,27 +151,15 @@ def _replace(new: Path, target: Path) -> Path:
     return old
 
 
-_renameat2: Any = None
-
-
 def _exchange(a: Path, b: Path) -> None:
     """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``), else ENOSYS."""
-    global _renameat2
-    if _renameat2 is None:
-        try:
-            _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-            _renameat2.argtypes = [
-                ctypes.c_int,
-                ctypes.c_char_p,
-                ctypes.c_int,
-                ctypes.c_char_p,
-                ctypes.c_uint,
-            ]
-        except (OSError, AttributeError, TypeError):
-            _renameat2 = False
-    if _renameat2 is False:
+    char_p = ctypes.c_char_p
+    renameat2 = libc_function(
+        "renameat2", ctypes.c_int, char_p, ctypes.c_int, char_p, ctypes.c_uint
+    )
+    if renameat2 is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available")
     at_fdcwd, rename_exchange = -100, 2
-    if _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), str(a), None, str(b))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import mmap
 import os
@@ -98,6 +99,10 @@ _POOL_START_BYTES = 64 << 10  # the least that BLAKE3 hashes on its pool of thre
 # BLAKE3's pool of threads: None until started, False where it must not be used (a forked child,
 # where the parent's pool has no threads; a process where it could not start)
 _pool_threads: bool | None = None
+
+
+SPELLED = {"sha256": "SHA-256", "blake3": "BLAKE3"}
+"""Each digest's name as a message spells it."""
 
 
 def hasher(algorithm: str, threads: bool = False) -> Any:
@@ -281,7 +286,15 @@ def _pieces(chunks: list[memoryview], size: int) -> Iterator[list[memoryview]]:
         yield piece
 
 
-_sync_file_range: Any = None
+@functools.cache
+def libc_function(name: str, *argtypes: Any) -> Any:
+    """The C library's function `name` taking `argtypes`, or None where this system has none."""
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.argtypes = list(argtypes)
+    return function
 
 
 def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
@@ -290,21 +303,11 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
     Without it the dirty pages wait for the fsync, and the disk idles while the file is written
     (figures in ``benchmarks/README.md``).
     """
-    global _sync_file_range
-    if _sync_file_range is None:
-        try:
-            _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
-            _sync_file_range.argtypes = [
-                ctypes.c_int,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_uint,
-            ]
-        except (OSError, AttributeError, TypeError):
-            _sync_file_range = False
-    if _sync_file_range is not False:
+    int64 = ctypes.c_int64
+    sync_file_range = libc_function("sync_file_range", ctypes.c_int, int64, int64, ctypes.c_uint)
+    if sync_file_range is not None:
         sync_file_range_write = 2
-        _sync_file_range(
+        sync_file_range(
             fd, offset, nbytes, sync_file_range_write
         )  # errors ignored: the fsync decides
 
@@ -477,9 +480,9 @@ def _read_hashing(
     return True
 
 
-def digest_of(algorithm: str, data: bytes | bytearray) -> str:
-    """The hex digest of `data` by `algorithm` (``"blake3"`` or ``"sha256"``)."""
-    digest = hasher(algorithm)
+def digest_of(algorithm: str, data: bytes | bytearray | memoryview, threads: bool = False) -> str:
+    """The hex digest of `data` by `algorithm` (``"blake3"`` or ``"sha256"``), as `hasher`'s."""
+    digest = hasher(algorithm, threads)
     digest.update(data)
     return str(digest.hexdigest())
 

@@ -65,7 +65,6 @@ import re
 import shutil
 import stat
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -74,9 +73,10 @@ import blake3
 import orjson
 import torch
 
-from functrain.checkpoint.commit import TMP_PREFIX, commit_or_raise, not_written
+from functrain.checkpoint.commit import TMP_PREFIX, commit_or_raise, not_written, temporary
 from functrain.checkpoint.files import (
     DENIED,
+    SPELLED,
     available_memory,
     digest_of,
     fsync_dir,
@@ -150,7 +150,6 @@ _ALGORITHM = {1: "sha256", 2: "sha256", 3: "blake3", 4: "blake3", 5: "blake3"}
 _SEALS = {
     algorithm: f'{{\n  "manifest_{algorithm}": "'.encode() for algorithm in ("sha256", "blake3")
 }
-_SPELLED = {"sha256": "SHA-256", "blake3": "BLAKE3"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,7 +616,7 @@ def write_tree(
     writer = TreeWriter()
     structure = writer.node(tree, "", 0)
     extras = json_extras(fingerprint, metadata)
-    tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temporary(target)
     try:
         if make_parent:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -728,7 +727,7 @@ def _check_seal(raw: bytes | bytearray) -> tuple[str | None, str | None]:
             recorded = raw[start:end].decode("ascii", "replace")
             if digest_of(algorithm, raw[:start] + b"0" * 64 + raw[end:]) != recorded:
                 raise CheckpointCorruptError(
-                    f"{MANIFEST}: its {_SPELLED[algorithm]} digest does not match the "
+                    f"{MANIFEST}: its {SPELLED[algorithm]} digest does not match the "
                     f"manifest_{algorithm} it records (the file is corrupt)"
                 )
             return algorithm, recorded

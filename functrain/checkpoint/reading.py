@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from functrain.checkpoint.files import (
+    SPELLED,
+    digest_of,
     digest_of_range,
-    hasher,
     holes_in,
     open_regular,
     read_exactly,
@@ -38,8 +39,6 @@ from functrain.checkpoint.tensorfile import (
     tensors_of,
 )
 from functrain.errors import CheckpointCorruptError
-
-_SPELLED = {"sha256": "SHA-256", "blake3": "BLAKE3"}
 
 
 def _header_bound(index: Mapping[str, Any]) -> int:
@@ -64,7 +63,7 @@ def _read_tensor_file(
     name = path.name
     fd, size = open_regular(path, name)
     try:
-        head, entries = _read_header(fd, size, name, info, index)
+        head, entries = read_header(fd, size, name, info, index)
         _check_holes(fd, 0, len(head), size, name, algorithm, info[algorithm])
         whole, digest = read_hashed(fd, 0, size, name, algorithm)
     except OSError as e:
@@ -73,22 +72,18 @@ def _read_tensor_file(
         os.close(fd)
     if digest != info[algorithm]:
         raise CheckpointCorruptError(
-            f"{name}: {_SPELLED[algorithm]} digest does not match the manifest (the file is "
-            "corrupt)"
+            f"{name}: {SPELLED[algorithm]} digest does not match the manifest (the file is corrupt)"
         )
     if whole[: len(head)].numpy().tobytes() != head:  # the header judged above is the one hashed
         raise CheckpointCorruptError(f"{name}: changed while it was read")
     return tensors_of(entries, whole[len(head) :])
 
 
-def _read_header(
+def read_header(
     fd: int, size: int, name: str, info: Mapping[str, Any], index: Mapping[str, Any]
 ) -> tuple[bytearray, list[Entry]]:
     """The file's bytes before its data, and its entries, checked against `info` and `index`."""
-    if size != info["bytes"]:
-        raise CheckpointCorruptError(
-            f"{name}: {size} bytes, the manifest records {info['bytes']} (truncated or replaced)"
-        )
+    _check_recorded_size(name, size, info["bytes"])
     if size < 8:
         raise CheckpointCorruptError(f"{name}: {size} bytes, too short for a safetensors file")
     head = read_exactly(fd, 8, name)
@@ -117,7 +112,7 @@ def read_tensors(
     fd, size = open_regular(path, name)
     tensors: dict[str, torch.Tensor] = {}
     try:
-        head, entries = _read_header(fd, size, name, info, index)
+        head, entries = read_header(fd, size, name, info, index)
         for begin, stop, key, dtype, shape in entries:
             if key not in wanted:
                 continue
@@ -160,7 +155,7 @@ def _check_holes(
         return
     if digest_of_range(fd, hashed_from, stop - hashed_from, name, algorithm) != expected:
         what = (
-            f"the BLAKE3 digest of tensor {key[:100]!r}" if key else f"{_SPELLED[algorithm]} digest"
+            f"the BLAKE3 digest of tensor {key[:100]!r}" if key else f"{SPELLED[algorithm]} digest"
         )
         raise CheckpointCorruptError(
             f"{name}: has holes where its data should be (no disk blocks), and {what} does not "
@@ -294,12 +289,15 @@ def _check_size(path: Path, recorded: int) -> int:
         return recorded  # the open says why
     if not stat.S_ISREG(st.st_mode):
         return recorded
-    if st.st_size != recorded:
-        raise CheckpointCorruptError(
-            f"{path.name}: {st.st_size} bytes, the manifest records {recorded} (truncated or "
-            "replaced)"
-        )
+    _check_recorded_size(path.name, st.st_size, recorded)
     return min(recorded, st.st_blocks * 512)
+
+
+def _check_recorded_size(name: str, size: int, recorded: int) -> None:
+    if size != recorded:
+        raise CheckpointCorruptError(
+            f"{name}: {size} bytes, the manifest records {recorded} (truncated or replaced)"
+        )
 
 
 def _shard_bytes(info: Mapping[str, Any], file: str) -> int:
@@ -315,17 +313,11 @@ def _check_shard_digests(
             (shard["blake3"] for shard in index[key].get("shards", ()) if shard["file"] == name),
             None,
         )
-        if digest is not None and _digest_of_tensor(t) != digest:
+        if digest is not None and digest_of("blake3", bytes_of(t.contiguous()), True) != digest:
             raise CheckpointCorruptError(
                 f"{name}: the BLAKE3 digest of tensor {key[:100]!r} does not match the manifest "
                 "(the file is corrupt)"
             )
-
-
-def _digest_of_tensor(t: torch.Tensor) -> str:
-    digest = hasher("blake3", threads=True)
-    digest.update(bytes_of(t.contiguous()))
-    return str(digest.hexdigest())
 
 
 def _assemble(

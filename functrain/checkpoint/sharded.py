@@ -31,20 +31,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import orjson
 import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from functrain import errors
-from functrain.checkpoint.commit import TMP_PREFIX, commit_or_raise
-from functrain.checkpoint.files import hasher, wait_for_removals
+from functrain.checkpoint.commit import commit_or_raise, temporary
+from functrain.checkpoint.files import digest_of_range, open_regular, wait_for_removals
 from functrain.checkpoint.format import (
     SHARDED_FORMAT_VERSION,
     TreeWriter,
@@ -55,6 +52,7 @@ from functrain.checkpoint.format import (
     write_manifest,
     write_tensor_files,
 )
+from functrain.checkpoint.reading import index_by_file, read_header
 from functrain.distributed.data_parallel import all_gather_json
 from functrain.distributed.sharding import is_sharded
 from functrain.distributed.sharding import like as placed_as
@@ -272,7 +270,7 @@ def write_sharded(
         if rank == 0:
             if make_parent:
                 target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp = temporary(target)
             tmp.mkdir()
     except Exception as e:
         error = e
@@ -392,27 +390,20 @@ def written_digests(tmp: Path, index: Mapping[str, Any]) -> dict[str, str]:
 
     Read back from the file just written (from the page cache), not hashed from the tensor's memory:
     a tensor written into meanwhile (through ``.data``) would otherwise be recorded with a digest
-    its file does not match, and the committed checkpoint would fail its own check.
+    its file does not match, and the committed checkpoint would fail its own check. Its header is
+    checked against `index` as a load checks it (`functrain.checkpoint.reading.read_header`).
     """
-    by_file: dict[str, list[str]] = {}
-    for key, entry in index.items():
-        by_file.setdefault(entry["file"], []).append(key)
     digests = {}
-    for name, keys in by_file.items():
-        with open(tmp / name, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = orjson.loads(f.read(length))
-            for key in keys:
-                begin, end = header[key]["data_offsets"]
-                f.seek(8 + length + begin)
-                digest = hasher("blake3", threads=True)  # not in a forked child: see hasher
-                for at in range(begin, end, _READ_PIECE):
-                    digest.update(f.read(min(_READ_PIECE, end - at)))
-                digests[key] = str(digest.hexdigest())
+    for name, entries in index_by_file(index).items():
+        fd, size = open_regular(tmp / name, name)
+        try:
+            head, parsed = read_header(fd, size, name, {"bytes": size}, entries)
+            for begin, stop, key, _, _ in parsed:
+                at = len(head) + begin
+                digests[key] = digest_of_range(fd, at, stop - begin, name, "blake3")
+        finally:
+            os.close(fd)
     return digests
-
-
-_READ_PIECE = 8 << 20
 
 
 def _seal_and_commit(
