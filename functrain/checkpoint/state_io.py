@@ -698,22 +698,14 @@ def _parked_in_formula_layouts(parked: Any, opt_state: Any) -> Any:
     written where a formula's state kept its moments as fields, of its own or of a chain's
     states (`RuleState.before`), keyed where the template keeps them now (its ``slots``): a
     frozen weight finds its moments when it trains again."""
-    renamed: list[tuple[re.Pattern[str], str]] = []
-
-    def walk(node: Any, path: str) -> None:
-        if isinstance(node, RuleState):
-            for old, new in getattr(type(node), "before", {}).items():
-                pattern = re.compile(re.escape(path) + r"(?:\d+/)?" + re.escape(old))
-                renamed.append((pattern, f"{path}slots/{new}"))
-        elif isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{path}{k}/")
-        elif isinstance(node, (tuple, list)):
-            names = node._fields if hasattr(node, "_fields") else range(len(node))
-            for k, v in zip(names, node, strict=True):
-                walk(v, f"{path}{k}/")
-
-    walk(opt_state, "")
+    formulas = leaves_by_path(opt_state, is_leaf=lambda x: isinstance(x, RuleState))
+    renamed = [
+        (re.compile(re.escape(head) + r"(?:\d+/)?" + re.escape(old)), f"{head}slots/{new}")
+        for path, node in formulas.items()
+        if isinstance(node, RuleState)
+        for head in [f"{path}/" if path else ""]
+        for old, new in getattr(type(node), "before", {}).items()
+    ]
     if not renamed or not isinstance(parked, dict):
         return parked
 
