@@ -73,9 +73,13 @@ _INT_LIMIT = 2**63
 Check = Callable[[str, Any], list[str]]
 
 
-def option(
-    default: Any,
-    *,
+def option(default: Any, **meta: Any) -> Any:
+    """A field of an option group: its `default` (its value when not given, immutable: the groups
+    are frozen values) and `meta`, what `about` says of the option (its keywords)."""
+    return attrs.field(default=default, metadata=about(**meta))
+
+
+def about(
     minimum: int | None = None,
     check: Check | None = None,
     needs: str | None = None,
@@ -83,11 +87,12 @@ def option(
     hidden: bool = False,
     listed: bool = False,
     compared: bool = True,
-) -> Any:
-    """A field of an option group.
+) -> dict[str, Any]:
+    """What a field's metadata says of its option: `option`'s keywords, and a field's with a
+    converter, ``attrs.field(converter=..., metadata=about(...))``, whose ``__init__`` type the
+    type checker takes from the converter.
 
     Args:
-        default: its value when not given (immutable: the groups are frozen values).
         minimum: an int option's least value (None also allowed where the default is None).
         check: the problems of a value (by the option's name) beyond what its type says: a
             ``bool`` must be one, a ``Literal`` one of its choices.
@@ -102,23 +107,6 @@ def option(
             for an option that says how the run is watched or when it ends, never what it
             computes (exempt by design: `UNCOMPARED`).
     """
-    return attrs.field(
-        default=default, metadata=about(minimum, check, needs, plain, hidden, listed, compared)
-    )
-
-
-def about(
-    minimum: int | None = None,
-    check: Check | None = None,
-    needs: str | None = None,
-    plain: bool = True,
-    hidden: bool = False,
-    listed: bool = False,
-    compared: bool = True,
-) -> dict[str, Any]:
-    """What a field's metadata says of its option (`option`'s arguments), for a field with a
-    converter: ``attrs.field(converter=..., metadata=about(...))``, whose ``__init__`` type the
-    type checker takes from the converter."""
     return {
         "minimum": minimum,
         "check": check,
