@@ -37,7 +37,6 @@ allows, for a config from elsewhere.
 from __future__ import annotations
 
 import inspect
-import logging
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -49,9 +48,10 @@ import torch
 from torch import nn
 
 from functrain.config.compose import dotted, hydra_modules
-from functrain.config.keys import SECTIONS, SET_ELSEWHERE, did_you_mean, section_arguments
+from functrain.config.keys import OWN, SECTIONS, SET_ELSEWHERE, did_you_mean, section_arguments
 from functrain.config.targets import (
     BUILT,
+    imported,
     path_problem,
     refused_path_problem,
     refused_target_problem,
@@ -354,10 +354,9 @@ def _keyword_problems(config: dict[str, Any], section: str, taker: str) -> list[
     if not isinstance(node, dict) or "_target_" in node:
         return [f"{section}: expected a mapping of {name}'s arguments, got {_got(node)}"]
     names = section_arguments(section) or []
-    reserved = ("module", "optimizer", "loss_fn") if section == "state" else tuple(SET_ELSEWHERE)
     p = []
     for key in node:
-        if key in reserved:
+        if key in OWN[section]:
             where = SET_ELSEWHERE.get(key, "the other sections")
             p.append(f"{section}.{key}: set by {where}, not here")
         elif key not in names:
@@ -382,20 +381,14 @@ def _binding_problems(node: dict[str, Any], key: str, trust: _Trust) -> list[str
     refused = refused_path_problem(path)
     if refused is not None:
         return [f"{key}._target_: {refused}"]
-    hydra, _ = hydra_modules()
-    quiet = logging.getLogger(
-        "hydra.utils"
-    )  # it logs the failure it raises: the problem is reported once, here
-    was, quiet.disabled = quiet.disabled, True
+    hydra_modules()
     try:
-        target = hydra.utils.get_object(path)
+        target = imported(path)
     except Exception as e:  # noqa: BLE001 - any import failure is the config's problem to report
         return [
             f"{key}._target_: expected an importable class or function, got {path!r} "
             f"({_cause(e)}){_cwd_hint(e)}"
         ]
-    finally:
-        quiet.disabled = was
     refused = safe_problem(path, target, trust.allow) if trust.safe else None
     if refused is not None:
         return [f"{key}._target_: safe mode refuses it: {refused}"]

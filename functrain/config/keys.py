@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from functrain.config.targets import imported
 from functrain.core.state import TrainState
 from functrain.driver.options import OPTION_NAMES
 
 __all__ = [
     "SECTIONS",
     "SET_ELSEWHERE",
+    "OWN",
     "section_arguments",
     "target_arguments",
     "did_you_mean",
@@ -38,7 +39,8 @@ SET_ELSEWHERE = {
     "callbacks": "callbacks",
     "config": "the config itself",
 }
-_OWN = {"state": ("module", "optimizer", "loss_fn"), "fit": tuple(SET_ELSEWHERE)}
+# the arguments of `TrainState.create` and `fit` that the other sections give
+OWN = {"state": ("module", "optimizer", "loss_fn"), "fit": tuple(SET_ELSEWHERE)}
 
 
 def section_arguments(section: str) -> list[str] | None:
@@ -57,11 +59,11 @@ def section_arguments(section: str) -> list[str] | None:
     if section == "data":
         return ["train", "eval", "test"]
     if section == "fit":
-        return [n for n in OPTION_NAMES if n not in _OWN[section]]
+        return [n for n in OPTION_NAMES if n not in OWN[section]]
     if section != "state":
         return None
     create = inspect.signature(TrainState.create).parameters
-    return [n for n in create if n not in _OWN[section]]
+    return [n for n in create if n not in OWN[section]]
 
 
 def target_arguments(path: str) -> list[str] | None:
@@ -70,16 +72,10 @@ def target_arguments(path: str) -> list[str] | None:
     None where it takes any (``**kwargs``), has no signature, or does not import (`build_run`
     reports that).
     """
-    import hydra.utils  # imported by load_config or build_run before any key is read
-
-    quiet = logging.getLogger("hydra.utils")  # it logs the failure it raises
-    was, quiet.disabled = quiet.disabled, True
     try:
-        signature = inspect.signature(hydra.utils.get_object(path))
+        signature = inspect.signature(imported(path))
     except Exception:  # noqa: BLE001 - an import failure is build_run's to report
         return None
-    finally:
-        quiet.disabled = was
     params = signature.parameters.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None

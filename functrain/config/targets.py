@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import logging
 import types
 import typing
 from collections.abc import Sequence
@@ -350,15 +351,26 @@ def refused_target_problem(path: str, target: Any) -> str | None:
     )
 
 
+def imported(path: str) -> Any:
+    """The object the dotted `path` names, as Hydra imports a ``_target_`` (raising what the
+    import raised, which Hydra's log does not repeat: the caller reports it)."""
+    import hydra.utils  # imported by load_config or build_run before any target is read
+
+    quiet = logging.getLogger("hydra.utils")
+    was, quiet.disabled = quiet.disabled, True
+    try:
+        return hydra.utils.get_object(path)
+    finally:
+        quiet.disabled = was
+
+
 def _method_owner(path: str, target: Any) -> str | None:
     """The class `path` names `target` through, where `target` is a method of its instances."""
     if not inspect.isroutine(target) or getattr(target, "__self__", None) is not None:
         return None  # bound: a classmethod, or a method of an object the module holds
     owner_path, _, name = path.rpartition(".")
-    import hydra.utils  # imported by build_run before any target is checked
-
     try:
-        owner = hydra.utils.get_object(owner_path)
+        owner = imported(owner_path)
     except Exception:  # noqa: BLE001 - no owner that imports, no method of one
         return None
     if not inspect.isclass(owner) or isinstance(
