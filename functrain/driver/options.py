@@ -62,8 +62,12 @@ __all__ = [
     "regular_file_problem",
 ]
 
-# the dict form of early stopping, as a step-driven Runner spec writes it
-EARLY_STOPPING_KEYS = ("target", "patience", "mode", "min_delta")
+# the dict form of early stopping, as a step-driven Runner spec writes it: EarlyStopping's
+# arguments with their defaults (its other fields are the counts a run keeps)
+_EARLY_DEFAULTS = {
+    f.name: f.default for f in attrs.fields(EarlyStopping) if f.name not in ("best", "bad_evals")
+}
+EARLY_STOPPING_KEYS = tuple(_EARLY_DEFAULTS)
 
 # torch.Generator.manual_seed's range, and what the checkpoint's JSON can hold
 SEED_RANGE = (-(2**63), 2**64)
@@ -379,8 +383,7 @@ def early_stopping_of(value: Any) -> tuple[EarlyStopping | None, list[str]]:
             f"{list(EARLY_STOPPING_KEYS)}"
         )
     given = dict(value)
-    target, patience = given.get("target", "val_loss"), given.get("patience", 5)
-    mode, delta = given.get("mode", "min"), given.get("min_delta", 0.0)
+    target, patience, mode, delta = ({**_EARLY_DEFAULTS, **given}[k] for k in EARLY_STOPPING_KEYS)
     if not isinstance(target, str):
         p.append(
             f"early_stopping['target'] must be a metric name such as 'val_loss', got {target!r}"
