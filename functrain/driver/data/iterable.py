@@ -404,11 +404,7 @@ def order_setup(loader: DataLoader) -> dict[str, Any]:
         >>> order_setup(DataLoader(range(4), batch_size=2, shuffle=True))
         {'shuffle': True, 'sampler': 'torch.utils.data.sampler.RandomSampler'}
     """
-    batches = loader.batch_sampler
-    if batches is None:
-        sampler = loader.sampler
-    else:
-        sampler = batches.sampler if isinstance(batches, BatchSampler) else batches
+    sampler = sampler_of(loader)
     kind = type(sampler)
     shuffle = getattr(sampler, "shuffle", None)
     if isinstance(sampler, RandomSampler):
@@ -419,6 +415,15 @@ def order_setup(loader: DataLoader) -> dict[str, Any]:
         "shuffle": shuffle if isinstance(shuffle, bool) else None,
         "sampler": f"{kind.__module__}.{kind.__qualname__}",
     }
+
+
+def sampler_of(loader: DataLoader) -> Any:
+    """The sampler `loader`'s `BatchSampler` batches, its batch sampler where it is another, or
+    its sampler where it batches nothing."""
+    batches = loader.batch_sampler
+    if batches is None:
+        return loader.sampler
+    return batches.sampler if isinstance(batches, BatchSampler) else batches
 
 
 def _persistent(source: Any) -> bool:
@@ -438,10 +443,8 @@ def generators_of(source: Any) -> list[torch.Generator]:
         >>> generators_of(DataLoader(range(4), shuffle=True, generator=g)) == [g]
         True
     """
-    holders = [source, getattr(source, "sampler", None), getattr(source, "batch_sampler", None)]
-    holders.append(getattr(holders[2], "sampler", None))
     found: list[torch.Generator] = []
-    for holder in holders:
+    for holder in _holders(source):
         g = getattr(holder, "generator", None)
         if isinstance(g, torch.Generator) and all(g is not f for f in found):
             found.append(g)
@@ -467,17 +470,19 @@ def epoch_sized(source: Any) -> bool:
     )
 
 
+def _holders(source: Any) -> list[Any]:
+    """The source and what a loader holds: its sampler, its batch sampler and the sampler that
+    one batches (None where it has none)."""
+    batches = getattr(source, "batch_sampler", None)
+    return [source, getattr(source, "sampler", None), batches, getattr(batches, "sampler", None)]
+
+
 def _epoch_setters(source: Any) -> list[Any]:
     """The ``set_epoch`` methods of the source, and for a `DataLoader` of its dataset and
     samplers, each holder's once."""
     holders = [source]
     if isinstance(source, DataLoader):
-        holders += [
-            source.dataset,
-            source.sampler,
-            source.batch_sampler,
-            getattr(source.batch_sampler, "sampler", None),
-        ]
+        holders = [source, source.dataset, *_holders(source)[1:]]
     seen: list[Any] = []
     found = []
     for holder in holders:

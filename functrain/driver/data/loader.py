@@ -25,6 +25,7 @@ from functrain.driver.data.iterable import (
     announce_epoch,
     generators_of,
     is_counted_position,
+    sampler_of,
 )
 from functrain.driver.seeding import (
     EpochStream,
@@ -140,7 +141,7 @@ class DataLoaderSource(IterableSource):
         ranks = _split_over(cast(DataLoader, self.source))
         if ranks is not None:
             setup["ranks"] = ranks
-        sampler = _sampler(cast(DataLoader, self.source))
+        sampler = sampler_of(cast(DataLoader, self.source))
         if isinstance(sampler, DistributedSampler):
             setup["sampler_seed"], setup["sampler_drop_last"] = sampler.seed, sampler.drop_last
         if self.sample_seeded:
@@ -169,7 +170,7 @@ class DataLoaderSource(IterableSource):
         loader = cast(DataLoader, self.source)
         return (
             type(loader.batch_sampler) is BatchSampler
-            and type(_sampler(loader)) is DistributedSampler
+            and type(sampler_of(loader)) is DistributedSampler
         )
 
     def resume(self, saved: Any, dist: Any) -> None:
@@ -549,19 +550,13 @@ def _take(batches: Iterator[Any], n: int) -> list[list[Any]]:
     return taken
 
 
-def _sampler(loader: DataLoader) -> Any:
-    """The sampler `loader`'s `BatchSampler` batches, or its batch sampler where it is another."""
-    batches = loader.batch_sampler
-    return batches.sampler if isinstance(batches, BatchSampler) else batches
-
-
 def _sampler_name(loader: DataLoader) -> str:
-    return type(_sampler(loader)).__name__
+    return type(sampler_of(loader)).__name__
 
 
 def _split_over(loader: DataLoader) -> int | None:
     """The number of ranks `loader`'s sampler splits each epoch over (``num_replicas``), if any."""
-    replicas = getattr(_sampler(loader), "num_replicas", None)
+    replicas = getattr(sampler_of(loader), "num_replicas", None)
     return replicas if isinstance(replicas, int) else None
 
 
