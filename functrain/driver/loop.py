@@ -26,6 +26,7 @@ from functrain.core.compiled import CompiledStep, compile_step
 from functrain.core.stacked import host_count, member_columns
 from functrain.core.state import TrainState
 from functrain.core.step import train_step
+from functrain.distributed.data_parallel import gather_objects
 from functrain.driver.arguments import raise_empty_epoch
 from functrain.driver.callbacks import Run, runs_users_code
 from functrain.driver.data import (
@@ -750,12 +751,14 @@ class Loop:
         if not self.train.saves_position:
             return driver
         if self.manager is not None:
-            driver["source"] = self.train.saved_states(
-                self.state.dist
-            )  # on every rank: a collective
+            # ``{"ranks": [the source's state_tree on rank 0, rank 1, ...]}``: every rank's source
+            # reads its own stream, so each rank's is gathered (a collective, at the same save on
+            # every rank) and every rank holds them all
+            ranks = gather_objects(self.train.state_tree(), self.state.dist)
+            driver["source"] = {"ranks": ranks}
         elif self.pos != 0 and self.state.dist is None:
             try:
-                driver["source"] = self.train.saved_states(None)
+                driver["source"] = {"ranks": [self.train.state_tree()]}
             except ConfigError:
                 pass  # a state no checkpoint could hold either: the next fit replays instead
         return driver

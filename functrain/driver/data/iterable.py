@@ -22,7 +22,6 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from functrain.distributed.data_parallel import gather_objects
 from functrain.driver.seeding import EpochStream, mix, python_and_numpy_seeded
 from functrain.errors import ConfigError
 
@@ -241,16 +240,6 @@ class IterableSource:
         Anything else (the state of other data, saved by a run that read it) is not checked.
         """
         self.restored = tree if is_counted_position(tree) else None
-
-    def saved_states(self, dist: Any) -> dict[str, Any]:
-        """What ``state.driver["source"]`` holds: ``{"ranks": [state_tree of rank 0, rank 1, ...]}``
-        (each rank's position; of a `StatefulSource`, its data's state).
-
-        Under torch.distributed every rank's source reads its own stream, so each rank's tree is
-        gathered (a collective: every rank calls this at the same save) and every rank holds them
-        all.
-        """
-        return {"ranks": gather_objects(self.state_tree(), dist)}
 
     def resume(self, saved: Any, dist: Any) -> None:
         """Take this rank's saved position from ``state.driver["source"]``.

@@ -23,7 +23,6 @@ from functrain.core.failures import describe_batch
 from functrain.core.loss import counted_samples, samples_in
 from functrain.core.stacked_step import PerMember, member_zero
 from functrain.core.state import TrainState
-from functrain.distributed.data_parallel import gather_objects
 from functrain.driver.data.batcher import Batcher
 from functrain.driver.data.iterable import EXHAUSTED, IterableSource
 from functrain.driver.data.stateful import is_stateful
@@ -374,13 +373,6 @@ class MemberSource:
         """``{"members": [member 0's position, ...]}``; None for a member whose counters tell it."""
         positioned = [_positioned(s) for s in self.sources]
         return {"members": [s.state_tree() if s is not None else None for s in positioned]}
-
-    def saved_states(self, dist: Any) -> dict[str, Any]:
-        """What ``state.driver["source"]`` holds: ``{"ranks": [state_tree of rank 0, ...]}``.
-
-        A collective under torch.distributed.
-        """
-        return {"ranks": gather_objects(self.state_tree(), dist)}
 
     def resume(self, saved: Any, dist: Any) -> None:
         """Give each member's source its saved positions (of every rank) from ``state.driver``.

@@ -208,8 +208,9 @@ def _unstorable(path: str, got: str, expected: str) -> str:
 
 
 def source_problems(saved: Any, path: str) -> list[str]:
-    """What keeps `saved` from being what `StatefulSource.saved_states` writes (empty if it is),
-    the positions in it (`IterableSource.state_tree`) included."""
+    """What keeps `saved` from being what ``state.driver["source"]`` holds (empty if it is): each
+    rank's `state_tree` (``{"ranks": [...]}``), the positions in it (`IterableSource.state_tree`)
+    included."""
     if saved is None:
         return []
     if (
