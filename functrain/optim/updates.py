@@ -196,15 +196,16 @@ def as_tensors(updates: Updates, params: Tree | None = None) -> list[torch.Tenso
             raise ConfigError(
                 "materializing a decayed ParamStep needs the parameters; pass params="
             )
-        new = _apply_step(
-            p if p is not None else [torch.zeros_like(d) for d in updates.direction], updates
-        )
         base = p if p is not None else [torch.zeros_like(d) for d in updates.direction]
-        return list(torch._foreach_sub(new, base))
+        return list(torch._foreach_sub(_apply_step(base, updates), base))
     return tree_leaves(updates)
 
 
-def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
+def _apply_step(
+    p: list[torch.Tensor], step: ParamStep, in_place: bool = False
+) -> list[torch.Tensor]:
+    """The parameters `p` after `step`, in fresh tensors; with `in_place` (a step without a
+    `keep`) written into `p` itself, with torch.optim's own in-place ops: the same roundings."""
     mask = step.decay_mask or (True,) * len(p)
     decayed = [i for i, m in enumerate(mask) if m] if step.decay is not None else []
     plain = [i for i in range(len(p)) if step.decay is None or not mask[i]]
@@ -212,44 +213,23 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
     new: list[torch.Tensor] = list(p)
     if decayed and step.decay is not None:
         # torch.optim's order: p * (1 - lr * wd) first, then the update, in place on that fresh
-        # buffer
-        out = list(
-            torch._foreach_mul([p[i] for i in decayed], _in_dtype(step.decay, p[decayed[0]]))
-        )
-        _add_step_(out, decayed, step, direction)
+        # buffer (or on the parameters themselves)
+        out = [p[i] for i in decayed]
+        decay = _in_dtype(step.decay, out[0])
+        if in_place:
+            torch._foreach_mul_(out, decay)
+        else:
+            out = list(torch._foreach_mul(out, decay))
+        _add_step(out, decayed, step, direction, in_place=True)
         for i, t in zip(decayed, out, strict=True):
             new[i] = t
     if plain:
-        src = [p[i] for i in plain]
-        dirs = [direction[i] for i in plain]
-        if _fma_alpha(step.alpha, p):
-            out = [
-                torch.addcmul(x, d, step.alpha.to(d.dtype)) for x, d in zip(src, dirs, strict=True)
-            ]
-        else:
-            out = _added(src, dirs, step.alpha, in_place=False)
+        out = _add_step([p[i] for i in plain], plain, step, direction, in_place)
         for i, t in zip(plain, out, strict=True):
             new[i] = t
     if step.keep is not None:
         new = [torch.where(step.keep, n, old) for n, old in zip(new, p, strict=True)]
     return new
-
-
-def _apply_step_(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
-    """`_apply_step` without a `keep`, written into `p` itself.
-
-    With torch.optim's own in-place ops, the same roundings.
-    """
-    mask = step.decay_mask or (True,) * len(p)
-    decayed = [p[i] for i, m in enumerate(mask) if m] if step.decay is not None else []
-    plain = [i for i in range(len(p)) if step.decay is None or not mask[i]]
-    direction = _directions(step, p)
-    if decayed and step.decay is not None:
-        torch._foreach_mul_(decayed, _in_dtype(step.decay, decayed[0]))
-        _add_step_(decayed, [i for i, m in enumerate(mask) if m], step, direction)
-    if plain:
-        _add_step_([p[i] for i in plain], plain, step, direction)
-    return p
 
 
 def _in_dtype(factor: Factor, like: torch.Tensor) -> Factor:
@@ -311,15 +291,23 @@ def _off_cpu_eager(p: list[torch.Tensor]) -> bool:
     return len(p) > 0 and p[0].device.type != "cpu" and not torch.compiler.is_compiling()
 
 
-def _add_step_(
-    out: list[torch.Tensor], idx: list[int], step: ParamStep, direction: list[torch.Tensor]
-) -> None:
-    """Add the step's leaves `idx` to `out` (fresh buffers this call owns), in place."""
-    if _fma_alpha(step.alpha, out):
-        for o, i in zip(out, idx, strict=True):
-            o.addcmul_(direction[i], step.alpha.to(o.dtype))
-    else:
-        _added(out, [direction[i] for i in idx], step.alpha, in_place=True)
+def _add_step(
+    out: list[torch.Tensor],
+    idx: list[int],
+    step: ParamStep,
+    direction: list[torch.Tensor],
+    in_place: bool,
+) -> list[torch.Tensor]:
+    """`out` plus the step's leaves `idx`: into `out` itself with `in_place` (fresh buffers this
+    call owns, or parameters a donated step gave up)."""
+    dirs = [direction[i] for i in idx]
+    if not _fma_alpha(step.alpha, out):
+        return _added(out, dirs, step.alpha, in_place=in_place)
+    if not in_place:
+        return [torch.addcmul(o, d, step.alpha.to(o.dtype)) for o, d in zip(out, dirs, strict=True)]
+    for o, d in zip(out, dirs, strict=True):
+        o.addcmul_(d, step.alpha.to(o.dtype))
+    return out
 
 
 def _added(
@@ -396,7 +384,7 @@ def stepped(p: list[torch.Tensor], step: ParamStep, in_place: bool = False) -> l
         [tensor([0.5000, 0.5000])]
     """
     if step.keep is None and in_place and not torch.compiler.is_compiling():
-        return _apply_step_(p, step)
+        return _apply_step(p, step, in_place=True)
     return _apply_step(p, step)
 
 
