@@ -35,6 +35,7 @@ rounding exact; `functrain.optim.updates.apply_updates` returns the new paramete
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, overload
 
@@ -298,6 +299,7 @@ class EmptyState(NamedTuple):
     """The state of a stateless transform."""
 
 
+@dataclasses.dataclass(eq=False, repr=False)
 class ExtrasUpdate:
     """An update that takes ``extras=`` (keyword-only, `NO_EXTRAS` by default), with what it
     declares about itself.
@@ -359,39 +361,26 @@ class ExtrasUpdate:
         2
     """
 
-    def __init__(
-        self,
-        fn: Callable[..., tuple[Any, ...]],
-        *,
-        members: bool = False,
-        plan: Planner | None = None,
-        plan_members: MembersPlanner | None = None,
-        sparse: bool = False,
-        sparse_twin: Callable[[], Any] | str | None = None,
-        device_form: Callable[[torch.device, frozenset[torch.dtype]], Any] | None = None,
-        reports: bool = False,
-        scales_by: Callable[[Any], torch.Tensor] | None = None,
-        folds_scales: bool = False,
-        rates: Callable[[Any], dict[str, torch.Tensor]] | None = None,
-        averaging: Callable[[list[torch.Tensor], Any, bool], Any] | None = None,
-    ) -> None:
-        if not callable(fn):
+    fn: Callable[..., tuple[Any, ...]]
+    _: dataclasses.KW_ONLY
+    members: bool = False
+    plan: Planner | None = None
+    plan_members: MembersPlanner | None = None
+    sparse: bool = False
+    sparse_twin: Callable[[], Any] | str | None = None
+    device_form: Callable[[torch.device, frozenset[torch.dtype]], Any] | None = None
+    reports: bool = False
+    scales_by: Callable[[Any], torch.Tensor] | None = None
+    folds_scales: bool = False
+    rates: Callable[[Any], dict[str, torch.Tensor]] | None = None
+    averaging: Callable[[list[torch.Tensor], Any, bool], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
             raise ConfigError(
                 "with_extras marks a transform's update function, got "
-                f"{type(fn).__name__} {fn!r}; pass the update function itself"
+                f"{type(self.fn).__name__} {self.fn!r}; pass the update function itself"
             )
-        self.fn = fn
-        self.members = members
-        self.plan = plan
-        self.plan_members = plan_members
-        self.sparse = sparse
-        self.sparse_twin = sparse_twin
-        self.device_form = device_form
-        self.reports = reports
-        self.scales_by = scales_by
-        self.folds_scales = folds_scales
-        self.rates = rates
-        self.averaging = averaging
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _DECLARED and name in self.__dict__:
@@ -411,8 +400,7 @@ class ExtrasUpdate:
 
     def but(self, **changes: Any) -> ExtrasUpdate:
         """The same update with some declarations changed (`ExtrasUpdate`'s keyword arguments)."""
-        fields = {name: getattr(self, name) for name in _DECLARED if name != "fn"}
-        return ExtrasUpdate(self.fn, **{**fields, **changes})
+        return dataclasses.replace(self, **changes)
 
     def __repr__(self) -> str:
         names = _DECLARED[1:]
@@ -421,20 +409,7 @@ class ExtrasUpdate:
 
 
 # what an `ExtrasUpdate` declares, set once where it is built
-_DECLARED = (
-    "fn",
-    "members",
-    "plan",
-    "plan_members",
-    "sparse",
-    "sparse_twin",
-    "device_form",
-    "reports",
-    "scales_by",
-    "folds_scales",
-    "rates",
-    "averaging",
-)
+_DECLARED = tuple(field.name for field in dataclasses.fields(ExtrasUpdate))
 
 
 def with_extras(update: Callable[..., tuple[Updates, Tree]]) -> ExtrasUpdate:
