@@ -553,6 +553,33 @@ def refuse_sparse(leaves: Sequence[torch.Tensor]) -> None:
         )
 
 
+def _torch_op(name: str) -> Callable[..., torch.Tensor]:
+    """`Ops`' op `name`, torch's of its name: its in-place method in place (``a.neg_()``), else
+    its function (``torch.neg(a)``), with the arguments the formula gave."""
+    in_place, out_of_place = getattr(torch.Tensor, name + "_"), getattr(torch, name)
+
+    def op(self: Ops, a: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return in_place(a, *args, **kwargs) if self.in_place else out_of_place(a, *args, **kwargs)
+
+    op.__name__ = name
+    return op
+
+
+def _listed(name: str, each: bool = False) -> Callable[..., Any]:
+    """`ListOps`' op `name` of lists: its foreach kernel (`ListOps._run`); with `each`,
+    `EachOps`', tensor by tensor with the arguments the formula gave (`ListOps._each`)."""
+
+    def run(self: ListOps, a: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._run(name, a, *args, **kwargs)
+
+    def by_tensor(self: ListOps, a: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._each(name, a, *args, **kwargs)
+
+    op = by_tensor if each else run
+    op.__name__ = name
+    return op
+
+
 class Ops:
     """The ops of a formula (`Rule.step`), run in one of three modes (the module's docstring).
 
@@ -641,14 +668,6 @@ class Ops:
             w = weight.value if weight.tensor is None else weight.tensor.to(a.dtype)
         return a.lerp_(b, w) if self.in_place else torch.lerp(a, b, w)
 
-    def addcmul(
-        self, a: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, value: float = 1.0
-    ) -> torch.Tensor:
-        """``a + value * t1 * t2`` (torch's ``addcmul``)."""
-        if self.in_place:
-            return a.addcmul_(t1, t2, value=value)
-        return torch.addcmul(a, t1, t2, value=value)
-
     def addcdiv(
         self, a: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, value: Scalar | float = 1.0
     ) -> torch.Tensor:
@@ -672,34 +691,23 @@ class Ops:
             return a.sqrt_()
         return safe_sqrt(a) if self.differentiable else torch.sqrt(a)
 
-    def neg(self, a: torch.Tensor) -> torch.Tensor:
-        return a.neg_() if self.in_place else torch.neg(a)
+    def addcmul(
+        self, a: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, value: float = 1.0
+    ) -> torch.Tensor:
+        """``a + value * t1 * t2`` (torch's ``addcmul``)."""
+        if self.in_place:
+            return a.addcmul_(t1, t2, value=value)
+        return torch.addcmul(a, t1, t2, value=value)
 
-    def reciprocal(self, a: torch.Tensor) -> torch.Tensor:
-        """``1 / a`` (torch's ``reciprocal``)."""
-        return a.reciprocal_() if self.in_place else torch.reciprocal(a)
-
-    def rsqrt(self, a: torch.Tensor) -> torch.Tensor:
-        """``1 / sqrt(a)`` in one rounding (torch's ``rsqrt``: not ``reciprocal(sqrt(a))``)."""
-        return a.rsqrt_() if self.in_place else torch.rsqrt(a)
-
-    def abs(self, a: torch.Tensor) -> torch.Tensor:
-        return a.abs_() if self.in_place else torch.abs(a)
-
-    def sign(self, a: torch.Tensor) -> torch.Tensor:
-        return a.sign_() if self.in_place else torch.sign(a)
-
-    def masked_fill(self, a: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
-        """`a` with `value` where `mask` holds (torch's ``a[mask] = value``)."""
-        return a.masked_fill_(mask, value) if self.in_place else torch.masked_fill(a, mask, value)
+    # torch's ops of their names: ``masked_fill(a, mask, value)`` is `a` with `value` where
+    # `mask` holds (``a[mask] = value``), ``rsqrt`` ``1 / sqrt(a)`` in one rounding (not
+    # ``reciprocal(sqrt(a))``)
+    neg, reciprocal, rsqrt, abs, sign, masked_fill, clamp = map(
+        _torch_op, ("neg", "reciprocal", "rsqrt", "abs", "sign", "masked_fill", "clamp")
+    )
 
     def maximum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.maximum(a, b, out=a) if self.in_place else torch.maximum(a, b)
-
-    def clamp(
-        self, a: torch.Tensor, min: float | None = None, max: float | None = None
-    ) -> torch.Tensor:
-        return a.clamp_(min, max) if self.in_place else torch.clamp(a, min, max)
 
     def copy(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """`b`'s values where `a` was: written into `a` in place, else `b` itself."""
@@ -824,9 +832,6 @@ class ListOps(Ops):
             weight = weight.value
         return self._run("lerp", a, b, weight)
 
-    def addcmul(self, a: Any, t1: Any, t2: Any, value: float = 1.0) -> Any:
-        return self._run("addcmul", a, t1, t2, value=value)
-
     def addcdiv(self, a: Any, t1: Any, t2: Any, value: Scalar | float = 1.0) -> Any:
         h = _as_scalar(value)
         if h.tensor is not None:
@@ -836,23 +841,13 @@ class ListOps(Ops):
     def sqrt(self, a: Any) -> Any:
         return self._run("sqrt", a)
 
-    def neg(self, a: Any) -> Any:
-        return self._run("neg", a)
+    def addcmul(self, a: Any, t1: Any, t2: Any, value: float = 1.0) -> Any:
+        return self._run("addcmul", a, t1, t2, value=value)
 
-    def reciprocal(self, a: Any) -> Any:
-        return self._run("reciprocal", a)
+    # (one foreach kernel each)
+    neg, reciprocal, rsqrt, abs, sign = map(_listed, ("neg", "reciprocal", "rsqrt", "abs", "sign"))
 
-    def rsqrt(self, a: Any) -> Any:
-        return self._run("rsqrt", a)
-
-    def abs(self, a: Any) -> Any:
-        return self._run("abs", a)
-
-    def sign(self, a: Any) -> Any:
-        return self._run("sign", a)
-
-    def masked_fill(self, a: Any, mask: Any, value: float) -> Any:
-        return self._each("masked_fill", a, mask, value)
+    masked_fill = _listed("masked_fill", each=True)  # (no foreach form)
 
     def maximum(self, a: Any, b: Any) -> Any:
         if self.single:  # (torch's foreach maximum runs clamp_min, the loops `maximum`)
@@ -913,19 +908,11 @@ class EachOps(ListOps):
         return "EACH_IN_PLACE" if self.in_place else "EACH_OUT_OF_PLACE"
 
 
-def _tensor_by_tensor(name: str) -> Callable[..., Any]:
-    def op(self: EachOps, a: list[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
-        return self._each(name, a, *args, **kwargs)
-
-    op.__name__ = name
-    return op
-
-
 for _name in (
     "add sub mul div lerp addcmul addcdiv sqrt neg reciprocal rsqrt abs sign masked_fill "
     "maximum clamp copy"
 ).split():
-    setattr(EachOps, _name, _tensor_by_tensor(_name))
+    setattr(EachOps, _name, _listed(_name, each=True))
 
 EACH_IN_PLACE = EachOps(in_place=True, single=True)
 """`SINGLE_LISTS_IN_PLACE` off the CPU: `IN_PLACE` tensor by tensor."""
