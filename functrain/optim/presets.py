@@ -63,7 +63,7 @@ from functrain.optim.rules.adam import (
     radam_rule,
 )
 from functrain.optim.rules.asgd import AsgdState, asgd_rule, check_asgd
-from functrain.optim.rules.formula import held_number, held_rate, rule_transform
+from functrain.optim.rules.formula import preset_transform
 from functrain.optim.rules.fused import (
     fused_adagrad,
     fused_adagrad_runs_on,
@@ -288,15 +288,14 @@ def sgd(
         check_decay(problems, "weight_decay", weight_decay)
         rate = _rate(lr, problems)
         config_check(problems, "sgd")
-        held = {"weight_decay": held_number(weight_decay)}
+        held = {"weight_decay": weight_decay}
         if momentum:
-            held["momentum"] = float(momentum)
-        constants, schedule = held_rate(rate, held)
-        tx = rule_transform(
+            held["momentum"] = momentum
+        tx = preset_transform(
             sgd_rule(momentum, dampening, nesterov, maximize),
             "sgd",
-            constants,
-            schedule,
+            rate,
+            held,
             foreach=foreach,
             lists=True,
             mask=mask,
@@ -542,12 +541,11 @@ def _adam(
     rate = _rate(lr, problems)
     rate_dtype = _rate_dtype(lr, problems)
     config_check(problems, name)
-    constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
-    return rule_transform(
+    return preset_transform(
         adam_rule(b1, b2, eps, decoupled, amsgrad, maximize, rate_dtype),
         name,
-        constants,
-        schedule,
+        rate,
+        {"weight_decay": weight_decay},
         foreach=foreach,
         lists=True,
         mask=mask,
@@ -623,12 +621,11 @@ def radam(
     check_decay(problems, "weight_decay", weight_decay)
     rate_dtype = _rate_dtype(lr, problems)
     config_check(problems, "radam")
-    constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
-    return rule_transform(
+    return preset_transform(
         radam_rule(b1, b2, eps, decoupled_weight_decay, maximize, rate_dtype),
         "radam",
-        constants,
-        schedule,
+        rate,
+        {"weight_decay": weight_decay},
         foreach=True,
         mask=mask,
         state_type=RadamState,
@@ -699,13 +696,12 @@ def rmsprop(
     rate = _rate(lr, problems)
     config_check(problems, "rmsprop")
     rule = rmsprop_rule(alpha, eps, momentum, centered, maximize)
-    held = {"weight_decay": held_number(weight_decay)}
+    held = {"weight_decay": weight_decay}
     if momentum:
-        held["momentum"] = float(momentum)
-    constants, schedule = held_rate(rate, held)
+        held["momentum"] = momentum
     return no_foreach_bits_in(
-        rule_transform(
-            rule, "rmsprop", constants, schedule, lists=True, mask=mask, state_type=RmspropState
+        preset_transform(
+            rule, "rmsprop", rate, held, lists=True, mask=mask, state_type=RmspropState
         ),
         "rmsprop",
         foreach,
@@ -813,13 +809,12 @@ def adagrad(
             ),
         )
     else:
-        constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
         tx = no_foreach_bits_in(
-            rule_transform(
+            preset_transform(
                 adagrad_rule(eps, lr_decay, initial_accumulator_value, maximize, rate_dtype),
                 "adagrad",
-                constants,
-                schedule,
+                rate,
+                {"weight_decay": weight_decay},
                 foreach=foreach,
                 lists=True,
                 mask=mask,
@@ -958,14 +953,13 @@ def lion(
     check_lion(problems, b1, b2, reference)
     check_decay(problems, "weight_decay", weight_decay)
     config_check(problems, "lion")
-    constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
     # over the parameters' lists, one foreach kernel per op, as the authors' code and timm's
     # foreach path run (on the CPU the same bits as a loop over the tensors)
-    return rule_transform(
+    return preset_transform(
         lion_rule(b1, b2, reference),
         "lion",
-        constants,
-        schedule,
+        rate,
+        {"weight_decay": weight_decay},
         foreach=True,
         mask=mask,
         state_type=LionState,
@@ -1100,13 +1094,12 @@ def adamax(
     check_positive(problems, "eps", eps, allow_zero=True)
     check_decay(problems, "weight_decay", weight_decay)
     config_check(problems, "adamax")
-    constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
     return no_foreach_bits_in(
-        rule_transform(
+        preset_transform(
             adamax_rule(b1, b2, eps, maximize),
             "adamax",
-            constants,
-            schedule,
+            rate,
+            {"weight_decay": weight_decay},
             lists=True,
             mask=mask,
             state_type=AdamaxState,
@@ -1168,12 +1161,11 @@ def adadelta(
     check_adadelta(problems, rho, eps)
     check_decay(problems, "weight_decay", weight_decay)
     config_check(problems, "adadelta")
-    constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
-    return rule_transform(
+    return preset_transform(
         adadelta_rule(rho, eps, maximize),
         "adadelta",
-        constants,
-        schedule,
+        rate,
+        {"weight_decay": weight_decay},
         foreach=foreach,
         lists=True,
         mask=mask,
@@ -1242,12 +1234,11 @@ def asgd(
     check_asgd(problems, lambd, alpha, t0)
     check_decay(problems, "weight_decay", weight_decay)
     config_check(problems, "asgd")
-    constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
-    return rule_transform(
+    return preset_transform(
         asgd_rule(first_rate(rate), lambd, alpha, t0, maximize),
         "asgd",
-        constants,
-        schedule,
+        rate,
+        {"weight_decay": weight_decay},
         mask=mask,
         state_type=AsgdState,
     )
@@ -1303,9 +1294,8 @@ def rprop(
     # (the rate is the step sizes' first value only: read once, at update 0)
     # the rate is the step sizes' first value; the state holds it on (its metric) as torch's
     # group holds its lr, which the steps read never
-    constants, schedule = held_rate(rate, {})
     rule = rprop_rule(first_rate(rate), etaminus, etaplus, low, high, maximize)
-    return rule_transform(rule, "rprop", constants, schedule, state_type=RpropState)
+    return preset_transform(rule, "rprop", rate, {}, state_type=RpropState)
 
 
 @named(resolve=without_choices)
@@ -1376,12 +1366,11 @@ def adafactor(
         problems.append(f"d must be >= 1, got d={d!r}")
     check_decay(problems, "weight_decay", weight_decay)
     config_check(problems, "adafactor")
-    constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
-    tx = rule_transform(
+    tx = preset_transform(
         adafactor_rule(float(beta2_decay), eps[0], float(eps[1]), float(d), maximize),
         "adafactor",
-        constants,
-        schedule,
+        rate,
+        {"weight_decay": weight_decay},
         mask=mask,
         state_type=AdafactorState,
     )

@@ -39,13 +39,11 @@ from functrain.optim.rules.formula import (
     at_count,
     combined,
     filled,
-    held_number,
-    held_rate,
     host_value,
     l2_decayed,
     number,
+    preset_transform,
     rule_direction,
-    rule_transform,
 )
 from functrain.optim.rules.learning_rate import check_rate
 from functrain.optim.updates import divides_by_reciprocal
@@ -284,12 +282,11 @@ def nadam_transform(
     check_positive(problems, "momentum_decay", momentum_decay, allow_zero=True)
     check_decay(problems, "weight_decay", weight_decay)
     config_check(problems, name)
-    constants, schedule = held_rate(learning_rate, {"weight_decay": held_number(weight_decay)})
-    return rule_transform(
+    return preset_transform(
         nadam_rule(b1, b2, eps, momentum_decay, decoupled, maximize),
         name,
-        constants,
-        schedule,
+        learning_rate,
+        {"weight_decay": weight_decay},
         lists=True,
         mask=mask,
         state_type=NadamState,

@@ -27,11 +27,9 @@ from functrain.optim.rules.formula import (
     at_first,
     check_package_rate,
     combined,
-    held_number,
-    held_rate,
     number,
     own_count,
-    rule_transform,
+    preset_transform,
 )
 
 __all__ = ["adan", "adan_rule"]
@@ -157,10 +155,9 @@ def adan(
     config_check(problems, "adan")
     b1, b2, b3 = betas
     rule = adan_rule(b1, b2, b3, eps, weight_decouple, maximize)
-    constants, schedule = held_rate(lr, {"weight_decay": held_number(weight_decay)})
     # over the parameters' lists, one foreach kernel per op: the reference's default path (its
     # in-place foreach products round bfloat16 and float16 otherwise than its per-tensor loop)
-    return rule_transform(rule, "adan", constants, schedule, foreach=True)
+    return preset_transform(rule, "adan", lr, {"weight_decay": weight_decay}, foreach=True)
 
 
 def _from_arguments(arguments: dict[str, Any]) -> Rule:

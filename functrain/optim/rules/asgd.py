@@ -24,13 +24,12 @@ from functrain.optim.rules.formula import (
     at_first,
     at_first_into,
     filled,
-    held_rate,
     held_scalar,
     host_value,
     l2_decayed,
     negated,
+    preset_transform,
     read_value,
-    rule_transform,
 )
 from functrain.optim.rules.learning_rate import check_rate
 
@@ -94,9 +93,10 @@ def asgd_step(
     check_rate(problems, learning_rate)
     check_asgd(problems, lambd, alpha, t0)
     config_check(problems, "asgd_step")
-    constants, schedule = held_rate(learning_rate, {"weight_decay": 0.0})
     rule = asgd_rule(first_rate(learning_rate), lambd, alpha, t0, maximize=False)
-    return rule_transform(rule, "asgd_step", constants, schedule, state_type=AsgdStepState)
+    return preset_transform(
+        rule, "asgd_step", learning_rate, {"weight_decay": 0.0}, state_type=AsgdStepState
+    )
 
 
 class AsgdState(RuleState):

@@ -104,6 +104,7 @@ __all__ = [
     "host_value",
     "l2_decayed",
     "negated",
+    "preset_transform",
     "refuse_sparse",
     "rule_direction",
     "rule_transform",
@@ -1327,6 +1328,16 @@ def held_number(value: Any) -> Any:
         (0.05, 0.05)
     """
     return value if callable(value) and not isinstance(value, torch.Tensor) else float(value)
+
+
+def preset_transform(
+    rule: Rule, name: str, lr: Any, held: dict[str, Any], **options: Any
+) -> Transform:
+    """The preset `name` made from its formula `rule` (`rule_transform`, given `options`): its
+    learning rate `lr` and the other hyperparameters its state holds, `held`, as `held_rate` and
+    `held_number` take them (a schedule read at the count, not held)."""
+    constants, schedule = held_rate(lr, {k: held_number(v) for k, v in held.items()})
+    return rule_transform(rule, name, constants, schedule, **options)
 
 
 class DirectionState(RuleState):

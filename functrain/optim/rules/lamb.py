@@ -43,9 +43,7 @@ from functrain.optim.rules.formula import (
     at_count,
     check_package_rate,
     combined,
-    held_number,
-    held_rate,
-    rule_transform,
+    preset_transform,
 )
 
 __all__ = ["lamb", "lamb_rule"]
@@ -261,10 +259,9 @@ def lamb(
         adam_debias=adam_debias,
         maximize=maximize,
     )
-    constants, schedule = held_rate(lr, {"weight_decay": held_number(weight_decay)})
     # over the parameters' lists, one foreach kernel per op: the reference's default path, whose
     # CUDA kernels round otherwise than the single-tensor ones (on the CPU the same bits)
-    return rule_transform(rule, "lamb", constants, schedule, foreach=True)
+    return preset_transform(rule, "lamb", lr, {"weight_decay": weight_decay}, foreach=True)
 
 
 # the preset's arguments the formula takes as keywords

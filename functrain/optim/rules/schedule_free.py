@@ -39,10 +39,8 @@ from functrain.optim.rules.formula import (
     at_first,
     check_package_rate,
     checked_parked,
-    held_number,
-    held_rate,
     host_value,
-    rule_transform,
+    preset_transform,
 )
 from functrain.tree import Tree, tree_flatten, tree_unflatten
 
@@ -230,10 +228,11 @@ def adamw_schedule_free(
     check_positive(problems, "weight_lr_power", weight_lr_power, allow_zero=True)
     config_check(problems, "adamw_schedule_free")
     rule = schedule_free_adamw_rule(b1, b2, eps, warmup_steps, r, weight_lr_power)
-    constants, schedule = held_rate(lr, {"weight_decay": held_number(weight_decay)})
     # over the parameters' lists, one foreach kernel per op: the package's default path (its
     # in-place foreach products round bfloat16 and float16 otherwise than its per-tensor loop)
-    return rule_transform(rule, "adamw_schedule_free", constants, schedule, foreach=True)
+    return preset_transform(
+        rule, "adamw_schedule_free", lr, {"weight_decay": weight_decay}, foreach=True
+    )
 
 
 FORMULAS["adamw_schedule_free"] = lambda a: schedule_free_adamw_rule(
