@@ -213,29 +213,7 @@ def ema(
         step = count.to(torch.float64)
         return 1 - torch.clamp((1 + step) / (10 + step), max=decay)
 
-    def lerp(
-        avg: list[torch.Tensor], p: list[torch.Tensor], count: torch.Tensor
-    ) -> list[torch.Tensor]:
-        weight = weight_of(count)
-        if isinstance(weight, float):
-            return list(torch._foreach_lerp(avg, p, weight))
-        return [
-            torch.lerp(a, x, member_view(weight.to(a.dtype), a))
-            for a, x in zip(avg, p, strict=True)
-        ]
-
-    def lerp_(
-        avg: list[torch.Tensor], p: list[torch.Tensor], count: torch.Tensor
-    ) -> list[torch.Tensor]:
-        """`lerp` written into `avg` (a donated step), returned: the same kernels, in place."""
-        weight = weight_of(count)
-        if isinstance(weight, float):
-            torch._foreach_lerp_(avg, p, weight)
-            return avg
-        for a, x in zip(avg, p, strict=True):
-            a.lerp_(x, member_view(weight.to(a.dtype), a))
-        return avg
-
+    lerp, lerp_ = _lerps(weight_of)
     if convention == "torch":
         moved, moved_ = _torch_moves(decay)
     elif convention == "torchvision":
@@ -497,6 +475,32 @@ def _joined(size: int, parts: list[tuple[list[int], list[torch.Tensor]]]) -> lis
     return out
 
 
+def _lerps(weight_of: Callable[[torch.Tensor], float | torch.Tensor]) -> tuple[_Move, _Move]:
+    """The averages lerped towards the values by ``weight_of(count)``, out of place and written
+    into the averages (a donated step, the same kernels): a number by one foreach kernel, a
+    tensor (per member where stacked) tensor by tensor."""
+
+    def lerp(avg: list[torch.Tensor], x: list[torch.Tensor], count: torch.Tensor) -> Any:
+        weight = weight_of(count)
+        if isinstance(weight, float):
+            return list(torch._foreach_lerp(avg, x, weight))
+        return [
+            torch.lerp(a, v, member_view(weight.to(a.dtype), a))
+            for a, v in zip(avg, x, strict=True)
+        ]
+
+    def lerp_(avg: list[torch.Tensor], x: list[torch.Tensor], count: torch.Tensor) -> Any:
+        weight = weight_of(count)
+        if isinstance(weight, float):
+            torch._foreach_lerp_(avg, x, weight)
+            return avg
+        for a, v in zip(avg, x, strict=True):
+            a.lerp_(v, member_view(weight.to(a.dtype), a))
+        return avg
+
+    return lerp, lerp_
+
+
 def _strides_kept(moved: _Move) -> _Move:
     """`moved` (out of place) with each new average in its old one's strides, as torch's in-place
     update keeps them (a channels_last depthwise weight's: its memory format follows from them)."""
@@ -564,12 +568,7 @@ def _torch_moves(decay: float) -> tuple[_Move, _Move]:
     `_integer_average` says.
     """
 
-    def lerp(avg: list[torch.Tensor], x: list[torch.Tensor], count: Any) -> list[torch.Tensor]:
-        return list(torch._foreach_lerp(avg, x, 1 - decay))
-
-    def lerp_(avg: list[torch.Tensor], x: list[torch.Tensor], count: Any) -> None:
-        torch._foreach_lerp_(avg, x, 1 - decay)
-
+    lerp, lerp_ = _lerps(lambda count: 1.0 - decay)
     integer = _integer_average(decay)
     return _copying_first(_by_kind(lerp, integer), _by_kind_(lerp_, integer), _Moves())
 
@@ -709,26 +708,14 @@ class _TimmDecay:
             decay = torch.full_like(s, self.decay)
         return 1 - torch.where(s <= 0, torch.zeros_like(decay), decay)
 
+    def weight(self, count: torch.Tensor) -> float | torch.Tensor:
+        """``1 - decay`` of the update `count`: a number where the count is on the host (`at`),
+        else `weights`."""
+        n = _host_count(count)
+        return 1.0 - self.at(n) if n is not None else self.weights(count)
+
     def moves(self) -> tuple[_Move, _Move]:
-        def lerp(avg: list[torch.Tensor], x: list[torch.Tensor], count: torch.Tensor) -> Any:
-            n = _host_count(count)
-            if n is not None:
-                return list(torch._foreach_lerp(avg, x, 1.0 - self.at(n)))
-            weight = self.weights(count)
-            return [
-                torch.lerp(a, v, member_view(weight.to(a.dtype), a))
-                for a, v in zip(avg, x, strict=True)
-            ]
-
-        def lerp_(avg: list[torch.Tensor], x: list[torch.Tensor], count: torch.Tensor) -> None:
-            n = _host_count(count)
-            if n is not None:
-                torch._foreach_lerp_(avg, x, 1.0 - self.at(n))
-                return
-            weight = self.weights(count)
-            for a, v in zip(avg, x, strict=True):
-                a.lerp_(v, member_view(weight.to(a.dtype), a))
-
+        lerp, lerp_ = _lerps(self.weight)
         return _copying_integers(lerp), _copying_integers_(lerp_)
 
 
