@@ -47,8 +47,8 @@ import torch
 from functrain.errors import ConfigError, config_check
 from functrain.optim.base import ExtrasUpdate, Transform
 from functrain.optim.checks import (
+    check_decay,
     check_learning_rate,
-    check_positive,
     check_unit,
     is_real,
     tensor_problem,
@@ -360,14 +360,10 @@ def _with_values(
     return found._replace(hyperparameters=new)
 
 
-def _check_decay(problems: list[str], name: str, value: Any) -> None:
-    check_positive(problems, name, value, allow_zero=True)
-
-
 # the presets' checks of the arguments a differentiable form holds (`Rule.held`), by name
 _CHECKS: dict[str, Callable[[list[str], str, Any], None]] = {
     "lr": check_learning_rate,
-    "weight_decay": _check_decay,
+    "weight_decay": check_decay,
     "momentum": check_unit,
 }
 
