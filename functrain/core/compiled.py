@@ -69,7 +69,7 @@ from functrain.core.donation import refuse_donate, step_in_scope, wait_until_unh
 from functrain.core.gradient import SITTING
 from functrain.core.guards import Spent, Watched, guard_filter, refuse_if_spent
 from functrain.core.loss import call_loss, check_scalar_metrics, checkpoint_refusal
-from functrain.core.scope import Scope, enter, leave, leave_with
+from functrain.core.scope import enter, in_scope, leave, leave_with
 from functrain.core.stacked_step import (
     PerMember,
     check_stacked_gradients,
@@ -240,17 +240,14 @@ def _unless_out_of_memory(check: Callable[[], Any]) -> Any:
 
 
 def _after_failure(
-    error: BaseException,
-    attempt: _Attempt,
-    retiring: TrainState | None,
-    scope: Scope | None,
-    check: Callable[[], object],
+    error: BaseException, attempt: _Attempt, state: TrainState, batch: Any, donate: bool
 ) -> FunctrainError | None:
-    """What a compiled call that raised `error` leaves: saved-tensor hooks allowed again where
-    they were (`_enable_hooks_again`), a donated state (`retiring`) retired where the graph may
-    have run, `scope` left, and the refusal of activation checkpointing where `error` came from it
-    (while compiling, or while running a graph a backend runs as Python), else `train_step`'s error
-    for a compile that failed on what the loss function did, if it has one (None: raise `error`).
+    """What a compiled call of `state`'s step that raised `error` leaves: saved-tensor hooks
+    allowed again where they were (`_enable_hooks_again`), a donated state retired where the
+    graph may have run, and the refusal of activation checkpointing where `error` came from it
+    (while compiling, or while running a graph a backend runs as Python), else `train_step`'s
+    error for a compile that failed on what the loss function did, if it has one (None: raise
+    `error`).
 
     The graph writes into a donated state's tensors, and which it had written when it raised
     cannot be told (inductor's kernels write in place; the version counters move only after the
@@ -260,31 +257,24 @@ def _after_failure(
 
     A batch the loss cannot take, first seen after the configuration's first call (a new shape
     is traced anew), fails inside ``torch.func.grad`` while dynamo traces, in dynamo's words.
-    `check` (`check_gradients`) runs the step's forward and backward eagerly instead, with the
-    generator of `scope` put back after it. No error of its own where `error` is functrain's, not
-    from a compile that failed, or the eager step finds nothing wrong.
+    The eager check (`_eager_check`) runs the step's forward and backward on `batch` instead, in
+    the state's scope. No error of its own where `error` is functrain's, not from a compile that
+    failed, or the eager step finds nothing wrong.
     """
     _enable_hooks_again(attempt.hooks)
     found: FunctrainError | None = None
     own = not isinstance(error, Exception) or isinstance(error, FunctrainError)
     if not own:  # (a backend that runs the graph as Python, "eager", meets it while running)
         found = checkpoint_refusal(error, "compiled")
-    if not own and attempt.compile_failed():
-        saved = scope.generator.get_state() if scope is not None else None
+    if not own and attempt.compile_failed() and found is None:
         try:
-            if found is None:
-                check()
+            _eager_check(state, batch)
         except FunctrainError as checked:
             found = checked
         except Exception:  # noqa: BLE001 - the compile's own error says more
             pass
-        finally:
-            if scope is not None and saved is not None:
-                scope.generator.set_state(saved)
-    if retiring is not None and attempt.may_have_run() and not isinstance(error, Spent):
-        retiring.retire(_DONATED, error)  # (before the scope's lock goes)
-    if scope is not None:
-        leave(scope)
+    if donate and attempt.may_have_run() and not isinstance(error, Spent):
+        state.retire(_DONATED, error)
     return found
 
 
@@ -292,7 +282,8 @@ def _retiring(run: Callable[..., Any], attempt: _Attempt, state: TrainState) -> 
     """`run` (a donated compiled call of `state`'s step), which retires `state` where it raises
     once its graph may have run, as `_after_failure` would, but inside the step's scope: before
     its lock goes, so that a save never reads the written tensors as a live state's. Not on
-    torch's refusal of a view (`view_refused`: the step runs again in the module's order)."""
+    torch's refusal to view a stacked state's weight (`view_refused`: the step runs again in the
+    module's order)."""
 
     def call(*args: Any) -> Any:
         try:
@@ -300,8 +291,9 @@ def _retiring(run: Callable[..., Any], attempt: _Attempt, state: TrainState) -> 
         except (_Miscompiled, _Failed):  # (the state put back as it was)
             raise
         except BaseException as error:
-            if attempt.may_have_run() and not isinstance(error, Spent) and not view_refused(error):
-                state.retire(_DONATED, error)
+            if attempt.may_have_run() and not isinstance(error, Spent):
+                if not (state.members and view_refused(error)):
+                    state.retire(_DONATED, error)
             raise
 
     return call
@@ -437,64 +429,27 @@ class CompiledStep:
         key, core, first = self._core_for(state, donate)
         if key in self._miscompiled:
             return train_step(state, batch, donate=donate)
-        counters = (
-            state.step,
-            state.micro_step,
-            state.epoch_step,
-            state.samples_seen,
-            state.skipped,
-        )
-        seen = self._checked.get(key, ())
-        shapes = _shapes(batch, seen)
-        checking = first or shapes not in seen
-        scope = enter(state, True)
-        expected: torch.Tensor | None = None
-        if checking:
-            try:
-                check = functools.partial(check_gradients, state, batch)
-                expected = self._checked_first(key, scope, state, check, drop=first)
-            except BaseException:
-                leave(scope)
-                raise
-        if checking and _sat_out(state):  # (found by the check: its step is the eager one)
-            leave(scope)
+        shapes, expected = self._checked_first(key, state, batch, first)
+        if shapes is not None and _sat_out(state):  # (found by the check: the eager step's)
             return train_step(state, batch, donate=donate)
-        attempt = _Attempt()
-        run: Callable[..., Any] = attempt.calling(core)
-        if expected is not None and state.dist is None:  # (`_same_loss`)
-            # (its copies made before the attempt begins: an interrupt there leaves the state)
-            run = _compared(run, expected if self._check_loss else None, state, donate)
-        try:
-            if donate:  # a save still reading these tensors (looked for in the scope's lock)
-                wait_until_unheld(state)
-            # zeros a fresh state holds without storage get it here: one graph for every call's
-            # layout
-            opt_state = stored(state.opt_state)
-            new, metrics = run(
-                state.params,
-                state.frozen,
-                state.buffers,
-                opt_state,
-                state.ema_state,
-                counters,
-                batch,
-            )
-        except (_Miscompiled, _Failed) as wrong:  # the state as it was: it runs eagerly
-            _enable_hooks_again(attempt.hooks)
-            leave(scope)
-            return self._eagerly(key, wrong, state, batch, donate)
-        except BaseException as error:
-            check = functools.partial(check_gradients, state, batch)
-            found = _after_failure(error, attempt, state if donate else None, scope, check)
-            if found is not None:
-                raise found from error
-            if _torch_failed(error, attempt):
-                return self._eagerly(key, error, state, batch, donate)
-            raise
-        if checking:
-            self._checked.setdefault(key, set()).add(shapes)
-        # a donated state retired in the scope: a save, which takes its lock, never reads it
-        return leave_with(scope, state, new, state if donate else None, _DONATED), metrics
+        counters = tuple(getattr(state, name) for name in STEP_COUNTERS)
+
+        def go(run: Callable[..., Any]) -> tuple[TrainState, dict[str, torch.Tensor]]:
+            def body(state: TrainState, batch: Any) -> Any:
+                if donate:  # a save still reading these tensors (looked for in the scope's lock)
+                    wait_until_unheld(state)
+                # zeros a fresh state holds without storage get it here: one graph for every
+                # call's layout
+                opt_state = stored(state.opt_state)
+                tensors = (state.params, state.frozen, state.buffers, opt_state, state.ema_state)
+                return run(*tensors, counters, batch)
+
+            # (a donated state retired in the scope, whose lock a save takes)
+            return step_in_scope(state, batch, body, donate=donate, call=_DONATED, writes=False)
+
+        # (`_same_loss`: not of a process group's state, whose loss is averaged over the ranks)
+        expected = expected if state.dist is None else None
+        return self._attempted(key, state, batch, donate, core, (shapes, expected), go)
 
     def _stacked(
         self, state: TrainState, batch: Any, donate: bool
@@ -520,44 +475,62 @@ class CompiledStep:
             return train_step(state, batch, donate=donate)
         else:
             first = False
-        seen = self._checked.get(key, ())
-        shapes = _shapes(batch, seen)
-        checking = first or shapes not in seen
-        expected = None
-        if checking:
-            try:  # the checks a traced step cannot make, once per configuration and batch shape
-                expected = _unless_out_of_memory(lambda: check_stacked_gradients(state, batch))
-                refuse_untraced(state)
-            except BaseException:
-                if first:
-                    self._cores.pop(key, None)
-                raise
+        checked = self._checked_first(key, state, batch, first)
         if donate:
             wait_until_unheld(state)  # an async save still reading these tensors
+
+        def go(run: Callable[..., Any]) -> tuple[TrainState, dict[str, torch.Tensor]]:
+            # (a donated state retired in the scope, whose lock a save takes)
+            return stacked_train_step(state, batch, compiled=run, donate=donate, call=_DONATED)
+
+        return self._attempted(key, state, batch, donate, found, checked, go)
+
+    def _attempted(
+        self,
+        key: tuple,
+        state: TrainState,
+        batch: Any,
+        donate: bool,
+        core: Callable[..., Any],
+        checked: tuple[tuple | None, torch.Tensor | None],
+        go: Callable[[Callable[..., Any]], tuple[TrainState, dict[str, torch.Tensor]]],
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """``go(run)``: the step of `state` in its scope (`step_in_scope`), which calls `run`, the
+        compiled `core` watched (`_Attempt`); a donated state retired in the scope where it raised
+        once its graph may have run (`_retiring`). Where the call is checked (`checked`, from
+        `_checked_first`: the kind of call, and the eager check's loss), its loss is compared with
+        the eager step's (`_compared`) and its kind of call noted as checked.
+
+        Where it raises: a graph torch compiled wrongly, or torch's failure where the eager step
+        runs, steps eagerly from the state as it was (`_eagerly`); torch's refusal to view a
+        stacked state's transposed weight compiles its step again, in the module's order; any
+        other error is raised, or the eager step's error for it (`_after_failure`).
+        """
+        shapes, expected = checked
+        members = state.members  # (read before a donated state is retired)
         attempt = _Attempt()
-        run = attempt.calling(found)
+        run = attempt.calling(core)
         if expected is not None:
+            # (its copies made before the attempt begins: an interrupt there leaves the state)
             run = _compared(run, expected if self._check_loss else None, state, donate)
-        if donate:  # a graph that raised once it may have run: its state retired in the scope
+        if donate:
             run = _retiring(run, attempt, state)
         try:
-            # (a donated state retired in the scope, whose lock a save takes)
-            result = stacked_train_step(state, batch, compiled=run, donate=donate, call=_DONATED)
-        except (_Miscompiled, _Failed) as wrong:  # the state as it was
+            result = go(run)
+        except (_Miscompiled, _Failed) as wrong:  # the state as it was: it runs eagerly
             _enable_hooks_again(attempt.hooks)
             return self._eagerly(key, wrong, state, batch, donate)
         except BaseException as error:  # traced: dynamo words torch's error its own way
-            if isinstance(error, Exception) and learned_module_order(error, state):
+            if members and isinstance(error, Exception) and learned_module_order(error, state):
                 _enable_hooks_again(attempt.hooks)
                 return self._stacked(state, batch, donate)  # compiled again, in module order
-            check = functools.partial(check_stacked_gradients, state, batch)
-            diagnosed = _after_failure(error, attempt, state if donate else None, None, check)
-            if diagnosed is not None:
-                raise diagnosed from error
+            found = _after_failure(error, attempt, state, batch, donate)
+            if found is not None:
+                raise found from error
             if _torch_failed(error, attempt):
                 return self._eagerly(key, error, state, batch, donate)
             raise
-        if checking:
+        if shapes is not None:
             self._checked.setdefault(key, set()).add(shapes)
         return result
 
@@ -578,7 +551,7 @@ class CompiledStep:
                 f"its compiled call raised {_raised(error)}, where the eager step runs; the state "
                 f"was put back as it was. {_traced_failure_cause(error)}",
                 EagerStepWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
         return train_step(state, batch, donate=donate)
 
@@ -618,8 +591,7 @@ class CompiledStep:
             checked at its first call as a compiled step's is (`_checked_first`)."""
             key, core, first = self._core_for(given, False, captured=True)
             if first:
-                check = functools.partial(check_gradients, given, batch)
-                self._checked_first(key, scope, given, check)
+                self._checked_first(key, given, batch, first)
             return key, core
 
         try:
@@ -700,30 +672,26 @@ class CompiledStep:
         return compiled
 
     def _checked_first(
-        self,
-        key: tuple,
-        scope: Scope,
-        state: TrainState,
-        check: Callable[[], Any],
-        drop: bool = True,
-    ) -> Any:
-        """`check()` (`check_gradients`) before a configuration's first compiled call (or its first
-        of a batch shape), and what it returns (None where it did not fit in the device's memory).
-
-        The generator it draws from is put back (the step draws what it would have drawn); if it
-        raises and `drop`, the configuration is dropped, so that its next call is checked again.
+        self, key: tuple, state: TrainState, batch: Any, first: bool
+    ) -> tuple[tuple | None, torch.Tensor | None]:
+        """The kind of call `batch` makes (`_shapes`), where a compiled call of it is checked (a
+        configuration's `first` call, or its first of that kind; else None), and the eager
+        check's loss (`_eager_check`; None where it did not fit in the device's memory), which
+        draws what the step then draws. If the check raises at a `first` call, the configuration
+        is dropped, so that its next call is checked again.
         """
-        saved = scope.generator.get_state()
+        seen = self._checked.get(key, ())
+        shapes = _shapes(batch, seen)
+        if not first and shapes in seen:
+            return None, None
         try:
-            found = _unless_out_of_memory(check)
+            found = _unless_out_of_memory(functools.partial(_eager_check, state, batch))
             refuse_untraced(state)
-            return found
         except BaseException:
-            if drop:
+            if first:
                 self._cores.pop(key, None)
             raise
-        finally:
-            scope.generator.set_state(saved)
+        return shapes, found
 
     def _core_for(
         self, state: TrainState, donate: bool, captured: bool = False
@@ -843,6 +811,16 @@ def _traced_failure_cause(error: BaseException) -> str:
         "torch.compile of the step's loss and backward shows the whole error, and "
         "another backend (compile_step(backend='aot_eager')) may compile it"
     )
+
+
+def _eager_check(state: TrainState, batch: Any) -> torch.Tensor:
+    """`state`'s step's forward and backward on `batch`, eagerly, in its scope (on copies of the
+    buffers, its random streams left as they were), and its loss: `check_gradients` (a stacked
+    state's `check_stacked_gradients`, which enters the scope itself). `compile_step`'s check of
+    what a traced step cannot check."""
+    if state.members:
+        return check_stacked_gradients(state, batch)
+    return in_scope(state, True, lambda: check_gradients(state, batch))
 
 
 def _torch_failed(error: BaseException, attempt: _Attempt) -> bool:
@@ -1021,7 +999,7 @@ def _warn_miscompiled(got: torch.Tensor, expected: torch.Tensor, own_draws: bool
         "compile_step(check_loss=False) trusts the compiled step without comparing ("
         "fit(compile=functrain.compile_step(check_loss=False)) in fit)",
         EagerStepWarning,
-        stacklevel=5,
+        stacklevel=6,
     )
 
 
