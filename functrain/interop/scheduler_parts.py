@@ -127,20 +127,22 @@ def recursion(values: Callable[[], list[float]], beyond: ValueFn | None = None) 
     return read
 
 
-def _powers(first: float, gamma: float) -> tuple[list[float], bool]:
+def _powers(first: float, gamma: float) -> ValueFn:
     """``first``, then each value times `gamma`, as torch rounds ``lr * gamma`` step by step.
 
-    Until the product stops changing (0, inf, a fixed point among the subnormals, ``gamma == 1``)
-    or `EXACT_STEPS` values; whether it stopped.
+    A `recursion` table until the product stops changing (0, inf, a fixed point among the
+    subnormals, ``gamma == 1``), held from there, or of `EXACT_STEPS` values, the closed form
+    going on past it.
     """
     values, lr = [first], first
     for _ in range(EXACT_STEPS - 1):
         following = lr * gamma  # gamma >= 0 is finite: no NaN
         if following == lr:
-            return values, True
+            return recursion(lambda: values)
         values.append(following)
         lr = following
-    return values, False
+    last = len(values) - 1
+    return recursion(lambda: values, lambda k: values[-1] * torch.pow(gamma, k - last))
 
 
 def _counted(a: torch.Tensor, t: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
@@ -157,11 +159,7 @@ def _counted(a: torch.Tensor, t: torch.Tensor, steps: Sequence[int]) -> torch.Te
 
 def step_lr(s: Setting, step_size: int, gamma: float) -> Part:
     # every mode starts from the base (its step 0 multiplies by nothing; entered: ``gamma ** 0``)
-    pieces, stops = _powers(s.base, gamma)
-    last = len(pieces) - 1
-    decayed = recursion(
-        lambda: pieces, None if stops else lambda k: pieces[-1] * torch.pow(gamma, k - last)
-    )
+    decayed = _powers(s.base, gamma)
 
     def value(t: torch.Tensor) -> torch.Tensor:
         return decayed(torch.div(t, step_size, rounding_mode="floor"))
@@ -202,12 +200,7 @@ def exponential_lr(s: Setting, gamma: float) -> Part:
         return torch.pow(gamma, t - torch.clamp(a, min=first))
 
     # stepped, its step 0 multiplies the base once; entered, it is ``base * gamma ** 0``
-    values, stops = _powers(s.base * gamma if first else s.base, gamma)
-    last = len(values) - 1
-    value = recursion(
-        lambda: values, None if stops else lambda t: values[-1] * torch.pow(gamma, t - last)
-    )
-    return relative(value, factor, s.mode)
+    return relative(_powers(s.base * gamma if first else s.base, gamma), factor, s.mode)
 
 
 def linear_lr(s: Setting, start_factor: float, end_factor: float, total_iters: int) -> Part:
@@ -380,26 +373,17 @@ def multiplicative_lr(s: Setting, lr_lambda: Callable[[int], float], total_steps
     for f in factors[1:]:  # torch's order of roundings: lr = lr * lr_lambda(t)
         values.append(values[-1] * f)
         products.append(products[-1] * f)
-    value_table = torch.tensor(values, dtype=torch.float64)
-    product_table = torch.tensor(products, dtype=torch.float64)
-
-    # each table copied to a device once, at its first step there (as `tabulate` holds its
-    # table): a copy from the host at every step would make the step wait for an accelerator
-    held = {id(table): {table.device: table} for table in (value_table, product_table)}
-
-    def read(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        index = torch.clamp(t, 0, total_steps).to(torch.int64)
-        on = held[id(table)]
-        if t.device not in on:
-            on[t.device] = table.to(t.device)
-        return table_at(on[t.device], index)
+    # each table copied to a device once, at its first step there (`recursion`): a copy from the
+    # host at every step would make the step wait for an accelerator; past total_steps the last
+    # value is held
+    value, product = recursion(lambda: values), recursion(lambda: products)
 
     def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return read(product_table, t) / torch.where(a < 0, 1.0, read(product_table, a))
+        return product(t) / torch.where(a < 0, 1.0, product(a))
 
     if s.mode == "entered":  # from the lr the previous scheduler left: a factor, never set
         return Part(lambda t: s.base * factor(torch.full_like(t, -1.0), t), None, factor)
-    return Part(lambda t: read(value_table, t), None, factor)
+    return Part(value, None, factor)
 
 
 # -- the classes that set the lr outright
