@@ -17,7 +17,6 @@ import inspect
 import operator
 import warnings
 from bisect import bisect_right
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeGuard, cast
 
@@ -78,112 +77,32 @@ def _torch_args(
     return {n: kwargs.get(n, default) for n, default in params.items()}
 
 
-# -- one builder per class: (kwargs, setting) -> Part
+# -- the plain classes: each one's part and the checks of its arguments
 # ---------------------------------------------------
 
-
-def _step(kwargs: Mapping[str, Any], s: Setting) -> Part:
-    a = _torch_args(lr_scheduler.StepLR, kwargs, s.where)
-    problems: list[str] = []
-    check_steps(problems, "step_size", a["step_size"], minimum=1)
-    check_number(problems, "gamma", a["gamma"])
-    config_check(problems, s.where)
-    return P.step_lr(s, a["step_size"], float(a["gamma"]))
+# a check: (check_steps, check_number or check_interval, the argument's name, the check's own
+# arguments), or a function of the problems and all the arguments
+Check = tuple[Any, ...] | Callable[[list[str], Mapping[str, Any]], None]
+_NUMBER_CHECKS = (check_number, check_interval)  # what they pass is given to the part as a float
 
 
-def _multistep(kwargs: Mapping[str, Any], s: Setting) -> Part:
-    a = _torch_args(lr_scheduler.MultiStepLR, kwargs, s.where)
-    problems: list[str] = []
+def _lr_lambda(problems: list[str], a: Mapping[str, Any]) -> None:
+    if not callable(a["lr_lambda"]):
+        problems.append(
+            f"lr_lambda must be one function of the step, got lr_lambda={a['lr_lambda']!r}"
+        )
+
+
+def _milestones(problems: list[str], a: Mapping[str, Any]) -> None:
     milestones = list(a["milestones"]) if isinstance(a["milestones"], Sequence | set) else None
     if milestones is None:
         problems.append(f"milestones must be a list of steps, got milestones={a['milestones']!r}")
     for i, milestone in enumerate(milestones or []):
         check_steps(problems, f"milestones[{i}]", milestone)
-    check_number(problems, "gamma", a["gamma"])
-    config_check(problems, s.where)
-    return P.multistep_lr(s, list(Counter(milestones).elements()), float(a["gamma"]))
 
 
-def _exponential(kwargs: Mapping[str, Any], s: Setting) -> Part:
-    a = _torch_args(lr_scheduler.ExponentialLR, kwargs, s.where)
-    problems: list[str] = []
-    check_number(problems, "gamma", a["gamma"])
-    config_check(problems, s.where)
-    return P.exponential_lr(s, float(a["gamma"]))
-
-
-def _cosine(kwargs: Mapping[str, Any], s: Setting) -> Part:
-    a = _torch_args(lr_scheduler.CosineAnnealingLR, kwargs, s.where)
-    problems: list[str] = []
-    check_steps(problems, "T_max", a["T_max"], minimum=1)
-    check_number(problems, "eta_min", a["eta_min"])
-    config_check(problems, s.where)
-    return P.cosine_annealing_lr(s, a["T_max"], float(a["eta_min"]))
-
-
-def _linear(kwargs: Mapping[str, Any], s: Setting) -> Part:
-    a = _torch_args(lr_scheduler.LinearLR, kwargs, s.where)
-    problems: list[str] = []
-    check_interval(problems, "start_factor", a["start_factor"], 0.0, 1.0, closed="high")
-    check_interval(problems, "end_factor", a["end_factor"], 0.0, 1.0, closed="both")
-    check_steps(problems, "total_iters", a["total_iters"], minimum=1)
-    config_check(problems, s.where)
-    return P.linear_lr(s, float(a["start_factor"]), float(a["end_factor"]), a["total_iters"])
-
-
-def _constant(kwargs: Mapping[str, Any], s: Setting) -> Part:
-    a = _torch_args(lr_scheduler.ConstantLR, kwargs, s.where)
-    problems: list[str] = []
-    # torch accepts factor=0 and total_iters=0 but then divides by zero, or never restores the lr
-    check_interval(problems, "factor", a["factor"], 0.0, 1.0, closed="high")
-    check_steps(problems, "total_iters", a["total_iters"], minimum=1)
-    config_check(problems, s.where)
-    return P.constant_lr(s, float(a["factor"]), a["total_iters"])
-
-
-def _polynomial(kwargs: Mapping[str, Any], s: Setting) -> Part:
-    a = _torch_args(lr_scheduler.PolynomialLR, kwargs, s.where)
-    problems: list[str] = []
-    check_steps(problems, "total_iters", a["total_iters"], minimum=1)
-    check_number(problems, "power", a["power"])
-    config_check(problems, s.where)
-    return P.polynomial_lr(s, a["total_iters"], float(a["power"]))
-
-
-def _lambda(kwargs: Mapping[str, Any], s: Setting) -> Part:
-    a = _torch_args(lr_scheduler.LambdaLR, kwargs, s.where)
-    if not callable(a["lr_lambda"]):
-        config_check(
-            [f"lr_lambda must be one function of the step, got lr_lambda={a['lr_lambda']!r}"],
-            s.where,
-        )
-    return P.lambda_lr(s, a["lr_lambda"])
-
-
-def _multiplicative(kwargs: Mapping[str, Any], s: Setting) -> Part:
-    empty = inspect.Parameter.empty
-    a = _torch_args(lr_scheduler.MultiplicativeLR, kwargs, s.where, extra={"total_steps": empty})
-    problems: list[str] = []
-    if not callable(a["lr_lambda"]):
-        problems.append(
-            f"lr_lambda must be one function of the step, got lr_lambda={a['lr_lambda']!r}"
-        )
-    check_steps(problems, "total_steps", a["total_steps"], minimum=1)
-    config_check(problems, s.where)
-    return P.multiplicative_lr(s, a["lr_lambda"], a["total_steps"])
-
-
-def _one_cycle(kwargs: Mapping[str, Any], s: Setting) -> Part:
-    a = _torch_args(lr_scheduler.OneCycleLR, kwargs, s.where)
-    return P.one_cycle_lr(P.one_cycle_total(a, s.where), a)
-
-
-def _cyclic(kwargs: Mapping[str, Any], s: Setting) -> Part:
-    a = _torch_args(lr_scheduler.CyclicLR, kwargs, s.where)
-    problems: list[str] = []
-    check_number(problems, "base_lr", a["base_lr"])
-    check_number(problems, "max_lr", a["max_lr"])
-    check_steps(problems, "step_size_up", a["step_size_up"], minimum=1)
+def _cycle(problems: list[str], a: Mapping[str, Any]) -> None:
+    """`CyclicLR`'s ``step_size_down``, ``mode``, ``scale_fn`` and ``scale_mode``."""
     if a["step_size_down"] is not None:
         check_steps(problems, "step_size_down", a["step_size_down"])
     if a["scale_fn"] is None and a["mode"] not in ("triangular", "triangular2", "exp_range"):
@@ -198,39 +117,86 @@ def _cyclic(kwargs: Mapping[str, Any], s: Setting) -> Part:
         problems.append(
             f"scale_mode must be 'cycle' or 'iterations', got scale_mode={a['scale_mode']!r}"
         )
-    check_number(problems, "gamma", a["gamma"])
-    config_check(problems, s.where)
-    return P.cyclic_lr(
-        s,
-        float(a["base_lr"]), float(a["max_lr"]), a["step_size_up"], a["step_size_down"],
-        a["mode"], float(a["gamma"]), a["scale_fn"], a["scale_mode"],
-    )  # fmt: skip
 
 
-def _warm_restarts(kwargs: Mapping[str, Any], s: Setting) -> Part:
-    a = _torch_args(lr_scheduler.CosineAnnealingWarmRestarts, kwargs, s.where)
-    problems: list[str] = []
-    check_steps(problems, "T_0", a["T_0"], minimum=1)
-    check_steps(problems, "T_mult", a["T_mult"], minimum=1)
-    check_number(problems, "eta_min", a["eta_min"])
-    config_check(problems, s.where)
-    return P.warm_restarts_lr(s, a["T_0"], a["T_mult"], float(a["eta_min"]))
+def _one_cycle(s: Setting, **a: Any) -> Part:
+    return P.one_cycle_lr(P.one_cycle_total(a, s.where), a)
 
 
-_LEAVES: dict[type, Callable[[Mapping[str, Any], Setting], Part]] = {
-    lr_scheduler.StepLR: _step,
-    lr_scheduler.MultiStepLR: _multistep,
-    lr_scheduler.ExponentialLR: _exponential,
-    lr_scheduler.CosineAnnealingLR: _cosine,
-    lr_scheduler.LinearLR: _linear,
-    lr_scheduler.ConstantLR: _constant,
-    lr_scheduler.PolynomialLR: _polynomial,
-    lr_scheduler.LambdaLR: _lambda,
-    lr_scheduler.MultiplicativeLR: _multiplicative,
-    lr_scheduler.OneCycleLR: _one_cycle,
-    lr_scheduler.CyclicLR: _cyclic,
-    lr_scheduler.CosineAnnealingWarmRestarts: _warm_restarts,
+# each class's part (`scheduler_parts`), called with the setting and the arguments it names, and
+# the checks of its arguments, in the order their messages go
+_LEAVES: dict[type, tuple[Callable[..., Part], tuple[Check, ...]]] = {
+    lr_scheduler.StepLR: (P.step_lr, ((check_steps, "step_size", 1), (check_number, "gamma"))),
+    lr_scheduler.MultiStepLR: (P.multistep_lr, (_milestones, (check_number, "gamma"))),
+    lr_scheduler.ExponentialLR: (P.exponential_lr, ((check_number, "gamma"),)),
+    lr_scheduler.CosineAnnealingLR: (
+        P.cosine_annealing_lr,
+        ((check_steps, "T_max", 1), (check_number, "eta_min")),
+    ),
+    lr_scheduler.LinearLR: (
+        P.linear_lr,
+        (
+            (check_interval, "start_factor", 0.0, 1.0, "high"),
+            (check_interval, "end_factor", 0.0, 1.0, "both"),
+            (check_steps, "total_iters", 1),
+        ),
+    ),
+    # torch accepts factor=0 and total_iters=0 but then divides by zero, or never restores the lr
+    lr_scheduler.ConstantLR: (
+        P.constant_lr,
+        ((check_interval, "factor", 0.0, 1.0, "high"), (check_steps, "total_iters", 1)),
+    ),
+    lr_scheduler.PolynomialLR: (
+        P.polynomial_lr,
+        ((check_steps, "total_iters", 1), (check_number, "power")),
+    ),
+    lr_scheduler.LambdaLR: (P.lambda_lr, (_lr_lambda,)),
+    lr_scheduler.MultiplicativeLR: (
+        P.multiplicative_lr,
+        (_lr_lambda, (check_steps, "total_steps", 1)),
+    ),
+    lr_scheduler.OneCycleLR: (_one_cycle, ()),  # (its checks: `scheduler_parts.one_cycle_total`)
+    lr_scheduler.CyclicLR: (
+        P.cyclic_lr,
+        (
+            (check_number, "base_lr"),
+            (check_number, "max_lr"),
+            (check_steps, "step_size_up", 1),
+            _cycle,
+            (check_number, "gamma"),
+        ),
+    ),
+    lr_scheduler.CosineAnnealingWarmRestarts: (
+        P.warm_restarts_lr,
+        ((check_steps, "T_0", 1), (check_steps, "T_mult", 1), (check_number, "eta_min")),
+    ),
 }
+# what torch's MultiplicativeLR lacks: the steps its table covers
+_EXTRA: dict[type, dict[str, Any]] = {
+    lr_scheduler.MultiplicativeLR: {"total_steps": inspect.Parameter.empty}
+}
+
+
+def _leaf(cls: type, kwargs: Mapping[str, Any], s: Setting) -> Part:
+    """A plain class's part, its arguments checked."""
+    part, checks = _LEAVES[cls]
+    a = _torch_args(cls, kwargs, s.where, _EXTRA.get(cls, {}))
+    problems: list[str] = []
+    floats = set()
+    for check in checks:
+        if callable(check):
+            check(problems, a)
+            continue
+        fn, name, *more = check
+        fn(problems, name, a[name], *more)
+        if fn in _NUMBER_CHECKS:
+            floats.add(name)
+    config_check(problems, s.where)
+    taken = inspect.signature(part).parameters
+    named = a if any(p.kind is p.VAR_KEYWORD for p in taken.values()) else list(taken)[1:]
+    return part(s, **{n: float(a[n]) if n in floats else a[n] for n in named})
+
+
 _COMPOSITES = (lr_scheduler.SequentialLR, lr_scheduler.ChainedScheduler)
 SUPPORTED = (*_LEAVES, *_COMPOSITES)
 
@@ -519,15 +485,12 @@ def _chain(base: float, parts: Sequence[Part]) -> Part:
     )
 
 
-_BUILDERS: dict[type, Callable[[Mapping[str, Any], Setting], Part]] = {
-    **_LEAVES,
-    lr_scheduler.SequentialLR: _sequential,
-    lr_scheduler.ChainedScheduler: _chained,
-}
-
-
 def _build(cls: type, kwargs: Mapping[str, Any], s: Setting) -> Part:
-    return _BUILDERS[cls](kwargs, s)
+    if cls is lr_scheduler.SequentialLR:
+        return _sequential(kwargs, s)
+    if cls is lr_scheduler.ChainedScheduler:
+        return _chained(kwargs, s)
+    return _leaf(cls, kwargs, s)
 
 
 def _leaves(cls: type, kwargs: Mapping[str, Any]) -> list[tuple[type, Mapping[str, Any]]]:
@@ -813,7 +776,7 @@ def _from_torch_classes(cls: type, /, *, lr: float | None = None, **kwargs: Any)
             anneal_epochs=a["anneal_epochs"],
             anneal_strategy=a["anneal_strategy"],
         )
-    if not (isinstance(cls, type) and cls in _BUILDERS):
+    if not (isinstance(cls, type) and cls in SUPPORTED):
         names = ", ".join(c.__name__ for c in SUPPORTED)
         if isinstance(cls, lr_scheduler.LRScheduler):  # the live scheduler rather than its class
             config_check(
@@ -826,7 +789,7 @@ def _from_torch_classes(cls: type, /, *, lr: float | None = None, **kwargs: Any)
         config_check([f"cls must be one of {names}, got cls={cls!r}"], "from_torch")
     where = f"from_torch({cls.__name__})"
     base = _base(cls, lr, kwargs, where)
-    part = _BUILDERS[cls](kwargs, Setting(base, "initial", where))
+    part = _build(cls, kwargs, Setting(base, "initial", where))
     if cls is lr_scheduler.LambdaLR:  # alone, the lambda gets the int step, as torch calls it
         return _lambda_schedule(base, kwargs["lr_lambda"])
     return lift(part.value)
