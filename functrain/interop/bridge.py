@@ -490,7 +490,7 @@ def from_torch_optimizer(
     step = None if step is None else int(step)  # (a numpy integer of the caller's loop)
     slots = [(i, o, k) for i, o in enumerate(optimizers) for k in range(len(o.param_groups))]
     places = [_place(where, len(optimizers), i, k) for i, _, k in slots]
-    rates = _rates(lr, len(slots), where)
+    rates = _per_group(lr, len(slots), "lr", where)
     decays = _per_group(weight_decay, len(slots), "weight_decay", where)
     groups, counts = [], []
     for i, o in enumerate(optimizers):
@@ -596,9 +596,8 @@ def _uncounted_schedules(
     ``step=`` the converted run would start it at 0 or 1, wherever torch's run is (an `SWALR`
     built at the switch, which starts from the lr it finds, excepted).
     """
-    schedulers = list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
-    schedulers = [None] * len(optimizers) if scheduler is None else schedulers
-    if step is not None or len(schedulers) != len(optimizers):  # (the latter: `_schedules`)
+    schedulers, wrong = _per_optimizer(scheduler, optimizers)
+    if step is not None or wrong:  # (the latter: `_schedules`)
         return []
     problems, first = [], 0
     for i, o in enumerate(optimizers):
@@ -607,7 +606,6 @@ def _uncounted_schedules(
         driven = _counts_steps(schedulers[i]) or any(callable(r) for r in own)
         first += n
         kind = torch_class(o)
-        assert kind is not None  # _optimizers checked
         if driven and not kind.counted:
             problems.append(
                 f"torch.optim.{type(o).__name__} keeps no count of its steps, and a schedule "
@@ -615,6 +613,21 @@ def _uncounted_schedules(
                 "steps torch took> with it"
             )
     return problems
+
+
+def _per_optimizer(
+    scheduler: Any, optimizers: Sequence[torch.optim.Optimizer]
+) -> tuple[list[Any], list[str]]:
+    """`scheduler` as one live scheduler (or None) per optimizer, and what is wrong with it: not
+    one per optimizer. None: none for any."""
+    given = list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
+    if scheduler is None:
+        return [None] * len(optimizers), []
+    if len(given) == len(optimizers):
+        return given, []
+    return given, [
+        f"scheduler must be one live scheduler per optimizer ({len(optimizers)}), got {len(given)}"
+    ]
 
 
 def _counts_steps(scheduler: Any) -> bool:
@@ -642,7 +655,6 @@ def _dropped(
         bounds = cycled_momentum(group)
         if bounds is not None:
             kind = torch_class(o)
-            assert kind is not None  # _optimizers checked
             held = held_setting(kind.preset, own_settings(o, group))
             note = momentum_cycle_note(cycling_scheduler(group), bounds, cycled_setting(o), held)
             found.append(f"{place}: {note}")
@@ -674,7 +686,7 @@ def _optimizers(
     One, or several over disjoint parameters, as Muon with AdamW.
     """
     given = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
-    unknown = [type(o).__name__ for o in given if torch_class(o) is None]
+    unknown = [type(o).__name__ for o in given if not isinstance(o, tuple(TORCH_CLASSES))]
     if not given or unknown or not isinstance(module, nn.Module):
         names = ", ".join(f"torch.optim.{k.__name__}" for k in TORCH_CLASSES)
         got = ", ".join(unknown) or ("no optimizer" if not given else "")
@@ -742,15 +754,8 @@ def _schedules(
 
     There is one scheduler per optimizer; None keeps that optimizer's lr.
     """
-    schedulers = list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
-    if len(schedulers) != len(optimizers):
-        config_check(
-            [
-                f"scheduler must be one live scheduler per optimizer ({len(optimizers)}), got "
-                f"{len(schedulers)}"
-            ],
-            where,
-        )
+    schedulers, wrong = _per_optimizer(scheduler, optimizers)
+    config_check(wrong, where)
     rates: list[Any] = []
     for s, o in zip(schedulers, optimizers, strict=True):
         own = counts[len(rates) : len(rates) + len(o.param_groups)]
@@ -899,7 +904,7 @@ def _scheduled(
             _swalr_continued(scheduler, group, counts, steps_per_epoch)
             for group in optimizer.param_groups
         ]
-    counted = torch_class(optimizer).counted  # type: ignore[union-attr]
+    counted = torch_class(optimizer).counted
     config_check(_step_problems(scheduler, counts, steps_per_epoch, counted), where)
     config_check(_restart_problems(scheduler), where)
     schedules = []
@@ -1077,10 +1082,6 @@ def _step_problems(
     ]
 
 
-def _rates(lr: LearningRates, n: int, where: str) -> list[float | Schedule | None]:
-    return _per_group(lr, n, "lr", where)
-
-
 def _per_group(value: Any, n: int, name: str, where: str) -> list[Any]:
     """A setting given for the `n` groups: one for all (None, a number, a schedule), or each
     its own."""
@@ -1164,7 +1165,6 @@ def _counts(
     whatever sat out. SGD's and Muon's from `step`.
     """
     kind = torch_class(optimizer)
-    assert kind is not None  # _optimizers checked
     counts = []
     for k, g in enumerate(groups):
         if kind.counted:
@@ -1208,7 +1208,6 @@ def _implementation_problems(optimizer: torch.optim.Optimizer, group: dict[str, 
     Either way, bit for bit: the implementation continuing functrain, or being continued by it.
     """
     kind = torch_class(optimizer)
-    assert kind is not None  # _optimizers checked
     problems = [
         f"{flag}=True: {why}; build the torch optimizer without it"
         for flag, why in _REFUSED.items()
@@ -1274,7 +1273,6 @@ def _transform(
     Refused where torch's implementation is not the one it continues.
     """
     kind = torch_class(optimizer)
-    assert kind is not None  # _optimizers checked
     kwargs = kind.settings(own_settings(optimizer, group))  # not the momentum a scheduler wrote
     kwargs["lr"] = g.lr if rate is None else rate
     problems = _implementation_problems(optimizer, group) + _tensor_lr_problems(optimizer, group)
@@ -1325,16 +1323,12 @@ def _map_groups(opt_state: Any, n: int, fn: Callable[[int, Any], Any]) -> Any:
         return node
 
     out = walk(opt_state, None)
-    if n > 1 and not any(isinstance(node, PartitionState) for node in _nodes(opt_state)):
+    if n > 1 and not any(isinstance(node, PartitionState) for node in walk_states(opt_state)):
         raise ConfigError(
             f"the torch optimizer has {n} parameter groups, the state's optimizer one: build the "
             "torch optimizer with one group, as the state's optimizer is"
         )
     return out
-
-
-def _nodes(tree: Any) -> list[Any]:
-    return list(walk_states(tree))
 
 
 def _order(group: _Group, params: dict[str, torch.Tensor]) -> list[str]:
@@ -1601,14 +1595,9 @@ def _scheduler_position_problems(
     scheduler: Any, optimizers: Sequence[torch.optim.Optimizer], i: int, count: int
 ) -> list[str]:
     """Where the torch scheduler of `optimizers[i]` is not at the state's `count`."""
-    schedulers = list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
-    if scheduler is None:
-        return []
-    if len(schedulers) != len(optimizers):
-        return [
-            f"scheduler must be one live scheduler per optimizer ({len(optimizers)}), got "
-            f"{len(schedulers)}"
-        ]
+    schedulers, wrong = _per_optimizer(scheduler, optimizers)
+    if wrong:
+        return wrong
     s = schedulers[i]
     if s is None or isinstance(s, swa_utils.SWALR):  # (SWALR's count is its own: from its lr)
         return []
@@ -1664,7 +1653,6 @@ def _unstepped(nodes: dict[type, Any], j: int, optimizer: torch.optim.Optimizer)
     torch goes on as functrain does.
     """
     kind = torch_class(optimizer)
-    assert kind is not None  # _optimizers checked
     steps = next((n.steps for n in nodes.values() if getattr(n, "steps", None)), ())
     return bool(steps) and not kind.built and float(steps[j]) == 0
 
@@ -1689,7 +1677,6 @@ def _group_problems(
     implementation.
     """
     kind = torch_class(optimizer)
-    assert kind is not None  # _optimizers checked
     own = [cls for cls in nodes if cls in kind.needs]
     foreign = sorted(
         {
@@ -1732,7 +1719,6 @@ def _group_values(optimizer: torch.optim.Optimizer, nodes: dict[type, Any]) -> d
     A tuple over its parameters (in the state's order), or one tensor for all.
     """
     kind = torch_class(optimizer)
-    assert kind is not None  # _optimizers checked
     counted = [node for node in nodes.values() if "count" in node._fields]
     count = int(counted[0].count) if counted else 0
     if (
@@ -1793,7 +1779,7 @@ def _expected_groups(state: TrainState) -> list[_Expected] | None:
         labels, parts = call.arguments["labels"], dict(call.arguments["transforms"])
     elif call is not None and call.factory is muon and call.arguments["others"] is not None:
         labels, parts = is_matrix, {"muon": optimizer, "others": call.arguments["others"]}
-    elif any(isinstance(node, PartitionState) for node in _nodes(state.opt_state)):
+    elif any(isinstance(node, PartitionState) for node in walk_states(state.opt_state)):
         return None
     else:
         return [_expected_group(None, optimizer, params)]
@@ -1917,7 +1903,7 @@ def _skipped_steps(state: TrainState) -> int:
                 SkipNonfiniteState if call.factory is skip_nonfinite else DynamicLossScaleState
             )
         call = recorded_call(call.arguments["inner"])
-    return sum(int(n.total_skipped) for n in _nodes(state.opt_state) if type(n) in counting)
+    return sum(int(n.total_skipped) for n in walk_states(state.opt_state) if type(n) in counting)
 
 
 def _group_count(nodes: dict[type, Any], state: TrainState) -> int:
@@ -1943,7 +1929,6 @@ def _setting_problems(
     if call is None:
         return []
     kind = torch_class(optimizer)
-    assert kind is not None  # _optimizers checked
     whose = (
         "the state's optimizer"
         if expected.label is None

@@ -254,10 +254,11 @@ TORCH_CLASSES: dict[type, TorchClass] = {
 }
 
 
-def torch_class(optimizer: Any) -> TorchClass | None:
-    """The table's entry for a live optimizer (its exact class: AdamW before Adam), or None."""
+def torch_class(optimizer: Any) -> TorchClass:
+    """The table's entry for a live optimizer of a class in it (its exact class: AdamW before
+    Adam)."""
     return TORCH_CLASSES.get(type(optimizer)) or next(
-        (v for k, v in TORCH_CLASSES.items() if isinstance(optimizer, k)), None
+        v for k, v in TORCH_CLASSES.items() if isinstance(optimizer, k)
     )
 
 
