@@ -114,27 +114,21 @@ class TorchClass(NamedTuple):
     own_steps: frozenset[str] = frozenset()
 
 
-def _betas(group: dict[str, Any]) -> dict[str, float]:
-    b1, b2 = group["betas"]
-    return {"b1": float(b1), "b2": float(b2)}
-
-
-def _adam(group: dict[str, Any]) -> dict[str, Any]:
-    return dict(
-        **_betas(group),
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
-        amsgrad=group["amsgrad"],
-    )
-
-
 def _pick(*names: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    return lambda group: {name: group[name] for name in names}
+    """A group's settings of these names: ``"b1"`` and ``"b2"`` its ``betas`` as floats, a pair
+    (``"betas"``, ``"etas"``, ``"step_sizes"``) as a tuple of floats, the others as they are."""
+
+    def read(group: dict[str, Any], name: str) -> Any:
+        if name in ("b1", "b2"):
+            return float(group["betas"][int(name[1]) - 1])
+        if name in ("betas", "etas", "step_sizes"):
+            return tuple(float(v) for v in group[name])
+        return group[name]
+
+    return lambda group: {name: read(group, name) for name in names}
 
 
-def _pair(name: str) -> Callable[[Any], tuple[float, float]]:
-    return lambda group: tuple(float(v) for v in group[name])  # type: ignore[return-value]
-
+_adam = _pick("b1", "b2", "eps", "weight_decay", "amsgrad")
 
 _FUSED = frozenset({"fused", "foreach", "single"})
 # (an optimizer whose update reads no step: each parameter's count is torch's bookkeeping only)
@@ -174,29 +168,21 @@ TORCH_CLASSES: dict[type, TorchClass] = {
     ),
     torch.optim.RAdam: TorchClass(
         radam,
-        lambda g: dict(
-            **_betas(g),
-            eps=g["eps"],
-            weight_decay=g["weight_decay"],
-            decoupled_weight_decay=g["decoupled_weight_decay"],
-        ),
+        _pick("b1", "b2", "eps", "weight_decay", "decoupled_weight_decay"),
         (RadamState,),
         exact=frozenset({"foreach"}),
         own_steps=frozenset({"foreach"}),
     ),
     torch.optim.NAdam: TorchClass(
         nadam,
-        lambda g: dict(
-            betas=_pair("betas")(g),
-            **_pick("eps", "weight_decay", "momentum_decay", "decoupled_weight_decay")(g),
-        ),
+        _pick("betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay"),
         (NadamState,),
         exact=frozenset({"single"}),
         own_steps=_FUSED,
     ),
     torch.optim.Adamax: TorchClass(
         adamax,
-        lambda g: dict(betas=_pair("betas")(g), eps=g["eps"], weight_decay=g["weight_decay"]),
+        _pick("betas", "eps", "weight_decay"),
         (AdamaxState,),
         own_steps=_FUSED,
     ),
@@ -212,7 +198,7 @@ TORCH_CLASSES: dict[type, TorchClass] = {
     ),
     torch.optim.Rprop: TorchClass(
         rprop,
-        lambda g: dict(etas=_pair("etas")(g), step_sizes=_pair("step_sizes")(g)),
+        _pick("etas", "step_sizes"),
         (RpropState,),
         own_steps=_NO_STEP,
     ),
@@ -230,7 +216,7 @@ TORCH_CLASSES: dict[type, TorchClass] = {
     ),
     torch.optim.SparseAdam: TorchClass(
         sparse_adam,
-        lambda g: dict(**_betas(g), eps=g["eps"]),
+        _pick("b1", "b2", "eps"),
         (SparseAdamState,),
         exact=_FUSED,  # one implementation, whatever the flags say
         int_step=True,
