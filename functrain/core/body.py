@@ -55,6 +55,7 @@ from functrain.optim.base import (
 )
 from functrain.optim.batching import under_vmap
 from functrain.optim.metrics import metric_nodes, transform_metrics
+from functrain.optim.naming import held_transforms, recorded_call
 from functrain.optim.updates import apply_updates
 from functrain.optim.wrappers import AccumulateState, find_loss_scale
 from functrain.tree import Norms, member_view
@@ -506,28 +507,43 @@ def _zero_filled(
 
 
 # per transform: where its state keeps the nodes that expose metrics (paths and classes), found
-# once; the transform itself is kept with them, so an id is never taken for another's
-_METRIC_NODES: dict[int, tuple[Any, tuple[tuple[tuple[Any, ...], type], ...]]] = {}
+# once (None: a transform of the user's, walked each time); the transform itself is kept with
+# them, so an id is never taken for another's
+_METRIC_NODES: dict[int, tuple[Any, tuple[tuple[tuple[Any, ...], type], ...] | None]] = {}
 
 
 def tx_metrics_of(tx: Any, opt_state: Any) -> dict[str, torch.Tensor]:
     """`transform_metrics` of `opt_state`, reading only the nodes found the first time.
 
-    A transform's state has one structure (its `init` made it), so the walk over every node,
-    tensors included, is made once per transform; each node's class is checked on the way, and a
-    state of another structure is walked again. Traced bodies walk it every time.
+    A state of a transform built by functrain's factories has one structure (its `init` made it),
+    so the walk over every node, tensors included, is made once per transform; each node's class
+    is checked on the way, and a state of another structure is walked again. A transform of the
+    user's (`_functrain_built`: its state may switch to one of another structure, whose metrics
+    may be new) and traced bodies walk it every time.
     """
     if functional():
         return transform_metrics(opt_state)
     entry = _METRIC_NODES.get(id(tx))
     if entry is not None and entry[0] is tx:
+        if entry[1] is None:  # (the user's)
+            return transform_metrics(opt_state)
         found = _metrics_at(opt_state, entry[1])
         if found is not None:
             return found
+        built = True  # (a node of another class: walked again)
+    else:
+        built = _functrain_built(tx)
     if len(_METRIC_NODES) >= 64:
         _METRIC_NODES.clear()
-    _METRIC_NODES[id(tx)] = (tx, tuple((path, type(n)) for path, n in metric_nodes(opt_state)))
+    nodes = tuple((path, type(n)) for path, n in metric_nodes(opt_state)) if built else None
+    _METRIC_NODES[id(tx)] = (tx, nodes)
     return transform_metrics(opt_state)
+
+
+def _functrain_built(tx: Any) -> bool:
+    """Whether `tx` and every transform it holds were built by functrain's factories."""
+    call = recorded_call(tx)
+    return call is not None and all(_functrain_built(x) for _, x in held_transforms(call))
 
 
 def _metrics_at(

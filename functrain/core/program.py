@@ -36,7 +36,6 @@ another) and backward, then the update on the stacked tensors, planned for the d
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,7 +82,6 @@ from functrain.optim.base import (
     update_reporting,
 )
 from functrain.optim.metrics import metric_nodes, metric_reader, transform_metrics
-from functrain.optim.naming import held_transforms, recorded_call
 from functrain.optim.planned import Prelude, Ran, Runner, reads_norm
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.updates import apply_updates
@@ -135,7 +133,6 @@ class StepProgram(_Decided):
         "measures",
         "tx_metrics",
         "tx_readers",
-        "find_metrics",
         "scaled",
         "straight",
     )
@@ -146,7 +143,6 @@ class StepProgram(_Decided):
         runner: Runner | None,
         stage: str,
         fresh: bool,
-        find: Callable[[Any, Any], dict[str, torch.Tensor]],
     ) -> None:
         params = list(state.params.values())
         options = state.options
@@ -191,7 +187,6 @@ class StepProgram(_Decided):
         # a transform's own update (`_updating`) may return a state of another structure (a
         # user's that switches optimizers): its metrics found in the state each step returns
         own = stage == "updated"
-        self.find_metrics = find  # (`metrics_finder`)
         self.tx_metrics = bool(extra) or users or own
         readers = {k: metric_reader(opt_state, k) for k in extra}
         # (in the body's order)
@@ -306,14 +301,11 @@ def program_for(state: TrainState) -> StepProgram | MembersProgram | None:
         or state.options.differentiable
     ):
         return None
-    find = metrics_finder(state.tx)
-    runner, stage, fresh = _runner(state, find)
-    return StepProgram(state, runner, stage, fresh, find)
+    runner, stage, fresh = _runner(state)
+    return StepProgram(state, runner, stage, fresh)
 
 
-def _runner(
-    state: TrainState, find: Callable[[Any, Any], dict[str, torch.Tensor]]
-) -> tuple[Runner | None, str, bool]:
+def _runner(state: TrainState) -> tuple[Runner | None, str, bool]:
     """The update's `Runner` for `state`'s tensors, and whether to decide again once.
 
     For a configuration that is eager, unstacked and unsharded (a process group's replicated
@@ -335,21 +327,19 @@ def _runner(
     fresh = planner is not None and any(
         isinstance(x, torch.Tensor) and 0 in x.stride() for x in tree_leaves(state.opt_state)
     )
-    runner = _updating(state, find)
+    runner = _updating(state)
     return runner, "general" if runner is None else "updated", fresh
 
 
-def _updating(
-    state: TrainState, find: Callable[[Any, Any], dict[str, torch.Tensor]]
-) -> Runner | None:
+def _updating(state: TrainState) -> Runner | None:
     """The transform's own update as a `Runner`, for a transform that plans none.
 
     What the body's update does (`functrain.core.body.apply`), with what it decides on every
     call decided here: the update through ``update_reporting`` with the step's norm shared, the
     new parameters by `apply_updates` in their parameters' strides, the rate and skip flag read
-    from the state it returns by `find` (`metrics_finder`: the update may return a state of
-    another structure). The other metrics the transform's state exposes the step reads from that
-    state too (`StepProgram.tx_metrics`).
+    from the state it returns by `functrain.core.body.tx_metrics_of` (a transform of the user's
+    may return a state of another structure). The other metrics the transform's state exposes
+    the step reads from that state too (`StepProgram.tx_metrics`).
     """
     tx, names = state.tx, list(state.params)
     window = state.options.accumulate_steps
@@ -382,32 +372,13 @@ def _updating(
         measured = report.grad_norm
         if measured is None and norm is None and reports:
             measured = global_norm(grads)
-        found = find(tx, new_state)  # (its structure may not be the given one's)
+        found = tx_metrics_of(tx, new_state)  # (its structure may not be the given one's)
         skipped = found.get("skipped")
         if skipped is not None and window > 1:  # the flag of the window that ends here
             skipped = skipped & (new_state.micro_step == 0)
         return Ran(list(new.values()), new_state, found.get("lr"), skipped, None, measured)
 
     return run
-
-
-def metrics_finder(tx: Any) -> Callable[[Any, Any], dict[str, torch.Tensor]]:
-    """How a step finds the metrics in the optimizer state of `tx` an update returned:
-    `functrain.core.body.tx_metrics_of` (the nodes found once, walked again where one changes
-    class) where every transform of `tx` is functrain's (built by a factory of its own: its state
-    keeps its structure), else the whole state walked each step (`transform_metrics`: a user's
-    transform may switch to a state of another structure, whose metrics may be new)."""
-    return tx_metrics_of if _functrain_built(tx) else _walked
-
-
-def _walked(tx: Any, opt_state: Any) -> dict[str, torch.Tensor]:
-    return transform_metrics(opt_state)
-
-
-def _functrain_built(tx: Any) -> bool:
-    """Whether `tx` and every transform it holds were built by functrain's factories."""
-    call = recorded_call(tx)
-    return call is not None and all(_functrain_built(x) for _, x in held_transforms(call))
 
 
 class MembersProgram(_Decided):

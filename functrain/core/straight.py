@@ -308,7 +308,6 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         "DIST": state.dist,
         "SAMPLES": options.samples,
         "TX": state.tx,
-        "TX_METRICS": program.find_metrics,
         "DEVICE_TYPE": next(iter(state.params.values())).device.type,
         "GUARD_BUFFERS": program.guard_buffers,
         "DEVICE": next(iter(state.params.values())).device,
