@@ -19,8 +19,7 @@ The update is decided once, as one of three (`StepProgram.stage`):
   (`StepProgram.run`).
 
 A runner's step is the straight line (`functrain.core.straight`): the configuration's step written
-as one function, which calls back here for the EMA (`average`) and, once, a fresh state's next
-program (`again`).
+as one function, which calls back here, once, for a fresh state's next program (`again`).
 `StepProgram.run` is the body's step: the general configurations', and the straight line's rare
 turns (a copied state's own structure, the first forward of a structure, a
 module that needs ``loss.backward()``). Both give the bits of the body, which the compiled and
@@ -124,7 +123,6 @@ class StepProgram(_Decided):
         "ranked",
         "guard_buffers",
         "fp32",
-        "in_place",
         "rates",
         "modules",
         "averages",
@@ -163,7 +161,6 @@ class StepProgram(_Decided):
         self.ranked = state.dist is not None
         self.guard_buffers = options.guards_buffers
         self.fp32 = all(p.dtype == torch.float32 for p in params)
-        self.in_place = Extras(in_place=True)  # a donated step's permission to the EMA
         self.rates = group_rates(state.tx)  # each parameter group's rate, a metric each
         # the module's mode switched by its flags where nn.Module's own `train` would set them
         self.modules = plain_modules(state.module)
@@ -236,24 +233,6 @@ class StepProgram(_Decided):
         are the body's from now on (`functrain.core.gradient.SITTING`: a weight that sat out an
         update may keep its fresh slots for many steps)."""
         return program_for(new) if self.fresh and SITTING not in new.module.__dict__ else self
-
-    def average(
-        self,
-        state: TrainState,
-        new: list[torch.Tensor],
-        params: dict[str, torch.Tensor],
-        buffers: dict[str, torch.Tensor],
-        applied: torch.Tensor | None,
-        donate: bool,
-    ) -> Any:
-        """The EMA (or equal average) after the update, moved only where it was `applied`: the
-        body's (`functrain.core.body.averaged`), with the donated step's permission; where the
-        update applied (`applied` None), the average's own update of the `new` parameters
-        (`functrain.optim.base.averaging_of`), without its general call."""
-        if applied is None and self.averaging is not None:
-            return self.averaging(new, state.ema_state, donate)
-        extras = self.in_place if donate else NO_EXTRAS
-        return averaged(state, params, buffers, applied, extras)
 
 
 def _measures(state: TrainState, runner: Runner | None, hooks: bool) -> bool:

@@ -22,7 +22,8 @@ body's update (`StepProgram.run`): the tests run both and compare every tensor a
 Rare paths leave the straight line by a call: a loss function's failure (`loss_failure`), a
 non-scalar loss (`split_loss`), a parameter the loss did not use (`completed`), gradients in
 another layout (`in_layouts_of`), a written parameter (`_raise_written`), the EMA
-(`StepProgram.average`), and a module that needs ``loss.backward()``
+(`functrain.core.body.averaged`, where an update was skipped or the average is not one list
+update), and a module that needs ``loss.backward()``
 (`functrain.core.loss.gradients_of`, which raises `RunAgain` once).
 """
 
@@ -45,7 +46,13 @@ from functrain.core.binding import (
     take_step_lock,
     unbind,
 )
-from functrain.core.body import OWN_TX_METRICS, counters, finite_buffers, tx_metrics_of
+from functrain.core.body import (
+    OWN_TX_METRICS,
+    averaged,
+    counters,
+    finite_buffers,
+    tx_metrics_of,
+)
 from functrain.core.donation import DONATED, HELD, wait_until_unheld
 from functrain.core.failures import loss_failure
 from functrain.core.gradient import SITTING, completed, reciprocal, sits_out
@@ -71,6 +78,7 @@ from functrain.distributed.data_parallel import DistConfig, average_step
 from functrain.errors import FunctrainError
 from functrain.layout import in_layouts_of, with_strides_kept
 from functrain.optim.averaging import EmaState, ListAverage
+from functrain.optim.base import NO_EXTRAS, Extras
 from functrain.optim.metrics import metric_reader
 from functrain.optim.planned import Chained, GatedBySelection
 from functrain.optim.rules.fused import FusedRunner
@@ -247,7 +255,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     if not program.averages:
         text.append(_NO_AVERAGE)
     elif program.averaging is None:
-        text.append(_AVERAGED.format(donate=donate))
+        text.append(_AVERAGED)
     else:
         lerped = type(program.averaging) is ListAverage and program.averaging.weight is not None
         # (a new average keeps its strides where a weight's are not the default ones, which a
@@ -258,7 +266,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         )
         pure = _LERPED_PURE_RESTRIDED if restrided else _LERPED_PURE
         moved = (_LERPED if donate else pure) if lerped else _MOVED.format(donate=donate)
-        text.append(_AVERAGING.format(moved=moved, donate=donate))
+        text.append(_AVERAGING.format(moved=moved, averaged=textwrap.indent(_AVERAGED, "    ")))
     # a fresh state's optimizer state has its storage now: its program decided again, once
     text.append(_KEPT.format(own=own, program="PROGRAM.again(new)" if program.fresh else "PROGRAM"))
     if donate:
@@ -314,6 +322,9 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         "RATES": program.rates,
         "LEND": lend,
         "AVERAGING": program.averaging,
+        "AVERAGED": averaged,
+        # (a donated step's permission to the EMA)
+        "EMA_EXTRAS": Extras(in_place=True) if donate else NO_EXTRAS,
         "EMA_WEIGHT": getattr(program.averaging, "weight", None),
         "KEPT_STRIDES": with_strides_kept,
         "EMA_STATE": EmaState,
@@ -879,20 +890,18 @@ _LENDS = """\
         if ran_ended is False:
             LEND(state, new)
 """
+# the EMA (or equal average) after the update, moved only where it was `applied`: the body's
+# (`functrain.core.body.averaged`), with the donated step's permission
 _AVERAGED = """\
-        SET_ema_state(
-            new, PROGRAM.average(state, ran_params, new.params, new.buffers, applied, {donate})
-        )
+        SET_ema_state(new, AVERAGED(state, new.params, new.buffers, applied, EMA_EXTRAS))
 """
 # where every average moves (an EMA of the parameters alone), its own list update where the update
-# applied (`StepProgram.average`'s first case), the program's otherwise
+# applied (`functrain.optim.base.averaging_of`, without its general call), the body's otherwise
 _AVERAGING = """\
         if applied is None:
 {moved}\
         else:
-            SET_ema_state(
-                new, PROGRAM.average(state, ran_params, new.params, new.buffers, applied, {donate})
-            )
+{averaged}\
 """
 _MOVED = """\
             SET_ema_state(new, AVERAGING(ran_params, state.ema_state, {donate}))
