@@ -246,8 +246,12 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         text.append(_EVERY_RANKS)
     if window == 1:
         text.append(_COUNTERS if donate else _OWN_COUNTERS)
+        counted = ("state.micro_step", "state.epoch") if donate else ("micro_t", "epoch_t")
     else:
-        text.append(_WINDOW_COUNTERS.format(own=own))
+        text.append(_WINDOW_COUNTERS)
+        counted = ("micro_t", f"state.epoch{own}")
+    text.append(_SET_COUNTERS.format(micro=counted[0], epoch=counted[1]))
+    if window > 1:
         if program.averages:
             text.append(_WINDOW_ENDED)
         if _lending(program, donate):
@@ -837,12 +841,6 @@ _COUNTERS = """\
         step_t, epoch_step_t, seen_t = torch._foreach_add(
             [state.step, state.epoch_step, state.samples_seen], [1, 1, samples]
         )
-        SET_step(new, step_t)
-        SET_epoch_step(new, epoch_step_t)
-        SET_samples_seen(new, seen_t)
-        SET_micro_step(new, state.micro_step)
-        SET_epoch(new, state.epoch)
-        applied = None if skipped is None else ~skipped
 """
 # a pure step's: the given state lives on, so the new one's counters are copies, never the given's
 # (a write into one, such as a refused state.epoch += 1, would change the other)
@@ -851,12 +849,6 @@ _OWN_COUNTERS = """\
             [state.step, state.epoch_step, state.samples_seen, state.epoch, state.micro_step],
             [1, 1, samples, 0, 0],
         )
-        SET_step(new, step_t)
-        SET_epoch_step(new, epoch_step_t)
-        SET_samples_seen(new, seen_t)
-        SET_micro_step(new, micro_t)
-        SET_epoch(new, epoch_t)
-        applied = None if skipped is None else ~skipped
 """
 # the window's counters: one op for the three where its end is known on the host
 _WINDOW_COUNTERS = """\
@@ -871,11 +863,14 @@ _WINDOW_COUNTERS = """\
             changes = COUNTERS(state, micro_t, ended, None, samples)
             step_t, epoch_step_t = changes["step"], changes["epoch_step"]
             seen_t = changes["samples_seen"]
+"""
+# the new counters set, and the EMA's gate
+_SET_COUNTERS = """\
         SET_step(new, step_t)
         SET_epoch_step(new, epoch_step_t)
         SET_samples_seen(new, seen_t)
-        SET_micro_step(new, micro_t)
-        SET_epoch(new, state.epoch{own})
+        SET_micro_step(new, {micro})
+        SET_epoch(new, {epoch})
         applied = None if skipped is None else ~skipped
 """
 # the EMA moves where a window ended
