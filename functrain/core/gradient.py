@@ -78,23 +78,20 @@ class Decided(NamedTuple):
 
     `hooks`: the parameters' gradient hooks (`functrain.core.structure.grad_hooks`); `sparse`: the
     names of the parameters with sparse gradients; `divisor`: what the loss is divided by
-    (`functrain.core.options.loss_divisor`); `plain`: the parameters are plain tensors
-    (`functrain.core.loss.gradients_of`).
+    (`functrain.core.options.loss_divisor`).
     """
 
     hooks: tuple[tuple[int, Any], ...]
     sparse: frozenset[str]
     divisor: int | None
-    plain: bool = False
 
 
-def decided(state: StepState, plain: bool = False) -> Decided:
+def decided(state: StepState) -> Decided:
     """What `state`'s gradient step decides once: its hooks, sparse parameters and divisor."""
     return Decided(
         grad_hooks(state.module, list(state.params)),
         frozenset(sparse_parameters(state.module)),
         loss_divisor(state.options),
-        plain,
     )
 
 

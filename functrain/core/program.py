@@ -153,8 +153,8 @@ class StepProgram(_Decided):
         self.fresh = fresh
         # the layout torch.optim's `.grad` would have: a gradient in another is laid out first
         self.strides = [p.stride() for p in params]
-        # the gradient step's hooks, sparse parameters, divisor, and whether the weights are plain
-        self.known = decided(state, plain=all(type(p) is torch.Tensor for p in params))
+        # the gradient step's hooks, sparse parameters and divisor
+        self.known = decided(state)
         self.hooks = self.known.hooks  # the parameters' own hooks
         self.generator = device_generator(params[0].device)
         # a process group's ranks draw from streams of their own (`functrain.core.scope.enter`)
@@ -192,7 +192,7 @@ class StepProgram(_Decided):
         self.scaled = options.precision == "fp16"
         # the configuration's step as one function (`functrain.core.straight`), where it is
         # written for it: what `functrain.train_step` runs; else the body's update (`run`)
-        self.straight = straight_step(self, state) if runner is not None else None
+        self.straight = straight_step(self, state)
         if self.straight is None:
             self.runner, self.stage = None, "general"
 
@@ -289,7 +289,7 @@ def _runner(state: TrainState) -> tuple[Runner | None, str, bool]:
 
     For a configuration that is eager, unstacked and unsharded (a process group's replicated
     state averages its gradients first, the straight line's `_ranks_mean`) with no gradient
-    statistics and no sparse gradients: the transform's planned update where
+    statistics, no sparse gradients and plain tensors: the transform's planned update where
     it has one (`functrain.optim.base.planner_of`: the fused ``adamw``/``adam``/``sgd``/
     ``adagrad``, RMSprop's plain chain, on the CPU Adamax's, RAdam's and NAdam's, and
     `skip_nonfinite`, `accumulate`, `partition` and a
@@ -467,7 +467,7 @@ def _members_runner(state: TrainState) -> Runner | None:
     if (
         planner is None
         or not stacked_step.updates_stacked(state)
-        or _in_general(state)
+        or _in_general(state, weights=False)
         or state.dist is not None
         or state.options.accumulate_steps > 1
     ):
@@ -475,9 +475,10 @@ def _members_runner(state: TrainState) -> Runner | None:
     return planner(state.params, state.opt_state, state.members)
 
 
-def _in_general(state: TrainState) -> bool:
-    """Whether `state`'s update runs the body's whatever its transform: buffers or frozen
-    tensors of a tensor subclass."""
-    return not all(
-        type(t) is torch.Tensor for t in (*state.frozen.values(), *state.buffers.values())
-    )
+def _in_general(state: TrainState, weights: bool = True) -> bool:
+    """Whether `state`'s update runs the body's whatever its transform: buffers, frozen tensors
+    or (`weights`) parameters of a tensor subclass."""
+    tensors = (*state.frozen.values(), *state.buffers.values())
+    if weights:
+        tensors += tuple(state.params.values())
+    return not all(type(t) is torch.Tensor for t in tensors)

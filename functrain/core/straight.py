@@ -141,8 +141,8 @@ def straight_step(program: Any, state: TrainState) -> StraightStep | None:
 def _written_for(program: Any, state: TrainState) -> bool:
     """Whether the straight line covers `state`'s configuration: an update run by a `Runner`
     (planned, or the transform's own, `functrain.core.program._updating`: none for sparse
-    parameters or gradient statistics), plain tensors, and torch's engine entry."""
-    return program.runner is not None and program.known.plain and _RUN_BACKWARD is not None
+    parameters, gradient statistics or a tensor subclass), and torch's engine entry."""
+    return program.runner is not None and _RUN_BACKWARD is not None
 
 
 def _describe(state: TrainState) -> str:
@@ -189,6 +189,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     text = [_ENTRY.format(donate=donate)]
     # the first forward of a structure runs under the write guard (the body's)
     text.append(_FIRST_FORWARD.format(donate=donate))
+    # (None: a structure whose submodules its owner may replace, its mode set by `train`)
     modules = program.modules if program.modules and program.modules[0] is state.module else None
     ranked = program.ranked
     text.append(
@@ -300,10 +301,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         **_CONSTANTS,
         "PROGRAM": program,
         "MODULE": state.module,
-        # (None: a structure whose submodules its owner may replace, its mode set by `train`)
-        "MODULES": program.modules
-        if program.modules and program.modules[0] is state.module
-        else None,
+        "MODULES": modules,
         "MODES_OF": modes_of,
         "MODES_BACK": modes_back,
         "GEN": program.generator,
