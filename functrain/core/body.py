@@ -43,7 +43,7 @@ from functrain.core.statistics import grad_statistics
 from functrain.core.structure import grad_hooks
 from functrain.core.view import StepState
 from functrain.distributed import sharding as sharding_
-from functrain.distributed.data_parallel import average_step
+from functrain.distributed.data_parallel import DistConfig, average_step
 from functrain.errors import ConfigError
 from functrain.layout import in_layouts_of, with_strides_of
 from functrain.optim.base import (
@@ -75,6 +75,7 @@ __all__ = [
     "in_param_layouts",
     "in_param_strides",
     "loss_scale",
+    "ranks_mean",
     "step_metrics",
     "train_body",
     "handed_on",
@@ -197,9 +198,7 @@ def apply(
         if config is not None:
             # before clipping and the optimizer: every rank then computes the same update; a
             # weight no rank has a gradient for is left out (it sits the update out, `_seated`)
-            scalars = {"loss": loss, **aux}
-            grads, buffers, scalars = average_step(grads, buffers, scalars, config, state.params)
-            loss, aux = scalars.pop("loss"), scalars
+            grads, buffers, loss, aux = ranks_mean(grads, buffers, loss, aux, config, state.params)
         new, metrics = _update(state, grads, buffers, loss, aux, scale, batch, extras)
     new["ema_state"] = averaged(state, new["params"], new["buffers"], new.pop("applied"), extras)
     return new, metrics
@@ -220,8 +219,23 @@ def _shared_gradients(
     """
     config = dist_config(state)
     grads, whole = sharding_.split_gradients(grads, sharding, config.mesh)
-    whole, buffers, scalars = average_step(whole, buffers, {"loss": loss, **aux}, config)
+    whole, buffers, loss, aux = ranks_mean(whole, buffers, loss, aux, config)
     grads = {k: grads[k] if k in grads else whole[k] for k in state.params}
+    return grads, buffers, loss, aux
+
+
+def ranks_mean(
+    grads: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    loss: torch.Tensor,
+    aux: dict[str, torch.Tensor],
+    config: DistConfig,
+    params: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """The gradients, floating buffers, loss and metrics averaged over the ranks of `config`'s
+    process group (`average_step`: one all-reduce per dtype; with `params`, the replicated
+    state's weights, a weight no rank has a gradient for left out)."""
+    grads, buffers, scalars = average_step(grads, buffers, {"loss": loss, **aux}, config, params)
     return grads, buffers, scalars.pop("loss"), scalars
 
 

@@ -288,7 +288,7 @@ def _runner(state: TrainState) -> tuple[Runner | None, str, bool]:
     """The update's `Runner` for `state`'s tensors, and whether to decide again once.
 
     For a configuration that is eager, unstacked and unsharded (a process group's replicated
-    state averages its gradients first, the straight line's `_ranks_mean`) with no gradient
+    state averages its gradients first, `functrain.core.body.ranks_mean`) with no gradient
     statistics, no sparse gradients and plain tensors: the transform's planned update where
     it has one (`functrain.optim.base.planner_of`: the fused ``adamw``/``adam``/``sgd``/
     ``adagrad``, RMSprop's plain chain, on the CPU Adamax's, RAdam's and NAdam's, and

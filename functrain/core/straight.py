@@ -51,6 +51,7 @@ from functrain.core.body import (
     averaged,
     counters,
     finite_buffers,
+    ranks_mean,
     tx_metrics_of,
 )
 from functrain.core.donation import DONATED, HELD, wait_until_unheld
@@ -74,7 +75,6 @@ from functrain.core.replacement import seat_layout
 from functrain.core.scope import modes_back, modes_of, rank_stream_in
 from functrain.core.stacked_step import PerMember, refuse_per_member
 from functrain.core.state import TrainState, lend
-from functrain.distributed.data_parallel import DistConfig, average_step
 from functrain.errors import FunctrainError
 from functrain.layout import in_layouts_of, with_strides_kept
 from functrain.optim.averaging import EmaState, ListAverage
@@ -344,25 +344,6 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
 _RAN = "ran_params, ran_state, ran_lr, ran_skipped, ran_flag, ran_norm, ran_ended"
 
 
-def _ranks_mean(
-    grads: list[torch.Tensor],
-    params: dict[str, torch.Tensor],
-    buffers: dict[str, torch.Tensor],
-    loss: torch.Tensor,
-    aux: dict[str, torch.Tensor] | None,
-    config: DistConfig,
-) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], torch.Tensor, Any]:
-    """The step's gradients (of `params`, every one: one this rank lacks hands the step to the
-    body, `SatOut`), floating buffers, loss and metrics averaged over the ranks of `config`'s
-    process group, as the body averages them (`average_step`: one all-reduce per dtype, with
-    the weights this rank has a gradient for)."""
-    mean, buffers, scalars = average_step(
-        dict(zip(params, grads)), buffers, {"loss": loss, **(aux or {})}, config, params
-    )
-    loss = scalars.pop("loss")
-    return list(mean.values()), buffers, loss, scalars if aux else aux
-
-
 def _lending(program: Any, donate: bool) -> bool:
     """Whether a pure step of `program` lends its input what a micro-batch leaves unmoved: its
     runner is an accumulation window's that takes ``share`` (`functrain.optim.wrappers`)."""
@@ -591,7 +572,7 @@ _CONSTANTS: dict[str, Any] = {
     "counted_samples": counted_samples,
     "RUN_BACKWARD": _RUN_BACKWARD,
     "RANK_STREAM_IN": rank_stream_in,
-    "RANKS_MEAN": _ranks_mean,
+    "RANKS_MEAN": ranks_mean,
     "TX_METRICS": tx_metrics_of,
     "OWN_TX_METRICS": OWN_TX_METRICS,
     "VERSION": operator.attrgetter("_version"),
@@ -770,7 +751,11 @@ _GRADIENTS_HOOKED = """\
 """
 # the gradients, floating buffers, loss and metrics averaged over a process group's ranks
 _RANKS_MEAN = """\
-        grads, {buffers}, loss, aux = RANKS_MEAN(grads, given, {given}, loss, aux, DIST)
+        mean, {buffers}, loss, scalars = RANKS_MEAN(
+            dict(zip(NAMES, grads)), {given}, loss, aux or {{}}, DIST, given
+        )
+        grads = list(mean.values())
+        aux = scalars if aux else aux
 """
 # the gradients laid out as `.grad` would hold them
 _LAYOUTS = """\
