@@ -187,7 +187,7 @@ def _optimizer_call(optimizer: torch.optim.Optimizer, lr: str | None = None) -> 
             or value == torch_defaults.get(key, value)
         ):
             continue
-        if key == "betas":
+        if key == "betas" and "betas" not in accepted:
             args += [
                 f"b{i}={_number(b)}"
                 for i, (b, default) in enumerate(zip(value, torch_defaults["betas"]), start=1)

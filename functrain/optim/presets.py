@@ -845,6 +845,7 @@ _SPARSE_DECAY = (
 )
 
 
+@replaces("sparseadam")
 @named
 def sparse_adam(
     lr: LearningRate = 1e-3,
@@ -966,6 +967,7 @@ def lion(
     )
 
 
+@replaces("nadam")
 @named(resolve=without_choices)
 def nadam(
     lr: LearningRate = 2e-3,
@@ -1040,6 +1042,7 @@ def nadam(
     )
 
 
+@replaces("adamax")
 @named(resolve=without_choices)
 def adamax(
     lr: LearningRate = 2e-3,
@@ -1109,6 +1112,7 @@ def adamax(
     )
 
 
+@replaces("adadelta")
 @named(resolve=without_choices)
 def adadelta(
     lr: LearningRate = 1.0,
@@ -1173,6 +1177,7 @@ def adadelta(
     )
 
 
+@replaces("asgd")
 @named(resolve=without_choices)
 def asgd(
     lr: LearningRate = 1e-2,
@@ -1244,6 +1249,7 @@ def asgd(
     )
 
 
+@replaces("rprop")
 @named(resolve=without_choices)
 def rprop(
     lr: LearningRate = 1e-2,
@@ -1298,6 +1304,7 @@ def rprop(
     return preset_transform(rule, "rprop", rate, {}, state_type=RpropState)
 
 
+@replaces("adafactor")
 @named(resolve=without_choices)
 def adafactor(
     lr: LearningRate = 1e-2,
@@ -1408,6 +1415,7 @@ def is_matrix(name: str, param: torch.Tensor) -> str:
     return "muon" if param.ndim == 2 else "others"
 
 
+@replaces("muon")
 @named
 def muon(
     lr: LearningRate = 1e-3,

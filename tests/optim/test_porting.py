@@ -236,3 +236,39 @@ def test_the_call_for_a_live_optimizer_is_the_preset_of_its_implementation(fused
         assert torch.equal(state.params[name], p.detach()), name
     with pytest.raises(ft.ConfigError, match=r"it has taken steps: ft.from_torch_optimizer"):
         ft.chain(optimizer)
+
+
+LIVE_FAMILIES: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
+    "nadam": lambda p: torch.optim.NAdam(
+        p, lr=0.01, betas=(0.8, 0.9), weight_decay=0.1, momentum_decay=0.005, maximize=True
+    ),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=0.01, betas=(0.8, 0.9), weight_decay=0.1),
+    "adadelta": lambda p: torch.optim.Adadelta(p, lr=0.5, rho=0.8, weight_decay=0.1),
+    "asgd": lambda p: torch.optim.ASGD(p, lr=0.02, lambd=1e-3, alpha=0.5, t0=3, weight_decay=0.1),
+    "rprop": lambda p: torch.optim.Rprop(p, lr=0.02, etas=(0.4, 1.3), step_sizes=(1e-5, 1.0)),
+    "adafactor": lambda p: torch.optim.Adafactor(p, lr=0.02, beta2_decay=-0.7, weight_decay=0.1),
+    "muon": lambda p: torch.optim.Muon(p, lr=0.02, momentum=0.9, weight_decay=0.2, ns_steps=3),
+}
+
+
+@pytest.mark.parametrize("family", list(LIVE_FAMILIES))
+def test_every_torch_family_with_a_preset_is_named_by_its_call_which_trains_as_torch(
+    family: str,
+) -> None:
+    """Each torch.optim class with a preset gets its call, not "no preset" (NAdam, Adamax, ...
+    were told to build the update from primitives), and that call trains as torch's loop."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3, bias=family != "muon")  # (torch's Muon takes matrices only)
+    batches = [torch.randn(8, 6) for _ in range(6)]
+    state = ft.TrainState.create(model, ft.sgd(0.1), sum_loss_fn)  # (the weights, copied)
+    optimizer = LIVE_FAMILIES[family](list(model.parameters()))
+    code = suggested_call(WHERE_A_TRANSFORM_BELONGS["TrainState.create"], optimizer)
+    assert code.startswith(f"ft.{family}(lr="), code
+    state = ft.TrainState.create(state.export_module(), run(code), sum_loss_fn)
+    for batch in batches:
+        optimizer.zero_grad()
+        sum_loss_fn(model, batch).backward()
+        optimizer.step()
+        state, _ = ft.train_step(state, batch)
+    for name, p in model.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
