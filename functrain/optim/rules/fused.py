@@ -424,7 +424,9 @@ def _fused(
     slot's name with how ``init`` makes one (None: the option that keeps it is off, the kernel
     takes an empty list), `state_type` its state (`RuleState`: those moments, and where the
     kernel reads steps each parameter's own), `check` what ``init`` checks of the parameters
-    (`what`: torch's class, for messages)."""
+    (`what`: torch's class, for messages). Its update declares its planners
+    (`functrain.optim.base.ExtrasUpdate`): ``plan``, of a state's tensors, and ``plan_members``,
+    of a stacked state's."""
     lr = _read_once(lr)
     names = tuple(moments)
     nothing = ((),) * len(names)  # a buffer the kernel takes empty (`moments`' None)
@@ -469,8 +471,128 @@ def _fused(
         rate = _last_lr(step.rate_t, state.lr, keep)
         return NewParams(new_p, step.spec), rebuilt(state, step.count, new, rate)
 
-    plans = _plans(kernel, lr, hyper, weight_decay, mask, buffers_of, rebuilt)
-    update = ExtrasUpdate(update_fn, members=True, folds_scales=True, **plans)
+    def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
+        """The `functrain.optim.planned.Planner`: one kernel call per group, decided once.
+
+        It plans where `update` makes one call on the lists as they are (`_one_group`) on
+        contiguous plain tensors whose buffers already have storage in their parameters' strides
+        (every state a step returned; a fresh state's zeros have none), with one weight decay (not
+        a sweep). The runner passes the kernel what `update` passes it, in the same order: the
+        same bits. The updates each parameter sat out (frozen) are read once: they change only
+        where weights move, which plans the step again.
+        """
+        p = list(params.values())
+        buffers = buffers_of(state)
+        if (
+            not p
+            or isinstance(weight_decay, Sweep)
+            or not all(type(x) is torch.Tensor and x.is_contiguous() for x in p)
+            or any(x.device != p[0].device for x in p)
+            or not all(_writable_as_is(x, q) for xs in buffers for x, q in zip(xs, p))
+            or any(len(xs) not in (0, len(p)) for xs in buffers)
+        ):
+            return None
+        # decided once: a mask of the parameters' names and shapes (`resolved_once`)
+        decays = resolved_once(lambda given: _decays(mask, given, list(given.values())), params)
+        if decays is None:
+            return None
+        # `_by_groups`' calls: one on the whole lists, or one per (dtype, decayed or not)
+        by_key: dict[tuple[torch.dtype, bool], list[int]] = defaultdict(list)
+        for i, x in enumerate(p):
+            by_key[(x.dtype, decays[i])].append(i)
+        groups = [
+            (
+                None if len(by_key) == 1 else idx,
+                # (a schedule stays one, read at each call: `FusedRunner.__call__`)
+                {**hyper, "weight_decay": held_number(weight_decay) if decay else 0.0},
+            )
+            for (_, decay), idx in by_key.items()
+        ]
+        device = p[0].device
+        schedule = lr if callable(lr) else None
+        # a schedule's host form on the CPU: its value in Python floats, `value_at`'s bits
+        on_host = host_rate(schedule, device) if schedule is not None else None
+        # (the updates each parameter sat out: read once, not in a step)
+        read = host_value if device.type == "cpu" else read_value
+        behind = updates_sat_out(state, read) if kernel.steps else 0
+        return FusedRunner(
+            kernel,
+            groups,
+            behind,
+            lr,
+            schedule,
+            on_host,
+            device,
+            buffers_of,
+            rebuilt,
+            weight_decay if _scheduled_decay(weight_decay) else None,
+        )
+
+    def plan_members(params: dict[str, torch.Tensor], state: Any, members: int) -> Runner | None:
+        """The `functrain.optim.planned.MembersPlanner`: `update` on a stacked state's tensors
+        with what it decides on every call decided once.
+
+        It plans where `update` makes one call on the lists as they are (`_one_group`: one
+        device, one dtype, decayed alike) for plain tensors; the runner computes the rate, the new
+        counts and the gate's ``found_inf`` as `_begin` does and runs `_member_kernels` as
+        `_by_groups` calls it, which decides on each call, as `update` does, how the members'
+        slices go to the kernel (one call where they share their count and none skips): the same
+        bits. A fresh state's moments without storage get theirs there (`_targets`).
+        """
+        p = list(params.values())
+        if not p or not all(type(x) is torch.Tensor and is_dense(x) for x in p):
+            return None
+        # decided once: a mask of the parameters' names and shapes (`resolved_once`)
+        decays = resolved_once(
+            lambda given: _decays(mask, given, list(given.values()), members), params
+        )
+        if decays is None or not _one_group(p, decays) or _scheduled_decay(weight_decay):
+            return None  # (a decay schedule: `update` refuses it for a stacked state)
+        layout = _members_layout(p)  # how one call walks them: the same for every state after
+        decay = _decay_values(weight_decay) if decays[0] else [0.0]
+        dtype = p[0].dtype
+        norms = Norms(members=members)
+        # what the kernels are told: write into the given tensors (a donated step) or copies
+        allowed, kept = Extras(in_place=True, norms=norms), Extras(norms=norms)
+        # (the updates each parameter sat out, where every member sat out as many)
+        behind = updates_sat_out(state, _members_alike) if kernel.steps else 0
+
+        def run(
+            grads: list[torch.Tensor],
+            params: list[torch.Tensor],
+            state: Any,
+            norm: torch.Tensor | None,
+            write: bool,
+            keep: torch.Tensor | None = None,
+        ) -> Ran:
+            rate, rate_t, new_count, steps, found_inf = _numbers(
+                state, keep, lr, kernel.steps, behind
+            )
+            new_p, new_b = _member_kernels(
+                kernel,
+                allowed if write else kept,
+                params,
+                [x if x.dtype == dtype else x.to(dtype) for x in grads],
+                [list(b) for b in buffers_of(state)],
+                steps,
+                {
+                    "lr": rate,
+                    **hyper,
+                    "grad_scale": None,
+                    "found_inf": found_inf,
+                    "weight_decay": decay,
+                },
+                layout,
+            )
+            last = _last_lr(rate_t, state.lr, keep)
+            return Ran(new_p, rebuilt(state, new_count, new_b, last), last, None, found_inf)
+
+        run.reads_norm = False  # type: ignore[attr-defined]  # (`FusedRunner.reads_norm`)
+        return run
+
+    update = ExtrasUpdate(
+        update_fn, members=True, folds_scales=True, plan=plan, plan_members=plan_members
+    )
     return Transform(init_fn, update, gated=True)
 
 
@@ -1051,80 +1173,8 @@ def _traced_stacked(
     return list(params), [list(xs) for xs in buffers]
 
 
-def _planner(
-    kernel: _Kernel,
-    lr: LearningRate,
-    hyper: dict[str, Any],
-    weight_decay: float | Sweep,
-    mask: Mask,
-    buffers_of: Any,
-    rebuild: Any,
-) -> Any:
-    """The `functrain.optim.planned.Planner` of a fused transform: one kernel call, decided once.
-
-    It plans where `update` makes one call on the lists as they are (`_one_group`) on contiguous
-    plain tensors whose buffers already have storage in their parameters' strides (every state a
-    step returned; a fresh state's zeros have none), with one weight decay (not a sweep). The
-    runner passes the kernel what `update` passes it, in the same order: the same bits.
-
-    `buffers_of(state)`: the state's buffer tuples; ``rebuild(state, count, buffers, rate)``:
-    the new state. The updates each parameter sat out (frozen) are read once: they change only
-    where weights move, which plans the step again.
-    """
-
-    def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
-        p = list(params.values())
-        buffers = buffers_of(state)
-        if (
-            not p
-            or isinstance(weight_decay, Sweep)
-            or not all(type(x) is torch.Tensor and x.is_contiguous() for x in p)
-            or any(x.device != p[0].device for x in p)
-            or not all(_writable_as_is(x, q) for xs in buffers for x, q in zip(xs, p))
-            or any(len(xs) not in (0, len(p)) for xs in buffers)
-        ):
-            return None
-        # decided once: a mask of the parameters' names and shapes (`resolved_once`)
-        decays = resolved_once(lambda given: _decays(mask, given, list(given.values())), params)
-        if decays is None:
-            return None
-        # `_by_groups`' calls: one on the whole lists, or one per (dtype, decayed or not)
-        by_key: dict[tuple[torch.dtype, bool], list[int]] = defaultdict(list)
-        for i, x in enumerate(p):
-            by_key[(x.dtype, decays[i])].append(i)
-        groups = [
-            (
-                None if len(by_key) == 1 else idx,
-                # (a schedule stays one, read at each call: `FusedRunner.__call__`)
-                {**hyper, "weight_decay": held_number(weight_decay) if decay else 0.0},
-            )
-            for (_, decay), idx in by_key.items()
-        ]
-        device = p[0].device
-        schedule = lr if callable(lr) else None
-        # a schedule's host form on the CPU: its value in Python floats, `value_at`'s bits
-        on_host = host_rate(schedule, device) if schedule is not None else None
-        # (the updates each parameter sat out: read once, not in a step)
-        read = host_value if device.type == "cpu" else read_value
-        behind = updates_sat_out(state, read) if kernel.steps else 0
-        return FusedRunner(
-            kernel,
-            groups,
-            behind,
-            lr,
-            schedule,
-            on_host,
-            device,
-            buffers_of,
-            rebuild,
-            weight_decay if _scheduled_decay(weight_decay) else None,
-        )
-
-    return plan
-
-
 class FusedRunner:
-    """A fused transform's planned update (`_planner`): one kernel call per group, decided once.
+    """A fused transform's planned update (its ``plan``): one kernel call per group, decided once.
 
     The fields are the plan, which the straight-line step (`functrain.core.straight`) writes
     its update from where it runs on the host: `kernel` (torch's in-place op), `groups` (each
@@ -1213,97 +1263,6 @@ class FusedRunner:
             self.kernel(*lists, lr=rate, grad_scale=None, found_inf=flag, **options)
         last = _last_lr(rate_t, state.lr, keep)
         return Ran(new_p, self.rebuild(state, new_count, new_b, last), last, None, flag)
-
-
-def _plans(
-    kernel: _Kernel,
-    lr: LearningRate,
-    hyper: dict[str, Any],
-    weight_decay: float | Sweep,
-    mask: Mask,
-    buffers_of: Any,
-    rebuild: Any,
-) -> dict[str, Any]:
-    """A fused transform's planners, for `functrain.optim.base.ExtrasUpdate`: ``plan``, of a
-    state's tensors (`_planner`), and ``plan_members``, of a stacked state's
-    (`_members_planner`)."""
-    given = (kernel, lr, hyper, weight_decay, mask, buffers_of, rebuild)
-    return {"plan": _planner(*given), "plan_members": _members_planner(*given)}
-
-
-def _members_planner(
-    kernel: _Kernel,
-    lr: LearningRate,
-    hyper: dict[str, Any],
-    weight_decay: float | Sweep,
-    mask: Mask,
-    buffers_of: Any,
-    rebuild: Any,
-) -> Any:
-    """The `functrain.optim.planned.MembersPlanner` of a fused transform: `update` on a stacked
-    state's tensors with what it decides on every call decided once.
-
-    It plans where `update` makes one call on the lists as they are (`_one_group`: one device,
-    one dtype, decayed alike) for plain tensors; the runner computes the rate, the new counts and
-    the gate's ``found_inf`` as `_begin` does and runs `_member_kernels` as `_by_groups` calls it,
-    which decides on each call, as `update` does, how the members' slices go to the kernel (one
-    call where they share their count and none skips): the same bits. A fresh state's moments
-    without storage get theirs there (`_targets`).
-    """
-
-    def plan(params: dict[str, torch.Tensor], state: Any, members: int) -> Runner | None:
-        p = list(params.values())
-        if not p or not all(type(x) is torch.Tensor and is_dense(x) for x in p):
-            return None
-        # decided once: a mask of the parameters' names and shapes (`resolved_once`)
-        decays = resolved_once(
-            lambda given: _decays(mask, given, list(given.values()), members), params
-        )
-        if decays is None or not _one_group(p, decays) or _scheduled_decay(weight_decay):
-            return None  # (a decay schedule: `update` refuses it for a stacked state)
-        layout = _members_layout(p)  # how one call walks them: the same for every state after
-        decay = _decay_values(weight_decay) if decays[0] else [0.0]
-        dtype = p[0].dtype
-        norms = Norms(members=members)
-        # what the kernels are told: write into the given tensors (a donated step) or copies
-        allowed, kept = Extras(in_place=True, norms=norms), Extras(norms=norms)
-        # (the updates each parameter sat out, where every member sat out as many)
-        behind = updates_sat_out(state, _members_alike) if kernel.steps else 0
-
-        def run(
-            grads: list[torch.Tensor],
-            params: list[torch.Tensor],
-            state: Any,
-            norm: torch.Tensor | None,
-            write: bool,
-            keep: torch.Tensor | None = None,
-        ) -> Ran:
-            rate, rate_t, new_count, steps, found_inf = _numbers(
-                state, keep, lr, kernel.steps, behind
-            )
-            new_p, new_b = _member_kernels(
-                kernel,
-                allowed if write else kept,
-                params,
-                [x if x.dtype == dtype else x.to(dtype) for x in grads],
-                [list(b) for b in buffers_of(state)],
-                steps,
-                {
-                    "lr": rate,
-                    **hyper,
-                    "grad_scale": None,
-                    "found_inf": found_inf,
-                    "weight_decay": decay,
-                },
-                layout,
-            )
-            last = _last_lr(rate_t, state.lr, keep)
-            return Ran(new_p, rebuild(state, new_count, new_b, last), last, None, found_inf)
-
-        run.reads_norm = False  # type: ignore[attr-defined]  # (`FusedRunner.reads_norm`)
-        return run
-
-    return plan
 
 
 def _members_alike(t: torch.Tensor) -> float | None:
