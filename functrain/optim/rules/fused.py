@@ -1140,36 +1140,12 @@ def _traced_stacked(
     A donated compiled step's (``extras.in_place``) op writes into the state's own tensors, the
     graph's inputs: the graph then holds no copy of them. Any other's writes into fresh copies.
     """
-    params = [_walkable(p) for p in params]
-    if not extras.in_place:
-        params = [p.clone() for p in params]
-    # a buffer in its parameter's strides, none 0, is written where it lies (donated)
-    buffers = [
-        [
-            x if extras.in_place and _writable_as_is(x, p) else laid_out_like(x, p)
-            for x, p in zip(xs, params)
-        ]
-        for xs in buffers
-    ]
-    lr = options["lr"]
+    params, buffers = _op_targets(params, buffers, extras.in_place)
     # decided here, once per trace: the op gets its tensors in these strides (its tag), so how
     # its call walks them is decided with them
     layout = _members_layout(params)
-    torch.ops.functrain.fused_update_members_(
-        kernel.name,
-        params,
-        in_layouts_of(grads, params),
-        [x for xs in buffers for x in xs],
-        [len(xs) for xs in buffers],
-        steps,
-        lr if isinstance(lr, torch.Tensor) else None,
-        0.0 if isinstance(lr, torch.Tensor) else float(lr),
-        options["found_inf"],
-        list(options["weight_decay"]),
-        [float(options[name]) for name in kernel.hyper],
-        layout.whole,
-        layout.flat,
-    )
+    call = _op_call(kernel, params, in_layouts_of(grads, params), buffers, steps, options)
+    torch.ops.functrain.fused_update_members_(*call, layout.whole, layout.flat)
     return list(params), [list(xs) for xs in buffers]
 
 
@@ -1298,22 +1274,59 @@ def _through_op(
     options: dict[str, Any],
     in_place: bool = False,
 ) -> tuple[list, list[list]]:
-    """`_run_kernel` through the custom op: buffers flattened (with their lists' lengths), the
-    rate a tensor or a float.
+    """`_run_kernel` through the custom op (`_op_call`).
 
     `in_place` (a donated compiled step's): the op writes into the given tensors, the graph's
     inputs, which the step gives up: inductor writes into them where they lie, where the
     functional op would write fresh copies that the step then copies back (two more passes over
     the parameters and moments, a third of a 784-128-10 MLP's compiled step).
     """
-    lr, counts = options["lr"], [len(xs) for xs in buffers]
-    op = torch.ops.functrain.fused_update_ if in_place else torch.ops.functrain.fused_update
-    out = op(
+    call = _op_call(kernel, params, grads, buffers, steps, options)
+    if in_place:
+        torch.ops.functrain.fused_update_(*call)
+        return list(params), [list(xs) for xs in buffers]
+    out = torch.ops.functrain.fused_update(*call)
+    return list(out[0]), _split(list(out[1]), call.counts)
+
+
+class _OpCall(NamedTuple):
+    """What the custom ops take (`_OP_SCHEMA`), in their order: the kernel's name (`_KERNELS`),
+    the parameters, the gradients, the kernel's buffer lists one after the other (`counts` their
+    lengths: each the number of parameters, or 0 for one the kernel leaves empty), each
+    parameter's step (none for a kernel without), the rate (the tensor `lr`, or `lr_value`
+    without one), the skip flag, the weight decay (one value, or one per member for the batched
+    form: `functrain.sweep`) and the kernel's own arguments (`_Kernel.hyper`) as numbers."""
+
+    kernel: str
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+    counts: list[int]
+    steps: list[torch.Tensor]
+    lr: torch.Tensor | None
+    lr_value: float
+    found_inf: torch.Tensor | None
+    weight_decay: list[float]
+    hyper: list[float]
+
+
+def _op_call(
+    kernel: _Kernel,
+    params: list,
+    grads: list,
+    buffers: list[list],
+    steps: list[torch.Tensor],
+    options: dict[str, Any],
+) -> _OpCall:
+    """The ops' arguments for a kernel call: the buffers flattened (with their lists' lengths),
+    the rate a tensor or a float."""
+    lr = options["lr"]
+    return _OpCall(
         kernel.name,
         params,
         grads,
         [x for xs in buffers for x in xs],
-        counts,
+        [len(xs) for xs in buffers],
         steps,
         lr if isinstance(lr, torch.Tensor) else None,
         0.0 if isinstance(lr, torch.Tensor) else float(lr),
@@ -1321,9 +1334,22 @@ def _through_op(
         list(options["weight_decay"]),
         [float(options[name]) for name in kernel.hyper],
     )
-    if in_place:
-        return list(params), [list(xs) for xs in buffers]
-    return list(out[0]), _split(list(out[1]), counts)
+
+
+def _op_targets(params: list, buffers: list[list], in_place: bool) -> tuple[list, list[list]]:
+    """What an op's kernel writes: the parameters (`_walkable`) and buffers, fresh copies laid
+    out as the parameters, or where `in_place` (a donated compiled step's) the given tensors,
+    a buffer in its parameter's strides, none 0, where it lies."""
+    params = [_walkable(p) for p in params]
+    if not in_place:
+        params = [p.clone() for p in params]
+    return params, [
+        [
+            x if in_place and _writable_as_is(x, p) else laid_out_like(x, p)
+            for x, p in zip(xs, params)
+        ]
+        for xs in buffers
+    ]
 
 
 def _split(flat: list, counts: list[int]) -> list[list]:
@@ -1353,48 +1379,41 @@ def _kernel_kwargs(
     }
 
 
+# the ops' schema (`_OpCall`): {a} and {b} mark the lists an in-place op writes, {more} what a
+# stacked state's op takes besides, {out} what the op returns
+_OP_SCHEMA = (
+    "(str kernel, Tensor{a}[] params, Tensor[] grads, Tensor{b}[] buffers, int[] counts, "
+    "Tensor[] steps, Tensor? lr, float lr_value, Tensor? found_inf, float[] weight_decay, "
+    "float[] hyper{more}) -> {out}"
+)
+
 # inductor hands the op its inputs in the traced strides (torch before 2.7 knows only the fixed
 # stride order)
 _EXACT_STRIDES = getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed_stride_order)
 
 
-@torch.library.custom_op("functrain::fused_update", mutates_args=(), tags=(_EXACT_STRIDES,))
-def _fused_update_op(
-    kernel: str,
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    buffers: list[torch.Tensor],
-    counts: list[int],
-    steps: list[torch.Tensor],
-    lr: torch.Tensor | None,
-    lr_value: float,
-    found_inf: torch.Tensor | None,
-    weight_decay: list[float],
-    hyper: list[float],
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """One state's fused update (of kernel `kernel`) on fresh copies laid out as the parameters.
-
-    `buffers` holds the kernel's buffer lists one after the other (`counts` their lengths: each
-    the number of parameters, or 0 for one the kernel leaves empty); `steps` each parameter's
-    step (none for a kernel without); the rate is the tensor `lr`, or `lr_value` without one;
-    `weight_decay` one value, or one per member for the batched form (`functrain.sweep`).
-    """
-    n = len(params)
-    params = [_walkable(p) for p in params]
-    new_p = [p.clone() for p in params]
-    # laid out as the fake kernel says, whatever the buffers' own layouts
-    new_b = [laid_out_like(x, params[j % n]) for j, x in enumerate(buffers)]
-    given = (counts, steps, lr, lr_value, found_inf, weight_decay, hyper)
-    _fused_update_in_place_op(kernel, new_p, grads, new_b, *given)
-    return new_p, new_b
+@torch.library.custom_op(
+    "functrain::fused_update",
+    mutates_args=(),
+    schema=_OP_SCHEMA.format(a="", b="", more="", out="(Tensor[], Tensor[])"),
+    tags=(_EXACT_STRIDES,),
+)
+def _fused_update_op(*args: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One state's fused update (`_OpCall`) on fresh copies laid out as the parameters."""
+    call = _OpCall(*args)
+    new_p, new_b = _op_targets(call.params, _split(call.buffers, call.counts), False)
+    flat = [x for xs in new_b for x in xs]
+    _fused_update_in_place_op(*call._replace(params=new_p, buffers=flat))
+    return new_p, flat
 
 
 @_fused_update_op.register_fake
-def _(kernel, params, grads, buffers, counts, steps, lr, lr_value, found_inf, weight_decay, hyper):
-    n = len(params)
-    params = [_walkable(p) for p in params]
+def _(*args: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    call = _OpCall(*args)
+    n = len(call.params)
+    params = [_walkable(p) for p in call.params]
     return [torch.empty_like(p) for p in params], [
-        torch.empty_like(params[j % n], dtype=x.dtype) for j, x in enumerate(buffers)
+        torch.empty_like(params[j % n], dtype=x.dtype) for j, x in enumerate(call.buffers)
     ]
 
 
@@ -1419,80 +1438,61 @@ def _copy_back(given: list[torch.Tensor], done: list[torch.Tensor]) -> None:
             tensor.copy_(updated)
 
 
-def _fused_update_in_place_op(
-    kernel: str,
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    buffers: list[torch.Tensor],
-    counts: list[int],
-    steps: list[torch.Tensor],
-    lr: torch.Tensor | None,
-    lr_value: float,
-    found_inf: torch.Tensor | None,
-    weight_decay: list[float],
-    hyper: list[float],
-) -> None:
-    """`_fused_update_op` written into `params` and `buffers` (a donated compiled step's).
+def _fused_update_in_place_op(*args: Any) -> None:
+    """`_fused_update_op` written into the parameters and buffers (a donated compiled step's).
 
     A tensor not laid out as its parameter (or with gaps) is updated through a copy so laid out,
     then copied back.
     """
-    spec = _KERNELS[kernel]
-    walkable, laid = _laid_for_writing(params, buffers)
+    call = _OpCall(*args)
+    spec = _KERNELS[call.kernel]
+    walkable, laid = _laid_for_writing(call.params, call.buffers)
+    lr = call.lr_value if call.lr is None else call.lr
     spec.run(
-        (walkable, in_layouts_of(grads, walkable), *_split(laid, counts)),
-        steps,
-        **_kernel_kwargs(spec, lr_value if lr is None else lr, weight_decay[0], hyper, found_inf),
+        (walkable, in_layouts_of(call.grads, walkable), *_split(laid, call.counts)),
+        call.steps,
+        **_kernel_kwargs(spec, lr, call.weight_decay[0], call.hyper, call.found_inf),
     )
-    _copy_back(params + buffers, walkable + laid)
+    _copy_back(call.params + call.buffers, walkable + laid)
 
 
-def _fused_members_op(
-    kernel: str,
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    buffers: list[torch.Tensor],
-    counts: list[int],
-    steps: list[torch.Tensor],
-    lr: torch.Tensor | None,
-    lr_value: float,
-    found_inf: torch.Tensor | None,
-    weight_decay: list[float],
-    hyper: list[float],
-    whole: list[bool],
-    flat: list[bool],
-) -> None:
-    """A stacked state's update (`_on_members`) written into `params` and `buffers`.
+def _fused_members_op(*args: Any) -> None:
+    """A stacked state's update (`_on_members`) written into the parameters and buffers: the
+    ops' arguments (`_OpCall`), then how the call walks the members' slices (`whole`, `flat`:
+    `_Members`).
 
-    The tensors are the stacked ones (the members' dimension first); each of `steps`,
-    `found_inf` and a swept `lr` are ``[K]``, `weight_decay` one value per member or one for
-    all. One op for all members, in place: a donated compiled step hands it the graph's inputs
+    The tensors are the stacked ones (the members' dimension first); each of the steps, the skip
+    flags and a swept rate are ``[K]``, the weight decay one value per member or one for all.
+    One op for all members, in place: a donated compiled step hands it the graph's inputs
     (inductor then writes into them where they lie), a pure one fresh copies. `_traced_stacked`
     lays the gradients and buffers out as their parameters and decides how the call walks them
-    (`whole`, `flat`: `_Members`) when it traces the op, which receives its tensors in the
-    traced strides (its tag): one comparison of strides checks it here (else they are laid out
-    again, as the single state's op does).
+    when it traces the op, which receives its tensors in the traced strides (its tag): one
+    comparison of strides checks it here (else they are laid out again, as the single state's op
+    does).
     """
-    spec = _KERNELS[kernel]
-    options = _kernel_kwargs(spec, lr_value if lr is None else lr, 0.0, hyper, found_inf)
+    call, (whole, flat) = _OpCall(*args[:-2]), args[-2:]
+    params, buffers = call.params, call.buffers
+    spec = _KERNELS[call.kernel]
+    lr = call.lr_value if call.lr is None else call.lr
+    options = _kernel_kwargs(spec, lr, 0.0, call.hyper, call.found_inf)
     strides = list(map(torch.Tensor.stride, params))
-    traced = list(map(torch.Tensor.stride, grads)) == strides and list(
+    traced = list(map(torch.Tensor.stride, call.grads)) == strides and list(
         map(torch.Tensor.stride, buffers)
     ) == strides * (len(buffers) // len(params))
-    tensors = (params, grads, *_split(buffers, counts))
+    tensors = (params, call.grads, *_split(buffers, call.counts))
     decided: _Members | None = _Members(whole, flat)
     copies: list[torch.Tensor] = []  # what the kernel writes in place of the given tensors
     if not traced:
         # not the traced strides (a backend that does not honour the tag): laid out as their
         # parameters here, and the call's walk decided again
         walkable, laid = _laid_for_writing(params, buffers)
-        tensors = (walkable, in_layouts_of(grads, walkable), *_split(laid, counts))
+        tensors = (walkable, in_layouts_of(call.grads, walkable), *_split(laid, call.counts))
         decided, copies = None, walkable + laid
     _on_members(
         spec,
         tensors,
-        steps,
-        {**options, "weight_decay": tuple(weight_decay)},
+        call.steps,
+        {**options, "weight_decay": tuple(call.weight_decay)},
         params[0].shape[0],
         decided,
     )
@@ -1500,31 +1500,21 @@ def _fused_members_op(
         _copy_back(params + buffers, copies)
 
 
-def _writes_nothing_new(
-    kernel, params, grads, buffers, counts, steps, lr, lr_value, found_inf, weight_decay, hyper, *_
-):
+def _writes_nothing_new(*_: Any) -> None:
     return None
 
 
 # The in-place ops, defined through torch.library's plain API: the dispatcher calls the kernel's
 # Python function straight (no Python autograd, ADInplaceOrView and dynamo-disable layers, which
 # torch.library.custom_op adds to every call: about 70 us of a K = 8 MLP 20-48-5 update)
-_IN_PLACE_ARGS = (
-    "(str kernel, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] buffers, int[] counts, "
-    "Tensor[] steps, Tensor? lr, float lr_value, Tensor? found_inf, float[] weight_decay, "
-    "float[] hyper) -> ()"
-)
 _LIBRARY = torch.library.Library("functrain", "FRAGMENT")
-for _name, _impl, _args in (
-    ("fused_update_", _fused_update_in_place_op, _IN_PLACE_ARGS),
+for _name, _impl, _more in (
+    ("fused_update_", _fused_update_in_place_op, ""),
     # and how the call walks the members' slices (`_Members`), decided where it was traced
-    (
-        "fused_update_members_",
-        _fused_members_op,
-        _IN_PLACE_ARGS.replace(") -> ()", ", bool[] whole, bool[] flat) -> ()"),
-    ),
+    ("fused_update_members_", _fused_members_op, ", bool[] whole, bool[] flat"),
 ):
-    _LIBRARY.define(_name + _args, tags=(_EXACT_STRIDES,))
+    _schema = _OP_SCHEMA.format(a="(a!)", b="(b!)", more=_more, out="()")
+    _LIBRARY.define(_name + _schema, tags=(_EXACT_STRIDES,))
     _LIBRARY.impl(_name, _impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"functrain::{_name}", _writes_nothing_new, lib=_LIBRARY)
 
@@ -1539,55 +1529,46 @@ def _members_first(x: torch.Tensor, d: int | None, members: int) -> torch.Tensor
 
 
 @_fused_update_op.register_vmap
-def _(
-    info,
-    in_dims,
-    kernel,
-    params,
-    grads,
-    buffers,
-    counts,
-    steps,
-    lr,
-    lr_value,
-    found_inf,
-    weight_decay,
-    hyper,
-):
+def _(info: Any, in_dims: tuple, *args: Any) -> Any:
     """Under vmap (a stacked state whose update runs member by member): the update of the
     stacked tensors, each member's slice its own block in memory (`_member_major`), as a
     member-aware update makes it (`_member_kernels`: each member with its own steps, rate, skip
     flag and weight decay)."""
-    members, n = info.batch_size, len(params)
-    _, d_p, d_g, d_b, _, d_steps, d_lr, _, d_inf = in_dims[:9]
-    new_p = [_member_major(x, d, members) for x, d in zip(params, _dims(d_p, n))]
+    call = _OpCall(*args)
+    dims: Any = _OpCall(*in_dims)  # (each argument's batched dimension, by its name)
+    members, n = info.batch_size, len(call.params)
+    new_p = [_member_major(x, d, members) for x, d in zip(call.params, _dims(dims.params, n))]
     new_b = [
         _member_major(x, d, members, new_p[j % n])
-        for j, (x, d) in enumerate(zip(buffers, _dims(d_b, len(buffers))))
+        for j, (x, d) in enumerate(zip(call.buffers, _dims(dims.buffers, len(call.buffers))))
     ]
-    spec = _KERNELS[kernel]
+    spec = _KERNELS[call.kernel]
+    found_inf = call.found_inf
     options = {
         **_kernel_kwargs(
             spec,
-            lr_value,
+            call.lr_value,
             0.0,
-            hyper,
-            None if found_inf is None else _members_first(found_inf, d_inf, members),
+            call.hyper,
+            None if found_inf is None else _members_first(found_inf, dims.found_inf, members),
         ),
-        "lr": lr_value if lr is None else _kernel_lr(_members_first(lr, d_lr, members)),
-        "weight_decay": tuple(weight_decay),
+        "lr": call.lr_value
+        if call.lr is None
+        else _kernel_lr(_members_first(call.lr, dims.lr, members)),
+        "weight_decay": tuple(call.weight_decay),
     }
+    grads, steps = call.grads, call.steps
     out_p, out_b = _member_kernels(
         spec,
         Extras(in_place=True, norms=Norms(members=members)),  # (into the copies made here)
         new_p,
-        [_members_first(g, d, members) for g, d in zip(grads, _dims(d_g, len(grads)))],
-        _split(new_b, counts),
-        [_members_first(x, d, members) for x, d in zip(steps, _dims(d_steps, len(steps)))],
+        [_members_first(g, d, members) for g, d in zip(grads, _dims(dims.grads, len(grads)))],
+        _split(new_b, call.counts),
+        [_members_first(x, d, members) for x, d in zip(steps, _dims(dims.steps, len(steps)))],
         options,
-        traced=any(type(x) is not torch.Tensor for x in params),  # (fake or functional tensors)
+        traced=any(type(x) is not torch.Tensor for x in call.params),  # (fake or functional)
     )
-    return (out_p, [x for xs in out_b for x in xs]), ([0] * n, [0] * len(buffers))
+    return (out_p, [x for xs in out_b for x in xs]), ([0] * n, [0] * len(new_b))
 
 
 def _member_major(
