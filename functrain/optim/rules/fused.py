@@ -534,7 +534,7 @@ def _fused(
 
         It plans where `update` makes one call on the lists as they are (`_one_group`: one
         device, one dtype, decayed alike) for plain tensors; the runner computes the rate, the new
-        counts and the gate's ``found_inf`` as `_begin` does and runs `_member_kernels` as
+        counts and the gate's ``found_inf`` as `_begin` does and runs `_run_in_place` as
         `_by_groups` calls it, which decides on each call, as `update` does, how the members'
         slices go to the kernel (one call where they share their count and none skips): the same
         bits. A fresh state's moments without storage get theirs there (`_targets`).
@@ -568,7 +568,7 @@ def _fused(
             rate, rate_t, new_count, steps, found_inf = _numbers(
                 state, keep, lr, kernel.steps, behind
             )
-            new_p, new_b = _member_kernels(
+            new_p, new_b = _run_in_place(
                 kernel,
                 allowed if write else kept,
                 params,
@@ -839,24 +839,12 @@ def _by_groups(
     weight_decay: float | Sweep,
     hyper: dict[str, Any],
 ) -> tuple[list, tuple[list, ...]]:
-    """One kernel call per (device, dtype, decays or not) group of leaves.
+    """One kernel call per (device, dtype, decays or not) group of leaves (the usual case: one
+    group, every leaf in its order).
 
     The new parameters and buffers come back in leaf order.
     """
     p, g, steps = step.p, step.g, step.steps
-    if _one_group(p, decays):  # the usual case: one call on the lists as they are
-        dtype = p[0].dtype
-        out_p, out_b = _run_kernel(
-            kernel,
-            step.extras,
-            p,
-            [x if x.dtype == dtype else x.to(dtype) for x in g],
-            [list(b) for b in buffers],
-            steps,  # read only
-            weight_decay=_decay_values(weight_decay) if decays[0] else [0.0],
-            **hyper,
-        )
-        return out_p, tuple(out_b)
     groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = defaultdict(list)
     for i, x in enumerate(p):
         groups[(x.device, x.dtype, decays[i])].append(i)
@@ -909,21 +897,12 @@ def _run_kernel(
     choosing, so the op lays them out at run time, on the real tensors. Buffers a fresh state holds
     without storage (`functrain.optim.zeros`) get their own here.
     """
-    if extras.members and not under_vmap():
-        return _member_kernels(kernel, extras, params, grads, buffers, steps, options)
-    if under_vmap() or torch.compiler.is_compiling():
+    vmapped = under_vmap()
+    if vmapped or (torch.compiler.is_compiling() and not extras.members):
         # (donated, compiled: into the given tensors)
-        in_place = extras.in_place and not under_vmap()
+        in_place = extras.in_place and not vmapped
         return _through_op(kernel, params, grads, buffers, steps, options, in_place)
-    options = {
-        **options,
-        "weight_decay": options["weight_decay"][0],
-    }  # one value outside a stacked step
-    params = [_walkable(p) for p in params]
-    grads = in_layouts_of(grads, params)
-    new_p, new_b = _targets(extras, params, buffers)
-    kernel.run((new_p, grads, *new_b), steps, **options)
-    return new_p, new_b
+    return _run_in_place(kernel, extras, params, grads, buffers, steps, options)
 
 
 def _targets(extras: Extras, params: list, buffers: list[list]) -> tuple[list, list[list]]:
@@ -942,7 +921,7 @@ def _targets(extras: Extras, params: list, buffers: list[list]) -> tuple[list, l
     ]
 
 
-def _member_kernels(
+def _run_in_place(
     kernel: _Kernel,
     extras: Extras,
     params: list,
@@ -953,28 +932,35 @@ def _member_kernels(
     decided: _Members | None = None,
     traced: bool = False,
 ) -> tuple[list, list[list]]:
-    """`_run_kernel` on a stacked state's tensors: the kernel on each member's slices.
+    """`_run_kernel` outside vmap (and the vmap rule's, on the stacked tensors): the in-place
+    kernel on the tensors `_targets` gives (the copies, or donated the given tensors), laid out
+    as their parameters; a stacked state's (`extras.members`) on each member's slices (traced,
+    `_traced_stacked`).
 
-    Each member's call takes its own step count, rate, skip flag and weight decay (a sweep's), so
-    a member's update is the one it gets trained alone, given the same gradients. Where the
-    members share all of them but the step count (no skip flag, one rate), one call takes every
-    member's slices, each with its member's count. On a CPU the skip flags are read where they lie
-    (no device to wait for): a step in which no member skips (the usual one) is one call. The
-    kernels round the elements of a tensor's vectorized body and of its tail differently: that
-    call takes a stacked tensor whole where each member's block is a whole number of vectors
-    (`_walked_alike`: no member element falls in a tail), and the members' slices of any other,
-    each then walked as the member's own tensor. Bit for bit either way where the slice lies in
-    the member's order; a stacked ``Linear`` weight lies transposed, and a few elements of a tail
-    may differ in the last bit. The copies (or, donated, the given tensors) are the stacked
-    tensors: the slices are views, written in place.
+    A stacked member's call takes its own step count, rate, skip flag and weight decay (a
+    sweep's), so a member's update is the one it gets trained alone, given the same gradients.
+    Where the members share all of them but the step count (no skip flag, one rate), one call
+    takes every member's slices, each with its member's count. On a CPU the skip flags are read
+    where they lie (no device to wait for): a step in which no member skips (the usual one) is
+    one call. The kernels round the elements of a tensor's vectorized body and of its tail
+    differently: that call takes a stacked tensor whole where each member's block is a whole
+    number of vectors (`_walked_alike`: no member element falls in a tail), and the members'
+    slices of any other, each then walked as the member's own tensor. Bit for bit either way
+    where the slice lies in the member's order; a stacked ``Linear`` weight lies transposed, and
+    a few elements of a tail may differ in the last bit. The copies (or, donated, the given
+    tensors) are the stacked tensors: the slices are views, written in place.
     """
-    if traced or torch.compiler.is_compiling():
+    if extras.members and (traced or torch.compiler.is_compiling()):
         return _traced_stacked(kernel, extras, params, grads, buffers, steps, options)
     if decided is None:  # (a planned runner's parameters are dense, its gradients laid out)
         params = [_walkable(p) for p in params]
         grads = in_layouts_of(grads, params)
     new_p, new_b = _targets(extras, params, buffers)
-    _on_members(kernel, (new_p, grads, *new_b), steps, options, extras.members, decided)
+    if extras.members:
+        _on_members(kernel, (new_p, grads, *new_b), steps, options, extras.members, decided)
+    else:  # (one weight decay outside a stacked step)
+        decay = options["weight_decay"][0]
+        kernel.run((new_p, grads, *new_b), steps, **{**options, "weight_decay": decay})
     return new_p, new_b
 
 
@@ -1135,7 +1121,8 @@ def _traced_stacked(
     steps: list[torch.Tensor],
     options: dict[str, Any],
 ) -> tuple[list, list[list]]:
-    """`_member_kernels` while torch.compile traces: one in-place op over the stacked tensors.
+    """`_run_in_place` of a stacked state while torch.compile traces: one in-place op over the
+    stacked tensors.
 
     A donated compiled step's (``extras.in_place``) op writes into the state's own tensors, the
     graph's inputs: the graph then holds no copy of them. Any other's writes into fresh copies.
@@ -1532,7 +1519,7 @@ def _members_first(x: torch.Tensor, d: int | None, members: int) -> torch.Tensor
 def _(info: Any, in_dims: tuple, *args: Any) -> Any:
     """Under vmap (a stacked state whose update runs member by member): the update of the
     stacked tensors, each member's slice its own block in memory (`_member_major`), as a
-    member-aware update makes it (`_member_kernels`: each member with its own steps, rate, skip
+    member-aware update makes it (`_run_in_place`: each member with its own steps, rate, skip
     flag and weight decay)."""
     call = _OpCall(*args)
     dims: Any = _OpCall(*in_dims)  # (each argument's batched dimension, by its name)
@@ -1558,7 +1545,7 @@ def _(info: Any, in_dims: tuple, *args: Any) -> Any:
         "weight_decay": tuple(call.weight_decay),
     }
     grads, steps = call.grads, call.steps
-    out_p, out_b = _member_kernels(
+    out_p, out_b = _run_in_place(
         spec,
         Extras(in_place=True, norms=Norms(members=members)),  # (into the copies made here)
         new_p,
