@@ -271,44 +271,6 @@ def _first_lr(lr: LearningRate, count: torch.Tensor) -> torch.Tensor:
     return as_float64(value_at(lr, count) if callable(lr) else lr, count.device)
 
 
-class _Step(NamedTuple):
-    """What every fused update starts from.
-
-    Flat gradients and parameters, the rate, the new count and each parameter's step.
-    """
-
-    g: list
-    p: list
-    spec: Any
-    rate: Any  # what the kernel takes: a float, or a tensor for a schedule
-    rate_t: torch.Tensor  # 0-d float64, for the state
-    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
-    steps: list[torch.Tensor]  # each parameter's step as the kernel reads it (`_kernel_steps`)
-    found_inf: torch.Tensor | None
-    extras: Extras  # the step's: whether the kernels may write into the given tensors
-
-
-def _begin(
-    updates: Any,
-    state: Any,
-    params: Tree | None,
-    keep: torch.Tensor | None,
-    lr: LearningRate,
-    what: str,
-    extras: Extras,
-    steps: bool,
-) -> _Step:
-    if params is None:
-        raise ConfigError(
-            f"the fused {what} kernels update the parameters themselves; pass params= to update"
-        )
-    g, spec = flat_updates(updates, params)
-    p = tree_leaves(params)
-    refuse_graph_gradients(f"the fused {what}", g, p)
-    numbers = _numbers(state, keep, lr, steps, None, extras.rate_scales, extras.schedule_shift)
-    return _Step(g, p, spec, *numbers, extras)
-
-
 def _numbers(
     state: Any,
     keep: torch.Tensor | None,
@@ -463,13 +425,24 @@ def _fused(
         *,
         extras: Extras = NO_EXTRAS,
     ) -> tuple[NewParams, Any]:
-        step = _begin(updates, state, params, keep, lr, what, extras, kernel.steps)
-        given = {"lr": step.rate, **hyper, "grad_scale": None, "found_inf": step.found_inf}
-        decays = _decays(mask, params, step.p, extras.members)
-        decay = _decay_at(weight_decay, schedule_position(state.count, extras.schedule_shift), what)
-        new_p, new = _by_groups(kernel, step, buffers_of(state), decays, decay, given)
-        rate = _last_lr(step.rate_t, state.lr, keep)
-        return NewParams(new_p, step.spec), rebuilt(state, step.count, new, rate)
+        if params is None:
+            raise ConfigError(
+                f"the fused {what} kernels update the parameters themselves; pass params= to update"
+            )
+        g, spec = flat_updates(updates, params)
+        p = tree_leaves(params)
+        refuse_graph_gradients(f"the fused {what}", g, p)
+        shift = extras.schedule_shift
+        rate, rate_t, count, steps, found_inf = _numbers(
+            state, keep, lr, kernel.steps, None, extras.rate_scales, shift
+        )
+        given = {"lr": rate, **hyper, "grad_scale": None, "found_inf": found_inf}
+        decays = _decays(mask, params, p, extras.members)
+        decay = _decay_at(weight_decay, schedule_position(state.count, shift), what)
+        new_p, new = _by_groups(
+            kernel, extras, p, g, steps, buffers_of(state), decays, decay, given
+        )
+        return NewParams(new_p, spec), rebuilt(state, count, new, _last_lr(rate_t, state.lr, keep))
 
     def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
         """The `functrain.optim.planned.Planner`: one kernel call per group, decided once.
@@ -534,7 +507,7 @@ def _fused(
 
         It plans where `update` makes one call on the lists as they are (`_one_group`: one
         device, one dtype, decayed alike) for plain tensors; the runner computes the rate, the new
-        counts and the gate's ``found_inf`` as `_begin` does and runs `_run_in_place` as
+        counts and the gate's ``found_inf`` as `update` does and runs `_run_in_place` as
         `_by_groups` calls it, which decides on each call, as `update` does, how the members'
         slices go to the kernel (one call where they share their count and none skips): the same
         bits. A fresh state's moments without storage get theirs there (`_targets`).
@@ -833,7 +806,10 @@ def _decays(mask: Mask, params: Tree, p: list, members: int = 0) -> tuple[bool, 
 
 def _by_groups(
     kernel: _Kernel,
-    step: _Step,
+    extras: Extras,
+    p: list,
+    g: list,
+    steps: list[torch.Tensor],
     buffers: tuple[tuple, ...],
     decays: tuple[bool, ...],
     weight_decay: float | Sweep,
@@ -842,9 +818,9 @@ def _by_groups(
     """One kernel call per (device, dtype, decays or not) group of leaves (the usual case: one
     group, every leaf in its order).
 
-    The new parameters and buffers come back in leaf order.
+    `p`, `g`: the parameters and gradients, `steps` each parameter's step where the kernel reads
+    one (`_kernel_steps`). The new parameters and buffers come back in leaf order.
     """
-    p, g, steps = step.p, step.g, step.steps
     groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = defaultdict(list)
     for i, x in enumerate(p):
         groups[(x.device, x.dtype, decays[i])].append(i)
@@ -852,7 +828,7 @@ def _by_groups(
     for (_, dtype, decay), idx in groups.items():
         out_p, out_b = _run_kernel(
             kernel,
-            step.extras,
+            extras,
             [p[i] for i in idx],
             [g[i] if g[i].dtype == dtype else g[i].to(dtype) for i in idx],
             [
@@ -1192,7 +1168,7 @@ class FusedRunner:
         if self.on_host is not None:  # (a CPU tensor: the kernel reads it as a double)
             rate = self.on_host(state.count)[0]
             return rate, rate
-        if self.schedule is not None:  # as `_begin`: a schedule's tensor goes to the kernel
+        if self.schedule is not None:  # as `update`'s: a schedule's tensor goes to the kernel
             return _scheduled(self.schedule, state.count, self.device)
         return self.rate, state.lr
 
