@@ -875,9 +875,7 @@ def _run_kernel(
     """
     vmapped = under_vmap()
     if vmapped or (torch.compiler.is_compiling() and not extras.members):
-        # (donated, compiled: into the given tensors)
-        in_place = extras.in_place and not vmapped
-        return _through_op(kernel, params, grads, buffers, steps, options, in_place)
+        return _through_op(kernel, extras, params, grads, buffers, steps, options, vmapped)
     return _run_in_place(kernel, extras, params, grads, buffers, steps, options)
 
 
@@ -911,7 +909,7 @@ def _run_in_place(
     """`_run_kernel` outside vmap (and the vmap rule's, on the stacked tensors): the in-place
     kernel on the tensors `_targets` gives (the copies, or donated the given tensors), laid out
     as their parameters; a stacked state's (`extras.members`) on each member's slices (traced,
-    `_traced_stacked`).
+    through its op: `_through_op`).
 
     A stacked member's call takes its own step count, rate, skip flag and weight decay (a
     sweep's), so a member's update is the one it gets trained alone, given the same gradients.
@@ -927,7 +925,7 @@ def _run_in_place(
     tensors) are the stacked tensors: the slices are views, written in place.
     """
     if extras.members and (traced or torch.compiler.is_compiling()):
-        return _traced_stacked(kernel, extras, params, grads, buffers, steps, options)
+        return _through_op(kernel, extras, params, grads, buffers, steps, options)
     if decided is None:  # (a planned runner's parameters are dense, its gradients laid out)
         params = [_walkable(p) for p in params]
         grads = in_layouts_of(grads, params)
@@ -1088,30 +1086,6 @@ def _per_member(options: dict[str, Any], members: int) -> list[dict[str, Any]]:
     ]
 
 
-def _traced_stacked(
-    kernel: _Kernel,
-    extras: Extras,
-    params: list,
-    grads: list,
-    buffers: list[list],
-    steps: list[torch.Tensor],
-    options: dict[str, Any],
-) -> tuple[list, list[list]]:
-    """`_run_in_place` of a stacked state while torch.compile traces: one in-place op over the
-    stacked tensors.
-
-    A donated compiled step's (``extras.in_place``) op writes into the state's own tensors, the
-    graph's inputs: the graph then holds no copy of them. Any other's writes into fresh copies.
-    """
-    params, buffers = _op_targets(params, buffers, extras.in_place)
-    # decided here, once per trace: the op gets its tensors in these strides (its tag), so how
-    # its call walks them is decided with them
-    layout = _members_layout(params)
-    call = _op_call(kernel, params, in_layouts_of(grads, params), buffers, steps, options)
-    torch.ops.functrain.fused_update_members_(*call, layout.whole, layout.flat)
-    return list(params), [list(xs) for xs in buffers]
-
-
 class FusedRunner:
     """A fused transform's planned update (its ``plan``): one kernel call per group, decided once.
 
@@ -1230,20 +1204,33 @@ def _walkable(p: torch.Tensor) -> torch.Tensor:
 
 def _through_op(
     kernel: _Kernel,
+    extras: Extras,
     params: list,
     grads: list,
     buffers: list[list],
     steps: list[torch.Tensor],
     options: dict[str, Any],
-    in_place: bool = False,
+    vmapped: bool = False,
 ) -> tuple[list, list[list]]:
-    """`_run_kernel` through the custom op (`_op_call`).
+    """`_run_kernel` through a custom op (`_op_call`): a state's ``functrain::fused_update``
+    (`vmapped`: its vmap rule's), a stacked state's ``fused_update_members_`` where
+    torch.compile traces it (`_run_in_place`'s), one op over the stacked tensors.
 
-    `in_place` (a donated compiled step's): the op writes into the given tensors, the graph's
-    inputs, which the step gives up: inductor writes into them where they lie, where the
-    functional op would write fresh copies that the step then copies back (two more passes over
-    the parameters and moments, a third of a 784-128-10 MLP's compiled step).
+    A donated compiled step's (``extras.in_place``) op writes into the given tensors, the graph's
+    inputs, which the step gives up: inductor writes into them where they lie (``fused_update_``
+    of a state's), where the functional op would write fresh copies that the step then copies
+    back (two more passes over the parameters and moments, a third of a 784-128-10 MLP's
+    compiled step). A stacked state's op writes into fresh copies where it is not donated.
     """
+    in_place = extras.in_place and not vmapped
+    if extras.members and not vmapped:
+        params, buffers = _op_targets(params, buffers, in_place)
+        # decided here, once per trace: the op gets its tensors in these strides (its tag), so
+        # how its call walks them is decided with them
+        layout = _members_layout(params)
+        call = _op_call(kernel, params, in_layouts_of(grads, params), buffers, steps, options)
+        torch.ops.functrain.fused_update_members_(*call, layout.whole, layout.flat)
+        return list(params), [list(xs) for xs in buffers]
     call = _op_call(kernel, params, grads, buffers, steps, options)
     if in_place:
         torch.ops.functrain.fused_update_(*call)
@@ -1427,7 +1414,7 @@ def _fused_members_op(*args: Any) -> None:
     The tensors are the stacked ones (the members' dimension first); each of the steps, the skip
     flags and a swept rate are ``[K]``, the weight decay one value per member or one for all.
     One op for all members, in place: a donated compiled step hands it the graph's inputs
-    (inductor then writes into them where they lie), a pure one fresh copies. `_traced_stacked`
+    (inductor then writes into them where they lie), a pure one fresh copies. `_through_op`
     lays the gradients and buffers out as their parameters and decides how the call walks them
     when it traces the op, which receives its tensors in the traced strides (its tag): one
     comparison of strides checks it here (else they are laid out again, as the single state's op
