@@ -728,17 +728,25 @@ def count_calls(workload: str, steps: int = 20, device: torch.device = CPU) -> N
 
 def _calls(runner: Any, warmup: int, steps: int) -> tuple[float, float, list[str]]:
     """`runner`'s calls per step over `steps` steps after `warmup` (every call cProfile records),
-    those in a file of the functrain package, and those files."""
+    those in a file of the functrain package, and those files. The garbage collector is off while
+    they are counted: a collection's callbacks (weak references' finalizers) land on whichever
+    step allocates past its threshold, so with it on the count moves by a few calls between
+    runs of the same code."""
     import cProfile
     import pstats
 
     for _ in range(warmup):
         runner.step()
+    gc.collect()
     prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(steps):
-        runner.step()
-    prof.disable()
+    gc.disable()
+    try:
+        prof.enable()
+        for _ in range(steps):
+            runner.step()
+        prof.disable()
+    finally:
+        gc.enable()
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     own = {key: row for key, row in stats.items() if "/functrain/" in key[0]}
     files = sorted({key[0].split("/functrain/")[-1] for key in own})
