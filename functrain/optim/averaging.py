@@ -209,7 +209,7 @@ def ema(
     def weight_of(count: torch.Tensor) -> float | torch.Tensor:
         """This update's weight ``1 - decay`` (a tensor with `warmup`, per member if stacked)."""
         if not warmup:
-            return 1 - decay
+            return 1.0 - decay  # (a float for an int decay too: `_lerps` lerps by a number)
         step = count.to(torch.float64)
         return 1 - torch.clamp((1 + step) / (10 + step), max=decay)
 
@@ -273,7 +273,7 @@ def ema(
         return (tree_unflatten(average[:n], spec), tree_unflatten(average[n:], buffer_spec)), new
 
     # each update's weight where it is one number (a plain average, no warm-up)
-    weight = 1 - decay if moved is lerp and not warmup else None
+    weight = 1.0 - decay if moved is lerp and not warmup else None
     moved = _strides_kept(moved)  # (`update_fn`'s too)
     averaging = None if buffers else ListAverage(moved, moved_, weight)
     update = ExtrasUpdate(update_fn, members=True, averaging=averaging)

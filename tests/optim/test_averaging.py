@@ -561,3 +561,18 @@ def test_torchvisions_average_of_bfloat16_weights_in_a_donated_step_is_its_refer
             reference.update_parameters(live)
         for a, r in zip(state.ema_state.average, reference.module.parameters(), strict=True):
             assert torch.equal(a, r), donate
+
+
+def test_an_int_decay_of_0_averages_as_torchs_lerp_by_1() -> None:
+    """``ema_decay=0``, an int: each update's weight ``1 - 0`` lerped as a number (it was handed
+    to the tensor form, which has no ``.to`` for an int)."""
+    for donate in (False, True):
+        torch.manual_seed(0)
+        state = ft.TrainState.create(model(), ft.sgd(LR), loss_fn, ema_decay=0)
+        average = [p.detach().clone() for p in state.params.values()]
+        for batch in batches(3):
+            state, _ = ft.train_step(state, batch, donate=donate)
+            torch._foreach_lerp_(average, [p.detach() for p in state.params.values()], 1.0)
+        exported = dict(state.export_module(use_ema=True).named_parameters())
+        for name, expected in zip(state.params, average, strict=True):
+            assert torch.equal(exported[name], expected), name
