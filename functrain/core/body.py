@@ -300,6 +300,7 @@ def _update(
     samples = batch_samples(state, batch)
     grads = in_param_layouts(grads, state.params)
     params_in, opt_in, out, noted, window = state.params, state.opt_state, None, None, None
+    own = len(grads)  # (the step's own gradients: a filler added below is not one)
     if len(grads) < len(params_in):  # a weight the loss did not use
         windows = _windows(state.opt_state)
         window = windows[0][0] if len(windows) == 1 else None  # (its place in the state)
@@ -326,9 +327,12 @@ def _update(
         if grad_norm is not None and not functional()
         else extras.norms
     )
-    # a donated step's gradients are its own unless a hook handed one in (it may keep it); the
-    # transform's report asked for: accumulation reports the norm of its mean gradient
-    owned = extras.in_place and not grad_hooks(state.module, list(state.params))
+    # a donated step's gradients are its own unless a hook handed one in (it may keep it) or a
+    # weight without one took a filler (`_minus_zero`'s one element, which no update may write);
+    # the transform's report asked for: accumulation reports the norm of its mean gradient
+    owned = (
+        extras.in_place and len(grads) == own and not grad_hooks(state.module, list(state.params))
+    )
     given = extras._replace(norms=norms, reporting=True, owns_updates=owned)
     if extras.written is not None and extras.may_write():
         # the permission handed on: from here a raise leaves the given state written (`donated`)

@@ -438,6 +438,22 @@ def test_in_a_window_a_weight_without_a_gradient_in_each_batch_sits_its_update_o
     assert not torch.equal(torch_window_loop(theirs, zeros).b.weight, reference.b.weight)
 
 
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd-dampening"])
+def test_an_accumulate_transform_under_the_guard_sums_a_window_a_weight_left_late(
+    name: str, donate: bool
+) -> None:
+    # the guard's found-inf check writes the donated step's own gradients where they are: the
+    # -0.0 a weight takes in a batch without a gradient after one with is no gradient of the step
+    ours, theirs = PRESETS[name]
+    data = batches(WINDOWS)  # (a window whose first batch uses the branch and second does not)
+    reference = torch_window_loop(theirs, data, convention="mean")
+    state = ft.TrainState.create(make(), ft.accumulate(ours(), 2), loss_fn)
+    for batch in data:
+        state, _ = ft.train_step(state, batch, donate=donate)
+    assert_weights(state, reference)
+
+
 @pytest.mark.parametrize("convention", ["loss", "sum", "mean"])
 def test_each_convention_of_a_window_of_three_sums_the_gradients_there_were(
     convention: str,
