@@ -41,7 +41,6 @@ import torch
 
 from functrain.core import stacked_step
 from functrain.core.body import (
-    OWN_TX_METRICS,
     averaged,
     batch_samples,
     counters,
@@ -74,13 +73,10 @@ from functrain.layout import in_layouts_of
 from functrain.optim.base import (
     NO_EXTRAS,
     Extras,
-    averaging_of,
-    group_rates,
     members_planner_of,
     planner_of,
     update_reporting,
 )
-from functrain.optim.metrics import metric_nodes, metric_reader, transform_metrics
 from functrain.optim.planned import Prelude, Ran, Runner, reads_norm
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.updates import apply_updates
@@ -116,22 +112,10 @@ class StepProgram(_Decided):
         "runner",
         "stage",
         "fresh",
-        "strides",
-        "known",
         "hooks",
         "generator",
-        "ranked",
-        "guard_buffers",
-        "fp32",
-        "rates",
         "modules",
-        "averages",
-        "averaging",
-        "reports",
         "measures",
-        "tx_metrics",
-        "tx_readers",
-        "scaled",
         "straight",
     )
 
@@ -143,7 +127,6 @@ class StepProgram(_Decided):
         fresh: bool,
     ) -> None:
         params = list(state.params.values())
-        options = state.options
         self.runner = runner
         # which update runs: "planned" (the transform's `Planner`), "updated" (its own update,
         # `_updating`), "general" (the body's, `functrain.core.body.apply`)
@@ -151,45 +134,13 @@ class StepProgram(_Decided):
         # the optimizer state's storage does not exist yet (a fresh state's zeros): the state the
         # first step returns is decided again, once
         self.fresh = fresh
-        # the layout torch.optim's `.grad` would have: a gradient in another is laid out first
-        self.strides = [p.stride() for p in params]
-        # the gradient step's hooks, sparse parameters and divisor
-        self.known = decided(state)
-        self.hooks = self.known.hooks  # the parameters' own hooks
+        self.hooks = decided(state).hooks  # the parameters' own gradient hooks
         self.generator = device_generator(params[0].device)
-        # a process group's ranks draw from streams of their own (`functrain.core.scope.enter`)
-        self.ranked = state.dist is not None
-        self.guard_buffers = options.guards_buffers
-        self.fp32 = all(p.dtype == torch.float32 for p in params)
-        self.rates = group_rates(state.tx)  # each parameter group's rate, a metric each
         # the module's mode switched by its flags where nn.Module's own `train` would set them
         self.modules = plain_modules(state.module)
-        self.averages = state.ema_state is not None and state.averager is not None  # an EMA
-        # its update where every average moves (an EMA of the parameters alone), else None
-        self.averaging = averaging_of(state.averager) if self.averages else None
-        # the step reports the gradients' norm (asked for, or clipping's), and measures it where
-        # its update reads it (`_measures`)
-        self.reports = options.reports_grad_norm
+        # the step measures the gradients' norm where it reports it (asked for, or clipping's)
+        # or its update reads it (`_measures`)
         self.measures = _measures(state, runner, bool(self.hooks))
-        # the transform's state exposes metrics of its own (fp16's loss scale), or may (a state
-        # class of the user's, whose metrics may come later): read from the state each step
-        # returns, as the body reports them; by readers decided once where every class that
-        # exposes metrics is functrain's (their names fixed), else all of them each step
-        opt_state = state.opt_state
-        users = any(
-            not type(node).__module__.startswith("functrain.")
-            for _, node in metric_nodes(opt_state)
-        )
-        extra = [k for k in transform_metrics(opt_state) if k not in OWN_TX_METRICS]
-        # a transform's own update (`_updating`) may return a state of another structure (a
-        # user's that switches optimizers): its metrics found in the state each step returns
-        own = stage == "updated"
-        self.tx_metrics = bool(extra) or users or own
-        readers = {k: metric_reader(opt_state, k) for k in extra}
-        # (in the body's order)
-        self.tx_readers = None if users or own or None in readers.values() else readers
-        # the loss scaled for the backward (fp16's dynamic loss scale, in the optimizer's state)
-        self.scaled = options.precision == "fp16"
         # the configuration's step as one function (`functrain.core.straight`), where it is
         # written for it: what `functrain.train_step` runs; else the body's update (`run`)
         self.straight = straight_step(self, state)
@@ -318,7 +269,7 @@ def _updating(state: TrainState) -> Runner | None:
     new parameters by `apply_updates` in their parameters' strides, the rate and skip flag read
     from the state it returns by `functrain.core.body.tx_metrics_of` (a transform of the user's
     may return a state of another structure). The other metrics the transform's state exposes
-    the step reads from that state too (`StepProgram.tx_metrics`).
+    the step reads from that state too (`functrain.core.straight._tx_metrics`).
     """
     tx, names = state.tx, list(state.params)
     window = state.options.accumulate_steps

@@ -71,6 +71,7 @@ from functrain.core.loss import (
     seek_reentrant,
     split_loss,
 )
+from functrain.core.options import loss_divisor
 from functrain.core.replacement import seat_layout
 from functrain.core.scope import modes_back, modes_of, rank_stream_in
 from functrain.core.stacked_step import PerMember, refuse_per_member
@@ -78,8 +79,8 @@ from functrain.core.state import TrainState, lend
 from functrain.errors import FunctrainError
 from functrain.layout import in_layouts_of, with_strides_kept
 from functrain.optim.averaging import EmaState, ListAverage
-from functrain.optim.base import NO_EXTRAS, Extras
-from functrain.optim.metrics import metric_reader
+from functrain.optim.base import NO_EXTRAS, Extras, averaging_of, group_rates
+from functrain.optim.metrics import metric_nodes, metric_reader, transform_metrics
 from functrain.optim.planned import Chained, GatedBySelection
 from functrain.optim.rules.fused import FusedRunner
 from functrain.optim.wrappers import (
@@ -184,14 +185,25 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     """The text of `state`'s step (donated or pure) and the constants it reads."""
     options = state.options
     window = options.accumulate_steps
+    params = list(state.params.values())
     frozen, buffers = bool(state.frozen), bool(state.buffers)
     dtype = AUTOCAST.get(options.precision)
+    # the loss scaled for the backward (fp16's dynamic loss scale, in the optimizer's state)
+    scaled = options.precision == "fp16"
+    divisor = loss_divisor(options)
+    fp32 = all(p.dtype == torch.float32 for p in params)
+    averages = state.ema_state is not None and state.averager is not None  # an EMA
+    # its update where every average moves (an EMA of the parameters alone), else None
+    averaging = averaging_of(state.averager) if averages else None
+    rates = group_rates(state.tx)  # each parameter group's rate, a metric each
+    readers, tx_metrics = _tx_metrics(state, program.stage)
     text = [_ENTRY.format(donate=donate)]
     # the first forward of a structure runs under the write guard (the body's)
     text.append(_FIRST_FORWARD.format(donate=donate))
     # (None: a structure whose submodules its owner may replace, its mode set by `train`)
     modules = program.modules if program.modules and program.modules[0] is state.module else None
-    ranked = program.ranked
+    # a process group's ranks draw from streams of their own (`functrain.core.scope.enter`)
+    ranked = state.dist is not None
     text.append(
         _ENTER.format(
             train=(_MODE_FLAGS if modules else _MODE_CALL).format(mode="True"),
@@ -200,7 +212,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     )
     if donate:  # a save still reads this state's tensors (`functrain.core.donation.hold_live`)
         text.append(_HELD)
-    if program.scaled:
+    if scaled:
         text.append(_SCALE)
     text.append(_LEAVES)
     text.append(_WATCH_FROZEN if frozen else _WATCH)
@@ -209,10 +221,10 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     text.append(_FORWARD.format(call=_AUTOCAST_CALL if dtype is not None else _CALL))
     # the backward starts from 1, or from 1/N under the "loss" convention (`_gradients_from`);
     # from the loss scale (over N) where the loss is scaled
-    if program.scaled:
-        text.append(_SEED_SCALED_WINDOW if program.known.divisor is not None else _SEED_SCALED)
+    if scaled:
+        text.append(_SEED_SCALED_WINDOW if divisor is not None else _SEED_SCALED)
     else:
-        text.append(_SEED_WINDOW if program.known.divisor is not None else _SEED)
+        text.append(_SEED_WINDOW if divisor is not None else _SEED)
     text.append(_BACKWARD.format(buffers="buffers" if buffers else "{}"))
     if buffers:
         text.append(_DETACH_WRITTEN)
@@ -226,10 +238,10 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     text.append(_LAYOUTS)
     # with accumulation the window's norm is reported: its runner measures it
     measured = window == 1 and program.measures
-    text.append((_NORM_FP32 if program.fp32 else _NORM) if measured else _NO_NORM)
+    text.append((_NORM_FP32 if fp32 else _NORM) if measured else _NO_NORM)
     writing = "        writing = True  # from here the update may write the state's tensors\n"
-    on_cpu = next(iter(state.params.values())).device.type == "cpu"
-    update, update_constants = _update(program, window, donate, on_cpu)
+    on_cpu = params[0].device.type == "cpu"
+    update, update_constants = _update(program, window, donate, on_cpu, len(params))
     if options.samples is not None:  # (before the update may write a donated state)
         text.append(_DECLARED_SAMPLES)
     text.append(
@@ -253,22 +265,19 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         counted = ("micro_t", f"state.epoch{own}")
     text.append(_SET_COUNTERS.format(micro=counted[0], epoch=counted[1]))
     if window > 1:
-        if program.averages:
+        if averages:
             text.append(_WINDOW_ENDED)
         if _lending(program, donate):
             text.append(_LENDS)
-    if not program.averages:
+    if not averages:
         text.append(_NO_AVERAGE)
-    elif program.averaging is None:
+    elif averaging is None:
         text.append(_AVERAGED)
     else:
-        lerped = type(program.averaging) is ListAverage and program.averaging.weight is not None
+        lerped = type(averaging) is ListAverage and averaging.weight is not None
         # (a new average keeps its strides where a weight's are not the default ones, which a
         # lerp out of place gives: a channels_last depthwise one's; decided once)
-        restrided = any(
-            p.stride() != torch.empty(p.shape, device="meta").stride()
-            for p in state.params.values()
-        )
+        restrided = any(p.stride() != torch.empty(p.shape, device="meta").stride() for p in params)
         pure = _LERPED_PURE_RESTRIDED if restrided else _LERPED_PURE
         moved = (_LERPED if donate else pure) if lerped else _MOVED.format(donate=donate)
         text.append(_AVERAGING.format(moved=moved, averaged=textwrap.indent(_AVERAGED, "    ")))
@@ -283,18 +292,17 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
             retire=_RETIRE_RAISED if donate else "",
         )
     )
-    if program.scaled and program.reports:
+    if scaled and options.reports_grad_norm:
         text.append(_UNSCALED_NORM)
     # (the norm in the gradients' dtype, as clip_grad_norm_ measures it: the metric float32)
-    norm = '"grad_norm": norm, ' if program.fp32 else '"grad_norm": norm.float(), '
-    text.append(_METRICS.format(norm=norm if program.reports else ""))
-    if program.rates is not None:
+    norm = '"grad_norm": norm, ' if fp32 else '"grad_norm": norm.float(), '
+    text.append(_METRICS.format(norm=norm if options.reports_grad_norm else ""))
+    if rates is not None:
         text.append(_RATES)
     text.append(_SKIPPED)
-    readers = program.tx_readers
     if readers:
         text.extend(_TX_METRIC.format(key=k, i=i) for i, k in enumerate(readers))
-    elif program.tx_metrics:
+    elif tx_metrics:
         text.append(_TX_METRICS)
     text.append(_RETURN)
     constants: dict[str, Any] = {
@@ -308,31 +316,30 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         "RUNNER": program.runner,
         "HOOKS": program.hooks,
         "NAMES": list(state.params),
-        "STRIDES": program.strides,
-        "FP32": program.fp32,
-        "DIVISOR": program.known.divisor,
-        "SEED": None
-        if program.known.divisor is None
-        else reciprocal(torch.float32, program.known.divisor),
+        # the layout torch.optim's `.grad` would have: a gradient in another is laid out first
+        "STRIDES": [p.stride() for p in params],
+        "FP32": fp32,
+        "DIVISOR": divisor,
+        "SEED": None if divisor is None else reciprocal(torch.float32, divisor),
         "AUTOCAST_TO": dtype,
         "DIST": state.dist,
         "SAMPLES": options.samples,
         "TX": state.tx,
-        "DEVICE_TYPE": next(iter(state.params.values())).device.type,
-        "GUARD_BUFFERS": program.guard_buffers,
-        "DEVICE": next(iter(state.params.values())).device,
-        "RATES": program.rates,
+        "DEVICE_TYPE": params[0].device.type,
+        "GUARD_BUFFERS": options.guards_buffers,
+        "DEVICE": params[0].device,
+        "RATES": rates,
         "LEND": lend,
-        "AVERAGING": program.averaging,
+        "AVERAGING": averaging,
         "AVERAGED": averaged,
         # (a donated step's permission to the EMA)
         "EMA_EXTRAS": Extras(in_place=True) if donate else NO_EXTRAS,
-        "EMA_WEIGHT": getattr(program.averaging, "weight", None),
+        "EMA_WEIGHT": getattr(averaging, "weight", None),
         "KEPT_STRIDES": with_strides_kept,
         "EMA_STATE": EmaState,
         # the loss scale read where the state holds it (a `metric_reader`: decided once)
         "LOSS_SCALE": (metric_reader(state.opt_state, "loss_scale") or find_loss_scale)
-        if program.scaled
+        if scaled
         else None,
         **{f"TX_METRIC_{i}": read for i, read in enumerate((readers or {}).values())},
         **update_constants,
@@ -344,13 +351,35 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
 _RAN = "ran_params, ran_state, ran_lr, ran_skipped, ran_flag, ran_norm, ran_ended"
 
 
+def _tx_metrics(state: TrainState, stage: str) -> tuple[dict[str, Any] | None, bool]:
+    """The readers of the metrics the transform's state exposes of its own (fp16's loss scale),
+    in the body's order, and whether it exposes any, or may (a state class of the user's, whose
+    metrics may come later): read from the state each step returns, as the body reports them;
+    by readers decided once where every class that exposes metrics is functrain's (their names
+    fixed), else (None) all of them each step."""
+    opt_state = state.opt_state
+    users = any(
+        not type(node).__module__.startswith("functrain.") for _, node in metric_nodes(opt_state)
+    )
+    extra = [k for k in transform_metrics(opt_state) if k not in OWN_TX_METRICS]
+    # a transform's own update (`functrain.core.program._updating`, the "updated" stage) may
+    # return a state of another structure (a user's that switches optimizers): its metrics found
+    # in the state each step returns
+    own = stage == "updated"
+    readers = {k: metric_reader(opt_state, k) for k in extra}
+    every = bool(extra) or users or own
+    return (None if users or own or None in readers.values() else readers), every
+
+
 def _lending(program: Any, donate: bool) -> bool:
     """Whether a pure step of `program` lends its input what a micro-batch leaves unmoved: its
     runner is an accumulation window's that takes ``share`` (`functrain.optim.wrappers`)."""
     return not donate and getattr(program.runner, "shares", False)
 
 
-def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str, dict[str, Any]]:
+def _update(
+    program: Any, window: int, donate: bool, on_cpu: bool, size: int
+) -> tuple[str, dict[str, Any]]:
     """The update's text: the runner's call; on the CPU outside an accumulation window, inside
     `skip_nonfinite`'s guard (`functrain.optim.wrappers.GuardedRunner`), the guard's flag read on
     the host and the inner runner called where it holds, with the counts of a finite step; and
@@ -384,7 +413,7 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
         if grouped:  # (the first group's rate the step's, as the partition's runner reports it)
             body, rate = _partition_calls(fused, donate, constants), "rate_t_0"
         else:
-            body, rate = _kernel_calls(fused, donate, constants, len(program.strides)), "rate_t"
+            body, rate = _kernel_calls(fused, donate, constants, size), "rate_t"
         result = ("new_p", "new_inner", rate, "None")
         holder = "inner" if prelude is None else "chain"  # (the inner state's name in the text)
         if prelude is not None:  # it hands its updates on, its state kept for the chain's
@@ -971,7 +1000,7 @@ _SKIPPED = """\
     metrics["skipped"] = flag
 """
 # a metric the transform's state exposes of its own, read where the state the update returned
-# holds it (`StepProgram.tx_readers`)
+# holds it (`_tx_metrics`)
 _TX_METRIC = """\
     metrics[{key!r}] = TX_METRIC_{i}(ran_state).to(F32, copy=True)
 """
