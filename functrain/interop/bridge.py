@@ -51,6 +51,7 @@ from functrain.optim.masks import resolve_mask
 from functrain.optim.metrics import walk_states
 from functrain.optim.naming import Call, recorded_call
 from functrain.optim.porting import (
+    SELF_STARTING,
     cycled_momentum,
     cycled_setting,
     cycling_scheduler,
@@ -58,6 +59,7 @@ from functrain.optim.porting import (
     momentum_cycle_note,
     own_settings,
     plateau_call,
+    read_scheduler,
 )
 from functrain.optim.presets import is_matrix, muon
 from functrain.optim.rates import value_at
@@ -763,125 +765,6 @@ def _schedules(
     return rates
 
 
-_LIVE_ARGS: dict[type, tuple[str, ...]] = {
-    lr_scheduler.StepLR: ("step_size", "gamma"),
-    lr_scheduler.ExponentialLR: ("gamma",),
-    lr_scheduler.CosineAnnealingLR: ("T_max", "eta_min"),
-    lr_scheduler.LinearLR: ("start_factor", "end_factor", "total_iters"),
-    lr_scheduler.ConstantLR: ("factor", "total_iters"),
-    lr_scheduler.PolynomialLR: ("total_iters", "power"),
-    lr_scheduler.CosineAnnealingWarmRestarts: ("T_0", "T_mult", "eta_min"),
-}
-
-
-def _described_scheduler(scheduler: Any, k: int, where: str) -> tuple[type, dict[str, Any]]:
-    """``(cls, kwargs)`` for `from_torch`, read from a live scheduler, for parameter group `k`."""
-    cls = type(scheduler)
-    if cls in _LIVE_ARGS:
-        return cls, {name: getattr(scheduler, name) for name in _LIVE_ARGS[cls]}
-    if cls is lr_scheduler.MultiStepLR:
-        return cls, {
-            "milestones": sorted(scheduler.milestones.elements()),
-            "gamma": scheduler.gamma,
-        }
-    if cls is lr_scheduler.LambdaLR:
-        return cls, {"lr_lambda": scheduler.lr_lambdas[k]}
-    if cls is lr_scheduler.OneCycleLR:
-        return cls, _one_cycle_args(scheduler, scheduler.optimizer.param_groups[k], where)
-    if cls is lr_scheduler.CyclicLR:
-        return cls, _cyclic_args(scheduler, k, where)
-    if cls is lr_scheduler.SequentialLR:
-        members = [_described_scheduler(s, k, where) for s in scheduler._schedulers]
-        return cls, {"schedulers": members, "milestones": list(scheduler._milestones)}
-    if cls is lr_scheduler.ChainedScheduler:
-        return cls, {
-            "schedulers": [_described_scheduler(s, k, where) for s in scheduler._schedulers]
-        }
-    fix = f"pass lr=functrain.schedules.from_torch({cls.__name__}, lr=..., <its arguments>) instead"
-    config_check([f"a live {cls.__name__} cannot be read back into its arguments; {fix}"], where)
-    raise AssertionError  # unreachable: config_check raised
-
-
-def _one_cycle_args(scheduler: Any, group: dict[str, Any], where: str) -> dict[str, Any]:
-    """A live `OneCycleLR`'s arguments for one group, as `from_torch` takes them.
-
-    Read from the values torch computed (the group's ``initial_lr``, ``max_lr``, ``min_lr``, the
-    phases' ends), as arguments that give those values again to the bit; ``cycle_momentum=False``:
-    functrain's optimizers hold momentum constant (`from_torch_optimizer` warns).
-    """
-    total, phases = scheduler.total_steps, scheduler._schedule_phases
-    max_lr, initial, final = group["max_lr"], group["initial_lr"], group["min_lr"]
-    if not (initial and final):
-        _unreadable(lr_scheduler.OneCycleLR, "its factors, from max_lr=0", where)
-    rise_end = phases[0]["end_step"]
-    found = {
-        "pct_start": _inverse(lambda p: float(p * total) - 1, (rise_end + 1) / total, rise_end),
-        "anneal_strategy": getattr(scheduler, "_anneal_func_type", None),
-        "div_factor": _inverse(lambda d: max_lr / d, max_lr / initial, initial),
-        "final_div_factor": _inverse(lambda f: initial / f, initial / final, final),
-    }
-    if None in found.values():
-        unread = ", ".join(name for name, value in found.items() if value is None)
-        _unreadable(lr_scheduler.OneCycleLR, f"its {unread}", where)
-    args = {"max_lr": max_lr, "total_steps": total, **found, "three_phase": len(phases) == 3}
-    return _without_defaults(lr_scheduler.OneCycleLR, {**args, "cycle_momentum": False})
-
-
-def _cyclic_args(scheduler: Any, k: int, where: str) -> dict[str, Any]:
-    """A live `CyclicLR`'s arguments for group `k`, as `from_torch` takes them.
-
-    The step sizes are read back from torch's cycle length and ratio (``cycle_momentum=False``, as
-    for `OneCycleLR`).
-    """
-    total, ratio = scheduler.total_size, scheduler.step_ratio
-    up = round(total * ratio)
-    down = total - up
-    if not (up >= 1 and down == int(down) and up / (up + down) == ratio):
-        _unreadable(lr_scheduler.CyclicLR, "its step sizes (not whole steps)", where)
-    custom = getattr(scheduler, "_scale_fn_custom", None)
-    args = {
-        "base_lr": scheduler.base_lrs[k],
-        "max_lr": scheduler.max_lrs[k],
-        "step_size_up": int(up),
-        "step_size_down": None if down == up else int(down),
-        "mode": scheduler.mode,
-        "gamma": scheduler.gamma,
-        "scale_fn": custom,
-        "scale_mode": scheduler.scale_mode if custom is not None else "cycle",
-        "cycle_momentum": False,
-    }
-    return _without_defaults(lr_scheduler.CyclicLR, args, keep=("base_lr", "max_lr"))
-
-
-def _inverse(fn: Callable[[float], float], guess: float, target: float) -> float | None:
-    """A float ``x`` near `guess` with ``fn(x) == target``, else None.
-
-    The 12-digit rounding of `guess` first (the value a user wrote, before torch's arithmetic
-    rounded it), then `guess` and its neighbours.
-    """
-    candidates = [float(f"{guess:.12g}"), guess]
-    up = down = guess
-    for _ in range(4):
-        up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
-        candidates += [up, down]
-    return next((x for x in candidates if fn(x) == target), None)
-
-
-def _without_defaults(
-    cls: type, args: dict[str, Any], keep: Sequence[str] = ("max_lr", "total_steps")
-) -> dict[str, Any]:
-    """`args` less those at torch's defaults (`keep` stays), for a schedule's recorded name."""
-    defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items()}
-    return {n: v for n, v in args.items() if n in keep or v != defaults[n]}
-
-
-def _unreadable(cls: type, what: str, where: str) -> None:
-    fix = f"pass lr=functrain.schedules.from_torch({cls.__name__}, <its arguments>) instead"
-    config_check(
-        [f"a live {cls.__name__} cannot be read back into its arguments ({what}); {fix}"], where
-    )
-
-
 def _scheduled(
     scheduler: Any,
     optimizer: torch.optim.Optimizer,
@@ -908,10 +791,11 @@ def _scheduled(
     config_check(_step_problems(scheduler, counts, steps_per_epoch, counted), where)
     config_check(_restart_problems(scheduler), where)
     schedules = []
+    cls = type(scheduler)
     for k, group in enumerate(optimizer.param_groups):
-        cls, kwargs = _described_scheduler(scheduler, k, where)
-        # OneCycleLR and CyclicLR start from their own arguments, not from the optimizer's lr
-        if cls not in (lr_scheduler.OneCycleLR, lr_scheduler.CyclicLR):
+        kwargs, refusal = read_scheduler(scheduler, k)
+        config_check([refusal] if refusal else [], where)
+        if cls not in SELF_STARTING:
             kwargs = {"lr": group["initial_lr"], **kwargs}
         schedule = from_torch(cls, **kwargs)
         schedules.append(

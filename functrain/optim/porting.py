@@ -23,7 +23,7 @@ sentence (`momentum_cycle_note`) that `functrain.from_torch_optimizer` and
 from __future__ import annotations
 
 import inspect
-from collections import Counter
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -33,6 +33,8 @@ from torch.optim import lr_scheduler
 __all__ = [
     "torch_object_hint",
     "schedule_call",
+    "read_scheduler",
+    "SELF_STARTING",
     "plateau_call",
     "replaces",
     "REPLACEMENTS",
@@ -71,8 +73,6 @@ _LBFGS = (
 )
 # torch.optim's implementation choices: no functrain argument says them
 _IMPLEMENTATION = {"foreach", "capturable", "differentiable", "fused"}
-# scheduler constructor arguments that belong to the live object, not to the schedule
-_SCHEDULER_OWN = {"self", "optimizer", "last_epoch", "verbose"}
 
 
 def torch_object_hint(value: Any, name: str, *, schedule: bool | None = None) -> str | None:
@@ -223,31 +223,177 @@ def _stepped(optimizer: torch.optim.Optimizer) -> bool:
     return any(float(s.get("step", 1)) > 0 for s in optimizer.state.values() if s)
 
 
+# the arguments a live scheduler keeps as they were given, as attributes of the same names
+_KEPT: dict[type, tuple[str, ...]] = {
+    lr_scheduler.StepLR: ("step_size", "gamma"),
+    lr_scheduler.ExponentialLR: ("gamma",),
+    lr_scheduler.CosineAnnealingLR: ("T_max", "eta_min"),
+    lr_scheduler.LinearLR: ("start_factor", "end_factor", "total_iters"),
+    lr_scheduler.ConstantLR: ("factor", "total_iters"),
+    lr_scheduler.PolynomialLR: ("total_iters", "power"),
+    lr_scheduler.CosineAnnealingWarmRestarts: ("T_0", "T_mult", "eta_min"),
+}
+# the schedulers that start from their own arguments, not from the optimizer's lr (no lr= to write)
+SELF_STARTING = (lr_scheduler.OneCycleLR, lr_scheduler.CyclicLR)
+
+
+def read_scheduler(scheduler: Any, k: int = 0) -> tuple[dict[str, Any], str | None]:
+    """A live scheduler's arguments for param group `k`, as `functrain.schedules.from_torch` takes
+    them (less ``lr``: the group's ``initial_lr``), and the error where some cannot be read back
+    (those ``...``), else None. A composite's ``schedulers`` are ``(cls, arguments)`` pairs.
+
+    `OneCycleLR` and `CyclicLR` are read from the values torch computed (the group's ``initial_lr``,
+    ``max_lr``, ``min_lr``, the phases' ends, the cycle's length and ratio), as arguments that give
+    them again to the bit, less torch's defaults, with ``cycle_momentum=False``: functrain's
+    optimizers hold momentum constant (`momentum_cycle_note`).
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> read_scheduler(torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[5, 2]))
+        ({'milestones': [2, 5], 'gamma': 0.1}, None)
+    """
+    cls = type(scheduler)
+    if cls in _KEPT:
+        return {name: getattr(scheduler, name) for name in _KEPT[cls]}, None
+    if cls is lr_scheduler.MultiStepLR:  # its milestones kept as a Counter
+        return {
+            "milestones": sorted(scheduler.milestones.elements()),
+            "gamma": scheduler.gamma,
+        }, None
+    if cls is lr_scheduler.OneCycleLR:
+        return _one_cycle_read(scheduler, scheduler.optimizer.param_groups[k])
+    if cls is lr_scheduler.CyclicLR:
+        return _cyclic_read(scheduler, k)
+    if cls is lr_scheduler.LambdaLR:
+        return {"lr_lambda": scheduler.lr_lambdas[k]}, None
+    if cls in (lr_scheduler.SequentialLR, lr_scheduler.ChainedScheduler):
+        members = [(type(s), *read_scheduler(s, k)) for s in scheduler._schedulers]
+        args: dict[str, Any] = {"schedulers": [(c, a) for c, a, _ in members]}
+        if cls is lr_scheduler.SequentialLR:
+            args["milestones"] = list(scheduler._milestones)
+        return args, next((refusal for *_, refusal in members if refusal), None)
+    return {}, _unreadable(cls)
+
+
+def _one_cycle_read(scheduler: Any, group: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """`read_scheduler` for a live `OneCycleLR` and one of its groups."""
+    total, phases = scheduler.total_steps, scheduler._schedule_phases
+    rise_end = phases[0]["end_step"]
+    factors = _one_cycle_factors(group)
+    found = {
+        "pct_start": _inverse(lambda p: float(p * total) - 1, (rise_end + 1) / total, rise_end),
+        "anneal_strategy": getattr(scheduler, "_anneal_func_type", ...),
+        **(factors or {}),
+    }
+    unread = [name for name, value in found.items() if value is ...]
+    args = {
+        "max_lr": group["max_lr"],
+        "total_steps": total,
+        **found,
+        "three_phase": len(phases) == 3,
+        "cycle_momentum": False,
+    }
+    if factors is None:
+        unread = ["factors, from max_lr=0"]
+    refusal = (
+        _unreadable(lr_scheduler.OneCycleLR, f" (its {', '.join(unread)})") if unread else None
+    )
+    return _without_defaults(lr_scheduler.OneCycleLR, args, ("max_lr", "total_steps")), refusal
+
+
+def _cyclic_read(scheduler: Any, k: int) -> tuple[dict[str, Any], str | None]:
+    """`read_scheduler` for a live `CyclicLR`, group `k`: its step sizes read back from torch's
+    cycle length and ratio."""
+    total, ratio = scheduler.total_size, scheduler.step_ratio
+    up = round(total * ratio)
+    down = total - up
+    whole = up >= 1 and down == int(down) and up / (up + down) == ratio
+    custom = getattr(scheduler, "_scale_fn_custom", None)
+    args = {
+        "base_lr": scheduler.base_lrs[k],
+        "max_lr": scheduler.max_lrs[k],
+        "step_size_up": int(up) if whole else ...,
+        "step_size_down": (None if down == up else int(down)) if whole else ...,
+        "mode": scheduler.mode,
+        "gamma": scheduler.gamma,
+        "scale_fn": custom,
+        "scale_mode": scheduler.scale_mode if custom is not None else "cycle",
+        "cycle_momentum": False,
+    }
+    refusal = (
+        None if whole else _unreadable(lr_scheduler.CyclicLR, " (its step sizes (not whole steps))")
+    )
+    return _without_defaults(lr_scheduler.CyclicLR, args, ("base_lr", "max_lr")), refusal
+
+
+def _one_cycle_factors(group: Mapping[str, Any]) -> dict[str, Any] | None:
+    """OneCycleLR's ``div_factor`` and ``final_div_factor``, read back from the group's
+    ``max_lr``, ``initial_lr`` and ``min_lr`` (``...`` for one not read back exactly); None where
+    ``max_lr=0`` left no trace of them."""
+    max_lr, initial, final = group["max_lr"], group["initial_lr"], group["min_lr"]
+    if not (initial and final):
+        return None
+    return {
+        "div_factor": _inverse(lambda d: max_lr / d, max_lr / initial, initial),
+        "final_div_factor": _inverse(lambda f: initial / f, initial / final, final),
+    }
+
+
+def _inverse(fn: Callable[[float], float], guess: float, target: float) -> Any:
+    """A float ``x`` near `guess` with ``fn(x) == target``, else ``...`` (not read back).
+
+    The 12-digit rounding of `guess` first (the value a user wrote, before torch's arithmetic
+    rounded it), then `guess` and its neighbours.
+    """
+    candidates = [float(f"{guess:.12g}"), guess]
+    up = down = guess
+    for _ in range(4):
+        up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
+        candidates += [up, down]
+    return next((x for x in candidates if fn(x) == target), ...)
+
+
+def _without_defaults(cls: type, args: Mapping[str, Any], keep: tuple[str, ...]) -> dict[str, Any]:
+    """`args` less those at torch's defaults (`keep` stays), for a schedule's recorded name."""
+    defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items()}
+    return {n: v for n, v in args.items() if n in keep or v != defaults[n]}
+
+
+def _unreadable(cls: type, what: str = "") -> str:
+    """The error for a live scheduler whose arguments (`what`, ``" (its ...)"``) cannot be read."""
+    lr = "" if cls in SELF_STARTING else "lr=..., "
+    fix = f"pass lr=functrain.schedules.from_torch({cls.__name__}, {lr}<its arguments>) instead"
+    return f"a live {cls.__name__} cannot be read back into its arguments{what}; {fix}"
+
+
 def schedule_call(scheduler: lr_scheduler.LRScheduler) -> str:
-    """The ``ft.schedules.from_torch(...)`` call for a scheduler, its arguments read from it.
+    """The ``ft.schedules.from_torch(...)`` call for a scheduler, its arguments read from it
+    (`read_scheduler`; ``<its arguments>`` for a class it does not read).
 
     E.g. ``ft.schedules.from_torch(StepLR, lr=0.1, step_size=30, gamma=0.1)``.
     """
     cls = type(scheduler)
     args = [f"torch.optim.lr_scheduler.{cls.__name__}"]
-    if not isinstance(scheduler, lr_scheduler.OneCycleLR):
-        args.append(f"lr={_number(scheduler.base_lrs[0])}")
-    for key, param in inspect.signature(cls.__init__).parameters.items():
-        if key in _SCHEDULER_OWN or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        value = getattr(scheduler, key, _one_cycle_settings(scheduler).get(key))
-        if key == "cycle_momentum":
-            value = False  # functrain's optimizers hold momentum constant: torch's run without it
-        if isinstance(value, Counter):  # MultiStepLR keeps its milestones as a Counter
-            value = sorted(value.elements())
+    if cls not in SELF_STARTING:
+        args.append(f"lr={_number(scheduler.optimizer.param_groups[0]['initial_lr'])}")
+    args += _written(cls, read_scheduler(scheduler)[0]) or ["<its arguments>"]
+    return f"ft.schedules.from_torch({', '.join(args)})"
+
+
+def _written(cls: type, args: Mapping[str, Any]) -> list[str]:
+    """`args` as a call to `cls` writes them, those at its defaults left out: ``key=...`` for
+    one that is not a number, a string or a list of numbers (a function, a composite's members,
+    ``...``: not read back)."""
+    written = []
+    for key, value in _without_defaults(cls, args, ()).items():
         if isinstance(value, (bool, int, float, str)) or (
             isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)
         ):
-            if value != param.default:
-                args.append(f"{key}={_number(value)}")
-        elif param.default is inspect.Parameter.empty:
-            args.append(f"{key}=...")
-    return f"ft.schedules.from_torch({', '.join(args)})"
+            written.append(f"{key}={_number(value)}")
+        else:
+            written.append(f"{key}=...")
+    return written
 
 
 def plateau_call(scheduler: lr_scheduler.ReduceLROnPlateau) -> str:
@@ -363,41 +509,11 @@ def _group_rate(group: Mapping[str, Any]) -> str:
     """The lr a group was built with: its OneCycleLR as a schedule, else its ``initial_lr``."""
     if cycling_scheduler(group) != "OneCycleLR":
         return _number(group.get("initial_lr", group["lr"]))
-    settings = _one_cycle_group(group)
-    args = [f"{k}={_number(v)}" for k, v in settings.items()]
-    return (
-        "ft.schedules.from_torch(torch.optim.lr_scheduler.OneCycleLR, "
-        f"{', '.join(args[:1] + ['total_steps=...'] + args[1:])}, cycle_momentum=False)"
-    )
-
-
-def _one_cycle_group(group: Mapping[str, Any]) -> dict[str, float]:
-    """OneCycleLR's ``max_lr`` and, where not torch's defaults, its division factors."""
-    settings = {"max_lr": float(group["max_lr"])}
-    if not (group["initial_lr"] and group["min_lr"]):  # max_lr=0: the factors left no trace
-        return settings
-    div = _short(group["max_lr"] / group["initial_lr"])
-    final = _short(group["initial_lr"] / group["min_lr"])
-    if div != 25.0:
-        settings["div_factor"] = div
-    if final != 1e4:
-        settings["final_div_factor"] = final
-    return settings
-
-
-def _one_cycle_settings(scheduler: Any) -> dict[str, Any]:
-    """A live OneCycleLR's arguments that it keeps in its groups and phases (else nothing)."""
-    if not isinstance(scheduler, lr_scheduler.OneCycleLR) or not scheduler.optimizer.param_groups:
-        return {}
-    phases = getattr(scheduler, "_schedule_phases", [])
-    found: dict[str, Any] = dict(_one_cycle_group(scheduler.optimizer.param_groups[0]))
-    if phases:
-        found["pct_start"] = _short((phases[0]["end_step"] + 1) / scheduler.total_steps)
-        found["three_phase"] = len(phases) == 3
-    found["anneal_strategy"] = getattr(scheduler, "_anneal_func_type", None)
-    return found
-
-
-def _short(value: float) -> float:
-    """`value` rounded to 12 digits: the factor a user wrote, before torch's division rounded it."""
-    return float(f"{value:.12g}")
+    args = {
+        "max_lr": float(group["max_lr"]),
+        "total_steps": ...,
+        **(_one_cycle_factors(group) or {}),
+        "cycle_momentum": False,
+    }
+    written = ", ".join(_written(lr_scheduler.OneCycleLR, args))
+    return f"ft.schedules.from_torch(torch.optim.lr_scheduler.OneCycleLR, {written})"
