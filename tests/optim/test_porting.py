@@ -110,6 +110,38 @@ def test_a_live_multistep_scheduler_shows_its_milestones_as_a_list() -> None:
     assert run(code.split("=", 1)[1])(3) == pytest.approx(0.01)
 
 
+def test_a_live_cyclic_scheduler_shows_its_bounds_and_step_sizes_and_the_call_runs_as_torch() -> (
+    None
+):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    scheduler = lr_scheduler.CyclicLR(
+        opt, base_lr=0.01, max_lr=0.1, step_size_up=4, step_size_down=2, cycle_momentum=False
+    )
+    code = suggested_call(WHERE_AN_LR_BELONGS["sgd"], scheduler)
+    assert "base_lr=0.01, max_lr=0.1, step_size_up=4, step_size_down=2" in code, code
+    schedule = run(code.split("=", 1)[1])
+    expected = []
+    for _ in range(14):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert [float(schedule(torch.tensor(step))) for step in range(14)] == pytest.approx(
+        expected, rel=1e-12
+    )
+
+
+def test_a_live_sequential_scheduler_is_told_what_to_write_not_an_attribute_error() -> None:
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    first = lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=3)
+    scheduler = lr_scheduler.SequentialLR(
+        opt, [first, lr_scheduler.StepLR(opt, step_size=2)], milestones=[3]
+    )
+    code = suggested_call(WHERE_AN_LR_BELONGS["sgd"], scheduler)
+    assert code.startswith(
+        "lr=ft.schedules.from_torch(torch.optim.lr_scheduler.SequentialLR, lr=0.1, schedulers="
+    ), code
+
+
 @pytest.mark.parametrize("where", ["TrainState.create", "chain"])
 def test_a_live_scheduler_where_a_transform_belongs_shows_its_optimizer_with_the_schedule(
     where: str,
