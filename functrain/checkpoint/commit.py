@@ -43,15 +43,26 @@ from pathlib import Path
 from functrain.checkpoint.files import fsync_dir, libc_function, remove_later
 from functrain.errors import CheckpointError
 
-__all__ = ["TMP_PREFIX", "temporary", "commit", "commit_or_raise", "not_written", "remove"]
+__all__ = ["TMP_PREFIX", "temporary", "commit", "not_written", "remove"]
 
 TMP_PREFIX = ".tmp-"
 """The prefix of the directories a save or a deletion has not finished with; readers skip them."""
 
 
-def temporary(target: Path) -> Path:
-    """Where a save of `target` writes before it commits: ``.tmp-<name>-<pid>-<8 hex>``, beside."""
-    return target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def temporary(target: Path, make_parent: bool) -> Path:
+    """Make the directory a save of `target` writes into before it commits, and return it.
+
+    It is ``.tmp-<name>-<pid>-<8 hex>``, beside `target`, whose parent is made first where
+    `make_parent`. An `OSError` is raised as the `CheckpointError` of `not_written`.
+    """
+    tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        if make_parent:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise not_written(target, e) from e
+    return tmp
 
 
 def commit(tmp: Path, target: Path) -> None:
@@ -101,16 +112,11 @@ def remove(path: Path) -> None:
     remove_later(doomed)
 
 
-def commit_or_raise(tmp: Path, target: Path) -> None:
-    """`commit`, with an `OSError` raised as the `CheckpointError` of `not_written`."""
-    try:
-        commit(tmp, target)
-    except OSError as e:
-        raise not_written(target, e) from e
+def not_written(target: Path, error: OSError, what: str = "") -> CheckpointError:
+    """The error of a save to `target` that failed with `error`: the checkpoint there is intact.
 
-
-def not_written(target: Path, error: OSError) -> CheckpointError:
-    """The error of a save to `target` that failed with `error`: the checkpoint there is intact."""
+    `what` names what could not be written (a sharded save's part); by default the checkpoint.
+    """
     why = ""
     if error.errno == errno.ENAMETOOLONG and len(os.fsencode(target.name)) > _NAME_ROOM:
         why = (
@@ -120,8 +126,8 @@ def not_written(target: Path, error: OSError) -> CheckpointError:
             f"bytes: name the checkpoint in at most {_NAME_ROOM} bytes"
         )
     return CheckpointError(
-        f"could not write checkpoint {str(target)!r}: {error}{why}; the previous checkpoint there "
-        "(if any) is intact"
+        f"could not write {what or f'checkpoint {str(target)!r}'}: {error}{why}; the previous "
+        "checkpoint there (if any) is intact"
     )
 
 

@@ -66,6 +66,7 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ import blake3
 import orjson
 import torch
 
-from functrain.checkpoint.commit import TMP_PREFIX, commit_or_raise, not_written, temporary
+from functrain.checkpoint.commit import TMP_PREFIX, commit, not_written, temporary
 from functrain.checkpoint.files import (
     DENIED,
     SPELLED,
@@ -128,6 +129,7 @@ __all__ = [
     "json_extras",
     "write_manifest",
     "write_tensor_files",
+    "committed",
 ]
 
 FORMAT_VERSION = (
@@ -567,6 +569,24 @@ def write_manifest(tmp: Path, manifest: Mapping[str, Any]) -> None:
     fsync_dir(tmp)
 
 
+@contextmanager
+def committed(tmp: Path, target: Path) -> Iterator[None]:
+    """`commit` the checkpoint the block completes in `tmp`; if the block raises, remove `tmp`.
+
+    Either way `target` holds a complete checkpoint: the new one, or what it held before. An
+    `OSError`, of the block or of the commit, is raised as the `CheckpointError` of `not_written`.
+    """
+    try:
+        try:
+            yield
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        commit(tmp, target)
+    except OSError as e:
+        raise not_written(target, e) from e
+
+
 def write_tree(
     directory: str | os.PathLike[str],
     tree: Tree,
@@ -616,11 +636,8 @@ def write_tree(
     writer = TreeWriter()
     structure = writer.node(tree, "", 0)
     extras = json_extras(fingerprint, metadata)
-    tmp = temporary(target)
-    try:
-        if make_parent:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+    tmp = temporary(target, make_parent)
+    with committed(tmp, target):
         files: dict[str, dict[str, Any]] = {}
         index: dict[str, dict[str, Any]] = {}
         write_tensor_files(tmp, "tensors", writer.tensors, files, index, check_file=check_file)
@@ -630,12 +647,6 @@ def write_tree(
         )
         if before_commit is not None:
             before_commit()
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise not_written(target, e) from e
-        raise
-    commit_or_raise(tmp, target)
     return target
 
 

@@ -40,12 +40,13 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from functrain import errors
-from functrain.checkpoint.commit import commit_or_raise, temporary
+from functrain.checkpoint.commit import not_written, temporary
 from functrain.checkpoint.files import digest_of_range, open_regular, wait_for_removals
 from functrain.checkpoint.format import (
     SHARDED_FORMAT_VERSION,
     TreeWriter,
     build_manifest,
+    committed,
     json_extras,
     read_tree,
     tensor_file_digests,
@@ -268,10 +269,7 @@ def write_sharded(
         structure = writer.node(tree, "", 0)
         extras = json_extras(fingerprint, metadata)
         if rank == 0:
-            if make_parent:
-                target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = temporary(target)
-            tmp.mkdir()
+            tmp = temporary(target, make_parent)
     except Exception as e:
         error = e
     what = f"saving checkpoint {str(target)!r}"
@@ -294,7 +292,7 @@ def write_sharded(
             )
         tmp = target.parent / reports[0]["tmp"]
         reports = _agree_reports(
-            _write_part(tmp, writer, rank, before_commit, check_file), None, group, what
+            _write_part(tmp, target, writer, rank, before_commit, check_file), None, group, what
         )
     except BaseException:
         if tmp is not None and rank == 0:
@@ -303,9 +301,9 @@ def write_sharded(
     error = None
     if rank == 0:
         try:
-            _seal_and_commit(tmp, target, structure, writer, reports, extras, library_version)
+            with committed(tmp, target):
+                write_manifest(tmp, _manifest(structure, writer, reports, extras, library_version))
         except Exception as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             error = e
     agree(error, group, f"committing checkpoint {str(target)!r}")
     return target
@@ -328,6 +326,7 @@ def part_digests(tree: Tree, group: Any = None) -> dict[str, str]:
 
 def _write_part(
     tmp: Path,
+    target: Path,
     writer: _ShardWriter,
     rank: int,
     before_commit: Callable[[], None] | None,
@@ -364,18 +363,8 @@ def _write_part(
         if before_commit is not None:
             before_commit()
     except Exception as e:
-        detail = (
-            f"{e}; the previous checkpoint there (if any) is intact"
-            if isinstance(e, OSError)
-            else e
-        )
-        return {
-            "error": _described(
-                CheckpointError(f"could not write its shards: {detail}")
-                if isinstance(e, OSError)
-                else e
-            )
-        }
+        error = not_written(target, e, "its shards") if isinstance(e, OSError) else e
+        return {"error": _described(error)}
     return {
         "error": None,
         "files": files,
@@ -406,16 +395,14 @@ def written_digests(tmp: Path, index: Mapping[str, Any]) -> dict[str, str]:
     return digests
 
 
-def _seal_and_commit(
-    tmp: Path,
-    target: Path,
+def _manifest(
     structure: Any,
     writer: _ShardWriter,
     reports: list[dict[str, Any]],
     extras: Any,
     library_version: str,
-) -> None:
-    """Rank 0, once every rank's files are durable: the manifest over them all, then the commit."""
+) -> dict[str, Any]:
+    """Rank 0, once every rank's files are durable: the manifest over them all, not yet sealed."""
     files: dict[str, Any] = {}
     index: dict[str, Any] = dict(reports[0]["index"])
     for rank, report in enumerate(reports):
@@ -433,8 +420,7 @@ def _seal_and_commit(
         )
         index[key] = {**info, "shards": shards}
     version = SHARDED_FORMAT_VERSION if writer.sharded else writer.version
-    write_manifest(tmp, build_manifest(version, structure, index, files, extras, library_version))
-    commit_or_raise(tmp, target)
+    return build_manifest(version, structure, index, files, extras, library_version)
 
 
 # ---------------------------------------------------------------------------------------------
