@@ -19,9 +19,9 @@ import stat
 import uuid
 from pathlib import Path
 
-from functrain.checkpoint.commit import TMP_PREFIX, commit, remove
+from functrain.checkpoint.commit import TMP_PREFIX, remove, temporary
 from functrain.checkpoint.files import DENIED, fsync_dir, permission_error
-from functrain.checkpoint.format import MANIFEST
+from functrain.checkpoint.format import MANIFEST, committed
 from functrain.core.stacked import host_count
 from functrain.core.state import TrainState
 from functrain.errors import CheckpointCorruptError, CheckpointError
@@ -348,19 +348,14 @@ def link_copy(source: Path, target: Path) -> None:
     refused (`refuse_foreign`).
     """
     refuse_foreign(target)
-    tmp = target.parent / f"{TMP_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    tmp = temporary(target, make_parent=False)
+    with committed(tmp, target):
         for f in source.iterdir():
             try:
                 os.link(f, tmp / f.name)
             except OSError:
                 shutil.copy2(f, tmp / f.name)
         fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit(tmp, target)  # removes `tmp` itself when it fails
 
 
 def recover(directory: Path) -> list[str]:
