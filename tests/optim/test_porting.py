@@ -53,6 +53,18 @@ def run(code: str) -> Any:
     return eval(code, {"ft": ft, "torch": torch})  # noqa: S307 - the text the error shows the user
 
 
+def assert_schedule_follows(schedule: Any, opt: Any, scheduler: Any, steps: int) -> None:
+    """`schedule`'s values at steps 0, 1, ... are the rates the live `scheduler` sets."""
+    expected = []
+    for _ in range(steps):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert [float(schedule(torch.tensor(step))) for step in range(steps)] == pytest.approx(
+        expected, rel=1e-12
+    )
+
+
 @pytest.mark.parametrize("where", list(WHERE_A_TRANSFORM_BELONGS))
 def test_a_live_optimizer_where_a_transform_belongs_shows_the_preset_with_its_settings(
     where: str,
@@ -87,15 +99,7 @@ def test_a_live_scheduler_where_an_lr_belongs_shows_the_schedule_to_write(where:
         code == f"{name}=ft.schedules.from_torch(torch.optim.lr_scheduler.StepLR, lr=0.0003, "
         "step_size=3, gamma=0.5)"
     )
-    schedule = run(code.split("=", 1)[1])
-    expected = []
-    for _ in range(8):
-        expected.append(opt.param_groups[0]["lr"])
-        opt.step()
-        scheduler.step()
-    assert [float(schedule(torch.tensor(step))) for step in range(8)] == pytest.approx(
-        expected, rel=1e-12
-    )
+    assert_schedule_follows(run(code.split("=", 1)[1]), opt, scheduler, 8)
 
 
 def test_a_live_multistep_scheduler_shows_its_milestones_as_a_list() -> None:
@@ -119,15 +123,7 @@ def test_a_live_cyclic_scheduler_shows_its_bounds_and_step_sizes_and_the_call_ru
     )
     code = suggested_call(WHERE_AN_LR_BELONGS["sgd"], scheduler)
     assert "base_lr=0.01, max_lr=0.1, step_size_up=4, step_size_down=2" in code, code
-    schedule = run(code.split("=", 1)[1])
-    expected = []
-    for _ in range(14):
-        expected.append(opt.param_groups[0]["lr"])
-        opt.step()
-        scheduler.step()
-    assert [float(schedule(torch.tensor(step))) for step in range(14)] == pytest.approx(
-        expected, rel=1e-12
-    )
+    assert_schedule_follows(run(code.split("=", 1)[1]), opt, scheduler, 14)
 
 
 def test_a_live_sequential_scheduler_is_told_what_to_write_not_an_attribute_error() -> None:
