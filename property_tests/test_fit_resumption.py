@@ -16,8 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import signal
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from hypothesis import strategies as st
 import functrain as ft
 from functrain.driver.history import TIMING_KEYS
 from functrain.tree import leaves_by_path
-from tests.processes import checkout_env
+from tests.processes import run_script
 
 WORKER = Path(__file__).with_name("fit_worker.py")
 
@@ -77,10 +75,10 @@ def load_result(out: Path) -> dict[str, Any]:
 def run_worker(
     checkpoints: Path, out: Path, *, resume: bool, kill: Kill | None, source: str
 ) -> int:
-    cmd = [sys.executable, str(WORKER), str(checkpoints), str(out), "--source", source]
-    cmd += ["--resume"] if resume else []
-    cmd += ["--kill", f"{kill[0]}:{kill[1]}"] if kill else []
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=checkout_env())
+    args = [str(checkpoints), str(out), "--source", source]
+    args += ["--resume"] if resume else []
+    args += ["--kill", f"{kill[0]}:{kill[1]}"] if kill else []
+    done = run_script(WORKER, *args)
     assert done.returncode in (0, -signal.SIGKILL), (
         f"fit worker failed ({done.returncode}):\n{done.stderr}"
     )

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +26,7 @@ from hypothesis import strategies as st
 
 import functrain as ft
 from functrain.tree import leaves_by_path
-from tests.processes import checkout_env
+from tests.processes import run_script
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 
@@ -93,13 +91,7 @@ def resume_in_fresh_process(
 ) -> tuple[Any, list[dict[str, torch.Tensor]]]:
     spec_file, output = workdir / "spec.json", workdir / "resumed"
     spec_file.write_text(json.dumps({**spec, "threads": torch.get_num_threads()}))
-    done = subprocess.run(
-        [sys.executable, str(WORKER), str(spec_file), str(checkpoint), str(output)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=checkout_env(),
-    )
+    done = run_script(WORKER, str(spec_file), str(checkpoint), str(output))
     assert done.returncode == 0, f"resume worker failed:\n{done.stderr}"
     tree, _ = ft.load(output)
     return tree["state"], tree["metrics"]

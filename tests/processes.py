@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import runpy
 import socket
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import functrain
@@ -40,3 +44,52 @@ def torchrun(nproc: int, script: str | os.PathLike[str], *args: str) -> list[str
         str(script),
         *args,
     ]
+
+
+# the modules the fork server imports once, before it forks any process (see `run_script`)
+PRELOADED = ["torch", "functrain", "tests.models"]
+
+
+def run_script(
+    script: str | os.PathLike[str], *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """``python script *args`` in a fresh process, as `subprocess.run` with ``capture_output``
+    and ``text`` runs it: its exit code (negative: the signal that ended it), stdout and stderr.
+
+    The process is forked from a server (multiprocessing's "forkserver", one per test process)
+    started as a fresh interpreter that only imported `PRELOADED`: like a process started with
+    ``sys.executable``, it holds nothing of this process's memory or of any run before it, only what
+    it reads from disk, and its generators start elsewhere (Python's is seeded anew in each
+    fork); but it does not spend seconds importing torch again. The script runs as ``__main__``
+    with its folder first on ``sys.path`` and the checkout's environment (`checkout_env`).
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOADED)  # read when the server starts: the first call
+    command = [str(script), *args]
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        process = context.Process(target=_run_as_main, args=(command, out, err, checkout_env()))
+        process.start()
+        process.join(timeout)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired([sys.executable, *command], timeout)
+        return subprocess.CompletedProcess(
+            [sys.executable, *command], process.exitcode, out.read_text(), err.read_text()
+        )
+
+
+def _run_as_main(command: list[str], out: Path, err: Path, env: dict[str, str]) -> None:
+    """In the forked process: `command` run as ``python *command``, its output into `out`, `err`."""
+    for fd, path in ((1, out), (2, err)):
+        with open(path, "wb") as f:
+            os.dup2(f.fileno(), fd)
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - the process's own streams
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    multiprocessing.set_start_method(None, force=True)  # the platform's, as in a fresh process
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = list(command)
+    sys.path.insert(0, str(Path(command[0]).resolve().parent))
+    runpy.run_path(command[0], run_name="__main__")
