@@ -9,7 +9,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import warnings as _warnings
 from pathlib import Path
+
+import torch
 
 import functrain
 
@@ -51,24 +54,31 @@ PRELOADED = ["torch", "functrain", "tests.models"]
 
 
 def run_script(
-    script: str | os.PathLike[str], *args: str, timeout: float = 300
+    script: str | os.PathLike[str],
+    *args: str,
+    timeout: float = 300,
+    warnings: str | None = None,
+    **variables: str,
 ) -> subprocess.CompletedProcess[str]:
-    """``python script *args`` in a fresh process, as `subprocess.run` with ``capture_output``
-    and ``text`` runs it: its exit code (negative: the signal that ended it), stdout and stderr.
+    """``python [-W warnings] script *args`` in a fresh process, as `subprocess.run` with
+    ``capture_output`` and ``text`` runs it: its exit code (negative: the signal that ended it),
+    stdout and stderr.
 
     The process is forked from a server (multiprocessing's "forkserver", one per test process)
     started as a fresh interpreter that only imported `PRELOADED`: like a process started with
     ``sys.executable``, it holds nothing of this process's memory or of any run before it, only what
     it reads from disk, and its generators start elsewhere (Python's is seeded anew in each
     fork); but it does not spend seconds importing torch again. The script runs as ``__main__``
-    with its folder first on ``sys.path`` and the checkout's environment (`checkout_env`).
+    with its folder first on ``sys.path`` and the checkout's environment with `variables`
+    (`checkout_env`); ``OMP_NUM_THREADS``, which torch reads as a process starts, sets its threads.
     """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOADED)  # read when the server starts: the first call
     command = [str(script), *args]
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        process = context.Process(target=_run_as_main, args=(command, out, err, checkout_env()))
+        env = checkout_env(**variables)
+        process = context.Process(target=_run_as_main, args=(command, warnings, out, err, env))
         process.start()
         process.join(timeout)
         if process.exitcode is None:
@@ -80,8 +90,11 @@ def run_script(
         )
 
 
-def _run_as_main(command: list[str], out: Path, err: Path, env: dict[str, str]) -> None:
-    """In the forked process: `command` run as ``python *command``, its output into `out`, `err`."""
+def _run_as_main(
+    command: list[str], warnings: str | None, out: Path, err: Path, env: dict[str, str]
+) -> None:
+    """In the forked process: `command` run as ``python [-W warnings] *command``, its output into
+    `out` and `err`."""
     for fd, path in ((1, out), (2, err)):
         with open(path, "wb") as f:
             os.dup2(f.fileno(), fd)
@@ -90,6 +103,11 @@ def _run_as_main(command: list[str], out: Path, err: Path, env: dict[str, str]) 
     multiprocessing.set_start_method(None, force=True)  # the platform's, as in a fresh process
     os.environ.clear()
     os.environ.update(env)
+    if "OMP_NUM_THREADS" in env:
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    if warnings is not None:
+        sys.warnoptions.append(warnings)
+        _warnings.simplefilter(warnings)  # type: ignore[arg-type]
     sys.argv = list(command)
     sys.path.insert(0, str(Path(command[0]).resolve().parent))
     runpy.run_path(command[0], run_name="__main__")

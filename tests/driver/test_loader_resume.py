@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 
 import functrain as ft
 from functrain.tree import leaves_by_path
-from tests.processes import checkout_env
+from tests.processes import run_script
 
 WORKER = Path(__file__).parent / "workers" / "loader_worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -31,14 +30,7 @@ BATCHES = 24
 
 
 def launch(spec: dict[str, Any]) -> None:
-    env = checkout_env(OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, "-W", "error", str(WORKER), json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
+    done = run_script(WORKER, json.dumps(spec), timeout=240, warnings="error", OMP_NUM_THREADS="1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 

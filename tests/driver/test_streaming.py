@@ -4,7 +4,6 @@ replay."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import warnings
 from collections import Counter
@@ -19,7 +18,7 @@ from functrain.distributed import DistConfig
 from functrain.driver.data import StatefulSource, storable_state
 from functrain.driver.ledger import tree_problems
 from tests.driver.runs import interrupted_at
-from tests.processes import checkout_env
+from tests.processes import run_script
 
 WORKER = Path(__file__).parent / "workers" / "stream_worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -29,15 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWa
 
 
 def launch(spec: dict[str, Any]) -> None:
-    # the functrain this test imports, also where another one is installed
-    env = checkout_env(OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, str(WORKER), json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
+    done = run_script(WORKER, json.dumps(spec), timeout=240, OMP_NUM_THREADS="1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
