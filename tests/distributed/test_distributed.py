@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import functrain as ft
-from tests.processes import checkout_env, free_port, torchrun
+from tests.processes import checkout_env, free_port, run_script, torchrun
 
 WORKER = Path(__file__).parent / "workers" / "worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -28,12 +28,12 @@ pytestmark = [
 
 def launch(nproc: int, *args: str) -> None:
     # the workers import this checkout's functrain, whatever the environment has installed
-    env = checkout_env(OMP_NUM_THREADS="1")
-    if nproc == 1:
-        cmd = [sys.executable, str(WORKER), *args]
+    if nproc == 1:  # one process, no process group: forked as `python worker.py` would start
+        done = run_script(WORKER, *args, timeout=240, OMP_NUM_THREADS="1")
     else:
+        env = checkout_env(OMP_NUM_THREADS="1")
         cmd = torchrun(nproc, WORKER, *args)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
