@@ -34,7 +34,7 @@ import linecache
 import operator
 import textwrap
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import torch
@@ -81,15 +81,9 @@ from functrain.layout import in_layouts_of, with_strides_kept
 from functrain.optim.averaging import EmaState, ListAverage
 from functrain.optim.base import NO_EXTRAS, Extras, averaging_of, group_rates
 from functrain.optim.metrics import metric_nodes, metric_reader, transform_metrics
-from functrain.optim.planned import Chained, GatedBySelection
-from functrain.optim.rules.fused import FusedRunner
 from functrain.optim.wrappers import (
-    GroupedRunner,
     GuardedRunner,
-    PartitionState,
-    SkipNonfiniteState,
     find_loss_scale,
-    host_guard,
 )
 from functrain.tree import ReadOnlyDict, plain_norm
 
@@ -240,14 +234,12 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     measured = window == 1 and program.measures
     text.append((_NORM_FP32 if fp32 else _NORM) if measured else _NO_NORM)
     writing = "        writing = True  # from here the update may write the state's tensors\n"
-    on_cpu = params[0].device.type == "cpu"
-    update, update_constants = _update(program, window, donate, on_cpu, len(params))
     if options.samples is not None:  # (before the update may write a donated state)
         text.append(_DECLARED_SAMPLES)
     text.append(
         _UPDATE.format(
             writing=writing if donate else "",
-            update=update,
+            update=_update(program, donate),
             rng="next_rng" if ranked else "GEN.get_state()",
         )
     )
@@ -342,7 +334,6 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         if scaled
         else None,
         **{f"TX_METRIC_{i}": read for i, read in enumerate((readers or {}).values())},
-        **update_constants,
     }
     return "".join(text), constants
 
@@ -377,188 +368,16 @@ def _lending(program: Any, donate: bool) -> bool:
     return not donate and getattr(program.runner, "shares", False)
 
 
-def _update(
-    program: Any, window: int, donate: bool, on_cpu: bool, size: int
-) -> tuple[str, dict[str, Any]]:
-    """The update's text: the runner's call; on the CPU outside an accumulation window, inside
-    `skip_nonfinite`'s guard (`functrain.optim.wrappers.GuardedRunner`), the guard's flag read on
-    the host and the inner runner called where it holds, with the counts of a finite step; and
-    where the runner is a fused kernel's (alone or inside the guard, after a chain's preludes:
-    clipping, `functrain.optim.planned.Chained`) its plan written out
-    (`functrain.optim.rules.fused.FusedRunner`): the kernel called per group, also for each
-    group of a partition of fused kernels (`functrain.optim.wrappers.GroupedRunner`). The runner
-    where the flag says the update is skipped."""
+def _update(program: Any, donate: bool) -> str:
+    """The update's text: the runner's call. `skip_nonfinite`'s guard
+    (`functrain.optim.wrappers.GuardedRunner`) is told the gradients are the step's own where no
+    hook handed them in, so that a pure step's guard checks them in one op too."""
     # a gradient a hook handed in may be kept by it: never written
-    call = f"{_RAN} = RUNNER(grads, params, state.opt_state, norm, {donate and not program.hooks})"
-    runner = program.runner
+    write = donate and not program.hooks
     if _lending(program, donate):  # a window's micro-batch: what it leaves unmoved, lent
-        call = f"{_RAN} = RUNNER(grads, params, state.opt_state, norm, False, None, True)"
-    guarded = type(runner) is GuardedRunner
-    inner = runner.inner if guarded else runner
-    # a chain's one prelude (clipping) before the kernel: written out with it (several measure
-    # the norm each is handed: the chain's runner)
-    prelude = inner.preludes[0] if type(inner) is Chained and len(inner.preludes) == 1 else None
-    fused = inner.last if prelude is not None else inner
-    if program.hooks or not on_cpu or window != 1:
-        return f"        {call}\n", {}
-    constants: dict[str, Any] = {
-        "HOST_GUARD": host_guard,
-        "GUARDED": SkipNonfiniteState,
-        "NEW": tuple.__new__,  # (a named tuple made without its Python constructor)
-    }
-    grouped = type(fused) is GroupedRunner and all(
-        index and _written_out(runner) for index, runner in fused.groups
-    )
-    if grouped or _written_out(fused):
-        if grouped:  # (the first group's rate the step's, as the partition's runner reports it)
-            body, rate = _partition_calls(fused, donate, constants), "rate_t_0"
-        else:
-            body, rate = _kernel_calls(fused, donate, constants, size), "rate_t"
-        result = ("new_p", "new_inner", rate, "None")
-        holder = "inner" if prelude is None else "chain"  # (the inner state's name in the text)
-        if prelude is not None:  # it hands its updates on, its state kept for the chain's
-            constants["PRELUDE"] = prelude
-            passed = f"grads, passed = PRELUDE(grads, params, chain[0], norm, {donate}, None)"
-            body = [passed, "inner = chain[1]", *body]
-            result = (result[0], f"(passed, {result[1]})", *result[2:])
-    elif guarded:  # the guard's `_finite_run`: the inner update ungated
-        holder = "inner"
-        # (a runner gated by selection: its ungated run itself)
-        constants["INNER"] = inner.run if type(inner) is GatedBySelection else inner
-        body = [
-            "new_p, new_inner, rate_t, _, _, inner_norm, _ = INNER(",
-            f"    grads, params, inner, norm, {donate}",
-            ")",
-        ]
-        result = ("new_p", "new_inner", "rate_t", "inner_norm")
-    else:
-        return f"        {call}\n", {}
-    new_p, new_inner, lr, norm = result
-    if guarded:  # the flag read on the host; a finite step's counts
-        lines = [
-            "opt = state.opt_state",
-            "kept = HOST_GUARD(opt, grads, norm)",
-            "if kept is not None:",
-            f"    {holder} = opt.inner",
-            *("    " + line for line in body),
-            "    counts = (kept[0], opt.total_skipped, kept[1], opt.max_consecutive)",
-            f"    {_RAN} = (",
-            f"        {new_p}, NEW(GUARDED, ({new_inner}, *counts)), {lr}, None, kept[2], {norm},",
-            "        None,",
-            "    )",
-            "else:",
-            "    " + call,
-        ]
-    else:
-        lines = [
-            f"{holder} = state.opt_state",
-            *body,
-            f"{_RAN} = {new_p}, {new_inner}, {lr}, None, None, None, None",
-        ]
-    return "".join(f"        {line}\n" for line in lines), constants
-
-
-def _kernel_calls(
-    fused: FusedRunner,
-    donate: bool,
-    constants: dict[str, Any],
-    size: int,
-    tag: str = "",
-    params: str = "params",
-    grads: str = "grads",
-) -> list[str]:
-    """A fused runner's plan written out on `inner` (its state; ``g{tag}`` where `tag` names a
-    partition's group), `params` and `grads` (of `size` tensors): the kernel called per group.
-
-    Its constants join `constants`; the lines name their results ``new_p{tag}``,
-    ``new_inner{tag}`` and ``rate_t{tag}`` (the rate the state keeps)."""
-    state = f"g{tag}" if tag else "inner"
-    # a constant rate as the state keeps it (`FusedRunner.rates`, without its call)
-    rates = (
-        f"KERNEL_RATE{tag}, {state}.lr" if fused.schedule is None else f"KERNEL_RATES{tag}({state})"
-    )
-    body = [f"new_count{tag} = {state}.count + 1", f"rate{tag}, rate_t{tag} = {rates}"]
-    if donate:
-        body += [
-            f"new_p{tag} = {params}",
-            f"moments{tag} = list(map(list, BUFFERS_OF{tag}({state})))",
-        ]
-    else:
-        body += [
-            f"new_p{tag} = [x.clone() for x in {params}]",
-            f"moments{tag} = [[x.clone() for x in xs] for xs in BUFFERS_OF{tag}({state})]",
-        ]
-    if fused.steps:
-        body.append(f"counts{tag} = [new_count{tag}.to(torch.float32)]")
-    constants |= {
-        f"KERNEL{tag}": fused.kernel,
-        f"KERNEL_RATE{tag}": fused.rate,
-        f"KERNEL_RATES{tag}": fused.rates,
-        f"BUFFERS_OF{tag}": fused.buffers_of,
-        f"REBUILD{tag}": fused.rebuild,
-    }
-    for k, (idx, options) in enumerate(fused.groups):
-        constants[f"OPTIONS{tag}_{k}"] = options
-        steps = f"counts{tag} * {size if idx is None else len(idx)}, " if fused.steps else ""
-        if idx is None:
-            lists = f"new_p{tag}, {grads}, *moments{tag}"
-        else:
-            constants[f"INDEX{tag}_{k}"] = idx
-            body.append(
-                f"lists = [[xs[i] for i in INDEX{tag}_{k}] if xs else xs "
-                f"for xs in (new_p{tag}, {grads}, *moments{tag})]"
-            )
-            lists = "*lists"
-        body.append(
-            f"KERNEL{tag}({lists}, {steps}lr=rate{tag}, grad_scale=None, found_inf=None, "
-            f"**OPTIONS{tag}_{k})"
-        )
-    body.append(
-        f"new_inner{tag} = REBUILD{tag}({state}, new_count{tag}, moments{tag}, rate_t{tag})"
-    )
-    return body
-
-
-def _written_out(runner: Any) -> bool:
-    """Whether the straight line writes `runner`'s update out: a fused kernel's whose weights
-    took every update (else each its own step: the runner's) and whose weight decay is a number
-    (a schedule is read at each call: the runner's)."""
-    return type(runner) is FusedRunner and runner.behind == 0 and runner.decay is None
-
-
-def _partition_calls(grouped: GroupedRunner, donate: bool, constants: dict[str, Any]) -> list[str]:
-    """A partition of fused kernels written out (on `inner`, its state): each group's kernel
-    calls (`_kernel_calls`) on its parameters, the new parameters in their places, the groups'
-    states gathered as the partition keeps them; the first group's rate the step's."""
-    body = []
-    for j, (index, runner) in enumerate(grouped.groups):
-        constants[f"GROUP_{j}"] = index
-        body += [
-            f"g_{j} = inner.inner[{j}]",
-            f"params_{j} = [params[i] for i in GROUP_{j}]",
-            f"grads_{j} = [grads[i] for i in GROUP_{j}]",
-            *_kernel_calls(
-                cast(FusedRunner, runner),  # (`_written_out`: each group's is)
-                donate,
-                constants,
-                len(index),
-                f"_{j}",
-                f"params_{j}",
-                f"grads_{j}",
-            ),
-        ]
-    groups = range(len(grouped.groups))
-    if donate:  # (every parameter written where it lies: the list as it is)
-        body.append("new_p = params")
-    else:
-        constants["N_PARAMS"] = grouped.n
-        body.append("new_p = [None] * N_PARAMS")
-        for j in groups:
-            body += [f"for i, x in zip(GROUP_{j}, new_p_{j}):", "    new_p[i] = x"]
-    constants["PARTITIONED"] = PartitionState
-    states = "".join(f"new_inner_{j}, " for j in groups)
-    body.append(f"new_inner = NEW(PARTITIONED, (({states}),))")
-    return body
+        return f"        {_RAN} = RUNNER(grads, params, state.opt_state, norm, False, None, True)\n"
+    own = ", None, True" if type(program.runner) is GuardedRunner and not program.hooks else ""
+    return f"        {_RAN} = RUNNER(grads, params, state.opt_state, norm, {write}{own})\n"
 
 
 # what every step's text reads, whatever its configuration

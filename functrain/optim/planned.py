@@ -144,9 +144,7 @@ class Chained:
     """The `Runner` of ``chain(*transforms)``: each prelude's updates (`preludes`, their `Passing`
     runs) handed to the next, then to the last transform's runner (`last`), the states gathered
     in a tuple as `functrain.chain` keeps them; each prelude that reads a norm (`reads_norm`:
-    clipping) given that of what it is handed, as `chain`'s update measures it. The
-    straight-line step (`functrain.core.straight`) writes a chain before a fused kernel out from
-    these fields."""
+    clipping) given that of what it is handed, as `chain`'s update measures it."""
 
     __slots__ = ("preludes", "reads", "last", "last_reads", "reads_norm")
 
@@ -198,7 +196,8 @@ def selected(
 class GatedBySelection:
     """The `Runner` of an update without a gate of its own (`run`: a runner less its `keep`): a
     wrapper's gate taken by running on the state kept as it is, then `selected` (`lr_of` reads
-    the rate in the state selected). Ungated, `run` itself, which the straight-line step calls."""
+    the rate in the state selected). Ungated, `run` itself (`skip_nonfinite`'s runner calls it
+    where the update applies)."""
 
     __slots__ = ("run", "lr_of", "reads_norm")
 

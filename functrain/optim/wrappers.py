@@ -643,8 +643,7 @@ class GroupedRunner:
 
     The groups' states expose no metric but their rates (the plan checks): it reports the first
     group's rate, as the step reads a partition's, and the first group with parameters' skip
-    flag where the step gates it (none of a group's own). The straight-line step
-    (`functrain.core.straight`) writes a partition of fused kernels out from these fields.
+    flag where the step gates it (none of a group's own).
     """
 
     __slots__ = ("groups", "n", "reads_norm")
@@ -663,7 +662,7 @@ class GroupedRunner:
         keep: torch.Tensor | None = None,
     ) -> Ran:
         new: list[Any] = [None] * self.n
-        states, rans = [], []
+        states, rates, first = [], [], None
         for (index, runner), inner in zip(self.groups, state.inner, strict=True):
             ran = runner(
                 [grads[i] for i in index], [params[i] for i in index], inner, norm, write, keep
@@ -671,14 +670,14 @@ class GroupedRunner:
             for i, x in zip(index, ran.params, strict=True):
                 new[i] = x
             states.append(ran.state)
-            rans.append((index, ran))
-        # (a step has parameters: some group holds them)
-        first = next(ran for index, ran in rans if index)
-        lr = rans[0][1].lr
+            rates.append(ran.lr)
+            if first is None and index:  # (a step has parameters: some group holds them)
+                first = ran
+        assert first is not None
         return Ran(
             new,
             PartitionState(tuple(states)),
-            lr,
+            rates[0],
             first.skipped,
             first.flag,
             first.norm,
@@ -892,25 +891,30 @@ def skip_nonfinite(
 
 
 class GuardedRunner:
-    """`skip_nonfinite`'s planned update around an inner runner (`inner`), the step's norm its
-    flag: where the norm is finite and known on the host (a CPU tensor: no wait), the inner update
-    as it is and the counts of a finite step (`_finite_run`); else the flag made element by element
-    and the counts as `update_fn` makes them (`_counted`), and the inner update gated by it: a
-    `gated` runner takes the flag itself; another runs as it is where the flag, read on the host
-    (a CPU state's), says the update applies, else (a skipped step, or a flag on an accelerator,
-    not read) on the state kept as it is, its results selected (the same bits as `_update_where`).
+    """`skip_nonfinite`'s planned update around an inner runner (`inner`): where the gradients are
+    known on the host to be finite (a CPU state's: `host_guard`, no wait), the inner update as it
+    is and the counts of a finite step; else the flag made element by element and the counts as
+    `update_fn` makes them (`_counted`), and the inner update gated by it: a `gated` runner takes
+    the flag itself; another runs as it is where the flag, read on the host (a CPU state's), says
+    the update applies, else (a skipped step, or a flag on an accelerator, not read) on the state
+    kept as it is, its results selected (the same bits as `_update_where`).
 
-    The straight-line step (`functrain.core.straight`) writes the host path from `inner`'s plan
-    where it can, and calls this runner for the rest."""
+    Its call takes one more argument than `Runner`'s, `own`: the gradients are the step's own
+    (no hook's), which it may check in place where it may not write the rest (a pure step's:
+    the straight-line step, `functrain.core.straight`, says so)."""
 
-    __slots__ = ("inner", "cap", "gated", "reads_norm", "one", "checked")
+    __slots__ = ("inner", "ungated", "cap", "gated", "reads_norm", "one", "checked", "on_cpu")
 
     def __init__(self, inner: Runner, cap: int, gated: bool, params: list[torch.Tensor]) -> None:
         self.inner, self.cap, self.gated = inner, cap, gated
+        # the inner update where no gate reaches it (a runner gated by selection: its own run)
+        self.ungated = inner.run if type(inner) is GatedBySelection else inner
         # the found-inf check's inverse scale, on the gradients' device, and whether the check
         # takes them (laid out as their parameters, of their dtypes: decided once, `_checkable`)
         self.one = torch.ones((), dtype=torch.float32, device=params[0].device)
         self.checked = _checkable(params)
+        # (a CPU state's gradients: their values read on the host wait for nothing)
+        self.on_cpu = params[0].device.type == "cpu"
         # (the step's norm, where it is given, says at once that a step is finite; where it is
         # not, the flag is made element by element: the step measures it for the inner runner's
         # sake only)
@@ -924,20 +928,23 @@ class GuardedRunner:
         norm: torch.Tensor | None,
         write: bool,
         keep: torch.Tensor | None = None,
+        own: bool = False,
     ) -> Ran:
+        if keep is None and self.on_cpu:  # (read on the host: no wait)
+            kept = host_guard(state, grads, norm, (write or own) and self.checked)
+            if kept is not None:  # finite: the update as it is, the counts of a finite step
+                ran = self.ungated(grads, params, state.inner, norm, write)
+                counts = (ran.state, kept[0], state.total_skipped, kept[1], state.max_consecutive)
+                new = _NEW(SkipNonfiniteState, counts)
+                return _NEW(Ran, (ran.params, new, ran.lr, None, kept[2], ran.norm, ran.ended))
         run_inner = self.inner
-        if keep is None and _finite_now(grads, norm):  # CPU tensors' values: no wait
-            # finite, known on the host: the update as it is
-            return _finite_run(run_inner, grads, params, state, norm, write)
         # element by element, as `update_fn`'s: in one op where the step may write them
         found = _found_in(grads, self.one) if write and self.checked else None
         finite = all_finite(grads) if found is None else found == 0
         gate = finite if keep is None else finite & keep
         if self.gated:
             ran = run_inner(grads, params, state.inner, norm, write, gate)
-        elif flag_value(gate):  # (read on the host: a CPU state's)
-            if keep is None:
-                return _finite_run(run_inner, grads, params, state, norm, write)
+        elif flag_value(gate):  # (read on the host: a CPU state's, under a window's gate)
             ran = run_inner(grads, params, state.inner, norm, write, None)
         else:  # (a skipped step, or a flag not read: an accelerator's) run on the state kept as
             # it is, then select, as `_update_where`: what an inner update measures itself (a
@@ -1089,64 +1096,44 @@ def _members_finite_now(grads: list[torch.Tensor], norm: torch.Tensor | None) ->
     return not _found_in(grads, _ONE).item()
 
 
-def _finite_run(
-    run_inner: Runner,
-    grads: list[torch.Tensor],
-    params: list[torch.Tensor],
-    state: SkipNonfiniteState,
-    norm: torch.Tensor | None,
-    write: bool,
-) -> Ran:
-    """`skip_nonfinite`'s runner on an update known on the host to be finite: the inner update
-    ungated and the counts of a finite step (the total as it was, `_finite_flags`).
-
-    It reports no skip flag (None: the update was applied), as an update that never skips.
-    """
-    ran = run_inner(grads, params, state.inner, norm, write, None)
-    skipped, consecutive = _finite_flags(state)
-    counts = (skipped, state.total_skipped, consecutive, state.max_consecutive)
-    return Ran(
-        ran.params, SkipNonfiniteState(ran.state, *counts), ran.lr, None, None, ran.norm, ran.ended
-    )
-
-
 # the found-inf check's inverse scale: one, which leaves every gradient as it is
 _ONE = torch.ones((), dtype=torch.float32)
+# a named tuple made from all its fields without its Python constructor (a call less a step)
+_NEW = tuple.__new__
 
 
 def host_guard(
-    state: SkipNonfiniteState, grads: list[torch.Tensor], norm: torch.Tensor | None
+    state: SkipNonfiniteState,
+    grads: list[torch.Tensor],
+    norm: torch.Tensor | None,
+    own: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """`skip_nonfinite`'s guard read on the host, for a CPU state's step (its values are there:
-    no wait), in one call (the straight-line step's, `functrain.core.straight`): None where an
-    element of the step's own gradients `grads` is not finite (the update is skipped), else the
-    flag and run of skips of a finite step (`_finite_flags`), and the step's skip metric where
-    the check made it. Where the step measured their `norm`, `_finite_now` (a finite norm says so
-    at once, else `all_finite`); where it did not, torch's found-inf check (GradScaler's,
+    no wait), in one call (`GuardedRunner`'s): None where an element of the gradients `grads` is
+    not finite (the update is skipped), else the flag and run of skips of a finite step, and
+    the step's skip metric where the check made it. Where the step
+    measured their `norm`, or where they are not its `own` to write, `_finite_now` (a finite
+    norm says so at once, else `all_finite`); else torch's found-inf check (GradScaler's,
     multiplying by one in place, which leaves every value as it is: the gradients must be the
-    step's own, and real: the step measures complex ones' norm), whose float32 0 is the
-    metric."""
+    step's own, laid out as their parameters, of one dtype it checks: `_checkable`), whose
+    float32 0 is the metric."""
     found = None
-    if norm is None:  # (`_found_in`'s two ops, inline: the default step's path, one call less)
+    if norm is None and own:  # (`_found_in`'s two ops, inline: the default step's path)
         found = torch.zeros((), dtype=torch.float32)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, _ONE)
         finite = not found.item()
     else:
         finite = bool(_finite_now(grads, norm))
-    return (*_finite_flags(state), found) if finite else None
-
-
-def _finite_flags(state: SkipNonfiniteState) -> tuple[torch.Tensor, torch.Tensor]:
-    """The skip flag and run of skips after an update known on the host to be finite (a CPU
-    state's), in fewer ops: already False and 0, kept as they are (tensors no step writes), else
-    made so."""
+    if not finite:
+        return None
+    # a finite step's flag and run of skips, in fewer ops: already False and 0, kept as they are
+    # (tensors no step writes), else made so (read where they lie on the CPU: no wait)
     skipped, consecutive = state.skipped, state.consecutive
-    # (read where they lie on the CPU: no wait; `_on_cpu`'s test, without its call)
     if skipped.device.type != "cpu" or skipped.item():
         skipped = torch.zeros_like(skipped)
     if consecutive.device.type != "cpu" or consecutive.item():
         consecutive = torch.zeros_like(consecutive)
-    return skipped, consecutive
+    return skipped, consecutive, found
 
 
 def _on_cpu(t: torch.Tensor) -> bool | int | float | None:

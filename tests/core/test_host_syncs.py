@@ -59,8 +59,7 @@ CPU_READS = frozenset(
         "functrain.optim.rates._host_pair",
         "functrain.optim.wrappers._check_limit_now",  # max_consecutive_nonfinite, raised at once
         "functrain.optim.wrappers._on_cpu",  # a runner's norm, skip flag and run of skips
-        "functrain.optim.wrappers.host_guard",  # the same, the straight-line step's, at once
-        "functrain.optim.wrappers._finite_flags",  # a finite step's flag and run, read on a CPU
+        "functrain.optim.wrappers.host_guard",  # the same, skip_nonfinite's runner's, at once
         "functrain.optim.wrappers._members_finite_now",  # a stacked step's, by found-inf
         "functrain.optim.averaging._host_count",  # timm's EMA warm-up in Python floats
         "functrain.optim.updates._added",  # a schedule's rate as the kernel's alpha, as torch's

@@ -1032,7 +1032,7 @@ class HostRead(AssertionError):
 def forbid_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every read of a tensor's value on the host raise, but the flags `flag_value` reads and
     the counters `host_number` (and a planned runner's `_on_cpu`, the straight-line step's
-    `host_guard` and `_finite_flags`) reads.
+    `host_guard`) reads.
 
     On the CPU an eager step reads its skip flags and window ends through
     `functrain.optim.base.flag_value`, and a micro-step through
@@ -1061,7 +1061,6 @@ def forbid_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
                     host_number.__code__,
                     wrappers._on_cpu.__code__,
                     wrappers.host_guard.__code__,
-                    wrappers._finite_flags.__code__,
                 )
                 and on_cpu
                 and flag.ndim == 0

@@ -1089,8 +1089,7 @@ def _per_member(options: dict[str, Any], members: int) -> list[dict[str, Any]]:
 class FusedRunner:
     """A fused transform's planned update (its ``plan``): one kernel call per group, decided once.
 
-    The fields are the plan, which the straight-line step (`functrain.core.straight`) writes
-    its update from where it runs on the host: `kernel` (torch's in-place op), `groups` (each
+    The fields are the plan: `kernel` (torch's in-place op), `groups` (each
     ``(indices or None, its keyword arguments)``), `steps` (the kernel takes step counts),
     `behind` (the updates each parameter sat out, `_kernel_steps`: 0 where none did),
     `rate` (a constant rate; else `schedule`, read as `on_host` where it has a host form),
@@ -1155,17 +1154,27 @@ class FusedRunner:
         write: bool,
         keep: torch.Tensor | None = None,
     ) -> Ran:
-        zero, one = self.flags
         count, given = state.count, self.buffers_of(state)
-        flag = None if keep is None else torch.where(keep, zero, one)  # found_inf
-        new_count = count + 1 if keep is None else count + keep
-        rate, rate_t = self.rates(state)
+        if keep is None:
+            flag, new_count = None, count + 1
+        else:
+            zero, one = self.flags
+            flag, new_count = torch.where(keep, zero, one), count + keep  # (found_inf)
+        if self.on_host is None and self.schedule is None:  # a constant rate (`rates`)
+            rate, rate_t = self.rate, state.lr
+        else:
+            rate, rate_t = self.rates(state)
         if write:
             new_p, new_b = params, list(map(list, given))
         else:
             new_p = [x.clone() for x in params]
             new_b = [[x.clone() for x in xs] for xs in given]
-        steps = _kernel_steps(state, new_count, self.behind) if self.steps else []
+        if not self.steps:
+            steps = []
+        elif self.behind == 0:  # (every weight took every update: one step tensor for all)
+            steps = [new_count.to(torch.float32)] * len(params)
+        else:
+            steps = _kernel_steps(state, new_count, self.behind)
         decay = None if self.decay is None else _decay_at(self.decay, count, self.what)
         for idx, options in self.groups:
             if decay is not None and callable(options["weight_decay"]):  # (a group it decays)
@@ -1174,8 +1183,10 @@ class FusedRunner:
             if idx is not None:
                 lists = tuple([xs[i] for i in idx] if xs else xs for xs in lists)
             self.kernel(*lists, lr=rate, grad_scale=None, found_inf=flag, **options)
-        last = _last_lr(rate_t, state.lr, keep)
-        return Ran(new_p, self.rebuild(state, new_count, new_b, last), last, None, flag)
+        last = rate_t if keep is None else _last_lr(rate_t, state.lr, keep)
+        new_state = self.rebuild(state, new_count, new_b, last)
+        # (made without the named tuple's Python constructor: a call less a step)
+        return tuple.__new__(Ran, (new_p, new_state, last, None, flag, None, None))
 
 
 def _members_alike(t: torch.Tensor) -> float | None:
