@@ -784,8 +784,8 @@ def _scheduled(
         config_check([_plateau_refusal(scheduler)], where)
     if isinstance(scheduler, swa_utils.SWALR):
         return [
-            _swalr_continued(scheduler, group, counts, steps_per_epoch)
-            for group in optimizer.param_groups
+            _swalr_continued(scheduler, k, counts, steps_per_epoch)
+            for k in range(len(optimizer.param_groups))
         ]
     counted = torch_class(optimizer).counted
     config_check(_step_problems(scheduler, counts, steps_per_epoch, counted), where)
@@ -899,22 +899,17 @@ def _edited_rates(
 
 
 def _swalr_continued(
-    scheduler: Any, group: dict[str, Any], counts: Sequence[int], steps_per_epoch: int | None
+    scheduler: Any, k: int, counts: Sequence[int], steps_per_epoch: int | None
 ) -> Schedule:
-    """A live `SWALR`'s lr from the optimizer's count on: its recursion from the group's lr now.
+    """A live `SWALR`'s lr for group `k` from the optimizer's count on: its recursion from its
+    arguments (`read_scheduler`) and the group's lr now.
 
     SWA's recipe builds it late (after another scheduler), so its own steps count from then: the
     schedule takes step ``k + (t - count)`` of it at the optimizer's (or the epoch's) count ``t``.
     """
     now = max(counts) if steps_per_epoch is None else max(counts) // steps_per_epoch
-    taken = scheduler.last_epoch
-    annealed = swalr(
-        group["swa_lr"],
-        lr=group["lr"],
-        anneal_epochs=scheduler.anneal_epochs,
-        anneal_strategy=scheduler._anneal_strategy,
-        start=taken + 1,
-    )
+    taken, group = scheduler.last_epoch, scheduler.optimizer.param_groups[k]
+    annealed = swalr(**read_scheduler(scheduler, k)[0], lr=group["lr"], start=taken + 1)
     # before the scheduler was built (steps already taken, never run again): the lr it found
     held = constant(group["lr"])
     schedule = annealed if now == taken else join([held, annealed], [now - taken])

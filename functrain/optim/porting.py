@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
-from torch.optim import lr_scheduler
+from torch.optim import lr_scheduler, swa_utils
 
 __all__ = [
     "torch_object_hint",
@@ -245,7 +245,9 @@ def read_scheduler(scheduler: Any, k: int = 0) -> tuple[dict[str, Any], str | No
     `OneCycleLR` and `CyclicLR` are read from the values torch computed (the group's ``initial_lr``,
     ``max_lr``, ``min_lr``, the phases' ends, the cycle's length and ratio), as arguments that give
     them again to the bit, less torch's defaults, with ``cycle_momentum=False``: functrain's
-    optimizers hold momentum constant (`momentum_cycle_note`).
+    optimizers hold momentum constant (`momentum_cycle_note`). An `SWALR`'s ``swa_lr`` is the
+    group's; its ``lr`` is not ``initial_lr`` but the lr it found when built (the group's where it
+    stands, for one that has not stepped: `schedule_call`).
 
     Example:
         >>> import torch
@@ -267,6 +269,12 @@ def read_scheduler(scheduler: Any, k: int = 0) -> tuple[dict[str, Any], str | No
         return _cyclic_read(scheduler, k)
     if cls is lr_scheduler.LambdaLR:
         return {"lr_lambda": scheduler.lr_lambdas[k]}, None
+    if cls is swa_utils.SWALR:
+        return {
+            "swa_lr": scheduler.optimizer.param_groups[k]["swa_lr"],
+            "anneal_epochs": scheduler.anneal_epochs,
+            "anneal_strategy": scheduler._anneal_strategy,
+        }, None
     if cls in (lr_scheduler.SequentialLR, lr_scheduler.ChainedScheduler):
         members = [(type(s), *read_scheduler(s, k)) for s in scheduler._schedulers]
         args: dict[str, Any] = {"schedulers": [(c, a) for c, a, _ in members]}
@@ -374,9 +382,10 @@ def schedule_call(scheduler: lr_scheduler.LRScheduler) -> str:
     E.g. ``ft.schedules.from_torch(StepLR, lr=0.1, step_size=30, gamma=0.1)``.
     """
     cls = type(scheduler)
-    args = [f"torch.optim.lr_scheduler.{cls.__name__}"]
-    if cls not in SELF_STARTING:
-        args.append(f"lr={_number(scheduler.optimizer.param_groups[0]['initial_lr'])}")
+    args = [f"{cls.__module__}.{cls.__name__}"]
+    if cls not in SELF_STARTING:  # an SWALR's: the lr it found, where it stands
+        lr = "lr" if cls is swa_utils.SWALR else "initial_lr"
+        args.append(f"lr={_number(scheduler.optimizer.param_groups[0][lr])}")
     args += _written(cls, read_scheduler(scheduler)[0]) or ["<its arguments>"]
     return f"ft.schedules.from_torch({', '.join(args)})"
 

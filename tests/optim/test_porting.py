@@ -126,6 +126,22 @@ def test_a_live_cyclic_scheduler_shows_its_bounds_and_step_sizes_and_the_call_ru
     assert_schedule_follows(run(code.split("=", 1)[1]), opt, scheduler, 14)
 
 
+def test_a_live_swalr_built_late_shows_its_arguments_from_the_lr_it_found_and_runs_as_torch() -> (
+    None
+):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    before = lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step()
+    before.step()
+    scheduler = torch.optim.swa_utils.SWALR(opt, swa_lr=0.01, anneal_epochs=3)
+    code = suggested_call(WHERE_AN_LR_BELONGS["sgd"], scheduler)
+    assert (
+        code == "lr=ft.schedules.from_torch(torch.optim.swa_utils.SWALR, lr=0.05, swa_lr=0.01, "
+        "anneal_epochs=3)"
+    )
+    assert_schedule_follows(run(code.split("=", 1)[1]), opt, scheduler, 6)
+
+
 def test_a_live_sequential_scheduler_is_told_what_to_write_not_an_attribute_error() -> None:
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     first = lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=3)
