@@ -339,6 +339,9 @@ class ExtrasUpdate:
       moves, on the new values as a list, in an eager step: ``(values, state, write) -> state``,
       written into the state's averages with `write`; `fn`'s bits with no ``keep=``. The step
       program calls it where the step's update applied (`averaging_of`).
+    - `formula`: the formula it runs and its numbers, where it is a formula's optimizer
+      (`functrain.optim.rules.formula.Formula`, recorded by `rule_transform`): a differentiable
+      state runs them differentiated (`functrain.optim.differentiable.differentiable_form`).
 
     Calling it calls `fn` and gives ``(updates, state)``; `update_with` and `update_reporting`
     call `fn` themselves (one Python call fewer). Updates of no parameters (a `partition` group
@@ -374,6 +377,7 @@ class ExtrasUpdate:
     folds_scales: bool = False
     rates: Callable[[Any], dict[str, torch.Tensor]] | None = None
     averaging: Callable[[list[torch.Tensor], Any, bool], Any] | None = None
+    formula: Any = None
 
     def __post_init__(self) -> None:
         if not callable(self.fn):

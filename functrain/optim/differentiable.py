@@ -2,13 +2,14 @@
 
 A state created with ``TrainState.create(..., differentiable=True)`` trains with the
 *differentiable form* of its optimizer (`differentiable_form`): the preset's formula (the `Rule`
-its family's file under ``optim/rules/`` registers in `FORMULAS`: torch.optim's single-tensor
-loop, RAdam's foreach one, which functrain's `radam` follows), run by `rule_transform` in its
-`DIFFERENTIABLE` mode: bit for bit with the ordinary step, and out of place, so that the new
-parameters and moments are functions of the old ones, of the gradients (which the step then
-takes with their own graph: meta-gradients are exact, not first-order) and of the hyperparameters
-the state holds as tensors (`DifferentiableState.hyperparameters`: the learning rate, the weight
-decay and, where the optimizer has one, the momentum), which may require grad (hypergradients).
+its ordinary transform runs, recorded there by `rule_transform` with its numbers, `formula_of`:
+torch.optim's single-tensor loop, RAdam's foreach one, which functrain's `radam` follows), run
+by `rule_transform` in its `DIFFERENTIABLE` mode: bit for bit with the ordinary step, and out of
+place, so that the new parameters and moments are functions of the old ones, of the gradients
+(which the step then takes with their own graph: meta-gradients are exact, not first-order) and
+of the hyperparameters the state holds as tensors (`DifferentiableState.hyperparameters`: the
+learning rate, the weight decay and, where the optimizer has one, the momentum), which may require
+grad (hypergradients).
 
 Three ops of torch's loop take a Python number where a differentiable hyperparameter goes: the
 scaled sum ``add(alpha=)``, the scaled quotient ``addcdiv(value=)`` and the square root whose
@@ -55,13 +56,11 @@ from functrain.optim.checks import (
 )
 from functrain.optim.choices import no_foreach_bits_in
 from functrain.optim.naming import held_transforms, recorded_call
-from functrain.optim.rates import first_rate
 from functrain.optim.rules.formula import (
-    FORMULAS,
     Scalar,
     add_scaled,
     addcdiv_scaled,
-    held_number,
+    formula_of,
     host_value,
     rule_transform,
     safe_sqrt,
@@ -118,8 +117,8 @@ DIFFERENTIABLE_PRESETS = (
     "radam",
 )
 """The presets of torch.optim's optimizers, whose optimizers a differentiable state trains: each by
-its formula, registered in `FORMULAS` by its family's file under ``optim/rules/`` (a preset that
-is its formula's own, such as `functrain.adan`, registers it beside the preset)."""
+its formula, the one its ordinary transform runs (`formula_of`; so does a preset that is its
+formula's own, such as `functrain.adan`)."""
 
 
 def differentiable_form(optimizer: Transform) -> Transform:
@@ -166,15 +165,23 @@ def differentiable_form(optimizer: Transform) -> Transform:
                 if k in _WRAPPERS[name]
             }
         )
-    if call is None or name not in FORMULAS:
+    arguments = call.arguments if call is not None else {}
+    given = [k for k, v in arguments.items() if isinstance(v, torch.Tensor)]
+    # the preset's formula (`rule_transform`'s): its own, or its fused=False form's (given
+    # numbers for the tensors refused below, which that form may refuse otherwise)
+    ordinary = (
+        call.again(fused=False, **{k: float(arguments[k]) for k in given})
+        if call is not None and "fused" in arguments
+        else optimizer
+    )
+    formula = formula_of(ordinary) if call is not None else None
+    if formula is None:
         raise ConfigError(
             "a differentiable state trains with the differentiable form of a preset's optimizer, "
             f"and {getattr(optimizer, 'name', type(optimizer).__name__)} has none; give one of "
             f"functrain.{', functrain.'.join(DIFFERENTIABLE_PRESETS)}, or a rule of your own "
             "(functrain.Transform(init, update), differentiated as written)"
         )
-    arguments = call.arguments
-    given = [k for k, v in arguments.items() if isinstance(v, torch.Tensor)]
     if given:
         raise ConfigError(
             f"{optimizer.name}: a differentiable state holds its hyperparameters as tensors "
@@ -182,28 +189,16 @@ def differentiable_form(optimizer: Transform) -> Transform:
             "preset as a tensor (the ordinary step computes with it in its dtype); give the "
             "preset a number, then the tensor to state.with_hyperparameters(...)"
         )
-    rate = arguments["lr"]
-    schedule = rate if callable(rate) else None
-    # the rate of the first step (rprop's initial step size)
-    start = first_rate(rate)
-    rule = FORMULAS[name]({**arguments, "lr": start})
-    # held in the rule's order (the rate first), a scheduled rate not at all
-    # (a weight decay's schedule is not held: read at the count, as the ordinary step reads it)
-    constants = {
-        k: float(rate) if k == "lr" else held_number(arguments[k])
-        for k in rule.held
-        if k != "lr" or schedule is None
-    }
-
-    # named as the arithmetic it follows: the preset's fused=False, where it has that option
-    follows = call.again(fused=False).name if "fused" in arguments else optimizer.name
+    # its numbers held as the ordinary step holds them, a scheduled rate (or weight decay) read
+    # at the count; named as the arithmetic it follows: the preset's fused=False, where it has
+    # that option
     tx = rule_transform(
-        rule,
-        f"differentiable({follows})",
-        constants,
-        schedule,
+        formula.rule,
+        f"differentiable({ordinary.name})",
+        formula.constants,
+        formula.schedule,
         differentiable=True,
-        mask=arguments.get("mask"),
+        mask=formula.mask,
         state_type=DifferentiableState,
     )
     # (torch's foreach kernels' bits, asked for where the formula gives others: refused as by

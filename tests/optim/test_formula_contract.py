@@ -19,27 +19,17 @@ import torch
 import functrain as ft
 from functrain.optim.naming import named
 from functrain.optim.rules.adam import adam_rule
-from functrain.optim.rules.formula import FORMULAS, Rule, held_rate, rule_transform
+from functrain.optim.rules.formula import held_rate, rule_transform
 
 Factory = Callable[..., ft.Transform]
-
-
-def _adam_formula(arguments: dict[str, Any]) -> Rule:
-    return adam_rule(0.9, 0.999, 1e-8, decoupled=True, amsgrad=False, maximize=False)
 
 
 @named
 def formula_adamw(lr: Any = 0.01, weight_decay: float = 0.1) -> ft.Transform:
     """AdamW made from its formula (the preset runs torch's fused kernel instead)."""
     constants, schedule = held_rate(lr, {"weight_decay": weight_decay})
-    return rule_transform(_adam_formula({}), "formula_adamw", constants, schedule)
-
-
-@pytest.fixture(autouse=True)
-def _registered() -> Any:
-    FORMULAS["formula_adamw"] = _adam_formula
-    yield
-    del FORMULAS["formula_adamw"]
+    rule = adam_rule(0.9, 0.999, 1e-8, decoupled=True, amsgrad=False, maximize=False)
+    return rule_transform(rule, "formula_adamw", constants, schedule)
 
 
 def _presets() -> dict[str, Callable[[Any], ft.Transform]]:

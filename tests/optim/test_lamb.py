@@ -20,8 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 import functrain as ft
 from functrain.optim.base import Extras
 from functrain.optim.differentiable import differentiable_form
-from functrain.optim.naming import recorded_call
-from functrain.optim.rules.formula import FORMULAS, rule_transform
+from functrain.optim.rules.formula import formula_of, rule_transform
 from functrain.optim.rules.lamb import lamb
 
 STEPS = 200
@@ -141,13 +140,11 @@ def test_lamb_matches_the_reference_bit_for_bit(case: str, dtype: Any, scheduled
 def test_in_place_out_of_place_and_differentiated_formulas_give_the_same_bits(case: str) -> None:
     ours, theirs = CASES[case]
     expected = _run_reference(theirs, torch.float32, scheduled=True)
-    call = recorded_call(lamb(**ours))
-    assert call is not None
-    arguments = {**call.arguments, "lr": RATE}
-    rule = FORMULAS["lamb"](arguments)
-    decay = {"weight_decay": float(arguments["weight_decay"])}
+    formula = formula_of(lamb(**ours))  # (the rule the preset runs, its weight decay held)
+    assert formula is not None
+    decay = {"weight_decay": formula.constants["weight_decay"]}
     for differentiable, in_place in [(False, True), (False, False), (True, False)]:
-        tx = rule_transform(rule, "lamb", decay, _decaying, differentiable=differentiable)
+        tx = rule_transform(formula.rule, "lamb", decay, _decaying, differentiable=differentiable)
         _assert_equal(_run(tx, torch.float32, in_place=in_place), expected)
 
 

@@ -9,7 +9,6 @@ from functrain.optim.base import Transform
 from functrain.optim.checks import check_positive
 from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
-    FORMULAS,
     Count,
     DirectionState,
     Ops,
@@ -99,6 +98,3 @@ def adadelta_rule(rho: float, eps: float, maximize: bool) -> Rule:
         return ops.add(p, delta, h["lr"].map(negated)), moments
 
     return Rule(("square_avg", "acc_delta"), {}, ("lr", "weight_decay"), step, foreach=True)
-
-
-FORMULAS["adadelta"] = lambda a: adadelta_rule(a["rho"], a["eps"], a["maximize"])

@@ -9,7 +9,6 @@ import torch
 
 from functrain.optim.rules.arithmetic import host_number
 from functrain.optim.rules.formula import (
-    FORMULAS,
     Count,
     Ops,
     Rule,
@@ -105,8 +104,3 @@ def _adafactor_shapes(k: str, p: torch.Tensor) -> torch.Tensor:
         shape = (*p.shape[:-1], 1) if k == "row" else (*p.shape[:-2], 1, p.shape[-1])
         return p.new_zeros(shape)
     return torch.zeros_like(p) if k == "row" else p.new_zeros(0)
-
-
-FORMULAS["adafactor"] = lambda a: adafactor_rule(
-    a["beta2_decay"], a["eps"][0], a["eps"][1], a["d"], a["maximize"]
-)

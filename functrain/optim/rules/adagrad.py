@@ -15,7 +15,6 @@ from functrain.optim.checks import check_positive
 from functrain.optim.naming import named
 from functrain.optim.rules.adam import in_rate_dtype
 from functrain.optim.rules.formula import (
-    FORMULAS,
     Count,
     DirectionState,
     Ops,
@@ -123,8 +122,3 @@ def adagrad_rule(
     held = ("lr", "weight_decay")
     initial = {"sum": initial_accumulator_value}
     return Rule(("sum",), initial, held, step, foreach=True, own_steps=True)
-
-
-FORMULAS["adagrad"] = lambda a: adagrad_rule(
-    a["eps"], a["lr_decay"], a["initial_accumulator_value"], a["maximize"]
-)

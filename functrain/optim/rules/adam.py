@@ -28,7 +28,6 @@ from functrain.optim.base import (
 from functrain.optim.checks import check_decay, check_positive, check_unit
 from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
-    FORMULAS,
     Count,
     DirectionState,
     Ops,
@@ -605,23 +604,3 @@ def _divided(ops: Ops, x: torch.Tensor, by: Scalar, rect: Any) -> torch.Tensor:
     if isinstance(rect, torch.Tensor):
         return ops.div(x, torch.where(rect > 0, by.tensor, 1.0))
     return ops.div(x, by.tensor)
-
-
-def _adam(a: dict[str, Any], decoupled: bool) -> Rule:
-    return adam_rule(a["b1"], a["b2"], a["eps"], decoupled, a["amsgrad"], a["maximize"])
-
-
-FORMULAS["adam"] = lambda a: _adam(a, a["decoupled_weight_decay"])
-FORMULAS["adamw"] = lambda a: _adam(a, True)
-FORMULAS["adamax"] = lambda a: adamax_rule(a["betas"][0], a["betas"][1], a["eps"], a["maximize"])
-FORMULAS["nadam"] = lambda a: nadam_rule(
-    a["betas"][0],
-    a["betas"][1],
-    a["eps"],
-    a["momentum_decay"],
-    a["decoupled_weight_decay"],
-    a["maximize"],
-)
-FORMULAS["radam"] = lambda a: radam_rule(
-    a["b1"], a["b2"], a["eps"], a["decoupled_weight_decay"], a["maximize"]
-)

@@ -17,7 +17,6 @@ from functrain.optim.base import LearningRate, Transform
 from functrain.optim.checks import check_decay, check_positive, check_unit
 from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
-    FORMULAS,
     Count,
     Ops,
     Rule,
@@ -158,13 +157,3 @@ def adan(
     # over the parameters' lists, one foreach kernel per op: the reference's default path (its
     # in-place foreach products round bfloat16 and float16 otherwise than its per-tensor loop)
     return preset_transform(rule, "adan", lr, {"weight_decay": weight_decay}, foreach=True)
-
-
-def _from_arguments(arguments: dict[str, Any]) -> Rule:
-    b1, b2, b3 = arguments["betas"]
-    return adan_rule(
-        b1, b2, b3, arguments["eps"], arguments["weight_decouple"], arguments["maximize"]
-    )
-
-
-FORMULAS["adan"] = _from_arguments

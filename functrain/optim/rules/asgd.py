@@ -15,7 +15,6 @@ from functrain.optim.checks import check_positive
 from functrain.optim.naming import named
 from functrain.optim.rates import first_rate
 from functrain.optim.rules.formula import (
-    FORMULAS,
     Count,
     Ops,
     Rule,
@@ -174,6 +173,3 @@ def _one_as_first(mu: torch.Tensor, read: Callable[[torch.Tensor], float | None]
     if value is None:  # batched under vmap, or not read
         return torch.where(mu == 1, 1, 2)
     return 1 if value == 1 else 2
-
-
-FORMULAS["asgd"] = lambda a: asgd_rule(a["lr"], a["lambd"], a["alpha"], a["t0"], a["maximize"])

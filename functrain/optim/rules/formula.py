@@ -71,7 +71,7 @@ __all__ = [
     "updates_sat_out",
     "FOREACH_IN_PLACE",
     "FOREACH_OUT_OF_PLACE",
-    "FORMULAS",
+    "Formula",
     "HOST",
     "IN_PLACE",
     "ListOps",
@@ -98,6 +98,7 @@ __all__ = [
     "evaluation_params",
     "filled",
     "foreach_kernels",
+    "formula_of",
     "held_number",
     "held_rate",
     "held_scalar",
@@ -1234,10 +1235,29 @@ class RuleState(NamedTuple):
         )
 
 
-# each preset's formula by the preset's name: the rule made from the preset's arguments, registered
-# by the formula's file (the differentiable form finds it here; a preset made from its formula,
-# `rule_transform`, runs it in its ordinary steps too)
-FORMULAS: dict[str, Callable[[dict[str, Any]], Rule]] = {}
+class Formula(NamedTuple):
+    """What `rule_transform` made an optimizer of, recorded on its update
+    (`functrain.optim.base.ExtrasUpdate.formula`): the rule, the held numbers (`constants`), the
+    learning rate's `schedule` and the weight-decay `mask`, as it was given them. A preset's
+    differentiable form runs them differentiated (`functrain.optim.differentiable`)."""
+
+    rule: Rule
+    constants: dict[str, Any]
+    schedule: Any
+    mask: Any
+
+
+def formula_of(tx: Any) -> Formula | None:
+    """The `Formula` `tx` runs (`rule_transform`'s), or None: another transform.
+
+    Example:
+        >>> import functrain as ft
+        >>> formula_of(ft.adadelta(0.5)).constants, formula_of(ft.adamw(0.5)) is None  # (fused)
+        ({'lr': 0.5, 'weight_decay': 0.0}, True)
+    """
+    update = getattr(tx, "update", None)
+    return update.formula if isinstance(update, ExtrasUpdate) else None
+
 
 # the optimizers whose model is evaluated elsewhere than at the parameters they train (a
 # schedule-free optimizer's average): each ``(opt_state, params) -> point or None``, None where
@@ -1451,6 +1471,7 @@ def rule_transform(
             "foreach and lists out"
         )
     in_lists = (foreach or lists) and not differentiable
+    recorded = Formula(rule, constants, schedule, mask)
 
     def foreach_on(device: torch.device) -> bool:  # (torch's foreach kernels, not its loop's)
         return bool(foreach) or (foreach is None and device.type != "cpu")
@@ -1716,4 +1737,6 @@ def rule_transform(
     if differentiable:
         return Transform(init_fn, update_fn, name)
     # (a reduce_on_plateau after it lowers the rate it takes: `ExtrasUpdate.folds_scales`)
-    return Transform(init_fn, ExtrasUpdate(update_fn, plan=plan, folds_scales=True), name)
+    return Transform(
+        init_fn, ExtrasUpdate(update_fn, plan=plan, folds_scales=True, formula=recorded), name
+    )

@@ -34,7 +34,6 @@ from functrain.optim.checks import check_decay, check_positive, check_unit, is_r
 from functrain.optim.choices import without_choices
 from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
-    FORMULAS,
     Count,
     Ops,
     Rule,
@@ -262,11 +261,3 @@ def lamb(
     # over the parameters' lists, one foreach kernel per op: the reference's default path, whose
     # CUDA kernels round otherwise than the single-tensor ones (on the CPU the same bits)
     return preset_transform(rule, "lamb", lr, {"weight_decay": weight_decay}, foreach=True)
-
-
-# the preset's arguments the formula takes as keywords
-_OPTIONS = ("clamp", "grad_averaging", "weight_decouple", "fixed_decay", "adam", "adam_debias")
-
-FORMULAS["lamb"] = lambda a: lamb_rule(
-    a["betas"][0], a["betas"][1], a["eps"], maximize=a["maximize"], **{k: a[k] for k in _OPTIONS}
-)

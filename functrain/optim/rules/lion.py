@@ -10,7 +10,6 @@ from functrain.optim.base import Transform
 from functrain.optim.checks import check_unit
 from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
-    FORMULAS,
     Count,
     DirectionState,
     Ops,
@@ -141,6 +140,3 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, *, reference: str = "author
         return Decoupled(*flat_updates(signs, None)), state
 
     return Transform(direction.init, update_fn)
-
-
-FORMULAS["lion"] = lambda a: lion_rule(a["b1"], a["b2"], a["reference"])

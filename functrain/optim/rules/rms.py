@@ -10,7 +10,6 @@ from functrain.optim.base import Transform
 from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
-    FORMULAS,
     Count,
     DirectionState,
     Ops,
@@ -100,8 +99,3 @@ def rmsprop_rule(alpha: float, eps: float, momentum: float, centered: bool, maxi
     )
     held = ("lr", "weight_decay", "momentum") if momentum else ("lr", "weight_decay")
     return Rule(slots, {}, held, step, foreach=True)
-
-
-FORMULAS["rmsprop"] = lambda a: rmsprop_rule(
-    a["alpha"], a["eps"], a["momentum"], a["centered"], a["maximize"]
-)

@@ -10,7 +10,6 @@ from functrain.optim.base import LearningRate, Transform
 from functrain.optim.naming import named
 from functrain.optim.rates import first_rate
 from functrain.optim.rules.formula import (
-    FORMULAS,
     Count,
     DirectionState,
     Ops,
@@ -133,8 +132,3 @@ def rprop_rule(
     # (the rate held as torch's group holds it, its metric; each weight its own count, as
     # torch's ``state["step"]``, whose first update reads the rate)
     return Rule(("prev", "step_size"), {"step_size": lr}, ("lr",), step, own_steps=True)
-
-
-FORMULAS["rprop"] = lambda a: rprop_rule(
-    a["lr"], a["etas"][0], a["etas"][1], a["step_sizes"][0], a["step_sizes"][1], a["maximize"]
-)

@@ -29,7 +29,6 @@ from functrain.optim.checks import check_decay, check_positive, check_unit
 from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
     EVALUATION_POINTS,
-    FORMULAS,
     FROZEN_EVALUATION_POINTS,
     Count,
     Ops,
@@ -233,11 +232,6 @@ def adamw_schedule_free(
     return preset_transform(
         rule, "adamw_schedule_free", lr, {"weight_decay": weight_decay}, foreach=True
     )
-
-
-FORMULAS["adamw_schedule_free"] = lambda a: schedule_free_adamw_rule(
-    a["betas"][0], a["betas"][1], a["eps"], a["warmup_steps"], a["r"], a["weight_lr_power"]
-)
 
 
 def evaluation_params(opt_state: Any, params: Tree) -> Tree | None:

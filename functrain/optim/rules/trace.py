@@ -10,7 +10,6 @@ from functrain.optim.base import Transform
 from functrain.optim.checks import check_unit
 from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
-    FORMULAS,
     Count,
     DirectionState,
     Ops,
@@ -122,6 +121,3 @@ def sgd_rule(momentum: float, dampening: float, nesterov: bool, maximize: bool) 
     own_steps = bool(momentum and dampening)
     # (torch's SGD steps a complex parameter as it is, not on its real view)
     return Rule(slots, {}, held, step, foreach=True, own_steps=own_steps, complex_as_real=False)
-
-
-FORMULAS["sgd"] = lambda a: sgd_rule(a["momentum"], a["dampening"], a["nesterov"], a["maximize"])
