@@ -116,11 +116,11 @@ def torch_object_hint(value: Any, name: str, *, schedule: bool | None = None) ->
             kinds = "number or a " if name in ("lr", "learning_rate") else ""
             return (
                 f"{name} must be a {kinds}schedule, got a live "
-                f"torch.optim.lr_scheduler.{type(value).__name__}; write {keyword}{call} instead"
+                f"{type(value).__module__}.{type(value).__name__}; write {keyword}{call} instead"
             )
         return (
             f"{name} must be a functrain transform, got a live "
-            f"torch.optim.lr_scheduler.{type(value).__name__}; "
+            f"{type(value).__module__}.{type(value).__name__}; "
             f"{_optimizer_call(value.optimizer, lr=call)}"
         )
     return None

@@ -140,6 +140,11 @@ def test_a_live_swalr_built_late_shows_its_arguments_from_the_lr_it_found_and_ru
         "anneal_epochs=3)"
     )
     assert_schedule_follows(run(code.split("=", 1)[1]), opt, scheduler, 6)
+    # the error names the class where torch keeps it
+    with pytest.raises(
+        ft.ConfigError, match=r"got a live torch\.optim\.swa_utils\.SWALR; write lr="
+    ):
+        ft.sgd(lr=scheduler)
 
 
 def test_a_live_sequential_scheduler_is_told_what_to_write_not_an_attribute_error() -> None:
