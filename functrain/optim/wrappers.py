@@ -855,16 +855,15 @@ def skip_nonfinite(
     def plan(params: dict[str, torch.Tensor], state: SkipNonfiniteState) -> Runner | None:
         # the inner transform gated by the step's norm, as `update_fn` gates a gated one, an
         # ungated one selected (`GuardedRunner`); around a loss scaler, its runner as it is and
-        # its skips counted (`_counting`); with schedules counting steps, `update_fn` (which
-        # hands the inner update its skips)
+        # its skips counted; with schedules counting steps, `update_fn` (which hands the inner
+        # update its skips)
         inner_plan = None if steps else planner_of(inner)
         run_inner = inner_plan(params, state.inner) if inner_plan else None
         if run_inner is None or isinstance(run_inner, Prelude):
             return None
-        if isinstance(state.inner, DynamicLossScaleState):
-            return _counting(run_inner, cap)
+        scaled = isinstance(state.inner, DynamicLossScaleState)
         given = list(params.values())
-        return GuardedRunner(run_inner, cap, getattr(inner, "gated", False), given)
+        return GuardedRunner(run_inner, cap, getattr(inner, "gated", False), given, scaled)
 
     def plan_members(
         params: dict[str, torch.Tensor], state: SkipNonfiniteState, members: int
@@ -897,16 +896,35 @@ class GuardedRunner:
     `update_fn` makes them (`_counted`), and the inner update gated by it: a `gated` runner takes
     the flag itself; another runs as it is where the flag, read on the host (a CPU state's), says
     the update applies, else (a skipped step, or a flag on an accelerator, not read) on the state
-    kept as it is, its results selected (the same bits as `_update_where`).
+    kept as it is, its results selected (the same bits as `_update_where`). Around a loss
+    scaler's runner (`scaled`: `ScaledRunner`), which skips its overflows and backs its scale off
+    itself, as `update_fn` runs it: the scaler's update as it is, its skip flag counted.
 
     Its call takes one more argument than `Runner`'s, `own`: the gradients are the step's own
     (no hook's), which it may check in place where it may not write the rest (a pure step's:
     the straight-line step, `functrain.core.straight`, says so)."""
 
-    __slots__ = ("inner", "ungated", "cap", "gated", "reads_norm", "one", "checked", "on_cpu")
+    __slots__ = (
+        "inner",
+        "ungated",
+        "cap",
+        "gated",
+        "scaled",
+        "reads_norm",
+        "one",
+        "checked",
+        "on_cpu",
+    )
 
-    def __init__(self, inner: Runner, cap: int, gated: bool, params: list[torch.Tensor]) -> None:
-        self.inner, self.cap, self.gated = inner, cap, gated
+    def __init__(
+        self,
+        inner: Runner,
+        cap: int,
+        gated: bool,
+        params: list[torch.Tensor],
+        scaled: bool = False,
+    ) -> None:
+        self.inner, self.cap, self.gated, self.scaled = inner, cap, gated, scaled
         # the inner update where no gate reaches it (a runner gated by selection: its own run)
         self.ungated = inner.run if type(inner) is GatedBySelection else inner
         # the found-inf check's inverse scale, on the gradients' device, and whether the check
@@ -930,6 +948,14 @@ class GuardedRunner:
         keep: torch.Tensor | None = None,
         own: bool = False,
     ) -> Ran:
+        if self.scaled:
+            ran = self.inner(grads, params, state.inner, norm, write, keep)
+            assert ran.skipped is not None  # (the scaler's flag, gated by `keep` where given)
+            # (the flag negated twice: the guard's own tensor, not the scaler's, which two
+            # fields of one state may not share)
+            new_state = _counted(~ran.skipped, state, keep, ran.state)
+            _check_limit_now(new_state, self.cap)
+            return ran._replace(state=new_state, skipped=new_state.skipped)
         if keep is None and self.on_cpu:  # (read on the host: no wait)
             kept = host_guard(state, grads, norm, (write or own) and self.checked)
             if kept is not None:  # finite: the update as it is, the counts of a finite step
@@ -1000,31 +1026,6 @@ def _checkable(grads: list[torch.Tensor]) -> bool:
         and g.device == device
         for g in grads
     )
-
-
-def _counting(run_inner: Runner, cap: int) -> Runner:
-    """`skip_nonfinite`'s runner around a loss scaler's (`ScaledRunner`), as `update_fn` runs
-    it: the scaler's update as it is (it skips its overflows and backs its scale off itself),
-    its skip flag counted."""
-
-    def run(
-        grads: list[torch.Tensor],
-        params: list[torch.Tensor],
-        state: SkipNonfiniteState,
-        norm: torch.Tensor | None,
-        write: bool,
-        keep: torch.Tensor | None = None,
-    ) -> Ran:
-        ran = run_inner(grads, params, state.inner, norm, write, keep)
-        assert ran.skipped is not None  # (the scaler's flag, gated by `keep` where given)
-        # (the flag negated twice: the guard's own tensor, not the scaler's, which two fields of
-        # one state may not share)
-        new_state = _counted(~ran.skipped, state, keep, ran.state)
-        _check_limit_now(new_state, cap)
-        return ran._replace(state=new_state, skipped=new_state.skipped)
-
-    run.reads_norm = reads_norm(run_inner)  # type: ignore[attr-defined]
-    return run
 
 
 def _counted(
