@@ -86,6 +86,7 @@ from functrain.core.structure import sparse_parameters
 from functrain.core.view import StateView, parts_of, statics_of
 from functrain.errors import BatchError, ConfigError, FunctrainError
 from functrain.optim.base import NO_EXTRAS, Extras
+from functrain.optim.naming import held_transforms, recorded_call
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import is_shared, stored
 from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
@@ -208,12 +209,22 @@ def _note_eager_run() -> None:
 
 def refuse_untraced(state: TrainState) -> None:
     """Refuse what a compiled step cannot run of `state`: what it cannot bind in the module
-    (`traced_binding_problems`), and sparse gradients.
+    (`traced_binding_problems`), sparse gradients, and the transforms whose update says it
+    cannot be traced (`functrain.optim.base.ExtrasUpdate.untraced`), found through the calls
+    each transform records (`functrain.optim.naming.held_transforms`).
 
     Raises:
         ConfigError: with each problem's fix.
     """
     problems = traced_binding_problems(state.module)
+    transforms = [state.tx]
+    while transforms:
+        tx = transforms.pop()
+        why = getattr(tx.update, "untraced", None)
+        if why is not None and why not in problems:
+            problems.append(why)
+        call = recorded_call(tx)
+        transforms += [] if call is None else [inner for _, inner in held_transforms(call)]
     sparse = [name for name in sparse_parameters(state.module) if name in state.params]
     if sparse:
         problems.append(
@@ -222,7 +233,7 @@ def refuse_untraced(state: TrainState) -> None:
             "dynamo would compile the step again at every call; train it with functrain.train_step"
         )
     if problems:
-        raise ConfigError("compile_step cannot run this module:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("compile_step cannot run this state:\n  - " + "\n  - ".join(problems))
 
 
 def _unless_out_of_memory(check: Callable[[], Any]) -> Any:

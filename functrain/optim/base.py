@@ -342,6 +342,9 @@ class ExtrasUpdate:
     - `formula`: the formula it runs and its numbers, where it is a formula's optimizer
       (`functrain.optim.rules.formula.Formula`, recorded by `rule_transform`): a differentiable
       state runs them differentiated (`functrain.optim.differentiable.differentiable_form`).
+    - `untraced`: why a traced step (`functrain.compile_step`) cannot run it, where it cannot
+      (a fused kernel given a weight-decay schedule, which it takes as a number): refused before
+      anything is traced.
 
     Calling it calls `fn` and gives ``(updates, state)``; `update_with` and `update_reporting`
     call `fn` themselves (one Python call fewer). Updates of no parameters (a `partition` group
@@ -378,6 +381,7 @@ class ExtrasUpdate:
     rates: Callable[[Any], dict[str, torch.Tensor]] | None = None
     averaging: Callable[[list[torch.Tensor], Any, bool], Any] | None = None
     formula: Any = None
+    untraced: str | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.fn):

@@ -245,11 +245,19 @@ def test_a_compiled_step_takes_a_schedule_of_the_step_tensor() -> None:
 
 
 def test_the_fused_kernels_refuse_a_schedule_where_they_cannot_read_it() -> None:
-    # torch's fused kernels take the decay as a number: a traced step has none to give
+    # torch's fused kernels take the decay as a number: a traced step has none to give, which
+    # compile_step says before it traces anything (inside a partition and the step's wrappers)
     tx = ft.adamw(0.01, weight_decay=ft.schedules.cosine_decay(0.04, 20), mask=regularized)
-    state = ft.TrainState.create(make_model(), tx, loss_fn)
-    with pytest.raises(ConfigError, match=r"fused=False"):
-        ft.compile_step(backend="eager")(state, BATCHES[0])
+    grouped = ft.partition(lambda name, p: "a", a=tx, b=ft.sgd(0.1))
+    for optimizer in (tx, grouped):
+        state = ft.TrainState.create(make_model(), optimizer, loss_fn, accumulate_steps=2)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        with pytest.raises(
+            ConfigError, match=r"cannot run this state:\n  - AdamW\(fused=True\).*fused=False"
+        ):
+            ft.compile_step(backend="eager")(state, BATCHES[0])
+        assert not torch._dynamo.utils.counters["frames"]["total"]  # (nothing traced)
 
 
 @pytest.mark.parametrize(

@@ -563,8 +563,15 @@ def _fused(
         run.reads_norm = False  # type: ignore[attr-defined]  # (`FusedRunner.reads_norm`)
         return run
 
+    # (a schedule's number is read on the host at each call: a traced step has none to give)
+    untraced = _UNTRACED.format(what=what) if _scheduled_decay(weight_decay) else None
     update = ExtrasUpdate(
-        update_fn, members=True, folds_scales=True, plan=plan, plan_members=plan_members
+        update_fn,
+        members=True,
+        folds_scales=True,
+        plan=plan,
+        plan_members=plan_members,
+        untraced=untraced,
     )
     return Transform(init_fn, update, gated=True)
 
@@ -596,7 +603,7 @@ def fused_adam(
     moments = {"mu": zeros_like, "nu": zeros_like, "nu_max": zeros_like if amsgrad else None}
     return _fused(
         _ADAMW if decoupled else _ADAM,
-        "Adam",
+        "AdamW" if decoupled else "Adam",
         lr,
         hyper,
         weight_decay,
@@ -768,13 +775,17 @@ def _decay_at(weight_decay: Any, count: torch.Tensor, what: str) -> Any:
     value = value_at(weight_decay, count)
     number = host_value(value) if isinstance(value, torch.Tensor) else float(value)
     if number is None:  # (traced, batched by vmap, or on a device: no number to give)
-        raise ConfigError(
-            f"{what}(fused=True) with a weight-decay schedule runs in eager steps on the CPU "
-            "only (torch's fused kernel takes the decay as a number, read at the count); under "
-            "torch.compile, a stacked state or off the CPU pass fused=False (torch's foreach "
-            f"{what}), or a constant weight_decay"
-        )
+        raise ConfigError(_UNTRACED.format(what=what))
     return number
+
+
+# where a weight-decay schedule's number cannot be read at the count
+_UNTRACED = (
+    "{what}(fused=True) with a weight-decay schedule runs in eager steps on the CPU only "
+    "(torch's fused kernel takes the decay as a number, read at the count); under "
+    "torch.compile, a stacked state or off the CPU pass fused=False (torch's foreach {what}), or "
+    "a constant weight_decay"
+)
 
 
 def _read_once(lr: Any) -> Any:
