@@ -276,12 +276,22 @@ def read_scheduler(scheduler: Any, k: int = 0) -> tuple[dict[str, Any], str | No
             "anneal_strategy": scheduler._anneal_strategy,
         }, None
     if cls in (lr_scheduler.SequentialLR, lr_scheduler.ChainedScheduler):
-        members = [(type(s), *read_scheduler(s, k)) for s in scheduler._schedulers]
+        members = [(type(s), *_member_read(s, k)) for s in scheduler._schedulers]
         args: dict[str, Any] = {"schedulers": [(c, a) for c, a, _ in members]}
         if cls is lr_scheduler.SequentialLR:
             args["milestones"] = list(scheduler._milestones)
         return args, next((refusal for *_, refusal in members if refusal), None)
     return {}, _unreadable(cls)
+
+
+def _member_read(scheduler: Any, k: int) -> tuple[dict[str, Any], str | None]:
+    """`read_scheduler` for a member of a `SequentialLR` or `ChainedScheduler`: an `SWALR`'s
+    arguments are not read there (`functrain.schedules.from_torch` takes no SWALR among a
+    composite's schedulers, whose lr it would start from), its refusal the one of a scheduler
+    that cannot be read back."""
+    if type(scheduler) is swa_utils.SWALR:
+        return {}, _unreadable(swa_utils.SWALR)
+    return read_scheduler(scheduler, k)
 
 
 def _one_cycle_read(scheduler: Any, group: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:

@@ -302,6 +302,23 @@ def test_a_live_scheduler_continues_from_its_position_bit_for_bit() -> None:
     assert_trees_equal(state.params, dict(expected.named_parameters()))
 
 
+def test_a_live_sequential_scheduler_with_an_swalr_among_its_schedulers_is_refused() -> None:
+    # from_torch takes no SWALR among a composite's schedulers: the conversion says so itself
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    swa = torch.optim.swa_utils.SWALR(optimizer, swa_lr=0.01, anneal_epochs=4)
+    for composite in (
+        L.SequentialLR(optimizer, [L.ConstantLR(optimizer, factor=0.5), swa], milestones=[3]),
+        L.ChainedScheduler([L.ConstantLR(optimizer, factor=0.5), swa]),
+    ):
+        with pytest.raises(
+            ConfigError,
+            match=r"invalid arguments to from_torch_optimizer:\n  - a live SWALR cannot be read "
+            r"back into its arguments",
+        ):
+            ft.from_torch_optimizer(optimizer, model, scheduler=composite, step=0)
+
+
 def test_a_live_scheduler_that_cannot_be_read_back_or_is_out_of_step_is_refused() -> None:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
