@@ -92,9 +92,7 @@ __all__ = [
     "SkipNonfiniteState",
     "AccumulateState",
     "DynamicLossScaleState",
-    "GroupedRunner",
     "GuardedRunner",
-    "host_guard",
 ]
 
 
