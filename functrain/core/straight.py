@@ -77,8 +77,7 @@ from functrain.core.scope import modes_back, modes_of, rank_stream_in
 from functrain.core.stacked_step import PerMember, refuse_per_member
 from functrain.core.state import TrainState, lend
 from functrain.errors import FunctrainError
-from functrain.layout import in_layouts_of, with_strides_kept
-from functrain.optim.averaging import EmaState, ListAverage
+from functrain.layout import in_layouts_of
 from functrain.optim.base import NO_EXTRAS, Extras, averaging_of, group_rates
 from functrain.optim.metrics import metric_nodes, metric_reader, transform_metrics
 from functrain.optim.wrappers import (
@@ -266,12 +265,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     elif averaging is None:
         text.append(_AVERAGED)
     else:
-        lerped = type(averaging) is ListAverage and averaging.weight is not None
-        # (a new average keeps its strides where a weight's are not the default ones, which a
-        # lerp out of place gives: a channels_last depthwise one's; decided once)
-        restrided = any(p.stride() != torch.empty(p.shape, device="meta").stride() for p in params)
-        pure = _LERPED_PURE_RESTRIDED if restrided else _LERPED_PURE
-        moved = (_LERPED if donate else pure) if lerped else _MOVED.format(donate=donate)
+        moved = _MOVED.format(donate=donate)
         text.append(_AVERAGING.format(moved=moved, averaged=textwrap.indent(_AVERAGED, "    ")))
     # a fresh state's optimizer state has its storage now: its program decided again, once
     text.append(_KEPT.format(own=own, program="PROGRAM.again(new)" if program.fresh else "PROGRAM"))
@@ -326,9 +320,6 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         "AVERAGED": averaged,
         # (a donated step's permission to the EMA)
         "EMA_EXTRAS": Extras(in_place=True) if donate else NO_EXTRAS,
-        "EMA_WEIGHT": getattr(averaging, "weight", None),
-        "KEPT_STRIDES": with_strides_kept,
-        "EMA_STATE": EmaState,
         # the loss scale read where the state holds it (a `metric_reader`: decided once)
         "LOSS_SCALE": (metric_reader(state.opt_state, "loss_scale") or find_loss_scale)
         if scaled
@@ -732,23 +723,6 @@ _AVERAGING = """\
 _MOVED = """\
             SET_ema_state(new, AVERAGING(ran_params, state.ema_state, {donate}))
 """
-# where each update lerps by one number (`functrain.optim.averaging.ListAverage`'s weight): its
-# op written out, in place when donated
-_LERPED = """\
-            ema = state.ema_state
-            average = list(ema.average)
-            torch._foreach_lerp_(average, ran_params, EMA_WEIGHT)
-            SET_ema_state(new, EMA_STATE(ema.count + 1, tuple(average)))
-"""
-_LERPED_PURE = """\
-            ema = state.ema_state
-            average = list(torch._foreach_lerp(ema.average, ran_params, EMA_WEIGHT))
-            SET_ema_state(new, EMA_STATE(ema.count + 1, tuple(average)))
-"""
-_LERPED_PURE_RESTRIDED = _LERPED_PURE.replace(
-    "list(torch._foreach_lerp(ema.average, ran_params, EMA_WEIGHT))",
-    "KEPT_STRIDES(list(torch._foreach_lerp(ema.average, ran_params, EMA_WEIGHT)), ema.average)",
-)
 _NO_AVERAGE = """\
         SET_ema_state(new, None)
 """

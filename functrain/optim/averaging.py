@@ -66,15 +66,12 @@ _Move = Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], list[to
 
 class ListAverage:
     """`ema`'s update of the parameters alone where every average moves (no `keep`), on a list:
-    its `ExtrasUpdate.averaging`, ``(given, state, write) -> state``, in place with `write`.
-    `weight`: each update's ``1 - decay`` where it is that number (a plain average, without
-    warm-up: a ``torch._foreach_lerp`` by it, which the straight-line step writes out), else
-    None."""
+    its `ExtrasUpdate.averaging`, ``(given, state, write) -> state``, in place with `write`."""
 
-    __slots__ = ("moved", "moved_", "weight")
+    __slots__ = ("moved", "moved_")
 
-    def __init__(self, moved: _Move, moved_: _Move, weight: float | None) -> None:
-        self.moved, self.moved_, self.weight = moved, moved_, weight
+    def __init__(self, moved: _Move, moved_: _Move) -> None:
+        self.moved, self.moved_ = moved, moved_
 
     def __call__(self, given: list[torch.Tensor], state: EmaState, write: bool) -> EmaState:
         move = self.moved_ if write else self.moved
@@ -272,10 +269,8 @@ def ema(
         new = EmaState(count, tuple(average[:n]), tuple(average[n:]))
         return (tree_unflatten(average[:n], spec), tree_unflatten(average[n:], buffer_spec)), new
 
-    # each update's weight where it is one number (a plain average, no warm-up)
-    weight = 1.0 - decay if moved is lerp and not warmup else None
     moved = _strides_kept(moved)  # (`update_fn`'s too)
-    averaging = None if buffers else ListAverage(moved, moved_, weight)
+    averaging = None if buffers else ListAverage(moved, moved_)
     update = ExtrasUpdate(update_fn, members=True, averaging=averaging)
     return Transform(init_fn, update, gated=True)
 
