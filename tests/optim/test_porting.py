@@ -53,6 +53,21 @@ def run(code: str) -> Any:
     return eval(code, {"ft": ft, "torch": torch})  # noqa: S307 - the text the error shows the user
 
 
+def assert_trains_as_torch(
+    tx: Any, state: Any, model: nn.Module, optimizer: Any, batches: list[torch.Tensor]
+) -> None:
+    """`tx`, from `state`'s weights (a copy of `model`'s), trains bit for bit as torch's loop with
+    `optimizer` on `model`, batch by batch."""
+    state = ft.TrainState.create(state.export_module(), tx, sum_loss_fn)
+    for batch in batches:
+        optimizer.zero_grad()
+        sum_loss_fn(model, batch).backward()
+        optimizer.step()
+        state, _ = ft.train_step(state, batch)
+    for name, p in model.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
+
+
 def assert_schedule_follows(schedule: Any, opt: Any, scheduler: Any, steps: int) -> None:
     """`schedule`'s values at steps 0, 1, ... are the rates the live `scheduler` sets."""
     expected = []
@@ -275,14 +290,7 @@ def test_the_call_for_a_live_optimizer_is_the_preset_of_its_implementation(fused
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, fused=fused)
     code = suggested_call(WHERE_A_TRANSFORM_BELONGS["TrainState.create"], optimizer)
     assert code.endswith("weight_decay=0.05)" if fused else "weight_decay=0.05, fused=False)")
-    state = ft.TrainState.create(state.export_module(), run(code), sum_loss_fn)
-    for batch in batches:
-        optimizer.zero_grad()
-        sum_loss_fn(model, batch).backward()
-        optimizer.step()
-        state, _ = ft.train_step(state, batch)
-    for name, p in model.named_parameters():
-        assert torch.equal(state.params[name], p.detach()), name
+    assert_trains_as_torch(run(code), state, model, optimizer, batches)
     with pytest.raises(ft.ConfigError, match=r"it has taken steps: ft.from_torch_optimizer"):
         ft.chain(optimizer)
 
@@ -313,11 +321,4 @@ def test_every_torch_family_with_a_preset_is_named_by_its_call_which_trains_as_t
     optimizer = LIVE_FAMILIES[family](list(model.parameters()))
     code = suggested_call(WHERE_A_TRANSFORM_BELONGS["TrainState.create"], optimizer)
     assert code.startswith(f"ft.{family}(lr="), code
-    state = ft.TrainState.create(state.export_module(), run(code), sum_loss_fn)
-    for batch in batches:
-        optimizer.zero_grad()
-        sum_loss_fn(model, batch).backward()
-        optimizer.step()
-        state, _ = ft.train_step(state, batch)
-    for name, p in model.named_parameters():
-        assert torch.equal(state.params[name], p.detach()), name
+    assert_trains_as_torch(run(code), state, model, optimizer, batches)
