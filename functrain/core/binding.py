@@ -383,27 +383,31 @@ class _Binding:
         "_locked",
         "_bound",
         "_unset",
+        "_held",
     )
 
-    def __init__(self, module: nn.Module, plan: _Plan, tensors: dict) -> None:
+    def __init__(self, module: nn.Module, plan: _Plan, tensors: dict, held: bool) -> None:
         self._module, self._slots, self._tensors = module, plan[0], tensors
         self._attributes, self._parameters, self._registered = plan[2], plan[4], plan[5]
         self._unset = plan[6]
         self._bound = False
+        self._held = held  # (the caller holds `STEP_LOCK`: not taken again)
 
     def __enter__(self) -> BoundModel:
         slots, tensors = self._slots, self._tensors
         self._model = BoundModel(self._module)
-        depth = STEP_LOCK._recursion_count()  # type: ignore[attr-defined]  # (`lock_depth`)
+        held = self._held
+        depth = 0 if held else STEP_LOCK._recursion_count()  # type: ignore[attr-defined]
         try:  # the slots read under the lock: another thread's binding has left them
-            self._locked = STEP_LOCK.acquire(False) or take_step_lock()
+            self._locked = False if held else STEP_LOCK.acquire(False) or take_step_lock()
             # an attribute holding an alias: its object put back too (a forward may replace it)
             self._kept = (
                 [attrs[name] for attrs, name in self._attributes] if self._attributes else ()
             )
             self._saved = [table[local] for table, local, _ in slots]
         except BaseException:  # (an interrupt): nothing bound yet
-            release_taken(depth)
+            if not held:
+                release_taken(depth)
             raise
         # from here to the block, no Python function runs: an interrupt finds it bound or not
         for table, local, key in slots:
@@ -677,7 +681,8 @@ def bound(
     so does the value of a buffer it rebinds (``self.h = h.detach()``), copied into the tensor
     `tensors` gave it when the block ends without an exception (`carry_rebound`, which refuses a
     rebound parameter, and a buffer rebound to another shape, dtype or device or to a tensor
-    attached to the graph). `eager`: the caller knows it is not compiling (not asked again).
+    attached to the graph). `eager`: the caller is the eager step, which knows it is not
+    compiling (not asked again) and holds `STEP_LOCK` (not taken again).
 
     Example:
         >>> lin = torch.nn.Linear(2, 1)
@@ -702,7 +707,7 @@ def bound(
         if not tensors.keys() <= plan[1]:
             _refuse_changed(module, plan[1], tensors)
         return _reparametrized(module, tensors)
-    return _Binding(module, plan, tensors)
+    return _Binding(module, plan, tensors, eager)
 
 
 def _refuse_changed(module: nn.Module, names: frozenset[str], tensors: dict) -> None:

@@ -912,6 +912,7 @@ class GuardedRunner:
         "one",
         "checked",
         "on_cpu",
+        "known",
     )
 
     def __init__(
@@ -931,6 +932,8 @@ class GuardedRunner:
         self.checked = _checkable(params)
         # (a CPU state's gradients: their values read on the host wait for nothing)
         self.on_cpu = params[0].device.type == "cpu"
+        # (the flag and run of skips `host_guard` last found False and 0, with their versions)
+        self.known: list[Any] = [None]
         # (the step's norm, where it is given, says at once that a step is finite; where it is
         # not, the flag is made element by element: the step measures it for the inner runner's
         # sake only)
@@ -955,7 +958,7 @@ class GuardedRunner:
             _check_limit_now(new_state, self.cap)
             return ran._replace(state=new_state, skipped=new_state.skipped)
         if keep is None and self.on_cpu:  # (read on the host: no wait)
-            kept = host_guard(state, grads, norm, (write or own) and self.checked)
+            kept = host_guard(state, grads, norm, (write or own) and self.checked, self.known)
             if kept is not None:  # finite: the update as it is, the counts of a finite step
                 ran = self.ungated(grads, params, state.inner, norm, write)
                 counts = (ran.state, kept[0], state.total_skipped, kept[1], state.max_consecutive)
@@ -1106,6 +1109,7 @@ def host_guard(
     grads: list[torch.Tensor],
     norm: torch.Tensor | None,
     own: bool,
+    known: list[Any],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """`skip_nonfinite`'s guard read on the host, for a CPU state's step (its values are there:
     no wait), in one call (`GuardedRunner`'s): None where an element of the gradients `grads` is
@@ -1115,7 +1119,8 @@ def host_guard(
     norm says so at once, else `all_finite`); else torch's found-inf check (GradScaler's,
     multiplying by one in place, which leaves every value as it is: the gradients must be the
     step's own, laid out as their parameters, of one dtype it checks: `_checkable`), whose
-    float32 0 is the metric."""
+    float32 0 is the metric. `known` holds the flag and run of skips a finite step returned last,
+    with their version counters (the runner's: `GuardedRunner.known`), or None."""
     found = None
     if norm is None and own:  # (`_found_in`'s two ops, inline: the default step's path)
         found = torch.zeros((), dtype=torch.float32)
@@ -1126,12 +1131,26 @@ def host_guard(
     if not finite:
         return None
     # a finite step's flag and run of skips, in fewer ops: already False and 0, kept as they are
-    # (tensors no step writes), else made so (read where they lie on the CPU: no wait)
+    # (tensors no step writes), else made so (read where they lie on the CPU: no wait); not read
+    # again where they are the ones this guard last found so, unwritten since (`known`)
     skipped, consecutive = state.skipped, state.consecutive
-    if skipped.device.type != "cpu" or skipped.item():
-        skipped = torch.zeros_like(skipped)
-    if consecutive.device.type != "cpu" or consecutive.item():
-        consecutive = torch.zeros_like(consecutive)
+    mark = known[0]
+    if (
+        mark is None
+        or mark[0] is not skipped
+        or mark[1] != skipped._version
+        or mark[2] is not consecutive
+        or mark[3] != consecutive._version
+    ):
+        if skipped.device.type != "cpu" or skipped.item():
+            skipped = torch.zeros_like(skipped)
+        if consecutive.device.type != "cpu" or consecutive.item():
+            consecutive = torch.zeros_like(consecutive)
+        # (an inference tensor keeps no version: read each step)
+        untracked = skipped.is_inference() or consecutive.is_inference()
+        known[0] = (
+            None if untracked else (skipped, skipped._version, consecutive, consecutive._version)
+        )
     return skipped, consecutive, found
 
 

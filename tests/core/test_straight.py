@@ -414,3 +414,22 @@ def test_the_rate_and_skip_metrics_are_float32_whatever_torchs_default_dtype(
             assert float(metrics["skipped"]) == float(nan)
     finally:
         torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("donate", [True, False])
+def test_a_guards_flags_written_between_steps_are_read_again(donate: bool) -> None:
+    # a finite step keeps the guard's flag and run of skips where they are False and 0, and the
+    # guard does not read again the ones it found so; a write into them since (a compiled donated
+    # step's, which writes its results into the state's tensors) must be seen all the same
+    state = _state({"max_consecutive_nonfinite": 5})
+    for _ in range(2):
+        state, _ = ft.train_step(state, _BATCH, donate=donate)
+    guard = state.opt_state
+    assert isinstance(guard, ft.optim.wrappers.SkipNonfiniteState)
+    with torch.no_grad():
+        guard.skipped.fill_(True)
+        guard.consecutive.fill_(3)
+    state, metrics = ft.train_step(state, _BATCH, donate=donate)
+    assert float(metrics["skipped"]) == 0.0
+    assert not bool(state.opt_state.skipped) and int(state.opt_state.consecutive) == 0
+    assert int(state.opt_state.total_skipped) == 0
