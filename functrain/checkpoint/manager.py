@@ -46,7 +46,7 @@ from functrain.checkpoint.directory import (
 from functrain.checkpoint.files import wait_for_removals
 from functrain.checkpoint.format import file_digests, json_extras, read_manifest, write_tree
 from functrain.checkpoint.lock import WriterLock
-from functrain.checkpoint.sharded import agree, part_digests, write_sharded
+from functrain.checkpoint.sharded import agree, agreed, part_digests, write_sharded
 from functrain.checkpoint.snapshot import Snapshot
 from functrain.checkpoint.state_io import held_for_saving, load
 from functrain.core.stacked import host_count, num_members, unstack
@@ -463,20 +463,15 @@ class CheckpointManager:
 
         with self._commit_lock:
             self._check_directory()
-            foreign = None
-            if self._rank == 0:
+
+            def refuse() -> None:
                 # a checkpoint of this name this process may not read (another user's) is never
                 # replaced: it raises CheckpointPermissionError; nor is what functrain did not
                 # write (a damaged checkpoint of its own is)
-                try:
-                    is_committed(self.directory / name)
-                    refuse_foreign(self.directory / name)
-                except CheckpointError as e:
-                    foreign = e
-            if self.sharded:
-                agree(foreign, self._group, f"saving checkpoint {name}")
-            elif foreign is not None:
-                raise foreign
+                is_committed(self.directory / name)
+                refuse_foreign(self.directory / name)
+
+            agreed(refuse, self._group, f"saving checkpoint {name}", run=self._rank == 0)
             written: dict[str, Any] = {
                 "fingerprint": fp,
                 "metadata": meta,

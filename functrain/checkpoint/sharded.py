@@ -66,6 +66,7 @@ __all__ = [
     "chunk_rows",
     "exchange_group",
     "agree",
+    "agreed",
     "write_sharded",
     "written_digests",
     "rows_wanted",
@@ -207,6 +208,24 @@ def agree(error: BaseException | None, group: Any, what: str) -> list[Any]:
     return _agree_reports({"error": _described(error)}, error, group, what)
 
 
+def agreed(work: Callable[[], Any], group: Any, what: str, run: bool = True) -> Any:
+    """`work()` on this rank (where `run`), then `agree` on its outcome over `group`: every rank
+    raises the first failure alike, or none does. Its result (None where not run).
+
+    Without a `group` (a plain save or load), `work()` alone.
+    """
+    if group is None:
+        return work()
+    result, error = None, None
+    if run:
+        try:
+            result = work()
+        except Exception as e:
+            error = e
+    agree(error, group, what)
+    return result
+
+
 def _agree_reports(
     report: dict[str, Any], error: BaseException | None, group: Any, what: str
 ) -> list[dict[str, Any]]:
@@ -298,14 +317,12 @@ def write_sharded(
         if tmp is not None and rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    error = None
-    if rank == 0:
-        try:
-            with committed(tmp, target):
-                write_manifest(tmp, _manifest(structure, writer, reports, extras, library_version))
-        except Exception as e:
-            error = e
-    agree(error, group, f"committing checkpoint {str(target)!r}")
+
+    def commit_manifest() -> None:
+        with committed(tmp, target):
+            write_manifest(tmp, _manifest(structure, writer, reports, extras, library_version))
+
+    agreed(commit_manifest, group, f"committing checkpoint {str(target)!r}", run=rank == 0)
     return target
 
 

@@ -36,7 +36,7 @@ from functrain.checkpoint.format import (
 )
 from functrain.checkpoint.lock import LOCK_NAME, held_by
 from functrain.checkpoint.sharded import (
-    agree,
+    agreed,
     exchange_group,
     has_dtensors,
     is_sharded,
@@ -485,19 +485,11 @@ def _save_tree(
     metadata: dict[str, Any] | None,
 ) -> Path:
     """`save` of a tree: the checkpoint written at `path`, as every rank's shards if sharded."""
-    if not has_dtensors(tree):
-        _check_target(Path(path))
-    else:  # collective: every rank refuses, or none
-        error = None
-        try:
-            _check_target(Path(path))
-        except CheckpointError as e:
-            error = e
-        agree(error, exchange_group(), f"saving checkpoint {str(path)!r}")
-        return write_sharded(
-            path, tree, fingerprint=fp, metadata=metadata, library_version=version.__version__
-        )
-    return write_tree(
+    sharded = has_dtensors(tree)
+    # collective where sharded: every rank refuses, or none
+    group = exchange_group() if sharded else None
+    agreed(lambda: _check_target(Path(path)), group, f"saving checkpoint {str(path)!r}")
+    return (write_sharded if sharded else write_tree)(
         path, tree, fingerprint=fp, metadata=metadata, library_version=version.__version__
     )
 
@@ -588,16 +580,28 @@ def load_in_template_modes(path: str | os.PathLike[str], like: TrainState) -> Tr
 def _loaded(
     path: Any, like: Any, map_location: Any, digest: str | None, check_modes: bool = True
 ) -> Any:
-    """`_load_here_or_sharded`, a process short of memory or threads said so
-    (`CheckpointMemoryError`)."""
-    try:
-        return _load_here_or_sharded(path, like, map_location, digest, check_modes=check_modes)
-    except CheckpointMemoryError:
-        raise
-    except BaseException as e:
-        if not starved(e):
+    """`_load`, a process short of memory or threads said so (`CheckpointMemoryError`).
+
+    Into a sharded template, collective: the ranks read different shards, so they agree on the
+    outcome, and a shard that fails on one rank fails the load on all of them (one short of
+    memory or threads too) rather than leave them waiting for each other.
+    """
+    sharded = like is not None and has_dtensors(
+        like.tree() if isinstance(like, TrainState) else like
+    )
+
+    def guarded() -> Any:
+        try:
+            return _load(path, like, map_location, digest, sharded=sharded, check_modes=check_modes)
+        except CheckpointMemoryError:
             raise
-        raise _short_of_resources(path, e) from e
+        except BaseException as e:
+            if not starved(e):
+                raise
+            raise _short_of_resources(path, e) from e
+
+    group = exchange_group() if sharded else None
+    return agreed(guarded, group, f"loading checkpoint {str(path)!r}")
 
 
 def _short_of_resources(path: Any, error: BaseException) -> CheckpointMemoryError:
@@ -607,32 +611,6 @@ def _short_of_resources(path: Any, error: BaseException) -> CheckpointMemoryErro
         f"({type(error).__name__}: {said}); nothing says the checkpoint is broken: free memory, "
         "or load in a process with a larger memory, address-space or thread limit"
     )
-
-
-def _load_here_or_sharded(
-    path: str | os.PathLike[str],
-    like: Any,
-    map_location: str | torch.device | None,
-    digest: str | None,
-    check_modes: bool = True,
-) -> Any:
-    if like is None or not has_dtensors(like.tree() if isinstance(like, TrainState) else like):
-        return _load(path, like, map_location, digest, sharded=False, check_modes=check_modes)
-    # collective: the ranks read different shards, so they agree on the outcome, and a shard that
-    # fails on one rank fails the load on all of them rather than leave them waiting for each other
-    result: Any = None
-    error: Exception | None = None
-    try:
-        result = _load(path, like, map_location, digest, sharded=True, check_modes=check_modes)
-    except BaseException as e:  # a rank short of threads too, lest the others wait for it
-        if starved(e) and not isinstance(e, CheckpointMemoryError):
-            error = _short_of_resources(path, e)
-        elif isinstance(e, Exception):
-            error = e
-        else:
-            raise
-    agree(error, exchange_group(), f"loading checkpoint {str(path)!r}")
-    return result
 
 
 def _resized_buffers(like: TrainState, tree: Any) -> TrainState:
