@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 import attrs
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.optim import lr_scheduler, swa_utils
 
@@ -318,18 +319,16 @@ def _scaler_state_problems(scaler: _Scaler, state: TrainState) -> list[str]:
 
 def _scaler_filled(tree: Any, scaler: _Scaler) -> Any:
     """`tree` with the GradScaler's scale and growth tracker in its loss scale's state."""
-    if isinstance(tree, DynamicLossScaleState):
-        return tree._replace(
-            scale=torch.full_like(tree.scale, scaler.loss_scale["init_scale"]),
-            growth_tracker=torch.full_like(tree.growth_tracker, scaler.growth_tracker),
+
+    def filled(node: Any) -> Any:
+        if not isinstance(node, DynamicLossScaleState):
+            return node
+        return node._replace(
+            scale=torch.full_like(node.scale, scaler.loss_scale["init_scale"]),
+            growth_tracker=torch.full_like(node.growth_tracker, scaler.growth_tracker),
         )
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(_scaler_filled(child, scaler) for child in tree))
-    if isinstance(tree, tuple | list):
-        return type(tree)(_scaler_filled(child, scaler) for child in tree)
-    if isinstance(tree, dict):
-        return {key: _scaler_filled(child, scaler) for key, child in tree.items()}
-    return tree
+
+    return pytree.tree_map(filled, tree, is_leaf=lambda x: isinstance(x, DynamicLossScaleState))
 
 
 def from_torch_optimizer(
