@@ -66,16 +66,22 @@ _Move = Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], list[to
 
 class ListAverage:
     """`ema`'s update of the parameters alone where every average moves (no `keep`), on a list:
-    its `ExtrasUpdate.averaging`, ``(given, state, write) -> state``, in place with `write`."""
+    its `ExtrasUpdate.averaging`, ``(given, state, write) -> state``, in place with `write`
+    (where its weight is a constant, `weight`, torch's lerp kernel called at once)."""
 
-    __slots__ = ("moved", "moved_")
+    __slots__ = ("moved", "moved_", "weight")
 
-    def __init__(self, moved: _Move, moved_: _Move) -> None:
-        self.moved, self.moved_ = moved, moved_
+    def __init__(self, moved: _Move, moved_: _Move, weight: float | None) -> None:
+        self.moved, self.moved_, self.weight = moved, moved_, weight
 
     def __call__(self, given: list[torch.Tensor], state: EmaState, write: bool) -> EmaState:
-        move = self.moved_ if write else self.moved
-        return EmaState(state.count + 1, tuple(move(list(state.average), given, state.count)))
+        average = list(state.average)
+        if write and self.weight is not None:  # (`_lerps`' in-place move, without its calls)
+            torch._foreach_lerp_(average, given, self.weight)
+        else:
+            average = (self.moved_ if write else self.moved)(average, given, state.count)
+        # (made without the named tuple's Python constructor: a call less a step)
+        return tuple.__new__(EmaState, (state.count + 1, tuple(average), state.buffers))
 
 
 @named(
@@ -270,7 +276,9 @@ def ema(
         return (tree_unflatten(average[:n], spec), tree_unflatten(average[n:], buffer_spec)), new
 
     moved = _strides_kept(moved)  # (`update_fn`'s too)
-    averaging = None if buffers else ListAverage(moved, moved_)
+    # (the functrain convention's weight, without warm-up: a constant, `weight_of`'s)
+    constant = 1.0 - decay if convention == "functrain" and not warmup else None
+    averaging = None if buffers else ListAverage(moved, moved_, constant)
     update = ExtrasUpdate(update_fn, members=True, averaging=averaging)
     return Transform(init_fn, update, gated=True)
 
