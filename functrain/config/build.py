@@ -39,24 +39,25 @@ from __future__ import annotations
 import inspect
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import attrs
 import torch
-from torch import nn
 
 from functrain.config.compose import dotted, hydra_modules
 from functrain.config.keys import OWN, SECTIONS, SET_ELSEWHERE, did_you_mean, section_arguments
 from functrain.config.targets import (
     BUILT,
+    KINDS,
     imported,
     path_problem,
     refused_path_problem,
     refused_target_problem,
     safe_problem,
     slot_problem,
+    targets_in,
 )
 from functrain.core.state import TrainState
 from functrain.driver.arguments import fit_problems
@@ -65,7 +66,6 @@ from functrain.driver.fit import FitResult, fit
 from functrain.driver.options import SEED_RANGE
 from functrain.driver.run_config import json_config
 from functrain.errors import ConfigError
-from functrain.optim.base import Transform
 
 __all__ = ["ConfiguredRun", "build_run", "SECTIONS"]
 
@@ -273,30 +273,17 @@ def _layout_problems(config: dict[str, Any]) -> list[str]:
     return p
 
 
-def _targets(node: Any, key: str) -> list[tuple[str, dict[str, Any]]]:
-    """Every mapping with a ``_target_`` under `node` (nested ones too), with its dotted key."""
-    if isinstance(node, list):
-        return [t for i, item in enumerate(node) for t in _targets(item, f"{key}.{i}")]
-    if not isinstance(node, dict):
-        return []
-    found = [(key, node)] if "_target_" in node else []
-    for name, value in node.items():
-        if name not in _SPECIAL or name == "_args_":
-            found.extend(_targets(value, f"{key}.{name}"))
-    return found
-
-
 def _unbuilt_problems(config: dict[str, Any]) -> list[str]:
     """A ``_target_`` under a top-level key that is no section: nothing would build it.
 
     One that a section interpolates (``lr: ${schedule}``) is built there, as its copy.
     """
-    built = [node for key in BUILT if key in config for _, node in _targets(config[key], key)]
+    built = [node for key in BUILT if key in config for _, node in targets_in(config[key], key)]
     p = []
     for key, value in config.items():
         if key in SECTIONS:
             continue
-        unbuilt = [(at, node) for at, node in _targets(value, key) if node not in built]
+        unbuilt = [(at, node) for at, node in targets_in(value, key) if node not in built]
         if unbuilt:
             at, node = unbuilt[0]
             where = "" if at == key else f" at {at}"
@@ -320,7 +307,7 @@ def _misspelt_problems(config: dict[str, Any]) -> list[str]:
     """
     p = []
     for key, value in config.items():
-        if key in SECTIONS or not isinstance(value, dict) or _targets(value, key):
+        if key in SECTIONS or not isinstance(value, dict) or targets_in(value, key):
             continue
         for section in ("state", "data", "fit"):
             takes = section_arguments(section) or []
@@ -368,7 +355,7 @@ def _keyword_problems(config: dict[str, Any], section: str, taker: str) -> list[
 
 def _target_problems(node: Any, key: str, trust: _Trust) -> list[str]:
     """Every ``_target_`` under `node` imported and bound to its keys (nested ones too)."""
-    return [p for at, target in _targets(node, key) for p in _binding_problems(target, at, trust)]
+    return [p for at, target in targets_in(node, key) for p in _binding_problems(target, at, trust)]
 
 
 def _binding_problems(node: dict[str, Any], key: str, trust: _Trust) -> list[str]:
@@ -547,19 +534,15 @@ def _fit_problems(state: TrainState, data: dict[str, Any], fit_kwargs: dict[str,
 
 
 def _kind_problems(built: dict[str, Any]) -> list[str]:
-    checks: list[tuple[str, Callable[[Any], bool], str]] = [
-        ("model", lambda v: isinstance(v, nn.Module), "an nn.Module"),
-        ("loss", callable, "a callable loss_fn(model, batch) (a function: add _partial_: true)"),
-        (
-            "optimizer",
-            lambda v: isinstance(v, Transform),
-            "a functrain optimizer (a Transform, e.g. functrain.adamw)",
-        ),
-    ]
     p = []
-    for key, ok, expected in checks:
-        if built.get(key) is not None and not ok(built[key]):
+    for key, (kind, expected) in KINDS.items():
+        if built.get(key) is not None and not isinstance(built[key], kind):
             p.append(f"{key}: expected {expected}, got {type(built[key]).__name__}")
+    if built.get("loss") is not None and not callable(built["loss"]):
+        p.append(
+            "loss: expected a callable loss_fn(model, batch) (a function: add _partial_: true), "
+            f"got {type(built['loss']).__name__}"
+        )
     callbacks = built.get("callbacks")
     for i, callback in enumerate(callbacks if isinstance(callbacks, list) else []):
         try:

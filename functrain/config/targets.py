@@ -57,8 +57,10 @@ __all__ = [
     "SAFE_FUNCTRAIN",
     "REFUSED_FUNCTRAIN",
     "BUILT",
+    "KINDS",
     "path_problem",
     "paths_problems",
+    "targets_in",
     "refused_path_problem",
     "refused_target_problem",
     "safe_problem",
@@ -67,6 +69,12 @@ __all__ = [
 
 # the sections build_run builds: a _target_ anywhere else is never imported
 BUILT = ("model", "loss", "optimizer", "state", "data", "callbacks", "fit")
+# what the model and optimizer sections build, as a message names it (`slot_problem` before the
+# call, `build_run` after)
+KINDS: dict[str, tuple[type, str]] = {
+    "model": (nn.Module, "an nn.Module"),
+    "optimizer": (Transform, "a functrain optimizer (a Transform, e.g. functrain.adamw)"),
+}
 
 # modules whose classes and functions a config from elsewhere may build, wherever its path reaches
 # them from: layers, losses and initialisers, torch's optimizers and schedulers (for
@@ -401,26 +409,28 @@ def path_problem(path: str, allow: Sequence[str] = ()) -> str | None:
     return None
 
 
+def targets_in(node: Any, key: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every mapping with a ``_target_`` under `node` (nested ones too), with its dotted key."""
+    if isinstance(node, list):
+        return [t for i, item in enumerate(node) for t in targets_in(item, f"{key}.{i}")]
+    if not isinstance(node, dict):
+        return []
+    found = [(key, node)] if "_target_" in node else []
+    for name, value in node.items():
+        found.extend(targets_in(value, f"{key}.{name}"))
+    return found
+
+
 def paths_problems(config: Any, allow: Sequence[str] = ()) -> list[str]:
     """`path_problem` for every ``_target_`` of the sections a run builds, by dotted key."""
     found: list[str] = []
-
-    def walk(node: Any, key: str) -> None:
-        if isinstance(node, list):
-            for i, item in enumerate(node):
-                walk(item, f"{key}.{i}")
-        elif isinstance(node, dict):
-            path = node.get("_target_")
-            problem = path_problem(path, allow) if isinstance(path, str) else None
-            if problem is not None:
-                found.append(f"{key}._target_: safe mode refuses it: {problem}")
-            for name, value in node.items():
-                if name != "_target_":
-                    walk(value, f"{key}.{name}")
-
     for section in BUILT:
         if isinstance(config, dict) and section in config:
-            walk(config[section], section)
+            for key, node in targets_in(config[section], section):
+                path = node["_target_"]
+                problem = path_problem(path, allow) if isinstance(path, str) else None
+                if problem is not None:
+                    found.append(f"{key}._target_: safe mode refuses it: {problem}")
     return found
 
 
@@ -489,7 +499,7 @@ def _classes(annotation: Any) -> tuple[type, ...] | None:
 def _schema() -> dict[str, tuple[type, ...]]:
     """The keys whose type functrain knows: ``model``, ``optimizer``, and ``state``'s and ``fit``'s
     keys whose annotation is a class or a union of classes."""
-    known: dict[str, tuple[type, ...]] = {"model": (nn.Module,), "optimizer": (Transform,)}
+    known: dict[str, tuple[type, ...]] = {key: (kind,) for key, (kind, _) in KINDS.items()}
     hints = typing.get_type_hints(TrainState.create)
     for name, hint in hints.items():
         classes = _classes(hint)
@@ -556,14 +566,8 @@ def slot_problem(key: str, path: str, target: Any, partial: bool) -> str | None:
                 f"{path}, a {'builtin function' if inspect.isbuiltin(target) else 'callable'} "
                 "whose result's type cannot be known before it is called"
             )
-    wanted = _ROLES.get(key) or _named(expected)
+    wanted = KINDS[key][1] if key in KINDS else _named(expected)
     return (
         f"{key}: expected {wanted}, got {got} (nothing was called): name a class of that type, or "
         "a function annotated to return one"
     )
-
-
-_ROLES = {
-    "model": "an nn.Module",
-    "optimizer": "a functrain optimizer (a Transform, e.g. functrain.adamw)",
-}
