@@ -136,10 +136,7 @@ class StopSignals:
 
     def _asked(self, signum: int, frame: FrameType | None) -> None:
         self.signalled = True
-        if self.received is None:
-            self.received = signum
-        if signum != signal.SIGINT and self.preempted_by is None:
-            self.preempted_by = signum
+        self.ask(signum)
         previous = self._previous.pop(signum, None)
         if previous is not None:
             signal.signal(signum, previous)
