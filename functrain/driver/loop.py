@@ -184,6 +184,13 @@ class Loop:
         where = f"step {self.step} (epoch {self.epoch}, batch {self.pos})"
         return f"resumed from {self.resumed_from} at {where}"
 
+    def _run_now(self) -> Run:
+        """The run as hooks see it, at the loop's state and position now."""
+        ctx = self.run_ctx
+        ctx.held, ctx.epoch, ctx.step, ctx.batch = self.state, self.epoch, self.step, self.pos
+        ctx.micro = self.micro
+        return ctx
+
     def fire(self, hook: str) -> None:
         """Call `hook` on every callback, with the run as it stands.
 
@@ -193,9 +200,7 @@ class Loop:
         landing in a callback) propagates at once, as does one under torch.distributed, as a
         signal does there.
         """
-        ctx = self.run_ctx
-        ctx.held, ctx.epoch, ctx.step, ctx.batch = self.state, self.epoch, self.step, self.pos
-        ctx.micro = self.micro
+        ctx = self._run_now()
         for cb in self.hooks:
             fn = getattr(cb, hook, None)
             if fn is None:
@@ -313,14 +318,8 @@ class Loop:
         return f"{how} at {where}: {kept}"
 
     def _fire_exception(self, error: BaseException) -> None:
-        ctx = self.run_ctx
-        ctx.held, ctx.epoch, ctx.step, ctx.batch, ctx.exception = (
-            self.state,
-            self.epoch,
-            self.step,
-            self.pos,
-            error,
-        )
+        ctx = self._run_now()
+        ctx.exception = error
         for cb in self.hooks:
             fn = getattr(cb, "on_exception", None)
             if fn is None:
