@@ -430,7 +430,8 @@ class Loop:
         return storage_users([*state.params.values(), *getattr(state.ema_state, "average", ())])
 
     def _limit_reached(self) -> str | None:
-        # checked before each epoch: a resumed run that had already finished takes no further step
+        # checked before each epoch (a resumed run that had already finished takes no further
+        # step), after each update and at each epoch's end
         stopping = self.stopping
         if stopping.max_epochs is not None and self.epoch >= stopping.max_epochs:
             return "max_epochs"
@@ -567,8 +568,7 @@ class Loop:
         if save_every and self.step % save_every == 0:
             self._save()
         self._save_hook_writes()
-        if self.stopping.max_steps is not None and self.step >= self.stopping.max_steps:
-            self.stop_reason = self.stop_reason or "max_steps"
+        self.stop_reason = self.stop_reason or self._limit_reached()
         if self._deadline is not None and time.monotonic() >= self._deadline:
             self.stop_reason = self.stop_reason or "max_time"
         self._settled = True
@@ -634,8 +634,7 @@ class Loop:
             self._evaluate()
         elif self.manager is not None and self.options.checkpointing.save_every is None:
             self._save()
-        if self.stopping.max_epochs is not None and self.epoch >= self.stopping.max_epochs:
-            self.stop_reason = self.stop_reason or "max_epochs"
+        self.stop_reason = self.stop_reason or self._limit_reached()
         self.fire("on_epoch_end")
         self._save_hook_writes()
         self._settled = True
