@@ -26,7 +26,7 @@ from functrain.checkpoint.manager import CheckpointManager
 from functrain.config.build import build_run
 from functrain.config.compose import hydra_modules, load_config
 from functrain.driver.fit import FitResult
-from functrain.driver.preemption import STOP_REASONS, Preempted, exit_status, signal_name
+from functrain.driver.preemption import Preempted, exit_status, stopped_how
 from functrain.errors import ConfigError, FunctrainError
 
 __all__ = ["main"]
@@ -137,11 +137,7 @@ def _interrupted(config: Mapping[str, Any] | None, signum: int = signal.SIGINT) 
     `config` is the resolved config (None: interrupted before it was composed); `signum` the
     signal that stopped it (SIGINT for a `KeyboardInterrupt`).
     """
-    how = (
-        "interrupted"
-        if signum == signal.SIGINT
-        else (f"{STOP_REASONS[signum]} ({signal_name(signum)})")
-    )
+    how = stopped_how(signum)
     if config is None:
         return f"{how} before the config was composed; nothing was trained"
     settings = config.get("fit") or {}

@@ -39,7 +39,7 @@ from functrain.driver.data import (
 from functrain.driver.evaluation import evaluate
 from functrain.driver.ledger import Ledger, memory_columns
 from functrain.driver.options import FitOptions
-from functrain.driver.preemption import STOP_REASONS, Preempted, StopSignals, signal_name
+from functrain.driver.preemption import STOP_REASONS, Preempted, StopSignals, stopped_how
 from functrain.errors import ConfigError, DonatedStateError, NonFiniteError
 from functrain.layout import storage_users
 from functrain.optim.metrics import transform_metrics
@@ -297,11 +297,7 @@ class Loop:
         preempted = self.signals.preempted_by
         if not self.interrupted and preempted is None:
             return None
-        how = (
-            f"{STOP_REASONS[preempted]} ({signal_name(preempted)})"
-            if preempted is not None
-            else "interrupted"
-        )
+        how = stopped_how(preempted if preempted is not None else signal.SIGINT)
         where = f"step {self.step} (epoch {self.epoch}, batch {self.pos})"
         if self.manager is None:
             kept = "nothing was saved (no checkpoint_dir)"

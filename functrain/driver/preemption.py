@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-__all__ = ["STOP_REASONS", "Preempted", "StopSignals", "exit_status", "signal_name"]
+__all__ = ["STOP_REASONS", "Preempted", "StopSignals", "exit_status", "stopped_how"]
 
 STOP_REASONS: dict[int, str] = {
     signal.SIGINT: "interrupted",
@@ -38,14 +38,16 @@ def exit_status(signum: int) -> int:
     return 128 + signum
 
 
-def signal_name(signum: int) -> str:
-    """``"SIGTERM"`` for SIGTERM's number.
+def stopped_how(signum: int) -> str:
+    """How a line says that `signum` stopped a run: its stop reason, with the signal's name where
+    it was no Ctrl-C.
 
     Example:
-        >>> signal_name(signal.SIGUSR1)
-        'SIGUSR1'
+        >>> stopped_how(signal.SIGINT), stopped_how(signal.SIGUSR1)
+        ('interrupted', 'requeue (SIGUSR1)')
     """
-    return signal.Signals(signum).name
+    reason = STOP_REASONS[signum]
+    return reason if signum == signal.SIGINT else f"{reason} ({signal.Signals(signum).name})"
 
 
 class Preempted(SystemExit):
@@ -75,7 +77,7 @@ class Preempted(SystemExit):
             if self.checkpoint is not None
             else "nothing was saved (no checkpoint_dir)"
         )
-        return f"fit stopped by {signal_name(self.signum)}: {where}"
+        return f"fit stopped by {signal.Signals(self.signum).name}: {where}"
 
 
 class StopSignals:
