@@ -63,7 +63,7 @@ from functrain.core.state import TrainState
 from functrain.driver.arguments import fit_problems
 from functrain.driver.callbacks import check_callback
 from functrain.driver.fit import FitResult, fit
-from functrain.driver.options import SEED_RANGE
+from functrain.driver.options import is_seed
 from functrain.driver.run_config import json_config
 from functrain.errors import ConfigError
 
@@ -255,11 +255,7 @@ def _layout_problems(config: dict[str, Any]) -> list[str]:
     else:
         p.extend(f"data.{k}: expected one of train, eval, test" for k in data if k not in _DATA)
     seed = config.get("seed")
-    if seed is not None and (
-        not isinstance(seed, int)
-        or isinstance(seed, bool)
-        or not SEED_RANGE[0] <= seed < SEED_RANGE[1]
-    ):
+    if seed is not None and not is_seed(seed):
         p.append(
             f"seed: expected an int in [-2**63, 2**64) (torch.manual_seed's range; or null: no "
             f"seeding), got {_got(seed)}"

@@ -59,6 +59,7 @@ __all__ = [
     "needs_problems",
     "early_stopping_of",
     "SEED_RANGE",
+    "is_seed",
     "regular_file_problem",
 ]
 
@@ -128,6 +129,18 @@ def _is_int(value: Any, minimum: int) -> bool:
         and not isinstance(value, bool)
         and int(value) >= minimum
     )
+
+
+def _is_number(value: Any, least: float, strict: bool = False) -> bool:
+    """Whether `value` is a finite real number (not a bool) >= `least` (> with `strict`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return False
+    return float(value) > least if strict else float(value) >= least
+
+
+def is_seed(value: Any) -> bool:
+    """Whether `value` is an int in `SEED_RANGE`: a seed torch takes and a checkpoint holds."""
+    return _is_int(value, SEED_RANGE[0]) and int(value) < SEED_RANGE[1]
 
 
 def _choices(kind: Any) -> tuple[Any, ...]:
@@ -216,9 +229,8 @@ def _short(value: Any) -> str:
 
 
 def _seed(name: str, value: Any) -> list[str]:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        if SEED_RANGE[0] <= int(value) < SEED_RANGE[1]:
-            return []
+    if is_seed(value):
+        return []
     return [f"{name} must be an int in [-2**63, 2**64), got {name}={value!r}"]
 
 
@@ -229,12 +241,7 @@ def _metric_name(name: str, value: Any) -> list[str]:
 
 
 def _seconds(name: str, value: Any) -> list[str]:
-    if value is None or (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and float(value) > 0
-    ):
+    if value is None or _is_number(value, 0, strict=True):
         return []
     return [f"{name} must be a number of seconds > 0 or None, got {name}={value!r}"]
 
@@ -392,12 +399,7 @@ def early_stopping_of(value: Any) -> tuple[EarlyStopping | None, list[str]]:
         p.append(f"early_stopping['patience'] must be an int >= 1, got {patience!r}")
     if mode not in ("min", "max"):
         p.append(f"early_stopping['mode'] must be 'min' or 'max', got {mode!r}")
-    if not (
-        isinstance(delta, numbers.Real)
-        and not isinstance(delta, bool)
-        and math.isfinite(delta)
-        and float(delta) >= 0
-    ):
+    if not _is_number(delta, 0):
         p.append(f"early_stopping['min_delta'] must be a finite number >= 0, got {delta!r}")
     if p:
         return None, p
