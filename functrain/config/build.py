@@ -46,7 +46,7 @@ from typing import Any, NoReturn
 import attrs
 import torch
 
-from functrain.config.compose import dotted, hydra_modules
+from functrain.config.compose import dotted, hydra_modules, one_line
 from functrain.config.keys import OWN, SECTIONS, SET_ELSEWHERE, did_you_mean, section_arguments
 from functrain.config.targets import (
     BUILT,
@@ -498,12 +498,7 @@ def _full_key(error: BaseException) -> str:
 
 def _cause(error: BaseException) -> str:
     cause = error.__cause__ or error
-    text = " ".join(
-        line.strip()
-        for line in str(cause).splitlines()
-        if line.strip() and not line.strip().startswith("full_key:")
-    )
-    return f"{type(cause).__name__}: {text}"
+    return f"{type(cause).__name__}: {one_line(cause)}"
 
 
 def _fit_problems(state: TrainState, data: dict[str, Any], fit_kwargs: dict[str, Any]) -> list[str]:

@@ -30,7 +30,7 @@ from functrain.config.limits import (
 from functrain.config.targets import path_problem, paths_problems
 from functrain.errors import ConfigError
 
-__all__ = ["load_config", "hydra_modules", "register_resolvers"]
+__all__ = ["load_config", "hydra_modules", "register_resolvers", "one_line"]
 
 INSTALL_HINT = "pip install 'functrain[config]'"
 
@@ -167,10 +167,10 @@ def load_config(
             typo = _override_typo(e, overrides, importable)
             if typo is not None:
                 raise ConfigError(typo) from None
-            cause = f" ({_one_line(e.__cause__)})" if e.__cause__ is not None else ""
+            cause = f" ({one_line(e.__cause__)})" if e.__cause__ is not None else ""
             raise ConfigError(
                 f"cannot compose {str(file)!r} with overrides {list(overrides)!r}: "
-                f"{_one_line(e)}{cause}"
+                f"{one_line(e)}{cause}"
             ) from None
     expanding = interpolation_problem(omegaconf.OmegaConf.to_container(composed, resolve=False))
     if expanding is not None:
@@ -180,7 +180,7 @@ def load_config(
     except omegaconf.errors.OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(
-            f"config key {dotted(key)}: cannot resolve its value: {_one_line(e)}"
+            f"config key {dotted(key)}: cannot resolve its value: {one_line(e)}"
         ) from None
     refused = paths_problems(resolved, allow) if safe else []
     if refused:
@@ -227,7 +227,9 @@ def _override_typo(
     return None if override is None else override_typo(override, key, node, importable)
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """`error`'s message on one line, without the lines of Hydra's and OmegaConf's that say
+    where (``full_key:``, ``object_type=``); its type's name where it says nothing else."""
     lines = [
         line.strip()
         for line in str(error).splitlines()
