@@ -48,6 +48,7 @@ import torch
 
 from functrain.config.compose import dotted, hydra_modules, one_line
 from functrain.config.keys import OWN, SECTIONS, SET_ELSEWHERE, did_you_mean, section_arguments
+from functrain.config.limits import MISSING, selected
 from functrain.config.targets import (
     BUILT,
     KINDS,
@@ -194,8 +195,8 @@ def build_run(
         "callbacks",
         "fit",
     ):
-        node = _select(plain, key)
-        if node is not _MISSING:
+        node = selected(plain, key.split("."))
+        if node is not MISSING:
             built[key] = _instantiate(key, node, problems)
     problems.extend(_kind_problems(built))
     if problems:
@@ -219,21 +220,6 @@ def _refuse(problems: list[str]) -> NoReturn:
     raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
 
 
-_MISSING = object()
-
-
-def _select(config: dict[str, Any], key: str) -> Any:
-    node: Any = config
-    for part in key.split("."):
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            return _MISSING
-    return node
-
-
 # -- the checks before anything is built
 # ------------------------------------------------------------
 
@@ -245,9 +231,9 @@ def _layout_problems(config: dict[str, Any]) -> list[str]:
         if not (isinstance(config.get(key), dict) and "_target_" in config[key]):
             p.append(
                 f"{key}: expected a mapping with a _target_ (the {_ROLE[key]}), got "
-                f"{_got(config.get(key, _MISSING))}"
+                f"{_got(config.get(key, MISSING))}"
             )
-    data = config.get("data", _MISSING)
+    data = config.get("data", MISSING)
     if not isinstance(data, dict) or data.get("train") is None:
         p.append(
             f"data: expected a mapping with train (and optionally eval, test), got {_got(data)}"
@@ -436,7 +422,7 @@ def _cwd_hint(error: BaseException) -> str:
 
 
 def _got(value: Any) -> str:
-    return "nothing" if value is _MISSING else f"{type(value).__name__} {value!r}"[:120]
+    return "nothing" if value is MISSING else f"{type(value).__name__} {value!r}"[:120]
 
 
 def _interpolation_problems(node: Any, key: str) -> list[str]:
@@ -480,7 +466,7 @@ def _instantiate(key: str, node: Any, problems: list[str]) -> Any:
     except Exception as e:  # noqa: BLE001 - whatever a target raised, reported with its key
         inner = _full_key(e)
         where = f"{key}.{inner}" if inner else key
-        target = _select({"_": node}, f"_.{inner}" if inner else "_")
+        target = selected(node, inner.split(".") if inner else ())
         path = target.get("_target_", "?") if isinstance(target, dict) else "?"
         problems.append(f"{where}: {path} failed: {_cause(e)}")
         return None

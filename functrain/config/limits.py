@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,10 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_ALIAS_VALUES",
     "MAX_RESOLVED",
+    "MISSING",
     "bounded_yaml",
     "interpolation_problem",
+    "selected",
     "text_problem",
     "yaml_problem",
 ]
@@ -52,6 +54,23 @@ MAX_RESOLVED = 1_000_000
 _REFERENCE = re.compile(
     r"\$\{\s*(?:oc\.select\s*:\s*)?(\.*[A-Za-z_][\w\-]*(?:(?:\.[\w\-]+)|(?:\[\d+\]))*)\s*[,}]"
 )
+
+
+MISSING = object()
+"""What `selected` finds where nothing is."""
+
+
+def selected(node: Any, path: Sequence[Any]) -> Any:
+    """The value at `path` under `node` (its keys, and list positions as ints or digits), or
+    `MISSING`: what an interpolation names, and a dotted key of `build_run`'s."""
+    for part in path:
+        if isinstance(node, list) and str(part).isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return MISSING
+    return node
 
 
 def interpolation_problem(raw: Any) -> str | None:
@@ -70,17 +89,6 @@ def interpolation_problem(raw: Any) -> str | None:
     sizes: dict[tuple[Any, ...], int] = {}
     keys = raw if isinstance(raw, dict) else {}
 
-    def node(path: tuple[Any, ...]) -> Any:
-        value = raw
-        for part in path:
-            if isinstance(value, dict) and part in value:
-                value = value[part]
-            elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
-                value = value[part]
-            else:
-                return None
-        return value
-
     def target(at: tuple[Any, ...], text: str) -> tuple[Any, ...]:
         dots = len(text) - len(text.lstrip("."))
         parts: list[Any] = []
@@ -95,7 +103,7 @@ def interpolation_problem(raw: Any) -> str | None:
         if path in sizes:
             return sizes[path]
         sizes[path] = 1  # (a cycle: OmegaConf refuses it when it resolves)
-        value = node(path)
+        value = selected(raw, path)
         if isinstance(value, dict):
             total = 1 + sum(size((*path, k)) for k in value)
         elif isinstance(value, list):
