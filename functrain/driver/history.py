@@ -7,7 +7,7 @@ bit); wall-clock columns (`TIMING_KEYS`) are not, and `History.metrics_only` lea
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,12 +132,4 @@ def _default_metrics(history: History) -> list[str]:
         wanted += [k for k in row if k.startswith(("val_", "test_")) and k != "val_loss"][:2]
         if "val_loss" in row:
             wanted.insert(1, "val_loss")
-    return _unique(wanted)
-
-
-def _unique(items: Iterable[str]) -> list[str]:
-    seen: list[str] = []
-    for i in items:
-        if i not in seen:
-            seen.append(i)
-    return seen
+    return list(dict.fromkeys(wanted))
