@@ -296,6 +296,26 @@ def test_a_checkpoint_that_seeded_each_batch_resumes_bit_identical_and_keeps_doi
         assert torch.equal(resumed.params[name], p), name
 
 
+@pytest.mark.parametrize("kind", ["dataset", "loader"])
+def test_a_phase_on_other_data_seeds_each_sample_whatever_the_phase_before_read(kind: str) -> None:
+    # a state given to fit after a phase on other data (a list of batches, whose setup has no
+    # "seeds"; for a dataset, a DataLoader of an earlier functrain's setup) draws as a state
+    # that read nothing before: each sample seeded, and its setup says so for the next resume
+    if kind == "loader":
+        before = ft.fit(state(), [(X[:4],), (X[4:8],)], max_epochs=1, **QUIET).state
+    else:
+        before = ft.fit(state(), per_batch_seeded("loader"), max_epochs=1, **QUIET).state
+        data = {k: v for k, v in before.driver["data"].items() if k != "sampler"}
+        before = before.replace(driver={**before.driver, "data": {**data, "loader_seed": 5}})
+    assert "seeds" not in before.driver["data"]
+    read_nothing = before.replace(driver={k: v for k, v in before.driver.items() if k != "data"})
+    phased = ft.fit(before, **jittered(kind), max_epochs=2, **QUIET).state
+    fresh = ft.fit(read_nothing, **jittered(kind), max_epochs=2, **QUIET).state
+    assert phased.driver["data"].get("seeds") == "sample"
+    for name, p in fresh.params.items():
+        assert torch.equal(phased.params[name], p), name
+
+
 def distributed(replicas: int, **kw: Any) -> DataLoader:
     dataset = TensorDataset(X)
     sampler = DistributedSampler(dataset, num_replicas=replicas, rank=0, seed=3)

@@ -185,9 +185,11 @@ class Batcher:
         A map-style dataset's setup without ``seeds`` was written by a functrain that seeded each
         batch from (seed, epoch, position, rank) rather than each sample: such a run goes on
         seeding each batch, so it resumes exactly on the same number of ranks (and its setup
-        still says so, for the next resume).
+        still says so, for the next resume). A DataLoader's setup (``sampler``, or an earlier
+        one's ``loader_seed``) is not followed: each sample seeded.
         """
-        if "samples" in saved and "sampler" not in saved and "seeds" not in saved:
+        loader = "sampler" in saved or "loader_seed" in saved
+        if "samples" in saved and not loader and "seeds" not in saved:
             self.sample_seeded = False
 
     def index_batches(self, epoch: int) -> list[torch.Tensor]:

@@ -151,11 +151,13 @@ class DataLoaderSource(IterableSource):
     def follow_setup(self, saved: dict[str, Any]) -> None:
         """Draw as the run a checkpoint holds drew: `saved` is its data setup.
 
-        A setup without ``seeds`` was written by a functrain that seeded each batch from (seed,
-        epoch, position, rank) rather than each sample: such a run goes on seeding each batch, so
-        it resumes bit for bit (and its setup still says so, for the next resume).
+        A DataLoader's setup (``sampler``, or an earlier one's ``loader_seed``) without ``seeds``
+        was written by a functrain that seeded each batch from (seed, epoch, position, rank)
+        rather than each sample: such a run goes on seeding each batch, so it resumes bit for bit
+        (and its setup still says so, for the next resume). Another source's setup (a state given
+        to `fit` after a phase on other data) is not followed: each sample seeded.
         """
-        if "seeds" not in saved:
+        if "seeds" not in saved and ("sampler" in saved or "loader_seed" in saved):
             self.sample_seeded = False
         ranks, batches, size = (saved.get(k) for k in ("ranks", "batches", "batch_size"))
         self.saved_ranks = ranks if type(ranks) is int else None
