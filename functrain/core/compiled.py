@@ -487,8 +487,6 @@ class CompiledStep:
         else:
             first = False
         checked = self._checked_first(key, state, batch, first)
-        if donate:
-            wait_until_unheld(state)  # an async save still reading these tensors
 
         def go(run: Callable[..., Any]) -> tuple[TrainState, dict[str, torch.Tensor]]:
             # (a donated state retired in the scope, whose lock a save takes)

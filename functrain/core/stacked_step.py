@@ -44,7 +44,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 
 from functrain.core.body import Parts, apply, eval_body, forward_buffers, loss_scale
-from functrain.core.donation import DONATED, step_in_scope
+from functrain.core.donation import DONATED, step_in_scope, wait_until_unheld
 from functrain.core.gradient import gradients
 from functrain.core.loss import call_loss
 from functrain.core.scope import in_scope
@@ -267,6 +267,8 @@ def _stacked_train_step(
     if compiled is not None:  # (its graph writes into the given tensors where donated)
 
         def run(s: TrainState, b: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+            if donate:  # a save still reading these tensors (looked for in the scope's lock)
+                wait_until_unheld(s)
             return compiled(_tensors(parts_of(s), members, s.device), b)
 
         return step_in_scope(state, batch, run, donate=donate, call=call, writes=False)
