@@ -1,15 +1,6 @@
 """The state and the pure steps.
 
-Modules, top down: `unroll` (differentiating through many steps: `unroll`, `implicit_gradient`),
-over the front doors `step` (`train_step`, `eval_step`) and `compiled`
-(`compile_step`), over `stacked_step` (the step of a stacked state: its forward under vmap, its
-update on the stacked tensors) and `capture` (the step recorded as a CUDA graph,
-`compile_step(capture=True)`), over `stacked` (stacked states: `stack`, `unstack`), over `body`
-(the step body all of them run) and `donation` (a donated state's life cycle), over `scope` (the
-RNG and module mode around a step), `view` (what the body reads of a state) and `statistics`
-(gradient statistics), over `state` (`TrainState`), over `create` (building a state from a
-module), over `options` (the step's static options) and `binding` (the module run on the state's
-tensors).
+Its modules, in their layers, one line each: `docs/architecture.md`.
 """
 
 from functrain.core.binding import BoundModel
