@@ -199,12 +199,35 @@ LONG_FIRST = (
 )
 
 
+def keep_groups(config: Any, items: list[Any]) -> None:
+    """Under ``--dist loadgroup``, each test marked ``xdist_group`` named by its group as
+    pytest-xdist names it (``<id>@<group>``, the name its scheduler groups by).
+
+    pytest-xdist writes the name into ``item._nodeid``, which pytest 9.2 no longer reads (its ids
+    are structured: pytest-dev/pytest-xdist#1386): the mark then groups nothing, the tests that
+    launch process groups run on both workers side by side, and a module's fixtures (one launch
+    read by several tests) are set up again on each worker. Where xdist's name took, it is kept.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        names = {
+            str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+            for mark in item.iter_markers("xdist_group")
+        }
+        suffix = "@" + "_".join(sorted(names))
+        if names and hasattr(item, "_id") and not item.nodeid.endswith(suffix):
+            item._id = type(item._id).parse(item.nodeid + suffix)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own naming, which it completes
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     def rank(item: Any) -> int:
         where = item.nodeid.split("::")[0]
         return LONG_FIRST.index(where) if where in LONG_FIRST else len(LONG_FIRST)
 
     items.sort(key=rank)  # stable: each file's tests keep their order
+    keep_groups(config, items)
 
 
 def pytest_configure(config: Any) -> None:
