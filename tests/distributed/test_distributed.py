@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,12 +38,34 @@ def launch(nproc: int, *args: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+# the scenarios on 2 ranks that one launch runs in turn (a launch costs seconds of process start),
+# each read by the tests from its own directory
+ON_TWO = (
+    "steps",
+    "torch_ddp",
+    "unused",
+    "samples",
+    "fit:0:0",
+    "mismatch",
+    "indivisible",
+    "stream",
+    "loader",
+    "meta",
+)
+
+
 @pytest.fixture(scope="module")
-def steps_on_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One launch of the "steps" scenario on 2 ranks, read by two tests."""
-    out = tmp_path_factory.mktemp("steps2")
-    launch(2, "steps", str(out))
+def on_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One launch of the scenarios of `ON_TWO` on 2 ranks, each under its name."""
+    out = tmp_path_factory.mktemp("two")
+    launch(2, "+".join(ON_TWO), str(out))
     return out
+
+
+@pytest.fixture(scope="module")
+def steps_on_two(on_two: Path) -> Path:
+    """The "steps" scenario on 2 ranks, read by two tests."""
+    return on_two / "steps"
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +103,13 @@ def test_a_nan_on_one_rank_makes_every_rank_skip_that_step(steps_on_two: Path) -
 
 
 def test_data_parallel_steps_match_torchs_distributed_data_parallel_bit_for_bit(
-    tmp_path: Path,
+    on_two: Path,
 ) -> None:
     """Each configuration of `worker.DDP_CONFIGS` on 2 ranks, donated and pure, against torch's
     DistributedDataParallel and the torch.optim loop it matches (DDP scales each gradient by
     1/2 and sums, functrain sums and halves: the same bits), a NaN on one rank skipped by both;
     the eager step is the straight line, and its counters count every rank's samples."""
-    launch(2, "torch_ddp", str(tmp_path))
+    tmp_path = on_two / "torch_ddp"
     for rank in (0, 1):
         tree, _ = ft.load(tmp_path / f"rank{rank}")
         for name in worker.DDP_CONFIGS:
@@ -104,7 +127,7 @@ def test_data_parallel_steps_match_torchs_distributed_data_parallel_bit_for_bit(
 
 
 def test_an_expert_no_rank_reached_sits_the_update_out_as_under_ddp_finding_unused_ones(
-    tmp_path: Path,
+    on_two: Path,
 ) -> None:
     """`worker.unused_runs` on 2 ranks: an expert no rank's batch reached sits the update out
     (no update, no weight decay, its moments and count untouched), as torch.optim skips the
@@ -112,7 +135,7 @@ def test_an_expert_no_rank_reached_sits_the_update_out_as_under_ddp_finding_unus
     that some ranks reached takes the mean with the others' zeros. Bit for bit, on every rank,
     pure, donated and resumed from a checkpoint between such steps; the ranks' optimizer states
     are the same."""
-    launch(2, "unused", str(tmp_path))
+    tmp_path = on_two / "unused"
     ranks = [ft.load(tmp_path / f"rank{rank}")[0] for rank in (0, 1)]
     # in the second step rank 0 had every gradient (its straight line averaged them) and rank 1
     # lacked some (its straight line handed the step to the body): the two engines took part in
@@ -136,9 +159,9 @@ def test_an_expert_no_rank_reached_sits_the_update_out_as_under_ddp_finding_unus
                 assert torch.equal(mine, other), key
 
 
-def test_a_data_parallel_state_counts_every_ranks_declared_samples(tmp_path: Path) -> None:
+def test_a_data_parallel_state_counts_every_ranks_declared_samples(on_two: Path) -> None:
     # each rank's detection batches counted by their images (samples=), times the ranks
-    launch(2, "samples", str(tmp_path))
+    tmp_path = on_two / "samples"
     ranks = [ft.load(tmp_path / f"rank{r}")[0] for r in range(2)]
     for name in ("straight", "donated", "body"):
         assert [int(r[f"seen/{name}"]) for r in ranks] == [2 * (2 + 5 + 3)] * 2, name
@@ -171,9 +194,18 @@ def reads_of(directory: Path, world: int, skip: int = 0) -> torch.Tensor:
     return torch.cat([ft.load(directory / f"rank{r}")[0]["reads"][skip:] for r in range(world)])
 
 
+@pytest.fixture(scope="module")
+def augmented_stopped_on_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The "augmented" run on 2 ranks stopped in its second epoch: its reads (``interrupted``) and
+    its checkpoints (``ckpt``), where the cases stopped on 2 ranks start; each resumes a copy."""
+    out = tmp_path_factory.mktemp("augmented2")
+    launch(2, "augmented", str(out / "interrupted"), "9", "0", str(out / "ckpt"))
+    return out
+
+
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2), (2, 4)])
 def test_a_run_resumed_on_m_ranks_reads_each_remaining_sample_once_with_its_own_draws(
-    tmp_path: Path, first: int, then: int
+    tmp_path: Path, first: int, then: int, request: pytest.FixtureRequest
 ) -> None:
     """Stopped in the second epoch on `first` ranks, resumed on `then`: the interrupted epoch's
     samples are each read once across the two runs and ranks, each with the draws of torch's,
@@ -189,10 +221,16 @@ def test_a_run_resumed_on_m_ranks_reads_each_remaining_sample_once_with_its_own_
     )
     want = {int(r[0]): r[1:] for r in torch.tensor(straight.reads[96:], dtype=torch.float64)}
     ckpt = tmp_path / "ckpt"
-    launch(first, "augmented", str(tmp_path / "interrupted"), "9", "0", str(ckpt))
+    if first == 2:  # the same stopped run for every `then`: launched once, its checkpoints copied
+        stopped = request.getfixturevalue("augmented_stopped_on_two")
+        shutil.copytree(stopped / "ckpt", ckpt)
+        interrupted = stopped / "interrupted"
+    else:
+        interrupted = tmp_path / "interrupted"
+        launch(first, "augmented", str(interrupted), "9", "0", str(ckpt))
     launch(then, "augmented", str(tmp_path / "resumed"), "0", "1", str(ckpt))
     # 9 batches of 16: the first epoch's 6, then 3 of the second, split over the ranks
-    before = reads_of(tmp_path / "interrupted", first, skip=96 // first)
+    before = reads_of(interrupted, first, skip=96 // first)
     after = reads_of(tmp_path / "resumed", then)
     assert len(before) == 3 * 16 and len(after) == 3 * 16  # it resumed mid-epoch
     epoch = torch.cat([before, after])  # the second epoch's reads, by both runs
@@ -233,8 +271,8 @@ def test_a_distributed_samplers_loader_resumed_on_m_ranks_reads_each_remaining_s
         assert torch.equal(row[1:], want[int(row[0])]), int(row[0])
 
 
-def test_fit_on_two_ranks_writes_one_set_of_checkpoints_and_one_log(tmp_path: Path) -> None:
-    launch(2, "fit", str(tmp_path), "0", "0")
+def test_fit_on_two_ranks_writes_one_set_of_checkpoints_and_one_log(on_two: Path) -> None:
+    tmp_path = on_two / "fit"
     checkpoints = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert [n for n in checkpoints if n.startswith(".tmp-")] == []
     regular = [n for n in checkpoints if n.startswith("ckpt-")]
@@ -247,8 +285,8 @@ def test_fit_on_two_ranks_writes_one_set_of_checkpoints_and_one_log(tmp_path: Pa
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
 
 
-def test_ranks_that_build_different_models_get_a_clear_error(tmp_path: Path) -> None:
-    launch(2, "mismatch", str(tmp_path))
+def test_ranks_that_build_different_models_get_a_clear_error(on_two: Path) -> None:
+    tmp_path = on_two / "mismatch"
     for rank in (0, 1):
         text = (tmp_path / f"rank{rank}" / "error.txt").read_text()
         assert "disagree on the model structure" in text
@@ -301,14 +339,14 @@ def test_a_collective_that_timed_out_names_the_timeout_not_a_rank_that_left() ->
     assert "left it" not in text
 
 
-def test_a_global_batch_the_world_size_does_not_divide_is_refused(tmp_path: Path) -> None:
-    launch(2, "indivisible", str(tmp_path))
+def test_a_global_batch_the_world_size_does_not_divide_is_refused(on_two: Path) -> None:
+    tmp_path = on_two / "indivisible"
     text = (tmp_path / "rank0" / "error.txt").read_text()
     assert "batch_size=15 (global) must be divisible by world_size=2" in text
 
 
-def test_each_rank_stores_and_resumes_its_own_streams_state(tmp_path: Path) -> None:
-    launch(2, "stream", str(tmp_path))
+def test_each_rank_stores_and_resumes_its_own_streams_state(on_two: Path) -> None:
+    tmp_path = on_two / "stream"
     for rank in (0, 1):
         got, _ = ft.load(tmp_path / f"rank{rank}")
         # every rank holds both ranks' states, each naming its rank (a mixed-up load would fail)
@@ -326,9 +364,9 @@ def test_each_rank_stores_and_resumes_its_own_streams_state(tmp_path: Path) -> N
 
 
 def test_each_rank_resumes_its_distributed_samplers_dataloader_exactly_loading_nothing_again(
-    tmp_path: Path,
+    on_two: Path,
 ) -> None:
-    launch(2, "loader", str(tmp_path))
+    tmp_path = on_two / "loader"
     for rank in (0, 1):
         got, _ = ft.load(tmp_path / f"rank{rank}")
         assert (
@@ -557,9 +595,9 @@ def test_what_ranks_exchange_is_data_and_round_trips_tensors_and_json_values() -
 
 
 def test_a_meta_device_model_is_materialized_a_submodule_at_a_time_as_if_built_normally(
-    tmp_path: Path,
+    on_two: Path,
 ) -> None:
-    launch(2, "meta", str(tmp_path))
+    tmp_path = on_two / "meta"
     ranks = [ft.load(tmp_path / f"rank{r}")[0] for r in range(2)]
     torch.manual_seed(11)
     reference = (

@@ -1,8 +1,10 @@
-"""Run by tests/distributed/test_distributed.py under `torch.distributed.run`: one scenario per
-launch.
+"""Run by tests/distributed/test_distributed.py under `torch.distributed.run`: one scenario, or
+several in turn, per launch.
 
-Usage: python -m torch.distributed.run --nproc_per_node=N worker.py SCENARIO OUT_DIR
-Each rank writes its results with functrain.save (no pickle) under OUT_DIR/rank<r>.
+Usage: python -m torch.distributed.run --nproc_per_node=N worker.py SCENARIO OUT_DIR [ARGS...]
+Each rank writes its results with functrain.save (no pickle) under OUT_DIR/rank<r>. Several
+scenarios, ``SCENARIO[:ARG...]+SCENARIO[:ARG...]...``, run one after another on the same ranks (a
+launch costs seconds of process start), each writing under OUT_DIR/SCENARIO/rank<r>.
 """
 
 from __future__ import annotations
@@ -825,9 +827,22 @@ def declared_samples_runs(rank: int) -> dict:
 
 
 def main() -> None:
-    scenario, out = sys.argv[1], Path(sys.argv[2])
     ft.distributed.init_from_env()
     rank, world = ft.distributed.rank_and_world()
+    specs, out = sys.argv[1].split("+"), Path(sys.argv[2])
+    if len(specs) == 1:
+        whole = run(specs[0], out, sys.argv[3:], rank, world)
+    else:  # several scenarios in turn on the same ranks, each in its own directory
+        for spec in specs:
+            scenario, *args = spec.split(":")
+            whole = run(scenario, out / scenario, args, rank, world)
+    if whole and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run(scenario: str, out: Path, args: list[str], rank: int, world: int) -> bool:
+    """One scenario on this rank, its results under `out`; whether the group is still whole."""
     mine = out / f"rank{rank}"
     if scenario == "steps":
         # rank 1 starts from other weights: create() must broadcast rank 0's
@@ -838,7 +853,7 @@ def main() -> None:
             metrics.append(m)
         ft.save({"params": state.params, "metrics": metrics}, mine)
     elif scenario == "fit":
-        stop_at = int(sys.argv[3])
+        stop_at = int(args[0])
 
         class Stop(ft.Callback):
             def on_batch_end(self, run):
@@ -857,7 +872,7 @@ def main() -> None:
             save_every=4,
             log_file=out / "log.jsonl",
             callbacks=[Stop()],
-            resume=bool(int(sys.argv[4])),
+            resume=bool(int(args[1])),
             progress=False,
             verbosity="silent",
         )
@@ -867,7 +882,7 @@ def main() -> None:
         )
     elif scenario in ("augmented", "augmented-loader"):
         # usage: augmented[-loader] OUT_DIR STOP_AT RESUME CHECKPOINT_DIR
-        stop_at, resume, checkpoints = int(sys.argv[3]), bool(int(sys.argv[4])), Path(sys.argv[5])
+        stop_at, resume, checkpoints = int(args[0]), bool(int(args[1])), Path(args[2])
         reads = augmented_fit(checkpoints, stop_at, resume, loader=scenario == "augmented-loader")
         ft.save({"reads": reads}, mine)
     elif scenario == "stream":
@@ -965,7 +980,7 @@ def main() -> None:
         except Exception as e:
             mine.mkdir(parents=True)
             (mine / "error.txt").write_text(f"{type(e).__name__}: {e}")
-        return  # the group lost a rank: no barrier
+        return False  # the group lost a rank: no barrier
     elif scenario == "indivisible":
         state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
         try:
@@ -975,9 +990,7 @@ def main() -> None:
         except ft.ConfigError as e:
             mine.mkdir(parents=True)
             (mine / "error.txt").write_text(str(e))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    return True
 
 
 if __name__ == "__main__":
