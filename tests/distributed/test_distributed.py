@@ -51,6 +51,7 @@ ON_TWO = (
     "stream",
     "loader",
     "meta",
+    "sharded",
 )
 
 
@@ -405,11 +406,9 @@ def assert_trees_close(
 
 
 @pytest.fixture(scope="module")
-def sharded_on_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One launch of the "sharded" scenario on 2 ranks, read by several tests."""
-    out = tmp_path_factory.mktemp("sharded2")
-    launch(2, "sharded", str(out))
-    return out
+def sharded_on_two(on_two: Path) -> Path:
+    """The "sharded" scenario on 2 ranks, read by several tests."""
+    return on_two / "sharded"
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
