@@ -216,8 +216,9 @@ def keep_groups(config: Any, items: list[Any]) -> None:
             for mark in item.iter_markers("xdist_group")
         }
         suffix = "@" + "_".join(sorted(names))
-        if names and hasattr(item, "_id") and not item.nodeid.endswith(suffix):
-            item._id = type(item._id).parse(item.nodeid + suffix)
+        parse = getattr(type(getattr(item, "_id", None)), "parse", None)  # (pytest 9.2's ids)
+        if names and parse is not None and not item.nodeid.endswith(suffix):
+            item._id = parse(item.nodeid + suffix)
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-xdist's own naming, which it completes
