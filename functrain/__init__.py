@@ -18,6 +18,7 @@ from functrain.config import ConfiguredRun, build_run, load_config
 from functrain.core.binding import BoundModel
 from functrain.core.compiled import CompiledStep, EagerStepWarning, compile_step
 from functrain.core.guards import RecompileWarning
+from functrain.core.loss import HostRandomWarning
 from functrain.core.options import StepOptions
 from functrain.core.stacked import IdenticalMembersWarning, num_members, stack, unstack
 from functrain.core.stacked_step import PerMember
@@ -171,6 +172,7 @@ __all__ = [
     "BoundModel",
     "CompiledStep",
     "EagerStepWarning",
+    "HostRandomWarning",
     "RecompileWarning",
     "StepOptions",
     "TrainState",

@@ -16,7 +16,9 @@ import itertools
 import numbers
 import operator
 import os
+import random
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +39,7 @@ __all__ = [
     "AUTOCAST",
     "READS_CHECKED",
     "GRAPH_READS_CHECKED",
+    "HostRandomWarning",
     "BY_BACKWARD",
     "NO_GRADIENT",
     "OriginalReads",
@@ -50,10 +53,12 @@ __all__ = [
     "engine_failed",
     "refuse_written_buffers",
     "gradients_of",
+    "host_generators",
     "own_gradients",
     "seek_reentrant",
     "owns_all",
     "raise_written",
+    "warn_host_draws",
     "refuse_original_read",
     "run_gradient_hooks",
     "samples_in",
@@ -240,6 +245,9 @@ def call_loss(
     # entered only where there is one (no null context: dynamo on torch 2.11 cannot take
     # isinstance() of one, and a graph break here would leave torch.func.grad's frame eager)
     guard = _WriteGuard(watch, name, originals(state.module)) if first and watch else None
+    # the first forward also shows whether the function draws from Python's or numpy's global
+    # generator, which the state does not hold (`host_draws`)
+    host = host_generators() if guard is not None else None
     binding = bound(state.module, tensors)
     try:
         with binding as model:
@@ -263,6 +271,8 @@ def call_loss(
             if guard is not None:
                 # raises if the forward rebound one (``.data =``), the state restored
                 guard.restore()
+            if host is not None and host_generators() != host:
+                warn_host_draws(name)
             if versions is not None and watch is not None:
                 if _marks(watch, storage) != versions:  # a write in place, or ``.data =``
                     raise_written(watch, versions, name, storage)
@@ -274,6 +284,50 @@ def call_loss(
     except BaseException:
         unbind(binding)  # an interrupt at its exit's entry: the structure left unbound all the same
         raise
+
+
+def host_generators() -> tuple[Any, ...]:
+    """The states of Python's `random` and of numpy's global generator (where numpy is imported),
+    to compare: equal before and after a call that drew from neither."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return (random.getstate(),)
+    kind, key, pos, has_gauss, gauss = numpy.random.get_state()
+    return (random.getstate(), kind, key.tobytes(), pos, has_gauss, gauss)
+
+
+class HostRandomWarning(UserWarning):
+    """A loss function (or the forward it runs) drew from Python's `random` or numpy's global
+    generator: draws a `TrainState` does not hold, so its steps are not functions of the state and
+    the batch, and a resumed run draws other numbers than the uninterrupted one."""
+
+
+def warn_host_draws(name: str) -> None:
+    """Warn that `name` (``loss_fn``, ``eval_fn``) drew from a generator the state does not hold."""
+    warnings.warn(
+        f"{name} drew from Python's random or numpy's global generator (random.random(), "
+        "np.random.beta(...), a LayerDrop written with random.uniform(0, 1)): the state holds "
+        "neither, so the same state and batch give other bits at each step, and a run resumed "
+        "from a checkpoint draws other numbers than the uninterrupted run. Draw with torch "
+        "instead (torch.rand(()), torch.distributions.Beta(a, b).sample(): the state's own "
+        "generator, seeded by TrainState.create(seed=) and saved in checkpoints), or make the "
+        "draws where the batch is made and pass them in it",
+        HostRandomWarning,
+        stacklevel=_user_level(),
+    )
+
+
+def _user_level() -> int:
+    """The stack level of the first caller outside functrain (for `warnings.warn`): neither its
+    modules nor the step code it writes (`functrain.core.straight`, a ``<functrain ...>`` file)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and (
+        frame.f_globals.get("__name__", "").startswith("functrain")
+        or frame.f_code.co_filename.startswith("<functrain")
+    ):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
 
 
 def _forward(fn: Any, model: Any, batch: Any, dtype: torch.dtype | None, state: StepState) -> Any:
