@@ -105,6 +105,12 @@ def split_loss(out: Any, name: str = "loss_fn") -> tuple[torch.Tensor, dict[str,
     loss, aux = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
     if isinstance(loss, Mapping):
         raise LossError(_mapping_problem(loss, name))
+    if isinstance(loss, (tuple, list)):  # (loss, logits, ...): not a loss to reduce
+        raise LossError(
+            f"{name} must return the loss, a scalar floating-point tensor, or (loss, metrics), "
+            f"got a {type(loss).__name__} of {len(loss)} values; return the loss alone, or "
+            "(loss, {'name': value, ...}) with the other values as named 0-d tensor metrics"
+        )
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.is_floating_point():
         raise LossError(
             f"{name} must return a scalar floating-point tensor (or (loss, metrics)), "

@@ -80,6 +80,26 @@ def closes_over(module: torch.nn.Module) -> Any:
     return loss_of_module
 
 
+@pytest.mark.parametrize("kind", [tuple, list])
+def test_a_loss_returned_with_its_outputs_is_refused_with_the_pair_that_fixes_it(
+    kind: type,
+) -> None:
+    # (loss, logits, labels), as a model's forward returns them: not a loss to reduce
+    def with_outputs(model: Any, batch: Any) -> Any:
+        logits = model(batch[0])
+        return kind([F.cross_entropy(logits, batch[1]), logits, batch[1]])
+
+    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), with_outputs)
+    with pytest.raises(
+        ft.LossError,
+        match=re.escape(
+            f"got a {kind.__name__} of 3 values; return the loss alone, or (loss, {{'name': "
+            "value, ...}) with the other values as named 0-d tensor metrics"
+        ),
+    ):
+        ft.train_step(state, BATCH)
+
+
 @pytest.mark.parametrize("stacked", [False, True], ids=["plain", "stacked"])
 @pytest.mark.parametrize(
     ("loss_fn", "error", "message"),
