@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from functrain.core.loss import user_level
 from functrain.errors import ConfigError
 
 __all__ = ["RecompileWarning", "Spent", "Watched", "described", "guard_filter", "refuse_if_spent"]
@@ -251,7 +252,7 @@ class Watched:
             "the step refuses. A value that changes at every step belongs in a tensor (in the "
             "batch, or a schedule of the step count)",
             RecompileWarning,
-            stacklevel=_user_level(),
+            stacklevel=user_level(),
         )
 
 
@@ -274,12 +275,3 @@ def _raised_by_graph(error: BaseException) -> BaseException:
         tb = tb.tb_next
     where = "" if tb is None else tb.tb_frame.f_code.co_filename
     return context if where.endswith(os.path.join("_dynamo", "eval_frame.py")) else error
-
-
-def _user_level() -> int:
-    """The stack level of the first caller outside functrain (for `warnings.warn`)."""
-    frame: types.FrameType | None = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("functrain"):
-        frame, level = frame.f_back, level + 1
-    return level

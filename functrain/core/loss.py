@@ -59,6 +59,7 @@ __all__ = [
     "owns_all",
     "raise_written",
     "warn_host_draws",
+    "user_level",
     "refuse_original_read",
     "run_gradient_hooks",
     "samples_in",
@@ -319,11 +320,11 @@ def warn_host_draws(name: str) -> None:
         "generator, seeded by TrainState.create(seed=) and saved in checkpoints), or make the "
         "draws where the batch is made and pass them in it",
         HostRandomWarning,
-        stacklevel=_user_level(),
+        stacklevel=user_level(),
     )
 
 
-def _user_level() -> int:
+def user_level() -> int:
     """The stack level of the first caller outside functrain (for `warnings.warn`): neither its
     modules nor the step code it writes (`functrain.core.straight`, a ``<functrain ...>`` file)."""
     frame = sys._getframe(1)
