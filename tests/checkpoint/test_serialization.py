@@ -1660,6 +1660,7 @@ def test_a_mask_or_labels_deciding_otherwise_under_the_same_name_is_refused(
                 {"params": [p for p in model.parameters() if p.ndim == 1], "weight_decay": 0.0},
             ],
             lr=0.1,
+            fused=True,  # ft.adamw's kernel
         ),
     )
 
