@@ -426,8 +426,8 @@ def from_torch_optimizer(
     Raises:
         ConfigError: the optimizer is of another class, two optimizers share a parameter, torch's
             implementation is not one functrain continues bit for bit (or ``capturable`` or
-            ``differentiable`` is set), a parameter is not the module's or is listed twice in a
-            group, `SGD` or `Muon` has a schedule and no `step`, or the
+            ``differentiable`` is set), a parameter is not the module's, is listed twice in a
+            group or is in two groups, `SGD` or `Muon` has a schedule and no `step`, or the
             scheduler cannot be read back (a `ReduceLROnPlateau`: see `reduce_on_plateau`),
             stepped a different number of times
             (of epochs, with `steps_per_epoch`), is a `CosineAnnealingWarmRestarts` not where
@@ -700,6 +700,7 @@ def _optimizers(
         )
     # all of them, once the table knows each (its classes are torch.optim's)
     optimizers = [o for o in given if isinstance(o, torch.optim.Optimizer)]
+    config_check(_shared_between_groups(optimizers, module), where)
     seen: set[int] = set()
     for i, o in enumerate(optimizers):
         ids = {id(p) for group in o.param_groups for p in group["params"]}
@@ -713,6 +714,31 @@ def _optimizers(
             )
         seen |= ids
     return optimizers
+
+
+def _shared_between_groups(
+    optimizers: Sequence[torch.optim.Optimizer], module: nn.Module
+) -> list[str]:
+    """A parameter in two groups of one optimizer (torch's constructor and ``add_param_group``
+    refuse it; an edit of ``param_groups[k]["params"]`` puts it there): torch updates it once in
+    each group a step, where functrain updates each parameter once."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    problems = []
+    for i, o in enumerate(optimizers):
+        first: dict[int, int] = {}
+        for k, group in enumerate(o.param_groups):
+            for p in group["params"]:
+                j = first.setdefault(id(p), k)
+                if j != k:
+                    own = "" if len(optimizers) == 1 else f"optimizer[{i}]."
+                    problems.append(
+                        f"{names.get(id(p), 'a parameter')} is in {own}param_groups[{j}] and "
+                        f"{own}param_groups[{k}]: torch updates it once for each group a step "
+                        "(its state updated twice), where functrain updates each parameter "
+                        "once; keep each parameter in one group (the groups torch's "
+                        "constructor and add_param_group accept)"
+                    )
+    return problems
 
 
 def _step_argument_problems(step: Any) -> list[str]:

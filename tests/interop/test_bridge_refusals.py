@@ -162,6 +162,22 @@ def test_a_parameter_listed_twice_in_a_group_is_refused_by_name() -> None:
         ft.from_torch_optimizer(optimizer, model)
 
 
+def test_a_parameter_in_two_groups_of_one_optimizer_is_refused_by_name() -> None:
+    # torch's constructor refuses it; an edit of param_groups puts it there, and torch then
+    # updates the weight once in each group a step
+    model = make_model()
+    optimizer = torch.optim.AdamW(
+        [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 1e-3}]
+    )
+    optimizer.param_groups[1]["params"].append(model[0].weight)
+    with pytest.raises(
+        ConfigError,
+        match=r"0.weight is in param_groups\[0\] and param_groups\[1\]: torch updates it once "
+        r"for each group a step",
+    ):
+        ft.from_torch_optimizer(optimizer, model)
+
+
 def test_create_state_refuses_a_module_that_is_not_the_optimizers() -> None:
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
