@@ -108,6 +108,9 @@ class _Group(NamedTuple):
     count: int  # type: ignore[assignment]  # the field shadows tuple.count
     lr: float  # the group's current lr
     params: tuple[torch.Tensor, ...] = ()  # its parameters themselves, the same order
+    # each parameter as read, to tell a step taken since (`_mark`)
+    marks: tuple[tuple[int, int, bool], ...] = ()
+    optimizer_state: Mapping[torch.Tensor, Any] = {}  # the torch optimizer's live ``state``
 
 
 class _Scaler(NamedTuple):
@@ -215,8 +218,9 @@ class ConvertedOptimizer:
 
         Raises:
             ConfigError: `state` is not a `TrainState` created with this `optimizer`, a
-                parameter differs in shape from torch's state, or, with `scaler`, the state is
-                not fp16 or scales its loss with other settings.
+                parameter differs in shape from torch's state, torch's optimizer stepped (or its
+                weights were written) since the conversion read it, or, with `scaler`, the
+                state is not fp16 or scales its loss with other settings.
         """
         if not isinstance(state, TrainState):
             torch_dict = " (torch's state_dict is read from the live optimizer already)"
@@ -243,6 +247,7 @@ class ConvertedOptimizer:
                 [f"the state trains none of {', '.join(missing)}, which the torch optimizer holds"],
                 "load_into",
             )
+        config_check(_written_since(self.groups), "load_into")
         if self.scaler is not None:
             config_check(_scaler_state_problems(self.scaler, state), "load_into")
         opt_state = _map_groups(
@@ -254,6 +259,28 @@ class ConvertedOptimizer:
             opt_state = _scaler_filled(opt_state, self.scaler)
         step = torch.full_like(state.step, self.step)
         return state.replace(opt_state=opt_state, step=step)
+
+
+def _written_since(groups: Sequence[_Group]) -> list[str]:
+    """The torch optimizer's parameters written since `from_torch_optimizer` read it.
+
+    Its count, lrs and schedulers' positions are read at the conversion, its moments and each
+    parameter's own step when the state is built: an ``optimizer.step()`` in between (or any
+    in-place write of a weight, a ``load_state_dict``) would join the ones to the others.
+    """
+    written = [
+        name
+        for g in groups
+        for name, p, seen in zip(g.names, g.params, g.marks, strict=True)
+        if _mark(p, g.optimizer_state.get(p)) != seen
+    ]
+    if not written:
+        return []
+    return [
+        f"{listed(written)} were written since from_torch_optimizer read the torch optimizer "
+        "(an optimizer.step(), a load_state_dict): its count and lrs were read then, its "
+        "moments would be read now, one step on; convert again, right before creating the state"
+    ]
 
 
 def _same_weight(found: torch.Tensor, held: torch.Tensor) -> bool:
@@ -1043,7 +1070,16 @@ def _read_group(optimizer: torch.optim.Optimizer, k: int, module: nn.Module, whe
         )
     names = tuple(by_id[id(p)] for p in held)
     state = tuple(dict(optimizer.state.get(p, {})) for p in held)
-    return _Group(names, state, 0, float(group["lr"]), tuple(held))
+    marks = tuple(_mark(p, optimizer.state.get(p)) for p in held)
+    return _Group(names, state, 0, float(group["lr"]), tuple(held), marks, optimizer.state)
+
+
+def _mark(p: torch.Tensor, state: Mapping[str, Any] | None) -> tuple[int, int, bool]:
+    """What an ``optimizer.step()`` moves of a parameter: its version counter (written in place;
+    torch's fused kernels leave it), its own ``step`` (fused or not), whether torch holds state
+    for it."""
+    step = state.get("step") if state else None
+    return p._version, -1 if step is None else int(step), bool(state)
 
 
 def _listed_twice(params: Sequence[torch.Tensor], by_id: dict[int, str]) -> list[str]:

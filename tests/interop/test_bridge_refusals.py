@@ -178,6 +178,27 @@ def test_a_parameter_in_two_groups_of_one_optimizer_is_refused_by_name() -> None
         ft.from_torch_optimizer(optimizer, model)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "single-tensor"])
+def test_a_torch_step_between_the_conversion_and_the_state_is_refused(fused: bool) -> None:
+    # the count and the scheduler are read at the conversion, the moments when the state is
+    # built: a step between them would join torch's moments of step 3 to the count of step 2
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=fused)
+    scheduler = L.ExponentialLR(optimizer, 0.9)
+    for batch in DATA[:2]:
+        torch_step(model, optimizer, batch, scheduler)
+    run = ft.from_torch_optimizer(optimizer, model, scheduler=scheduler)
+    torch_step(model, optimizer, DATA[2], scheduler)
+    with pytest.raises(ConfigError, match=r"0.weight, 0.bias, .* were written since "):
+        run.create_state(model, loss_fn)
+    run = ft.from_torch_optimizer(optimizer, model, scheduler=scheduler)  # converted again
+    state = run.create_state(model, loss_fn)
+    for batch in DATA[3:6]:
+        state, _ = ft.train_step(state, batch)
+        torch_step(model, optimizer, batch, scheduler)
+    assert_trees_equal(state.params, dict(model.named_parameters()))
+
+
 def test_create_state_refuses_a_module_that_is_not_the_optimizers() -> None:
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
