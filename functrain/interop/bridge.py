@@ -111,6 +111,8 @@ class _Group(NamedTuple):
     # each parameter as read, to tell a step taken since (`_mark`)
     marks: tuple[tuple[int, int, bool], ...] = ()
     optimizer_state: Mapping[torch.Tensor, Any] = {}  # the torch optimizer's live ``state``
+    settings: Mapping[str, Any] = {}  # the group's settings as read, plain (`_plain`)
+    live: Mapping[str, Any] = {}  # the torch group itself
 
 
 class _Scaler(NamedTuple):
@@ -219,7 +221,8 @@ class ConvertedOptimizer:
         Raises:
             ConfigError: `state` is not a `TrainState` created with this `optimizer`, a
                 parameter differs in shape from torch's state, torch's optimizer stepped (or its
-                weights were written) since the conversion read it, or, with `scaler`, the
+                weights were written, or a group's settings edited) since the conversion read
+                it, or, with `scaler`, the
                 state is not fp16 or scales its loss with other settings.
         """
         if not isinstance(state, TrainState):
@@ -274,13 +277,31 @@ def _written_since(groups: Sequence[_Group]) -> list[str]:
         for name, p, seen in zip(g.names, g.params, g.marks, strict=True)
         if _mark(p, g.optimizer_state.get(p)) != seen
     ]
-    if not written:
-        return []
-    return [
-        f"{listed(written)} were written since from_torch_optimizer read the torch optimizer "
-        "(an optimizer.step(), a load_state_dict): its count and lrs were read then, its "
-        "moments would be read now, one step on; convert again, right before creating the state"
-    ]
+    problems = []
+    if written:
+        problems.append(
+            f"{listed(written)} were written since from_torch_optimizer read the torch optimizer "
+            "(an optimizer.step(), a load_state_dict): its count and lrs were read then, its "
+            "moments would be read now, one step on; convert again, right before creating the "
+            "state"
+        )
+    for g in groups:
+        now = {key: _plain(value) for key, value in g.live.items() if key != "params"}
+        edited = sorted(
+            key for key in {*now, *g.settings} if now.get(key, None) != g.settings.get(key, None)
+        )
+        if edited:
+            changes = ", ".join(
+                f"{key} {g.settings.get(key)!r} -> {now.get(key)!r}" for key in edited
+            )
+            problems.append(
+                f"the torch group of {listed(list(g.names), 3) or 'no trainable parameter'} was "
+                f"edited since from_torch_optimizer built the optimizer from it ({changes}; a "
+                "scheduler.step() writes lr): the converted run goes on with the settings read "
+                "then, torch's with the new ones; convert again after the edit, right before "
+                "creating the state"
+            )
+    return problems
 
 
 def _same_weight(found: torch.Tensor, held: torch.Tensor) -> bool:
@@ -1071,7 +1092,10 @@ def _read_group(optimizer: torch.optim.Optimizer, k: int, module: nn.Module, whe
     names = tuple(by_id[id(p)] for p in held)
     state = tuple(dict(optimizer.state.get(p, {})) for p in held)
     marks = tuple(_mark(p, optimizer.state.get(p)) for p in held)
-    return _Group(names, state, 0, float(group["lr"]), tuple(held), marks, optimizer.state)
+    settings = {key: _plain(value) for key, value in group.items() if key != "params"}
+    return _Group(
+        names, state, 0, float(group["lr"]), tuple(held), marks, optimizer.state, settings, group
+    )
 
 
 def _mark(p: torch.Tensor, state: Mapping[str, Any] | None) -> tuple[int, int, bool]:

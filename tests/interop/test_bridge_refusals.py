@@ -199,6 +199,27 @@ def test_a_torch_step_between_the_conversion_and_the_state_is_refused(fused: boo
     assert_trees_equal(state.params, dict(model.named_parameters()))
 
 
+@pytest.mark.parametrize("edit", ["weight_decay", "scheduler"])
+def test_a_group_edited_between_the_conversion_and_the_state_is_refused(edit: str) -> None:
+    # the transform holds the group's settings as read: torch's run would go on with the edit
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = L.ExponentialLR(optimizer, 0.9)
+    for batch in DATA[:2]:
+        torch_step(model, optimizer, batch, scheduler)
+    run = ft.from_torch_optimizer(optimizer, model, scheduler=scheduler)
+    if edit == "weight_decay":
+        optimizer.param_groups[0]["weight_decay"] = 0.3
+        changed = r"weight_decay 0.01 -> 0.3"
+    else:
+        scheduler.step()  # (writes the lr of the next step)
+        changed = r"lr 0.0081.* -> 0.0072"
+    with pytest.raises(
+        ConfigError, match=rf"the torch group of 0.weight, 0.bias, .* was edited .*\({changed}"
+    ):
+        run.create_state(model, loss_fn)
+
+
 def test_create_state_refuses_a_module_that_is_not_the_optimizers() -> None:
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
