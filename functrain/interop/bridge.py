@@ -431,7 +431,8 @@ def from_torch_optimizer(
         module: the module whose parameters it updates (their names key the functrain state).
         lr: None: each group's current ``lr``, held constant (with a `ConversionWarning` where a
             torch scheduler drives the group: pass `scheduler`); a float or schedule for every
-            group; or one per group.
+            group, where the groups hold one lr (and one ``lr_scale``, timm's layer-wise decay);
+            or one per group.
         step: the updates taken, for `SGD` and `Muon`, whose states keep no count (None: 0 without
             momentum buffers, else 1, enough for a constant lr; required with a schedule, as
             `lr`, `weight_decay` or `scheduler`); checked against the count of the others.
@@ -454,7 +455,8 @@ def from_torch_optimizer(
             count is checked against the epochs the optimizer's steps make. None: stepped once per
             optimizer step (Lightning's ``"interval": "step"``).
         weight_decay: None: each group's current ``weight_decay``, held constant; a float or a
-            schedule for every group; or one per group (None for a group that keeps its own):
+            schedule for every group, where the groups hold one; or one per group (None for a
+            group that keeps its own):
             a loop that writes ``param_groups[i]["weight_decay"]`` before each step (DINO's
             cosine weight decay, MAE's) continues with that schedule, called with the count as
             a scheduled `lr` is (``[wd_schedule, None]`` for DINO's two groups, the second
@@ -475,7 +477,8 @@ def from_torch_optimizer(
         ConfigError: the optimizer is of another class, two optimizers share a parameter, torch's
             implementation is not one functrain continues bit for bit (or ``capturable`` or
             ``differentiable`` is set), a parameter is not the module's, is listed twice in a
-            group or is in two groups, `SGD` or `Muon` has a schedule and no `step`, or the
+            group or is in two groups, one `lr` or `weight_decay` is given for groups that
+            hold different ones, `SGD` or `Muon` has a schedule and no `step`, or the
             scheduler cannot be read back (a `ReduceLROnPlateau`: see `reduce_on_plateau`),
             stepped a different number of times
             (of epochs, with `steps_per_epoch`), is a `CosineAnnealingWarmRestarts` not where
@@ -541,6 +544,11 @@ def from_torch_optimizer(
     places = [_place(where, len(optimizers), i, k) for i, _, k in slots]
     rates = _per_group(lr, len(slots), "lr", where)
     decays = _per_group(weight_decay, len(slots), "weight_decay", where)
+    config_check(
+        _one_for_differing_groups(lr, "lr", slots)
+        + _one_for_differing_groups(weight_decay, "weight_decay", slots),
+        where,
+    )
     groups, counts = [], []
     for i, o in enumerate(optimizers):
         read = [
@@ -1049,6 +1057,36 @@ def _per_group(value: Any, n: int, name: str, where: str) -> list[Any]:
         where,
     )
     raise AssertionError  # unreachable: config_check raised
+
+
+def _one_for_differing_groups(
+    value: Any, name: str, slots: Sequence[tuple[int, torch.optim.Optimizer, int]]
+) -> list[str]:
+    """One `value` given for every group where the groups hold different ones.
+
+    It would replace each group's own: a group without weight decay (biases and norms) decayed,
+    the rates of timm's layer-wise decay (each group's ``lr_scale``) or of a backbone's group made
+    one; torch's run goes on with each group's.
+    """
+    if value is None or len(slots) < 2 or not (callable(value) or isinstance(value, int | float)):
+        return []
+    own = [_plain(o.param_groups[k].get(name)) for _, o, k in slots]
+    scales = [_plain(o.param_groups[k].get("lr_scale", 1.0)) for _, o, k in slots]
+    scaled = name == "lr" and len(set(scales)) > 1
+    if len({v for v in own if v is not None}) < 2 and not scaled:
+        return []
+    timm = (
+        f", and lr_scale {scales} (timm's layer-wise decay: its scheduler sets each group's lr to "
+        "the schedule times the group's lr_scale; lr=[lambda s, c=group['lr_scale']: "
+        "schedule(s) * c for group in optimizer.param_groups])"
+        if scaled
+        else ""
+    )
+    return [
+        f"{name}={value!r} is given for every group, where the groups hold {name} {own} in "
+        f"order{timm}: it would replace each group's own; pass one per group, in the groups' "
+        f"order (None keeps a group's own {name})"
+    ]
 
 
 def _read_group(optimizer: torch.optim.Optimizer, k: int, module: nn.Module, where: str) -> _Group:

@@ -220,6 +220,52 @@ def test_a_group_edited_between_the_conversion_and_the_state_is_refused(edit: st
         run.create_state(model, loss_fn)
 
 
+def test_one_rate_or_decay_for_groups_that_hold_their_own_is_refused() -> None:
+    # DINO's groups (the second without weight decay) and timm's layer-wise decay (an lr_scale
+    # per group, multiplied in by its scheduler): one value for all would replace each group's
+    model = make_model()
+    groups = [
+        {"params": model[0].parameters(), "lr_scale": 0.5},
+        {"params": model[2].parameters(), "lr_scale": 1.0, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=0.01, weight_decay=0.04)
+    with pytest.raises(
+        ConfigError,
+        match=r"weight_decay=.* is given for every group, where the groups hold weight_decay "
+        r"\[0.04, 0.0\] in order: .*pass one per group",
+    ):
+        ft.from_torch_optimizer(optimizer, model, weight_decay=lambda s: 0.04 + 0.01 * s)
+    with pytest.raises(
+        ConfigError,
+        match=r"lr=0.01 is given for every group, where the groups hold lr \[0.01, 0.01\] in "
+        r"order, and lr_scale \[0.5, 1.0\] \(timm's layer-wise decay",
+    ):
+        ft.from_torch_optimizer(optimizer, model, lr=0.01)
+    run = ft.from_torch_optimizer(
+        optimizer,
+        model,
+        lr=[lambda s, c=g["lr_scale"]: 0.01 * 0.9**s * c for g in optimizer.param_groups],
+        weight_decay=[lambda s: 0.04 + 0.01 * s, None],
+    )
+    expected = copy.deepcopy(model)
+    twin = torch.optim.AdamW(
+        [
+            {"params": expected[0].parameters(), "lr_scale": 0.5},
+            {"params": expected[2].parameters(), "lr_scale": 1.0, "weight_decay": 0.0},
+        ],
+        lr=0.01,
+        weight_decay=0.04,
+    )
+    state = run.create_state(model, loss_fn)
+    for t, batch in enumerate(DATA[:4]):
+        for group in twin.param_groups:  # timm's scheduler, DINO's decay schedule
+            group["lr"] = 0.01 * 0.9**t * group["lr_scale"]
+        twin.param_groups[0]["weight_decay"] = 0.04 + 0.01 * t
+        torch_step(expected, twin, batch)
+        state, _ = ft.train_step(state, batch)
+    assert_trees_equal(dict(expected.named_parameters()), state.params)
+
+
 def test_create_state_refuses_a_module_that_is_not_the_optimizers() -> None:
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
