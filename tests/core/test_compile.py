@@ -116,17 +116,18 @@ def step_alongside_eager(
     return compiled, eager
 
 
-# ---------------------------------------------------------------- MLP, inductor
+# ---------------------------------------------------------------- MLP
 
 
-@needs_cxx
 def test_compiled_mlp_step_matches_eager_and_never_recompiles() -> None:
+    # one graph and the eager step's EMA and momentum (aot_eager: inductor's numerics of
+    # torch.compile(train_step) are the transformer's test below)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     state = ft.TrainState.create(
         model, ft.sgd(0.1, momentum=0.9), cross_entropy_with_accuracy, ema_decay=0.9
     )
-    step = torch.compile(ft.train_step, dynamic=False, backend="inductor")
+    step = torch.compile(ft.train_step, dynamic=False, backend="aot_eager")
     compiled, eager = step_alongside_eager(step, state, classification_batches((8, 6), 20))
     default_metrics = ft.train_step(state, classification_batches((8, 6), 1)[0])[1]
     assert set(default_metrics) == {"loss", "lr", "skipped", "acc"}
@@ -137,15 +138,16 @@ def test_compiled_mlp_step_matches_eager_and_never_recompiles() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@needs_cxx
 def test_compiled_fused_adamw_step_matches_eager_skips_nonfinite_and_never_recompiles() -> None:
     # the fused kernel is traced in its functional form; found_inf carries the skip into the graph
+    # (AOTAutograd's functional form: aot_eager; inductor's fused AdamW skipping a step is
+    # test_compile_step_matches_eager_compiles_once_per_batch_size_and_leaves_inputs_alone's)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     state = ft.TrainState.create(
         model, ft.adamw(1e-2, fused=True), cross_entropy_with_accuracy, clip_grad_norm=1.0
     )
-    step = torch.compile(ft.train_step, dynamic=False, backend="inductor")
+    step = torch.compile(ft.train_step, dynamic=False, backend="aot_eager")
     batches = classification_batches((8, 6), 12)
     batches[5][0][0, 0] = float("nan")  # one non-finite batch: a counted no-op in both
     compiled, eager = step_alongside_eager(step, state, batches)
@@ -400,7 +402,6 @@ def test_a_recurrent_module_steps_eagerly_under_compile_step_and_says_so_once(ce
     assert compiled_so_far() == (0, 0)
 
 
-@needs_cxx
 def test_compile_step_compiles_a_recurrent_module_when_asked_and_refuses_a_bad_eager_for() -> None:
     torch.manual_seed(0)
     state = ft.TrainState.create(_Recurrent(nn.RNN), ft.sgd(0.05), _classify)
@@ -408,7 +409,8 @@ def test_compile_step_compiles_a_recurrent_module_when_asked_and_refuses_a_bad_e
         warnings.simplefilter("error", ft.EagerStepWarning)
         # (dynamo's own, tracing the recurrent kernel's Python)
         warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not")
-        state, _ = ft.compile_step(eager_for=())(state, _sequences(1)[0])
+        # whether the step is traced at all: dynamo's, so aot_eager
+        state, _ = ft.compile_step(backend="aot_eager", eager_for=())(state, _sequences(1)[0])
     assert int(state.step) == 1 and compiled_so_far()[0] > 0
     # any module class: here the MLP's own Linear layers
     mlp = ft.TrainState.create(make_mlp(), ft.sgd(0.05), cross_entropy_with_accuracy)
@@ -666,9 +668,10 @@ def _scaled_in_place(updates: Any, state: Any, params: Any = None) -> tuple[Any,
     return updates, state
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_a_compiled_step_measures_gradients_a_transform_wrote_in_place_again(backend: str) -> None:
-    # the step's norm is not reused after a write in place (traced, no version counter says it)
+    # the step's norm is not reused after a write in place (traced, no version counter says it;
+    # aot_eager: AOTAutograd's functionalization turns the write into a new tensor, as for inductor)
     tx = ft.chain(
         ft.Transform(lambda p: ft.EmptyState(), _scaled_in_place),
         ft.clip_by_global_norm(1.0),
