@@ -603,7 +603,7 @@ def test_grad_stats_by_param_reach_the_history_through_fit() -> None:
 
 def test_grad_stats_are_computed_by_the_compiled_step_as_by_the_eager_one() -> None:
     state = make_state(grad_stats="layer")
-    step = ft.compile_step()
+    step = ft.compile_step(backend="aot_eager")  # the statistics traced into the graph
     for donate in (False, True):
         batch = tuple(t[:BATCH] for t in dataset().tensors)
         (_, eager), (_, compiled) = (
