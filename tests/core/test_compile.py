@@ -678,8 +678,10 @@ def test_a_compiled_step_measures_gradients_a_transform_wrote_in_place_again(bac
         ft.sgd(0.1),
     )
     torch.manual_seed(0)
+    # (grad_norm=True: the step measures the gradients' norm and hands it to the chain, which
+    # must measure again after the write; without a norm of the step's, nothing could be reused)
     state = ft.TrainState.create(
-        nn.Linear(4, 2), tx, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])
+        nn.Linear(4, 2), tx, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]), grad_norm=True
     )
     g = torch.Generator().manual_seed(1)
     batch = (torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g))
