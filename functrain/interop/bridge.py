@@ -756,7 +756,7 @@ def _optimizers(
         )
     # all of them, once the table knows each (its classes are torch.optim's)
     optimizers = [o for o in given if isinstance(o, torch.optim.Optimizer)]
-    config_check(_shared_between_groups(optimizers, module), where)
+    config_check(_listed_again(optimizers, module), where)
     seen: set[int] = set()
     for i, o in enumerate(optimizers):
         ids = {id(p) for group in o.param_groups for p in group["params"]}
@@ -772,28 +772,38 @@ def _optimizers(
     return optimizers
 
 
-def _shared_between_groups(
-    optimizers: Sequence[torch.optim.Optimizer], module: nn.Module
-) -> list[str]:
-    """A parameter in two groups of one optimizer (torch's constructor and ``add_param_group``
-    refuse it; an edit of ``param_groups[k]["params"]`` puts it there): torch updates it once in
-    each group a step, where functrain updates each parameter once."""
+def _listed_again(optimizers: Sequence[torch.optim.Optimizer], module: nn.Module) -> list[str]:
+    """A parameter an optimizer lists more than once: twice in a group (torch warns), or in two
+    groups (torch's constructor and ``add_param_group`` refuse it; an edit of
+    ``param_groups[k]["params"]`` puts it there). torch updates it once for each listing a step,
+    where functrain updates each parameter once."""
     names = {id(p): name for name, p in module.named_parameters()}
     problems = []
     for i, o in enumerate(optimizers):
+        own = "" if len(optimizers) == 1 else f"optimizer[{i}]."
         first: dict[int, int] = {}
         for k, group in enumerate(o.param_groups):
+            twice: set[str] = set()
             for p in group["params"]:
-                j = first.setdefault(id(p), k)
-                if j != k:
-                    own = "" if len(optimizers) == 1 else f"optimizer[{i}]."
+                name, j = names.get(id(p), "a parameter"), first.get(id(p))
+                first.setdefault(id(p), k)
+                if j == k:
+                    twice.add(name)
+                elif j is not None:
                     problems.append(
-                        f"{names.get(id(p), 'a parameter')} is in {own}param_groups[{j}] and "
-                        f"{own}param_groups[{k}]: torch updates it once for each group a step "
-                        "(its state updated twice), where functrain updates each parameter "
-                        "once; keep each parameter in one group (the groups torch's "
-                        "constructor and add_param_group accept)"
+                        f"{name} is in {own}param_groups[{j}] and {own}param_groups[{k}]: torch "
+                        "updates it once for each group a step (its state updated twice), where "
+                        "functrain updates each parameter once; keep each parameter in one group "
+                        "(the groups torch's constructor and add_param_group accept)"
                     )
+            if twice:
+                problems.append(
+                    f"{own}param_groups[{k}] lists {listed(sorted(twice))} more than once: torch "
+                    "updates a parameter once for each time it is listed (twice a step, with its "
+                    "state updated twice), where functrain updates each parameter once a step; "
+                    "build the torch optimizer with each parameter listed once (e.g. "
+                    "list(dict.fromkeys(params)))"
+                )
     return problems
 
 
@@ -1098,18 +1108,6 @@ def _read_group(optimizer: torch.optim.Optimizer, k: int, module: nn.Module, whe
             [f"param_groups[{k}]['params'][{unknown[0]}] is not a parameter of the module given"],
             where,
         )
-    twice = _listed_twice(group["params"], by_id)
-    if twice:
-        config_check(
-            [
-                f"param_groups[{k}] lists {listed(sorted(set(twice)))} more than once: torch "
-                "updates a parameter once for each time it is listed (twice a step, with its "
-                "state updated twice), where functrain updates each parameter once a step; "
-                "build the torch optimizer with each parameter listed once (e.g. "
-                "list(dict.fromkeys(params)))"
-            ],
-            where,
-        )
     held = [
         p for p in group["params"] if p.requires_grad
     ]  # torch never steps a frozen one: nor does functrain
@@ -1142,18 +1140,6 @@ def _mark(p: torch.Tensor, state: Mapping[str, Any] | None) -> tuple[int, int, b
     for it."""
     step = state.get("step") if state else None
     return p._version, -1 if step is None else int(step), bool(state)
-
-
-def _listed_twice(params: Sequence[torch.Tensor], by_id: dict[int, str]) -> list[str]:
-    """The names of the parameters a group lists again (torch warns, and steps such a parameter
-    once for each listing)."""
-    seen: set[int] = set()
-    again = []
-    for p in params:
-        if id(p) in seen:
-            again.append(by_id[id(p)])
-        seen.add(id(p))
-    return again
 
 
 def _counts(
