@@ -129,7 +129,8 @@ class ConvertedOptimizer:
 
     Attributes:
         optimizer: the functrain transform matching the torch optimizer, one preset per parameter
-            group (joined by `partition`, labels ``"group0"``, ``"group1"``, ...).
+            group (joined by `partition`, labels ``"group0"``, ``"group1"``, ...); its ``init``
+            refuses a weight in no group.
         step: the updates torch took: the optimizer's count, the most steps any parameter took
             (its state's ``step``; for `SGD`, which keeps none, the ``step`` given to
             `from_torch_optimizer`).
@@ -155,9 +156,12 @@ class ConvertedOptimizer:
         """`TrainState.create` for `module` with this optimizer, then `load_into`.
 
         Parameters the torch optimizer does not hold are frozen (``trainable=``), and the state's
-        ``step`` counter starts at `step`. `options` are `TrainState.create`'s other arguments.
-        With a GradScaler's state (`scaler`), ``precision="fp16"`` and ``loss_scale=`` are set
-        from it: leave them out.
+        ``step`` counter starts at `step`. One in no torch group stays frozen: torch never
+        updates it, and `optimizer` refuses to train it (a `ConfigError` from its ``init``, at
+        the `TrainState.replace` that moves it into ``params``, saying how to train it). One a
+        group holds with ``requires_grad=False`` trains in its group once moved, as in torch.
+        `options` are `TrainState.create`'s other arguments. With a GradScaler's state
+        (`scaler`), ``precision="fp16"`` and ``loss_scale=`` are set from it: leave them out.
 
         Raises:
             ConfigError: as `TrainState.create`, or `module` is not the torch optimizer's (a
@@ -402,7 +406,9 @@ def from_torch_optimizer(
     on from its own: one that took fewer steps than others (it had no gradient in some) keeps its
     own count, one torch holds no state for yet (no gradient so far, its group's or the whole
     group's) starts at its first update as torch starts it, and in the steps after, a weight
-    without a gradient sits the update out, as in torch.
+    without a gradient sits the update out, as in torch. A weight of `module` in no group, which
+    torch never updates, is frozen in the state and refused if moved into its ``params`` (see
+    `ConvertedOptimizer.create_state`).
 
     The step counter of the transform starts at torch's count (the optimizer's: the most steps
     any parameter took, which a scheduler stepped with it counts), so a schedule given as `lr`
@@ -569,23 +575,51 @@ def from_torch_optimizer(
     ]
     for warning in _dropped(slots, places, held_lr=lr is None and scheduler is None):
         warnings.warn(warning, ConversionWarning, stacklevel=2)
-    if len(transforms) == 1:
-        tx = transforms[0]
-    else:
-        # a frozen parameter (requires_grad=False) trains in its torch group once unfrozen
-        by_id = {id(p): name for name, p in module.named_parameters()}
-        label = {
-            by_id[id(p)]: f"group{k}"
-            for k, (_, o, g) in enumerate(slots)
-            for p in o.param_groups[g]["params"]
-        }
+    # every weight a torch group lists, frozen ones too: unfrozen, one trains in its group
+    by_id = {id(p): name for name, p in module.named_parameters()}
+    label = {
+        by_id[id(p)]: f"group{k}"
+        for k, (_, o, g) in enumerate(slots)
+        for p in o.param_groups[g]["params"]
+    }
+    tx = transforms[0]
+    if len(transforms) > 1:
         tx = partition(
             lambda name, p: label.get(name, "unheld"),
             **{f"group{k}": t for k, t in enumerate(transforms)},
         )
+    tx = _held_only(tx, frozenset(label))
     return ConvertedOptimizer(
         tx, max(counts), tuple(n for g in groups for n in g.names), tuple(groups), read_scaler
     )
+
+
+def _held_only(tx: Transform, held: frozenset[str]) -> Transform:
+    """`tx`, whose ``init`` refuses a weight in no torch group: torch never updates one, where
+    `tx` would train it with a group's settings (one group) or fail on its label (`partition`).
+
+    ``init`` makes the slots of each weight a state trains (`TrainState.create`, and
+    `TrainState.replace` moving one out of ``frozen``): refused there, before any update, the
+    state's tree stays `tx`'s.
+    """
+
+    def init(params: Any) -> Any:
+        unheld = [name for name in tree_paths(params) if name not in held]
+        if unheld:
+            raise ConfigError(
+                "the optimizer from_torch_optimizer converted trains the weights the torch "
+                f"optimizer's param groups hold, got {listed(unheld)}, in no group: torch never "
+                "updates such a weight. Keep it frozen; to train it, add a group for it to the "
+                "torch optimizer (optimizer.add_param_group, its settings optimizer.defaults "
+                "unless given; a run trained here goes back first with to_torch_state_dict) and "
+                "convert again, or create a state with an optimizer that trains it "
+                "(TrainState.create(state.export_module(), ft.partition(...), loss_fn), its "
+                "optimizer state afresh: state.replace(optimizer=...) carries the state only to "
+                "an optimizer of the same layout, which a new group is not)"
+            )
+        return tx.init(params)
+
+    return tx._replace(init=init)
 
 
 def _read_scaler(scaler: Any, optimizers: int, where: str) -> _Scaler:

@@ -178,6 +178,40 @@ def test_a_parameter_in_two_groups_of_one_optimizer_is_refused_by_name() -> None
         ft.from_torch_optimizer(optimizer, model)
 
 
+@pytest.mark.parametrize("groups", [1, 2], ids=["one-group", "two-groups"])
+def test_a_weight_in_no_torch_group_is_refused_when_moved_into_training(groups: int) -> None:
+    # torch never updates a weight no group holds: moved out of frozen, it would train at the
+    # one group's settings with a fresh state, or fail on partition's label for it
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    weights = [model[0].weight, model[1].weight]
+    optimizer = torch.optim.AdamW([{"params": [w]} for w in weights] if groups == 2 else weights)
+    run = ft.from_torch_optimizer(optimizer, model)
+    state = run.create_state(model, loss_fn)
+    if groups == 1:  # the bare preset's state, as checkpoints of converted runs hold it
+        slots = [f"inner/slots/{k}/{i}" for k in ("mu", "nu", "step") for i in (0, 1)]
+        assert ft.tree.tree_paths(state.opt_state) == [
+            "inner/count",
+            *slots,
+            "inner/hyperparameters/lr",
+            "inner/hyperparameters/weight_decay",
+            "inner/lr",
+            "inner/group/steps_at",
+            *("skipped", "total_skipped", "consecutive", "max_consecutive"),
+        ]
+    refused = (
+        r"got 0.bias, 1.bias, in no group: torch never updates such a weight\. Keep it frozen; to "
+        r"train it, add a group for it to the torch optimizer \(optimizer.add_param_group, .* and "
+        r"convert again, or create a state with an optimizer that trains it"
+    )
+    with pytest.raises(ConfigError, match=refused):
+        state.replace(params={**state.params, **state.frozen}, frozen={})
+    with pytest.raises(ConfigError, match=refused):
+        ft.TrainState.create(model, run.optimizer, loss_fn)
+    optimizer.add_param_group({"params": [model[0].bias, model[1].bias]})  # the fix it gives
+    state = ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn)
+    assert list(state.params) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "single-tensor"])
 def test_a_torch_step_between_the_conversion_and_the_state_is_refused(fused: bool) -> None:
     # the count and the scheduler are read at the conversion, the moments when the state is

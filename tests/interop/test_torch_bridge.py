@@ -585,11 +585,15 @@ def test_a_group_frozen_whole_for_a_while_continues_with_its_scheduler(cls: type
     assert_trees_equal(state.params, {n: p.detach() for n, p in expected.named_parameters()})
 
 
-def test_a_group_frozen_whole_when_converted_trains_in_its_group_once_unfrozen() -> None:
-    """The first layer's group is frozen (``requires_grad_(False)``) when the run moves over:
-    unfrozen there, its weights train at their group's settings, as torch's run goes on."""
+@pytest.mark.parametrize("groups", [1, 2], ids=["in-the-one-group", "its-own-group"])
+def test_a_layer_frozen_in_its_group_when_converted_trains_in_it_once_unfrozen(groups: int) -> None:
+    """The first layer is frozen (``requires_grad_(False)``) when the run moves over, in the one
+    group or as a group of its own: unfrozen there, its weights train at their group's settings,
+    as torch's run goes on."""
 
     def optimizer_of(model: torch.nn.Module) -> torch.optim.Optimizer:
+        if groups == 1:
+            return torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
         return torch.optim.AdamW(
             [{"params": model[0].parameters(), "lr": 0.001}, {"params": model[2].parameters()}],
             lr=0.01,
