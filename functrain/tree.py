@@ -167,11 +167,8 @@ _MAX_DICT_SPECS = 256
 
 
 def _is_tensor_dict(tree: Any) -> bool:
-    # compiled code takes torch's own path: dynamo traces it without guarding on these caches
-    return (
-        (type(tree) is dict or type(tree) is ReadOnlyDict)
-        and not torch.compiler.is_compiling()
-        and all(isinstance(v, torch.Tensor) for v in tree.values())
+    return (type(tree) is dict or type(tree) is ReadOnlyDict) and all(
+        isinstance(v, torch.Tensor) for v in tree.values()
     )
 
 
@@ -180,6 +177,11 @@ def tree_flatten(tree: Tree) -> tuple[list[Any], pytree.TreeSpec]:
     if not _is_tensor_dict(tree):
         return pytree.tree_flatten(tree)
     keys = tuple(tree)
+    if torch.compiler.is_compiling():
+        # traced: the spec made in one piece, without the caches (which dynamo would guard on)
+        # or torch's walk of every leaf (a spec each)
+        leaf = pytree.treespec_leaf()
+        return list(tree.values()), pytree.TreeSpec(type(tree), list(keys), [leaf] * len(keys))
     spec = _DICT_SPECS.get(keys)
     if spec is None:
         if len(_DICT_SPECS) >= _MAX_DICT_SPECS:
@@ -192,7 +194,17 @@ def tree_flatten(tree: Tree) -> tuple[list[Any], pytree.TreeSpec]:
 
 def tree_unflatten(leaves: Sequence[Any], spec: pytree.TreeSpec) -> Tree:
     """The tree of structure `spec` holding `leaves` (the inverse of `tree_flatten`)."""
-    keys = _DICT_KEYS.get(id(spec)) if not torch.compiler.is_compiling() else None
+    if torch.compiler.is_compiling():
+        # traced: a dict whose children are all leaves built at once, not by torch's walk
+        kind = spec.type
+        n = spec.num_children
+        if (
+            kind is dict or kind is ReadOnlyDict
+        ) and spec.num_nodes == spec.num_leaves + 1 == n + 1:
+            if len(leaves) == n:
+                return kind(zip(spec.context, leaves))
+        return pytree.tree_unflatten(leaves, spec)
+    keys = _DICT_KEYS.get(id(spec))
     if keys is not None and _DICT_SPECS.get(keys) is spec:
         if len(leaves) != len(keys):
             raise ValueError(

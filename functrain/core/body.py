@@ -54,8 +54,13 @@ from functrain.optim.base import (
     update_with,
 )
 from functrain.optim.batching import under_vmap
-from functrain.optim.metrics import metric_nodes, transform_metrics
-from functrain.optim.naming import held_transforms, recorded_call
+from functrain.optim.metrics import (
+    MetricPaths,
+    metric_nodes,
+    metric_paths,
+    metrics_at,
+    transform_metrics,
+)
 from functrain.optim.updates import apply_updates
 from functrain.optim.wrappers import AccumulateState, find_loss_scale
 from functrain.tree import Norms, member_view
@@ -377,7 +382,8 @@ def _update(
     k = state.options.accumulate_steps
     micro = (state.micro_step + 1) % k if k > 1 else state.micro_step
     completed = micro == 0 if k > 1 else None  # None: every batch completes an update
-    tx_metrics = tx_metrics_of(state.tx, opt_state)
+    # (a view's nodes, found outside the trace; a state traced whole has none)
+    tx_metrics = tx_metrics_of(state.tx, opt_state, getattr(state, "metric_paths", None))
     # the skip flag of the window that ends here (between window ends it is the previous one's)
     skipped = tx_metrics.get("skipped")
     if skipped is not None and completed is not None:
@@ -524,64 +530,27 @@ def _zero_filled(
     return {k: grads[k] if k in grads else torch.zeros_like(p) for k, p in params.items()}
 
 
-# per transform: where its state keeps the nodes that expose metrics (paths and classes), found
-# once (None: a transform of the user's, walked each time); the transform itself is kept with
-# them, so an id is never taken for another's
-_METRIC_NODES: dict[int, tuple[Any, tuple[tuple[tuple[Any, ...], type], ...] | None]] = {}
+def tx_metrics_of(
+    tx: Any, opt_state: Any, paths: MetricPaths | None = None
+) -> dict[str, torch.Tensor]:
+    """`transform_metrics` of `opt_state`, reading only the nodes that expose metrics.
 
-
-def tx_metrics_of(tx: Any, opt_state: Any) -> dict[str, torch.Tensor]:
-    """`transform_metrics` of `opt_state`, reading only the nodes found the first time.
-
-    A state of a transform built by functrain's factories has one structure (its `init` made it),
-    so the walk over every node, tensors included, is made once per transform; each node's class
-    is checked on the way, and a state of another structure is walked again. A transform of the
-    user's (`_functrain_built`: its state may switch to one of another structure, whose metrics
-    may be new) and traced bodies walk it every time.
+    A state of a transform built by functrain's factories has one structure (its `init` made it):
+    the nodes are found once per transform (`metric_paths`), and a state whose node at a path is
+    of another class is walked again. A transform of the user's is walked every time. A traced
+    body reads the nodes at `paths`, found outside the trace (`functrain.core.view.statics_of`),
+    or walks the state where none were found.
     """
     if functional():
-        return transform_metrics(opt_state)
-    entry = _METRIC_NODES.get(id(tx))
-    if entry is not None and entry[0] is tx:
-        if entry[1] is None:  # (the user's)
-            return transform_metrics(opt_state)
-        found = _metrics_at(opt_state, entry[1])
+        found = None if paths is None else metrics_at(opt_state, paths)
+        return transform_metrics(opt_state) if found is None else found
+    paths = metric_paths(tx, opt_state)
+    if paths is not None:
+        found = metrics_at(opt_state, paths)
         if found is not None:
             return found
-        built = True  # (a node of another class: walked again)
-    else:
-        built = _functrain_built(tx)
-    if len(_METRIC_NODES) >= 64:
-        _METRIC_NODES.clear()
-    nodes = tuple((path, type(n)) for path, n in metric_nodes(opt_state)) if built else None
-    _METRIC_NODES[id(tx)] = (tx, nodes)
+        metric_paths(tx, opt_state, again=True)  # a node of another class: found anew
     return transform_metrics(opt_state)
-
-
-def _functrain_built(tx: Any) -> bool:
-    """Whether `tx` and every transform it holds were built by functrain's factories."""
-    call = recorded_call(tx)
-    return call is not None and all(_functrain_built(x) for _, x in held_transforms(call))
-
-
-def _metrics_at(
-    opt_state: Any, paths: tuple[tuple[tuple[Any, ...], type], ...]
-) -> dict[str, torch.Tensor] | None:
-    """The metrics of the nodes at `paths`, or None where a node is not of its class."""
-    found: dict[str, torch.Tensor] = {}
-    for path, cls in paths:
-        node: Any = opt_state
-        try:
-            for key in path:
-                node = node[key]
-        except (KeyError, IndexError, TypeError):
-            return None
-        if type(node) is not cls:
-            return None
-        exposed: Any = node  # a state class with metrics(), as the walk found it
-        for k, v in exposed.metrics().items():
-            found.setdefault(k, v)
-    return found
 
 
 def finite_buffers(

@@ -47,6 +47,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from functrain.core.binding import traced_binding_problems
@@ -89,7 +90,7 @@ from functrain.optim.base import NO_EXTRAS, Extras
 from functrain.optim.naming import held_transforms, recorded_call
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import is_shared, stored
-from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
+from functrain.tree import ReadOnlyDict, tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["compile_step", "CompiledStep", "EagerStepWarning"]
 
@@ -852,22 +853,56 @@ def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
     """
     out = dict(new)
     for name, before in old.items():
-        after, spec = tree_flatten(new[name])
-        given = tree_leaves(before)
-        kept = []
-        for a, b in zip(after, given, strict=True):
-            if not isinstance(b, torch.Tensor) or _counter(b):
-                # a counter or flag (a guard's skip counts): its new value, never written into
-                # the given one, which eager pure steps share between states as no step writes it
-                kept.append(a)
-                continue
-            if isinstance(a, torch.Tensor) and a is not b:
-                # a 0-d input is written through a 1-element view: AOTAutograd (torch 2.13)
-                # drops a copy_ into a 0-d float64 CPU input (a schedule's last rate kept stale)
-                (b.unsqueeze(0) if b.ndim == 0 else b).copy_(a)
-            kept.append(b)
-        out[name] = tree_unflatten(kept, spec)
+        out[name] = _written_into(new[name], before)
     return out
+
+
+def _written_into(after: Any, given: Any) -> Any:
+    """`after` with each of its tensors written into the one at its place in `given`, a tree of
+    the same structure (`_written`).
+
+    The containers a state is made of (dicts, tuples, lists, named tuples) are walked here, where
+    dynamo traces a few lines a node rather than torch's flattening; any other structure, or one
+    that differs from `given`'s, is paired by torch's flattening, leaf by leaf.
+    """
+    kind = type(after)
+    if kind is not type(given):
+        return _written_flat(after, given)
+    if kind is dict or kind is ReadOnlyDict:
+        if list(after) != list(given):
+            return _written_flat(after, given)
+        return kind((k, _written_into(v, given[k])) for k, v in after.items())
+    if kind is tuple or kind is list:
+        if len(after) != len(given):
+            return _written_flat(after, given)
+        return kind(_written_into(a, b) for a, b in zip(after, given))
+    if after is None:
+        return None
+    if kind in pytree.SUPPORTED_NODES:
+        return _written_flat(after, given)
+    if isinstance(after, tuple) and hasattr(kind, "_fields"):  # a named tuple (as torch's)
+        return kind(*[_written_into(a, b) for a, b in zip(after, given)])
+    return _written(after, given)
+
+
+def _written_flat(after: Any, given: Any) -> Any:
+    """`_written_into` leaf by leaf, by torch's flattening."""
+    leaves, spec = tree_flatten(after)
+    kept = [_written(a, b) for a, b in zip(leaves, tree_leaves(given), strict=True)]
+    return tree_unflatten(kept, spec)
+
+
+def _written(after: Any, given: Any) -> Any:
+    """The given leaf, `after` copied into it; a counter or flag (a guard's skip counts) and
+    anything but a tensor: `after`, never written into the given one, which eager pure steps
+    share between states as no step writes it."""
+    if not isinstance(given, torch.Tensor) or _counter(given):
+        return after
+    if isinstance(after, torch.Tensor) and after is not given:
+        # a 0-d input is written through a 1-element view: AOTAutograd (torch 2.13) drops a
+        # copy_ into a 0-d float64 CPU input (a schedule's last rate kept stale)
+        (given.unsqueeze(0) if given.ndim == 0 else given).copy_(after)
+    return given
 
 
 # the most kinds of call a configuration checks by their flags (`_shapes`): beyond, by their

@@ -17,6 +17,7 @@ from functrain.core.create import STEP_COUNTERS
 from functrain.core.options import StepOptions
 from functrain.distributed.data_parallel import DistConfig
 from functrain.optim.base import Transform
+from functrain.optim.metrics import metric_paths
 from functrain.tree import tree_leaves
 
 __all__ = ["StepState", "StateView", "statics_of", "parts_of", "tensors_of_parts"]
@@ -99,6 +100,7 @@ class StateView:
         self.averager = statics["averager"]
         self.grad_stats = statics["grad_stats"]
         self.device = statics["device"]
+        self.metric_paths = statics["metric_paths"]
         self.params = params
         self.frozen = frozen
         self.buffers = buffers
@@ -141,6 +143,8 @@ def statics_of(state: StepState) -> dict[str, Any]:
     """What a compiled or vmapped body reads of the state besides tensors (`StateView`)."""
     fields = {name: getattr(state, name) for name in _STATIC_READ}
     fields["device"] = state.device
+    # the nodes of its optimizer state that expose metrics, found here rather than walked in a trace
+    fields["metric_paths"] = metric_paths(state.tx, state.opt_state)
     return fields
 
 

@@ -12,11 +12,24 @@ from typing import Any
 import torch
 
 from functrain.errors import ConfigError
+from functrain.optim.naming import held_transforms, recorded_call
 from functrain.tree import (
     Tree,
 )
 
-__all__ = ["metric_fields", "metric_nodes", "metric_reader", "transform_metrics", "walk_states"]
+__all__ = [
+    "MetricPaths",
+    "metric_fields",
+    "metric_nodes",
+    "metric_paths",
+    "metric_reader",
+    "metrics_at",
+    "transform_metrics",
+    "walk_states",
+]
+
+# where a transform state keeps the nodes that expose metrics: each node's path and class
+MetricPaths = tuple[tuple[tuple[Any, ...], type], ...]
 
 
 def transform_metrics(state: Tree) -> dict[str, torch.Tensor]:
@@ -165,3 +178,50 @@ def _at(state: Tree, path: tuple[Any, ...]) -> Any:
     for key in path:
         state = state[key]
     return state
+
+
+# per transform: its `metric_paths` (None: a transform of the user's); the transform itself is kept
+# with them, so an id is never taken for another's
+_METRIC_PATHS: dict[int, tuple[Any, MetricPaths | None]] = {}
+
+
+def metric_paths(tx: Any, state: Tree, *, again: bool = False) -> MetricPaths | None:
+    """Where `state`, a state of `tx`, keeps the nodes that expose metrics (their paths and
+    classes, `metric_nodes`), found once per transform (`again`: found anew).
+
+    None for a transform of the user's (one not built by functrain's factories, or holding one):
+    its state may switch to one of another structure, whose metrics may be new.
+    """
+    entry = _METRIC_PATHS.get(id(tx))
+    if entry is not None and entry[0] is tx and not again:
+        return entry[1]
+    if len(_METRIC_PATHS) >= 64:
+        _METRIC_PATHS.clear()
+    paths = tuple((path, type(n)) for path, n in metric_nodes(state)) if _built(tx) else None
+    _METRIC_PATHS[id(tx)] = (tx, paths)
+    return paths
+
+
+def _built(tx: Any) -> bool:
+    """Whether `tx` and every transform it holds were built by functrain's factories."""
+    call = recorded_call(tx)
+    return call is not None and all(_built(x) for _, x in held_transforms(call))
+
+
+def metrics_at(state: Tree, paths: MetricPaths) -> dict[str, torch.Tensor] | None:
+    """`transform_metrics` of the nodes of `state` at `paths`, or None where a node is not of
+    its class (or not there)."""
+    found: dict[str, torch.Tensor] = {}
+    for path, cls in paths:
+        node: Any = state
+        try:
+            for key in path:
+                node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+        if type(node) is not cls:
+            return None
+        exposed: Any = node  # a state class with metrics(), as the walk found it
+        for k, v in exposed.metrics().items():
+            found.setdefault(k, v)
+    return found
