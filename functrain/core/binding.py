@@ -269,6 +269,25 @@ def refuse_lost_writes(
 
 # the attribute of a module holding its plan's alias slots, for a traced binding
 _ALIASES = "_functrain_aliases"
+# the attribute of a structure holding its tied tensors' names (`record_ties`), for a traced binding
+_TIES = "_functrain_ties"
+
+
+def record_ties(structure: nn.Module) -> None:
+    """Keep which of `structure`'s names hold one tensor (weight tying, a buffer registered
+    twice): each tensor's first name, the name a state holds it by, with its others. A traced
+    binding (`_reparametrized`) then binds the others to the first's tensor itself, rather than
+    have torch find them in the module at every trace."""
+    names: dict[int, list[str]] = {}
+    for name, t in (
+        *structure.named_parameters(remove_duplicate=False),
+        *structure.named_buffers(remove_duplicate=False),
+    ):
+        names.setdefault(id(t), []).append(name)
+    ties = tuple((first, tuple(others)) for first, *others in names.values() if others)
+    object.__setattr__(structure, _TIES, ties)
+
+
 # the attributes of nn.Module that hold its own tables (registered tensors, submodules)
 _MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
 
@@ -646,8 +665,16 @@ def _reparametrized(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Iter
     # reads as a constant of the module
     aliases = getattr(module, _ALIASES, ())
     given = dict(tensors)
+    # a structure's tied names, found when it was copied (`record_ties`); else torch finds them
+    ties = getattr(module, _TIES, None)
+    untied = tensors
+    if ties:
+        untied = dict(tensors)
+        for first, others in ties:
+            if first in tensors:
+                untied.update(dict.fromkeys(others, tensors[first]))
     # dynamo ignores its writes to the module: they are undone on leaving
-    with stateless._reparametrize_module(module, tensors, tie_weights=True):
+    with stateless._reparametrize_module(module, untied, tie_weights=ties is None):
         saved = [table[local] for table, local, _ in aliases]
         for table, local, key in aliases:
             table[local] = tensors[key]
@@ -657,6 +684,8 @@ def _reparametrized(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Iter
             for (table, local, _), original in zip(aliases, saved):
                 table[local] = original
             model._functrain_open[0] = False
+    if untied is not tensors:  # (what the forward rebound, under the names `tensors` gives)
+        tensors.update({k: untied[k] for k in tensors})
     # torch's reparametrization wrote what the forward rebound into `tensors`: put the given
     # tensors back and carry the new values into them, as an eager binding does
     rebound = [(k, _is_parameter(module, k), t) for k, t in tensors.items() if t is not given[k]]

@@ -868,6 +868,8 @@ def _written_into(after: Any, given: Any) -> Any:
     kind = type(after)
     if kind is not type(given):
         return _written_flat(after, given)
+    if kind is torch.Tensor:  # (the most of them: first)
+        return _written(after, given)
     if kind is dict or kind is ReadOnlyDict:
         if list(after) != list(given):
             return _written_flat(after, given)

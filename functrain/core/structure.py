@@ -30,7 +30,13 @@ from torch import nn
 from torch.nn.modules import module as _module_impl
 from torch.nn.parameter import is_lazy
 
-from functrain.core.binding import CALL_GUARD, bound_now, record_versions, refuse_unbound_calls
+from functrain.core.binding import (
+    CALL_GUARD,
+    bound_now,
+    record_ties,
+    record_versions,
+    refuse_unbound_calls,
+)
 from functrain.errors import ConfigError
 
 __all__ = [
@@ -203,6 +209,7 @@ def _copy_structure(module: nn.Module) -> nn.Module:
     object.__setattr__(structure, _GRAD_HOOKS, _grad_hooks_of(structure))
     object.__setattr__(structure, _SPARSE, _sparse_of(structure))
     record_versions(structure)
+    record_ties(structure)
     _parts.update((id(part), part) for part in structure.modules())
     return structure
 

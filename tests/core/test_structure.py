@@ -188,6 +188,45 @@ def test_an_alias_in_a_list_or_dict_is_bound_in_a_compiled_step(where: str) -> N
     torch.testing.assert_close(dict(compiled.params), dict(eager.params))
 
 
+class Tied(nn.Module):
+    """An embedding whose weight the output head shares (GPT-2's tying), and a buffer registered
+    under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.head = nn.Linear(6, 10)
+        self.head.weight = self.emb.weight
+        self.register_buffer("scale", torch.full((6,), 0.5))
+        self.register_buffer("scale_again", self.scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids).mean(1) * self.scale + self.scale_again)
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_a_tied_weight_and_buffer_are_bound_under_every_name_in_a_compiled_step(
+    donate: bool,
+) -> None:
+    torch.manual_seed(0)
+    model = Tied()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.05, fused=True)
+    state = ft.TrainState.create(model, ft.adamw(0.05), loss_fn)
+    assert "head.weight" not in state.params  # held once, under its first name
+    step = ft.compile_step(backend="aot_eager")  # the binding is dynamo's: no inductor needed
+    for i, batch in enumerate(batches()):
+        state, metrics = step(state, batch, donate=donate and i > 0)
+        loss = loss_fn(ref, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.testing.assert_close(metrics["loss"], loss.detach())
+    torch.testing.assert_close(
+        dict(state.params), {k: p.detach() for k, p in ref.named_parameters()}
+    )
+
+
 @pytest.mark.parametrize("where", ["tuple", "direct"])
 def test_compile_step_refuses_an_alias_it_cannot_rebind_naming_it(where: str) -> None:
     state = ft.TrainState.create(Aliased(where), ft.adamw(0.05), loss_fn)
