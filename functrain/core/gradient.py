@@ -162,9 +162,19 @@ def _traced(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
     """`gradients` traced or under vmap: ``torch.func.grad`` of the objective."""
     # buffers are an argument, not a capture: BatchNorm writes its statistics into them
-    grads, (loss, aux) = torch.func.grad(_objective(state, batch, scale, forward), has_aux=True)(
-        state.params, buffers
+    # as tuples of tensors, named again inside: torch's flattening, traced, walks a tuple fastest
+    names, kept = tuple(state.params), tuple(buffers)
+    objective = _objective(state, batch, scale, forward)
+
+    def by_position(
+        params: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        return objective(dict(zip(names, params)), dict(zip(kept, values)))
+
+    found, (loss, aux) = torch.func.grad(by_position, has_aux=True)(
+        tuple(state.params.values()), tuple(buffers.values())
     )
+    grads = type(state.params)(zip(names, found))  # (a ReadOnlyDict, as the parameters)
     if not torch.compiler.is_compiling():  # a compiled step checks what it returns
         check_scalar_metrics(aux, members=state.members)
     hooks = grad_hooks(state.module, list(state.params))
