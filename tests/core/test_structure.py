@@ -90,6 +90,51 @@ def test_parameter_gradient_hooks_run_as_under_backward(kind: str) -> None:
         assert_trees_equal(mine, theirs)
 
 
+def keeping_hook(model: nn.Linear) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A hook on `model`'s weight that returns a tensor it keeps: each one, with a copy of the
+    values it returned."""
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep(g: torch.Tensor) -> torch.Tensor:
+        out = g * 2.0
+        kept.append((out, out.clone()))
+        return out
+
+    model.weight.register_hook(keep)
+    return kept
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_a_gradient_a_hook_returns_and_keeps_is_never_written_by_clipping(donate: bool) -> None:
+    """torch's ``.grad`` copies a gradient a hook still holds, so ``clip_grad_norm_`` scales the
+    copy; a step (donated too: its first step runs the body, the later ones straight) clips its
+    own, and the hook's tensor keeps the values it returned."""
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 4, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(3)]
+    mse = nn.functional.mse_loss
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    start = copy.deepcopy(model)
+    kept = keeping_hook(model)
+    state = ft.TrainState.create(
+        model, ft.sgd(0.1), lambda m, b: mse(m(b[0]), b[1]), clip_grad_norm=1e-3
+    )
+    for batch in data:
+        state, metrics = ft.train_step(state, batch, donate=donate)
+        assert float(metrics["grad_norm"]) > 1e-3  # (clipped: the gradients were scaled)
+    ref, ref_kept = start, keeping_hook(start)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for x, y in data:
+        mse(ref(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e-3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert_trees_equal(dict(state.params), {k: p.detach() for k, p in ref.named_parameters()})
+    for i, ((given, values), (theirs, _)) in enumerate(zip(kept, ref_kept, strict=True)):
+        assert torch.equal(given, values), f"step {i}"
+        assert torch.equal(given, theirs), f"step {i}"
+
+
 def test_a_hook_registered_after_create_is_seen_by_a_state_created_again() -> None:
     # the state's structure is the module as it was at create; a new hook makes a new structure
     torch.manual_seed(0)
