@@ -349,8 +349,11 @@ def test_stack_refuses_gradient_hooks_naming_the_parameter() -> None:
         ft.stack(states)
 
 
-def test_a_forward_that_writes_a_weight_in_a_later_step_is_refused_there_too() -> None:
-    # the first step runs the body, the later ones the planned step: both check
+@pytest.mark.parametrize("later", ["straight", "body"])
+def test_a_forward_that_writes_a_weight_in_a_later_step_is_refused_there_too(later: str) -> None:
+    # the first step runs the body's first forward, the later ones the straight step, or the
+    # body's later forward (gradient statistics, which the straight step does not write): each
+    # checks
     calls = {"n": 0}
 
     def loss_writing_later(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
@@ -360,11 +363,12 @@ def test_a_forward_that_writes_a_weight_in_a_later_step_is_refused_there_too() -
                 model.out.weight.mul_(0.5)
         return loss_fn(model, batch)
 
-    state = ft.TrainState.create(Net(), ft.adamw(0.05), loss_writing_later)
+    stats = {"grad_stats": "layer"} if later == "body" else {}
+    state = ft.TrainState.create(Net(), ft.adamw(0.05), loss_writing_later, **stats)
     data = batches()
     for batch in data[:2]:
         state, _ = ft.train_step(state, batch)
-    assert state.program.runner is not None
+    assert (state.program.runner is not None) == (later == "straight")
     with pytest.raises(ConfigError, match="wrote the state's tensor 'out.weight'"):
         ft.train_step(state, data[2])
 
