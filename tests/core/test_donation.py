@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import pytest
 import torch
 import torch.utils._pytree as pytree
@@ -252,6 +253,32 @@ def test_a_state_made_from_a_donated_one_by_replace_is_refused_too(
         sibling = state.replace(step=torch.tensor(7), params=copies)
     giver, other = (state, sibling) if donated == "the state" else (sibling, state)
     ft.train_step(giver, batches(1)[0], donate=True)
+    with pytest.raises(ft.DonatedStateError, match="donated to"):
+        ft.train_step(other, batches(1)[0])
+
+
+def test_a_tree_map_of_a_donated_state_sharing_its_tensors_is_refused_too() -> None:
+    """A state rebuilt from the donated one's leaves (a pytree map: its tensors and its step
+    counter themselves, in a parameters' mapping of its own) holds what the donated step wrote:
+    it is refused, not trained on the written weights."""
+    state = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), cross_entropy_loss_fn)
+    state, _ = ft.train_step(state, batches(1)[0])
+    other = pytree.tree_map(lambda x: x, state)
+    assert other.params is not state.params and other.step is state.step
+    ft.train_step(state, batches(1)[0], donate=True)
+    with pytest.raises(ft.DonatedStateError, match="donated to"):
+        ft.train_step(other, batches(1)[0])
+
+
+def test_a_state_attrs_evolve_made_from_a_donated_one_is_refused_too() -> None:
+    """attrs.evolve with a step counter of its own shares the donated state's parameters'
+    mapping but no counter lineage (which `replace` gives): the mark the donation leaves on the
+    mapping refuses it."""
+    state = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), cross_entropy_loss_fn)
+    state, _ = ft.train_step(state, batches(1)[0])
+    other = attrs.evolve(state, step=torch.tensor(1))
+    assert other.params is state.params
+    ft.train_step(state, batches(1)[0], donate=True)
     with pytest.raises(ft.DonatedStateError, match="donated to"):
         ft.train_step(other, batches(1)[0])
 
