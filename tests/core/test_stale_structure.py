@@ -83,6 +83,33 @@ def test_a_state_created_again_after_the_module_changed_runs_it_as_it_is_now(cha
     assert again.module is not first.module  # (a frozen weight trains alike: its export differs)
 
 
+class Scaled(nn.Module):
+    """A linear layer times a plain tensor attribute (neither a parameter nor a buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+        self.scale = torch.tensor(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale
+
+
+def test_a_state_created_again_after_a_tensor_attribute_was_written_in_place_reads_it_now() -> None:
+    """A structure holds a copy of the values of a plain tensor attribute: one written in place
+    since (its version moved) is copied again, as a fresh copy of the module would hold it."""
+    torch.manual_seed(0)
+    net = Scaled()
+    ft.TrainState.create(net, ft.sgd(0.5), loss_fn)
+    net.scale.mul_(3.0)
+    again = ft.TrainState.create(net, ft.sgd(0.5), loss_fn)
+    fresh = ft.TrainState.create(copy.deepcopy(net), ft.sgd(0.5), loss_fn)
+    got, got_m = ft.train_step(again, batch())
+    want, want_m = ft.train_step(fresh, batch())
+    assert_trees_equal(want.tree(), got.tree(), "state")
+    assert_trees_equal(want_m, got_m, "metrics")
+
+
 def test_a_module_left_as_it_was_shares_its_structure_and_is_not_kept_alive() -> None:
     class Hooked(nn.Linear):
         def scaled(self, module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
