@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,10 @@ import pytest
 import torch
 
 import functrain as ft
+from functrain.checkpoint import format, manager
 from functrain.core.capture import CudaGraphs, write_back
 from functrain.core.compiled import CompiledStep
+from tests.comparisons import assert_trees_equal
 from tests.models import cross_entropy_with_accuracy, make_cnn, make_mlp
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -369,6 +373,33 @@ def test_resuming_a_captured_run_from_a_checkpoint_equals_the_uninterrupted_run(
         resumed, _ = step(resumed, batch, donate=True)
     ft.assert_states_equal(straight, resumed)
     assert recorder.records == 2  # the uninterrupted run's tensors, and the resumed run's
+
+
+def test_a_donated_call_on_the_state_an_async_save_reads_waits_until_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A donated call on the holder of a resident steps its tensors in place: where a save still
+    reads them, it waits for the save, whose checkpoint holds the state it was given."""
+    step = captured(ReplayedCalls())
+    data = batches(3)
+    state, _ = step(mlp_state(), data[0])
+    state, _ = step(state, data[1], donate=True)  # the holder of the resident tensors
+    at_save = snapshot(state)
+    writing = threading.Event()
+    write_tree = format.write_tree
+
+    def slow_write(*args: Any, **kwargs: Any) -> Any:
+        writing.set()
+        time.sleep(0.5)  # a donated call that did not wait would write the tensors meanwhile
+        return write_tree(*args, **kwargs)
+
+    monkeypatch.setattr(manager, "write_tree", slow_write)
+    with ft.CheckpointManager(tmp_path / "run", async_save=True) as saves:
+        path = saves.save(state)
+        assert writing.wait(5)
+        step(state, data[2], donate=True)
+        saves.wait()
+    assert_trees_equal(at_save, ft.load(path, like=mlp_state()).tree())
 
 
 @needs_cxx
