@@ -167,9 +167,12 @@ _MAX_DICT_SPECS = 256
 
 
 def _is_tensor_dict(tree: Any) -> bool:
-    return (type(tree) is dict or type(tree) is ReadOnlyDict) and all(
-        isinstance(v, torch.Tensor) for v in tree.values()
-    )
+    if type(tree) is not dict and type(tree) is not ReadOnlyDict:
+        return False
+    for v in tree.values():  # (a loop: dynamo traces it in fewer steps than all() of a generator)
+        if not isinstance(v, torch.Tensor):
+            return False
+    return True
 
 
 def tree_flatten(tree: Tree) -> tuple[list[Any], pytree.TreeSpec]:
@@ -223,7 +226,8 @@ def tree_leaves(tree: Tree) -> list[Any]:
     or unregistered since is flattened as torch flattens it now).
     """
     if torch.compiler.is_compiling():
-        return pytree.tree_leaves(tree)
+        # traced: a dict of tensors listed, without the caches (which dynamo would guard on)
+        return list(tree.values()) if _is_tensor_dict(tree) else pytree.tree_leaves(tree)
     out: list[Any] = []
     _leaves_into(tree, out)
     return out

@@ -868,16 +868,20 @@ def _written_into(after: Any, given: Any) -> Any:
     kind = type(after)
     if kind is not type(given):
         return _written_flat(after, given)
-    if kind is torch.Tensor:  # (the most of them: first)
-        return _written(after, given)
+    if kind is torch.Tensor:  # (the most of them: first, without a call)
+        if given.ndim == 0 and not (given.is_floating_point() or given.is_complex()):
+            return after  # a counter or flag (`_written`)
+        if after is not given:
+            (given.unsqueeze(0) if given.ndim == 0 else given).copy_(after)
+        return given
     if kind is dict or kind is ReadOnlyDict:
         if list(after) != list(given):
             return _written_flat(after, given)
-        return kind((k, _written_into(v, given[k])) for k, v in after.items())
+        return kind([(k, _written_into(v, given[k])) for k, v in after.items()])
     if kind is tuple or kind is list:
         if len(after) != len(given):
             return _written_flat(after, given)
-        return kind(_written_into(a, b) for a, b in zip(after, given))
+        return kind([_written_into(a, b) for a, b in zip(after, given)])
     if after is None:
         return None
     if kind in pytree.SUPPORTED_NODES:
