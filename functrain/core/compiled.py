@@ -868,12 +868,8 @@ def _written_into(after: Any, given: Any) -> Any:
     kind = type(after)
     if kind is not type(given):
         return _written_flat(after, given)
-    if kind is torch.Tensor:  # (the most of them: first, without a call)
-        if given.ndim == 0 and not (given.is_floating_point() or given.is_complex()):
-            return after  # a counter or flag (`_written`)
-        if after is not given:
-            (given.unsqueeze(0) if given.ndim == 0 else given).copy_(after)
-        return given
+    if kind is torch.Tensor:  # (the most of them: first)
+        return _written(after, given)
     if kind is dict or kind is ReadOnlyDict:
         if list(after) != list(given):
             return _written_flat(after, given)
